@@ -1,0 +1,144 @@
+"""`RLHFArgs`: every hyperparameter of an RLHF-with-PPO run, in one serialisable dataclass.
+
+Follows the `RLHFArgs` of the ARENA RLHF exercises (seed 002) with CleanRL's names. The reward
+function is *not* a field: it is passed to `RLHFTrainer`, so that a config is plain data that
+serialises to JSON, wandb and the command line.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class RLHFArgs:
+    # --- run ---
+    seed: int = 1
+    """Seeds torch, the sampler and the minibatch shuffling."""
+    device: str | None = None
+    """"cuda", "mps" or "cpu"; None picks CUDA, else MPS, else CPU."""
+    use_wandb: bool = False
+    """Log metrics to Weights & Biases (imported only when this is set)."""
+    wandb_project_name: str = "minirlhf"
+    """wandb project to log to."""
+    wandb_entity: str | None = None
+    """wandb entity (team or user); None uses your default."""
+
+    # --- macro-training ---
+    total_phases: int = 100
+    """Number of rollout + learning phases."""
+    batch_size: int = 32
+    """Samples generated per rollout phase."""
+    num_minibatches: int = 4
+    """Minibatches the batch is split into on each pass of a learning phase."""
+    batches_per_learning_phase: int = 2
+    """Shuffled passes over the rollout batch per learning phase (PPO "epochs")."""
+
+    # --- optimisation ---
+    base_lr: float = 2e-5
+    """Learning rate of the transformer's own weights."""
+    head_lr: float = 5e-4
+    """Learning rate of the freshly initialised value head."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm before each step."""
+    warmup_steps: int = 20
+    """Phases of linear LR warmup (the LR is never 0, not even in the first phase)."""
+    final_scale: float = 0.1
+    """LR multiplier reached by linear decay at the last phase."""
+
+    # --- PPO objective coefficients ---
+    clip_coef: float = 0.2
+    """PPO's epsilon: the probability ratio is clipped to [1 - clip_coef, 1 + clip_coef]."""
+    vf_coef: float = 0.15
+    """Weight of the value-function loss (subtracted from the objective)."""
+    ent_coef: float = 0.001
+    """Weight of the entropy bonus (added to the objective)."""
+    kl_coef: float = 2.5
+    """Weight of the KL penalty against the reference model (subtracted from the objective)."""
+
+    # --- advantages ---
+    advantage_estimator: Literal["one_step", "gae"] = "one_step"
+    """"one_step" (the seed's A_t = V(s_{t+1}) - V(s_t)) or "gae" (Schulman et al. 2016)."""
+    gamma: float = 1.0
+    """Discount factor for GAE (1.0: an episode is one short completion)."""
+    gae_lambda: float = 0.95
+    """GAE's lambda: 0 gives the one-step estimate, 1 the Monte-Carlo one."""
+
+    # --- model and sampling ---
+    base_model: str = "tiny"
+    """Policy to load: "tiny", "smollm2", a TransformerLens name like "gpt2", or a folder."""
+    gen_len: int = 30
+    """Tokens generated after the prompt."""
+    temperature: float = 1.0
+    """Sampling temperature; the PPO log-probs and KL use logits / temperature too."""
+    top_k: int | None = None
+    """Sample only from the k most likely tokens (None: no top-k). The seed used 10."""
+    top_p: float | None = None
+    """Nucleus sampling threshold (None: off)."""
+    prefix: str = "This is"
+    """The prompt every sample continues."""
+    prepend_bos: bool = True
+    """Put the model's BOS token before the prompt."""
+
+    # --- reward ---
+    normalize_reward: bool = True
+    """Scale each phase's rewards to mean 0, std 1 before computing advantages."""
+
+    # --- derived (set in __post_init__) ---
+    minibatch_size: int = field(init=False)
+    """batch_size // num_minibatches."""
+
+    def __post_init__(self):
+        positive = ["total_phases", "batch_size", "num_minibatches", "batches_per_learning_phase",
+                    "gen_len"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.batch_size % self.num_minibatches != 0:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be divisible by num_minibatches "
+                f"({self.num_minibatches}), so every minibatch has the same size. Try "
+                f"batch_size={self.num_minibatches * max(1, self.batch_size // self.num_minibatches)}."
+            )
+        if not 0 <= self.warmup_steps < self.total_phases:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be at least 0 and less than "
+                f"total_phases ({self.total_phases}), or the LR never leaves warmup."
+            )
+        self._check_ranges()
+        self.minibatch_size = self.batch_size // self.num_minibatches
+
+    def _check_ranges(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be None or at least 1, got {self.top_k}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}.")
+        if self.advantage_estimator not in ("one_step", "gae"):
+            raise ValueError(
+                f'advantage_estimator must be "one_step" or "gae", got {self.advantage_estimator!r}.'
+            )
+        if not 0 <= self.gae_lambda <= 1 or not 0 <= self.gamma <= 1:
+            raise ValueError("gamma and gae_lambda must lie in [0, 1].")
+        if not 0 <= self.final_scale <= 1:
+            raise ValueError(f"final_scale must lie in [0, 1], got {self.final_scale}.")
+        for name in ["base_lr", "head_lr", "max_grad_norm", "clip_coef"]:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        for name in ["vf_coef", "ent_coef", "kl_coef"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (it is a weight), got {getattr(self, name)}.")
+
+    def to_dict(self) -> dict:
+        """Every field, derived ones included, as plain JSON-serialisable data."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RLHFArgs":
+        """The inverse of `to_dict` (derived fields are recomputed, not read)."""
+        init_names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown RLHFArgs fields: {sorted(unknown)}.")
+        return cls(**{k: v for k, v in values.items() if k in init_names})

@@ -1,0 +1,95 @@
+"""The RLHF objective: four terms computed on a minibatch, each a pure function.
+
+Stage 6 of the pipeline. One sign convention throughout: the trainer *maximises*
+
+    objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
+
+(AdamW with maximize=True), as in the ARENA exercises. Each docstring says whether its term is
+added or subtracted. All functions take logits at the *generated* positions only: the logits at
+position `prefix_len - 1 + t` predict generated token t, so callers slice
+`logits[:, prefix_len - 1 : -1]`. Temperature is applied by the caller (logits / temperature)
+before these functions, so the terms describe the distribution the tokens were sampled from.
+
+References: Schulman et al. 2017 (PPO), Ziegler et al. 2019 and Stiennon et al. 2020 (the KL
+penalty against a reference model), Huang et al. 2024 "The N Implementation Details of RLHF with
+PPO" (temperature, advantage normalisation).
+"""
+
+import torch
+from eindex import eindex
+from jaxtyping import Float, Int
+from torch import Tensor
+
+
+def get_logprobs(
+    logits: Float[Tensor, "batch seq d_vocab"],
+    tokens: Int[Tensor, "batch seq"],
+    prefix_len: int | None = None,
+) -> Float[Tensor, "batch gen_len"]:
+    """Log-probability the model gave to each token that follows, from position `prefix_len` on.
+
+    logits[:, s] predicts tokens[:, s+1], so the result has `seq - prefix_len` columns: one per
+    generated token (or `seq - 1` columns, every next token, when prefix_len is None).
+    """
+    if prefix_len is not None:
+        logits = logits[:, prefix_len - 1 :]
+        tokens = tokens[:, prefix_len - 1 :]
+    logprobs = logits.log_softmax(dim=-1)
+    return eindex(logprobs, tokens, "b s [b s+1]")
+
+
+def calc_kl_penalty(
+    logits: Float[Tensor, "minibatch gen_len d_vocab"],
+    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],
+    kl_coef: float,
+) -> Float[Tensor, ""]:
+    """kl_coef times the mean exact KL(policy || reference) over the vocabulary. Subtracted.
+
+    The KL is summed over the whole vocabulary at each generated position (not estimated from the
+    sampled token), from log-softmaxes so large logits cannot overflow. Each position's KL is
+    clamped at 0 to remove negative rounding error; a KL is never negative.
+    """
+    logprobs = logits.float().log_softmax(dim=-1)
+    ref_logprobs = ref_logits.float().log_softmax(dim=-1)
+    probs = logprobs.exp()
+    # Where the policy gives a token probability 0, it adds nothing, even if the reference's is 0.
+    terms = torch.where(probs > 0, probs * (logprobs - ref_logprobs), 0.0)
+    kl_per_position = terms.sum(dim=-1).clamp(min=0.0)
+    return kl_coef * kl_per_position.mean()
+
+
+def calc_entropy_bonus(
+    logits: Float[Tensor, "minibatch gen_len d_vocab"], ent_coef: float
+) -> Float[Tensor, ""]:
+    """ent_coef times the mean entropy of the policy at the generated positions. Added."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    return ent_coef * entropy.mean()
+
+
+def calc_value_function_loss(
+    values: Float[Tensor, "minibatch gen_len"],
+    mb_returns: Float[Tensor, "minibatch gen_len"],
+    vf_coef: float,
+) -> Float[Tensor, ""]:
+    """vf_coef times half the mean squared error of the values against the returns. Subtracted."""
+    return 0.5 * vf_coef * (values - mb_returns).pow(2).mean()
+
+
+def calc_clipped_surrogate_objective(
+    logprobs: Float[Tensor, "minibatch gen_len"],
+    mb_logprobs: Float[Tensor, "minibatch gen_len"],
+    mb_advantages: Float[Tensor, "minibatch gen_len"],
+    clip_coef: float,
+    eps: float = 1e-8,
+) -> Float[Tensor, ""]:
+    """PPO's clipped surrogate objective, mean over the minibatch. Added.
+
+    The advantages are normalised first, to mean 0 and (population) std 1 over the whole
+    minibatch, as in CleanRL; a minibatch of one token therefore has no signal, not NaN.
+    """
+    ratio = (logprobs - mb_logprobs).exp()
+    advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(correction=0) + eps)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
+    return torch.minimum(unclipped, clipped).mean()

@@ -1,0 +1,77 @@
+"""The policy and value model: a HookedTransformer with an MLP value head.
+
+Stage 1 of the pipeline. The value head reads the residual stream after the final layernorm
+(`ln_final.hook_normalized`), the same vector the unembedding reads, so one forward pass gives
+both the next-token logits and a value estimate V(s_t) at every position. This is the ARENA RLHF
+design (seed 002); sharing the trunk between policy and value follows Ziegler et al. (2019).
+"""
+
+import copy
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+VALUE_HOOK = "ln_final.hook_normalized"
+
+
+class TransformerWithValueHead(nn.Module):
+    """A HookedTransformer policy plus a value head computed in a hook after the final layernorm.
+
+    Args:
+        base_model: any HookedTransformer (pretrained, converted, or tiny and random).
+    """
+
+    def __init__(self, base_model: HookedTransformer):
+        super().__init__()
+        self.base_model = base_model
+        d_model = base_model.cfg.d_model
+        self.value_head = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model),
+            nn.ReLU(),
+            nn.Linear(4 * d_model, 1),
+        ).to(base_model.cfg.device)
+
+    def forward(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"] | None = None,
+    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
+        """One forward pass returning `(logits, values)`."""
+        values = None
+
+        def store_values(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
+            nonlocal values
+            # The head may run in float32 while the trunk runs in lower precision.
+            head_dtype = self.value_head[0].weight.dtype
+            values = self.value_head(normalized.to(head_dtype)).squeeze(-1)
+
+        logits = self.base_model.run_with_hooks(
+            tokens,
+            return_type="logits",
+            fwd_hooks=[(VALUE_HOOK, store_values)],
+            attention_mask=attention_mask,
+        )
+        assert values is not None, f"the value hook {VALUE_HOOK} did not run"
+        return logits, values
+
+
+def get_reference_model(base_model: HookedTransformer) -> HookedTransformer:
+    """A frozen copy of the policy at the start of training: the KL penalty's anchor."""
+    reference = copy.deepcopy(base_model)
+    reference.eval()
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    return reference
+
+
+@torch.no_grad()
+def get_logits(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch seq"],
+    attention_mask: Int[Tensor, "batch seq"] | None = None,
+) -> Float[Tensor, "batch seq d_vocab"]:
+    """Logits of a model with no gradient (used for the frozen reference model)."""
+    return model(tokens, return_type="logits", attention_mask=attention_mask)

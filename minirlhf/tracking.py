@@ -1,0 +1,78 @@
+"""Logging through one place: a rich progress bar over phases, sample tables, optional wandb.
+
+Metric keys are namespaced like CleanRL's: `charts/...` for what a person watches (reward, KL,
+entropy, LR, time) and `losses/...` for the optimisation's health (value loss, clip fraction,
+approximate KL, explained variance). docs/metrics.md explains each one and its healthy range.
+"""
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+def make_sample_table(
+    samples: list[str], rewards: list[float], title: str = "Samples", max_rows: int = 5
+) -> Table:
+    """A rich table of the first few samples with their rewards."""
+    table = Table("Reward", "Sample", title=title, show_lines=True)
+    for sample, reward in list(zip(samples, rewards))[:max_rows]:
+        table.add_row(f"{reward:+.3f}", repr(sample))
+    return table
+
+
+class PhaseLogger:
+    """Shows training progress in the terminal and, when asked, sends metrics to wandb.
+
+    Args:
+        total_phases: length of the progress bar.
+        table_every: print a sample table every this many phases (0: never).
+        wandb_config: if given, `wandb.init(**wandb_config)` is called (wandb imported lazily).
+        console: where to print (a quiet Console for tests).
+    """
+
+    def __init__(
+        self,
+        total_phases: int,
+        table_every: int = 1,
+        wandb_config: dict[str, Any] | None = None,
+        console: Console | None = None,
+    ):
+        self.console = console or Console()
+        self.table_every = table_every
+        self.progress = Progress(
+            TextColumn("[bold]RLHF"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=self.console,
+        )
+        self.task = self.progress.add_task("", total=total_phases)
+        self.wandb_run = None
+        if wandb_config is not None:
+            import wandb  # imported only when asked for: it is slow and optional
+
+            self.wandb_run = wandb.init(**wandb_config)
+
+    def start(self, completed: int = 0):
+        self.progress.update(self.task, completed=completed)
+        self.progress.start()
+
+    def log_phase(self, phase: int, metrics: dict[str, float], samples: list[str],
+                  rewards: list[float]):
+        """Advance the bar, show a sample table every `table_every` phases, send to wandb."""
+        self.progress.update(
+            self.task,
+            advance=1,
+            description=(
+                f"reward {metrics['charts/reward_mean']:+.3f}  kl {metrics['charts/kl']:.3f}  "
+                f"{metrics['charts/phase_time']:.1f} s/phase"
+            ),
+        )
+        if self.table_every and phase % self.table_every == 0:
+            self.console.print(make_sample_table(samples, rewards, title=f"Phase {phase}"))
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=phase)
+
+    def close(self):
+        self.progress.stop()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

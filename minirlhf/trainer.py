@@ -1,0 +1,245 @@
+"""`RLHFTrainer`: the whole PPO loop, composed from the stages of the pipeline.
+
+Each phase: sample from the policy (`rollout_phase`), score the samples, estimate advantages,
+store everything in a `ReplayMemory`; then take PPO steps on shuffled minibatches of it
+(`learning_phase`). The reference model is a frozen copy of the policy at the start.
+
+Temperature convention ("The N Implementation Details of RLHF with PPO", Huang et al. 2024):
+tokens are sampled from softmax(logits / T), so every log-prob in the PPO ratio and both sides of
+the KL penalty use logits / T as well, in the rollout and in the learning phase alike. Top-k and
+top-p truncate sampling only; they are not part of the log-probs (use them with care: a token
+the truncation forbade can never be sampled, whatever its log-prob says).
+"""
+
+import random
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from rich.console import Console
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from minirlhf.advantages import compute_advantages, compute_gae
+from minirlhf.args import RLHFArgs
+from minirlhf import loading
+from minirlhf.losses import (
+    calc_clipped_surrogate_objective,
+    calc_entropy_bonus,
+    calc_kl_penalty,
+    calc_value_function_loss,
+    get_logprobs,
+)
+from minirlhf.memory import ReplayMemory, ReplayMinibatch
+from minirlhf.models import TransformerWithValueHead, get_logits, get_reference_model
+from minirlhf.optim import get_optimizer_and_scheduler
+from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
+from minirlhf.sampling import get_samples
+from minirlhf.tracking import PhaseLogger
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def mask_or_none(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"] | None:
+    """The mask only when there is padding: unpadded batches take TransformerLens's faster path."""
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def explained_variance(
+    values: Float[Tensor, "batch gen_len"], returns: Float[Tensor, "batch gen_len"]
+) -> float:
+    """1 - Var(returns - values) / Var(returns): 1 is a perfect value head, <= 0 a useless one."""
+    var_returns = returns.var(correction=0)
+    if var_returns == 0:
+        return float("nan")
+    return (1 - (returns - values).var(correction=0) / var_returns).item()
+
+
+class RLHFTrainer:
+    """PPO on a language model against a reward function.
+
+    Args:
+        args: the hyperparameters.
+        reward_fn: maps the decoded samples (prompt + continuation) to one reward each.
+        base_model: the policy to train; None loads `args.base_model`.
+        prompts: one prompt per sample (length batch_size), e.g. control-token prompts;
+            None repeats `args.prefix`.
+        console: where progress and tables go (a quiet `Console(quiet=True)` in tests).
+        table_every: print a table of samples every this many phases (0: never).
+    """
+
+    def __init__(
+        self,
+        args: RLHFArgs,
+        reward_fn: RewardFn,
+        base_model: HookedTransformer | None = None,
+        prompts: list[str] | None = None,
+        console: Console | None = None,
+        table_every: int = 1,
+    ):
+        self.args = args
+        self.reward_fn = reward_fn
+        if prompts is not None and len(prompts) != args.batch_size:
+            raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
+        self.prompts = prompts if prompts is not None else args.prefix
+        set_seed(args.seed)
+        self.device = loading.pick_device(args.device)
+        if base_model is None:
+            base_model = loading.load_policy(args.base_model, self.device)
+        base_model = base_model.to(self.device)
+        self.model = TransformerWithValueHead(base_model).to(self.device)
+        self.ref_model = get_reference_model(base_model)
+        self.optimizer, self.scheduler = get_optimizer_and_scheduler(
+            self.model, args.base_lr, args.head_lr, args.warmup_steps, args.total_phases,
+            args.final_scale,
+        )
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
+        self.phase = 0
+        self.history: list[dict[str, float]] = []
+        self.last_samples: list[str] = []
+        self.last_rewards: list[float] = []
+        self.console = console or Console()
+        self.table_every = table_every
+
+    # ---- rollout ----
+
+    @torch.no_grad()
+    def rollout_phase(self) -> ReplayMemory:
+        """Sample, score and estimate advantages; return the phase's replay memory."""
+        args = self.args
+        start = time.perf_counter()
+        rollout = get_samples(
+            self.model.base_model, self.prompts, batch_size=args.batch_size,
+            gen_len=args.gen_len, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, prepend_bos=args.prepend_bos, generator=self.sample_generator,
+        )
+        sample_time = time.perf_counter() - start
+        ids, mask, prefix_len = rollout.sample_ids, rollout.attention_mask, rollout.prefix_len
+        logits, values = self.model(ids, mask_or_none(mask))
+        logits = logits / args.temperature
+        ref_logits = get_logits(self.ref_model, ids, mask_or_none(mask)) / args.temperature
+        logprobs = get_logprobs(logits, ids, prefix_len)
+
+        rewards = get_rewards(self.reward_fn, rollout.samples, device=self.device)
+        scaled = normalize_reward(rewards) if args.normalize_reward else rewards
+        if args.advantage_estimator == "gae":
+            advantages = compute_gae(values, scaled, prefix_len, args.gamma, args.gae_lambda)
+        else:
+            advantages = compute_advantages(values, scaled, prefix_len)
+
+        gen_logits = logits[:, prefix_len - 1 : -1]
+        gen_ref_logits = ref_logits[:, prefix_len - 1 : -1]
+        gen_values = values[:, prefix_len - 1 : -1]
+        self.last_samples, self.last_rewards = rollout.samples, rewards.tolist()
+        self.rollout_metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/reward_std": rewards.std(correction=0).item(),
+            "charts/kl": calc_kl_penalty(gen_logits, gen_ref_logits, kl_coef=1.0).item(),
+            "charts/entropy": calc_entropy_bonus(gen_logits, ent_coef=1.0).item(),
+            "losses/explained_variance": explained_variance(gen_values, advantages + gen_values),
+            "charts/sample_time": sample_time,
+            "charts/rollout_time": time.perf_counter() - start,
+        }
+        return ReplayMemory(ids, mask, logprobs, advantages, gen_values, gen_ref_logits)
+
+    # ---- learning ----
+
+    def compute_rlhf_objective(self, mb: ReplayMinibatch) -> tuple[Tensor, dict[str, float]]:
+        """The objective to maximise on one minibatch, and diagnostics for logging."""
+        args = self.args
+        prefix_len = mb.sample_ids.shape[1] - mb.logprobs.shape[1]
+        logits, values = self.model(mb.sample_ids, mask_or_none(mb.attention_mask))
+        logits = logits / args.temperature
+        logprobs = get_logprobs(logits, mb.sample_ids, prefix_len)
+        gen_logits = logits[:, prefix_len - 1 : -1]
+        gen_values = values[:, prefix_len - 1 : -1]
+
+        clipped_surrogate = calc_clipped_surrogate_objective(
+            logprobs, mb.logprobs, mb.advantages, args.clip_coef
+        )
+        value_loss = calc_value_function_loss(gen_values, mb.returns, args.vf_coef)
+        entropy_bonus = calc_entropy_bonus(gen_logits, args.ent_coef)
+        kl_penalty = calc_kl_penalty(gen_logits, mb.ref_logits, args.kl_coef)
+        objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
+
+        with torch.no_grad():
+            log_ratio = logprobs - mb.logprobs
+            ratio = log_ratio.exp()
+            stats = {
+                "losses/clipped_surrogate": clipped_surrogate.item(),
+                "losses/value_loss": value_loss.item(),
+                "losses/entropy_bonus": entropy_bonus.item(),
+                "losses/kl_penalty": kl_penalty.item(),
+                "losses/objective": objective.item(),
+                # Schulman's low-variance estimator of KL(old || new): (r - 1) - log r.
+                "losses/approx_kl": ((ratio - 1) - log_ratio).mean().item(),
+                "losses/clip_fraction": ((ratio - 1).abs() > args.clip_coef).float().mean().item(),
+            }
+        return objective, stats
+
+    def learning_phase(self, memory: ReplayMemory) -> dict[str, float]:
+        """PPO steps over shuffled minibatches of the memory; returns the mean diagnostics."""
+        args = self.args
+        all_stats: list[dict[str, float]] = []
+        minibatches = memory.get_minibatches(
+            args.num_minibatches, args.batches_per_learning_phase, self.shuffle_generator
+        )
+        for mb in minibatches:
+            self.optimizer.zero_grad()
+            objective, stats = self.compute_rlhf_objective(mb)
+            objective.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            stats["losses/grad_norm"] = grad_norm.item()
+            self.optimizer.step()
+            all_stats.append(stats)
+        base_lr, head_lr = (group["lr"] for group in self.optimizer.param_groups)
+        self.scheduler.step()
+        means = {key: float(np.mean([s[key] for s in all_stats])) for key in all_stats[0]}
+        return {**means, "charts/lr_base": base_lr, "charts/lr_head": head_lr}
+
+    # ---- the loop ----
+
+    def train_one_phase(self) -> dict[str, float]:
+        """One rollout phase and one learning phase; returns the phase's metrics."""
+        start = time.perf_counter()
+        memory = self.rollout_phase()
+        learn_start = time.perf_counter()
+        metrics = {**self.rollout_metrics, **self.learning_phase(memory)}
+        metrics["charts/learning_time"] = time.perf_counter() - learn_start
+        metrics["charts/phase_time"] = time.perf_counter() - start
+        metrics["charts/phase"] = self.phase
+        self.history.append(metrics)
+        self.phase += 1
+        return metrics
+
+    def train(
+        self,
+        on_phase_end: Callable[["RLHFTrainer", dict[str, float]], None] | None = None,
+        use_wandb: bool | None = None,
+    ) -> list[dict[str, float]]:
+        """Run phases until `args.total_phases` (continuing from `self.phase` after a resume)."""
+        args = self.args
+        wandb_on = args.use_wandb if use_wandb is None else use_wandb
+        wandb_config = None
+        if wandb_on:
+            wandb_config = {"project": args.wandb_project_name, "entity": args.wandb_entity,
+                            "config": args.to_dict()}
+        logger = PhaseLogger(args.total_phases, self.table_every, wandb_config, self.console)
+        logger.start(completed=self.phase)
+        try:
+            while self.phase < args.total_phases:
+                phase = self.phase
+                metrics = self.train_one_phase()
+                logger.log_phase(phase, metrics, self.last_samples, self.last_rewards)
+                if on_phase_end is not None:
+                    on_phase_end(self, metrics)
+        finally:
+            logger.close()
+        return self.history
