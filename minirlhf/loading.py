@@ -12,8 +12,9 @@ with a tokenizer attached; this module knows where to get one:
 
 Local checkpoints go through TransformerLens's own `convert_*_weights` with a config built from the
 Hugging Face config, and load unfolded (no LayerNorm folding or centering), so their log-probs match
-the Hugging Face model's within 1e-4 (5e-5 at most, measured on SmolLM2). Keeping every TransformerLens construction here means a move
-to TransformerLens 4's `TransformerBridge` touches one file.
+the Hugging Face model's within 1e-4 (5e-5 at most, measured on SmolLM2). Keeping every
+TransformerLens construction here means a move to TransformerLens 4's `TransformerBridge` touches
+one file.
 """
 
 import difflib

@@ -107,6 +107,55 @@ class RLHFTrainer:
         self.last_rewards: list[float] = []
         self.console = console or Console()
         self.table_every = table_every
+        self.updating = False
+        # Random states at the last phase boundary: with the weights, a consistent checkpoint.
+        self.rng_at_boundary = self.get_rng_state()
+
+    # ---- state, for checkpoints ----
+
+    def get_rng_state(self) -> dict:
+        """Every random state the run draws from, so a resumed run continues the same curve."""
+        state = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "sample_generator": self.sample_generator.get_state(),
+            "shuffle_generator": self.shuffle_generator.get_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def set_rng_state(self, state: dict):
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        self.sample_generator.set_state(state["sample_generator"])
+        self.shuffle_generator.set_state(state["shuffle_generator"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def state_dict(self) -> dict:
+        """Policy, value head, optimiser, scheduler, random states, phase and metrics so far."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": self.get_rng_state(),
+            "phase": self.phase,
+            "history": self.history,
+            "args": self.args.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict):
+        """Continue from `state_dict()`. The reference model is not in it: it is the base model
+        as loaded at the start, so load the trainer from the same `args.base_model`."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.set_rng_state(state["rng"])
+        self.phase = state["phase"]
+        self.history = list(state["history"])
 
     # ---- rollout ----
 
@@ -211,26 +260,33 @@ class RLHFTrainer:
         start = time.perf_counter()
         memory = self.rollout_phase()
         learn_start = time.perf_counter()
+        self.updating = True  # weights change from here on: no checkpoint until the phase ends
         metrics = {**self.rollout_metrics, **self.learning_phase(memory)}
+        self.updating = False
         metrics["charts/learning_time"] = time.perf_counter() - learn_start
         metrics["charts/phase_time"] = time.perf_counter() - start
         metrics["charts/phase"] = self.phase
         self.history.append(metrics)
         self.phase += 1
+        self.rng_at_boundary = self.get_rng_state()
         return metrics
 
     def train(
         self,
         on_phase_end: Callable[["RLHFTrainer", dict[str, float]], None] | None = None,
-        use_wandb: bool | None = None,
+        wandb_kwargs: dict | None = None,
     ) -> list[dict[str, float]]:
-        """Run phases until `args.total_phases` (continuing from `self.phase` after a resume)."""
+        """Run phases until `args.total_phases` (continuing from `self.phase` after a resume).
+
+        Args:
+            on_phase_end: called after every phase with the trainer and the phase's metrics.
+            wandb_kwargs: extra arguments for `wandb.init` (e.g. mode, dir) when args.use_wandb.
+        """
         args = self.args
-        wandb_on = args.use_wandb if use_wandb is None else use_wandb
         wandb_config = None
-        if wandb_on:
+        if args.use_wandb:
             wandb_config = {"project": args.wandb_project_name, "entity": args.wandb_entity,
-                            "config": args.to_dict()}
+                            "config": args.to_dict(), **(wandb_kwargs or {})}
         logger = PhaseLogger(args.total_phases, self.table_every, wandb_config, self.console)
         logger.start(completed=self.phase)
         try:

@@ -1,0 +1,5 @@
+"""`python -m minirlhf` runs the command line."""
+
+from minirlhf.cli import main
+
+main()

@@ -1,0 +1,129 @@
+"""Checks for the exercises: re-implement one piece of PPO at a time and test it at once.
+
+Each `check_*` takes your function (or class), runs it on seeded inputs of several shapes and
+edge cases, and compares it with minirlhf's own solution and an independent oracle. On success it
+prints one line; otherwise it raises `ExerciseCheckError` saying what differed and, when it
+recognises it, the mistake you most likely made. The notebooks in `notebooks/` call these after
+each exercise; `pytest tests --impl=my_solutions.py` or `python -m minirlhf.exercises
+my_solutions.py` runs every check whose function a Python file defines.
+
+Stages, in pipeline order (notebook 1 to 4): the value head and the sampler; the char-count
+reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches, log-probs
+and the four objective terms; the optimiser, the LR schedule and one learning phase.
+"""
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from minirlhf.exercises.core import ExerciseCheckError, ReferenceOracleMismatch, load_char_model
+from minirlhf.exercises.memory_and_objective import (
+    check_calc_clipped_surrogate_objective,
+    check_calc_entropy_bonus,
+    check_calc_kl_penalty,
+    check_calc_value_function_loss,
+    check_get_logprobs,
+    check_replay_memory,
+)
+from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
+from minirlhf.exercises.optim_and_learning import (
+    check_get_lr_scale,
+    check_get_optimizer,
+    check_get_optimizer_and_scheduler,
+    check_learning_phase,
+)
+from minirlhf.exercises.rewards_and_advantages import (
+    check_compute_advantages,
+    check_compute_gae,
+    check_normalize_reward,
+    check_reward_fn_char_count,
+)
+
+CHECKS: dict[str, Callable[[Any], None]] = {
+    "TransformerWithValueHead": check_value_head,
+    "get_samples": check_get_samples,
+    "reward_fn_char_count": check_reward_fn_char_count,
+    "normalize_reward": check_normalize_reward,
+    "compute_advantages": check_compute_advantages,
+    "compute_gae": check_compute_gae,
+    "ReplayMemory": check_replay_memory,
+    "get_logprobs": check_get_logprobs,
+    "calc_kl_penalty": check_calc_kl_penalty,
+    "calc_entropy_bonus": check_calc_entropy_bonus,
+    "calc_value_function_loss": check_calc_value_function_loss,
+    "calc_clipped_surrogate_objective": check_calc_clipped_surrogate_objective,
+    "get_optimizer": check_get_optimizer,
+    "get_lr_scale": check_get_lr_scale,
+    "get_optimizer_and_scheduler": check_get_optimizer_and_scheduler,
+    "learning_phase": check_learning_phase,
+}
+"""The name a learner's function must have -> its check, in pipeline order."""
+
+
+def get_reference(name: str) -> Any:
+    """minirlhf's own solution for the exercise `name` (what the checks compare against)."""
+    import minirlhf
+    from minirlhf.trainer import RLHFTrainer
+
+    if name == "learning_phase":
+        return RLHFTrainer.learning_phase
+    return getattr(minirlhf, name)
+
+
+def load_file(path: str | Path) -> ModuleType:
+    """Import a learner's Python file as a module (it may import minirlhf itself)."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"No Python file at {path}.")
+    spec = importlib.util.spec_from_file_location(f"learner_{path.stem}", path)
+    assert spec is not None and spec.loader is not None, f"cannot import {path}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def check_file(path: str | Path) -> dict[str, str]:
+    """Run every check whose function the file defines; return name -> "passed" or the error."""
+    module = load_file(path)
+    results = {}
+    for name, check in CHECKS.items():
+        if hasattr(module, name):
+            try:
+                check(getattr(module, name))
+                results[name] = "passed"
+            except ExerciseCheckError as error:
+                print(error, file=sys.stderr)
+                results[name] = str(error)
+    if not results:
+        print(f"{path} defines none of: {', '.join(CHECKS)}", file=sys.stderr)
+    return results
+
+
+__all__ = [
+    "CHECKS",
+    "ExerciseCheckError",
+    "ReferenceOracleMismatch",
+    "check_calc_clipped_surrogate_objective",
+    "check_calc_entropy_bonus",
+    "check_calc_kl_penalty",
+    "check_calc_value_function_loss",
+    "check_compute_advantages",
+    "check_compute_gae",
+    "check_file",
+    "check_get_logprobs",
+    "check_get_lr_scale",
+    "check_get_optimizer",
+    "check_get_optimizer_and_scheduler",
+    "check_get_samples",
+    "check_learning_phase",
+    "check_normalize_reward",
+    "check_replay_memory",
+    "check_reward_fn_char_count",
+    "check_value_head",
+    "get_reference",
+    "load_char_model",
+    "load_file",
+]

@@ -1,0 +1,372 @@
+"""Checks for notebook 4: the optimiser's parameter groups, the LR schedule, one learning phase.
+
+The schedule's oracle is a table of multipliers worked out by hand. The learning phase is run by
+the reference (`RLHFTrainer.learning_phase`) and by the learner's function from the same state
+(weights, optimiser, scheduler and shuffling generator restored in between) on a tiny model, and
+the weights they reach are compared; along the way a hook on the optimiser counts the steps and
+measures the gradient norm each step is taken with.
+"""
+
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from rich.console import Console
+from torch import Tensor, nn
+
+from minirlhf.args import RLHFArgs
+from minirlhf.exercises.core import (
+    Mistake,
+    call,
+    describe_error,
+    fail,
+    load_char_model,
+    passed,
+    single_threaded,
+)
+from minirlhf.memory import ReplayMemory
+from minirlhf.optim import get_lr_scale, get_optimizer, get_optimizer_and_scheduler
+from minirlhf.rewards import reward_fn_char_count
+from minirlhf.trainer import RLHFTrainer
+
+# ---------------------------------------------------------------- the optimiser
+
+
+class _TinyPolicy(nn.Module):
+    """Stands in for TransformerWithValueHead: a `base_model` and a `value_head`."""
+
+    def __init__(self):
+        super().__init__()
+        self.base_model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+        self.value_head = nn.Sequential(nn.Linear(3, 2), nn.ReLU(), nn.Linear(2, 1))
+
+
+def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module, base_lr: float,
+                     head_lr: float) -> None:
+    if not isinstance(optimizer, torch.optim.AdamW):
+        hint = "torch.optim.Adam's weight_decay is L2 in the gradient; use AdamW."
+        fail(exercise, case, f"Expected a torch.optim.AdamW, got {type(optimizer).__name__}.",
+             hint if isinstance(optimizer, torch.optim.Adam) else None)
+    groups = optimizer.param_groups
+    if len(groups) != 2:
+        fail(exercise, case, f"Expected 2 parameter groups (transformer, value head), got "
+             f"{len(groups)}.", "give the transformer and the value head a group each, with "
+             "their own learning rates.")
+    if not all(group["maximize"] for group in groups):
+        fail(exercise, case, "The optimiser minimises.", "the trainer maximises the RLHF "
+             "objective: pass maximize=True to AdamW.")
+    base_ids = {id(p) for p in model.base_model.parameters()}
+    head_ids = {id(p) for p in model.value_head.parameters()}
+    got = [{id(p) for p in group["params"]} for group in groups]
+    if got == [head_ids, base_ids]:
+        fail(exercise, case, "The groups are in the wrong order.", "put the transformer's "
+             "parameters (base_lr) first and the value head's (head_lr) second.")
+    if got[0] != base_ids or got[1] != head_ids:
+        hint = None
+        if got[0] == base_ids | head_ids:
+            hint = ("model.parameters() includes the value head: use model.base_model.parameters() "
+                    "for the first group, so no parameter appears twice.")
+        fail(exercise, case, "The first group should hold exactly model.base_model's parameters "
+             "and the second exactly model.value_head's.", hint)
+    lrs = [group.get("initial_lr", group["lr"]) for group in groups]  # before any scheduling
+    if lrs != [base_lr, head_lr]:
+        hint = "base_lr and head_lr are swapped." if lrs == [head_lr, base_lr] else None
+        fail(exercise, case, f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
+
+
+def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
+    """Check `fn(model, base_lr, head_lr)`: AdamW, maximize=True, one group per learning rate."""
+    exercise = "get_optimizer"
+    case = "base_lr=2e-5, head_lr=5e-4"
+    model = _TinyPolicy()
+    _check_optimizer(exercise, case, get_optimizer(model, 2e-5, 5e-4), model, 2e-5, 5e-4)
+    optimizer, error = call(fn, {"model": model, "base_lr": 2e-5, "head_lr": 5e-4}, True)
+    if error is not None:
+        hint = None
+        if "more than one parameter group" in str(error):
+            hint = ("model.parameters() includes the value head: use "
+                    "model.base_model.parameters() for the first group.")
+        fail(exercise, case, describe_error(error), hint)
+    _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4)
+    passed(exercise, "AdamW with maximize=True, base_model at base_lr and value_head at head_lr")
+
+
+# ---------------------------------------------------------------- the learning-rate schedule
+
+# (warmup_steps, total_phases, final_scale) -> multipliers for phases 0, 1, ..., worked by hand.
+LR_SCALE_TABLE = {
+    (4, 10, 0.1): [0.25, 0.5, 0.75, 1.0, 1.0, 0.82, 0.64, 0.46, 0.28, 0.1],
+    (0, 5, 0.5): [1.0, 0.875, 0.75, 0.625, 0.5],
+    (2, 3, 0.0): [0.5, 1.0, 1.0],
+    (1, 4, 0.4): [1.0, 1.0, 0.7, 0.4],
+}
+
+
+def _seed_lr_scale(phase, warmup_steps, total_phases, final_scale):
+    """The seed's schedule, with both of its bugs."""
+    if phase < warmup_steps:
+        return phase / warmup_steps
+    return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
+
+
+def _from_warmup_end(phase, warmup_steps, total_phases, final_scale):
+    if phase < warmup_steps:
+        return (phase + 1) / warmup_steps
+    return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
+
+
+LR_MISTAKES = [
+    Mistake("this is the seed's schedule: LR 0 in the first warmup phase (use (phase + 1) / "
+            "warmup_steps), and a decay that stops short of final_scale at the last phase "
+            "(divide by total_phases - 1 - warmup_steps).", _seed_lr_scale),
+    Mistake("the first warmup phase gets LR 0, so phase 0 learns nothing (the seed's "
+            "phase / warmup_steps): use (phase + 1) / warmup_steps.",
+            lambda phase, warmup_steps, total_phases, final_scale: phase / warmup_steps
+            if phase < warmup_steps else get_lr_scale(phase, warmup_steps, total_phases,
+                                                      final_scale)),
+    Mistake("the decay does not reach final_scale at the last phase (total_phases - 1): divide "
+            "by total_phases - 1 - warmup_steps, not total_phases - warmup_steps.",
+            _from_warmup_end),
+]
+
+
+def _schedule(fn: Callable[..., float], warmup: int, total: int, final: float):
+    """The multipliers of every phase, or the first phase's error."""
+    scales = []
+    for phase in range(total):
+        kwargs = {"phase": phase, "warmup_steps": warmup, "total_phases": total,
+                  "final_scale": final}
+        scale, error = call(fn, kwargs, positional=True)
+        if error is not None:
+            return scales, (phase, error)
+        scales.append(scale)
+    return scales, None
+
+
+def check_get_lr_scale(fn: Callable[..., float]) -> None:
+    """Check `fn(phase, warmup_steps, total_phases, final_scale)` against a hand-worked table."""
+    exercise = "get_lr_scale"
+    for (warmup, total, final), expected in LR_SCALE_TABLE.items():
+        schedule = f"warmup_steps={warmup}, total_phases={total}, final_scale={final}"
+        reference, _ = _schedule(get_lr_scale, warmup, total, final)
+        assert _same_schedule(reference, expected), f"reference {reference} != {expected}"
+        got, error = _schedule(fn, warmup, total, final)
+        if error is not None:
+            phase, error = error
+            hint = None
+            if isinstance(error, ZeroDivisionError) and warmup == 0:
+                hint = "warmup_steps=0 means no warmup: don't divide by it."
+            fail(exercise, f"phase={phase}, {schedule}", describe_error(error), hint)
+        wrong = [p for p, (a, b) in enumerate(zip(got, expected, strict=True))
+                 if not isinstance(a, int | float) or abs(a - b) > 1e-6]
+        if wrong:
+            phase = wrong[0]
+            hint = next((m.hint for m in LR_MISTAKES if _same_schedule(
+                _schedule(m.imitate, warmup, total, final)[0], got)), None)
+            fail(exercise, f"phase={phase}, {schedule}", f"Expected {expected[phase]:.4g}, got "
+                 f"{got[phase]!r} (expected schedule {expected}, got "
+                 f"{[round(g, 4) if isinstance(g, float) else g for g in got]}).", hint)
+    passed(exercise, f"{sum(map(len, LR_SCALE_TABLE.values()))} phases of 4 schedules (with and "
+           "without warmup) match a hand-worked table and the reference")
+
+
+def _same_schedule(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        isinstance(y, int | float) and abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True)
+    )
+
+
+def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
+    """Check `fn(model, base_lr, head_lr, warmup_steps, total_phases, final_scale)`: the optimiser
+    and a scheduler that, stepped once per phase, sets each group's LR to its base times the scale.
+    """
+    exercise = "get_optimizer_and_scheduler"
+    (warmup, total, final), scales = next(iter(LR_SCALE_TABLE.items()))
+    kwargs = {"base_lr": 1e-3, "head_lr": 1e-2, "warmup_steps": warmup, "total_phases": total,
+              "final_scale": final}
+    case = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    for candidate in (get_optimizer_and_scheduler, fn):
+        model = _TinyPolicy()
+        result, error = call(candidate, {"model": model, **kwargs}, positional=True)
+        if error is not None:
+            hint = None
+            if "scheulder" in str(error) or "lamda" in str(error):
+                hint = ("check the spelling (the seed has these typos): "
+                        "torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=...).")
+            fail(exercise, case, describe_error(error), hint)
+        optimizer, scheduler = result
+        _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2)
+        for phase, scale in enumerate(scales):
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            expected = [1e-3 * scale, 1e-2 * scale]
+            if any(abs(a - b) > 1e-12 for a, b in zip(lrs, expected, strict=True)):
+                hint = None
+                if phase == 0 and lrs[0] == 0:
+                    hint = "LR 0 in the first phase: the warmup should start at 1 / warmup_steps."
+                fail(exercise, f"{case}, after {phase} scheduler steps", f"Expected LRs "
+                     f"{expected} (scale {scale}), got {lrs}.", hint)
+            optimizer.step()  # no gradients: changes nothing, but keeps the step order right
+            scheduler.step()
+    passed(exercise, f"the LRs of both groups over {total} phases follow the schedule")
+
+
+# ---------------------------------------------------------------- one learning phase
+
+LearningPhaseFn = Callable[[RLHFTrainer, ReplayMemory], dict[str, float]]
+
+
+def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
+    """A trainer on a tiny char model and one rollout's memory (about a tenth of a second)."""
+    args = RLHFArgs(total_phases=3, batch_size=8, num_minibatches=2, batches_per_learning_phase=2,
+                    gen_len=4, prefix="a", prepend_bos=False, warmup_steps=1, base_lr=1e-2,
+                    head_lr=1e-2, max_grad_norm=0.05, kl_coef=0.5, ent_coef=0.01, seed=0)
+    model = load_char_model(n_layers=1, d_model=16, n_heads=2, seed=4)
+    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to"
+        trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
+                              console=Console(quiet=True), table_every=0)
+    return trainer, trainer.rollout_phase()
+
+
+def _snapshot(trainer: RLHFTrainer) -> dict:
+    return {
+        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        "optimizer": (trainer.optimizer, trainer.optimizer.state_dict()),
+        "scheduler": (trainer.scheduler, trainer.scheduler.state_dict()),
+        "generator": trainer.shuffle_generator.get_state(),
+    }
+
+
+def _restore(trainer: RLHFTrainer, snapshot: dict) -> None:
+    trainer.model.load_state_dict(snapshot["model"])
+    trainer.model.zero_grad(set_to_none=True)  # as after a rollout: no gradients yet
+    trainer.optimizer, optimizer_state = snapshot["optimizer"]
+    trainer.optimizer.load_state_dict(optimizer_state)
+    trainer.scheduler, scheduler_state = snapshot["scheduler"]
+    trainer.scheduler.load_state_dict(scheduler_state)
+    trainer.shuffle_generator.set_state(snapshot["generator"])
+
+
+@dataclass
+class PhaseRun:
+    """What one learning phase did, seen from outside."""
+
+    result: Any
+    error: BaseException | None
+    weights: dict[str, Tensor]
+    grad_norms: list[float]
+    """The global gradient norm each optimiser step was taken with."""
+    scheduler_steps: int
+    used_generator: bool
+    """Whether the trainer's shuffle generator was drawn from."""
+
+
+def _run(fn: LearningPhaseFn, trainer: RLHFTrainer, memory: ReplayMemory, snapshot: dict
+         ) -> PhaseRun:
+    """Run one learning phase from the snapshot, watching the optimiser's steps."""
+    _restore(trainer, snapshot)
+    grad_norms: list[float] = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]
+        grad_norms.append(torch.stack(grads).norm().item() if grads else 0.0)
+
+    handle = trainer.optimizer.register_step_pre_hook(record)
+    epoch = trainer.scheduler.last_epoch
+    try:
+        result, error = call(fn, {"self": trainer, "memory": memory}, positional=True)
+    finally:
+        handle.remove()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    used_generator = not torch.equal(trainer.shuffle_generator.get_state(), snapshot["generator"])
+    return PhaseRun(result, error, weights, grad_norms, trainer.scheduler.last_epoch - epoch,
+                    used_generator)
+
+
+def _differing_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> list[str]:
+    """Names of the tensors that differ."""
+    return [k for k in a if not torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-3)]
+
+
+def _variant(sign: float = 1.0, zero_grad: bool = True) -> LearningPhaseFn:
+    """The reference learning phase with one thing changed (to recognise the learner's)."""
+
+    def learning_phase(self: RLHFTrainer, memory: ReplayMemory) -> dict[str, float]:
+        args = self.args
+        for mb in memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
+                                         self.shuffle_generator):
+            if zero_grad:
+                self.optimizer.zero_grad()
+            objective, _ = self.compute_rlhf_objective(mb)
+            (sign * objective).backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+        self.scheduler.step()
+        return {}
+
+    return learning_phase
+
+
+LEARNING_MISTAKES = [
+    Mistake("you minimised the objective instead of maximising it: the optimiser already has "
+            "maximize=True, so call objective.backward(), not (-objective).backward().",
+            _variant(sign=-1.0)),
+    Mistake("did you forget optimizer.zero_grad()? Gradients then pile up across minibatches.",
+            _variant(zero_grad=False)),
+]
+
+
+@single_threaded
+def check_learning_phase(fn: LearningPhaseFn) -> None:
+    """Check `fn(self, memory)` (an `RLHFTrainer.learning_phase`): one PPO step per minibatch,
+    gradients clipped, the scheduler stepped once, and the same weights as the reference."""
+    exercise = "learning_phase"
+    trainer, memory = _make_trainer()
+    args = trainer.args
+    case = (f"a tiny model, batch_size={args.batch_size}, num_minibatches={args.num_minibatches}, "
+            f"batches_per_learning_phase={args.batches_per_learning_phase}")
+    steps = args.num_minibatches * args.batches_per_learning_phase
+    snapshot = _snapshot(trainer)
+    reference = _run(RLHFTrainer.learning_phase, trainer, memory, snapshot)
+    # Every reference step clips (its norm is max_grad_norm): a learner who doesn't clip shows.
+    assert len(reference.grad_norms) == steps
+    assert min(reference.grad_norms) > 0.99 * args.max_grad_norm
+
+    run = _run(fn, trainer, memory, snapshot)
+    _restore(trainer, snapshot)
+    if run.error is not None:
+        fail(exercise, case, describe_error(run.error))
+    if len(run.grad_norms) != steps:
+        fail(exercise, case, f"It took {len(run.grad_norms)} optimiser steps; expected {steps}: "
+             "one per minibatch, num_minibatches * batches_per_learning_phase.")
+    too_big = [n for n in run.grad_norms if n > args.max_grad_norm * 1.001]
+    if too_big:
+        fail(exercise, case, f"A step was taken with gradient norm {too_big[0]:.3g} > "
+             f"max_grad_norm = {args.max_grad_norm}.", "did you forget "
+             "torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm) "
+             "between backward() and optimizer.step()?")
+    if run.scheduler_steps != 1:
+        hint = ("did you forget self.scheduler.step()?" if run.scheduler_steps == 0 else
+                "step the scheduler once per phase, after the minibatch loop, not per minibatch.")
+        fail(exercise, case, f"The scheduler was stepped {run.scheduler_steps} times; expected "
+             "once.", hint)
+    if not isinstance(run.result, dict):
+        fail(exercise, case, f"Return a dict of metrics; got {type(run.result).__name__}.")
+    differ = _differing_weights(reference.weights, run.weights)
+    if differ:
+        hint = None
+        if not run.used_generator:
+            hint = ("did you pass self.shuffle_generator to memory.get_minibatches? Without it "
+                    "the minibatches are not the seeded ones.")
+        for mistake in [] if hint else LEARNING_MISTAKES:
+            if not _differing_weights(_run(mistake.imitate, trainer, memory, snapshot).weights,
+                                 run.weights):
+                hint = mistake.hint
+                break
+        _restore(trainer, snapshot)
+        fail(exercise, case, f"After the phase the weights differ from the reference's (first "
+             f"in {differ[0]!r}, {len(differ)} of {len(run.weights)} tensors).", hint)
+    passed(exercise, f"{steps} clipped steps, one scheduler step, and the same weights as the "
+           "reference's learning phase")

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random models, so no test needs the network or a GPU.
+
+Two kinds of model:
+
+- `tiny_model`: `load_tiny_model`'s GPT-2-shaped random model with GPT-2's full 50,257-token
+  vocabulary (what learners and the CLI get with `--model tiny`).
+- `make_printable_model(...)`: the same shape, but its vocabulary is only GPT-2's first 94 tokens,
+  the printable ASCII characters '!'..'~' (one character each; '.' is id 13). Its softmax is 500x
+  smaller, so sampling and training on it take milliseconds, and a random policy emits a period
+  once every 94 tokens instead of once every 50,257, so "count the periods" has a signal to learn.
+
+Session-scoped models are shared: a test that changes weights builds its own model.
+"""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from minirlhf.loading import get_gpt2_tokenizer, load_tiny_model
+
+N_PRINTABLE = 94
+"""GPT-2 token ids 0..93 decode to the 94 printable ASCII characters '!'..'~'."""
+
+PERIOD_ID = 13
+"""GPT-2's token id of '.'."""
+
+
+def build_printable_model(
+    seed: int = 0, n_layers: int = 1, d_model: int = 32, n_heads: int = 2
+) -> HookedTransformer:
+    """A tiny random GPT-2-shaped model over the 94 printable single-character tokens.
+
+    Prompts for it must be made of tokens below 94 (e.g. "A", "x?"), with prepend_bos=False:
+    GPT-2's BOS (and pad) token 50256 is outside its vocabulary.
+    """
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        d_head=d_model // n_heads,
+        d_mlp=4 * d_model,
+        d_vocab=N_PRINTABLE,
+        n_ctx=64,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        positional_embedding_type="standard",
+        default_prepend_bos=False,
+        seed=seed,
+        device="cpu",
+    )
+    model = HookedTransformer(cfg, tokenizer=get_gpt2_tokenizer(), move_to_device=True)
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot:
+    with 2 threads on 2 shared cores the end-to-end test took 22 s instead of 3 s."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> HookedTransformer:
+    """A 2-layer, d_model 32 random model with GPT-2's full vocabulary. Do not modify it."""
+    return load_tiny_model(n_layers=2, d_model=32, n_heads=2)
+
+
+@pytest.fixture(scope="session")
+def printable_model() -> HookedTransformer:
+    """A shared 94-token model (see `build_printable_model`). Do not modify it."""
+    return build_printable_model()
+
+
+@pytest.fixture
+def make_printable_model() -> Callable[..., HookedTransformer]:
+    """A factory for fresh 94-token models, for tests that change or train the weights."""
+    return build_printable_model

@@ -1,0 +1,32 @@
+"""`--impl PATH` (or MINIRLHF_IMPL=PATH): run the exercise checks on a learner's Python file.
+
+This folder's name starts with "test", so pytest reads this conftest before parsing the command
+line whenever it collects `tests/` (or this folder): the option works with `pytest`,
+`pytest tests` and `pytest tests/test_exercises`.
+"""
+
+import os
+from types import ModuleType
+
+import pytest
+
+from minirlhf.exercises import load_file
+
+IMPL_ENV = "MINIRLHF_IMPL"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--impl",
+        default=os.environ.get(IMPL_ENV) or None,
+        metavar="PATH",
+        help="A learner's Python file: run each exercise check on the function of the same name "
+        f"it defines (checks of functions it does not define are skipped). Also ${IMPL_ENV}.",
+    )
+
+
+@pytest.fixture(scope="session")
+def learner_module(request: pytest.FixtureRequest) -> ModuleType | None:
+    """The learner's file as a module, or None to check minirlhf's own solutions."""
+    path = request.config.getoption("--impl")
+    return load_file(path) if path else None

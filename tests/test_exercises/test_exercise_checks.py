@@ -1,0 +1,141 @@
+"""The exercise checks: they pass minirlhf's solutions and catch, by name, known mistakes.
+
+Without `--impl`, every check runs on the library's own function (it must pass) and on each
+deliberately wrong implementation in `tests/wrong_impls/` (it must fail, and its message must name
+the mistake). With `--impl PATH`, the checks run on the learner's file instead.
+"""
+
+import importlib
+import importlib.util
+import pkgutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from minirlhf.exercises import (
+    CHECKS,
+    ExerciseCheckError,
+    check_file,
+    get_reference,
+    memory_and_objective,
+    optim_and_learning,
+    rewards_and_advantages,
+)
+from minirlhf.exercises.__main__ import main
+from minirlhf.exercises.core import Case, ReferenceOracleMismatch, check_function
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def load_wrong_impls() -> list:
+    """Import tests/wrong_impls as a package (without putting tests/ on sys.path)."""
+    folder = TESTS / "wrong_impls"
+    if "wrong_impls" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "wrong_impls", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["wrong_impls"] = package
+        spec.loader.exec_module(package)
+        for info in pkgutil.iter_modules([str(folder)]):
+            importlib.import_module(f"wrong_impls.{info.name}")
+    return sys.modules["wrong_impls"].WRONG_IMPLS
+
+
+WRONG_IMPLS = load_wrong_impls()
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_check_passes(name: str, learner_module: ModuleType | None):
+    """minirlhf's solution passes its own check (or, with --impl, the learner's does)."""
+    if learner_module is None:
+        impl = get_reference(name)
+    elif hasattr(learner_module, name):
+        impl = getattr(learner_module, name)
+    else:
+        pytest.skip(f"{learner_module.__file__} does not define {name}")
+    CHECKS[name](impl)
+
+
+@pytest.mark.parametrize(
+    "wrong", WRONG_IMPLS, ids=[f"{w.exercise}-{w.impl.__name__}" for w in WRONG_IMPLS]
+)
+def test_check_names_the_mistake(wrong, learner_module: ModuleType | None):
+    if learner_module is not None:
+        pytest.skip("--impl given: checking the learner's file, not the checks")
+    with pytest.raises(ExerciseCheckError) as caught:
+        CHECKS[wrong.exercise](wrong.impl)
+    assert wrong.expected in str(caught.value), str(caught.value)
+
+
+def test_every_check_is_shown_catching_mistakes():
+    counts = {name: sum(w.exercise == name for w in WRONG_IMPLS) for name in CHECKS}
+    assert all(count >= 2 for count in counts.values()), counts
+
+
+def test_every_named_mistake_is_shown_recognised():
+    """Each Mistake a check can name has a wrong implementation whose test expects that hint."""
+    lists = [value for module in (rewards_and_advantages, memory_and_objective,
+                                  optim_and_learning)
+             for key, value in vars(module).items() if key.endswith("_MISTAKES")]
+    assert len(lists) >= 10
+    for mistake in (m for mistakes in lists for m in mistakes):
+        assert any(w.expected in mistake.hint for w in WRONG_IMPLS), mistake.hint
+
+
+def test_a_reference_that_disagrees_with_its_oracle_is_reported():
+    case = Case("one value", {"x": torch.tensor([1.0])})
+    with pytest.raises(ReferenceOracleMismatch, match="bug in minirlhf"):
+        check_function("double", lambda x: 2 * x, reference=lambda x: 3 * x,
+                       oracle=lambda x: 2 * x, cases=[case], mistakes=[])
+
+
+def test_failure_message_shows_shapes_and_first_mismatch():
+    with pytest.raises(ExerciseCheckError) as caught:
+        CHECKS["compute_advantages"](lambda values, rewards, prefix_len: torch.zeros(1, 1))
+    assert "Expected shape (3, 4) = (batch, gen_len), got (1, 1)." in str(caught.value)
+    with pytest.raises(ExerciseCheckError) as caught:
+        CHECKS["normalize_reward"](lambda reward, eps=1e-5: reward * 0)
+    assert "First mismatch at index (0,)" in str(caught.value)
+
+
+def test_success_prints_one_line(capsys):
+    CHECKS["compute_gae"](get_reference("compute_gae"))
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "compute_gae passed" in out
+
+
+LEARNER_FILE = '''
+import torch
+from minirlhf import compute_advantages  # a correct solution, imported
+
+
+def normalize_reward(reward, eps=1e-5):  # the seed's version
+    return (reward - reward.mean()) / (reward.std() + eps)
+'''
+
+
+def test_check_file_and_main(tmp_path, capsys):
+    path = tmp_path / "my_solutions.py"
+    path.write_text(LEARNER_FILE)
+    results = check_file(path)
+    assert results["compute_advantages"] == "passed"
+    assert "did you use the sample std" in results["normalize_reward"]
+    assert set(results) == {"compute_advantages", "normalize_reward"}
+    assert main([str(path)]) == 1
+
+
+def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
+    """`pytest --impl=FILE` (run here in-process, to save a second start of torch)."""
+    path = tmp_path / "my_solutions.py"
+    path.write_text(LEARNER_FILE)
+    args = [str(Path(__file__)), "-q", "-p", "no:cacheprovider", "-o", "addopts=", f"--impl={path}",
+            "-k", "test_check_passes", f"--rootdir={TESTS.parent}"]
+    exit_code = pytest.main(args)
+    out = capsys.readouterr().out
+    assert exit_code == pytest.ExitCode.TESTS_FAILED, out
+    assert "1 failed, 1 passed, 14 skipped" in out, out
+    assert "did you use the sample std" in out

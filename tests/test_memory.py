@@ -1,0 +1,170 @@
+"""Tests for minirlhf.memory: minibatches checked row by row against the memory.
+
+Every sample gets a recognisable identity (its token ids start with its own row number), so the
+oracle can say, for each row of each minibatch, which memory row it came from and check every
+field against that row. The same check rejects plausible wrong minibatchers written out here.
+"""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from jaxtyping import TypeCheckError
+
+from minirlhf.memory import ReplayMemory, ReplayMinibatch
+
+BATCH, SEQ, GEN_LEN, D_VOCAB = 12, 7, 4, 5
+
+
+def make_memory(batch: int = BATCH) -> ReplayMemory:
+    """A memory whose row i is recognisable in every field."""
+    rows = torch.arange(batch)
+    generator = torch.Generator().manual_seed(0)
+    sample_ids = rows[:, None] * 100 + torch.arange(SEQ)  # sample_ids[i, 0] == 100 * i
+    attention_mask = torch.ones(batch, SEQ, dtype=torch.long)
+    attention_mask[rows % 3 == 0, 0] = 0  # some rows left-padded
+    return ReplayMemory(
+        sample_ids=sample_ids,
+        attention_mask=attention_mask,
+        logprobs=-torch.rand(batch, GEN_LEN, generator=generator),
+        advantages=torch.randn(batch, GEN_LEN, generator=generator),
+        values=torch.randn(batch, GEN_LEN, generator=generator),
+        ref_logits=torch.randn(batch, GEN_LEN, D_VOCAB, generator=generator),
+    )
+
+
+def minibatches_are_correct(get_minibatches: Callable, num_minibatches: int, passes: int) -> bool:
+    """The minibatching oracle, written as loops over rows.
+
+    `passes` passes; in each, `num_minibatches` minibatches of equal size that together hold every
+    sample exactly once; every field of every row equals the memory row it came from, and returns
+    are advantages + values of that row. The passes are shuffled (not all in memory order).
+    """
+    memory = make_memory()
+    minibatches = get_minibatches(memory, num_minibatches, passes, torch.Generator().manual_seed(0))
+    if len(minibatches) != num_minibatches * passes:
+        return False
+    orders = []
+    for p in range(passes):
+        seen = []
+        for mb in minibatches[p * num_minibatches : (p + 1) * num_minibatches]:
+            if mb.sample_ids.shape[0] != BATCH // num_minibatches:
+                return False
+            for j in range(mb.sample_ids.shape[0]):
+                i = int(mb.sample_ids[j, 0]) // 100  # which memory row this is
+                seen.append(i)
+                expected_return = memory.advantages[i] + memory.values[i]
+                if not (
+                    torch.equal(mb.sample_ids[j], memory.sample_ids[i])
+                    and torch.equal(mb.attention_mask[j], memory.attention_mask[i])
+                    and torch.equal(mb.logprobs[j], memory.logprobs[i])
+                    and torch.equal(mb.advantages[j], memory.advantages[i])
+                    and torch.allclose(mb.returns[j], expected_return)
+                    and torch.equal(mb.ref_logits[j], memory.ref_logits[i])
+                ):
+                    return False
+        if sorted(seen) != list(range(BATCH)):  # each sample exactly once in this pass
+            return False
+        orders.append(seen)
+    return any(order != list(range(BATCH)) for order in orders)
+
+
+def real(memory, num_minibatches, passes, generator):
+    return memory.get_minibatches(num_minibatches, passes, generator)
+
+
+def _minibatch(memory: ReplayMemory, indices, returns=None, ref_indices=None) -> ReplayMinibatch:
+    ref_indices = indices if ref_indices is None else ref_indices
+    return ReplayMinibatch(
+        sample_ids=memory.sample_ids[indices],
+        attention_mask=memory.attention_mask[indices],
+        logprobs=memory.logprobs[indices],
+        advantages=memory.advantages[indices],
+        returns=(memory.advantages + memory.values if returns is None else returns)[indices],
+        ref_logits=memory.ref_logits[ref_indices],
+    )
+
+
+def with_replacement(memory, num_minibatches, passes, generator):
+    """Draws indices with replacement: some samples twice, some never."""
+    batch = memory.logprobs.shape[0]
+    size = batch // num_minibatches
+    return [
+        _minibatch(memory, torch.randint(0, batch, (size,), generator=generator))
+        for _ in range(num_minibatches * passes)
+    ]
+
+
+def returns_are_advantages(memory, num_minibatches, passes, generator):
+    """Uses the advantages as the value head's targets (forgot to add the values back)."""
+    batch = memory.logprobs.shape[0]
+    minibatches = []
+    for _ in range(passes):
+        for indices in torch.randperm(batch, generator=generator).reshape(num_minibatches, -1):
+            minibatches.append(_minibatch(memory, indices, returns=memory.advantages))
+    return minibatches
+
+
+def ref_logits_shuffled_separately(memory, num_minibatches, passes, generator):
+    """Draws a second permutation for ref_logits: each row's KL anchor belongs to another row."""
+    batch = memory.logprobs.shape[0]
+    minibatches = []
+    for _ in range(passes):
+        order = torch.randperm(batch, generator=generator).reshape(num_minibatches, -1)
+        ref_order = torch.randperm(batch, generator=generator).reshape(num_minibatches, -1)
+        for indices, ref_indices in zip(order, ref_order, strict=True):
+            minibatches.append(_minibatch(memory, indices, ref_indices=ref_indices))
+    return minibatches
+
+
+def one_pass_only(memory, num_minibatches, passes, generator):
+    """Ignores batches_per_learning_phase."""
+    return real(memory, num_minibatches, 1, generator)
+
+
+def unshuffled(memory, num_minibatches, passes, generator):
+    """Forgets to shuffle: every pass in memory order."""
+    batch = memory.logprobs.shape[0]
+    return [
+        _minibatch(memory, indices)
+        for _ in range(passes)
+        for indices in torch.arange(batch).reshape(num_minibatches, -1)
+    ]
+
+
+@pytest.mark.parametrize("num_minibatches, passes", [(4, 2), (1, 1), (12, 3), (3, 1)])
+def test_minibatches_match_the_memory_row_by_row(num_minibatches, passes):
+    assert minibatches_are_correct(real, num_minibatches, passes)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [with_replacement, returns_are_advantages, ref_logits_shuffled_separately, one_pass_only,
+     unshuffled],
+)
+def test_minibatch_check_rejects_wrong_versions(wrong):
+    assert not minibatches_are_correct(wrong, 4, 2)
+
+
+def test_same_generator_seed_gives_the_same_minibatches():
+    memory = make_memory()
+    first = memory.get_minibatches(4, 2, torch.Generator().manual_seed(3))
+    second = memory.get_minibatches(4, 2, torch.Generator().manual_seed(3))
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a.sample_ids, b.sample_ids)
+
+
+def test_indivisible_batch_is_refused():
+    with pytest.raises(AssertionError, match="divisible"):
+        make_memory().get_minibatches(5, 1)
+
+
+def test_unsliced_values_are_refused_at_the_boundary():
+    """Passing values for every position (batch, seq) instead of the generated ones is caught,
+    by the jaxtyping checker in tests and by the assert (which says how to slice) without it."""
+    memory = make_memory()
+    with pytest.raises((AssertionError, TypeCheckError), match="values"):
+        ReplayMemory(
+            memory.sample_ids, memory.attention_mask, memory.logprobs, memory.advantages,
+            values=torch.randn(BATCH, SEQ), ref_logits=memory.ref_logits,
+        )

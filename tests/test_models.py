@@ -1,0 +1,159 @@
+"""Tests for minirlhf.models on a tiny random model.
+
+Oracles: the value head is recomputed by hand (`torch.nn.functional` on the head's weights) from
+the `ln_final.hook_normalized` activations that `run_with_cache` records, and the logits are the
+plain HookedTransformer's. Each check also rejects a plausible wrong model, written out here.
+"""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformer_lens import HookedTransformer
+
+from minirlhf.models import TransformerWithValueHead, get_logits, get_reference_model
+
+
+def make_batch(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows of 6 random tokens; the first two left-padded (mask 0 on their first tokens)."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 6), generator=generator)
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    mask[1, :1] = 0
+    return tokens, mask
+
+
+def value_head_oracle(policy: TransformerWithValueHead, tokens, mask) -> torch.Tensor:
+    """The MLP applied by hand to the final-layernorm activations that run_with_cache records."""
+    _, cache = policy.base_model.run_with_cache(tokens, attention_mask=mask)
+    normalized = cache["ln_final.hook_normalized"]
+    first, _, second = policy.value_head
+    hidden = F.relu(F.linear(normalized, first.weight, first.bias))
+    return F.linear(hidden, second.weight, second.bias).squeeze(-1)
+
+
+def forward_matches_oracle(forward: Callable, policy: TransformerWithValueHead) -> bool:
+    """forward(policy, tokens, mask) -> (logits, values) equals the oracles, padded and not."""
+    tokens, mask = make_batch(policy.base_model)
+    for attention_mask in [None, mask]:
+        logits, values = forward(policy, tokens, attention_mask)
+        expected_logits = policy.base_model(tokens, attention_mask=attention_mask)
+        expected_values = value_head_oracle(policy, tokens, attention_mask)
+        d_vocab = policy.base_model.cfg.d_vocab
+        if values.shape != tokens.shape or logits.shape != (*tokens.shape, d_vocab):
+            return False
+        if not torch.allclose(logits, expected_logits, atol=1e-5):
+            return False
+        if not torch.allclose(values, expected_values, atol=1e-5):
+            return False
+    return True
+
+
+def real_forward(policy, tokens, mask):
+    return policy(tokens, mask)
+
+
+def head_before_ln_final(policy, tokens, mask):
+    """Reads the residual stream before the final layernorm (the last block's resid_post)."""
+    logits, cache = policy.base_model.run_with_cache(tokens, attention_mask=mask)
+    resid = cache[f"blocks.{policy.base_model.cfg.n_layers - 1}.hook_resid_post"]
+    return logits, policy.value_head(resid).squeeze(-1)
+
+
+def mask_forgotten(policy, tokens, mask):
+    """Drops the attention mask: padded rows attend to their padding."""
+    return policy(tokens)
+
+
+def head_on_embeddings(policy, tokens, mask):
+    """Reads the token embeddings instead of the final residual stream."""
+    logits = policy.base_model(tokens, attention_mask=mask)
+    return logits, policy.value_head(policy.base_model.embed(tokens)).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model) -> TransformerWithValueHead:
+    torch.manual_seed(0)
+    return TransformerWithValueHead(tiny_model)
+
+
+def test_value_head_and_logits_match_oracles(policy):
+    assert forward_matches_oracle(real_forward, policy)
+
+
+@pytest.mark.parametrize("wrong", [head_before_ln_final, mask_forgotten, head_on_embeddings])
+def test_forward_check_rejects_wrong_versions(policy, wrong):
+    assert not forward_matches_oracle(wrong, policy)
+
+
+def test_value_head_is_a_two_layer_mlp_on_d_model(policy):
+    d_model = policy.base_model.cfg.d_model
+    first, _, second = policy.value_head
+    assert first.in_features == d_model and second.out_features == 1
+
+
+def test_values_carry_gradients_to_trunk_and_head(policy):
+    tokens, _ = make_batch(policy.base_model)
+    _, values = policy(tokens)
+    values.sum().backward()
+    try:
+        assert policy.value_head[0].weight.grad.abs().sum() > 0
+        assert policy.base_model.blocks[0].attn.W_Q.grad.abs().sum() > 0
+    finally:
+        policy.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------- the reference model
+
+
+def reference_is_frozen_copy(get_reference: Callable, model: HookedTransformer) -> bool:
+    """Same logits now; no gradients; eval mode; unaffected when the policy's weights change."""
+    tokens, _ = make_batch(model)
+    reference = get_reference(model)
+    if reference.training or any(p.requires_grad for p in reference.parameters()):
+        return False
+    if not torch.allclose(reference(tokens), model(tokens)):
+        return False
+    before = reference(tokens).clone()
+    with torch.no_grad():
+        model.unembed.b_U += 1.0  # a "training step" on the policy
+    try:
+        return torch.equal(reference(tokens), before)
+    finally:
+        with torch.no_grad():
+            model.unembed.b_U -= 1.0
+
+
+def reference_is_the_policy(model):
+    """No copy: freezing it freezes the policy too, and it moves with the policy."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def reference_shares_weights(model):
+    """A new module around the *same* parameter tensors (a shallow copy)."""
+    import copy
+
+    reference = copy.copy(model)
+    reference.eval()
+    return reference
+
+
+def test_get_reference_model(make_printable_model):
+    assert reference_is_frozen_copy(get_reference_model, make_printable_model())
+
+
+@pytest.mark.parametrize("wrong", [reference_is_the_policy, reference_shares_weights])
+def test_reference_check_rejects_wrong_versions(make_printable_model, wrong):
+    assert not reference_is_frozen_copy(wrong, make_printable_model())
+
+
+def test_get_logits_has_no_gradient(tiny_model):
+    tokens, mask = make_batch(tiny_model)
+    logits = get_logits(tiny_model, tokens, mask)
+    assert not logits.requires_grad
+    assert torch.allclose(logits, tiny_model(tokens, attention_mask=mask))

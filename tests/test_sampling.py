@@ -1,0 +1,377 @@
+"""Tests for minirlhf.sampling, the hand-written KV-cached sampler, on tiny random models.
+
+Oracles: greedy decoding written here with plain, uncached, unpadded forward passes (one prompt
+at a time); the uncached forward pass for the cached one; the model's own softmax for the sampling
+distribution (empirical frequencies of many draws, with a chi-square bound); and a top-p example
+worked by hand. Each check also rejects a plausible wrong sampler or filter written out here.
+"""
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+from minirlhf.sampling import filter_logits, get_samples, sample_next_token, tokenize_prompts
+
+PROMPT = "This is"
+PROMPTS = ["Hello", "This is a much longer prompt, with commas", "A"]
+
+
+def prompt_tokens(model: HookedTransformer, prompt: str, prepend_bos: bool) -> list[int]:
+    """TransformerLens's own tokenisation of one prompt (independent of `tokenize_prompts`)."""
+    return model.to_tokens(prompt, prepend_bos=prepend_bos)[0].tolist()
+
+
+def greedy_oracle(model: HookedTransformer, prompt_ids: list[int], gen_len: int) -> list[int]:
+    """Argmax decoding of one unpadded prompt, re-running the whole sequence at every step."""
+    tokens = torch.tensor([prompt_ids])
+    for _ in range(gen_len):
+        next_token = model(tokens)[0, -1].argmax()
+        tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
+    return tokens[0, len(prompt_ids) :].tolist()
+
+
+# ---------------------------------------------------------------- greedy decoding
+
+
+def equals_greedy(sample_fn: Callable, model: HookedTransformer) -> bool:
+    """sample_fn(model, prompts, gen_len) with top-k 1 must give the greedy oracle's tokens."""
+    gen_len = 6
+    for prompts in [[PROMPT, PROMPT], PROMPTS]:
+        result = sample_fn(model, prompts, gen_len)
+        for row, prompt in enumerate(prompts):
+            expected = greedy_oracle(model, prompt_tokens(model, prompt, True), gen_len)
+            if result.sample_ids[row, result.prefix_len :].tolist() != expected:
+                return False
+    return True
+
+
+def real_top_k_1(model, prompts, gen_len):
+    return get_samples(model, prompts, gen_len=gen_len, top_k=1, seed=0)
+
+
+def top_k_not_passed_on(model, prompts, gen_len):
+    """top_k dropped on its way to the sampling step: plain sampling instead of greedy."""
+    return get_samples(model, prompts, gen_len=gen_len, seed=0)
+
+
+def greedy_off_by_one(model, prompts, gen_len):
+    """Reads the logits of the second-to-last position, which predict the last prompt token."""
+    ids, mask = tokenize_prompts(model, prompts, prepend_bos=True)
+    prefix_len = ids.shape[1]
+    for _ in range(gen_len):
+        next_token = model(ids, attention_mask=mask)[:, -2].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_token], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_token)], dim=1)
+    return type("Result", (), {"sample_ids": ids, "prefix_len": prefix_len})
+
+
+def greedy_right_padded(model, prompts, gen_len):
+    """Pads on the right: short prompts continue from a pad token, not from their last token."""
+    rows = [prompt_tokens(model, p, True) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [model.tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    for _ in range(gen_len):
+        ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return type("Result", (), {"sample_ids": ids, "prefix_len": width})
+
+
+def test_top_k_1_is_greedy_decoding(tiny_model):
+    """Also the left-padding oracle: a batch of prompts of different lengths, decoded together,
+    gives each prompt's own unpadded greedy continuation."""
+    assert equals_greedy(real_top_k_1, tiny_model)
+
+
+@pytest.mark.parametrize("wrong", [top_k_not_passed_on, greedy_off_by_one, greedy_right_padded])
+def test_greedy_check_rejects_wrong_versions(tiny_model, wrong):
+    assert not equals_greedy(wrong, tiny_model)
+
+
+# ---------------------------------------------------------------- the KV cache
+
+
+def cache_agrees(sample_fn: Callable, model: HookedTransformer) -> bool:
+    """sample_fn (cached) gives the same tokens as the uncached sampler, for the same seed."""
+    for prompt, batch_size in [(PROMPT, 4), (PROMPTS, None)]:
+        uncached = get_samples(model, prompt, batch_size, gen_len=8, seed=3, use_cache=False)
+        cached = sample_fn(model, prompt, batch_size, gen_len=8, seed=3)
+        if not torch.equal(cached.sample_ids, uncached.sample_ids):
+            return False
+        if not torch.equal(cached.attention_mask, uncached.attention_mask):
+            return False
+    return True
+
+
+def real_cached(model, prompt, batch_size, gen_len, seed):
+    return get_samples(model, prompt, batch_size, gen_len=gen_len, seed=seed, use_cache=True)
+
+
+def cache_forgotten_in_the_loop(model, prompt, batch_size, gen_len, seed):
+    """Fills the cache with the prompt, then forgets to pass it: each step sees one token."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    prompts = [prompt] * batch_size if isinstance(prompt, str) else prompt
+    ids, mask = tokenize_prompts(model, prompts, prepend_bos=True)
+    generator = torch.Generator().manual_seed(seed)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(prompts))
+    logits = model(ids, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    new_tokens = []
+    for _ in range(gen_len):
+        next_token = sample_next_token(logits, generator=generator)
+        new_tokens.append(next_token)
+        logits = model(next_token[:, None])[:, -1]
+    new_tokens = torch.stack(new_tokens, dim=1)
+    return type("Result", (), {
+        "sample_ids": torch.cat([ids, new_tokens], dim=1),
+        "attention_mask": torch.cat([mask, torch.ones_like(new_tokens)], dim=1),
+    })
+
+
+def test_cache_gives_the_uncached_samples(tiny_model):
+    assert cache_agrees(real_cached, tiny_model)
+
+
+def test_cache_check_rejects_a_wrong_cached_loop(tiny_model):
+    assert not cache_agrees(cache_forgotten_in_the_loop, tiny_model)
+
+
+# ---------------------------------------------------------------- seeds, shapes, text
+
+
+def reproducible(sample_fn: Callable, model: HookedTransformer) -> bool:
+    """The same seed gives the same samples; a different seed gives different ones."""
+    first, again, other = (sample_fn(model, seed) for seed in (0, 0, 1))
+    return torch.equal(first.sample_ids, again.sample_ids) and not torch.equal(
+        first.sample_ids, other.sample_ids
+    )
+
+
+def real_seeded(model, seed):
+    return get_samples(model, PROMPT, batch_size=4, gen_len=10, seed=seed)
+
+
+def seed_ignored(model, seed):
+    """Draws from torch's global generator: the seed changes nothing, repeats differ."""
+    return get_samples(model, PROMPT, batch_size=4, gen_len=10)
+
+
+def test_same_seed_same_samples(tiny_model):
+    assert reproducible(real_seeded, tiny_model)
+
+
+def test_reproducibility_check_rejects_an_ignored_seed(tiny_model):
+    assert not reproducible(seed_ignored, tiny_model)
+
+
+def test_a_kept_generator_moves_on_and_a_reseeded_one_repeats(tiny_model):
+    generator = torch.Generator().manual_seed(5)
+    first = get_samples(tiny_model, PROMPT, 4, gen_len=6, generator=generator)
+    second = get_samples(tiny_model, PROMPT, 4, gen_len=6, generator=generator)
+    assert not torch.equal(first.sample_ids, second.sample_ids)
+    assert torch.equal(first.sample_ids, get_samples(tiny_model, PROMPT, 4, gen_len=6,
+                                                     seed=5).sample_ids)
+    with pytest.raises(ValueError, match="either seed or generator"):
+        get_samples(tiny_model, PROMPT, 4, seed=1, generator=generator)
+
+
+def test_shapes_and_text_of_a_repeated_prompt(tiny_model):
+    result = get_samples(tiny_model, PROMPT, batch_size=3, gen_len=5, seed=0)
+    prompt_ids = prompt_tokens(tiny_model, PROMPT, True)
+    assert result.prefix_len == len(prompt_ids)
+    assert result.sample_ids.shape == (3, len(prompt_ids) + 5)
+    assert result.sample_ids.dtype == torch.long
+    assert torch.equal(result.attention_mask, torch.ones_like(result.sample_ids))
+    assert (result.sample_ids[:, : result.prefix_len] == torch.tensor(prompt_ids)).all()
+    assert len(result.samples) == 3
+    for row, sample in zip(result.sample_ids, result.samples, strict=True):
+        assert sample == PROMPT + tiny_model.tokenizer.decode(row[result.prefix_len :])
+
+
+def test_left_padding_of_prompts_of_different_lengths(tiny_model):
+    result = get_samples(tiny_model, PROMPTS, gen_len=4, seed=0)
+    lengths = [len(prompt_tokens(tiny_model, p, True)) for p in PROMPTS]
+    assert result.prefix_len == max(lengths)
+    for row, (prompt, length) in enumerate(zip(PROMPTS, lengths, strict=True)):
+        pad = result.prefix_len - length
+        expected_mask = [0] * pad + [1] * (length + 4)
+        assert result.attention_mask[row].tolist() == expected_mask
+        real_prompt = result.sample_ids[row, pad : result.prefix_len].tolist()
+        assert real_prompt == prompt_tokens(tiny_model, prompt, True)
+        assert result.samples[row].startswith(prompt)
+
+
+def test_bad_arguments(tiny_model, printable_model):
+    with pytest.raises(ValueError, match="batch_size"):
+        get_samples(tiny_model, PROMPTS, batch_size=5)
+    with pytest.raises(ValueError, match="gen_len"):
+        get_samples(tiny_model, PROMPT, gen_len=0)
+    with pytest.raises(ValueError, match="prepend_bos"):
+        get_samples(printable_model, "", prepend_bos=False)
+
+
+def test_stop_at_eos_pads_with_eos_and_cuts_the_text():
+    """A model that emits EOS often: after a row's first EOS, every later token is EOS."""
+    from minirlhf.loading import load_tiny_model
+
+    model = load_tiny_model(n_layers=1, d_model=32, n_heads=2)
+    eos = model.tokenizer.eos_token_id
+    with torch.no_grad():
+        model.unembed.b_U[eos] = 12.0  # about a quarter of the mass on EOS at each step
+    result = get_samples(model, PROMPT, batch_size=8, gen_len=12, seed=0, stop_at_eos=True)
+    generated = result.sample_ids[:, result.prefix_len :]
+    assert generated.shape == (8, 12)
+    saw_eos = False
+    for row, sample in zip(generated.tolist(), result.samples, strict=True):
+        if eos in row:
+            saw_eos = True
+            first = row.index(eos)
+            assert all(token == eos for token in row[first:])
+            assert sample == PROMPT + model.tokenizer.decode(row[:first])
+    assert saw_eos
+
+
+# ---------------------------------------------------------------- the sampling distribution
+
+N_DRAWS = 10_000
+TEMPERATURE, TOP_K = 2.0, 5
+CHI2_LIMIT = 30.0
+"""Chi-square bound for 5 cells (4 degrees of freedom): P(chi2 > 30) is about 5e-6 for a correct
+sampler, so noise cannot fail the test; a wrong temperature gives chi2 in the thousands here."""
+
+
+@pytest.fixture(scope="module")
+def peaked_model() -> HookedTransformer:
+    """The 94-token model with a spread of unembedding biases, so the top 5 differ clearly."""
+    from conftest import build_printable_model
+
+    model = build_printable_model(seed=1)
+    with torch.no_grad():
+        model.unembed.b_U[:] = torch.randn(94, generator=torch.Generator().manual_seed(0)) * 2.0
+    return model
+
+
+def oracle_probabilities(model: HookedTransformer) -> tuple[list[int], torch.Tensor]:
+    """softmax(top-5 logits / 2), computed directly from one forward pass of the prompt."""
+    logits = model(model.to_tokens("A", prepend_bos=False))[0, -1]
+    top = logits.topk(TOP_K)
+    return top.indices.tolist(), torch.softmax(top.values / TEMPERATURE, dim=-1)
+
+
+def draws_match_model(sample_fn: Callable, model: HookedTransformer) -> bool:
+    """Empirical first-token frequencies of N_DRAWS samples against the oracle probabilities."""
+    tokens, probs = oracle_probabilities(model)
+    first_tokens = sample_fn(model)
+    if not all(token in tokens for token in first_tokens.unique().tolist()):
+        return False  # a token outside the top 5 was drawn
+    counts = torch.tensor([(first_tokens == token).sum().item() for token in tokens])
+    expected = probs * len(first_tokens)
+    assert expected.min() > 50, "each cell needs enough expected draws for the chi-square bound"
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    return chi2 < CHI2_LIMIT
+
+
+def draw(model, temperature=TEMPERATURE, top_k=TOP_K) -> torch.Tensor:
+    result = get_samples(
+        model, "A", batch_size=N_DRAWS, gen_len=1, temperature=temperature, top_k=top_k,
+        prepend_bos=False, seed=0,
+    )
+    return result.sample_ids[:, -1]
+
+
+def test_sampling_distribution_is_the_models_softmax(peaked_model):
+    assert draws_match_model(draw, peaked_model)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [
+        lambda model: draw(model, temperature=1.0),  # temperature forgotten
+        lambda model: draw(model, temperature=4.0),  # temperature applied twice
+        lambda model: draw(model, top_k=None),  # top-k forgotten
+    ],
+    ids=["temperature_forgotten", "temperature_twice", "top_k_forgotten"],
+)
+def test_distribution_check_rejects_wrong_samplers(peaked_model, wrong):
+    assert not draws_match_model(wrong, peaked_model)
+
+
+# ---------------------------------------------------------------- filter_logits
+
+# Probabilities (0.15, 0.5, 0.05, 0.3), deliberately not sorted. Sorted: 0.5, 0.3, 0.15, 0.05;
+# the mass ranked above each is 0, 0.5, 0.8, 0.95. top_p keeps a token while that mass < top_p.
+PROBS = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+# At temperature 2 the distribution is proportional to sqrt(p): (0.207, 0.379, 0.120, 0.293),
+# mass above each in rank order 0, 0.379, 0.672, 0.879, so top_p 0.7 keeps three tokens there.
+FILTER_CASES = [
+    # (temperature, top_k, top_p, indices kept)
+    (1.0, None, 0.7, [1, 3]),
+    (1.0, None, 0.4, [1]),
+    (1.0, None, 0.9, [0, 1, 3]),
+    (1.0, None, 1.0, [0, 1, 2, 3]),
+    (1.0, 2, None, [1, 3]),
+    (1.0, 3, 0.7, [1, 3]),
+    (2.0, None, 0.7, [0, 1, 3]),
+    (2.0, None, None, [0, 1, 2, 3]),
+]
+
+
+def filter_matches_hand_worked(fn: Callable) -> bool:
+    logits = PROBS.log()
+    for temperature, top_k, top_p, kept in FILTER_CASES:
+        filtered = fn(logits, temperature, top_k, top_p)
+        if sorted(torch.isfinite(filtered[0]).nonzero().flatten().tolist()) != kept:
+            return False
+        # The kept tokens have their tempered probabilities, renormalised.
+        tempered = PROBS[0, kept] ** (1 / temperature)
+        if not torch.allclose(filtered[0].softmax(-1)[kept], tempered / tempered.sum(), atol=1e-5):
+            return False
+    return True
+
+
+def filter_mask_left_sorted(logits, temperature=1.0, top_k=None, top_p=None):
+    """Computes the top-p mask in sorted order but applies it to the unsorted logits."""
+    logits = logits / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    if top_p is not None:
+        sorted_probs = logits.sort(descending=True).values.softmax(-1)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def filter_drops_the_crossing_token(logits, temperature=1.0, top_k=None, top_p=None):
+    """Drops the token whose probability carries the mass past top_p (keeps too few)."""
+    logits = logits / temperature
+    if top_k is not None:
+        logits = logits.masked_fill(logits < logits.topk(top_k).values[:, -1:], float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(descending=True)
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) > top_p
+        drop_sorted[:, 0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def filter_top_p_before_temperature(logits, temperature=1.0, top_k=None, top_p=None):
+    """Truncates the untempered distribution, then applies the temperature."""
+    return filter_logits(logits, 1.0, top_k, top_p) / temperature
+
+
+def test_filter_logits_hand_worked():
+    assert filter_matches_hand_worked(filter_logits)
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [filter_mask_left_sorted, filter_drops_the_crossing_token, filter_top_p_before_temperature],
+)
+def test_filter_check_rejects_wrong_versions(wrong):
+    assert not filter_matches_hand_worked(wrong)
+
+
+def test_filter_keeps_the_top_token_even_for_tiny_top_p():
+    filtered = filter_logits(PROBS.log(), top_p=1e-6)
+    assert torch.isfinite(filtered).sum() == 1 and math.isfinite(filtered[0, 1].item())
