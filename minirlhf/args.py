@@ -95,10 +95,11 @@ class RLHFArgs:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.batch_size % self.num_minibatches != 0:
+            nearest = self.num_minibatches * max(1, self.batch_size // self.num_minibatches)
             raise ValueError(
                 f"batch_size ({self.batch_size}) must be divisible by num_minibatches "
                 f"({self.num_minibatches}), so every minibatch has the same size. Try "
-                f"batch_size={self.num_minibatches * max(1, self.batch_size // self.num_minibatches)}."
+                f"batch_size={nearest}."
             )
         if not 0 <= self.warmup_steps < self.total_phases:
             raise ValueError(
@@ -116,9 +117,8 @@ class RLHFArgs:
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}.")
         if self.advantage_estimator not in ("one_step", "gae"):
-            raise ValueError(
-                f'advantage_estimator must be "one_step" or "gae", got {self.advantage_estimator!r}.'
-            )
+            raise ValueError('advantage_estimator must be "one_step" or "gae", '
+                             f"got {self.advantage_estimator!r}.")
         if not 0 <= self.gae_lambda <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError("gamma and gae_lambda must lie in [0, 1].")
         if not 0 <= self.final_scale <= 1:
@@ -128,7 +128,7 @@ class RLHFArgs:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         for name in ["vf_coef", "ent_coef", "kl_coef"]:
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (it is a weight), got {getattr(self, name)}.")
+                raise ValueError(f"{name} must be >= 0 (a weight), got {getattr(self, name)}.")
 
     def to_dict(self) -> dict:
         """Every field, derived ones included, as plain JSON-serialisable data."""

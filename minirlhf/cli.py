@@ -263,7 +263,9 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     model.load_state_dict(checkpoint["trainer"]["model"])
     columns[f"after {checkpoint['trainer']['phase']} phases"] = get_samples(
         model.base_model, prompt, **settings).samples
-    reward_fn = make_reward_fn(run["reward"], device) if run["reward"]["kind"] != "control" else None
+    # Control-token rewards need the control token, which a free prompt may not have.
+    scored = run["reward"]["kind"] != "control"
+    reward_fn = make_reward_fn(run["reward"], device) if scored else None
     table = Table(*columns, title=f"{ns.run}: {prompt!r}", show_lines=True)
     for row in zip(*columns.values()):
         if reward_fn is not None:

@@ -69,5 +69,6 @@ def print_summary(
     console.print(numbers)
     samples = Table("Before training", "After training", title="Samples", show_lines=True)
     for i in range(min(n_samples, len(before[0]), len(after[0]))):
-        samples.add_row(f"[{before[1][i]:+.2f}] {before[0][i]}", f"[{after[1][i]:+.2f}] {after[0][i]}")
+        samples.add_row(f"[{before[1][i]:+.2f}] {before[0][i]}",
+                        f"[{after[1][i]:+.2f}] {after[0][i]}")
     console.print(samples)

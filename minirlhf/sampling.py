@@ -173,12 +173,12 @@ def _sampling_loop(
         new_tokens.append(next_token)
         if step == gen_len - 1:
             break
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
-        if cache is not None:
-            step_mask = torch.ones_like(next_token[:, None])
-            logits = model(next_token[:, None], attention_mask=step_mask, past_kv_cache=cache)
-        else:
+        if cache is not None:  # only the new token goes through the model
+            new_mask = torch.ones_like(next_token[:, None])
+            logits = model(next_token[:, None], attention_mask=new_mask, past_kv_cache=cache)
+        else:  # the whole sequence again
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
             logits = model(tokens, attention_mask=mask)
         logits = logits[:, -1]
     return torch.stack(new_tokens, dim=1)

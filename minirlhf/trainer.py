@@ -22,9 +22,9 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from minirlhf import loading
 from minirlhf.advantages import compute_advantages, compute_gae
 from minirlhf.args import RLHFArgs
-from minirlhf import loading
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,

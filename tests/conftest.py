@@ -23,10 +23,6 @@ from minirlhf.loading import get_gpt2_tokenizer, load_tiny_model
 N_PRINTABLE = 94
 """GPT-2 token ids 0..93 decode to the 94 printable ASCII characters '!'..'~'."""
 
-PERIOD_ID = 13
-"""GPT-2's token id of '.'."""
-
-
 def build_printable_model(
     seed: int = 0, n_layers: int = 1, d_model: int = 32, n_heads: int = 2
 ) -> HookedTransformer:
@@ -77,7 +73,7 @@ def printable_model() -> HookedTransformer:
     return build_printable_model()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_printable_model() -> Callable[..., HookedTransformer]:
     """A factory for fresh 94-token models, for tests that change or train the weights."""
     return build_printable_model

@@ -5,6 +5,7 @@ the `ln_final.hook_normalized` activations that `run_with_cache` records, and th
 plain HookedTransformer's. Each check also rejects a plausible wrong model, written out here.
 """
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -136,8 +137,6 @@ def reference_is_the_policy(model):
 
 def reference_shares_weights(model):
     """A new module around the *same* parameter tensors (a shallow copy)."""
-    import copy
-
     reference = copy.copy(model)
     reference.eval()
     return reference

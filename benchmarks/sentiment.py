@@ -1,0 +1,139 @@
+"""Benchmark: steer SmolLM2-135M's sentiment with PPO + VADER on this CPU, side by side.
+
+Runs the offline preset (`smollm2-vader`: prompt "This movie was", batch 32, gen_len 20) for each
+requested variant in one process and reports, per variant: the baseline (phase 0) mean VADER
+compound score, the first phase reaching the target, the best and final means, KL to the
+reference, wall time, and samples before and after. Writes the figures to a JSON file and one
+plot with every curve, so the one-step estimator and GAE can be compared at a glance.
+
+    python benchmarks/sentiment.py                       # gae-pos, one_step-pos, gae-neg
+    python benchmarks/sentiment.py --runs gae-pos --phases 10
+
+Targets (issue 3): positive mean >= 0.9 and negative mean <= -0.8 within 25 phases, each run
+in at most 15 minutes on the 2-core CPU.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from minirlhf.args import RLHFArgs
+from minirlhf.loading import load_policy
+from minirlhf.presets import PRESETS
+from minirlhf.sentiment import make_vader_reward
+from minirlhf.trainer import RLHFTrainer
+
+TARGETS = {"pos": 0.9, "neg": -0.8}
+
+
+def run_variant(name: str, phases: int, seed: int, console: Console) -> dict:
+    """Train one variant ("gae-pos", "one_step-neg", ...) and collect its figures."""
+    estimator, direction = name.rsplit("-", 1)
+    args = RLHFArgs(**{**PRESETS["smollm2-vader"]["args"], "total_phases": phases,
+                       "advantage_estimator": estimator, "seed": seed})
+    reward_fn = make_vader_reward(direction)  # reward = VADER compound (negated for "neg")
+    trainer = RLHFTrainer(args, reward_fn, base_model=load_policy("smollm2"),
+                          console=console, table_every=0)
+    start = time.perf_counter()
+    first_samples: list = []
+
+    def on_phase_end(trainer: RLHFTrainer, metrics: dict):
+        if not first_samples:
+            first_samples.extend(zip(trainer.last_samples, trainer.last_rewards))
+        console.print(f"{name} phase {metrics['charts/phase']:2d}: reward "
+                      f"{metrics['charts/reward_mean']:+.3f} kl {metrics['charts/kl']:.3f} "
+                      f"{metrics['charts/phase_time']:.1f} s", soft_wrap=True)
+
+    history = trainer.train(on_phase_end=on_phase_end)
+    wall = time.perf_counter() - start
+    sign = 1.0 if direction == "pos" else -1.0  # report VADER itself, not the negated reward
+    vader = [sign * m["charts/reward_mean"] for m in history]
+    target = TARGETS[direction]
+    reached = [i for i, v in enumerate(vader) if (v >= target if sign > 0 else v <= target)]
+    return {
+        "name": name, "estimator": estimator, "direction": direction, "phases": phases,
+        "seed": seed, "wall_time_s": wall, "vader_mean_per_phase": vader,
+        "kl_per_phase": [m["charts/kl"] for m in history],
+        "phase_time_s": [m["charts/phase_time"] for m in history],
+        "sample_time_s": [m["charts/sample_time"] for m in history],
+        "learning_time_s": [m["charts/learning_time"] for m in history],
+        "baseline": vader[0], "best": max(vader) if sign > 0 else min(vader),
+        "final": vader[-1], "target": target,
+        "first_phase_reaching_target": reached[0] if reached else None,
+        "samples_before": [[s, sign * r] for s, r in first_samples[:6]],
+        "samples_after": [[s, sign * r] for s, r in
+                          list(zip(trainer.last_samples, trainer.last_rewards))[:6]],
+    }
+
+
+def plot(results: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_vader, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        ax_vader.plot(r["vader_mean_per_phase"], marker="o", ms=3, label=r["name"])
+        ax_kl.plot(r["kl_per_phase"], marker="o", ms=3, label=r["name"])
+    for target in TARGETS.values():
+        ax_vader.axhline(target, color="grey", ls="--", lw=0.8)
+    ax_vader.set(xlabel="phase", ylabel="mean VADER compound", ylim=(-1.05, 1.05),
+                 title='SmolLM2-135M, "This movie was", batch 32')
+    ax_kl.set(xlabel="phase", ylabel="KL(policy || reference), nats/token", title="KL")
+    ax_vader.legend()
+    ax_kl.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(results: list[dict], console: Console):
+    table = Table("run", "baseline", "best", "final", "target", "reached at", "KL end",
+                  "s/phase", "wall", title="PPO on SmolLM2-135M with VADER")
+    for r in results:
+        reached = r["first_phase_reaching_target"]
+        table.add_row(
+            r["name"], f"{r['baseline']:+.3f}", f"{r['best']:+.3f}", f"{r['final']:+.3f}",
+            f"{r['target']:+.1f}", "-" if reached is None else f"phase {reached}",
+            f"{r['kl_per_phase'][-1]:.2f}",
+            f"{sum(r['phase_time_s']) / len(r['phase_time_s']):.1f}",
+            f"{r['wall_time_s'] / 60:.1f} min",
+        )
+    console.print(table)
+    for r in results:
+        samples = Table("before", "after", title=f"{r['name']}: samples", show_lines=True)
+        for (before, rb), (after, ra) in zip(r["samples_before"][:4], r["samples_after"][:4]):
+            samples.add_row(f"[{rb:+.2f}] {before}", f"[{ra:+.2f}] {after}")
+        console.print(samples)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="gae-pos,one_step-pos,gae-neg",
+                        help="comma-separated <estimator>-<direction> variants")
+    parser.add_argument("--phases", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ns = parser.parse_args()
+    ns.out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    results = []
+    for name in ns.runs.split(","):
+        console.rule(name)
+        results.append(run_variant(name, ns.phases, ns.seed, console))
+        # Write after every variant, so a long benchmark keeps what it has measured.
+        (ns.out / "sentiment.json").write_text(json.dumps(results, indent=1))
+        plot(results, ns.out / "sentiment.png")
+    report(results, console)
+    console.print(f"Figures: {ns.out / 'sentiment.json'}  Plot: {ns.out / 'sentiment.png'}")
+
+
+if __name__ == "__main__":
+    main()

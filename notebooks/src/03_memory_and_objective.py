@@ -1,0 +1,226 @@
+# %% [markdown]
+# # 3. The replay memory and the four terms of the objective
+#
+# After a rollout we have, for every sample: its tokens, the log-probabilities the policy gave
+# them, their advantages, the value head's estimates, and the reference model's logits. The
+# **replay memory** stores them and serves them back as shuffled minibatches; on each minibatch
+# the learning phase computes the RLHF objective, which the optimiser **maximises**:
+#
+# $$J = \underbrace{L^\text{CLIP}}_\text{clipped surrogate}
+#     - \underbrace{c_\text{vf}\, L^\text{VF}}_\text{value loss}
+#     + \underbrace{c_\text{ent}\, H}_\text{entropy bonus}
+#     - \underbrace{c_\text{kl}\, \mathrm{KL}(\pi_\theta \,\|\, \pi_\text{ref})}_\text{KL penalty}$$
+#
+# Every term below is written as a positive quantity; the sign in front of it is applied by the
+# trainer. Each function takes the logits at the **generated positions only**
+# (`logits[:, prefix_len - 1 : -1]`, one row per generated token).
+
+# %%
+import matplotlib.pyplot as plt
+import torch
+
+from minirlhf import exercises
+from minirlhf.memory import ReplayMinibatch
+
+torch.manual_seed(0)
+
+# %% [markdown]
+# ## Exercise 1: minibatches from the replay memory
+#
+# PPO reuses each rollout for several passes (`batches_per_learning_phase`, PPO's "epochs"). Each
+# pass draws a fresh random permutation of the samples (with the given `generator`, so a seed
+# reproduces it) and cuts it into `num_minibatches` equal minibatches. Every tensor of a
+# minibatch must be indexed with the same indices, so each row stays one sample. The value head's
+# targets, the **returns**, are advantages + values.
+
+
+# %%
+class ReplayMemory:
+    """One rollout phase's data (all tensors indexed by sample along dim 0)."""
+
+    def __init__(self, sample_ids, attention_mask, logprobs, advantages, values, ref_logits):
+        self.sample_ids = sample_ids  # (batch, seq)
+        self.attention_mask = attention_mask  # (batch, seq)
+        self.logprobs = logprobs  # (batch, gen_len)
+        self.advantages = advantages  # (batch, gen_len)
+        self.values = values  # (batch, gen_len): V(s_t) of each generated token
+        self.ref_logits = ref_logits  # (batch, gen_len, d_vocab)
+
+    def get_minibatches(
+        self,
+        num_minibatches: int,
+        batches_per_learning_phase: int,
+        generator: torch.Generator | None = None,
+    ) -> list[ReplayMinibatch]:
+        """`batches_per_learning_phase` shuffled passes, each split into `num_minibatches`."""
+        # BEGIN SOLUTION
+        batch_size = self.logprobs.shape[0]
+        returns = self.advantages + self.values
+        minibatches = []
+        for _ in range(batches_per_learning_phase):
+            order = torch.randperm(batch_size, generator=generator)
+            for indices in order.reshape(num_minibatches, -1):
+                minibatches.append(
+                    ReplayMinibatch(
+                        sample_ids=self.sample_ids[indices],
+                        attention_mask=self.attention_mask[indices],
+                        logprobs=self.logprobs[indices],
+                        advantages=self.advantages[indices],
+                        returns=returns[indices],
+                        ref_logits=self.ref_logits[indices],
+                    )
+                )
+        return minibatches
+        # END SOLUTION
+
+
+# %%
+exercises.check_replay_memory(ReplayMemory)
+
+# %% [markdown]
+# ## Exercise 2: log-probabilities of the generated tokens
+#
+# The PPO ratio compares how likely each generated token is under the current policy and under
+# the policy that sampled it. The logits at position $s$ predict the token at $s + 1$, so the
+# log-prob of token $s$ comes from `log_softmax(logits[:, s - 1])`. Return them for the generated
+# tokens only (positions `prefix_len` onwards), or for every next token when `prefix_len` is None.
+# `gather` (or `eindex`) picks one entry per position.
+
+
+# %%
+def get_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int | None = None
+) -> torch.Tensor:
+    """Log-probs of tokens[:, prefix_len:] (shape (batch, seq - prefix_len))."""
+    # BEGIN SOLUTION
+    start = 1 if prefix_len is None else prefix_len
+    logprobs = logits[:, start - 1 : -1].log_softmax(dim=-1)
+    return logprobs.gather(-1, tokens[:, start:, None]).squeeze(-1)
+    # END SOLUTION
+
+
+# %%
+exercises.check_get_logprobs(get_logprobs)
+
+# %% [markdown]
+# ## Exercise 3: the KL penalty (subtracted)
+#
+# The reward model is imperfect, and a policy that chases it alone drifts into text no one would
+# write (notebook 4 shows this). The KL penalty keeps it near the reference model. We compute it
+# exactly, summing over the whole vocabulary at each generated position, then average:
+#
+# $$\mathrm{KL}(\pi_\theta \,\|\, \pi_\text{ref}) = \sum_v \pi_\theta(v)
+#   \big(\log \pi_\theta(v) - \log \pi_\text{ref}(v)\big)$$
+#
+# Use `log_softmax` (not `log(softmax(...))`, which gives $\log 0 = -\infty$ for large logits)
+# and remember the coefficient.
+
+
+# %%
+def calc_kl_penalty(logits: torch.Tensor, ref_logits: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """kl_coef times the mean KL(policy || reference) over positions. A positive scalar."""
+    # BEGIN SOLUTION
+    logprobs = logits.log_softmax(dim=-1)
+    ref_logprobs = ref_logits.log_softmax(dim=-1)
+    kl_per_position = (logprobs.exp() * (logprobs - ref_logprobs)).sum(dim=-1)
+    return kl_coef * kl_per_position.mean()
+    # END SOLUTION
+
+
+# %%
+exercises.check_calc_kl_penalty(calc_kl_penalty)
+
+# %% [markdown]
+# ## Exercise 4: the entropy bonus (added)
+#
+# A small bonus for keeping the policy's distribution spread out, so it keeps exploring:
+# $H(\pi) = -\sum_v \pi(v) \log \pi(v)$, averaged over positions, times `ent_coef`.
+
+
+# %%
+def calc_entropy_bonus(logits: torch.Tensor, ent_coef: float) -> torch.Tensor:
+    """ent_coef times the mean entropy of the policy at the generated positions."""
+    # BEGIN SOLUTION
+    logprobs = logits.log_softmax(dim=-1)
+    return ent_coef * -(logprobs.exp() * logprobs).sum(dim=-1).mean()
+    # END SOLUTION
+
+
+# %%
+exercises.check_calc_entropy_bonus(calc_entropy_bonus)
+
+# %% [markdown]
+# ## Exercise 5: the value-function loss (subtracted)
+#
+# The value head regresses onto the returns: $L^\text{VF} = \tfrac12\,
+# \mathbb{E}\big[(V(s_t) - R_t)^2\big]$, times `vf_coef`. (The $\tfrac12$ is CleanRL's and the
+# seeds'; it makes the gradient $V - R$.)
+
+
+# %%
+def calc_value_function_loss(
+    values: torch.Tensor, mb_returns: torch.Tensor, vf_coef: float
+) -> torch.Tensor:
+    """vf_coef times half the mean squared error of the values against the returns."""
+    # BEGIN SOLUTION
+    return 0.5 * vf_coef * (values - mb_returns).pow(2).mean()
+    # END SOLUTION
+
+
+# %%
+exercises.check_calc_value_function_loss(calc_value_function_loss)
+
+# %% [markdown]
+# ## Exercise 6: the clipped surrogate objective (added)
+#
+# PPO's core. With the probability ratio $\rho_t = \exp(\log\pi_\theta(a_t) -
+# \log\pi_\text{old}(a_t))$ and the advantages normalised over the minibatch (mean 0, population
+# std 1):
+#
+# $$L^\text{CLIP} = \mathbb{E}_t\Big[\min\big(\rho_t A_t,\;
+#   \mathrm{clip}(\rho_t, 1 - \epsilon, 1 + \epsilon)\, A_t\big)\Big]$$
+#
+# The minimum is the pessimistic bound: once a good token's probability has risen by more than
+# $\epsilon$ (`clip_coef`), there is nothing more to gain from raising it in this phase.
+
+
+# %%
+def calc_clipped_surrogate_objective(
+    logprobs: torch.Tensor,
+    mb_logprobs: torch.Tensor,
+    mb_advantages: torch.Tensor,
+    clip_coef: float,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """PPO's clipped surrogate objective, averaged over the minibatch's tokens."""
+    # BEGIN SOLUTION
+    ratio = (logprobs - mb_logprobs).exp()
+    advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(correction=0) + eps)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
+    return torch.minimum(unclipped, clipped).mean()
+    # END SOLUTION
+
+
+# %%
+exercises.check_calc_clipped_surrogate_objective(calc_clipped_surrogate_objective)
+
+# %% [markdown]
+# ### What clipping does
+#
+# For a single token, the surrogate as a function of the ratio: with a positive advantage it stops
+# rising at $1 + \epsilon$; with a negative one it stops falling at $1 - \epsilon$. Beyond those
+# points the gradient is zero, which is what keeps each update small.
+
+# %%
+ratios = torch.linspace(0.5, 1.5, 201)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3), sharey=True)
+for ax, advantage in zip(axes, [1.0, -1.0], strict=True):
+    clipped = torch.minimum(ratios * advantage, ratios.clamp(0.8, 1.2) * advantage)
+    ax.plot(ratios, ratios * advantage, "k:", label="ratio × A")
+    ax.plot(ratios, clipped, label="clipped surrogate")
+    ax.axvline(1.0, color="grey", lw=0.5)
+    ax.set_title(f"A = {advantage:+.0f}, clip_coef = 0.2")
+    ax.set_xlabel("ratio π_θ / π_old")
+axes[0].legend()
+plt.show()

@@ -1,0 +1,227 @@
+# %% [markdown]
+# # 4. The trainer: count the periods
+#
+# The last pieces: an optimiser with two learning rates, a learning-rate schedule, and the
+# learning phase that takes one PPO step per minibatch. Then we plug your learning phase into
+# minirlhf's `RLHFTrainer` and train a tiny model to write periods, with and without the KL
+# penalty.
+#
+# One phase of training:
+#
+# ```text
+# rollout phase:   sample texts -> rewards -> normalise -> advantages -> ReplayMemory
+# learning phase:  for each minibatch (batches_per_learning_phase passes x num_minibatches):
+#                      objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
+#                      zero_grad, backward, clip gradients, optimizer.step()
+#                  scheduler.step()   (once per phase)
+# ```
+
+# %%
+import matplotlib.pyplot as plt
+import torch
+from rich import print as rprint
+from rich.console import Console
+from torch import nn
+
+from minirlhf import RLHFArgs, RLHFTrainer, exercises, reward_fn_char_count
+from minirlhf.memory import ReplayMemory
+from minirlhf.tracking import make_sample_table
+
+torch.set_num_threads(1)  # tiny models run faster on one thread than on many
+
+# %% [markdown]
+# ## Exercise 1: the optimiser
+#
+# AdamW with two parameter groups: the transformer (`model.base_model`) at `base_lr` and the
+# freshly initialised value head (`model.value_head`) at the larger `head_lr`. The trainer
+# **maximises** the objective, so pass `maximize=True` (rather than negating the objective).
+
+
+# %%
+def get_optimizer(model: nn.Module, base_lr: float, head_lr: float) -> torch.optim.Optimizer:
+    """AdamW over model.base_model (at base_lr) and model.value_head (at head_lr), maximising."""
+    # BEGIN SOLUTION
+    return torch.optim.AdamW(
+        [
+            {"params": model.base_model.parameters(), "lr": base_lr},
+            {"params": model.value_head.parameters(), "lr": head_lr},
+        ],
+        maximize=True,
+    )
+    # END SOLUTION
+
+
+# %%
+exercises.check_get_optimizer(get_optimizer)
+
+# %% [markdown]
+# ## Exercise 2: the learning-rate schedule
+#
+# The schedule is stepped once per phase. Linear warmup over `warmup_steps` phases, then linear
+# decay to `final_scale` at the last phase (`total_phases - 1`):
+#
+# $$\text{scale}(p) = \begin{cases}
+#   \dfrac{p + 1}{w} & p < w \\[1ex]
+#   1 - (1 - f)\,\dfrac{p - w}{\max(1,\; P - 1 - w)} & p \ge w
+# \end{cases}$$
+#
+# The seed used $p / w$ in the warmup, so its first phase had learning rate 0, and divided the
+# decay by $P - w$, so it never reached $f$.
+
+
+# %%
+def get_lr_scale(phase: int, warmup_steps: int, total_phases: int, final_scale: float) -> float:
+    """The learning-rate multiplier for a phase (0-based)."""
+    # BEGIN SOLUTION
+    if phase < warmup_steps:
+        return (phase + 1) / warmup_steps
+    decay_phases = max(1, total_phases - 1 - warmup_steps)
+    return 1.0 - (1.0 - final_scale) * min(1.0, (phase - warmup_steps) / decay_phases)
+    # END SOLUTION
+
+
+# %%
+exercises.check_get_lr_scale(get_lr_scale)
+
+# %%
+phases = range(30)
+plt.figure(figsize=(6, 2.5))
+plt.plot(phases, [get_lr_scale(p, 5, 30, 0.1) for p in phases], "o-", ms=3)
+plt.xlabel("phase")
+plt.ylabel("LR scale")
+plt.title("warmup_steps=5, total_phases=30, final_scale=0.1")
+plt.show()
+
+# %% [markdown]
+# ## Exercise 3: optimiser and scheduler
+#
+# Wrap the schedule in `torch.optim.lr_scheduler.LambdaLR`, which multiplies each group's
+# learning rate by `lr_lambda(phase)`. (The seed spelt both `lr_scheulder` and `lr_lamda`.)
+
+
+# %%
+def get_optimizer_and_scheduler(
+    model: nn.Module,
+    base_lr: float,
+    head_lr: float,
+    warmup_steps: int,
+    total_phases: int,
+    final_scale: float,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimiser and a LambdaLR applying get_lr_scale (stepped once per phase)."""
+    # BEGIN SOLUTION
+    optimizer = get_optimizer(model, base_lr, head_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda=lambda phase: get_lr_scale(phase, warmup_steps, total_phases,
+                                                        final_scale)
+    )
+    return optimizer, scheduler
+    # END SOLUTION
+
+
+# %%
+exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
+
+# %% [markdown]
+# ## Exercise 4: one learning phase
+#
+# Write `learning_phase` as a method of the trainer (`self` is an `RLHFTrainer`). Draw the
+# minibatches with `memory.get_minibatches(args.num_minibatches,
+# args.batches_per_learning_phase, self.shuffle_generator)`. For each one: zero the gradients,
+# compute `objective, stats = self.compute_rlhf_objective(mb)` (the four terms of notebook 3),
+# backpropagate the objective, clip the gradients' global norm to `args.max_grad_norm`, and step
+# the optimiser. After the loop, step the scheduler once. Return a dict of metrics (for example
+# the mean of each stat over the minibatches).
+
+
+# %%
+def learning_phase(self: RLHFTrainer, memory: ReplayMemory) -> dict[str, float]:
+    """PPO steps over shuffled minibatches of the memory; returns mean diagnostics."""
+    # BEGIN SOLUTION
+    args = self.args
+    all_stats = []
+    minibatches = memory.get_minibatches(
+        args.num_minibatches, args.batches_per_learning_phase, self.shuffle_generator
+    )
+    for mb in minibatches:
+        self.optimizer.zero_grad()
+        objective, stats = self.compute_rlhf_objective(mb)
+        objective.backward()
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        all_stats.append({**stats, "losses/grad_norm": grad_norm.item()})
+    base_lr, head_lr = (group["lr"] for group in self.optimizer.param_groups)
+    self.scheduler.step()
+    means = {key: sum(s[key] for s in all_stats) / len(all_stats) for key in all_stats[0]}
+    return {**means, "charts/lr_base": base_lr, "charts/lr_head": head_lr}
+    # END SOLUTION
+
+
+# %%
+exercises.check_learning_phase(learning_phase)
+
+# %% [markdown]
+# ## Count the periods
+#
+# The task: make a model write as many periods as it can. A random GPT-2-sized vocabulary of
+# 50,257 tokens gives a random model almost no chance to emit a period, so there is nothing to
+# reinforce. Instead we use a tiny random model over GPT-2's 94 printable one-character tokens
+# ('!' to '~'; '.' is one of them), from `exercises.load_char_model`, with a prompt of
+# in-vocabulary characters ("Q:") and no BOS. A phase takes a fraction of a second on a CPU.
+#
+# Your `learning_phase` drives the trainer: a subclass swaps it in.
+
+
+# %%
+class MyTrainer(RLHFTrainer):
+    learning_phase = learning_phase
+
+
+def train(kl_coef: float, advantage_estimator: str = "gae", phases: int = 30) -> MyTrainer:
+    args = RLHFArgs(
+        total_phases=phases, batch_size=32, num_minibatches=4, gen_len=16, prefix="Q:",
+        prepend_bos=False, base_lr=1e-3, head_lr=1e-3, warmup_steps=0, kl_coef=kl_coef,
+        advantage_estimator=advantage_estimator, gae_lambda=1.0, seed=1,
+    )
+    model = exercises.load_char_model(n_layers=1, d_model=32, n_heads=2, seed=0)
+    trainer = MyTrainer(args, reward_fn_char_count, base_model=model,
+                        console=Console(quiet=True))
+    trainer.train()
+    return trainer
+
+
+runs = {
+    "no KL penalty (kl_coef=0)": train(kl_coef=0.0),
+    "KL penalty (kl_coef=0.2)": train(kl_coef=0.2),
+    "one-step advantages, no KL": train(kl_coef=0.0, advantage_estimator="one_step"),
+}
+
+# %% [markdown]
+# Each trainer keeps its metrics in `trainer.history`, one dict per phase (the keys are
+# explained in the docs' metrics page). Reward and KL against phase:
+
+# %%
+fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(11, 3.5))
+for name, trainer in runs.items():
+    ax_reward.plot([m["charts/reward_mean"] for m in trainer.history], label=name)
+    ax_kl.plot([m["charts/kl"] for m in trainer.history], label=name)
+ax_reward.set(xlabel="phase", ylabel="mean periods per sample", title="charts/reward_mean")
+ax_kl.set(xlabel="phase", ylabel="KL(policy || reference)", title="charts/kl")
+ax_reward.legend()
+plt.show()
+
+# %%
+for name, trainer in runs.items():
+    rprint(make_sample_table(trainer.last_samples, trainer.last_rewards, title=name, max_rows=3))
+
+# %% [markdown]
+# What to notice:
+#
+# - **Without the KL penalty** the reward climbs fastest and the policy collapses onto periods:
+#   its KL from the reference grows without bound. Here that is the goal; with a real reward model
+#   it is *reward hacking*, text that scores well and reads badly.
+# - **With the KL penalty** the policy trades reward for staying near the reference: the reward
+#   rises more slowly and the KL levels off. `kl_coef` sets the exchange rate.
+# - **One-step advantages** barely learn in 30 phases: the reward reaches only the last token
+#   until the value head learns to pass it back (notebook 2's plot). GAE with $\lambda = 1$ credits
+#   every token at once.

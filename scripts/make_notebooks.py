@@ -1,0 +1,151 @@
+"""Generate the exercise and solution notebooks from their one source, notebooks/src/*.py.
+
+Each source is a jupytext "percent" script (`# %%` code cells, `# %% [markdown]` text cells) in
+which every exercise's body sits between `# BEGIN SOLUTION` and `# END SOLUTION` lines:
+
+- `notebooks/NN_name_solutions.ipynb` keeps the bodies (marker lines removed); CI runs it.
+- `notebooks/NN_name_exercises.ipynb` replaces each body with `raise NotImplementedError()` and
+  adds the full solution, collapsed in a <details> block, after the cell that checks it.
+- a source with no exercise gives one notebook, `notebooks/NN_name.ipynb`; CI runs it too.
+
+Both are written without outputs and with fixed cell ids, so the same source always gives the
+same bytes: `python scripts/make_notebooks.py --check` (run by tests/test_notebooks.py) fails if a
+generated notebook is out of date. Edit the sources, never the .ipynb files.
+
+Usage:
+    python scripts/make_notebooks.py           # regenerate every notebook
+    python scripts/make_notebooks.py --check   # exit 1 if any notebook is out of date
+"""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ROOT / "notebooks" / "src"
+OUTPUT = ROOT / "notebooks"
+
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION[ \t]*$")
+END = re.compile(r"^[ \t]*# END SOLUTION[ \t]*$")
+CHECK_CALL = "exercises.check_"
+KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
+
+
+def split_solution(source: str) -> tuple[str, str, bool]:
+    """(exercise code, solution code, whether the cell had a solution block) for one cell."""
+    exercise, solution, inside, found = [], [], False, False
+    for line in source.splitlines():
+        begin = BEGIN.match(line)
+        if begin:
+            if inside:
+                raise ValueError(f"nested BEGIN SOLUTION in:\n{source}")
+            inside = found = True
+            indent = begin["indent"]
+            exercise += [f"{indent}# YOUR CODE HERE", f"{indent}raise NotImplementedError()"]
+        elif END.match(line):
+            if not inside:
+                raise ValueError(f"END SOLUTION without BEGIN in:\n{source}")
+            inside = False
+        else:
+            solution.append(line)
+            if not inside:
+                exercise.append(line)
+    if inside:
+        raise ValueError(f"BEGIN SOLUTION without END in:\n{source}")
+    return "\n".join(exercise), "\n".join(solution), found
+
+
+def details_cell(solution: str) -> nbformat.NotebookNode:
+    text = f"<details><summary>Solution</summary>\n\n```python\n{solution}\n```\n\n</details>"
+    return nbformat.v4.new_markdown_cell(text)
+
+
+def note_cell(source: Path, kind: str | None) -> nbformat.NotebookNode:
+    generated = f"generated from `notebooks/src/{source.name}` by `scripts/make_notebooks.py`"
+    if kind is None:
+        text = f"*This notebook is {generated}. Edit the source, not this file.*"
+    else:
+        other = "solutions" if kind == "exercises" else "exercises"
+        text = (f"*The {kind} version of this notebook, {generated} (its {other} twin comes "
+                "from the same source). Edit the source, not this file.*")
+    return nbformat.v4.new_markdown_cell(text)
+
+
+def build(source: Path) -> dict[str, nbformat.NotebookNode]:
+    """The notebooks of one source: {"exercises": ..., "solutions": ...} or {"": notebook}."""
+    cells = jupytext.read(source, fmt="py:percent").cells
+    exercises, solutions = [note_cell(source, "exercises")], [note_cell(source, "solutions")]
+    pending: list[str] = []  # solutions waiting for their check cell
+    for cell in cells:
+        if cell.cell_type != "code":
+            exercises.append(nbformat.v4.new_markdown_cell(cell.source))
+            solutions.append(nbformat.v4.new_markdown_cell(cell.source))
+            continue
+        exercise, solution, has_solution = split_solution(cell.source)
+        exercises.append(nbformat.v4.new_code_cell(exercise))
+        solutions.append(nbformat.v4.new_code_cell(solution))
+        if has_solution:
+            pending.append(solution)
+        elif CHECK_CALL in cell.source and pending:
+            exercises.extend(details_cell(s) for s in pending)
+            pending = []
+    if pending:
+        raise ValueError(f"{source.name}: a solution has no `{CHECK_CALL}...` cell after it")
+    if len(exercises) == len(solutions):  # no exercise: one notebook
+        return {"": finish([note_cell(source, None), *solutions[1:]])}
+    return {kind: finish(cells) for kind, cells in
+            [("exercises", exercises), ("solutions", solutions)]}
+
+
+def finish(cells: list[nbformat.NotebookNode]) -> nbformat.NotebookNode:
+    """A notebook with fixed metadata and cell ids, so regenerating gives identical bytes."""
+    for i, cell in enumerate(cells):
+        cell.id = f"cell-{i:03d}"
+        cell.metadata = {}
+    notebook = nbformat.v4.new_notebook(cells=cells)
+    notebook.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    nbformat.validate(notebook)
+    return notebook
+
+
+def generate() -> dict[Path, str]:
+    """Every generated notebook's path and its text."""
+    files = {}
+    for source in sorted(SOURCES.glob("[0-9][0-9]_*.py")):
+        for kind, notebook in build(source).items():
+            name = f"{source.stem}_{kind}" if kind else source.stem
+            files[OUTPUT / f"{name}.ipynb"] = nbformat.writes(notebook) + "\n"
+    return files
+
+
+def stale(files: dict[Path, str]) -> list[Path]:
+    """Generated notebooks that are missing or differ from what the sources give, and extras."""
+    out_of_date = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+    extra = [p for p in OUTPUT.glob("*.ipynb") if p not in files]
+    return out_of_date + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only report stale notebooks")
+    check = parser.parse_args(argv).check
+    files = generate()
+    if check:
+        bad = stale(files)
+        for path in bad:
+            print(f"out of date: {path.relative_to(ROOT)}", file=sys.stderr)
+        if bad:
+            print("Run `python scripts/make_notebooks.py` and commit the result.", file=sys.stderr)
+        return 1 if bad else 0
+    for path, text in files.items():
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
