@@ -15,10 +15,15 @@ penalty against a reference model), Huang et al. 2024 "The N Implementation Deta
 PPO" (temperature, advantage normalisation).
 """
 
+import warnings
+
 import torch
 from eindex import eindex
 from jaxtyping import Float, Int
 from torch import Tensor
+
+# eindex-callum indexes with a list internally, which torch >= 2.9 warns about on every call.
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence", module="eindex")
 
 
 def get_logprobs(

@@ -11,7 +11,7 @@ PRESETS: dict[str, dict] = {
         "args": dict(
             base_model="smollm2", prefix="This movie was", total_phases=25, batch_size=32,
             num_minibatches=4, batches_per_learning_phase=2, gen_len=20, base_lr=1e-4,
-            head_lr=5e-4, warmup_steps=2, final_scale=0.5, kl_coef=0.05, vf_coef=0.15,
+            head_lr=5e-4, warmup_steps=2, final_scale=0.8, kl_coef=0.05, vf_coef=0.15,
             ent_coef=0.001, advantage_estimator="gae", gamma=1.0, gae_lambda=1.0,
             temperature=1.0, top_k=None, prepend_bos=True,
         ),

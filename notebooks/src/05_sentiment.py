@@ -12,13 +12,17 @@
 # There are no exercises here: this is the payoff. There is nothing left to write; only
 # hyperparameters to choose.
 #
-# **The default below is tiny** (2 phases of 8 samples of 8 tokens) so that it finishes in about a
-# minute on a laptop CPU; it shows the machinery, not learning. To see the reward climb, use the
+# **The default below is tiny** (2 phases of 8 samples of 8 tokens, one PPO step per phase) so that
+# it finishes in about a minute on a laptop CPU; it shows the machinery, not learning. To see the
+# reward climb, use the
 # `smollm2-vader` preset's values: `TOTAL_PHASES = 25`, `BATCH_SIZE = 32`, `GEN_LEN = 20`,
 # `NUM_MINIBATCHES = 4`, `BATCHES_PER_LEARNING_PHASE = 2`. That takes about 30 s a phase on a
 # 2-core CPU and a small fraction of that on a GPU (`DEVICE = "cuda"`), where longer runs
 # (`TOTAL_PHASES = 100`) are cheap too. The same run from the command line:
 # `minirlhf train --preset smollm2-vader`.
+#
+# On a CPU that other work shares (or one with 2 cores), `torch.set_num_threads(1)` can make
+# every phase several times faster: threads that wait for a busy core cost more than they save.
 
 # %%
 import matplotlib.pyplot as plt
@@ -35,7 +39,7 @@ from minirlhf.tracking import make_sample_table
 TOTAL_PHASES = 2
 BATCH_SIZE = 8
 GEN_LEN = 8
-NUM_MINIBATCHES = 2
+NUM_MINIBATCHES = 1
 BATCHES_PER_LEARNING_PHASE = 1
 DEVICE = None  # None picks CUDA, then Apple's MPS, then the CPU
 USE_HUB = False  # True: also run GPT-2 + distilbert-imdb (needs the Hugging Face hub)
