@@ -166,6 +166,7 @@ def find_mistake(mistakes: list[Mistake], kwargs: dict[str, Any], got: Any,
 
 def fail(exercise: str, case: str, problem: str, hint: str | None = None) -> None:
     """Raise the error a learner sees: what was tested, what differed, and the likely mistake."""
+    __tracebackhide__ = True  # pytest and IPython show the message, not this frame
     lines = [f"{exercise} is not right yet.", f"  Test case: {case}.", f"  {problem}"]
     if hint:
         lines.append(f"  Likely mistake: {hint}")
@@ -204,6 +205,7 @@ def check_function(
     Also fails when the function changes its inputs in place, or when the reference's result
     carries a gradient and the learner's does not (a loss that cannot be backpropagated).
     """
+    __tracebackhide__ = True
     for case in cases:
         expected = oracle(**clone_inputs(case.kwargs))
         ref = reference(**clone_inputs(case.kwargs))

@@ -4,7 +4,7 @@ Both run the learner's code on tiny random models. The value head is checked aga
 that reads the residual stream after the final layernorm from `run_with_cache` and applies the
 learner's own head to it, so any head architecture passes as long as it is wired correctly. The
 sampler is checked on what must hold for every draw (the prompt tokens, BOS, top-k) and, for the
-temperature, on the frequencies of 3,000 first tokens against softmax(logits / T).
+temperature, on the frequencies of 1,000 first tokens against softmax(logits / T).
 """
 
 from collections.abc import Callable
@@ -52,7 +52,8 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
         fail(exercise, case, "It has no `value_head` attribute that is an nn.Module.",
              "store the head as `self.value_head = nn.Sequential(...)` in __init__.")
     registered = {id(p) for p in model.parameters()}
-    if not head_params(head) or not all(id(p) in registered for p in head_params(head)):
+    head_params = list(head.parameters())
+    if not head_params or not all(id(p) in registered for p in head_params):
         fail(exercise, case, "The value head's parameters are not among model.parameters(), so "
              "the optimiser would never train them.",
              "the value head is not registered: assign the nn.Module to self.value_head "
@@ -68,10 +69,6 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
     _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, values)
     passed(exercise, "logits unchanged, values = value_head(ln_final.hook_normalized), "
            "gradients reach the head and the trunk")
-
-
-def head_params(head: nn.Module) -> list[nn.Parameter]:
-    return list(head.parameters())
 
 
 def _value_oracle(base_model: HookedTransformer, head: nn.Module, tokens: Tensor, hook: str):

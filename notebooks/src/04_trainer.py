@@ -208,6 +208,7 @@ for name, trainer in runs.items():
 ax_reward.set(xlabel="phase", ylabel="mean periods per sample", title="charts/reward_mean")
 ax_kl.set(xlabel="phase", ylabel="KL(policy || reference)", title="charts/kl")
 ax_reward.legend()
+fig.tight_layout()
 plt.show()
 
 # %%
@@ -222,6 +223,6 @@ for name, trainer in runs.items():
 #   it is *reward hacking*, text that scores well and reads badly.
 # - **With the KL penalty** the policy trades reward for staying near the reference: the reward
 #   rises more slowly and the KL levels off. `kl_coef` sets the exchange rate.
-# - **One-step advantages** barely learn in 30 phases: the reward reaches only the last token
-#   until the value head learns to pass it back (notebook 2's plot). GAE with $\lambda = 1$ credits
+# - **One-step advantages** learn far more slowly: the reward reaches only the last token until
+#   the value head learns to pass it back (notebook 2's plot). GAE with $\lambda = 1$ credits
 #   every token at once.

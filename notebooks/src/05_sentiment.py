@@ -89,6 +89,7 @@ ax_reward.plot([m["charts/reward_mean"] for m in history], "o-")
 ax_reward.set(xlabel="phase", ylabel="mean VADER compound", title="charts/reward_mean")
 ax_kl.plot([m["charts/kl"] for m in history], "o-")
 ax_kl.set(xlabel="phase", ylabel="KL(policy || reference)", title="charts/kl")
+fig.tight_layout()
 plt.show()
 print(f"{history[-1]['charts/phase_time']:.1f} s per phase")
 

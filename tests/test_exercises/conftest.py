@@ -10,8 +10,6 @@ from types import ModuleType
 
 import pytest
 
-from minirlhf.exercises import load_file
-
 IMPL_ENV = "MINIRLHF_IMPL"
 
 
@@ -28,5 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def learner_module(request: pytest.FixtureRequest) -> ModuleType | None:
     """The learner's file as a module, or None to check minirlhf's own solutions."""
+    from minirlhf.exercises import load_file  # imported late: after jaxtyping's import hook
+
     path = request.config.getoption("--impl")
     return load_file(path) if path else None
