@@ -57,6 +57,10 @@ _CACHE_FORMAT = 2
 
 _TINY_NAMES = ("tiny", "tiny-gpt2")
 
+GPT2_VOCAB = 50257
+PRINTABLE_VOCAB = 94
+"""GPT-2 token ids 0..93 decode to the 94 printable ASCII characters '!'..'~' ('.' is 13)."""
+
 
 def get_cache_dir() -> Path:
     """Where minirlhf keeps files it builds once (tokenizer folders, converted models)."""
@@ -95,11 +99,18 @@ def load_tiny_model(
     n_ctx: int = 128,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    d_vocab: int = GPT2_VOCAB,
 ) -> HookedTransformer:
     """A tiny randomly initialised GPT-2-shaped HookedTransformer with GPT-2's real tokenizer.
 
     Its samples are random tokens, but they decode to real text, so rewards like "count the
     periods" work on them. Seeded, so two calls with the same arguments give the same weights.
+
+    Args:
+        d_vocab: keep only GPT-2's first `d_vocab` tokens. `PRINTABLE_VOCAB` (94) leaves the
+            printable one-character tokens '!'..'~': softmaxes 500x smaller, and a random policy
+            emits a period once every 94 tokens, so "count the periods" learns in seconds. Such a
+            model needs in-vocabulary prompts ("A") and prepend_bos=False (BOS is token 50256).
     """
     cfg = HookedTransformerConfig(
         n_layers=n_layers,
@@ -107,12 +118,12 @@ def load_tiny_model(
         n_heads=n_heads,
         d_head=d_model // n_heads,
         d_mlp=4 * d_model,
-        d_vocab=50257,
+        d_vocab=d_vocab,
         n_ctx=n_ctx,
         act_fn="gelu_new",
         normalization_type="LN",
         positional_embedding_type="standard",
-        default_prepend_bos=True,
+        default_prepend_bos=d_vocab == GPT2_VOCAB,
         seed=seed,
         device=str(device),
     )

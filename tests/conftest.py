@@ -16,12 +16,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
-from minirlhf.loading import get_gpt2_tokenizer, load_tiny_model
+from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 
-N_PRINTABLE = 94
-"""GPT-2 token ids 0..93 decode to the 94 printable ASCII characters '!'..'~'."""
+N_PRINTABLE = PRINTABLE_VOCAB
 
 def build_printable_model(
     seed: int = 0, n_layers: int = 1, d_model: int = 32, n_heads: int = 2
@@ -31,24 +30,7 @@ def build_printable_model(
     Prompts for it must be made of tokens below 94 (e.g. "A", "x?"), with prepend_bos=False:
     GPT-2's BOS (and pad) token 50256 is outside its vocabulary.
     """
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d_model // n_heads,
-        d_mlp=4 * d_model,
-        d_vocab=N_PRINTABLE,
-        n_ctx=64,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        positional_embedding_type="standard",
-        default_prepend_bos=False,
-        seed=seed,
-        device="cpu",
-    )
-    model = HookedTransformer(cfg, tokenizer=get_gpt2_tokenizer(), move_to_device=True)
-    model.eval()
-    return model
+    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=N_PRINTABLE)
 
 
 @pytest.fixture(scope="session", autouse=True)

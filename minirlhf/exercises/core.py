@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from transformer_lens import HookedTransformer
 
-from minirlhf.loading import get_gpt2_tokenizer
+from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 
 ATOL = 1e-5
 RTOL = 1e-4
@@ -258,7 +258,7 @@ def randn(*shape: int, seed: int, scale: float = 1.0, grad: bool = False) -> Ten
     return (torch.randn(*shape, generator=seeded(seed)) * scale).requires_grad_(grad)
 
 
-CHAR_VOCAB = 94
+CHAR_VOCAB = PRINTABLE_VOCAB
 """GPT-2's token ids 0..93 are the 94 printable one-character tokens '!'..'~' ('.' is 13)."""
 
 
@@ -272,20 +272,4 @@ def load_char_model(
     vocabulary). Its softmaxes are over 94 tokens instead of 50,257, so it trains in a fraction of
     a second per phase on a CPU and a check can afford thousands of samples.
     """
-    cfg = HookedTransformerConfig(
-        n_layers=n_layers,
-        d_model=d_model,
-        n_heads=n_heads,
-        d_head=d_model // n_heads,
-        d_mlp=4 * d_model,
-        d_vocab=CHAR_VOCAB,
-        n_ctx=64,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        default_prepend_bos=False,
-        seed=seed,
-        device="cpu",
-    )
-    model = HookedTransformer(cfg, tokenizer=get_gpt2_tokenizer(), move_to_device=False)
-    model.eval()
-    return model
+    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=CHAR_VOCAB)
