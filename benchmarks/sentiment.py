@@ -36,11 +36,13 @@ from minirlhf.trainer import RLHFTrainer
 TARGETS = {"pos": 0.9, "neg": -0.8}
 
 
-def run_variant(name: str, phases: int, seed: int, console: Console) -> dict:
+def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Console) -> dict:
     """Train one variant ("gae-pos", "one_step-neg", ...) and collect its figures."""
     estimator, direction = name.rsplit("-", 1)
     args = RLHFArgs(**{**PRESETS["smollm2-vader"]["args"], "total_phases": phases,
-                       "advantage_estimator": estimator, "seed": seed})
+                       "advantage_estimator": estimator, "seed": seed, **overrides})
+    if overrides:
+        name += " " + " ".join(f"{k}={v}" for k, v in overrides.items())
     reward_fn = make_vader_reward(direction)  # reward = VADER compound (negated for "neg")
     trainer = RLHFTrainer(args, reward_fn, base_model=load_policy("smollm2"),
                           console=console, table_every=0)
@@ -62,6 +64,7 @@ def run_variant(name: str, phases: int, seed: int, console: Console) -> dict:
     reached = [i for i, v in enumerate(vader) if (v >= target if sign > 0 else v <= target)]
     return {
         "name": name, "estimator": estimator, "direction": direction, "phases": phases,
+        "overrides": overrides,
         "seed": seed, "wall_time_s": wall, "vader_mean_per_phase": vader,
         "kl_per_phase": [m["charts/kl"] for m in history],
         "phase_time_s": [m["charts/phase_time"] for m in history],
@@ -127,18 +130,22 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--report-only", action="store_true", help="train nothing")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="RLHFArgs overrides on top of the preset, e.g. base_lr=2e-4")
     ns = parser.parse_args()
     ns.out.mkdir(parents=True, exist_ok=True)
     if ns.threads:
         torch.set_num_threads(ns.threads)
     console = Console()
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", soft_wrap=True)
+    overrides = {key: json.loads(value) for key, value in (s.split("=", 1) for s in ns.set)}
     for name in [] if ns.report_only else ns.runs.split(","):
         console.rule(name)
-        result = run_variant(name, ns.phases, ns.seed, console)
+        result = run_variant(name, ns.phases, ns.seed, overrides, console)
         result["torch_threads"] = torch.get_num_threads()
         # One file per variant, written as soon as it is measured.
-        (ns.out / f"sentiment-{name}.json").write_text(json.dumps(result, indent=1))
+        slug = result["name"].replace(" ", "_").replace("=", "")
+        (ns.out / f"sentiment-{slug}.json").write_text(json.dumps(result, indent=1))
     results = [json.loads(p.read_text()) for p in sorted(ns.out.glob("sentiment-*.json"))]
     plot(results, ns.out / "sentiment.png")
     report(results, console)
