@@ -58,7 +58,7 @@ def main():
                           "phase_time": metrics["charts/phase_time"]})
         shown = "  ".join(f"{task} {scores[task]:+.2f}" for task in CONTROL_TOKENS)
         console.print(f"phase {metrics['charts/phase']:2d}: {shown}  kl {metrics['charts/kl']:.2f}",
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)
 
     trainer.train(on_phase_end=on_phase_end)
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def main():
         {"args": args.to_dict(), "vader_by_task_per_phase": per_phase, "samples_after": samples},
         indent=1))
     for sample in trainer.last_samples[:6]:
-        console.print(repr(sample), soft_wrap=True)
+        console.print(repr(sample), soft_wrap=True, markup=False)
 
 
 if __name__ == "__main__":

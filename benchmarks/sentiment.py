@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from minirlhf.args import RLHFArgs
 from minirlhf.loading import load_policy
@@ -117,7 +118,7 @@ def report(results: list[dict], console: Console):
     for r in results:
         samples = Table("before", "after", title=f"{r['name']}: samples", show_lines=True)
         for (before, rb), (after, ra) in zip(r["samples_before"][:4], r["samples_after"][:4]):
-            samples.add_row(f"[{rb:+.2f}] {before}", f"[{ra:+.2f}] {after}")
+            samples.add_row(Text(f"[{rb:+.2f}] {before}"), Text(f"[{ra:+.2f}] {after}"))
         console.print(samples)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from minirlhf import loading
 from minirlhf.args import RLHFArgs
@@ -271,7 +272,7 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         if reward_fn is not None:
             rewards = get_rewards(reward_fn, list(row))
             row = [f"[{r:+.2f}] {text}" for r, text in zip(rewards.tolist(), row)]
-        table.add_row(*row)
+        table.add_row(*map(Text, row))  # Text: model output is not rich markup
     Console().print(table)
 
 

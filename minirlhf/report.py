@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def append_metrics(path: str | Path, metrics: dict[str, float]):
@@ -69,6 +70,6 @@ def print_summary(
     console.print(numbers)
     samples = Table("Before training", "After training", title="Samples", show_lines=True)
     for i in range(min(n_samples, len(before[0]), len(after[0]))):
-        samples.add_row(f"[{before[1][i]:+.2f}] {before[0][i]}",
-                        f"[{after[1][i]:+.2f}] {after[0][i]}")
+        samples.add_row(Text(f"[{before[1][i]:+.2f}] {before[0][i]}"),
+                        Text(f"[{after[1][i]:+.2f}] {after[0][i]}"))  # Text: no markup parsing
     console.print(samples)

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 
 def make_sample_table(
@@ -18,7 +19,8 @@ def make_sample_table(
     """A rich table of the first few samples with their rewards."""
     table = Table("Reward", "Sample", title=title, show_lines=True)
     for sample, reward in list(zip(samples, rewards))[:max_rows]:
-        table.add_row(f"{reward:+.3f}", repr(sample))
+        # Text, not a str: rich would read "[positive]" or "[/b]" in a sample as markup.
+        table.add_row(f"{reward:+.3f}", Text(repr(sample)))
     return table
 
 

@@ -129,3 +129,19 @@ def test_python_dash_m_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "minirlhf", "train", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--base-lr" in result.stdout
+
+
+def test_sample_tables_print_model_text_literally():
+    """Model output is not rich markup: "[positive]" must show, "[/b]" must not crash."""
+    from rich.console import Console
+
+    from minirlhf.report import print_summary
+    from minirlhf.tracking import make_sample_table
+
+    console = Console(record=True, width=200)
+    samples = ["[positive] This movie was great", "a stray closing tag [/b] here"]
+    console.print(make_sample_table(samples, [1.0, 0.0]))
+    history = [{"charts/reward_mean": 0.1, "charts/kl": 0.0, "charts/entropy": 3.0}]
+    print_summary(console, history, (samples, [1.0, 0.0]), (samples, [0.5, 0.2]))
+    text = console.export_text()
+    assert text.count("[positive] This movie") == 3 and text.count("[/b]") == 3
