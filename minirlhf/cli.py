@@ -1,12 +1,15 @@
-"""The command line: `minirlhf train` and `minirlhf sample` (also `python -m minirlhf`).
+"""The command line: `minirlhf train`, `sample`, `preferences` and `reward-model`.
 
-The top layer: it turns a preset plus flags into `RLHFArgs` and a reward function, runs the
-trainer with checkpoints, and writes the run's folder:
+The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
+reward function, runs the trainer with checkpoints, and writes the run's folder:
 
     run.json         the config (RLHFArgs and the reward) the run was started with
     metrics.jsonl    one line of metrics per phase
     reward_kl.png    mean reward and KL against phase
     checkpoint.pt    the latest checkpoint (`--resume` continues from it)
+
+The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
+reward model on such a file, and `train --reward-model FOLDER` runs PPO against it.
 """
 
 import argparse
@@ -29,6 +32,7 @@ from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.models import TransformerWithValueHead
 from minirlhf.presets import DEFAULT_PRESET, PRESETS
 from minirlhf.report import append_metrics, plot_metrics, print_summary
+from minirlhf.reward_training import RewardModelArgs
 from minirlhf.rewards import RewardFn, get_rewards, reward_fn_char_count
 from minirlhf.sampling import get_samples
 from minirlhf.trainer import RLHFTrainer
@@ -60,12 +64,13 @@ def parse_optional(kind: type):
     return parse
 
 
-def add_args_flags(parser: argparse.ArgumentParser):
-    """One flag per RLHFArgs field (`--base-lr`, ...), defaulting to "not given"."""
-    docs = field_docs(RLHFArgs)
-    group = parser.add_argument_group("RLHFArgs (override the preset)")
-    hints = typing.get_type_hints(RLHFArgs)
-    for field in dataclasses.fields(RLHFArgs):
+def add_args_flags(parser: argparse.ArgumentParser, cls: type = RLHFArgs,
+                   title: str = "RLHFArgs (override the preset)"):
+    """One flag per field of the dataclass `cls` (`--base-lr`, ...), defaulting to "not given"."""
+    docs = field_docs(cls)
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
         if not field.init:
             continue
         flag, hint = "--" + field.name.replace("_", "-"), hints[field.name]
@@ -96,8 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=5, help="phases between saves")
     train.add_argument("--table-every", type=int, default=5,
                        help="print a sample table every N phases (0: never)")
-    train.add_argument("--reward", choices=["vader", "classifier", "control", "char_count"],
+    train.add_argument("--reward",
+                       choices=["vader", "classifier", "control", "char_count", "reward_model"],
                        help="override the preset's reward")
+    train.add_argument("--reward-model", type=Path,
+                       help="folder of a `minirlhf reward-model` run (implies --reward "
+                       "reward_model)")
     train.add_argument("--direction", choices=["pos", "neg"], help="sentiment to steer towards")
     train.add_argument("--classifier", help="HF sequence classifier (hub name or folder)")
     train.add_argument("--wandb", action="store_true", dest="use_wandb",
@@ -115,7 +124,37 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     sample.add_argument("--compare", action="store_true",
                         help="also sample the model as it was before training")
+    add_preference_parsers(commands)
     return parser
+
+
+def add_preference_parsers(commands):
+    prefs = commands.add_parser("preferences", help="write RLAIF preference pairs (JSONL): "
+                                "two samples of the policy, the judge prefers one")
+    prefs.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    prefs.add_argument("--base-model", default="smollm2", help="the policy to sample")
+    prefs.add_argument("--prompt", action="append",
+                       help="a prompt (repeat for several; default 'This movie was')")
+    prefs.add_argument("--num-pairs", type=int, default=384, help="pairs to keep (not ties)")
+    prefs.add_argument("--gen-len", type=int, default=20, help="tokens per continuation")
+    prefs.add_argument("--batch-size", type=int, default=64, help="samples per batch (even)")
+    prefs.add_argument("--judge", choices=["vader", "char_count"], default="vader",
+                       help="the AI judge that scores each prompt + continuation")
+    prefs.add_argument("--direction", choices=["pos", "neg"], default="pos",
+                       help="VADER: prefer positive or negative")
+    prefs.add_argument("--char", default=".", help="char_count: the character counted")
+    prefs.add_argument("--min-gap", type=float, default=0.0,
+                       help="pairs whose scores differ by this much or less are ties (dropped)")
+    prefs.add_argument("--margin", action="store_true",
+                       help="store the judge's score gap as each pair's margin")
+    prefs.add_argument("--no-prepend-bos", action="store_false", dest="prepend_bos")
+    prefs.add_argument("--seed", type=int, default=0)
+    prefs.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+
+    rm = commands.add_parser("reward-model", help="train a reward model on preference pairs")
+    rm.add_argument("--data", type=Path, required=True, help="preference JSONL file")
+    rm.add_argument("--out", type=Path, required=True, help="folder for the reward model")
+    add_args_flags(rm, RewardModelArgs, "RewardModelArgs")
 
 
 # ---- rewards ----
@@ -133,6 +172,11 @@ def make_reward_fn(spec: dict, device) -> RewardFn:
         model, tokenizer = sentiment.load_hf_classifier(spec["classifier"], device)
         return sentiment.make_classifier_reward(model, tokenizer, spec.get("direction", "pos"),
                                                 spec.get("output", "prob"))
+    if kind == "reward_model":
+        from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn
+
+        reward_model, info = load_reward_model(spec["path"], device)
+        return make_reward_model_reward_fn(reward_model, info["prepend_bos"])
     if kind == "char_count":
         char = spec.get("char", ".")
 
@@ -171,6 +215,13 @@ def new_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Pa
         reward["kind"] = ns.reward
         if ns.reward == "classifier":
             reward.setdefault("classifier", "lvwerra/distilbert-imdb")
+    if ns.reward_model is not None or reward["kind"] == "reward_model":
+        if ns.reward_model is None or ns.reward not in (None, "reward_model"):
+            parser.error("--reward reward_model and --reward-model FOLDER go together.")
+        if not (ns.reward_model / "reward_model.pt").is_file():
+            parser.error(f"{ns.reward_model} holds no reward_model.pt: train one with "
+                         "`minirlhf reward-model`.")
+        reward = {"kind": "reward_model", "path": str(ns.reward_model.resolve())}
     out = ns.out or Path("runs") / f"{ns.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "checkpoint.pt").exists():
         parser.error(f"{out} already holds a run: add --resume to continue it, or pick --out.")
@@ -272,17 +323,90 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         if reward_fn is not None:
             rewards = get_rewards(reward_fn, list(row))
             row = [f"[{r:+.2f}] {text}" for r, text in zip(rewards.tolist(), row)]
-        table.add_row(*map(Text, row))  # Text: model output is not rich markup
+        table.add_row(*row)
     Console().print(table)
+
+
+# ---- preferences and the reward model ----
+
+def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
+    from minirlhf.preferences import make_preferences, write_preferences
+
+    if ns.batch_size < 2 or ns.batch_size % 2:
+        parser.error(f"--batch-size must be even (two samples a pair), got {ns.batch_size}.")
+    device = loading.pick_device(ns.device)
+    judge_spec = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
+    console = Console()
+    with console.status(f"sampling pairs from {ns.base_model}, judged by {ns.judge}"):
+        preferences = make_preferences(
+            loading.load_policy(ns.base_model, device), make_reward_fn(judge_spec, device),
+            ns.prompt or ["This movie was"], ns.num_pairs, gen_len=ns.gen_len,
+            batch_size=ns.batch_size, min_gap=ns.min_gap, margin=ns.margin, seed=ns.seed,
+            prepend_bos=ns.prepend_bos)
+    write_preferences(preferences, ns.out)
+    table = Table("chosen", "rejected", title=f"{len(preferences)} pairs -> {ns.out}",
+                  show_lines=True)
+    for p in preferences[:4]:
+        table.add_row(Text(f"[{p.chosen_score:+.2f}] {p.chosen_text}"),
+                      Text(f"[{p.rejected_score:+.2f}] {p.rejected_text}"))
+    console.print(table)
+    console.print(f"Train a reward model on it: minirlhf reward-model --data {ns.out} "
+                  f"--base-model {ns.base_model} --out runs/reward-model", soft_wrap=True)
+
+
+def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
+    from minirlhf.preferences import read_preferences, split_preferences
+    from minirlhf.reward_model import save_reward_model
+    from minirlhf.reward_training import (
+        make_reward_model,
+        normalize_on_policy,
+        plot_reward_model_metrics,
+        train_reward_model,
+    )
+
+    names = {f.name for f in dataclasses.fields(RewardModelArgs)}
+    try:
+        args = RewardModelArgs(**{k: v for k, v in vars(ns).items() if k in names})
+        train, heldout = split_preferences(read_preferences(ns.data), args.heldout_fraction,
+                                           seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    console = Console()
+    device = loading.pick_device(args.device)
+    reward_model = make_reward_model(args, device)
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / "metrics.jsonl").write_text("")
+    console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(heldout)} "
+                  f"held-out pairs from {ns.data} -> {ns.out}", soft_wrap=True)
+    history = train_reward_model(reward_model, train, heldout, args, console,
+                                 on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
+    normalization = {}
+    if args.normalize_samples:
+        normalization = normalize_on_policy(
+            reward_model, loading.load_policy(args.base_model, device), args)
+    final = {k: v for k, v in history[-1].items() if k.startswith("heldout/")}
+    info = {"base_model": args.base_model, "prepend_bos": args.prepend_bos,
+            "args": args.to_dict(), "data": str(ns.data), "heldout": final,
+            "normalization": normalization}
+    save_reward_model(reward_model, ns.out, info)
+    (ns.out / "reward_model.json").write_text(json.dumps(info, indent=2))
+    plot = plot_reward_model_metrics(history, ns.out / "accuracy.png")
+    summary = Table("held-out", "value", title="Reward model")
+    for key, value in {**final, **normalization}.items():
+        summary.add_row(key, f"{value:+.4f}")
+    console.print(summary)
+    console.print(f"Plot:  {plot}\nModel: {ns.out / 'reward_model.pt'}\n"
+                  f"PPO against it: minirlhf train --reward-model {ns.out}", soft_wrap=True)
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "preferences": cmd_preferences,
+            "reward-model": cmd_reward_model}
 
 
 def main(argv: list[str] | None = None):
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.command == "train":
-        cmd_train(ns, parser)
-    else:
-        cmd_sample(ns, parser)
+    COMMANDS[ns.command](ns, parser)
 
 
 if __name__ == "__main__":

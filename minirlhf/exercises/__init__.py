@@ -7,9 +7,10 @@ recognises it, the mistake you most likely made. The notebooks in `notebooks/` c
 each exercise; `pytest tests --impl=my_solutions.py` or `python -m minirlhf.exercises
 my_solutions.py` runs every check whose function a Python file defines.
 
-Stages, in pipeline order (notebook 1 to 4): the value head and the sampler; the char-count
-reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches, log-probs
-and the four objective terms; the optimiser, the LR schedule and one learning phase.
+Stages, in pipeline order (notebooks 1 to 4, then 6): the value head and the sampler; the
+char-count reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches,
+log-probs and the four objective terms; the optimiser, the LR schedule and one learning phase;
+the reward model's last-token index and pairwise loss.
 """
 
 import importlib.util
@@ -35,6 +36,7 @@ from minirlhf.exercises.optim_and_learning import (
     check_get_optimizer_and_scheduler,
     check_learning_phase,
 )
+from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
 from minirlhf.exercises.rewards_and_advantages import (
     check_compute_advantages,
     check_compute_gae,
@@ -59,6 +61,8 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "get_lr_scale": check_get_lr_scale,
     "get_optimizer_and_scheduler": check_get_optimizer_and_scheduler,
     "learning_phase": check_learning_phase,
+    "get_last_token_index": check_get_last_token_index,
+    "calc_pairwise_loss": check_calc_pairwise_loss,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -109,10 +113,12 @@ __all__ = [
     "check_calc_clipped_surrogate_objective",
     "check_calc_entropy_bonus",
     "check_calc_kl_penalty",
+    "check_calc_pairwise_loss",
     "check_calc_value_function_loss",
     "check_compute_advantages",
     "check_compute_gae",
     "check_file",
+    "check_get_last_token_index",
     "check_get_logprobs",
     "check_get_lr_scale",
     "check_get_optimizer",

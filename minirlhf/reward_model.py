@@ -1,0 +1,252 @@
+"""The reward model: a HookedTransformer whose unembedding is replaced by a scalar reward head.
+
+The stage before PPO in RLHF (Stiennon et al. 2020; Ouyang et al. 2022, InstructGPT). A language
+model reads a text; instead of next-token logits, a linear head on the residual stream after the
+final layernorm (`ln_final.hook_normalized`, the vector the unembedding would read) gives one
+scalar per position, and the reward of the text is the scalar at its **last real token** (the
+only position that has seen the whole text). It is trained on preference pairs with the pairwise
+loss of Bradley & Terry (1952), optionally with Llama 2's margin (Touvron et al. 2023):
+
+    loss = -log sigmoid(r_chosen - r_rejected - margin)
+
+Then, as in "The N Implementation Details of RLHF with PPO" (Huang et al. 2024), a gain and a
+bias are fitted so that its rewards have mean 0 and std 1 on samples of the initial policy, and
+`make_reward_model_reward_fn` turns it into a batched reward function for `RLHFTrainer`.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import HookedTransformer
+from transformer_lens.hook_points import HookPoint
+
+from minirlhf import loading
+
+REWARD_HOOK = "ln_final.hook_normalized"
+CHECKPOINT_NAME = "reward_model.pt"
+
+# ---------------------------------------------------------------- the math (pure functions)
+
+
+def get_last_token_index(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
+    """Position of each row's last real token (the last 1 of its attention mask).
+
+    Works for right padding (the index is `length - 1`), left padding (`seq - 1`) and none. Every
+    row needs at least one real token.
+    """
+    assert bool(attention_mask.any(dim=-1).all()), "a row of the attention mask has no real token"
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).amax(dim=-1)
+
+
+def gather_last_token(
+    rewards_per_position: Float[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+) -> Float[Tensor, " batch"]:
+    """Each row's value at its last real token: the reward of the whole sequence."""
+    index = get_last_token_index(attention_mask)
+    return rewards_per_position.gather(1, index[:, None]).squeeze(1)
+
+
+def calc_pairwise_loss(
+    chosen_rewards: Float[Tensor, " batch"],
+    rejected_rewards: Float[Tensor, " batch"],
+    margin: Float[Tensor, " batch"] | None = None,
+) -> Float[Tensor, ""]:
+    """Mean of -log sigmoid(r_chosen - r_rejected - margin) over the pairs. Minimised.
+
+    Written as softplus(-x) = log(1 + exp(-x)), which stays finite for any difference x. A
+    margin asks the chosen reward to beat the rejected one by at least that much.
+    """
+    difference = chosen_rewards - rejected_rewards
+    if margin is not None:
+        difference = difference - margin
+    return F.softplus(-difference).mean()
+
+
+def calc_pairwise_metrics(
+    chosen_rewards: Float[Tensor, " batch"], rejected_rewards: Float[Tensor, " batch"]
+) -> dict[str, float]:
+    """Accuracy (the share of pairs where chosen scores above rejected) and mean reward margin."""
+    difference = (chosen_rewards - rejected_rewards).detach()
+    return {"accuracy": (difference > 0).float().mean().item(), "margin": difference.mean().item()}
+
+
+def fit_normalization(rewards: Float[Tensor, " batch"], eps: float = 1e-8) -> tuple[float, float]:
+    """The (gain, bias) that map `rewards` to mean 0 and population std 1: gain * r + bias."""
+    assert rewards.numel() > 1, "fitting a normalisation needs at least two rewards"
+    gain = 1.0 / (rewards.std(correction=0).item() + eps)
+    return gain, -rewards.mean().item() * gain
+
+
+# ---------------------------------------------------------------- the model
+
+
+class RewardModel(nn.Module):
+    """A HookedTransformer trunk and a linear reward head on the final normalised residual.
+
+    The unembedding is never computed. `forward` returns `gain * head(x_last) + bias`, where
+    `x_last` is the normalised residual at each row's last real token; `gain` and `bias` start at
+    1 and 0 (training sees raw rewards) and are set by `set_normalization` after training.
+
+    Args:
+        base_model: the trunk, usually the policy's own initial weights (`loading.load_policy`).
+    """
+
+    def __init__(self, base_model: HookedTransformer):
+        super().__init__()
+        self.base_model = base_model
+        self.reward_head = nn.Linear(base_model.cfg.d_model, 1).to(base_model.cfg.device)
+        nn.init.normal_(self.reward_head.weight, std=1 / (base_model.cfg.d_model + 1) ** 0.5)
+        nn.init.zeros_(self.reward_head.bias)
+        self.register_buffer("gain", torch.tensor(1.0, device=base_model.cfg.device))
+        self.register_buffer("bias", torch.tensor(0.0, device=base_model.cfg.device))
+
+    def get_rewards_per_position(
+        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch seq"]:
+        """The raw head output at every position (before gain and bias)."""
+        rewards = None
+
+        def read_head(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
+            nonlocal rewards
+            rewards = self.reward_head(normalized.to(self.reward_head.weight.dtype)).squeeze(-1)
+
+        # return_type=None: TransformerLens stops after ln_final, so no logits are computed.
+        self.base_model.run_with_hooks(
+            tokens, return_type=None, fwd_hooks=[(REWARD_HOOK, read_head)],
+            attention_mask=attention_mask,
+        )
+        assert rewards is not None, f"the reward hook {REWARD_HOOK} did not run"
+        return rewards
+
+    def forward(
+        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, " batch"]:
+        """One reward per sequence: the (normalised) head output at its last real token."""
+        raw = gather_last_token(self.get_rewards_per_position(tokens, attention_mask),
+                                attention_mask)
+        return self.gain * raw + self.bias
+
+    def set_normalization(self, gain: float, bias: float):
+        self.gain.fill_(gain)
+        self.bias.fill_(bias)
+
+
+def set_trainable_layers(reward_model: RewardModel, n_layers: int | None) -> int:
+    """Freeze all but the top `n_layers` blocks (None: train everything); return trainable count.
+
+    The final layernorm and the reward head always train. Frozen layers get no gradient, so a
+    backward pass stops at the lowest trainable block.
+    """
+    blocks = reward_model.base_model.blocks
+    n_frozen = 0 if n_layers is None else max(0, len(blocks) - n_layers)
+    frozen = {id(p) for block in blocks[:n_frozen] for p in block.parameters()}
+    if n_frozen:
+        frozen |= {id(p) for name, module in reward_model.base_model.named_children()
+                   if name in ("embed", "pos_embed") for p in module.parameters()}
+    for param in reward_model.parameters():
+        param.requires_grad_(id(param) not in frozen)
+    return sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- texts in, rewards out
+
+
+def tokenize_texts(
+    model: HookedTransformer,
+    texts: list[str],
+    prepend_bos: bool = True,
+    padding_side: Literal["left", "right"] = "right",
+) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """Token ids of whole texts padded to a common length, and their attention mask."""
+    tokenizer = model.tokenizer
+    assert tokenizer is not None, "the reward model needs a tokenizer to read texts"
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    if prepend_bos:
+        rows = [[tokenizer.bos_token_id, *row] for row in rows]
+    if min(len(row) for row in rows) == 0:
+        raise ValueError("A text is empty and prepend_bos is False: there is no token to score.")
+    seq = max(len(row) for row in rows)
+    if seq > model.cfg.n_ctx:
+        raise ValueError(f"A text has {seq} tokens; the model reads at most {model.cfg.n_ctx}.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), seq), dtype=torch.long)
+    for i, row in enumerate(rows):
+        where = slice(0, len(row)) if padding_side == "right" else slice(seq - len(row), seq)
+        ids[i, where], mask[i, where] = torch.tensor(row), 1
+    if int(ids.max()) >= model.cfg.d_vocab:
+        raise ValueError(f"Token id {int(ids.max())} is outside the model's {model.cfg.d_vocab}-"
+                         "token vocabulary: the reward model's tokenizer does not fit its model.")
+    return ids.to(model.cfg.device), mask.to(model.cfg.device)
+
+
+@torch.no_grad()
+def score_texts(
+    reward_model: RewardModel, texts: list[str], prepend_bos: bool = True, batch_size: int = 32
+) -> Float[Tensor, " batch"]:
+    """The reward model's reward of each text, in batches, with no gradient, on its device."""
+    chunks = []
+    for start in range(0, len(texts), batch_size):
+        tokens, mask = tokenize_texts(reward_model.base_model, texts[start : start + batch_size],
+                                      prepend_bos)
+        chunks.append(reward_model(tokens, mask).float())
+    return torch.cat(chunks)
+
+
+def make_reward_model_reward_fn(
+    reward_model: RewardModel, prepend_bos: bool = True, batch_size: int = 32
+) -> Callable[[list[str]], Tensor]:
+    """A reward function for `RLHFTrainer`: the (frozen) reward model's score of each sample."""
+    reward_model.eval()
+    for param in reward_model.parameters():
+        param.requires_grad_(False)
+
+    def reward_fn(samples: list[str]) -> Tensor:
+        return score_texts(reward_model, samples, prepend_bos, batch_size)
+
+    reward_fn.__name__ = "reward_model"
+    return reward_fn
+
+
+# ---------------------------------------------------------------- saving and loading
+
+
+def save_reward_model(reward_model: RewardModel, folder: str | Path, info: dict) -> Path:
+    """Write `folder/reward_model.pt`: the trained weights only (frozen ones come from the base).
+
+    Args:
+        info: must hold "base_model" (the name `loading.load_policy` rebuilds the trunk from) and
+            "prepend_bos"; anything else (metrics, config) is kept beside the weights.
+    """
+    assert {"base_model", "prepend_bos"} <= set(info), "info needs base_model and prepend_bos"
+    trained = {name for name, p in reward_model.named_parameters() if p.requires_grad}
+    state = {name: tensor for name, tensor in reward_model.state_dict().items()
+             if name in trained or name in ("gain", "bias")}
+    path = Path(folder) / CHECKPOINT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save({"state_dict": state, "info": info}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_reward_model(
+    folder: str | Path, device: loading.Device = "cpu"
+) -> tuple[RewardModel, dict]:
+    """The reward model saved in `folder` (its trunk rebuilt from the base model) and its info."""
+    path = Path(folder) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No reward model at {path}: train one with "
+                                "`minirlhf reward-model --data PREFS.jsonl --out FOLDER`.")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    reward_model = RewardModel(loading.load_policy(saved["info"]["base_model"], device))
+    result = reward_model.load_state_dict(saved["state_dict"], strict=False)
+    assert not result.unexpected_keys, f"weights the model lacks: {result.unexpected_keys}"
+    reward_model.eval()
+    return reward_model, saved["info"]

@@ -1,0 +1,256 @@
+"""Training a reward model on preference pairs, and normalising it on the policy's samples.
+
+Sits on the reward model, the preferences and the sampler; the command line and benchmarks call
+it. Each step takes a minibatch of pairs, scores chosen and rejected texts in one forward pass,
+and takes an AdamW step on the pairwise loss (minimised). Every `eval_every` steps the held-out
+pairs are scored. Metric keys, as in the PPO trainer, are namespaced:
+
+    train/loss, train/accuracy, train/margin      the step's minibatch
+    heldout/loss, heldout/accuracy, heldout/margin  every held-out pair (on evaluation steps)
+
+Accuracy is the share of pairs where the chosen text scores above the rejected one; margin is
+the mean of r_chosen - r_rejected. After training, `normalize_on_policy` fits the gain and bias
+("The N Implementation Details of RLHF with PPO", Huang et al. 2024, detail 4).
+"""
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor
+
+from minirlhf import loading
+from minirlhf.preferences import Preference
+from minirlhf.reward_model import (
+    RewardModel,
+    calc_pairwise_loss,
+    calc_pairwise_metrics,
+    fit_normalization,
+    score_texts,
+    set_trainable_layers,
+    tokenize_texts,
+)
+from minirlhf.sampling import get_samples
+
+
+@dataclass
+class RewardModelArgs:
+    # --- run ---
+    seed: int = 1
+    """Seeds the head's initialisation, the held-out split and the minibatch shuffling."""
+    device: str | None = None
+    """"cuda", "mps" or "cpu"; None picks CUDA, else MPS, else CPU."""
+
+    # --- model ---
+    base_model: str = "tiny"
+    """The trunk: "tiny", "smollm2", a folder or a TransformerLens name (usually the policy's)."""
+    trainable_layers: int | None = None
+    """Train only the top this many blocks (plus final norm and head); None trains every one."""
+    prepend_bos: bool = True
+    """Put the model's BOS token before each text (as the policy's sampler does)."""
+
+    # --- data ---
+    heldout_fraction: float = 0.2
+    """Share of the pairs kept out of training to measure accuracy."""
+    use_margin: bool = True
+    """Use the records' margins in the loss (records without one get none)."""
+
+    # --- optimisation ---
+    epochs: int = 2
+    """Passes over the training pairs."""
+    batch_size: int = 16
+    """Pairs per step (each pair is two texts in the forward pass)."""
+    lr: float = 1e-5
+    """Learning rate of the trunk's trainable weights."""
+    head_lr: float = 1e-3
+    """Learning rate of the freshly initialised reward head."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm before each step."""
+    eval_every: int = 10
+    """Steps between held-out evaluations (the last step is always evaluated)."""
+
+    # --- normalisation ---
+    normalize_samples: int = 64
+    """Initial-policy samples the gain and bias are fitted on (0: no normalisation)."""
+    normalize_prompt: str = "This movie was"
+    """The prompt those samples continue (the PPO run's prefix)."""
+    normalize_gen_len: int = 20
+    """Tokens generated for those samples (the PPO run's gen_len)."""
+
+    def __post_init__(self):
+        for name in ["epochs", "batch_size", "eval_every"]:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
+        if self.trainable_layers is not None and self.trainable_layers < 0:
+            raise ValueError("trainable_layers must be None (all) or at least 0.")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ValueError("lr and head_lr must be > 0.")
+        if self.normalize_samples == 1 or self.normalize_samples < 0:
+            raise ValueError("normalize_samples must be 0 (off) or at least 2.")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def make_reward_model(args: RewardModelArgs, device: loading.Device = "cpu") -> RewardModel:
+    """A fresh reward model on `args.base_model`'s weights, its head seeded by `args.seed`."""
+    base_model = loading.load_policy(args.base_model, device)
+    torch.manual_seed(args.seed)
+    return RewardModel(base_model)
+
+
+def score_pairs(
+    reward_model: RewardModel, pairs: list[Preference], prepend_bos: bool
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """Rewards of the chosen and rejected texts, from one forward pass over both."""
+    texts = [p.chosen_text for p in pairs] + [p.rejected_text for p in pairs]
+    tokens, mask = tokenize_texts(reward_model.base_model, texts, prepend_bos)
+    rewards = reward_model(tokens, mask).float()
+    return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def get_margins(pairs: list[Preference], use_margin: bool, device) -> Tensor | None:
+    if not use_margin or all(p.margin is None for p in pairs):
+        return None
+    return torch.tensor([p.margin or 0.0 for p in pairs], device=device)
+
+
+@torch.no_grad()
+def evaluate(
+    reward_model: RewardModel, pairs: list[Preference], args: RewardModelArgs
+) -> dict[str, float]:
+    """Loss, accuracy and mean margin over every pair, scored in batches without gradient."""
+    chosen, rejected = [], []
+    for start in range(0, len(pairs), 2 * args.batch_size):
+        c, r = score_pairs(reward_model, pairs[start : start + 2 * args.batch_size],
+                           args.prepend_bos)
+        chosen.append(c)
+        rejected.append(r)
+    chosen_rewards, rejected_rewards = torch.cat(chosen), torch.cat(rejected)
+    margins = get_margins(pairs, args.use_margin, chosen_rewards.device)
+    loss = calc_pairwise_loss(chosen_rewards, rejected_rewards, margins).item()
+    return {"loss": loss, **calc_pairwise_metrics(chosen_rewards, rejected_rewards)}
+
+
+def get_reward_optimizer(reward_model: RewardModel, args: RewardModelArgs) -> torch.optim.AdamW:
+    """AdamW (minimising) with two groups: the trainable trunk at `lr`, the head at `head_lr`."""
+    head = list(reward_model.reward_head.parameters())
+    head_ids = {id(p) for p in head}
+    trunk = [p for p in reward_model.parameters() if p.requires_grad and id(p) not in head_ids]
+    return torch.optim.AdamW([{"params": trunk, "lr": args.lr}, {"params": head,
+                              "lr": args.head_lr}], weight_decay=args.weight_decay)
+
+
+def train_reward_model(
+    reward_model: RewardModel,
+    train: list[Preference],
+    heldout: list[Preference],
+    args: RewardModelArgs,
+    console: Console | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train on the pairwise loss for `args.epochs`; return one metrics dict per step."""
+    set_trainable_layers(reward_model, args.trainable_layers)
+    optimizer = get_reward_optimizer(reward_model, args)
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = -(-len(train) // args.batch_size)
+    total = args.epochs * steps_per_epoch
+    history: list[dict[str, float]] = []
+    progress = Progress(TextColumn("[bold]reward model"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.description}"),
+                        console=console or Console())
+    task = progress.add_task("", total=total)
+    with progress:
+        for step in range(total):
+            if step % steps_per_epoch == 0:
+                order = torch.randperm(len(train), generator=generator).tolist()
+            start = (step % steps_per_epoch) * args.batch_size
+            mb_pairs = [train[i] for i in order[start : start + args.batch_size]]
+            metrics = train_step(reward_model, optimizer, mb_pairs, args)
+            metrics |= {"charts/step": step, "charts/epoch": step / steps_per_epoch}
+            if (step + 1) % args.eval_every == 0 or step == total - 1:
+                reward_model.eval()
+                metrics |= {f"heldout/{k}": v for k, v in
+                            evaluate(reward_model, heldout, args).items()}
+            history.append(metrics)
+            if on_step is not None:
+                on_step(metrics)
+            shown = metrics.get("heldout/accuracy", metrics["train/accuracy"])
+            progress.update(task, advance=1, description=(
+                f"loss {metrics['train/loss']:.3f}  accuracy {shown:.2f}"))
+    reward_model.eval()
+    return history
+
+
+def train_step(
+    reward_model: RewardModel, optimizer: torch.optim.Optimizer, mb_pairs: list[Preference],
+    args: RewardModelArgs,
+) -> dict[str, float]:
+    """One AdamW step on the pairwise loss of a minibatch of pairs."""
+    reward_model.train()
+    chosen, rejected = score_pairs(reward_model, mb_pairs, args.prepend_bos)
+    loss = calc_pairwise_loss(chosen, rejected, get_margins(mb_pairs, args.use_margin,
+                                                            chosen.device))
+    optimizer.zero_grad()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in reward_model.parameters() if p.requires_grad], args.max_grad_norm)
+    optimizer.step()
+    pair_metrics = calc_pairwise_metrics(chosen, rejected)
+    return {"train/loss": loss.item(), "train/accuracy": pair_metrics["accuracy"],
+            "train/margin": pair_metrics["margin"], "train/grad_norm": grad_norm.item()}
+
+
+def normalize_on_policy(
+    reward_model: RewardModel, policy, args: RewardModelArgs
+) -> dict[str, float]:
+    """Fit gain and bias so the rewards of the initial policy's samples have mean 0, std 1.
+
+    The policy is sampled (seeded) with the PPO run's prompt and length; call this before PPO
+    changes the policy. Returns the raw mean and std and the fitted gain and bias.
+    """
+    samples = get_samples(policy, args.normalize_prompt, batch_size=args.normalize_samples,
+                          gen_len=args.normalize_gen_len, prepend_bos=args.prepend_bos,
+                          seed=args.seed).samples
+    reward_model.set_normalization(1.0, 0.0)
+    raw = score_texts(reward_model, samples, args.prepend_bos)
+    gain, bias = fit_normalization(raw)
+    reward_model.set_normalization(gain, bias)
+    return {"raw_mean": raw.mean().item(), "raw_std": raw.std(correction=0).item(),
+            "gain": gain, "bias": bias}
+
+
+def plot_reward_model_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
+    """A PNG: accuracy (train and held-out) and loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["charts/step"] for m in history]
+    evals = [m for m in history if "heldout/accuracy" in m]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(steps, [m["train/accuracy"] for m in history], alpha=0.4, label="train (step)")
+    ax_acc.plot([m["charts/step"] for m in evals], [m["heldout/accuracy"] for m in evals],
+                marker="o", label="held-out")
+    ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02),
+               title="Chosen scored above rejected")
+    ax_loss.plot(steps, [m["train/loss"] for m in history], alpha=0.4, label="train (step)")
+    ax_loss.plot([m["charts/step"] for m in evals], [m["heldout/loss"] for m in evals],
+                 marker="o", label="held-out")
+    ax_loss.set(xlabel="step", ylabel="-log sigmoid(r_c - r_r - m)", title="Pairwise loss")
+    for ax in (ax_acc, ax_loss):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
