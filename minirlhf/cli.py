@@ -323,7 +323,7 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         if reward_fn is not None:
             rewards = get_rewards(reward_fn, list(row))
             row = [f"[{r:+.2f}] {text}" for r, text in zip(rewards.tolist(), row)]
-        table.add_row(*row)
+        table.add_row(*map(Text, row))  # Text: model output is not rich markup
     Console().print(table)
 
 
