@@ -80,6 +80,12 @@ class RLHFArgs:
     prepend_bos: bool = True
     """Put the model's BOS token before the prompt."""
 
+    # --- speed and memory ---
+    fast_forward: bool = True
+    """Sample and train on minirlhf's fused forward pass (same logits; False: TransformerLens's)."""
+    recompute_ref_logits: bool = False
+    """Recompute reference logits per minibatch instead of storing them: less memory, more time."""
+
     # --- reward ---
     normalize_reward: bool = True
     """Scale each phase's rewards to mean 0, std 1 before computing advantages."""

@@ -22,7 +22,8 @@ class ReplayMinibatch:
     logprobs: Float[Tensor, "minibatch gen_len"]
     advantages: Float[Tensor, "minibatch gen_len"]
     returns: Float[Tensor, "minibatch gen_len"]
-    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"]
+    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"] | None
+    """None when the trainer recomputes them per minibatch (`recompute_ref_logits`)."""
 
 
 class ReplayMemory:
@@ -34,7 +35,8 @@ class ReplayMemory:
         logprobs: log-probs of the generated tokens under the policy that sampled them.
         advantages: one per generated token.
         values: V(s_t) for each generated token, i.e. `values[:, prefix_len - 1 : -1]`.
-        ref_logits: the reference model's logits at the generated positions.
+        ref_logits: the reference model's logits at the generated positions, or None to not
+            hold them for the phase (the learning phase then recomputes them per minibatch).
     """
 
     def __init__(
@@ -44,7 +46,7 @@ class ReplayMemory:
         logprobs: Float[Tensor, "batch gen_len"],
         advantages: Float[Tensor, "batch gen_len"],
         values: Float[Tensor, "batch gen_len"],
-        ref_logits: Float[Tensor, "batch gen_len d_vocab"],
+        ref_logits: Float[Tensor, "batch gen_len d_vocab"] | None,
     ):
         batch, gen_len = logprobs.shape
         for name, tensor in [("advantages", advantages), ("values", values)]:
@@ -52,7 +54,7 @@ class ReplayMemory:
                 f"{name} has shape {tuple(tensor.shape)} but logprobs has {(batch, gen_len)}: "
                 "slice values to the generated positions, values[:, prefix_len - 1 : -1]"
             )
-        assert ref_logits.shape[:2] == (batch, gen_len), (
+        assert ref_logits is None or ref_logits.shape[:2] == (batch, gen_len), (
             f"ref_logits has shape {tuple(ref_logits.shape)}; expected ({batch}, {gen_len}, "
             "d_vocab): slice to the generated positions, ref_logits[:, prefix_len - 1 : -1]"
         )
@@ -90,7 +92,7 @@ class ReplayMemory:
                         logprobs=self.logprobs[indices],
                         advantages=self.advantages[indices],
                         returns=returns[indices],
-                        ref_logits=self.ref_logits[indices],
+                        ref_logits=None if self.ref_logits is None else self.ref_logits[indices],
                     )
                 )
         return minibatches

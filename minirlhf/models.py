@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
+from minirlhf import fast_forward
+
 VALUE_HOOK = "ln_final.hook_normalized"
 
 
@@ -22,11 +24,15 @@ class TransformerWithValueHead(nn.Module):
 
     Args:
         base_model: any HookedTransformer (pretrained, converted, or tiny and random).
+        fast: run forward passes on `minirlhf.fast_forward` (the same logits and values, and
+            gradients into the same parameters, without TransformerLens's per-call weight
+            re-layout; hooks do not run). Models it does not support use the hooked path.
     """
 
-    def __init__(self, base_model: HookedTransformer):
+    def __init__(self, base_model: HookedTransformer, fast: bool = True):
         super().__init__()
         self.base_model = base_model
+        self.fast = fast and fast_forward.unsupported_reason(base_model) is None
         d_model = base_model.cfg.d_model
         self.value_head = nn.Sequential(
             nn.Linear(d_model, 4 * d_model),
@@ -40,6 +46,11 @@ class TransformerWithValueHead(nn.Module):
         attention_mask: Int[Tensor, "batch seq"] | None = None,
     ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
         """One forward pass returning `(logits, values)`."""
+        if self.fast:
+            weights = fast_forward.get_fast_weights(self.base_model)
+            normalized = fast_forward.forward(weights, tokens, attention_mask)
+            values = self.value_head(normalized.to(self.value_head[0].weight.dtype)).squeeze(-1)
+            return fast_forward.unembed(weights, normalized), values
         values = None
 
         def store_values(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
@@ -72,6 +83,9 @@ def get_logits(
     model: HookedTransformer,
     tokens: Int[Tensor, "batch seq"],
     attention_mask: Int[Tensor, "batch seq"] | None = None,
+    fast: bool = True,
 ) -> Float[Tensor, "batch seq d_vocab"]:
     """Logits of a model with no gradient (used for the frozen reference model)."""
+    if fast and fast_forward.unsupported_reason(model) is None:
+        return fast_forward.get_logits(model, tokens, attention_mask)
     return model(tokens, return_type="logits", attention_mask=attention_mask)

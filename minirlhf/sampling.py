@@ -9,6 +9,7 @@ Sampling follows the model's own softmax: `softmax(logits / temperature)`, optio
 the top-k tokens and/or the smallest set whose probability reaches top_p (Holtzman et al. 2020).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from minirlhf import fast_forward
 
 
 class Samples(NamedTuple):
@@ -86,9 +89,18 @@ def sample_next_token(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Int[Tensor, " batch"]:
-    """Draw one token per row from the filtered softmax distribution."""
+    """Draw one token per row from the filtered softmax distribution.
+
+    By inverting the cumulative distribution at one uniform draw per row: the first token whose
+    cumulative probability exceeds it (a token of probability 0 never is). `torch.multinomial`
+    draws the same distribution with one random number per vocabulary entry, which at d_vocab
+    49k was 14% of a SmolLM2 rollout on the CPU.
+    """
     probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    cdf = probs.double().cumsum(dim=-1)  # float64: 49k float32 additions would drift by ~1e-5
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device)
+    tokens = torch.searchsorted(cdf, uniform.double() * cdf[:, -1:], right=True).squeeze(-1)
+    return tokens.clamp(max=probs.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -105,6 +117,7 @@ def get_samples(
     generator: torch.Generator | None = None,
     stop_at_eos: bool = False,
     use_cache: bool = True,
+    fast: bool = True,
 ) -> Samples:
     """Sample `gen_len` tokens after each prompt.
 
@@ -115,6 +128,9 @@ def get_samples(
         stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length).
         use_cache: reuse keys and values of earlier positions (False recomputes the whole
             sequence each step: slower, the same distribution; kept to test the cache).
+        fast: decode with `minirlhf.fast_forward` (weights laid out once, about 2-3x faster on
+            CPU, the same logits; models it does not support fall back to the next option).
+            False calls `HookedTransformer.forward` with TransformerLens's own cache.
     """
     if isinstance(prompt, str):
         prompts = [prompt] * (batch_size if batch_size is not None else 1)
@@ -131,9 +147,14 @@ def get_samples(
             raise ValueError("Pass either seed or generator, not both.")
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    batch = prompt_ids.shape[0]
+    if fast and use_cache and fast_forward.unsupported_reason(model) is None:
+        next_logits = _fast_next_logits(model, batch, prompt_ids.shape[1] + gen_len)
+    else:
+        next_logits = _tl_next_logits(model, batch, use_cache)
     new_tokens = _sampling_loop(
         model, prompt_ids, prompt_mask, gen_len, (temperature, top_k, top_p), generator,
-        stop_at_eos, use_cache,
+        stop_at_eos, next_logits,
     )
     sample_ids = torch.cat([prompt_ids, new_tokens], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)
@@ -149,16 +170,13 @@ def _sampling_loop(
     sampling: tuple[float, int | None, float | None],
     generator: torch.Generator | None,
     stop_at_eos: bool,
-    use_cache: bool,
+    next_logits: Callable[[Tensor, Tensor], Tensor],
 ) -> Int[Tensor, "batch gen_len"]:
     """The decoding loop: one forward pass over the prompt, then one per new token."""
     batch = prompt_ids.shape[0]
     eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
-    cache = None
-    if use_cache:
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
     tokens, mask = prompt_ids, prompt_mask
-    logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+    logits = next_logits(tokens, mask)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     new_tokens = []
     for step in range(gen_len):
@@ -173,15 +191,44 @@ def _sampling_loop(
         new_tokens.append(next_token)
         if step == gen_len - 1:
             break
-        if cache is not None:  # only the new token goes through the model
-            new_mask = torch.ones_like(next_token[:, None])
-            logits = model(next_token[:, None], attention_mask=new_mask, past_kv_cache=cache)
-        else:  # the whole sequence again
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
-            logits = model(tokens, attention_mask=mask)
-        logits = logits[:, -1]
+        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
+        logits = next_logits(tokens, mask)
     return torch.stack(new_tokens, dim=1)
+
+
+def _tl_next_logits(model: HookedTransformer, batch: int, use_cache: bool):
+    """Next-token logits from HookedTransformer.forward, with TransformerLens's own KV cache."""
+    cache = None
+    if use_cache:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+    seen = 0
+
+    def next_logits(tokens: Tensor, mask: Tensor) -> Tensor:
+        nonlocal seen
+        if cache is None:  # the whole sequence again
+            return model(tokens, attention_mask=mask)[:, -1]
+        # Only the new tokens go through the model; the cache extends its own mask.
+        new_tokens, new_mask = tokens[:, seen:], mask[:, seen:]
+        seen = tokens.shape[1]
+        return model(new_tokens, attention_mask=new_mask, past_kv_cache=cache)[:, -1]
+
+    return next_logits
+
+
+def _fast_next_logits(model: HookedTransformer, batch: int, max_len: int):
+    """Next-token logits from the fast path: weights laid out once, a preallocated KV cache."""
+    weights = fast_forward.get_fast_weights(model)
+    cache = fast_forward.make_cache(weights, batch, max_len, model.cfg.dtype, model.cfg.device)
+    seen = 0
+
+    def next_logits(tokens: Tensor, mask: Tensor) -> Tensor:
+        nonlocal seen
+        normalized = fast_forward.forward(weights, tokens[:, seen:], mask, cache, start=seen)
+        seen = tokens.shape[1]
+        return fast_forward.unembed(weights, normalized[:, -1])
+
+    return next_logits
 
 
 def _decode(model: HookedTransformer, tokens: Int[Tensor, " gen_len"], stop_at_eos: bool) -> str:

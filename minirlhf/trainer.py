@@ -93,7 +93,7 @@ class RLHFTrainer:
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
         base_model = base_model.to(self.device)
-        self.model = TransformerWithValueHead(base_model).to(self.device)
+        self.model = TransformerWithValueHead(base_model, fast=args.fast_forward).to(self.device)
         self.ref_model = get_reference_model(base_model)
         self.optimizer, self.scheduler = get_optimizer_and_scheduler(
             self.model, args.base_lr, args.head_lr, args.warmup_steps, args.total_phases,
@@ -168,13 +168,12 @@ class RLHFTrainer:
             self.model.base_model, self.prompts, batch_size=args.batch_size,
             gen_len=args.gen_len, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, prepend_bos=args.prepend_bos, generator=self.sample_generator,
+            fast=args.fast_forward,
         )
         sample_time = time.perf_counter() - start
         ids, mask, prefix_len = rollout.sample_ids, rollout.attention_mask, rollout.prefix_len
-        logits, values = self.model(ids, mask_or_none(mask))
-        logits = logits / args.temperature
-        ref_logits = get_logits(self.ref_model, ids, mask_or_none(mask)) / args.temperature
-        logprobs = get_logprobs(logits, ids, prefix_len)
+        logprobs, values, ref_logits, kl, entropy = self.evaluate_samples(ids, mask, prefix_len)
+        forward_time = time.perf_counter() - start - sample_time
 
         rewards = get_rewards(self.reward_fn, rollout.samples, device=self.device)
         scaled = normalize_reward(rewards) if args.normalize_reward else rewards
@@ -183,20 +182,61 @@ class RLHFTrainer:
         else:
             advantages = compute_advantages(values, scaled, prefix_len)
 
-        gen_logits = logits[:, prefix_len - 1 : -1]
-        gen_ref_logits = ref_logits[:, prefix_len - 1 : -1]
         gen_values = values[:, prefix_len - 1 : -1]
         self.last_samples, self.last_rewards = rollout.samples, rewards.tolist()
         self.rollout_metrics = {
             "charts/reward_mean": rewards.mean().item(),
             "charts/reward_std": rewards.std(correction=0).item(),
-            "charts/kl": calc_kl_penalty(gen_logits, gen_ref_logits, kl_coef=1.0).item(),
-            "charts/entropy": calc_entropy_bonus(gen_logits, ent_coef=1.0).item(),
+            "charts/kl": kl,
+            "charts/entropy": entropy,
             "losses/explained_variance": explained_variance(gen_values, advantages + gen_values),
             "charts/sample_time": sample_time,
+            "charts/forward_time": forward_time,
             "charts/rollout_time": time.perf_counter() - start,
         }
-        return ReplayMemory(ids, mask, logprobs, advantages, gen_values, gen_ref_logits)
+        return ReplayMemory(ids, mask, logprobs, advantages, gen_values, ref_logits)
+
+    @torch.no_grad()
+    def evaluate_samples(
+        self, ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"], prefix_len: int
+    ) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
+        """The policy's log-probs and values, the reference logits at the generated positions
+        (None with `recompute_ref_logits`), and the mean KL and entropy of the policy.
+
+        With `recompute_ref_logits`, the samples go through the models one minibatch at a time,
+        so no batch x seq x d_vocab logits are ever held at once.
+        """
+        args = self.args
+        chunk = args.minibatch_size if args.recompute_ref_logits else len(ids)
+        parts: list[tuple] = []
+        for rows in torch.arange(len(ids), device=ids.device).split(chunk):
+            logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
+            # From the last prompt position on: the logits that chose each generated token.
+            logits = logits[:, prefix_len - 1 :] / args.temperature
+            logprobs = get_logprobs(logits, ids[rows, prefix_len - 1 :])
+            gen_logits = logits[:, :-1]
+            ref = self.get_ref_logits(ids[rows], mask[rows], prefix_len)
+            parts.append((
+                logprobs, values,
+                None if args.recompute_ref_logits else ref,
+                calc_kl_penalty(gen_logits, ref, kl_coef=1.0).item(),
+                calc_entropy_bonus(gen_logits, ent_coef=1.0).item(),
+            ))
+        logprobs, values, ref_logits, kl, entropy = zip(*parts)
+        return (
+            torch.cat(logprobs), torch.cat(values),
+            None if args.recompute_ref_logits else torch.cat(ref_logits),
+            float(np.mean(kl)), float(np.mean(entropy)),
+        )
+
+    @torch.no_grad()
+    def get_ref_logits(
+        self, ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"], prefix_len: int
+    ) -> Float[Tensor, "batch gen_len d_vocab"]:
+        """The reference model's logits / temperature at the generated positions (a copy, so
+        the logits of the prompt positions are freed)."""
+        logits = get_logits(self.ref_model, ids, mask_or_none(mask), fast=self.args.fast_forward)
+        return (logits[:, prefix_len - 1 : -1] / self.args.temperature).contiguous()
 
     # ---- learning ----
 
@@ -205,17 +245,20 @@ class RLHFTrainer:
         args = self.args
         prefix_len = mb.sample_ids.shape[1] - mb.logprobs.shape[1]
         logits, values = self.model(mb.sample_ids, mask_or_none(mb.attention_mask))
-        logits = logits / args.temperature
-        logprobs = get_logprobs(logits, mb.sample_ids, prefix_len)
-        gen_logits = logits[:, prefix_len - 1 : -1]
+        logits = logits[:, prefix_len - 1 :] / args.temperature
+        logprobs = get_logprobs(logits, mb.sample_ids[:, prefix_len - 1 :])
+        gen_logits = logits[:, :-1]
         gen_values = values[:, prefix_len - 1 : -1]
+        ref_logits = mb.ref_logits
+        if ref_logits is None:
+            ref_logits = self.get_ref_logits(mb.sample_ids, mb.attention_mask, prefix_len)
 
         clipped_surrogate = calc_clipped_surrogate_objective(
             logprobs, mb.logprobs, mb.advantages, args.clip_coef
         )
         value_loss = calc_value_function_loss(gen_values, mb.returns, args.vf_coef)
         entropy_bonus = calc_entropy_bonus(gen_logits, args.ent_coef)
-        kl_penalty = calc_kl_penalty(gen_logits, mb.ref_logits, args.kl_coef)
+        kl_penalty = calc_kl_penalty(gen_logits, ref_logits, args.kl_coef)
         objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
 
         with torch.no_grad():

@@ -80,10 +80,26 @@ def greedy_right_padded(model, prompts, gen_len):
     return type("Result", (), {"sample_ids": ids, "prefix_len": width})
 
 
-def test_top_k_1_is_greedy_decoding(tiny_model):
+def tl_top_k_1(model, prompts, gen_len):
+    return get_samples(model, prompts, gen_len=gen_len, top_k=1, seed=0, fast=False)
+
+
+@pytest.mark.parametrize("sampler", [real_top_k_1, tl_top_k_1], ids=["fast", "transformer_lens"])
+def test_top_k_1_is_greedy_decoding(tiny_model, sampler):
     """Also the left-padding oracle: a batch of prompts of different lengths, decoded together,
-    gives each prompt's own unpadded greedy continuation."""
-    assert equals_greedy(real_top_k_1, tiny_model)
+    gives each prompt's own unpadded greedy continuation. Both decoding paths."""
+    assert equals_greedy(sampler, tiny_model)
+
+
+def test_fast_and_transformer_lens_paths_draw_the_same_samples(tiny_model):
+    """Same seed, same settings: the same tokens (the logits agree to ~1e-6, see
+    test_fast_forward.py, so a draw would only differ on a near-exact tie)."""
+    for prompt, batch_size in [(PROMPT, 6), (PROMPTS, None)]:
+        fast, slow = (
+            get_samples(tiny_model, prompt, batch_size, gen_len=10, seed=5, top_p=0.9, fast=f)
+            for f in (True, False)
+        )
+        assert torch.equal(fast.sample_ids, slow.sample_ids)
 
 
 @pytest.mark.parametrize("wrong", [top_k_not_passed_on, greedy_off_by_one, greedy_right_padded])
@@ -276,8 +292,17 @@ def draw(model, temperature=TEMPERATURE, top_k=TOP_K) -> torch.Tensor:
     return result.sample_ids[:, -1]
 
 
-def test_sampling_distribution_is_the_models_softmax(peaked_model):
-    assert draws_match_model(draw, peaked_model)
+def draw_transformer_lens(model) -> torch.Tensor:
+    result = get_samples(
+        model, "A", batch_size=N_DRAWS, gen_len=1, temperature=TEMPERATURE, top_k=TOP_K,
+        prepend_bos=False, seed=0, fast=False,
+    )
+    return result.sample_ids[:, -1]
+
+
+@pytest.mark.parametrize("sampler", [draw, draw_transformer_lens], ids=["fast", "transformer_lens"])
+def test_sampling_distribution_is_the_models_softmax(peaked_model, sampler):
+    assert draws_match_model(sampler, peaked_model)
 
 
 @pytest.mark.parametrize(
@@ -371,3 +396,39 @@ def test_filter_check_rejects_wrong_versions(wrong):
 def test_filter_keeps_the_top_token_even_for_tiny_top_p():
     filtered = filter_logits(PROBS.log(), top_p=1e-6)
     assert torch.isfinite(filtered).sum() == 1 and math.isfinite(filtered[0, 1].item())
+
+
+# ---------------------------------------------------------------- one draw, by inverse CDF
+
+DRAW_PROBS = torch.tensor([0.0, 0.1, 0.0, 0.45, 0.05, 0.4, 0.0])
+"""Hand-picked probabilities with zeros between and at both ends: a zero is never drawn."""
+
+
+def draws_follow(draw_fn: Callable, probs: torch.Tensor = DRAW_PROBS, n: int = 20_000) -> bool:
+    """Chi-square of `n` draws against `probs` (the independent oracle: the numbers above)."""
+    logits = probs.log().expand(n, -1)
+    tokens = draw_fn(logits, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=len(probs)).double()
+    if (counts[probs == 0] > 0).any():
+        return False
+    expected = probs[probs > 0].double() * n
+    chi2 = ((counts[probs > 0] - expected) ** 2 / expected).sum().item()
+    return chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+def test_sample_next_token_draws_the_softmax():
+    assert draws_follow(sample_next_token)
+
+
+def shifted_by_one(logits, generator):
+    """The inverse CDF read one token too far (searchsorted's index + 1)."""
+    return (sample_next_token(logits, generator=generator) + 1).clamp(max=logits.shape[-1] - 1)
+
+
+def uniform_over_vocab(logits, generator):
+    return torch.randint(0, logits.shape[-1], (logits.shape[0],), generator=generator)
+
+
+@pytest.mark.parametrize("wrong", [shifted_by_one, uniform_over_vocab])
+def test_draw_check_rejects_wrong_samplers(wrong):
+    assert not draws_follow(wrong)

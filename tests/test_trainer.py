@@ -181,3 +181,58 @@ def test_mask_or_none():
     assert mask_or_none(torch.ones(2, 3, dtype=torch.long)) is None
     mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
     assert mask_or_none(mask) is mask
+
+
+# ---------------------------------------------------------------- speed and memory settings
+
+
+def one_phase(model, **overrides) -> tuple[RLHFTrainer, dict[str, float], object]:
+    args = RLHFArgs(**{**E2E_ARGS, "total_phases": 2, "batch_size": 8, "num_minibatches": 2,
+                       "gen_len": 6, **overrides})
+    trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
+                          console=Console(quiet=True), table_every=0)
+    memory = trainer.rollout_phase()
+    metrics = {**trainer.rollout_metrics, **trainer.learning_phase(memory)}
+    return trainer, metrics, memory
+
+
+def test_recomputing_reference_logits_trains_the_same(make_printable_model):
+    """recompute_ref_logits changes where the reference logits come from, not what they are:
+    the same samples, the same metrics and the same weights after a phase; nothing stored."""
+    stored, stored_metrics, _ = one_phase(make_printable_model(seed=3))
+    lean, lean_metrics, memory = one_phase(make_printable_model(seed=3), recompute_ref_logits=True)
+    assert memory.ref_logits is None
+    assert lean.last_samples == stored.last_samples
+    for key in ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]:
+        assert lean_metrics[key] == pytest.approx(stored_metrics[key], rel=1e-4, abs=1e-6), key
+    for (name, a), (_, b) in zip(stored.model.named_parameters(), lean.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_the_check_above_sees_wrong_reference_logits(make_printable_model, monkeypatch):
+    """Recomputed reference logits without the temperature: the KL term moves."""
+    _, stored_metrics, _ = one_phase(make_printable_model(seed=3), temperature=2.0)
+
+    def untempered(self, ids, mask, prefix_len):
+        logits = self.ref_model(ids, attention_mask=mask_or_none(mask))
+        return logits[:, prefix_len - 1 : -1].contiguous()
+
+    monkeypatch.setattr(RLHFTrainer, "get_ref_logits", untempered)
+    _, lean_metrics, _ = one_phase(make_printable_model(seed=3), temperature=2.0,
+                                   recompute_ref_logits=True)
+    assert lean_metrics["charts/kl"] != pytest.approx(stored_metrics["charts/kl"], rel=1e-2)
+
+
+def test_fast_and_hooked_forward_train_the_same(make_printable_model):
+    """fast_forward=False runs TransformerLens's forward with the value-head hook: the same
+    phase to float rounding."""
+    fast, fast_metrics, _ = one_phase(make_printable_model(seed=4))
+    hooked, hooked_metrics, _ = one_phase(make_printable_model(seed=4), fast_forward=False)
+    assert fast.last_samples == hooked.last_samples
+    for key in ["charts/kl", "losses/value_loss", "losses/clipped_surrogate"]:
+        assert fast_metrics[key] == pytest.approx(hooked_metrics[key], rel=1e-3, abs=1e-5), key
+    for (name, a), (_, b) in zip(fast.model.named_parameters(), hooked.model.named_parameters()):
+        # The key bias adds the same q.b_K to every score of a query, which softmax ignores: its
+        # true gradient is 0, so both paths get rounding noise that Adam scales up to an LR step.
+        if not name.endswith("b_K"):
+            assert torch.allclose(a, b, atol=1e-5), name
