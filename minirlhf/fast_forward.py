@@ -5,8 +5,8 @@ Part of the model layer (stages 1-2). `HookedTransformer.forward` keeps attentio
 into the layout a matrix multiply wants: a torch profile of one cached decoding step of SmolLM2 at
 batch 32 spends 45% of its CPU time in `aten::copy_` and 44% in the matmuls themselves.
 
-`get_fast_weights` lays the weights out once, as the matrices `F.linear` reads: Q, K and V fused
-into one matrix per layer, the gate and input projections of a gated MLP fused into one. The
+`get_fast_weights` lays the attention weights out once, as the matrices `F.linear` reads, with Q,
+K and V fused into one matrix per layer (the MLP and unembedding weights are read in place). The
 forward pass below computes exactly what TransformerLens computes (tests/test_fast_forward.py
 checks the logits against `HookedTransformer.forward`), with `scaled_dot_product_attention`.
 
@@ -78,9 +78,10 @@ class LayerWeights:
     b_o: Float[Tensor, " d_model"]
     ln2_w: Float[Tensor, " d_model"] | None
     ln2_b: Float[Tensor, " d_model"] | None
-    w_in: Float[Tensor, "mlp_in d_model"]
-    """The MLP's input projection; for a gated MLP the gate's rows first, then the input's."""
+    w_in: Float[Tensor, "d_mlp d_model"]
     b_in: Float[Tensor, " d_mlp"]
+    w_gate: Float[Tensor, "d_mlp d_model"] | None
+    """A gated MLP's gate (None for a plain MLP)."""
     w_out: Float[Tensor, "d_model d_mlp"]
     b_out: Float[Tensor, " d_model"]
 
@@ -104,7 +105,6 @@ class FastWeights:
     norm: str
     eps: float
     act_fn: str
-    gated: bool
     attn_scale: float
     rotary_dim: int
     rotary_adjacent_pairs: bool
@@ -125,12 +125,12 @@ def _layer_weights(block, gated: bool) -> LayerWeights:
     w_qkv = torch.cat([_heads_to_linear(w) for w in (attn.W_Q, w_k, w_v)])
     b_qkv = torch.cat([attn.b_Q.flatten(), b_k.flatten(), b_v.flatten()])
     w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T  # x @ W_O without a copy
-    w_in = torch.cat([mlp.W_gate.T, mlp.W_in.T]) if gated else mlp.W_in.T
     return LayerWeights(
         ln1_w=getattr(block.ln1, "w", None), ln1_b=getattr(block.ln1, "b", None),
         w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, b_o=attn.b_O,
         ln2_w=getattr(block.ln2, "w", None), ln2_b=getattr(block.ln2, "b", None),
-        w_in=w_in, b_in=mlp.b_in, w_out=mlp.W_out.T, b_out=mlp.b_out,
+        w_in=mlp.W_in.T, b_in=mlp.b_in, w_gate=mlp.W_gate.T if gated else None,
+        w_out=mlp.W_out.T, b_out=mlp.b_out,
     )
 
 
@@ -162,7 +162,6 @@ def get_fast_weights(model: HookedTransformer) -> FastWeights:
         norm=cfg.normalization_type,
         eps=cfg.eps,
         act_fn=cfg.act_fn,
-        gated=cfg.gated_mlp,
         attn_scale=cfg.attn_scale if cfg.use_attn_scale else 1.0,
         rotary_dim=cfg.rotary_dim or cfg.d_head,
         rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
@@ -239,9 +238,8 @@ def _attention(
 
 def _mlp(x: Float[Tensor, "batch pos d_model"], layer: LayerWeights, weights: FastWeights):
     act = _ACTIVATIONS[weights.act_fn]
-    if weights.gated:  # TransformerLens adds b_in after the product: act(x W_gate) * (x W_in) + b
-        gate, up = F.linear(x, layer.w_in).chunk(2, dim=-1)
-        hidden = act(gate) * up + layer.b_in
+    if layer.w_gate is not None:  # TransformerLens adds b_in after the product
+        hidden = act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_in) + layer.b_in
     else:
         hidden = act(F.linear(x, layer.w_in, layer.b_in))
     return F.linear(hidden, layer.w_out, layer.b_out)

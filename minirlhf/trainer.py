@@ -173,9 +173,9 @@ class RLHFTrainer:
         sample_time = time.perf_counter() - start
         ids, mask, prefix_len = rollout.sample_ids, rollout.attention_mask, rollout.prefix_len
         logprobs, values, ref_logits, kl, entropy = self.evaluate_samples(ids, mask, prefix_len)
-        forward_time = time.perf_counter() - start - sample_time
-
+        reward_start = time.perf_counter()
         rewards = get_rewards(self.reward_fn, rollout.samples, device=self.device)
+        reward_time = time.perf_counter() - reward_start
         scaled = normalize_reward(rewards) if args.normalize_reward else rewards
         if args.advantage_estimator == "gae":
             advantages = compute_gae(values, scaled, prefix_len, args.gamma, args.gae_lambda)
@@ -191,7 +191,8 @@ class RLHFTrainer:
             "charts/entropy": entropy,
             "losses/explained_variance": explained_variance(gen_values, advantages + gen_values),
             "charts/sample_time": sample_time,
-            "charts/forward_time": forward_time,
+            "charts/forward_time": reward_start - start - sample_time,
+            "charts/reward_time": reward_time,
             "charts/rollout_time": time.perf_counter() - start,
         }
         return ReplayMemory(ids, mask, logprobs, advantages, gen_values, ref_logits)
