@@ -72,7 +72,7 @@ def phase_preferences(ns, policy, console: Console) -> dict:
 def phase_reward_model(ns, policy, console: Console) -> tuple:
     args = RewardModelArgs(
         seed=ns.seed, base_model="smollm2", trainable_layers=ns.rm_layers, epochs=ns.rm_epochs,
-        batch_size=16, lr=ns.rm_lr, head_lr=ns.rm_head_lr, eval_every=5,
+        batch_size=16, lr=ns.rm_lr, head_lr=ns.rm_head_lr, eval_every=ns.rm_eval_every,
         normalize_samples=64, normalize_prompt=ns.prompt, normalize_gen_len=ns.gen_len,
     )
     start = time.perf_counter()
@@ -83,7 +83,15 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
     train, heldout = split_preferences(read_preferences(ns.work / "preferences.jsonl"),
                                        args.heldout_fraction, seed=args.seed)
     reward_model = make_reward_model(args)
-    history = train_reward_model(reward_model, train, heldout, args, console=console)
+    def on_step(metrics: dict):
+        if "heldout/accuracy" in metrics:
+            console.print(f"reward model step {metrics['charts/step']:3d}: train loss "
+                          f"{metrics['train/loss']:.3f}  held-out accuracy "
+                          f"{metrics['heldout/accuracy']:.3f}  loss {metrics['heldout/loss']:.3f}"
+                          f"  ({time.perf_counter() - start:.0f} s)", soft_wrap=True)
+
+    history = train_reward_model(reward_model, train, heldout, args, console=console,
+                                 on_step=on_step)
     normalization = normalize_on_policy(reward_model, policy, args)
     evals = [m for m in history if "heldout/accuracy" in m]
     result = {
@@ -95,8 +103,7 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
         "final_heldout_margin": evals[-1]["heldout/margin"],
         "normalization": normalization, "time_s": time.perf_counter() - start,
     }
-    save_reward_model(reward_model, folder, {"base_model": "smollm2", "prepend_bos": True,
-                                             "benchmark": result})
+    save_reward_model(reward_model, folder, {"base_model": "smollm2", "benchmark": result})
     console.print(f"reward model: held-out accuracy {result['final_heldout_accuracy']:.3f} on "
                   f"{len(heldout)} pairs ({result['time_s']:.0f} s)", soft_wrap=True)
     return reward_model, result
@@ -195,6 +202,7 @@ def main():
     parser.add_argument("--rm-epochs", type=int, default=2)
     parser.add_argument("--rm-lr", type=float, default=1e-5)
     parser.add_argument("--rm-head-lr", type=float, default=1e-3)
+    parser.add_argument("--rm-eval-every", type=int, default=10, help="steps between evals")
     parser.add_argument("--phases", type=int, default=20, help="PPO phases")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

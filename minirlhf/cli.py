@@ -175,8 +175,8 @@ def make_reward_fn(spec: dict, device) -> RewardFn:
     if kind == "reward_model":
         from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn
 
-        reward_model, info = load_reward_model(spec["path"], device)
-        return make_reward_model_reward_fn(reward_model, info["prepend_bos"])
+        reward_model, _ = load_reward_model(spec["path"], device)
+        return make_reward_model_reward_fn(reward_model)
     if kind == "char_count":
         char = spec.get("char", ".")
 
@@ -385,10 +385,10 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         normalization = normalize_on_policy(
             reward_model, loading.load_policy(args.base_model, device), args)
     final = {k: v for k, v in history[-1].items() if k.startswith("heldout/")}
-    info = {"base_model": args.base_model, "prepend_bos": args.prepend_bos,
-            "args": args.to_dict(), "data": str(ns.data), "heldout": final,
-            "normalization": normalization}
+    info = {"base_model": args.base_model, "args": args.to_dict(), "data": str(ns.data),
+            "heldout": final, "normalization": normalization}
     save_reward_model(reward_model, ns.out, info)
+    info |= {"prepend_bos": args.prepend_bos, "append_end_token": args.append_end_token}
     (ns.out / "reward_model.json").write_text(json.dumps(info, indent=2))
     plot = plot_reward_model_metrics(history, ns.out / "accuracy.png")
     summary = Table("held-out", "value", title="Reward model")

@@ -33,7 +33,6 @@ from minirlhf.reward_model import (
     fit_normalization,
     score_texts,
     set_trainable_layers,
-    tokenize_texts,
 )
 from minirlhf.sampling import get_samples
 
@@ -53,6 +52,8 @@ class RewardModelArgs:
     """Train only the top this many blocks (plus final norm and head); None trains every one."""
     prepend_bos: bool = True
     """Put the model's BOS token before each text (as the policy's sampler does)."""
+    append_end_token: bool = True
+    """Put the end-of-text token after each text: the reward is read there."""
 
     # --- data ---
     heldout_fraction: float = 0.2
@@ -105,15 +106,15 @@ def make_reward_model(args: RewardModelArgs, device: loading.Device = "cpu") -> 
     """A fresh reward model on `args.base_model`'s weights, its head seeded by `args.seed`."""
     base_model = loading.load_policy(args.base_model, device)
     torch.manual_seed(args.seed)
-    return RewardModel(base_model)
+    return RewardModel(base_model, args.prepend_bos, args.append_end_token)
 
 
 def score_pairs(
-    reward_model: RewardModel, pairs: list[Preference], prepend_bos: bool
+    reward_model: RewardModel, pairs: list[Preference]
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
     """Rewards of the chosen and rejected texts, from one forward pass over both."""
     texts = [p.chosen_text for p in pairs] + [p.rejected_text for p in pairs]
-    tokens, mask = tokenize_texts(reward_model.base_model, texts, prepend_bos)
+    tokens, mask = reward_model.tokenize(texts)
     rewards = reward_model(tokens, mask).float()
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
@@ -131,8 +132,7 @@ def evaluate(
     """Loss, accuracy and mean margin over every pair, scored in batches without gradient."""
     chosen, rejected = [], []
     for start in range(0, len(pairs), 2 * args.batch_size):
-        c, r = score_pairs(reward_model, pairs[start : start + 2 * args.batch_size],
-                           args.prepend_bos)
+        c, r = score_pairs(reward_model, pairs[start : start + 2 * args.batch_size])
         chosen.append(c)
         rejected.append(r)
     chosen_rewards, rejected_rewards = torch.cat(chosen), torch.cat(rejected)
@@ -197,7 +197,7 @@ def train_step(
 ) -> dict[str, float]:
     """One AdamW step on the pairwise loss of a minibatch of pairs."""
     reward_model.train()
-    chosen, rejected = score_pairs(reward_model, mb_pairs, args.prepend_bos)
+    chosen, rejected = score_pairs(reward_model, mb_pairs)
     loss = calc_pairwise_loss(chosen, rejected, get_margins(mb_pairs, args.use_margin,
                                                             chosen.device))
     optimizer.zero_grad()
@@ -215,14 +215,14 @@ def normalize_on_policy(
 ) -> dict[str, float]:
     """Fit gain and bias so the rewards of the initial policy's samples have mean 0, std 1.
 
-    The policy is sampled (seeded) with the PPO run's prompt and length; call this before PPO
-    changes the policy. Returns the raw mean and std and the fitted gain and bias.
+    The policy is sampled (seeded, with its own BOS default) with the PPO run's prompt and length;
+    call this before PPO changes the policy. Returns the raw mean and std, the gain and the bias.
     """
     samples = get_samples(policy, args.normalize_prompt, batch_size=args.normalize_samples,
-                          gen_len=args.normalize_gen_len, prepend_bos=args.prepend_bos,
-                          seed=args.seed).samples
+                          gen_len=args.normalize_gen_len, seed=args.seed,
+                          prepend_bos=policy.cfg.default_prepend_bos).samples
     reward_model.set_normalization(1.0, 0.0)
-    raw = score_texts(reward_model, samples, args.prepend_bos)
+    raw = score_texts(reward_model, samples)
     gain, bias = fit_normalization(raw)
     reward_model.set_normalization(gain, bias)
     return {"raw_mean": raw.mean().item(), "raw_std": raw.std(correction=0).item(),

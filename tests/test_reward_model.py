@@ -20,6 +20,7 @@ from minirlhf.reward_model import (
     calc_pairwise_metrics,
     fit_normalization,
     gather_last_token,
+    get_end_token_id,
     get_last_token_index,
     load_reward_model,
     make_reward_model_reward_fn,
@@ -119,7 +120,7 @@ def test_gather_reads_the_value_at_the_last_real_token():
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_reward_of_a_padded_batch_equals_each_text_alone(reward_model, side):
     alone = torch.cat([score_texts(reward_model, [text]) for text in TEXTS])
-    tokens, mask = tokenize_texts(reward_model.base_model, TEXTS, padding_side=side)
+    tokens, mask = reward_model.tokenize(TEXTS, padding_side=side)
     assert (mask == 0).any(), "the batch must contain padding for this test to mean anything"
     with torch.no_grad():
         batched = reward_model(tokens, mask)
@@ -139,7 +140,7 @@ def test_the_unembedding_is_never_computed(reward_model, monkeypatch):
         raise AssertionError("the reward model computed logits")
 
     monkeypatch.setattr(reward_model.base_model.unembed, "forward", forbidden)
-    tokens, mask = tokenize_texts(reward_model.base_model, TEXTS)
+    tokens, mask = reward_model.tokenize(TEXTS)
     with torch.no_grad():
         per_position = reward_model.get_rewards_per_position(tokens, mask)
         rewards = reward_model(tokens, mask)
@@ -148,11 +149,23 @@ def test_the_unembedding_is_never_computed(reward_model, monkeypatch):
 
 
 def test_head_reads_the_final_normalised_residual(reward_model):
-    tokens, mask = tokenize_texts(reward_model.base_model, TEXTS[:2])
+    tokens, mask = reward_model.tokenize(TEXTS[:2])
     with torch.no_grad():
         _, cache = reward_model.base_model.run_with_cache(tokens, attention_mask=mask)
         expected = reward_model.reward_head(cache["ln_final.hook_normalized"]).squeeze(-1)
         torch.testing.assert_close(reward_model.get_rewards_per_position(tokens, mask), expected)
+
+
+def test_texts_are_read_between_bos_and_the_end_of_text_token(reward_model):
+    tokens, mask = reward_model.tokenize(["Great", "I loved it"])
+    eot = reward_model.base_model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert get_end_token_id(reward_model.base_model) == eot == 50256
+    assert tokens[:, 0].tolist() == [eot, eot]  # GPT-2's BOS is the same token
+    last = get_last_token_index(mask)
+    assert tokens[torch.arange(2), last].tolist() == [eot, eot]
+    assert mask.sum(-1).tolist() == [3, 5]  # BOS, "Great", EOT / BOS, "I", " loved", " it", EOT
+    plain = RewardModel(reward_model.base_model, prepend_bos=False, append_end_token=False)
+    assert plain.tokenize(["Great"])[0].tolist() == [[13681]]  # "Great" alone
 
 
 def test_a_vocabulary_mismatch_fails_with_a_message(printable_model):
@@ -237,7 +250,7 @@ def test_save_and_load_keeps_trained_weights_and_normalisation(tmp_path):
     with torch.no_grad():
         model.base_model.blocks[1].mlp.W_out.add_(0.1)
     model.set_normalization(2.0, -0.5)
-    path = save_reward_model(model, tmp_path, {"base_model": "tiny", "prepend_bos": True})
+    path = save_reward_model(model, tmp_path, {"base_model": "tiny"})
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert "base_model.blocks.1.mlp.W_out" in saved and "gain" in saved
     assert not any(k.startswith("base_model.blocks.0.") for k in saved), "frozen weights saved"
