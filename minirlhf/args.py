@@ -85,6 +85,8 @@ class RLHFArgs:
     """Sample and train on minirlhf's fused forward pass (same logits; False: TransformerLens's)."""
     recompute_ref_logits: bool = False
     """Recompute reference logits per minibatch instead of storing them: less memory, more time."""
+    autocast: bool = False
+    """Forward passes in bfloat16 autocast (log-softmaxes and losses stay float32); for GPUs."""
 
     # --- reward ---
     normalize_reward: bool = True

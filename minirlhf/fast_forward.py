@@ -191,6 +191,7 @@ def _rotate(
 ) -> Float[Tensor, "batch head pos d_head"]:
     """Rotary embedding of the first rotary_dim features (Su et al. 2021)."""
     rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bfloat16
     if adjacent_pairs:  # GPT-J: rotate (x0, x1) pairs
         flipped = torch.stack([-rot[..., 1::2], rot[..., ::2]], dim=-1).flatten(-2)
     else:  # GPT-NeoX / Llama: rotate the two halves against each other

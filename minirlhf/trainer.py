@@ -157,6 +157,12 @@ class RLHFTrainer:
         self.phase = state["phase"]
         self.history = list(state["history"])
 
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast for forward passes when `args.autocast` (else a no-op). The trainer
+        casts logits and values back to float32, so log-softmaxes, the KL and every loss term
+        are computed in float32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.autocast)
+
     # ---- rollout ----
 
     @torch.no_grad()
@@ -164,12 +170,13 @@ class RLHFTrainer:
         """Sample, score and estimate advantages; return the phase's replay memory."""
         args = self.args
         start = time.perf_counter()
-        rollout = get_samples(
-            self.model.base_model, self.prompts, batch_size=args.batch_size,
-            gen_len=args.gen_len, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, prepend_bos=args.prepend_bos, generator=self.sample_generator,
-            fast=args.fast_forward,
-        )
+        with self.autocast():
+            rollout = get_samples(
+                self.model.base_model, self.prompts, batch_size=args.batch_size,
+                gen_len=args.gen_len, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, prepend_bos=args.prepend_bos, generator=self.sample_generator,
+                fast=args.fast_forward,
+            )
         sample_time = time.perf_counter() - start
         ids, mask, prefix_len = rollout.sample_ids, rollout.attention_mask, rollout.prefix_len
         logprobs, values, ref_logits, kl, entropy = self.evaluate_samples(ids, mask, prefix_len)
@@ -211,9 +218,11 @@ class RLHFTrainer:
         chunk = args.minibatch_size if args.recompute_ref_logits else len(ids)
         parts: list[tuple] = []
         for rows in torch.arange(len(ids), device=ids.device).split(chunk):
-            logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
+            with self.autocast():
+                logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
+            values = values.float()
             # From the last prompt position on: the logits that chose each generated token.
-            logits = logits[:, prefix_len - 1 :] / args.temperature
+            logits = logits[:, prefix_len - 1 :].float() / args.temperature
             logprobs = get_logprobs(logits, ids[rows, prefix_len - 1 :])
             gen_logits = logits[:, :-1]
             ref = self.get_ref_logits(ids[rows], mask[rows], prefix_len)
@@ -236,8 +245,9 @@ class RLHFTrainer:
     ) -> Float[Tensor, "batch gen_len d_vocab"]:
         """The reference model's logits / temperature at the generated positions (a copy, so
         the logits of the prompt positions are freed)."""
-        logits = get_logits(self.ref_model, ids, mask_or_none(mask), fast=self.args.fast_forward)
-        return (logits[:, prefix_len - 1 : -1] / self.args.temperature).contiguous()
+        with self.autocast():
+            logits = get_logits(self.ref_model, ids, mask_or_none(mask), self.args.fast_forward)
+        return (logits[:, prefix_len - 1 : -1].float() / self.args.temperature).contiguous()
 
     # ---- learning ----
 
@@ -245,8 +255,10 @@ class RLHFTrainer:
         """The objective to maximise on one minibatch, and diagnostics for logging."""
         args = self.args
         prefix_len = mb.sample_ids.shape[1] - mb.logprobs.shape[1]
-        logits, values = self.model(mb.sample_ids, mask_or_none(mb.attention_mask))
-        logits = logits[:, prefix_len - 1 :] / args.temperature
+        with self.autocast():
+            logits, values = self.model(mb.sample_ids, mask_or_none(mb.attention_mask))
+        values = values.float()
+        logits = logits[:, prefix_len - 1 :].float() / args.temperature
         logprobs = get_logprobs(logits, mb.sample_ids[:, prefix_len - 1 :])
         gen_logits = logits[:, :-1]
         gen_values = values[:, prefix_len - 1 : -1]

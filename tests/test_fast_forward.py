@@ -173,3 +173,19 @@ def test_unsupported_models_get_a_clear_error() -> None:
     assert "parallel attention" in ff.unsupported_reason(model)
     with pytest.raises(NotImplementedError, match="fast_forward=False"):
         ff.get_fast_weights(model)
+
+
+@torch.no_grad()
+def test_bfloat16_autocast_stays_close(model: HookedTransformer) -> None:
+    """Under bfloat16 autocast (as the trainer's `autocast` runs it) the log-probs stay within
+    bfloat16 rounding of the float32 ones, and the cached path still runs."""
+    tokens, mask = padded_batch(model.cfg.d_vocab)
+    expected = model(tokens, attention_mask=mask).log_softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ff.get_logits(model, tokens, mask).float().log_softmax(-1)
+        weights = ff.get_fast_weights(model)
+        cache = ff.make_cache(weights, 4, 10, torch.float32, tokens.device)
+        ff.forward(weights, tokens[:, :9], mask[:, :9], cache)
+        step = ff.forward(weights, tokens[:, 9:], mask, cache, start=9)
+    assert max_diff_real(got, expected, mask) < 0.1
+    assert torch.isfinite(step).all()
