@@ -237,7 +237,9 @@ def _attention(
     return F.linear(z.transpose(1, 2).reshape(batch, pos, h * d), layer.w_o, layer.b_o)
 
 
-def _mlp(x: Float[Tensor, "batch pos d_model"], layer: LayerWeights, weights: FastWeights):
+def _mlp(
+    x: Float[Tensor, "batch pos d_model"], layer: LayerWeights, weights: FastWeights
+) -> Float[Tensor, "batch pos d_model"]:
     act = _ACTIVATIONS[weights.act_fn]
     if layer.w_gate is not None:  # TransformerLens adds b_in after the product
         hidden = act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_in) + layer.b_in
@@ -298,7 +300,10 @@ def forward(
     rotary = None
     if weights.rotary_cos is not None:
         if int(position_ids.max()) >= weights.rotary_cos.shape[0]:
-            raise ValueError(f"Position {int(position_ids.max())} is past the rotary table.")
+            raise ValueError(
+                f"Position {int(position_ids.max())} is past the model's rotary table "
+                f"({weights.rotary_cos.shape[0]} positions): use a shorter prompt or gen_len."
+            )
         rotary = (weights.rotary_cos[position_ids][:, None],
                   weights.rotary_sin[position_ids][:, None])
     for i, layer in enumerate(weights.layers):
