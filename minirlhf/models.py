@@ -49,15 +49,12 @@ class TransformerWithValueHead(nn.Module):
         if self.fast:
             weights = fast_forward.get_fast_weights(self.base_model)
             normalized = fast_forward.forward(weights, tokens, attention_mask)
-            values = self.value_head(normalized.to(self.value_head[0].weight.dtype)).squeeze(-1)
-            return fast_forward.unembed(weights, normalized), values
+            return fast_forward.unembed(weights, normalized), self.get_values(normalized)
         values = None
 
         def store_values(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
             nonlocal values
-            # The head may run in float32 while the trunk runs in lower precision.
-            head_dtype = self.value_head[0].weight.dtype
-            values = self.value_head(normalized.to(head_dtype)).squeeze(-1)
+            values = self.get_values(normalized)
 
         logits = self.base_model.run_with_hooks(
             tokens,
@@ -67,6 +64,21 @@ class TransformerWithValueHead(nn.Module):
         )
         assert values is not None, f"the value hook {VALUE_HOOK} did not run"
         return logits, values
+
+    def get_values(
+        self, normalized: Float[Tensor, "batch seq d_model"]
+    ) -> Float[Tensor, "batch seq"]:
+        """The value head on final normalised residuals (what `ln_final.hook_normalized` holds)."""
+        # The head may run in float32 while the trunk runs in lower precision.
+        return self.value_head(normalized.to(self.value_head[0].weight.dtype)).squeeze(-1)
+
+    def get_heads(
+        self, normalized: Float[Tensor, "batch seq d_model"]
+    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
+        """`(logits, values)` from final normalised residuals computed elsewhere (the sampler's,
+        `Samples.normalized`): the unembedding and the value head, without running the trunk."""
+        weights = fast_forward.get_fast_weights(self.base_model)
+        return fast_forward.unembed(weights, normalized), self.get_values(normalized)
 
 
 def get_reference_model(base_model: HookedTransformer) -> HookedTransformer:

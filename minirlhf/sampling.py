@@ -32,6 +32,10 @@ class Samples(NamedTuple):
     """1 for real tokens, 0 for left padding."""
     prefix_len: int
     """Position of the first generated token (the padded prompt length)."""
+    normalized: Float[Tensor, "batch gen_plus_one d_model"] | None = None
+    """With `return_normalized`: the policy's final normalised residual stream at positions
+    `prefix_len - 1` to the end (each state a token was chosen in, and the final one), as the
+    fast path computed it while sampling; the trainer reads values and log-probs from it."""
 
 
 def tokenize_prompts(
@@ -118,6 +122,7 @@ def get_samples(
     stop_at_eos: bool = False,
     use_cache: bool = True,
     fast: bool = True,
+    return_normalized: bool = False,
 ) -> Samples:
     """Sample `gen_len` tokens after each prompt.
 
@@ -131,6 +136,8 @@ def get_samples(
         fast: decode with `minirlhf.fast_forward` (weights laid out once, about 2-3x faster on
             CPU, the same logits; models it does not support fall back to the next option).
             False calls `HookedTransformer.forward` with TransformerLens's own cache.
+        return_normalized: also return `Samples.normalized` (one more decoding step, to feed
+            the last token; on the fast path only, else it stays None).
     """
     if isinstance(prompt, str):
         prompts = [prompt] * (batch_size if batch_size is not None else 1)
@@ -147,9 +154,9 @@ def get_samples(
             raise ValueError("Pass either seed or generator, not both.")
         generator = torch.Generator(device=device).manual_seed(seed)
 
-    batch = prompt_ids.shape[0]
+    batch, states = prompt_ids.shape[0], []
     if fast and use_cache and fast_forward.unsupported_reason(model) is None:
-        next_logits = _fast_next_logits(model, batch, prompt_ids.shape[1] + gen_len)
+        next_logits = _fast_next_logits(model, batch, prompt_ids.shape[1] + gen_len, states)
     else:
         next_logits = _tl_next_logits(model, batch, use_cache)
     new_tokens = _sampling_loop(
@@ -159,7 +166,11 @@ def get_samples(
     sample_ids = torch.cat([prompt_ids, new_tokens], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)
     samples = [p + _decode(model, row, stop_at_eos) for p, row in zip(prompts, new_tokens)]
-    return Samples(sample_ids, samples, attention_mask, prompt_ids.shape[1])
+    normalized = None
+    if return_normalized and len(states) == gen_len:  # fast path, no early stop at EOS
+        next_logits(sample_ids, attention_mask)  # the state after the last token
+        normalized = torch.stack(states, dim=1)
+    return Samples(sample_ids, samples, attention_mask, prompt_ids.shape[1], normalized)
 
 
 def _sampling_loop(
@@ -216,8 +227,9 @@ def _tl_next_logits(model: HookedTransformer, batch: int, use_cache: bool):
     return next_logits
 
 
-def _fast_next_logits(model: HookedTransformer, batch: int, max_len: int):
-    """Next-token logits from the fast path: weights laid out once, a preallocated KV cache."""
+def _fast_next_logits(model: HookedTransformer, batch: int, max_len: int, states: list[Tensor]):
+    """Next-token logits from the fast path: weights laid out once, a preallocated KV cache.
+    Appends the final normalised residual of each last position to `states`."""
     weights = fast_forward.get_fast_weights(model)
     cache = fast_forward.make_cache(weights, batch, max_len, model.cfg.dtype, model.cfg.device)
     seen = 0
@@ -226,6 +238,7 @@ def _fast_next_logits(model: HookedTransformer, batch: int, max_len: int):
         nonlocal seen
         normalized = fast_forward.forward(weights, tokens[:, seen:], mask, cache, start=seen)
         seen = tokens.shape[1]
+        states.append(normalized[:, -1])
         return fast_forward.unembed(weights, normalized[:, -1])
 
     return next_logits

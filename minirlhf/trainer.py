@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from rich.console import Console
 from torch import Tensor
@@ -175,11 +176,13 @@ class RLHFTrainer:
                 self.model.base_model, self.prompts, batch_size=args.batch_size,
                 gen_len=args.gen_len, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, prepend_bos=args.prepend_bos, generator=self.sample_generator,
-                fast=args.fast_forward,
+                fast=args.fast_forward, return_normalized=args.fast_forward,
             )
         sample_time = time.perf_counter() - start
         ids, mask, prefix_len = rollout.sample_ids, rollout.attention_mask, rollout.prefix_len
-        logprobs, values, ref_logits, kl, entropy = self.evaluate_samples(ids, mask, prefix_len)
+        logprobs, values, ref_logits, kl, entropy = self.evaluate_samples(
+            ids, mask, prefix_len, rollout.normalized
+        )
         reward_start = time.perf_counter()
         rewards = get_rewards(self.reward_fn, rollout.samples, device=self.device)
         reward_time = time.perf_counter() - reward_start
@@ -206,11 +209,17 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def evaluate_samples(
-        self, ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"], prefix_len: int
+        self,
+        ids: Int[Tensor, "batch seq"],
+        mask: Int[Tensor, "batch seq"],
+        prefix_len: int,
+        normalized: Float[Tensor, "batch gen_plus_one d_model"] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
         """The policy's log-probs and values, the reference logits at the generated positions
         (None with `recompute_ref_logits`), and the mean KL and entropy of the policy.
 
+        `normalized` (from the fast-path sampler) spares the policy's forward pass: the sampler
+        already computed its final residual stream at every position from `prefix_len - 1` on.
         With `recompute_ref_logits`, the samples go through the models one minibatch at a time,
         so no batch x seq x d_vocab logits are ever held at once.
         """
@@ -219,10 +228,16 @@ class RLHFTrainer:
         parts: list[tuple] = []
         for rows in torch.arange(len(ids), device=ids.device).split(chunk):
             with self.autocast():
-                logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
+                if normalized is not None:
+                    logits, values = self.model.get_heads(normalized[rows])
+                    # Values only at the positions the advantages read; NaN proves it.
+                    values = F.pad(values.float(), (prefix_len - 1, 0), value=float("nan"))
+                else:
+                    logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
+                    logits = logits[:, prefix_len - 1 :]
             values = values.float()
             # From the last prompt position on: the logits that chose each generated token.
-            logits = logits[:, prefix_len - 1 :].float() / args.temperature
+            logits = logits.float() / args.temperature
             logprobs = get_logprobs(logits, ids[rows, prefix_len - 1 :])
             gen_logits = logits[:, :-1]
             ref = self.get_ref_logits(ids[rows], mask[rows], prefix_len)

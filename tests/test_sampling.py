@@ -432,3 +432,25 @@ def uniform_over_vocab(logits, generator):
 @pytest.mark.parametrize("wrong", [shifted_by_one, uniform_over_vocab])
 def test_draw_check_rejects_wrong_samplers(wrong):
     assert not draws_follow(wrong)
+
+
+# ---------------------------------------------------------------- the states the sampler saw
+
+
+def states_match_hooks(states: torch.Tensor, model, result) -> bool:
+    """States against TransformerLens's own ln_final.hook_normalized over the finished samples,
+    at positions prefix_len - 1 .. the end (padding never reaches a real position)."""
+    _, cache = model.run_with_cache(result.sample_ids, attention_mask=result.attention_mask)
+    expected = cache["ln_final.hook_normalized"][:, result.prefix_len - 1 :]
+    return states.shape == expected.shape and torch.allclose(states, expected, atol=1e-5)
+
+
+def test_return_normalized_gives_the_states_of_the_forward_pass(tiny_model):
+    result = get_samples(tiny_model, PROMPTS, gen_len=5, seed=0, return_normalized=True)
+    assert states_match_hooks(result.normalized, tiny_model, result)
+    # The same check sees states shifted by one position (the state after each token instead
+    # of the state it was chosen in).
+    shifted = torch.cat([result.normalized[:, 1:], result.normalized[:, -1:]], dim=1)
+    assert not states_match_hooks(shifted, tiny_model, result)
+    assert get_samples(tiny_model, PROMPTS, gen_len=5, seed=0, fast=False,
+                       return_normalized=True).normalized is None
