@@ -53,20 +53,21 @@ TARGETS = {"heldout_accuracy": 0.85, "vader_after": 0.6}
 
 
 def phase_preferences(ns, policy, console: Console) -> dict:
-    path = ns.work / "preferences.jsonl"
+    path, figures = ns.work / "preferences.jsonl", ns.work / "preferences.json"
+    if ns.reuse and path.is_file():  # the figures of the run that made the file
+        return json.loads(figures.read_text())
     start = time.perf_counter()
-    if ns.reuse and path.is_file():
-        preferences = read_preferences(path)
-    else:
-        preferences = make_preferences(policy, make_vader_reward("pos"), [ns.prompt],
-                                       num_pairs=ns.pairs, gen_len=ns.gen_len, batch_size=64,
-                                       min_gap=ns.min_gap, seed=ns.seed)
-        write_preferences(preferences, path)
+    preferences = make_preferences(policy, make_vader_reward("pos"), [ns.prompt],
+                                   num_pairs=ns.pairs, gen_len=ns.gen_len, batch_size=64,
+                                   min_gap=ns.min_gap, seed=ns.seed)
+    write_preferences(preferences, path)
     gaps = [p.chosen_score - p.rejected_score for p in preferences]
+    result = {"pairs": len(preferences), "min_gap": ns.min_gap, "path": str(path),
+              "mean_vader_gap": sum(gaps) / len(gaps), "time_s": time.perf_counter() - start}
+    figures.write_text(json.dumps(result, indent=1))
     console.print(f"preferences: {len(preferences)} pairs -> {path} "
-                  f"({time.perf_counter() - start:.0f} s)", soft_wrap=True)
-    return {"pairs": len(preferences), "min_gap": ns.min_gap, "path": str(path),
-            "mean_vader_gap": sum(gaps) / len(gaps), "time_s": time.perf_counter() - start}
+                  f"({result['time_s']:.0f} s)", soft_wrap=True)
+    return result
 
 
 def phase_reward_model(ns, policy, console: Console) -> tuple:

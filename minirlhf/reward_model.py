@@ -116,9 +116,17 @@ class RewardModel(nn.Module):
         self.register_buffer("bias", torch.tensor(0.0, device=base_model.cfg.device))
 
     def get_rewards_per_position(
-        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+        self,
+        tokens: Int[Tensor, "batch seq"] | Float[Tensor, "batch seq d_model"],
+        attention_mask: Int[Tensor, "batch seq"],
+        start_at_layer: int | None = None,
     ) -> Float[Tensor, "batch seq"]:
-        """The raw head output at every position (before gain and bias)."""
+        """The raw head output at every position (before gain and bias).
+
+        Args:
+            tokens: token ids, or with `start_at_layer` the residual stream entering that block
+                (from `get_trunk_residual`: frozen lower layers need running only once).
+        """
         rewards = None
 
         def read_head(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
@@ -128,18 +136,28 @@ class RewardModel(nn.Module):
         # return_type=None: TransformerLens stops after ln_final, so no logits are computed.
         self.base_model.run_with_hooks(
             tokens, return_type=None, fwd_hooks=[(REWARD_HOOK, read_head)],
-            attention_mask=attention_mask,
+            attention_mask=attention_mask, start_at_layer=start_at_layer,
         )
         assert rewards is not None, f"the reward hook {REWARD_HOOK} did not run"
         return rewards
 
     def forward(
-        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+        self,
+        tokens: Int[Tensor, "batch seq"] | Float[Tensor, "batch seq d_model"],
+        attention_mask: Int[Tensor, "batch seq"],
+        start_at_layer: int | None = None,
     ) -> Float[Tensor, " batch"]:
         """One reward per sequence: the (normalised) head output at its last real token."""
-        raw = gather_last_token(self.get_rewards_per_position(tokens, attention_mask),
-                                attention_mask)
-        return self.gain * raw + self.bias
+        per_position = self.get_rewards_per_position(tokens, attention_mask, start_at_layer)
+        return self.gain * gather_last_token(per_position, attention_mask) + self.bias
+
+    @torch.no_grad()
+    def get_trunk_residual(
+        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"],
+        layer: int,
+    ) -> Float[Tensor, "batch seq d_model"]:
+        """The residual stream entering block `layer`: what frozen layers below it compute."""
+        return self.base_model(tokens, attention_mask=attention_mask, stop_at_layer=layer)
 
     def set_normalization(self, gain: float, bias: float):
         self.gain.fill_(gain)

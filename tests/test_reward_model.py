@@ -29,7 +29,7 @@ from minirlhf.reward_model import (
     set_trainable_layers,
     tokenize_texts,
 )
-from minirlhf.reward_training import RewardModelArgs, evaluate, train_reward_model
+from minirlhf.reward_training import RewardModelArgs, TrunkCache, evaluate, train_reward_model
 from minirlhf.rewards import get_rewards
 
 TEXTS = ["This movie was fine", "Great", "This movie was a long and rather dull affair, sadly",
@@ -240,7 +240,32 @@ def test_training_learns_preferences_and_a_flipped_sign_unlearns_them(monkeypatc
     monkeypatch.setattr("minirlhf.reward_training.calc_pairwise_loss",
                         lambda chosen, rejected, margin=None: calc_pairwise_loss(rejected, chosen))
     train_reward_model(flipped, train, heldout, args, console=Console(quiet=True))
-    assert evaluate(flipped, heldout, args)["accuracy"] == 0.0
+    assert evaluate(TrunkCache(flipped, 0), heldout, args)["accuracy"] == 0.0
+
+
+def test_trunk_cache_runs_frozen_layers_once_and_scores_like_the_whole_model():
+    model = make_rm(seed=7, n_layers=3)
+    cache = TrunkCache(model, frozen_layers=2)
+    with torch.no_grad():
+        torch.testing.assert_close(cache(TEXTS), score_texts(model, TEXTS), atol=1e-5, rtol=1e-5)
+        assert set(cache.residuals) == set(TEXTS)
+        calls = []
+        model.get_trunk_residual = lambda *args: calls.append(args)  # must not be needed again
+        reordered = cache(TEXTS[::-1] + TEXTS[:1])
+    torch.testing.assert_close(reordered, score_texts(model, TEXTS[::-1] + TEXTS[:1]), atol=1e-5,
+                               rtol=1e-5)
+    assert not calls
+
+
+def test_training_only_the_top_layer_uses_the_cache_and_learns():
+    args = RewardModelArgs(epochs=3, batch_size=8, lr=3e-3, head_lr=1e-2, eval_every=5,
+                           trainable_layers=1)
+    model = make_rm(seed=5)
+    frozen = model.base_model.blocks[0].attn.W_Q.detach().clone()
+    history = train_reward_model(model, word_pairs(48, seed=0), word_pairs(16, seed=1), args,
+                                 console=Console(quiet=True))
+    assert history[-1]["heldout/accuracy"] == 1.0
+    torch.testing.assert_close(model.base_model.blocks[0].attn.W_Q, frozen, atol=0, rtol=0)
 
 
 def test_save_and_load_keeps_trained_weights_and_normalisation(tmp_path):
