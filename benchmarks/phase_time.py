@@ -78,8 +78,12 @@ def time_minibatch(trainer: RLHFTrainer) -> dict[str, float]:
 
 
 def compute_floor(n_params: int, batch: int, seq: int, gen_len: int, passes: int) -> float:
-    """Seconds of matmul at FLOPS: 2 N per token per forward pass, 6 N per trained token."""
-    forward_tokens = batch * gen_len + 2 * batch * seq  # sampling + policy and reference passes
+    """Seconds of matmul at FLOPS: 2 N per token per forward pass, 6 N per trained token.
+
+    Forward passes: sampling (one per generated token) and the reference model over the samples;
+    the policy's log-probs and values come from the sampler's own residual stream.
+    """
+    forward_tokens = batch * gen_len + batch * seq
     return (2 * n_params * forward_tokens + 6 * n_params * passes * batch * seq) / FLOPS
 
 
