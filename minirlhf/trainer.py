@@ -231,7 +231,7 @@ class RLHFTrainer:
                 if normalized is not None:
                     logits, values = self.model.get_heads(normalized[rows])
                     # Values only at the positions the advantages read; NaN proves it.
-                    values = F.pad(values.float(), (prefix_len - 1, 0), value=float("nan"))
+                    values = F.pad(values, (prefix_len - 1, 0), value=float("nan"))
                 else:
                     logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
                     logits = logits[:, prefix_len - 1 :]
