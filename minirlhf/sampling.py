@@ -133,9 +133,9 @@ def get_samples(
         stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length).
         use_cache: reuse keys and values of earlier positions (False recomputes the whole
             sequence each step: slower, the same distribution; kept to test the cache).
-        fast: decode with `minirlhf.fast_forward` (weights laid out once, about 2-3x faster on
-            CPU, the same logits; models it does not support fall back to the next option).
-            False calls `HookedTransformer.forward` with TransformerLens's own cache.
+        fast: decode with `minirlhf.fast_forward` (weights laid out once; the same logits,
+            1.4-2.3x faster on CPU in benchmarks/rollout_speed.py). False, or a model the fast
+            path does not support, calls `HookedTransformer.forward` with its own cache.
         return_normalized: also return `Samples.normalized` (one more decoding step, to feed
             the last token; on the fast path only, else it stays None).
     """
