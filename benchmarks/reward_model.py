@@ -184,7 +184,8 @@ def report(result: dict, console: Console):
     table.add_row("", "learned reward, before -> after",
                   f"{ppo['before']['rm_mean']:+.3f} -> {ppo['after']['rm_mean']:+.3f}", "")
     table.add_row("", "KL to the reference at the end", f"{ppo['kl_per_phase'][-1]:.3f}", "")
-    table.add_row("all", "wall time", "", f"{result['wall_time_s'] / 60:.1f} min")
+    phases = prefs["time_s"] + rm["time_s"] + ppo["time_s"]
+    table.add_row("all", "the three phases (without model loading)", "", f"{phases / 60:.1f} min")
     console.print(table)
     samples = Table("before PPO (VADER)", "after PPO (VADER)", show_lines=True)
     for (b, vb), (a, va) in zip(ppo["before"]["samples"][:4], ppo["after"]["samples"][:4]):
@@ -196,14 +197,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", default="This movie was")
     parser.add_argument("--gen-len", type=int, default=20)
-    parser.add_argument("--pairs", type=int, default=384, help="preference pairs to collect")
+    parser.add_argument("--pairs", type=int, default=1200, help="preference pairs to collect")
     parser.add_argument("--min-gap", type=float, default=0.3, help="VADER gap below = a tie")
-    parser.add_argument("--rm-layers", type=int, default=None,
-                        help="train only the top N blocks of the reward model (default: all)")
-    parser.add_argument("--rm-epochs", type=int, default=2)
-    parser.add_argument("--rm-lr", type=float, default=1e-5)
-    parser.add_argument("--rm-head-lr", type=float, default=1e-3)
-    parser.add_argument("--rm-eval-every", type=int, default=10, help="steps between evals")
+    parser.add_argument("--rm-layers", type=int, default=10,
+                        help="train only the top N blocks of the reward model")
+    parser.add_argument("--rm-epochs", type=int, default=4)
+    parser.add_argument("--rm-lr", type=float, default=1e-4)
+    parser.add_argument("--rm-head-lr", type=float, default=1e-2)
+    parser.add_argument("--rm-eval-every", type=int, default=30, help="steps between evals")
     parser.add_argument("--phases", type=int, default=20, help="PPO phases")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")

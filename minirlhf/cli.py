@@ -135,7 +135,7 @@ def add_preference_parsers(commands):
     prefs.add_argument("--base-model", default="smollm2", help="the policy to sample")
     prefs.add_argument("--prompt", action="append",
                        help="a prompt (repeat for several; default 'This movie was')")
-    prefs.add_argument("--num-pairs", type=int, default=384, help="pairs to keep (not ties)")
+    prefs.add_argument("--num-pairs", type=int, default=1200, help="pairs to keep (not ties)")
     prefs.add_argument("--gen-len", type=int, default=20, help="tokens per continuation")
     prefs.add_argument("--batch-size", type=int, default=64, help="samples per batch (even)")
     prefs.add_argument("--judge", choices=["vader", "char_count"], default="vader",
@@ -143,7 +143,7 @@ def add_preference_parsers(commands):
     prefs.add_argument("--direction", choices=["pos", "neg"], default="pos",
                        help="VADER: prefer positive or negative")
     prefs.add_argument("--char", default=".", help="char_count: the character counted")
-    prefs.add_argument("--min-gap", type=float, default=0.0,
+    prefs.add_argument("--min-gap", type=float, default=0.3,
                        help="pairs whose scores differ by this much or less are ties (dropped)")
     prefs.add_argument("--margin", action="store_true",
                        help="store the judge's score gap as each pair's margin")

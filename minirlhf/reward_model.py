@@ -99,7 +99,7 @@ class RewardModel(nn.Module):
         prepend_bos: texts start with the model's BOS token, as the policy's samples do.
         append_end_token: texts end with the end-of-text token (`get_end_token_id`), so the
             reward is always read at the same token, one that has seen the whole text. On
-            SmolLM2 this raised a linear probe's held-out accuracy on VADER pairs from 0.66 to 0.79.
+            SmolLM2 this raised a linear probe's held-out accuracy on VADER pairs from 0.68 to 0.79.
     """
 
     def __init__(

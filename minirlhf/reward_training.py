@@ -48,7 +48,7 @@ class RewardModelArgs:
     # --- model ---
     base_model: str = "tiny"
     """The trunk: "tiny", "smollm2", a folder or a TransformerLens name (usually the policy's)."""
-    trainable_layers: int | None = None
+    trainable_layers: int | None = 10
     """Train only the top this many blocks (plus final norm and head); None trains every one."""
     prepend_bos: bool = True
     """Put the model's BOS token before each text (as the policy's sampler does)."""
@@ -62,19 +62,19 @@ class RewardModelArgs:
     """Use the records' margins in the loss (records without one get none)."""
 
     # --- optimisation ---
-    epochs: int = 2
+    epochs: int = 4
     """Passes over the training pairs."""
     batch_size: int = 16
     """Pairs per step (each pair is two texts in the forward pass)."""
-    lr: float = 1e-5
-    """Learning rate of the trunk's trainable weights."""
-    head_lr: float = 1e-3
+    lr: float = 1e-4
+    """Learning rate of the trunk's trainable weights (1e-5 barely fit SmolLM2's top layers)."""
+    head_lr: float = 1e-2
     """Learning rate of the freshly initialised reward head."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradients are clipped to this global norm before each step."""
-    eval_every: int = 10
+    eval_every: int = 30
     """Steps between held-out evaluations (the last step is always evaluated)."""
 
     # --- normalisation ---
@@ -160,7 +160,8 @@ def evaluate(
     """Loss, accuracy and mean margin over every pair, scored in batches without gradient.
 
     Args:
-        score: the reward model itself, or a `TrunkCache` of it.
+        score: texts -> rewards: a `TrunkCache` (`TrunkCache(reward_model, 0)` just tokenizes
+            and runs the whole model).
     """
     chosen, rejected = [], []
     for start in range(0, len(pairs), 2 * args.batch_size):

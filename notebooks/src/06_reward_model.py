@@ -224,10 +224,11 @@ print(trainer.last_samples[:4])
 # ## The real thing: SmolLM2, VADER and the command line
 #
 # The same pipeline on SmolLM2-135M, offline, with VADER as the judge and a reward model
-# initialised from SmolLM2 itself (a few minutes a step on a CPU; far less on a GPU):
+# initialised from SmolLM2 itself (about 45 minutes for all three on a 2-core CPU; far less on a
+# GPU):
 #
 # ```bash
-# minirlhf preferences --base-model smollm2 --prompt "This movie was" --num-pairs 384 \
+# minirlhf preferences --base-model smollm2 --prompt "This movie was" --num-pairs 1200 \
 #     --min-gap 0.3 --out prefs.jsonl
 # minirlhf reward-model --data prefs.jsonl --base-model smollm2 --out runs/rm
 # minirlhf train --reward-model runs/rm --out runs/ppo-rm
