@@ -158,12 +158,15 @@ def plot(result: dict, path: Path):
     ax_rm.axhline(TARGETS["heldout_accuracy"], color="grey", ls="--", lw=0.8)
     ax_rm.set(xlabel="step", ylabel="held-out accuracy", ylim=(0.4, 1.0),
               title=f"Reward model ({rm['train_pairs']} train / {rm['heldout_pairs']} held-out)")
-    ax_ppo.plot(ppo["vader_per_phase"], marker="o", label="VADER (the judge)")
-    ax_ppo.plot(ppo["rm_reward_per_phase"], marker="o", label="learned reward (normalised)")
+    ax_ppo.plot(ppo["vader_per_phase"], marker="o", label="VADER (the judge, never seen by PPO)")
     ax_ppo.axhline(TARGETS["vader_after"], color="grey", ls="--", lw=0.8)
-    ax_ppo.set(xlabel="PPO phase", ylabel="mean over the phase's samples",
+    ax_ppo.set(xlabel="PPO phase", ylabel="mean VADER compound", ylim=(-0.2, 1.0),
                title="PPO against the learned reward model")
-    ax_ppo.legend()
+    ax_rm = ax_ppo.twinx()
+    ax_rm.plot(ppo["rm_reward_per_phase"], marker="o", color="tab:orange",
+               label="learned reward (normalised)")
+    ax_rm.set(ylabel="learned reward")
+    ax_ppo.legend(handles=ax_ppo.get_lines()[:1] + ax_rm.get_lines(), loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
