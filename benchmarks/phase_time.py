@@ -129,12 +129,10 @@ def part_scale(model, ns, console) -> list[dict]:
     return rows
 
 
-def peak_rss_kib() -> int:
-    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def rss_kib() -> int:
-    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+def read_status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM the peak)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1))
 
 
 def memory_child(ns):
@@ -146,11 +144,11 @@ def memory_child(ns):
                            recompute_ref_logits=ns.memory_child == "recompute")
     trainer.train_one_phase()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
-    start_rss = rss_kib()
+    start_rss = read_status_kib("VmRSS")
     metrics = trainer.train_one_phase()
     print(json.dumps({"variant": ns.memory_child, "rss_at_start_mib": start_rss / 1024,
-                      "peak_rss_mib": peak_rss_kib() / 1024,
-                      "phase_peak_over_start_mib": (peak_rss_kib() - start_rss) / 1024,
+                      "peak_rss_mib": read_status_kib("VmHWM") / 1024,
+                      "phase_peak_over_start_mib": (read_status_kib("VmHWM") - start_rss) / 1024,
                       **{k: metrics[k] for k in PARTS}}))
 
 

@@ -235,11 +235,8 @@ class RLHFTrainer:
                 else:
                     logits, values = self.model(ids[rows], mask_or_none(mask[rows]))
                     logits = logits[:, prefix_len - 1 :]
+            gen_logits, logprobs = self.get_gen_logits_and_logprobs(logits, ids[rows], prefix_len)
             values = values.float()
-            # From the last prompt position on: the logits that chose each generated token.
-            logits = logits.float() / args.temperature
-            logprobs = get_logprobs(logits, ids[rows, prefix_len - 1 :])
-            gen_logits = logits[:, :-1]
             ref = self.get_ref_logits(ids[rows], mask[rows], prefix_len)
             parts.append((
                 logprobs, values,
@@ -253,6 +250,17 @@ class RLHFTrainer:
             None if args.recompute_ref_logits else torch.cat(ref_logits),
             float(np.mean(kl)), float(np.mean(entropy)),
         )
+
+    def get_gen_logits_and_logprobs(
+        self,
+        logits: Float[Tensor, "batch gen_plus_one d_vocab"],
+        ids: Int[Tensor, "batch seq"],
+        prefix_len: int,
+    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len"]]:
+        """From the policy's logits at positions `prefix_len - 1` on: the float32 logits / T that
+        chose each generated token, and the log-probs of those tokens."""
+        logits = logits.float() / self.args.temperature
+        return logits[:, :-1], get_logprobs(logits, ids[:, prefix_len - 1 :])
 
     @torch.no_grad()
     def get_ref_logits(
@@ -272,10 +280,9 @@ class RLHFTrainer:
         prefix_len = mb.sample_ids.shape[1] - mb.logprobs.shape[1]
         with self.autocast():
             logits, values = self.model(mb.sample_ids, mask_or_none(mb.attention_mask))
+        logits = logits[:, prefix_len - 1 :]
+        gen_logits, logprobs = self.get_gen_logits_and_logprobs(logits, mb.sample_ids, prefix_len)
         values = values.float()
-        logits = logits[:, prefix_len - 1 :].float() / args.temperature
-        logprobs = get_logprobs(logits, mb.sample_ids[:, prefix_len - 1 :])
-        gen_logits = logits[:, :-1]
         gen_values = values[:, prefix_len - 1 : -1]
         ref_logits = mb.ref_logits
         if ref_logits is None:
