@@ -5,22 +5,28 @@ Three parts, on SmolLM2-135M with the offline preset (`smollm2-vader`: batch 32,
 
 1. split   one phase split into sampling, policy + reference forward passes, reward and the
            learning phase (and one minibatch split into forward, backward and optimiser step),
-           for minirlhf's fast path and for TransformerLens's forward (`fast_forward=False`),
-           side by side. Target (issue 5): a phase in at most 15 s on the 2-core CPU.
+           side by side for minirlhf's fast path in float32, the same under bfloat16 autocast
+           (`precision="bf16"`, what the preset's "auto" picks on a CPU with AVX512-BF16 or AMX),
+           and TransformerLens's forward (`fast_forward=False`) in float32. Target (issue 5): a
+           phase of the preset in at most 15 s on the 2-core CPU.
 2. scale   phase time against batch size (16, 32, 64, 128) and gen_len (10, 20, 40).
 3. memory  peak resident memory of a phase at batch 128, gen_len 30, storing the reference logits
            for the whole phase or recomputing them per minibatch (`recompute_ref_logits`); each
            in a fresh process, after one warm-up phase (which allocates AdamW's state), with the
-           kernel's peak-RSS counter reset at the start of the measured phase. Target: peak memory
-           of a phase down by at least 40% for at most 15% more time.
+           kernel's peak-RSS counter reset at the start of the measured phase. Then the time of
+           both settings paired in one process (the setting alternates phase by phase on one
+           trainer, so both see the same load). Target: peak memory of a phase down by at least
+           40% for at most 15% more time.
 
     python benchmarks/phase_time.py                    # all three
     python benchmarks/phase_time.py --parts split --phases 3
+    python benchmarks/phase_time.py --parts memory --precision fp32
 
 Figures go to `benchmarks/results/phase_time.json`.
 """
 
 import argparse
+import copy
 import json
 import re
 import statistics
@@ -34,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_policy
+from minirlhf.loading import load_policy, pick_precision
 from minirlhf.presets import PRESETS
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer
@@ -89,13 +95,18 @@ def compute_floor(n_params: int, batch: int, seq: int, gen_len: int, passes: int
 
 def part_split(model, ns, console) -> list[dict]:
     rows = []
-    for label, fast in [("minirlhf fast path", True), ("TransformerLens forward", False)]:
-        trainer = make_trainer(model, fast_forward=fast)
+    variants = [("minirlhf fast path, fp32", True, "fp32"),
+                ("minirlhf fast path, bf16 autocast", True, "bf16"),
+                ("TransformerLens forward, fp32", False, "fp32")]
+    for label, fast, precision in variants:
+        # A fresh copy per variant: a trainer trains the model it is given in place.
+        trainer = make_trainer(copy.deepcopy(model), fast_forward=fast, precision=precision)
         row = {"variant": label, **time_phases(trainer, ns.phases), **time_minibatch(trainer)}
         console.print(f"split {label}: phase {row['charts/phase_time']:.1f} s")
         rows.append(row)
         del trainer
     args = RLHFArgs(**PRESETS["smollm2-vader"]["args"])
+    preset_picks = pick_precision(args.precision, torch.device("cpu"))
     seq = 4 + args.gen_len  # "This movie was" is 3 tokens, plus BOS
     floor = compute_floor(sum(p.numel() for p in model.parameters()), args.batch_size, seq,
                           args.gen_len, args.batches_per_learning_phase)
@@ -107,7 +118,8 @@ def part_split(model, ns, console) -> list[dict]:
                       *(f"{row[k]:.3f}" for k in ["mb_forward", "mb_backward",
                                                   "mb_optimizer_step"]))
     console.print(table)
-    return [{**row, "compute_floor_s": floor} for row in rows]
+    console.print(f'The preset\'s precision "{args.precision}" is {preset_picks} on this machine.')
+    return [{**row, "compute_floor_s": floor, "preset_precision": preset_picks} for row in rows]
 
 
 def part_scale(model, ns, console) -> list[dict]:
@@ -120,7 +132,8 @@ def part_scale(model, ns, console) -> list[dict]:
         rows.append(row)
         del trainer
     table = Table("batch", "gen_len", "sample", "fwd", "reward", "learning", "phase",
-                  "phase / token (ms)", title="Phase time (s) against batch size and gen_len")
+                  "phase / token (ms)", title="Phase time (s) against batch size and gen_len "
+                  f"(the preset's precision: {pick_precision('auto', torch.device('cpu'))})")
     for row in rows:
         per_token = 1000 * row["charts/phase_time"] / (row["batch_size"] * row["gen_len"])
         table.add_row(str(row["batch_size"]), str(row["gen_len"]),
@@ -141,7 +154,8 @@ def memory_child(ns):
         torch.set_num_threads(ns.threads)
     trainer = make_trainer(load_policy("smollm2"), batch_size=ns.memory_batch,
                            gen_len=ns.memory_gen_len, num_minibatches=4,
-                           recompute_ref_logits=ns.memory_child == "recompute")
+                           recompute_ref_logits=ns.memory_child == "recompute",
+                           precision=ns.precision)
     trainer.train_one_phase()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
     start_rss = read_status_kib("VmRSS")
@@ -152,12 +166,26 @@ def memory_child(ns):
                       **{k: metrics[k] for k in PARTS}}))
 
 
-def part_memory(ns, console) -> list[dict]:
+def time_recompute_paired(model, ns) -> dict:
+    """Phase time storing vs recomputing the reference logits, on one trainer whose setting
+    alternates phase by phase (the flag only changes where the reference logits come from)."""
+    trainer = make_trainer(model, precision=ns.precision)
+    trainer.train_one_phase()
+    times: dict[str, list[float]] = {"store": [], "recompute": []}
+    for i in range(2 * max(ns.phases, 3)):
+        trainer.args.recompute_ref_logits = i % 2 == 1
+        times["recompute" if i % 2 else "store"].append(
+            trainer.train_one_phase()["charts/phase_time"])
+    return {f"{key}_phase_s": statistics.median(values) for key, values in times.items()}
+
+
+def part_memory(model, ns, console) -> dict:
     rows = []
     for variant in ["store", "recompute"]:
         command = [sys.executable, __file__, "--memory-child", variant,
                    "--memory-batch", str(ns.memory_batch), "--memory-gen-len",
-                   str(ns.memory_gen_len)] + (["--threads", str(ns.threads)] if ns.threads else [])
+                   str(ns.memory_gen_len), "--precision", ns.precision]
+        command += ["--threads", str(ns.threads)] if ns.threads else []
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         console.print(f"memory {variant}: peak {rows[-1]['peak_rss_mib']:.0f} MiB")
@@ -165,7 +193,7 @@ def part_memory(ns, console) -> list[dict]:
     table = Table("reference logits", "RSS at start (MiB)", "peak (MiB)",
                   "phase's own peak (MiB)", "phase (s)",
                   title=f"Memory of one phase, batch {ns.memory_batch}, gen_len "
-                        f"{ns.memory_gen_len}")
+                        f"{ns.memory_gen_len}, precision {ns.precision}")
     for row in rows:
         table.add_row(row["variant"], f"{row['rss_at_start_mib']:.0f}",
                       f"{row['peak_rss_mib']:.0f}", f"{row['phase_peak_over_start_mib']:.0f}",
@@ -173,9 +201,14 @@ def part_memory(ns, console) -> list[dict]:
     console.print(table)
     console.print(
         f"recompute vs store: peak {lean['peak_rss_mib'] / store['peak_rss_mib'] - 1:+.0%}, "
-        f"phase's own peak {lean['phase_peak_over_start_mib'] / store['phase_peak_over_start_mib'] - 1:+.0%}, "  # noqa: E501
-        f"time {lean['charts/phase_time'] / store['charts/phase_time'] - 1:+.0%}")
-    return rows
+        f"phase's own peak {lean['phase_peak_over_start_mib'] / store['phase_peak_over_start_mib'] - 1:+.0%} "  # noqa: E501
+        "(phase times above: separate processes, not comparable under load)")
+    paired = time_recompute_paired(model, ns)
+    console.print(
+        f"Paired in one process, preset (batch 32, gen_len 20), precision {ns.precision}: store "
+        f"{paired['store_phase_s']:.2f} s, recompute {paired['recompute_phase_s']:.2f} s per "
+        f"phase: time {paired['recompute_phase_s'] / paired['store_phase_s'] - 1:+.1%}")
+    return {"fresh_processes": rows, "paired_time": paired}
 
 
 def main():
@@ -185,6 +218,8 @@ def main():
     parser.add_argument("--memory-batch", type=int, default=128)
     parser.add_argument("--memory-gen-len", type=int, default=30)
     parser.add_argument("--memory-child", choices=["store", "recompute"], help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"],
+                        help="precision of the memory part (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ns = parser.parse_args()
@@ -198,13 +233,13 @@ def main():
     path = ns.out / "phase_time.json"
     if path.exists():  # keep the parts not rerun
         results = {**json.loads(path.read_text()), **results}
-    model = load_policy("smollm2") if {"split", "scale"} & set(ns.parts) else None
+    model = load_policy("smollm2")
     if "split" in ns.parts:
         results["split"] = part_split(model, ns, console)
     if "scale" in ns.parts:
         results["scale"] = part_scale(model, ns, console)
     if "memory" in ns.parts:
-        results["memory"] = part_memory(ns, console)
+        results["memory"] = part_memory(model, ns, console)
     ns.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     console.print(f"figures written to {path}")

@@ -85,8 +85,10 @@ class RLHFArgs:
     """Sample and train on minirlhf's fused forward pass (same logits; False: TransformerLens's)."""
     recompute_ref_logits: bool = False
     """Recompute reference logits per minibatch instead of storing them: less memory, more time."""
-    autocast: bool = False
-    """Forward passes in bfloat16 autocast (log-softmaxes and losses stay float32); for GPUs."""
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
+    loss stay float32); "auto" picks bf16 where the hardware multiplies bfloat16 fast (a CUDA GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), else fp32."""
 
     # --- reward ---
     normalize_reward: bool = True
@@ -127,6 +129,8 @@ class RLHFArgs:
         if self.advantage_estimator not in ("one_step", "gae"):
             raise ValueError('advantage_estimator must be "one_step" or "gae", '
                              f"got {self.advantage_estimator!r}.")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f'precision must be "fp32", "bf16" or "auto", got {self.precision!r}.')
         if not 0 <= self.gae_lambda <= 1 or not 0 <= self.gamma <= 1:
             raise ValueError("gamma and gae_lambda must lie in [0, 1].")
         if not 0 <= self.final_scale <= 1:
@@ -146,6 +150,9 @@ class RLHFArgs:
     def from_dict(cls, values: dict) -> "RLHFArgs":
         """The inverse of `to_dict` (derived fields are recomputed, not read)."""
         init_names = {f.name for f in dataclasses.fields(cls) if f.init}
+        if "autocast" in values:  # configs saved before `precision` replaced `autocast: bool`
+            values = {**values, "precision": "bf16" if values["autocast"] else "fp32"}
+            values.pop("autocast")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown RLHFArgs fields: {sorted(unknown)}.")

@@ -247,6 +247,8 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     reward_fn = make_reward_fn(run["reward"], device)
     trainer = RLHFTrainer(args, reward_fn, prompts=make_prompts(run["reward"], args),
                           console=console, table_every=ns.table_every)
+    console.print(f"Device {trainer.device}, precision {trainer.precision} "
+                  f"(--precision {args.precision})")
     extra: dict = {}
     if ns.resume:
         checkpoint = load_checkpoint(out, map_location=trainer.device)

@@ -87,16 +87,23 @@ class LayerWeights:
 
 
 @dataclass
+class OutputWeights:
+    """What `unembed` reads: the final norm's gain and bias and the unembedding (in place)."""
+
+    ln_final_w: Float[Tensor, " d_model"] | None
+    ln_final_b: Float[Tensor, " d_model"] | None
+    unembed: Float[Tensor, "d_vocab_out d_model"]
+    unembed_b: Float[Tensor, " d_vocab_out"]
+
+
+@dataclass
 class FastWeights:
     """A whole model's weights laid out for `forward`, plus the config numbers it needs."""
 
     embed: Float[Tensor, "d_vocab d_model"]
     pos_embed: Float[Tensor, "n_ctx d_model"] | None
     layers: list[LayerWeights]
-    ln_final_w: Float[Tensor, " d_model"] | None
-    ln_final_b: Float[Tensor, " d_model"] | None
-    unembed: Float[Tensor, "d_vocab_out d_model"]
-    unembed_b: Float[Tensor, " d_vocab_out"]
+    output: OutputWeights
     rotary_cos: Float[Tensor, "rot_ctx rotary_dim"] | None
     rotary_sin: Float[Tensor, "rot_ctx rotary_dim"] | None
     n_heads: int
@@ -134,6 +141,16 @@ def _layer_weights(block, gated: bool) -> LayerWeights:
     )
 
 
+def get_output_weights(model: HookedTransformer) -> OutputWeights:
+    """The weights `unembed` needs, read in place (no copy: cheap to call every time)."""
+    return OutputWeights(
+        ln_final_w=getattr(model.ln_final, "w", None),
+        ln_final_b=getattr(model.ln_final, "b", None),
+        unembed=model.unembed.W_U.T,
+        unembed_b=model.unembed.b_U,
+    )
+
+
 def get_fast_weights(model: HookedTransformer) -> FastWeights:
     """Lay out the model's weights for `forward` (differentiable: call it under `no_grad` to lay
     them out once for many inference calls, or with gradients on for a training step)."""
@@ -150,10 +167,7 @@ def get_fast_weights(model: HookedTransformer) -> FastWeights:
         embed=model.embed.W_E,
         pos_embed=None if rotary else model.pos_embed.W_pos,
         layers=[_layer_weights(block, cfg.gated_mlp) for block in model.blocks],
-        ln_final_w=getattr(model.ln_final, "w", None),
-        ln_final_b=getattr(model.ln_final, "b", None),
-        unembed=model.unembed.W_U.T,
-        unembed_b=model.unembed.b_U,
+        output=get_output_weights(model),
         rotary_cos=attn.rotary_cos if rotary else None,
         rotary_sin=attn.rotary_sin if rotary else None,
         n_heads=cfg.n_heads,
@@ -319,7 +333,7 @@ def forward(
 
 
 def unembed(
-    weights: FastWeights, normalized: Float[Tensor, "*batch d_model"]
+    weights: OutputWeights, normalized: Float[Tensor, "*batch d_model"]
 ) -> Float[Tensor, "*batch d_vocab"]:
     """Logits from the final normalised residual stream (applies ln_final's gain and bias)."""
     if weights.ln_final_w is not None:
@@ -336,7 +350,7 @@ def get_logits(
 ) -> Float[Tensor, "batch seq d_vocab"]:
     """`model(tokens, attention_mask=...)`'s logits, on the fast path."""
     weights = get_fast_weights(model)
-    return unembed(weights, forward(weights, tokens, attention_mask))
+    return unembed(weights.output, forward(weights, tokens, attention_mask))
 
 
 def make_cache(

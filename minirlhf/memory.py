@@ -2,7 +2,9 @@
 
 Stage 5 of the pipeline. Unlike PPO on gym environments there is no `add` (a whole phase is
 stored at once), no `dones` (every sample has `gen_len` tokens) and no separate actions (the
-generated tokens are the actions). It also keeps the reference logits for the exact KL penalty.
+generated tokens are the actions). It also keeps the reference logits for the exact KL penalty
+(or, to save memory, the reference model's final residual stream, from which the trainer
+recomputes them per minibatch).
 Returns are advantages + values, the targets of the value head.
 """
 
@@ -24,6 +26,10 @@ class ReplayMinibatch:
     returns: Float[Tensor, "minibatch gen_len"]
     ref_logits: Float[Tensor, "minibatch gen_len d_vocab"] | None
     """None when the trainer recomputes them per minibatch (`recompute_ref_logits`)."""
+    ref_normalized: Float[Tensor, "minibatch gen_len d_model"] | None = None
+    """With `recompute_ref_logits` on the fast path: the reference model's final normalised
+    residual stream, from which the trainer recomputes the reference logits (the unembedding
+    only). None otherwise."""
 
 
 class ReplayMemory:
@@ -37,6 +43,9 @@ class ReplayMemory:
         values: V(s_t) for each generated token, i.e. `values[:, prefix_len - 1 : -1]`.
         ref_logits: the reference model's logits at the generated positions, or None to not
             hold them for the phase (the learning phase then recomputes them per minibatch).
+        ref_normalized: optional, with `ref_logits=None`: the reference model's final normalised
+            residual stream at the generated positions (d_model floats per token instead of
+            d_vocab), so that only the unembedding needs recomputing.
     """
 
     def __init__(
@@ -47,6 +56,7 @@ class ReplayMemory:
         advantages: Float[Tensor, "batch gen_len"],
         values: Float[Tensor, "batch gen_len"],
         ref_logits: Float[Tensor, "batch gen_len d_vocab"] | None,
+        ref_normalized: Float[Tensor, "batch gen_len d_model"] | None = None,
     ):
         batch, gen_len = logprobs.shape
         for name, tensor in [("advantages", advantages), ("values", values)]:
@@ -54,10 +64,11 @@ class ReplayMemory:
                 f"{name} has shape {tuple(tensor.shape)} but logprobs has {(batch, gen_len)}: "
                 "slice values to the generated positions, values[:, prefix_len - 1 : -1]"
             )
-        assert ref_logits is None or ref_logits.shape[:2] == (batch, gen_len), (
-            f"ref_logits has shape {tuple(ref_logits.shape)}; expected ({batch}, {gen_len}, "
-            "d_vocab): slice to the generated positions, ref_logits[:, prefix_len - 1 : -1]"
-        )
+        for name, ref in [("ref_logits", ref_logits), ("ref_normalized", ref_normalized)]:
+            assert ref is None or ref.shape[:2] == (batch, gen_len), (
+                f"{name} has shape {tuple(ref.shape)}; expected ({batch}, {gen_len}, ...): "
+                f"slice to the generated positions, {name}[:, prefix_len - 1 : -1]"
+            )
         assert sample_ids.shape == attention_mask.shape and sample_ids.shape[0] == batch, (
             f"sample_ids {tuple(sample_ids.shape)} and attention_mask "
             f"{tuple(attention_mask.shape)} must both be ({batch}, seq)"
@@ -68,6 +79,7 @@ class ReplayMemory:
         self.advantages = advantages
         self.values = values
         self.ref_logits = ref_logits
+        self.ref_normalized = ref_normalized
 
     def get_minibatches(
         self,
@@ -93,6 +105,8 @@ class ReplayMemory:
                         advantages=self.advantages[indices],
                         returns=returns[indices],
                         ref_logits=None if self.ref_logits is None else self.ref_logits[indices],
+                        ref_normalized=(None if self.ref_normalized is None
+                                        else self.ref_normalized[indices]),
                     )
                 )
         return minibatches

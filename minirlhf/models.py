@@ -8,7 +8,6 @@ design (seed 002); sharing the trunk between policy and value follows Ziegler et
 
 import copy
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
@@ -49,7 +48,7 @@ class TransformerWithValueHead(nn.Module):
         if self.fast:
             weights = fast_forward.get_fast_weights(self.base_model)
             normalized = fast_forward.forward(weights, tokens, attention_mask)
-            return fast_forward.unembed(weights, normalized), self.get_values(normalized)
+            return fast_forward.unembed(weights.output, normalized), self.get_values(normalized)
         values = None
 
         def store_values(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
@@ -77,8 +76,8 @@ class TransformerWithValueHead(nn.Module):
     ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
         """`(logits, values)` from final normalised residuals computed elsewhere (the sampler's,
         `Samples.normalized`): the unembedding and the value head, without running the trunk."""
-        weights = fast_forward.get_fast_weights(self.base_model)
-        return fast_forward.unembed(weights, normalized), self.get_values(normalized)
+        logits = fast_forward.unembed(fast_forward.get_output_weights(self.base_model), normalized)
+        return logits, self.get_values(normalized)
 
 
 def get_reference_model(base_model: HookedTransformer) -> HookedTransformer:
@@ -88,16 +87,3 @@ def get_reference_model(base_model: HookedTransformer) -> HookedTransformer:
     for param in reference.parameters():
         param.requires_grad_(False)
     return reference
-
-
-@torch.no_grad()
-def get_logits(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch seq"],
-    attention_mask: Int[Tensor, "batch seq"] | None = None,
-    fast: bool = True,
-) -> Float[Tensor, "batch seq d_vocab"]:
-    """Logits of a model with no gradient (used for the frozen reference model)."""
-    if fast and fast_forward.unsupported_reason(model) is None:
-        return fast_forward.get_logits(model, tokens, attention_mask)
-    return model(tokens, return_type="logits", attention_mask=attention_mask)

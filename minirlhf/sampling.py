@@ -239,7 +239,7 @@ def _fast_next_logits(model: HookedTransformer, batch: int, max_len: int, states
         normalized = fast_forward.forward(weights, tokens[:, seen:], mask, cache, start=seen)
         seen = tokens.shape[1]
         states.append(normalized[:, -1])
-        return fast_forward.unembed(weights, normalized[:, -1])
+        return fast_forward.unembed(weights.output, normalized[:, -1])
 
     return next_logits
 

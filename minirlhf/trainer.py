@@ -23,7 +23,7 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import loading
+from minirlhf import fast_forward, loading
 from minirlhf.advantages import compute_advantages, compute_gae
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import (
@@ -34,7 +34,7 @@ from minirlhf.losses import (
     get_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
-from minirlhf.models import TransformerWithValueHead, get_logits, get_reference_model
+from minirlhf.models import TransformerWithValueHead, get_reference_model
 from minirlhf.optim import get_optimizer_and_scheduler
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
 from minirlhf.sampling import get_samples
@@ -91,11 +91,13 @@ class RLHFTrainer:
         self.prompts = prompts if prompts is not None else args.prefix
         set_seed(args.seed)
         self.device = loading.pick_device(args.device)
+        self.precision = loading.pick_precision(args.precision, self.device)
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
         base_model = base_model.to(self.device)
         self.model = TransformerWithValueHead(base_model, fast=args.fast_forward).to(self.device)
         self.ref_model = get_reference_model(base_model)
+        self.ref_fast = args.fast_forward and fast_forward.unsupported_reason(base_model) is None
         self.optimizer, self.scheduler = get_optimizer_and_scheduler(
             self.model, args.base_lr, args.head_lr, args.warmup_steps, args.total_phases,
             args.final_scale,
@@ -159,10 +161,11 @@ class RLHFTrainer:
         self.history = list(state["history"])
 
     def autocast(self) -> torch.autocast:
-        """bfloat16 autocast for forward passes when `args.autocast` (else a no-op). The trainer
-        casts logits and values back to float32, so log-softmaxes, the KL and every loss term
-        are computed in float32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.autocast)
+        """bfloat16 autocast for forward passes when the precision is "bf16" (else a no-op). The
+        trainer casts logits and values back to float32, so log-softmaxes, the KL and every loss
+        term are computed in float32."""
+        enabled = self.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     # ---- rollout ----
 
@@ -180,7 +183,7 @@ class RLHFTrainer:
             )
         sample_time = time.perf_counter() - start
         ids, mask, prefix_len = rollout.sample_ids, rollout.attention_mask, rollout.prefix_len
-        logprobs, values, ref_logits, kl, entropy = self.evaluate_samples(
+        logprobs, values, ref_logits, ref_normalized, kl, entropy = self.evaluate_samples(
             ids, mask, prefix_len, rollout.normalized
         )
         reward_start = time.perf_counter()
@@ -205,7 +208,8 @@ class RLHFTrainer:
             "charts/reward_time": reward_time,
             "charts/rollout_time": time.perf_counter() - start,
         }
-        return ReplayMemory(ids, mask, logprobs, advantages, gen_values, ref_logits)
+        return ReplayMemory(ids, mask, logprobs, advantages, gen_values, ref_logits,
+                            ref_normalized)
 
     @torch.no_grad()
     def evaluate_samples(
@@ -214,9 +218,14 @@ class RLHFTrainer:
         mask: Int[Tensor, "batch seq"],
         prefix_len: int,
         normalized: Float[Tensor, "batch gen_plus_one d_model"] | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None, float, float]:
-        """The policy's log-probs and values, the reference logits at the generated positions
-        (None with `recompute_ref_logits`), and the mean KL and entropy of the policy.
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, float, float]:
+        """The policy's log-probs and values; what the learning phase needs of the reference
+        model; the mean KL and entropy of the policy.
+
+        The reference comes back as its logits at the generated positions, or, with
+        `recompute_ref_logits`, as None and its final normalised residual stream there (None
+        too when the reference model is not on the fast path: then the learning phase reruns
+        it whole).
 
         `normalized` (from the fast-path sampler) spares the policy's forward pass: the sampler
         already computed its final residual stream at every position from `prefix_len - 1` on.
@@ -237,17 +246,19 @@ class RLHFTrainer:
                     logits = logits[:, prefix_len - 1 :]
             gen_logits, logprobs = self.get_gen_logits_and_logprobs(logits, ids[rows], prefix_len)
             values = values.float()
-            ref = self.get_ref_logits(ids[rows], mask[rows], prefix_len)
+            ref_logits, ref_normalized = self.get_ref_logits(ids[rows], mask[rows], prefix_len)
             parts.append((
                 logprobs, values,
-                None if args.recompute_ref_logits else ref,
-                calc_kl_penalty(gen_logits, ref, kl_coef=1.0).item(),
+                None if args.recompute_ref_logits else ref_logits,
+                ref_normalized if args.recompute_ref_logits else None,
+                calc_kl_penalty(gen_logits, ref_logits, kl_coef=1.0).item(),
                 calc_entropy_bonus(gen_logits, ent_coef=1.0).item(),
             ))
-        logprobs, values, ref_logits, kl, entropy = zip(*parts)
+        logprobs, values, ref_logits, ref_normalized, kl, entropy = zip(*parts)
         return (
             torch.cat(logprobs), torch.cat(values),
-            None if args.recompute_ref_logits else torch.cat(ref_logits),
+            None if ref_logits[0] is None else torch.cat(ref_logits),
+            None if ref_normalized[0] is None else torch.cat(ref_normalized),
             float(np.mean(kl)), float(np.mean(entropy)),
         )
 
@@ -265,12 +276,32 @@ class RLHFTrainer:
     @torch.no_grad()
     def get_ref_logits(
         self, ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"], prefix_len: int
-    ) -> Float[Tensor, "batch gen_len d_vocab"]:
+    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Tensor | None]:
         """The reference model's logits / temperature at the generated positions (a copy, so
-        the logits of the prompt positions are freed)."""
+        the logits of the prompt positions are freed), and on the fast path the final
+        normalised residual stream they were computed from (`ref_unembed` turns it back into
+        the same logits)."""
+        if not self.ref_fast:
+            with self.autocast():
+                logits = self.ref_model(ids, return_type="logits",
+                                        attention_mask=mask_or_none(mask))
+            logits = logits[:, prefix_len - 1 : -1].float() / self.args.temperature
+            return logits.contiguous(), None
         with self.autocast():
-            logits = get_logits(self.ref_model, ids, mask_or_none(mask), self.args.fast_forward)
-        return (logits[:, prefix_len - 1 : -1].float() / self.args.temperature).contiguous()
+            weights = fast_forward.get_fast_weights(self.ref_model)
+            normalized = fast_forward.forward(weights, ids, mask_or_none(mask))
+        normalized = normalized[:, prefix_len - 1 : -1].contiguous()
+        return self.ref_unembed(normalized), normalized
+
+    @torch.no_grad()
+    def ref_unembed(
+        self, normalized: Float[Tensor, "batch gen_len d_model"]
+    ) -> Float[Tensor, "batch gen_len d_vocab"]:
+        """The reference model's logits / temperature from its final normalised residual."""
+        with self.autocast():
+            logits = fast_forward.unembed(fast_forward.get_output_weights(self.ref_model),
+                                          normalized)
+        return logits.float() / self.args.temperature
 
     # ---- learning ----
 
@@ -284,9 +315,12 @@ class RLHFTrainer:
         gen_logits, logprobs = self.get_gen_logits_and_logprobs(logits, mb.sample_ids, prefix_len)
         values = values.float()
         gen_values = values[:, prefix_len - 1 : -1]
-        ref_logits = mb.ref_logits
-        if ref_logits is None:
-            ref_logits = self.get_ref_logits(mb.sample_ids, mb.attention_mask, prefix_len)
+        if mb.ref_logits is not None:
+            ref_logits = mb.ref_logits
+        elif mb.ref_normalized is not None:  # recompute_ref_logits: the unembedding only
+            ref_logits = self.ref_unembed(mb.ref_normalized)
+        else:  # recompute_ref_logits with a reference model off the fast path: all of it
+            ref_logits, _ = self.get_ref_logits(mb.sample_ids, mb.attention_mask, prefix_len)
 
         clipped_surrogate = calc_clipped_surrogate_objective(
             logprobs, mb.logprobs, mb.advantages, args.clip_coef

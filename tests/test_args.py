@@ -133,6 +133,18 @@ def test_round_trip_check_rejects_wrong_versions():
     assert not round_trips(wrong_to_dict, RLHFArgs.from_dict)
 
 
+def test_from_dict_reads_configs_saved_with_the_old_autocast_flag():
+    data = RLHFArgs().to_dict()
+    del data["precision"]
+    assert RLHFArgs.from_dict({**data, "autocast": True}).precision == "bf16"
+    assert RLHFArgs.from_dict({**data, "autocast": False}).precision == "fp32"
+
+
+def test_precision_must_be_a_known_name():
+    with pytest.raises((ValueError, TypeCheckError), match="precision"):
+        RLHFArgs(precision="fp16")
+
+
 def test_from_dict_rejects_unknown_fields():
     data = RLHFArgs().to_dict()
     data["kl_coeff"] = 0.1  # a typo must not be silently ignored

@@ -103,7 +103,7 @@ def test_cached_decoding_matches_full_forward(model: HookedTransformer) -> None:
     for pos in range(6, 10):
         step = ff.forward(weights, tokens[:, pos : pos + 1], mask[:, : pos + 1], cache, pos)
         outputs.append(step)
-    got = ff.unembed(weights, torch.cat(outputs, dim=1))
+    got = ff.unembed(weights.output, torch.cat(outputs, dim=1))
     assert max_diff_real(got, expected, mask) < ATOL
 
 
@@ -114,7 +114,8 @@ def test_cached_decoding_without_padding(model: HookedTransformer) -> None:
     weights = ff.get_fast_weights(model)
     cache = ff.make_cache(weights, 4, 10, torch.float32, tokens.device)
     ff.forward(weights, tokens[:, :9], None, cache, start=0)
-    got = ff.unembed(weights, ff.forward(weights, tokens[:, 9:], None, cache, start=9))[:, -1]
+    got = ff.unembed(weights.output, ff.forward(weights, tokens[:, 9:], None, cache, start=9))
+    got = got[:, -1]
     assert (got - expected).abs().max().item() < ATOL
 
 
@@ -155,7 +156,7 @@ def test_positions_not_offset_by_padding_are_caught() -> None:
     weights = ff.get_fast_weights(model)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ff, "get_position_ids", lambda m: torch.arange(m.shape[1]).expand_as(m))
-        got = ff.unembed(weights, ff.forward(weights, tokens, mask))
+        got = ff.unembed(weights.output, ff.forward(weights, tokens, mask))
     assert max_diff_real(got, expected, mask) > 1e-3
 
 

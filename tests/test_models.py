@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
-from minirlhf.models import TransformerWithValueHead, get_logits, get_reference_model
+from minirlhf.models import TransformerWithValueHead, get_reference_model
 
 
 def make_batch(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,12 +152,3 @@ def test_get_reference_model(make_printable_model):
 @pytest.mark.parametrize("wrong", [reference_is_the_policy, reference_shares_weights])
 def test_reference_check_rejects_wrong_versions(make_printable_model, wrong):
     assert not reference_is_frozen_copy(wrong, make_printable_model())
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_get_logits_has_no_gradient(tiny_model, fast):
-    tokens, mask = make_batch(tiny_model)
-    logits = get_logits(tiny_model, tokens, mask, fast=fast)
-    assert not logits.requires_grad
-    real = mask.bool()  # padding positions are never read
-    assert torch.allclose(logits[real], tiny_model(tokens, attention_mask=mask)[real], atol=1e-5)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from minirlhf import fast_forward
 from minirlhf import trainer as trainer_module
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import calc_clipped_surrogate_objective
@@ -196,31 +197,56 @@ def one_phase(model, **overrides) -> tuple[RLHFTrainer, dict[str, float], object
     return trainer, metrics, memory
 
 
-def test_recomputing_reference_logits_trains_the_same(make_printable_model):
-    """recompute_ref_logits changes where the reference logits come from, not what they are:
-    the same samples, the same metrics and the same weights after a phase; nothing stored."""
-    stored, stored_metrics, _ = one_phase(make_printable_model(seed=3))
-    lean, lean_metrics, memory = one_phase(make_printable_model(seed=3), recompute_ref_logits=True)
+def trains_the_same(stored: tuple, lean: tuple) -> bool:
+    """Two `one_phase` results: the same samples, metrics and weights after a phase."""
+    (a, a_metrics, _), (b, b_metrics, _) = stored, lean
+    keys = ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]
+    return (
+        a.last_samples == b.last_samples
+        and all(a_metrics[key] == pytest.approx(b_metrics[key], rel=1e-4, abs=1e-6) for key in keys)
+        # b_K: see test_fast_and_hooked_forward_train_the_same (its true gradient is 0).
+        and all(torch.allclose(x, y, atol=1e-6) for (name, x), (_, y)
+                in zip(a.model.named_parameters(), b.model.named_parameters())
+                if not name.endswith("b_K"))
+    )
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_recomputing_reference_logits_trains_the_same(make_printable_model, fast):
+    """recompute_ref_logits changes where the reference logits come from, not what they are.
+    Nothing vocabulary-wide is stored: on the fast path the reference's final residual stream
+    (d_model per token; the learning phase reruns only the unembedding), on TransformerLens's
+    path nothing (the learning phase reruns the reference model)."""
+    stored = one_phase(make_printable_model(seed=3), temperature=2.0, fast_forward=fast)
+    lean = one_phase(make_printable_model(seed=3), temperature=2.0, fast_forward=fast,
+                     recompute_ref_logits=True)
+    memory = lean[2]
     assert memory.ref_logits is None
-    assert lean.last_samples == stored.last_samples
-    for key in ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]:
-        assert lean_metrics[key] == pytest.approx(stored_metrics[key], rel=1e-4, abs=1e-6), key
-    for (name, a), (_, b) in zip(stored.model.named_parameters(), lean.model.named_parameters()):
-        assert torch.allclose(a, b, atol=1e-6), name
+    if fast:
+        batch, gen_len = memory.logprobs.shape
+        assert memory.ref_normalized.shape == (batch, gen_len, lean[0].model.base_model.cfg.d_model)
+    else:
+        assert memory.ref_normalized is None
+    assert trains_the_same(stored, lean)
 
 
-def test_the_check_above_sees_wrong_reference_logits(make_printable_model, monkeypatch):
-    """Recomputed reference logits without the temperature: the KL term moves."""
-    _, stored_metrics, _ = one_phase(make_printable_model(seed=3), temperature=2.0)
+def ref_unembed_untempered(self, normalized):
+    """Forgets the temperature (the KL then compares distributions the samples never came from)."""
+    return fast_forward.unembed(fast_forward.get_output_weights(self.ref_model), normalized)
 
-    def untempered(self, ids, mask, prefix_len):
-        logits = self.ref_model(ids, attention_mask=mask_or_none(mask))
-        return logits[:, prefix_len - 1 : -1].contiguous()
 
-    monkeypatch.setattr(RLHFTrainer, "get_ref_logits", untempered)
-    _, lean_metrics, _ = one_phase(make_printable_model(seed=3), temperature=2.0,
-                                   recompute_ref_logits=True)
-    assert lean_metrics["charts/kl"] != pytest.approx(stored_metrics["charts/kl"], rel=1e-2)
+def ref_unembed_with_the_policy(self, normalized):
+    """Unembeds with the policy's weights, which move during the learning phase."""
+    weights = fast_forward.get_output_weights(self.model.base_model)
+    return fast_forward.unembed(weights, normalized) / self.args.temperature
+
+
+@pytest.mark.parametrize("wrong", [ref_unembed_untempered, ref_unembed_with_the_policy])
+def test_the_check_above_sees_wrong_reference_logits(make_printable_model, monkeypatch, wrong):
+    stored = one_phase(make_printable_model(seed=3), temperature=2.0)
+    monkeypatch.setattr(RLHFTrainer, "ref_unembed", wrong)
+    lean = one_phase(make_printable_model(seed=3), temperature=2.0, recompute_ref_logits=True)
+    assert not trains_the_same(stored, lean)
 
 
 def test_fast_and_hooked_forward_train_the_same(make_printable_model):
@@ -238,13 +264,27 @@ def test_fast_and_hooked_forward_train_the_same(make_printable_model):
             assert torch.allclose(a, b, atol=1e-5), name
 
 
-def test_autocast_trains_and_keeps_the_losses_in_float32(make_printable_model):
-    """bfloat16 autocast (CPU here; the same code path as CUDA): the objective is float32 and the
-    end-to-end task is still learnt by the same margin."""
-    trainer, metrics, memory = one_phase(make_printable_model(seed=1), autocast=True)
+def test_bf16_trains_and_keeps_the_losses_in_float32(make_printable_model):
+    """bfloat16 autocast (CPU here; the same code path as CUDA): the forward passes really run in
+    bfloat16, the objective is float32 and the end-to-end task is still learnt by the same
+    margin."""
+    trainer, metrics, memory = one_phase(make_printable_model(seed=1), precision="bf16")
+    assert trainer.precision == "bf16"
+    with trainer.autocast():
+        logits, _ = trainer.model(memory.sample_ids)
+    assert logits.dtype == torch.bfloat16
     assert memory.logprobs.dtype == memory.advantages.dtype == torch.float32
     mb = memory.get_minibatches(2, 1)[0]
     objective, _ = trainer.compute_rlhf_objective(mb)
     assert objective.dtype == torch.float32 and torch.isfinite(objective)
-    history = train(make_printable_model(seed=1), autocast=True).history
+    history = train(make_printable_model(seed=1), precision="bf16").history
     assert learnt(history), [round(m["charts/reward_mean"], 2) for m in history]
+
+
+def test_fp32_runs_without_autocast(make_printable_model):
+    trainer = RLHFTrainer(RLHFArgs(**E2E_ARGS), reward_fn_char_count,
+                          base_model=make_printable_model(seed=1), console=Console(quiet=True))
+    assert trainer.precision == "fp32"
+    with trainer.autocast():
+        logits, _ = trainer.model(torch.tensor([[1, 2, 3]]))
+    assert logits.dtype == torch.float32
