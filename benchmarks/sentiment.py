@@ -122,6 +122,17 @@ def report(results: list[dict], console: Console):
         console.print(samples)
 
 
+def parse_override(text: str, parser: argparse.ArgumentParser) -> tuple[str, object]:
+    """"base_lr=2e-4" -> ("base_lr", 0.0002); values are JSON, else plain strings ("bf16")."""
+    if "=" not in text:
+        parser.error(f"--set takes FIELD=VALUE pairs (e.g. base_lr=2e-4), got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, {"True": True, "False": False, "None": None}.get(value, value)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="gae-pos,one_step-pos,gae-neg",
@@ -139,7 +150,7 @@ def main():
         torch.set_num_threads(ns.threads)
     console = Console()
     console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", soft_wrap=True)
-    overrides = {key: json.loads(value) for key, value in (s.split("=", 1) for s in ns.set)}
+    overrides = dict(parse_override(text, parser) for text in ns.set)
     for name in [] if ns.report_only else ns.runs.split(","):
         console.rule(name)
         result = run_variant(name, ns.phases, ns.seed, overrides, console)
