@@ -97,7 +97,6 @@ class RLHFTrainer:
         base_model = base_model.to(self.device)
         self.model = TransformerWithValueHead(base_model, fast=args.fast_forward).to(self.device)
         self.ref_model = get_reference_model(base_model)
-        self.ref_fast = args.fast_forward and fast_forward.unsupported_reason(base_model) is None
         self.optimizer, self.scheduler = get_optimizer_and_scheduler(
             self.model, args.base_lr, args.head_lr, args.warmup_steps, args.total_phases,
             args.final_scale,
@@ -277,11 +276,11 @@ class RLHFTrainer:
     def get_ref_logits(
         self, ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"], prefix_len: int
     ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Tensor | None]:
-        """The reference model's logits / temperature at the generated positions (a copy, so
-        the logits of the prompt positions are freed), and on the fast path the final
-        normalised residual stream they were computed from (`ref_unembed` turns it back into
-        the same logits)."""
-        if not self.ref_fast:
+        """The reference model's logits / temperature at the generated positions only, and on the
+        fast path the final normalised residual stream they were computed from (`ref_unembed`
+        turns it back into the same logits). The reference is a copy of the policy's base
+        model, so it is on the fast path exactly when the policy is."""
+        if not self.model.fast:
             with self.autocast():
                 logits = self.ref_model(ids, return_type="logits",
                                         attention_mask=mask_or_none(mask))
