@@ -172,7 +172,8 @@ class RewardModel(nn.Module):
 
 
 def set_trainable_layers(reward_model: RewardModel, n_layers: int | None) -> int:
-    """Freeze all but the top `n_layers` blocks (None: train everything); return trainable count.
+    """Freeze all but the top `n_layers` blocks (None: train everything); return how many blocks
+    are frozen (the ones `TrunkCache` runs once per text).
 
     The final layernorm and the reward head always train. Frozen layers get no gradient, so a
     backward pass stops at the lowest trainable block.
@@ -185,7 +186,7 @@ def set_trainable_layers(reward_model: RewardModel, n_layers: int | None) -> int
                    if name in ("embed", "pos_embed") for p in module.parameters()}
     for param in reward_model.parameters():
         param.requires_grad_(id(param) not in frozen)
-    return sum(p.numel() for p in reward_model.parameters() if p.requires_grad)
+    return n_frozen
 
 
 # ---------------------------------------------------------------- texts in, rewards out

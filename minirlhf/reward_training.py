@@ -192,10 +192,8 @@ def train_reward_model(
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train on the pairwise loss for `args.epochs`; return one metrics dict per step."""
-    set_trainable_layers(reward_model, args.trainable_layers)
-    n_layers = reward_model.base_model.cfg.n_layers
-    trainable = n_layers if args.trainable_layers is None else args.trainable_layers
-    score = TrunkCache(reward_model, frozen_layers=max(0, n_layers - trainable))
+    frozen_layers = set_trainable_layers(reward_model, args.trainable_layers)
+    score = TrunkCache(reward_model, frozen_layers)
     optimizer = get_reward_optimizer(reward_model, args)
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = -(-len(train) // args.batch_size)

@@ -175,13 +175,13 @@ def test_a_vocabulary_mismatch_fails_with_a_message(printable_model):
 
 def test_set_trainable_layers_freezes_the_bottom():
     model = make_rm(n_layers=3)
-    set_trainable_layers(model, 1)
+    assert set_trainable_layers(model, 1) == 2  # frozen blocks, what TrunkCache runs once
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(name.startswith("base_model.blocks.2.") for name in trainable)
     assert not any(name.startswith(("base_model.blocks.0.", "base_model.blocks.1.",
                                     "base_model.embed")) for name in trainable)
     assert {"reward_head.weight", "reward_head.bias"} <= trainable
-    set_trainable_layers(model, None)
+    assert set_trainable_layers(model, None) == 0 and set_trainable_layers(model, 5) == 0
     assert all(p.requires_grad for p in model.parameters())
 
 
