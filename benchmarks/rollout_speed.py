@@ -14,6 +14,7 @@ minirlhf, do_sample=False elsewhere) must give the same tokens on all four engin
 
     python benchmarks/rollout_speed.py                         # all three models
     python benchmarks/rollout_speed.py --models gpt2-small --reps 5
+    python benchmarks/rollout_speed.py --device cuda              # on a GPU
 
 Targets (issue 5): at batch 32, gen_len 30, for the 124M-class models, minirlhf at least 1.5x the
 throughput of `HookedTransformer.generate` and at least that of Hugging Face `generate`.
@@ -39,20 +40,26 @@ from minirlhf.sampling import get_samples, tokenize_prompts
 PROMPT = "This movie was really"
 
 
-def build_models(name: str, folder: Path) -> tuple:
-    """(HookedTransformer, Hugging Face model) holding the same weights."""
+def build_models(name: str, folder: Path, device: torch.device) -> tuple:
+    """(HookedTransformer, Hugging Face model) holding the same weights, on `device`."""
     if name == "smollm2":
         gguf = loading._find_smollm2_gguf()
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                   dtype=torch.float32)
-        return loading.load_policy("smollm2"), hf.eval()
+        return loading.load_policy("smollm2", device), hf.eval().to(device)
     shape = {"tiny-gpt2": dict(n_layer=2, n_embd=64, n_head=4),
              "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12)}[name]
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(**shape)).eval()
     hf.save_pretrained(folder / name)
     loading.get_gpt2_tokenizer().save_pretrained(folder / name)
-    return loading.load_hf_folder(folder / name), hf
+    return loading.load_hf_folder(folder / name, device), hf.to(device)
+
+
+def synchronize(device: torch.device):
+    """Wait for the GPU's queued work, so a timer measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def engines(tl_model, hf_model, prompt_ids: torch.Tensor, gen_len: int, top_k: int | None,
@@ -85,7 +92,8 @@ def engines(tl_model, hf_model, prompt_ids: torch.Tensor, gen_len: int, top_k: i
 
 @torch.no_grad()
 def bench_model(name: str, folder: Path, ns: argparse.Namespace, console: Console) -> dict:
-    tl_model, hf_model = build_models(name, folder)
+    device = loading.pick_device(ns.device)
+    tl_model, hf_model = build_models(name, folder, device)
     prompt_ids, _ = tokenize_prompts(tl_model, [PROMPT] * ns.batch_size, prepend_bos=True)
     greedy = {engine: fn() for engine, fn in
               engines(tl_model, hf_model, prompt_ids, ns.gen_len, None, True).items()}
@@ -97,8 +105,10 @@ def bench_model(name: str, folder: Path, ns: argparse.Namespace, console: Consol
     for _ in range(ns.reps):  # interleaved, so a slow spell of the machine hits every engine
         for engine, fn in runs.items():
             torch.manual_seed(0)
+            synchronize(device)
             start = time.perf_counter()
             fn()
+            synchronize(device)
             times.setdefault(engine, []).append(time.perf_counter() - start)
     n_params = sum(p.numel() for p in hf_model.parameters())
     medians = {engine: statistics.median(ts) for engine, ts in times.items()}
@@ -128,6 +138,7 @@ def main():
     parser.add_argument("--gen-len", type=int, default=30)
     parser.add_argument("--top-k", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help='"cpu", "cuda" (default: cpu)')
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ns = parser.parse_args()
@@ -138,9 +149,11 @@ def main():
         results = [bench_model(name, Path(folder), ns, console) for name in ns.models]
     report(results, console)
     ns.out.mkdir(parents=True, exist_ok=True)
-    path = ns.out / "rollout_speed.json"
+    suffix = "" if ns.device == "cpu" else f"_{ns.device.replace(':', '')}"
+    path = ns.out / f"rollout_speed{suffix}.json"
     setup = {k: v for k, v in vars(ns).items() if k != "out"}
-    machine = {"cpu": platform.processor() or platform.machine(),
+    machine = {"cpu": platform.processor() or platform.machine(), "device": ns.device,
+               "gpu": torch.cuda.get_device_name() if ns.device.startswith("cuda") else None,
                "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     path.write_text(json.dumps({"setup": setup, "machine": machine, "results": results},
                                indent=1))
