@@ -13,6 +13,7 @@ the truncation forbade can never be sampled, whatever its log-prob says).
 
 import random
 import time
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -129,13 +130,24 @@ class RLHFTrainer:
         return state
 
     def set_rng_state(self, state: dict):
+        """Restore `get_rng_state()`. States are byte tensors that torch wants on the CPU, even
+        for a CUDA generator (a checkpoint loaded with map_location="cuda" has them on the GPU).
+        A sampler state saved on another kind of device (CUDA vs CPU) cannot be restored: the
+        sampler is then reseeded, so the run goes on, but not on the same curve."""
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        self.sample_generator.set_state(state["sample_generator"])
-        self.shuffle_generator.set_state(state["shuffle_generator"])
+        torch.set_rng_state(state["torch"].cpu())
+        self.shuffle_generator.set_state(state["shuffle_generator"].cpu())
+        sample_state = state["sample_generator"].cpu()
+        if sample_state.numel() == self.sample_generator.get_state().numel():
+            self.sample_generator.set_state(sample_state)
+        else:
+            self.sample_generator.manual_seed(self.args.seed + 1000 * (1 + len(self.history)))
+            warnings.warn("The checkpoint's sampler state is from another kind of device: the "
+                          "sampler was reseeded, so samples differ from an uninterrupted run.",
+                          stacklevel=2)
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
     def state_dict(self) -> dict:
         """Policy, value head, optimiser, scheduler, random states, phase and metrics so far."""
