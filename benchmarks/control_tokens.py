@@ -25,7 +25,7 @@ from minirlhf.sentiment import (
     split_control_token,
     vader_compound,
 )
-from minirlhf.trainer import RLHFTrainer
+from minirlhf.trainer import RLHFTrainer, Rollout
 
 
 def vader_by_task(samples: list[str]) -> dict[str, float]:
@@ -50,10 +50,12 @@ def main():
     trainer = RLHFTrainer(args, make_control_token_reward(),
                           prompts=make_control_prompts(args.prefix, args.batch_size),
                           console=console, table_every=0)
-    per_phase = []
+    per_phase, last = [], {}
 
-    def on_phase_end(trainer: RLHFTrainer, metrics: dict):
-        scores = vader_by_task(trainer.last_samples)
+    def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
+        metrics = rollout.metrics
+        last["rollout"] = rollout
+        scores = vader_by_task(rollout.samples)
         per_phase.append({**scores, "kl": metrics["charts/kl"],
                           "phase_time": metrics["charts/phase_time"]})
         shown = "  ".join(f"{task} {scores[task]:+.2f}" for task in CONTROL_TOKENS)
@@ -62,11 +64,12 @@ def main():
 
     trainer.train(on_phase_end=on_phase_end)
     ns.out.mkdir(parents=True, exist_ok=True)
-    samples = dict(zip(trainer.last_samples, trainer.last_rewards))
+    final = last["rollout"]
+    samples = dict(zip(final.samples, final.rewards.tolist()))
     (ns.out / "control_tokens.json").write_text(json.dumps(
         {"args": args.to_dict(), "vader_by_task_per_phase": per_phase, "samples_after": samples},
         indent=1))
-    for sample in trainer.last_samples[:6]:
+    for sample in final.samples[:6]:
         console.print(repr(sample), soft_wrap=True, markup=False)
 
 

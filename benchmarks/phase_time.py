@@ -7,7 +7,7 @@ Three parts, on SmolLM2-135M with the offline preset (`smollm2-vader`: batch 32,
            learning phase (and one minibatch split into forward, backward and optimiser step),
            side by side for minirlhf's fast path in float32, the same under bfloat16 autocast
            (`precision="bf16"`, what the preset's "auto" picks on a CPU with AVX512-BF16 or AMX),
-           and TransformerLens's forward (`fast_forward=False`) in float32. Target (issue 5): a
+           and TransformerLens's forward (`fast_path=False`) in float32. Target (issue 5): a
            phase of the preset in at most 15 s on the 2-core CPU.
 2. scale   phase time against batch size (16, 32, 64, 128) and gen_len (10, 20, 40).
 3. memory  peak resident memory of a phase at batch 128, gen_len 30, storing the reference logits
@@ -40,7 +40,8 @@ from rich.console import Console
 from rich.table import Table
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_policy, pick_precision
+from minirlhf.device import pick_precision
+from minirlhf.loading import load_policy
 from minirlhf.presets import PRESETS
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer
@@ -60,13 +61,13 @@ def make_trainer(model, **overrides) -> RLHFTrainer:
 def time_phases(trainer: RLHFTrainer, phases: int) -> dict[str, float]:
     """Median of each part over `phases` phases, after one warm-up phase."""
     trainer.train_one_phase()
-    history = [trainer.train_one_phase() for _ in range(phases)]
+    history = [trainer.train_one_phase().metrics for _ in range(phases)]
     return {key: statistics.median(m[key] for m in history) for key in PARTS}
 
 
 def time_minibatch(trainer: RLHFTrainer) -> dict[str, float]:
     """Forward (objective), backward and optimiser step of one learning minibatch."""
-    memory = trainer.rollout_phase()
+    memory = trainer.rollout_phase().memory
     mb = memory.get_minibatches(trainer.args.num_minibatches, 1)[0]
     times: dict[str, list[float]] = {}
     for _ in range(3):
@@ -100,7 +101,7 @@ def part_split(model, ns, console) -> list[dict]:
                 ("TransformerLens forward, fp32", False, "fp32")]
     for label, fast, precision in variants:
         # A fresh copy per variant: a trainer trains the model it is given in place.
-        trainer = make_trainer(copy.deepcopy(model), fast_forward=fast, precision=precision)
+        trainer = make_trainer(copy.deepcopy(model), fast_path=fast, precision=precision)
         row = {"variant": label, **time_phases(trainer, ns.phases), **time_minibatch(trainer)}
         console.print(f"split {label}: phase {row['charts/phase_time']:.1f} s")
         rows.append(row)
@@ -159,7 +160,7 @@ def memory_child(ns):
     trainer.train_one_phase()
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
     start_rss = read_status_kib("VmRSS")
-    metrics = trainer.train_one_phase()
+    metrics = trainer.train_one_phase().metrics
     print(json.dumps({"variant": ns.memory_child, "rss_at_start_mib": start_rss / 1024,
                       "peak_rss_mib": read_status_kib("VmHWM") / 1024,
                       "phase_peak_over_start_mib": (read_status_kib("VmHWM") - start_rss) / 1024,
@@ -168,14 +169,14 @@ def memory_child(ns):
 
 def time_recompute_paired(model, ns) -> dict:
     """Phase time storing vs recomputing the reference logits, on one trainer whose setting
-    alternates phase by phase (the flag only changes where the reference logits come from)."""
+    alternates phase by phase (the setting only changes where the reference logits come from)."""
     trainer = make_trainer(model, precision=ns.precision)
     trainer.train_one_phase()
     times: dict[str, list[float]] = {"store": [], "recompute": []}
     for i in range(2 * max(ns.phases, 3)):
-        trainer.args.recompute_ref_logits = i % 2 == 1
+        trainer.reference.keep_residual = i % 2 == 1
         times["recompute" if i % 2 else "store"].append(
-            trainer.train_one_phase()["charts/phase_time"])
+            trainer.train_one_phase().metrics["charts/phase_time"])
     return {f"{key}_phase_s": statistics.median(values) for key, values in times.items()}
 
 

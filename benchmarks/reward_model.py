@@ -47,7 +47,7 @@ from minirlhf.reward_training import (
 )
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
-from minirlhf.trainer import RLHFTrainer
+from minirlhf.trainer import RLHFTrainer, Rollout
 
 TARGETS = {"heldout_accuracy": 0.85, "vader_after": 0.6}
 
@@ -127,8 +127,9 @@ def phase_ppo(ns, policy, reward_model, console: Console) -> dict:
     vader_per_phase: list[float] = []
     start = time.perf_counter()
 
-    def on_phase_end(trainer: RLHFTrainer, metrics: dict):
-        vader_per_phase.append(vader_compound(trainer.last_samples).mean().item())
+    def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
+        metrics = rollout.metrics
+        vader_per_phase.append(vader_compound(rollout.samples).mean().item())
         console.print(f"PPO phase {metrics['charts/phase']:2d}: reward-model reward "
                       f"{metrics['charts/reward_mean']:+.3f}  VADER {vader_per_phase[-1]:+.3f}  "
                       f"kl {metrics['charts/kl']:.3f}  {metrics['charts/phase_time']:.0f} s",

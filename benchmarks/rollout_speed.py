@@ -3,8 +3,8 @@
 On one model, one prompt, one batch size, gen_len, temperature and top-k, in one process, after a
 warm-up, several repetitions each (medians, tokens per second, ratios):
 
-- minirlhf      `get_samples` on the fast path (`minirlhf.fast_forward`: weights laid out once)
-- minirlhf-tl   `get_samples(fast=False)`: the same loop around `HookedTransformer.forward`
+- minirlhf      `get_samples` on the fast path (`minirlhf.fast_path`: weights laid out once)
+- minirlhf-tl   `get_samples(fast_path=False)`: the same loop around `HookedTransformer.forward`
 - tl.generate   `HookedTransformer.generate` (with its KV cache)
 - hf.generate   Hugging Face `generate` on the same weights as a `transformers` model
 
@@ -35,7 +35,8 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from minirlhf import loading
-from minirlhf.sampling import get_samples, tokenize_prompts
+from minirlhf.device import pick_device
+from minirlhf.sampling import SamplingConfig, get_samples, tokenize_prompts
 
 PROMPT = "This movie was really"
 
@@ -69,8 +70,8 @@ def engines(tl_model, hf_model, prompt_ids: torch.Tensor, gen_len: int, top_k: i
     k = 1 if greedy else top_k
 
     def ours(fast: bool) -> torch.Tensor:
-        samples = get_samples(tl_model, PROMPT, batch, gen_len=gen_len, top_k=k, seed=0,
-                              fast=fast)
+        samples = get_samples(tl_model, PROMPT, batch, gen_len=gen_len,
+                              sampling=SamplingConfig(top_k=k), seed=0, fast_path=fast)
         return samples.sample_ids[:, samples.prefix_len :]
 
     def tl_generate() -> torch.Tensor:
@@ -92,7 +93,7 @@ def engines(tl_model, hf_model, prompt_ids: torch.Tensor, gen_len: int, top_k: i
 
 @torch.no_grad()
 def bench_model(name: str, folder: Path, ns: argparse.Namespace, console: Console) -> dict:
-    device = loading.pick_device(ns.device)
+    device = pick_device(ns.device)
     tl_model, hf_model = build_models(name, folder, device)
     prompt_ids, _ = tokenize_prompts(tl_model, [PROMPT] * ns.batch_size, prepend_bos=True)
     greedy = {engine: fn() for engine, fn in

@@ -32,7 +32,7 @@ from minirlhf.args import RLHFArgs
 from minirlhf.loading import load_policy
 from minirlhf.presets import PRESETS
 from minirlhf.sentiment import make_vader_reward
-from minirlhf.trainer import RLHFTrainer
+from minirlhf.trainer import RLHFTrainer, Rollout
 
 TARGETS = {"pos": 0.9, "neg": -0.8}
 
@@ -49,10 +49,13 @@ def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Con
                           console=console, table_every=0)
     start = time.perf_counter()
     first_samples: list = []
+    last_samples: list = []
 
-    def on_phase_end(trainer: RLHFTrainer, metrics: dict):
+    def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
+        metrics = rollout.metrics
+        last_samples[:] = zip(rollout.samples, rollout.rewards.tolist())
         if not first_samples:
-            first_samples.extend(zip(trainer.last_samples, trainer.last_rewards))
+            first_samples.extend(last_samples)
         console.print(f"{name} phase {metrics['charts/phase']:2d}: reward "
                       f"{metrics['charts/reward_mean']:+.3f} kl {metrics['charts/kl']:.3f} "
                       f"{metrics['charts/phase_time']:.1f} s", soft_wrap=True)
@@ -75,8 +78,7 @@ def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Con
         "final": vader[-1], "target": target,
         "first_phase_reaching_target": reached[0] if reached else None,
         "samples_before": [[s, sign * r] for s, r in first_samples[:6]],
-        "samples_after": [[s, sign * r] for s, r in
-                          list(zip(trainer.last_samples, trainer.last_rewards))[:6]],
+        "samples_after": [[s, sign * r] for s, r in last_samples[:6]],
     }
 
 

@@ -10,7 +10,8 @@ up to position `prefix_len + t - 1`, so V(s_t) = values[:, prefix_len - 1 + t]:
 The only reward is the sequence's, at the last step (the KL penalty is a separate loss term in
 this design, as in the ARENA exercises, not a per-token reward).
 
-- One-step (the seed's estimator): A_t = V(s_{t+1}) - V(s_t), and r - V(s_{T-1}) at the last step.
+- One-step (the ARENA exercises' estimator): A_t = V(s_{t+1}) - V(s_t), and r - V(s_{T-1}) at
+  the last step.
 - GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE"):
   delta_t = r_t + gamma V(s_{t+1}) - V(s_t), A_t = delta_t + gamma lambda A_{t+1}.
   lambda = 0 gives the one-step estimate (with gamma = 1), lambda = 1 the Monte-Carlo r - V(s_t).

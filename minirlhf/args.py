@@ -1,6 +1,6 @@
 """`RLHFArgs`: every hyperparameter of an RLHF-with-PPO run, in one serialisable dataclass.
 
-Follows the `RLHFArgs` of the ARENA RLHF exercises (seed 002) with CleanRL's names. The reward
+Follows the `RLHFArgs` of the ARENA RLHF exercises with CleanRL's names. The reward
 function is *not* a field: it is passed to `RLHFTrainer`, so that a config is plain data that
 serialises to JSON, wandb and the command line.
 """
@@ -58,7 +58,8 @@ class RLHFArgs:
 
     # --- advantages ---
     advantage_estimator: Literal["one_step", "gae"] = "one_step"
-    """"one_step" (the seed's A_t = V(s_{t+1}) - V(s_t)) or "gae" (Schulman et al. 2016)."""
+    """"one_step" (A_t = V(s_{t+1}) - V(s_t), as in the ARENA exercises) or "gae" (Schulman et
+    al. 2016)."""
     gamma: float = 1.0
     """Discount factor for GAE (1.0: an episode is one short completion)."""
     gae_lambda: float = 0.95
@@ -72,7 +73,7 @@ class RLHFArgs:
     temperature: float = 1.0
     """Sampling temperature; the PPO log-probs and KL use logits / temperature too."""
     top_k: int | None = None
-    """Sample only from the k most likely tokens (None: no top-k). The seed used 10."""
+    """Sample only from the k most likely tokens (None: no top-k; the ARENA exercises use 10)."""
     top_p: float | None = None
     """Nucleus sampling threshold (None: off)."""
     prefix: str = "This is"
@@ -81,10 +82,12 @@ class RLHFArgs:
     """Put the model's BOS token before the prompt."""
 
     # --- speed and memory ---
-    fast_forward: bool = True
-    """Sample and train on minirlhf's fused forward pass (same logits; False: TransformerLens's)."""
+    fast_path: bool = True
+    """Sample and train on minirlhf's fast path (`minirlhf.fast_path`: the same logits, weights
+    laid out once); False, or a model with hooks attached, runs TransformerLens's own forward."""
     recompute_ref_logits: bool = False
-    """Recompute reference logits per minibatch instead of storing them: less memory, more time."""
+    """Keep the reference model's final residual stream instead of its logits, and recompute the
+    logits (the unembedding only) per minibatch: d_model instead of d_vocab floats per token."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
     loss stay float32); "auto" picks bf16 where the hardware multiplies bfloat16 fast (a CUDA GPU
@@ -150,9 +153,11 @@ class RLHFArgs:
     def from_dict(cls, values: dict) -> "RLHFArgs":
         """The inverse of `to_dict` (derived fields are recomputed, not read)."""
         init_names = {f.name for f in dataclasses.fields(cls) if f.init}
+        values = dict(values)
         if "autocast" in values:  # configs saved before `precision` replaced `autocast: bool`
-            values = {**values, "precision": "bf16" if values["autocast"] else "fp32"}
-            values.pop("autocast")
+            values["precision"] = "bf16" if values.pop("autocast") else "fp32"
+        if "fast_forward" in values:  # configs saved before the fast path got its one name
+            values["fast_path"] = values.pop("fast_forward")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown RLHFArgs fields: {sorted(unknown)}.")

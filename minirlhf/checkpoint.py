@@ -18,8 +18,6 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 def save_checkpoint(trainer: RLHFTrainer, folder: str | Path, extra: dict | None = None) -> Path:
     """Write `folder/checkpoint.pt` atomically; `extra` is stored beside the trainer state."""
-    if trainer.updating:
-        raise RuntimeError("Cannot checkpoint in the middle of a learning phase.")
     path = Path(folder) / CHECKPOINT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")

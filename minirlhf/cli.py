@@ -29,13 +29,14 @@ from rich.text import Text
 from minirlhf import loading
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.device import pick_device
 from minirlhf.models import TransformerWithValueHead
-from minirlhf.presets import DEFAULT_PRESET, PRESETS
+from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.report import append_metrics, plot_metrics, print_summary
 from minirlhf.reward_training import RewardModelArgs
-from minirlhf.rewards import RewardFn, get_rewards, reward_fn_char_count
-from minirlhf.sampling import get_samples
-from minirlhf.trainer import RLHFTrainer
+from minirlhf.rewards import get_rewards
+from minirlhf.sampling import SamplingConfig, get_samples
+from minirlhf.trainer import RLHFTrainer, Rollout
 
 PLOT_NAME = "reward_kl.png"
 
@@ -157,45 +158,6 @@ def add_preference_parsers(commands):
     add_args_flags(rm, RewardModelArgs, "RewardModelArgs")
 
 
-# ---- rewards ----
-
-def make_reward_fn(spec: dict, device) -> RewardFn:
-    """The reward function a run's reward spec names."""
-    from minirlhf import sentiment
-
-    kind = spec["kind"]
-    if kind == "vader":
-        return sentiment.make_vader_reward(spec.get("direction", "pos"))
-    if kind == "control":
-        return sentiment.make_control_token_reward()
-    if kind == "classifier":
-        model, tokenizer = sentiment.load_hf_classifier(spec["classifier"], device)
-        return sentiment.make_classifier_reward(model, tokenizer, spec.get("direction", "pos"),
-                                                spec.get("output", "prob"))
-    if kind == "reward_model":
-        from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn
-
-        reward_model, _ = load_reward_model(spec["path"], device)
-        return make_reward_model_reward_fn(reward_model)
-    if kind == "char_count":
-        char = spec.get("char", ".")
-
-        def reward_fn(samples: list[str]):
-            return reward_fn_char_count(samples, char)
-
-        reward_fn.__name__ = f"char_count({char!r})"
-        return reward_fn
-    raise ValueError(f"Unknown reward kind {kind!r}.")
-
-
-def make_prompts(spec: dict, args: RLHFArgs) -> list[str] | None:
-    if spec["kind"] != "control":
-        return None
-    from minirlhf.sentiment import make_control_prompts
-
-    return make_control_prompts(args.prefix, args.batch_size)
-
-
 # ---- train ----
 
 def new_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Path, dict]:
@@ -243,7 +205,7 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     args = RLHFArgs.from_dict(run["args"])
     console = Console()
     console.print(f"[bold]minirlhf train[/]: {run['preset']} -> {out}", soft_wrap=True)
-    device = loading.pick_device(args.device)
+    device = pick_device(args.device)
     reward_fn = make_reward_fn(run["reward"], device)
     trainer = RLHFTrainer(args, reward_fn, prompts=make_prompts(run["reward"], args),
                           console=console, table_every=ns.table_every)
@@ -258,11 +220,14 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in trainer.history))
         console.print(f"Resumed at phase {trainer.phase} of {args.total_phases}.")
 
-    def on_phase_end(trainer: RLHFTrainer, metrics: dict[str, float]):
-        append_metrics(out / "metrics.jsonl", metrics)
-        if "before" not in extra:
-            extra["before"] = (trainer.last_samples, trainer.last_rewards)
-        extra["after"] = (trainer.last_samples, trainer.last_rewards)
+    boundary = {"global_step": trainer.global_step, "rng": trainer.get_rng_state()}
+
+    def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
+        append_metrics(out / "metrics.jsonl", rollout.metrics)
+        samples = (rollout.samples, rollout.rewards.tolist())
+        extra.setdefault("before", samples)
+        extra["after"] = samples
+        boundary.update(global_step=trainer.global_step, rng=trainer.get_rng_state())
         if trainer.phase % ns.checkpoint_every == 0 or trainer.phase == args.total_phases:
             save_checkpoint(trainer, out, extra)
             plot_metrics(trainer.history, out / PLOT_NAME, title=run["preset"])
@@ -270,17 +235,19 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     try:
         trainer.train(on_phase_end, wandb_kwargs={"mode": ns.wandb_mode, "dir": str(out)})
     except BaseException:
-        save_after_crash(trainer, out, extra, console)
+        save_after_crash(trainer, boundary, out, extra, console)
         raise
     finish_run(trainer, out, extra, console)
 
 
-def save_after_crash(trainer: RLHFTrainer, out: Path, extra: dict, console: Console):
-    """Keep every completed phase: outside a learning phase the weights are consistent."""
-    if trainer.updating or trainer.phase == 0:
+def save_after_crash(trainer: RLHFTrainer, boundary: dict, out: Path, extra: dict,
+                     console: Console):
+    """Keep every completed phase: until the next optimiser step after the last phase boundary,
+    the weights are those of the boundary, and so are the random states kept then."""
+    if trainer.global_step != boundary["global_step"] or trainer.phase == 0:
         console.print("[red]Stopped mid-update: the last checkpoint in the run folder stands.")
         return
-    trainer.set_rng_state(trainer.rng_at_boundary)
+    trainer.set_rng_state(boundary["rng"])
     save_checkpoint(trainer, out, extra)
     console.print(f"[yellow]Stopped: saved phase {trainer.phase} to {out / 'checkpoint.pt'}. "
                   f"Continue with: minirlhf train --out {out} --resume", soft_wrap=True)
@@ -304,12 +271,12 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"{ns.run} is not a run folder (no run.json): pass the --out of a training.")
     run = json.loads((ns.run / "run.json").read_text())
     args = RLHFArgs.from_dict(run["args"])
-    device = loading.pick_device(ns.device)
+    device = pick_device(ns.device)
     checkpoint = load_checkpoint(ns.run, map_location=device)
     model = TransformerWithValueHead(loading.load_policy(args.base_model, device))
     prompt = ns.prompt or args.prefix
     settings = dict(batch_size=ns.num_samples, gen_len=ns.gen_len or args.gen_len,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
                     prepend_bos=args.prepend_bos, seed=ns.seed)
     columns = {}
     if ns.compare:
@@ -336,7 +303,7 @@ def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
     if ns.batch_size < 2 or ns.batch_size % 2:
         parser.error(f"--batch-size must be even (two samples a pair), got {ns.batch_size}.")
-    device = loading.pick_device(ns.device)
+    device = pick_device(ns.device)
     judge_spec = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
     console = Console()
     with console.status(f"sampling pairs from {ns.base_model}, judged by {ns.judge}"):
@@ -374,7 +341,7 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     console = Console()
-    device = loading.pick_device(args.device)
+    device = pick_device(args.device)
     reward_model = make_reward_model(args, device)
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "metrics.jsonl").write_text("")

@@ -43,6 +43,14 @@ def get_logprobs(
     return eindex(logprobs, tokens, "b s [b s+1]")
 
 
+def get_gen_logprobs(
+    gen_logits: Float[Tensor, "batch gen_len d_vocab"], gen_tokens: Int[Tensor, "batch gen_len"]
+) -> Float[Tensor, "batch gen_len"]:
+    """Log-probability of each generated token under the logits of the state that chose it:
+    `gen_logits[:, t]` (position `prefix_len - 1 + t`) chose `gen_tokens[:, t]`."""
+    return eindex(gen_logits.log_softmax(dim=-1), gen_tokens, "b s [b s]")
+
+
 def calc_kl_penalty(
     logits: Float[Tensor, "minibatch gen_len d_vocab"],
     ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],

@@ -2,15 +2,15 @@
 
 Stage 5 of the pipeline. Unlike PPO on gym environments there is no `add` (a whole phase is
 stored at once), no `dones` (every sample has `gen_len` tokens) and no separate actions (the
-generated tokens are the actions). It also keeps the reference logits for the exact KL penalty
-(or, to save memory, the reference model's final residual stream, from which the trainer
-recomputes them per minibatch).
-Returns are advantages + values, the targets of the value head.
+generated tokens are the actions). It also keeps what the reference model needs to give its
+logits back for the exact KL penalty (`ReferenceModel.evaluate`: its logits, or its final residual
+stream). Returns are advantages + values, the targets of the value head.
 """
 
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -24,12 +24,14 @@ class ReplayMinibatch:
     logprobs: Float[Tensor, "minibatch gen_len"]
     advantages: Float[Tensor, "minibatch gen_len"]
     returns: Float[Tensor, "minibatch gen_len"]
-    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"] | None
-    """None when the trainer recomputes them per minibatch (`recompute_ref_logits`)."""
-    ref_normalized: Float[Tensor, "minibatch gen_len d_model"] | None = None
-    """With `recompute_ref_logits` on the fast path: the reference model's final normalised
-    residual stream, from which the trainer recomputes the reference logits (the unembedding
-    only). None otherwise."""
+    ref_outputs: Float[Tensor, "minibatch gen_len d_ref"]
+    """What the reference model kept: its logits, or its final residual stream
+    (`ReferenceModel.get_logits` turns either into its logits)."""
+
+    @property
+    def prefix_len(self) -> int:
+        """Position of the first generated token."""
+        return self.sample_ids.shape[1] - self.logprobs.shape[1]
 
 
 class ReplayMemory:
@@ -41,11 +43,8 @@ class ReplayMemory:
         logprobs: log-probs of the generated tokens under the policy that sampled them.
         advantages: one per generated token.
         values: V(s_t) for each generated token, i.e. `values[:, prefix_len - 1 : -1]`.
-        ref_logits: the reference model's logits at the generated positions, or None to not
-            hold them for the phase (the learning phase then recomputes them per minibatch).
-        ref_normalized: optional, with `ref_logits=None`: the reference model's final normalised
-            residual stream at the generated positions (d_model floats per token instead of
-            d_vocab), so that only the unembedding needs recomputing.
+        ref_outputs: what the reference model keeps for each generated token: its logits
+            (d_ref = d_vocab), or its final residual stream (d_ref = d_model).
     """
 
     def __init__(
@@ -55,8 +54,7 @@ class ReplayMemory:
         logprobs: Float[Tensor, "batch gen_len"],
         advantages: Float[Tensor, "batch gen_len"],
         values: Float[Tensor, "batch gen_len"],
-        ref_logits: Float[Tensor, "batch gen_len d_vocab"] | None,
-        ref_normalized: Float[Tensor, "batch gen_len d_model"] | None = None,
+        ref_outputs: Float[Tensor, "batch gen_len d_ref"],
     ):
         batch, gen_len = logprobs.shape
         for name, tensor in [("advantages", advantages), ("values", values)]:
@@ -64,11 +62,10 @@ class ReplayMemory:
                 f"{name} has shape {tuple(tensor.shape)} but logprobs has {(batch, gen_len)}: "
                 "slice values to the generated positions, values[:, prefix_len - 1 : -1]"
             )
-        for name, ref in [("ref_logits", ref_logits), ("ref_normalized", ref_normalized)]:
-            assert ref is None or ref.shape[:2] == (batch, gen_len), (
-                f"{name} has shape {tuple(ref.shape)}; expected ({batch}, {gen_len}, ...): "
-                f"slice to the generated positions, {name}[:, prefix_len - 1 : -1]"
-            )
+        assert ref_outputs.shape[:2] == (batch, gen_len), (
+            f"ref_outputs has shape {tuple(ref_outputs.shape)}; expected ({batch}, {gen_len}, "
+            "...): slice to the generated positions, [:, prefix_len - 1 : -1]"
+        )
         assert sample_ids.shape == attention_mask.shape and sample_ids.shape[0] == batch, (
             f"sample_ids {tuple(sample_ids.shape)} and attention_mask "
             f"{tuple(attention_mask.shape)} must both be ({batch}, seq)"
@@ -78,8 +75,7 @@ class ReplayMemory:
         self.logprobs = logprobs
         self.advantages = advantages
         self.values = values
-        self.ref_logits = ref_logits
-        self.ref_normalized = ref_normalized
+        self.ref_outputs = ref_outputs
 
     def get_minibatches(
         self,
@@ -96,7 +92,7 @@ class ReplayMemory:
         minibatches = []
         for _ in range(batches_per_learning_phase):
             order = torch.randperm(batch_size, generator=generator).to(self.logprobs.device)
-            for indices in order.reshape(num_minibatches, -1):
+            for indices in rearrange(order, "(n size) -> n size", n=num_minibatches):
                 minibatches.append(
                     ReplayMinibatch(
                         sample_ids=self.sample_ids[indices],
@@ -104,9 +100,7 @@ class ReplayMemory:
                         logprobs=self.logprobs[indices],
                         advantages=self.advantages[indices],
                         returns=returns[indices],
-                        ref_logits=None if self.ref_logits is None else self.ref_logits[indices],
-                        ref_normalized=(None if self.ref_normalized is None
-                                        else self.ref_normalized[indices]),
+                        ref_outputs=self.ref_outputs[indices],
                     )
                 )
         return minibatches

@@ -1,37 +1,81 @@
-"""The policy and value model: a HookedTransformer with an MLP value head.
+"""The policy with its value head, and the frozen reference model.
 
 Stage 1 of the pipeline. The value head reads the residual stream after the final layernorm
 (`ln_final.hook_normalized`), the same vector the unembedding reads, so one forward pass gives
 both the next-token logits and a value estimate V(s_t) at every position. This is the ARENA RLHF
-design (seed 002); sharing the trunk between policy and value follows Ziegler et al. (2019).
+design; sharing the trunk between policy and value follows Ziegler et al. (2019).
+
+How a forward pass runs is decided here and nowhere above: on `minirlhf.fast_path` when it can run
+the model (the same logits, weights laid out once), else through `HookedTransformer.forward`,
+where hooks a user attached (steering, ablations) take effect.
 """
 
 import copy
 
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from minirlhf import fast_forward
+from minirlhf import fast_path as fast
+from minirlhf.sampling import apply_temperature
 
 VALUE_HOOK = "ln_final.hook_normalized"
 
 
+def mask_or_none(
+    attention_mask: Int[Tensor, "batch seq"] | None,
+) -> Int[Tensor, "batch seq"] | None:
+    """The mask only when there is padding: unpadded batches take the faster causal path."""
+    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+
+
+def generated_states(prefix_len: int) -> slice:
+    """The positions whose next-token distributions chose the generated tokens: the last prompt
+    position to the second-to-last position (`prefix_len - 1 .. seq - 2`)."""
+    return slice(prefix_len - 1, -1)
+
+
+def run_model(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch seq"],
+    attention_mask: Int[Tensor, "batch seq"] | None,
+    fast_path: bool,
+    positions: slice = slice(None),
+) -> tuple[Float[Tensor, "batch out_seq d_vocab"], Float[Tensor, "batch out_seq d_model"]]:
+    """One forward pass: the logits and the final normalised residual stream at `positions`
+    (only those are unembedded on the fast path)."""
+    attention_mask = mask_or_none(attention_mask)
+    if fast.use_fast_path(model, fast_path):
+        weights = fast.get_fast_weights(model)
+        residual = fast.forward(weights, tokens, attention_mask)[:, positions]
+        return fast.unembed(weights.output, residual), residual
+    captured: list[Tensor] = []
+
+    def capture(residual: Float[Tensor, "batch seq d_model"], hook: HookPoint):
+        captured.append(residual)
+
+    logits = model.run_with_hooks(tokens, return_type="logits", attention_mask=attention_mask,
+                                  fwd_hooks=[(VALUE_HOOK, capture)])
+    return logits[:, positions], captured[0][:, positions]
+
+
 class TransformerWithValueHead(nn.Module):
-    """A HookedTransformer policy plus a value head computed in a hook after the final layernorm.
+    """A HookedTransformer policy plus a value head on its final normalised residual stream.
 
     Args:
         base_model: any HookedTransformer (pretrained, converted, or tiny and random).
-        fast: run forward passes on `minirlhf.fast_forward` (the same logits and values, and
-            gradients into the same parameters, without TransformerLens's per-call weight
-            re-layout; hooks do not run). Models it does not support use the hooked path.
+        temperature: the sampling temperature; `evaluate`'s logits are divided by it.
+        fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
     """
 
-    def __init__(self, base_model: HookedTransformer, fast: bool = True):
+    def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
+                 fast_path: bool = True):
         super().__init__()
         self.base_model = base_model
-        self.fast = fast and fast_forward.unsupported_reason(base_model) is None
+        self.temperature = temperature
+        self.fast_path = fast_path
         d_model = base_model.cfg.d_model
         self.value_head = nn.Sequential(
             nn.Linear(d_model, 4 * d_model),
@@ -44,46 +88,83 @@ class TransformerWithValueHead(nn.Module):
         tokens: Int[Tensor, "batch seq"],
         attention_mask: Int[Tensor, "batch seq"] | None = None,
     ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
-        """One forward pass returning `(logits, values)`."""
-        if self.fast:
-            weights = fast_forward.get_fast_weights(self.base_model)
-            normalized = fast_forward.forward(weights, tokens, attention_mask)
-            return fast_forward.unembed(weights.output, normalized), self.get_values(normalized)
-        values = None
+        """`(logits, values)` at every position, from one forward pass."""
+        logits, residual = run_model(self.base_model, tokens, attention_mask, self.fast_path)
+        return logits, self.get_values(residual)
 
-        def store_values(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
-            nonlocal values
-            values = self.get_values(normalized)
+    def evaluate(
+        self,
+        sample_ids: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"],
+        prefix_len: int,
+        final_residual: Float[Tensor, "batch gen_len d_model"] | None = None,
+    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len"]]:
+        """Logits / temperature (float32) and values (float32) in the states that chose the
+        generated tokens (positions `prefix_len - 1 .. seq - 2`).
 
-        logits = self.base_model.run_with_hooks(
-            tokens,
-            return_type="logits",
-            fwd_hooks=[(VALUE_HOOK, store_values)],
-            attention_mask=attention_mask,
-        )
-        assert values is not None, f"the value hook {VALUE_HOOK} did not run"
-        return logits, values
+        `final_residual` (the sampler's, `Samples.final_residual`) spares the forward pass:
+        only the unembedding and the value head run."""
+        if final_residual is None:
+            logits, residual = run_model(self.base_model, sample_ids, attention_mask,
+                                         self.fast_path, generated_states(prefix_len))
+        else:
+            residual = final_residual
+            logits = fast.unembed(fast.get_output_weights(self.base_model), residual)
+        return apply_temperature(logits, self.temperature), self.get_values(residual).float()
 
     def get_values(
-        self, normalized: Float[Tensor, "batch seq d_model"]
+        self, final_residual: Float[Tensor, "batch seq d_model"]
     ) -> Float[Tensor, "batch seq"]:
         """The value head on final normalised residuals (what `ln_final.hook_normalized` holds)."""
         # The head may run in float32 while the trunk runs in lower precision.
-        return self.value_head(normalized.to(self.value_head[0].weight.dtype)).squeeze(-1)
-
-    def get_heads(
-        self, normalized: Float[Tensor, "batch seq d_model"]
-    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
-        """`(logits, values)` from final normalised residuals computed elsewhere (the sampler's,
-        `Samples.normalized`): the unembedding and the value head, without running the trunk."""
-        logits = fast_forward.unembed(fast_forward.get_output_weights(self.base_model), normalized)
-        return logits, self.get_values(normalized)
+        return self.value_head(final_residual.to(self.value_head[0].weight.dtype)).squeeze(-1)
 
 
-def get_reference_model(base_model: HookedTransformer) -> HookedTransformer:
-    """A frozen copy of the policy at the start of training: the KL penalty's anchor."""
-    reference = copy.deepcopy(base_model)
-    reference.eval()
-    for param in reference.parameters():
-        param.requires_grad_(False)
-    return reference
+class ReferenceModel:
+    """The policy as it was at the start of training, frozen: the anchor of the KL penalty.
+
+    The learning phase asks it for its logits on each minibatch; how they get there is its own
+    business. By default `evaluate` returns the logits themselves for the replay memory to keep.
+    With `keep_residual`, it returns its final residual stream instead (d_model floats per token
+    instead of d_vocab: 85x less for SmolLM2), and `get_logits` reruns only the unembedding.
+
+    Args:
+        base_model: the policy's HookedTransformer; a frozen copy is taken.
+        temperature: the sampling temperature (logits are divided by it, as the policy's are).
+        fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
+        keep_residual: keep the final residual stream rather than the logits (only where the
+            fast path supports the model, whose unembedding `get_logits` then reruns).
+    """
+
+    def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
+                 fast_path: bool = True, keep_residual: bool = False):
+        self.model = copy.deepcopy(base_model).eval()
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        self.temperature = temperature
+        self.fast_path = fast_path
+        self.keep_residual = keep_residual and fast.unsupported_reason(self.model) is None
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        sample_ids: Int[Tensor, "batch seq"],
+        attention_mask: Int[Tensor, "batch seq"],
+        prefix_len: int,
+    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len d_ref"]]:
+        """Logits / temperature in the states that chose the generated tokens, and what the
+        replay memory keeps for `get_logits` (those logits, or the final residual stream)."""
+        logits, residual = run_model(self.model, sample_ids, attention_mask, self.fast_path,
+                                     generated_states(prefix_len))
+        logits = apply_temperature(logits, self.temperature)
+        return logits, residual.contiguous() if self.keep_residual else logits
+
+    @torch.no_grad()
+    def get_logits(
+        self, kept: Float[Tensor, "minibatch gen_len d_ref"]
+    ) -> Float[Tensor, "minibatch gen_len d_vocab"]:
+        """The logits / temperature from what `evaluate` returned for the memory to keep."""
+        if not self.keep_residual:
+            return kept
+        logits = fast.unembed(fast.get_output_weights(self.model), kept)
+        return apply_temperature(logits, self.temperature)

@@ -28,7 +28,7 @@ def get_lr_scale(phase: int, warmup_steps: int, total_phases: int, final_scale: 
     """The LR multiplier for a phase (0-based).
 
     Warmup: phase p < warmup_steps gets (p + 1) / warmup_steps, so the first phase already
-    learns (the seed's p / warmup_steps gave LR 0 there) and the last warmup phase reaches 1.
+    learns (p / warmup_steps would give LR 0 there) and the last warmup phase reaches 1.
     Decay: from 1 at phase `warmup_steps` linearly to `final_scale` at phase `total_phases - 1`.
     """
     if phase < warmup_steps:

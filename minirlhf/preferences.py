@@ -21,7 +21,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from minirlhf.rewards import RewardFn, get_rewards
-from minirlhf.sampling import get_samples
+from minirlhf.sampling import PLAIN_SAMPLING, SamplingConfig, get_samples
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ def make_preferences(
     margin: bool = False,
     seed: int = 0,
     max_batches: int | None = None,
-    **sampling,
+    sampling: SamplingConfig = PLAIN_SAMPLING,
+    prepend_bos: bool = True,
 ) -> list[Preference]:
     """RLAIF: sample pairs of continuations from the policy until `num_pairs` are not ties.
 
@@ -169,7 +170,7 @@ def make_preferences(
         min_gap: pairs whose judge scores differ by this much or less are dropped as ties.
         margin: store the score gap as each record's margin.
         max_batches: give up after this many batches (default: 20 times what no ties would need).
-        sampling: passed to `get_samples` (temperature, top_k, top_p, prepend_bos).
+        sampling, prepend_bos: how `get_samples` samples the continuations.
     """
     if batch_size < 2 or batch_size % 2:
         raise ValueError(f"batch_size must be even (two samples a pair), got {batch_size}.")
@@ -180,7 +181,7 @@ def make_preferences(
         pair_prompts = [prompts[(batch * batch_size // 2 + i) % len(prompts)]
                         for i in range(batch_size // 2)]
         rollout = get_samples(policy, [p for p in pair_prompts for _ in (0, 1)], gen_len=gen_len,
-                              generator=generator, **sampling)
+                              sampling=sampling, prepend_bos=prepend_bos, seed=generator)
         scores = get_rewards(judge, rollout.samples).tolist()
         for i, prompt in enumerate(pair_prompts):
             first, second = (rollout.samples[2 * i + k][len(prompt) :] for k in (0, 1))

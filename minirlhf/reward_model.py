@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from minirlhf import loading
+from minirlhf.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
 CHECKPOINT_NAME = "reward_model.pt"
@@ -129,9 +130,10 @@ class RewardModel(nn.Module):
         """
         rewards = None
 
-        def read_head(normalized: Float[Tensor, "batch seq d_model"], hook: HookPoint):
+        def read_head(final_residual: Float[Tensor, "batch seq d_model"], hook: HookPoint):
             nonlocal rewards
-            rewards = self.reward_head(normalized.to(self.reward_head.weight.dtype)).squeeze(-1)
+            head_input = final_residual.to(self.reward_head.weight.dtype)
+            rewards = self.reward_head(head_input).squeeze(-1)
 
         # return_type=None: TransformerLens stops after ln_final, so no logits are computed.
         self.base_model.run_with_hooks(
@@ -202,42 +204,6 @@ def get_end_token_id(model: HookedTransformer) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("This tokenizer has no end-of-text token: use append_end_token=False.")
     return tokenizer.eos_token_id
-
-
-def tokenize_texts(
-    model: HookedTransformer,
-    texts: list[str],
-    prepend_bos: bool = True,
-    end_token_id: int | None = None,
-    padding_side: Literal["left", "right"] = "right",
-) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
-    """Token ids of whole texts padded to a common length, and their attention mask.
-
-    Args:
-        end_token_id: appended after each text (None: nothing appended).
-    """
-    tokenizer = model.tokenizer
-    assert tokenizer is not None, "the reward model needs a tokenizer to read texts"
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    if prepend_bos:
-        rows = [[tokenizer.bos_token_id, *row] for row in rows]
-    if end_token_id is not None:
-        rows = [[*row, end_token_id] for row in rows]
-    if min(len(row) for row in rows) == 0:
-        raise ValueError("A text is empty and prepend_bos is False: there is no token to score.")
-    seq = max(len(row) for row in rows)
-    if seq > model.cfg.n_ctx:
-        raise ValueError(f"A text has {seq} tokens; the model reads at most {model.cfg.n_ctx}.")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), seq), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), seq), dtype=torch.long)
-    for i, row in enumerate(rows):
-        where = slice(0, len(row)) if padding_side == "right" else slice(seq - len(row), seq)
-        ids[i, where], mask[i, where] = torch.tensor(row), 1
-    if int(ids.max()) >= model.cfg.d_vocab:
-        raise ValueError(f"Token id {int(ids.max())} is outside the model's {model.cfg.d_vocab}-"
-                         "token vocabulary: the reward model's tokenizer does not fit its model.")
-    return ids.to(model.cfg.device), mask.to(model.cfg.device)
 
 
 @torch.no_grad()

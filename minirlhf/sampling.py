@@ -9,7 +9,7 @@ Sampling follows the model's own softmax: `softmax(logits / temperature)`, optio
 the top-k tokens and/or the smallest set whose probability reaches top_p (Holtzman et al. 2020).
 """
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -18,7 +18,28 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from minirlhf import fast_forward
+from minirlhf import fast_path as fast
+from minirlhf.tokens import tokenize_texts
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """The distribution each token is drawn from: softmax(logits / temperature), truncated."""
+
+    temperature: float = 1.0
+    """Divides the logits; the PPO log-probs and the KL use logits / temperature too."""
+    top_k: int | None = None
+    """Draw only from the k most likely tokens (None: no top-k)."""
+    top_p: float | None = None
+    """Draw only from the smallest set of tokens whose probability reaches top_p (None: off)."""
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be None or at least 1, got {self.top_k}.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}.")
 
 
 class Samples(NamedTuple):
@@ -32,33 +53,29 @@ class Samples(NamedTuple):
     """1 for real tokens, 0 for left padding."""
     prefix_len: int
     """Position of the first generated token (the padded prompt length)."""
-    normalized: Float[Tensor, "batch gen_plus_one d_model"] | None = None
-    """With `return_normalized`: the policy's final normalised residual stream at positions
-    `prefix_len - 1` to the end (each state a token was chosen in, and the final one), as the
-    fast path computed it while sampling; the trainer reads values and log-probs from it."""
+    final_residual: Float[Tensor, "batch gen_len d_model"] | None = None
+    """On the fast path, with `return_final_residual`: the final normalised residual stream in
+    each state a token was chosen in (positions `prefix_len - 1 .. seq - 2`), as the sampler
+    computed it; the trainer reads the policy's log-probs and values from it."""
+
+
+PLAIN_SAMPLING = SamplingConfig()
+"""Plain sampling from the model's softmax: temperature 1, no top-k, no top-p."""
 
 
 def tokenize_prompts(
     model: HookedTransformer, prompts: list[str], prepend_bos: bool
 ) -> tuple[Int[Tensor, "batch prefix_len"], Int[Tensor, "batch prefix_len"]]:
     """Token ids of the prompts, left-padded to a common length, and their attention mask."""
-    tokenizer = model.tokenizer
-    assert tokenizer is not None, "the model needs a tokenizer to sample from text prompts"
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    if prepend_bos:
-        if tokenizer.bos_token_id is None:
-            raise ValueError("This tokenizer has no BOS token: use prepend_bos=False.")
-        rows = [[tokenizer.bos_token_id, *row] for row in rows]
-    if min(len(row) for row in rows) == 0:
-        raise ValueError("A prompt is empty and prepend_bos is False: give every row a token.")
-    prefix_len = max(len(row) for row in rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), prefix_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), prefix_len), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, prefix_len - len(row) :] = torch.tensor(row)
-        mask[i, prefix_len - len(row) :] = 1
-    return ids.to(model.cfg.device), mask.to(model.cfg.device)
+    return tokenize_texts(model, prompts, prepend_bos, padding_side="left")
+
+
+def apply_temperature(
+    logits: Float[Tensor, "*batch d_vocab"], temperature: float
+) -> Float[Tensor, "*batch d_vocab"]:
+    """The logits of the distribution tokens are drawn from, in float32: logits / temperature.
+    Every log-prob, entropy and KL of the policy and the reference is computed from these."""
+    return logits.float() / temperature
 
 
 def filter_logits(
@@ -71,7 +88,7 @@ def filter_logits(
 
     Tokens outside the kept set get -inf, so `softmax` of the result is the distribution sampled.
     """
-    logits = logits.float() / temperature
+    logits = apply_temperature(logits, temperature)
     if top_k is not None and top_k < logits.shape[-1]:
         kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float("-inf"))
@@ -113,86 +130,78 @@ def get_samples(
     prompt: str | list[str],
     batch_size: int | None = None,
     gen_len: int = 20,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: SamplingConfig = PLAIN_SAMPLING,
     prepend_bos: bool = True,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | torch.Generator | None = None,
     stop_at_eos: bool = False,
-    use_cache: bool = True,
-    fast: bool = True,
-    return_normalized: bool = False,
+    fast_path: bool = True,
+    return_final_residual: bool = False,
 ) -> Samples:
     """Sample `gen_len` tokens after each prompt.
 
     Args:
         prompt: one prompt repeated `batch_size` times, or a list of prompts (one row each).
-        seed: seeds a private generator, so the same seed gives the same samples.
-        generator: a generator to draw from instead (the trainer keeps one across phases).
+        sampling: temperature, top-k and top-p.
+        seed: an int (the same seed gives the same samples), or a `torch.Generator` on the
+            model's device to draw from (the trainer keeps one across phases).
         stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length).
-        use_cache: reuse keys and values of earlier positions (False recomputes the whole
-            sequence each step: slower, the same distribution; kept to test the cache).
-        fast: decode with `minirlhf.fast_forward` (weights laid out once; the same logits,
-            1.4-2.3x faster on CPU in benchmarks/rollout_speed.py). False, or a model the fast
-            path does not support, calls `HookedTransformer.forward` with its own cache.
-        return_normalized: also return `Samples.normalized` (one more decoding step, to feed
-            the last token; on the fast path only, else it stays None).
+        fast_path: decode on `minirlhf.fast_path` (weights laid out once; the same logits,
+            1.4-2.3x faster on CPU in benchmarks/rollout_speed.py) where it can run the model;
+            else, or with False, on `HookedTransformer.forward` with its own cache.
+        return_final_residual: also return `Samples.final_residual` (on the fast path only,
+            and not when rows stopped early at EOS; else it stays None).
     """
-    if isinstance(prompt, str):
-        prompts = [prompt] * (batch_size if batch_size is not None else 1)
-    else:
-        prompts = list(prompt)
-        if batch_size is not None and batch_size != len(prompts):
-            raise ValueError(f"Got {len(prompts)} prompts but batch_size={batch_size}.")
+    prompts = [prompt] * (batch_size or 1) if isinstance(prompt, str) else list(prompt)
+    if batch_size is not None and batch_size != len(prompts):
+        raise ValueError(f"Got {len(prompts)} prompts but batch_size={batch_size}.")
     if gen_len < 1:
         raise ValueError(f"gen_len must be at least 1, got {gen_len}.")
-    device = model.cfg.device
+    generator = seed if isinstance(seed, torch.Generator) else _make_generator(seed, model)
     prompt_ids, prompt_mask = tokenize_prompts(model, prompts, prepend_bos)
-    if seed is not None:
-        if generator is not None:
-            raise ValueError("Pass either seed or generator, not both.")
-        generator = torch.Generator(device=device).manual_seed(seed)
-
-    batch, states = prompt_ids.shape[0], []
-    if fast and use_cache and fast_forward.unsupported_reason(model) is None:
-        next_logits = _fast_next_logits(model, batch, prompt_ids.shape[1] + gen_len, states)
-    else:
-        next_logits = _tl_next_logits(model, batch, use_cache)
-    new_tokens = _sampling_loop(
-        model, prompt_ids, prompt_mask, gen_len, (temperature, top_k, top_p), generator,
-        stop_at_eos, next_logits,
-    )
+    decoder = (_FastDecoder(model, len(prompts), prompt_ids.shape[1] + gen_len)
+               if fast.use_fast_path(model, fast_path)
+               else _HookedDecoder(model, len(prompts)))
+    new_tokens = _sampling_loop(decoder, prompt_ids, prompt_mask, gen_len, sampling, generator,
+                                _eos_id(model) if stop_at_eos else None)
     sample_ids = torch.cat([prompt_ids, new_tokens], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)
     samples = [p + _decode(model, row, stop_at_eos) for p, row in zip(prompts, new_tokens)]
-    normalized = None
-    if return_normalized and len(states) == gen_len:  # fast path, no early stop at EOS
-        next_logits(sample_ids, attention_mask)  # the state after the last token
-        normalized = torch.stack(states, dim=1)
-    return Samples(sample_ids, samples, attention_mask, prompt_ids.shape[1], normalized)
+    final_residual = None
+    if return_final_residual and isinstance(decoder, _FastDecoder) and \
+            len(decoder.final_residuals) == gen_len:  # not stopped early at EOS
+        final_residual = torch.stack(decoder.final_residuals, dim=1)
+    return Samples(sample_ids, samples, attention_mask, prompt_ids.shape[1], final_residual)
+
+
+def _make_generator(seed: int | None, model: HookedTransformer) -> torch.Generator | None:
+    """A private generator on the model's device, seeded (None: torch's global random state)."""
+    return None if seed is None else torch.Generator(model.cfg.device).manual_seed(seed)
+
+
+def _eos_id(model: HookedTransformer) -> int | None:
+    return model.tokenizer.eos_token_id if model.tokenizer is not None else None
 
 
 def _sampling_loop(
-    model: HookedTransformer,
+    decoder: "_FastDecoder | _HookedDecoder",
     prompt_ids: Int[Tensor, "batch prefix_len"],
     prompt_mask: Int[Tensor, "batch prefix_len"],
     gen_len: int,
-    sampling: tuple[float, int | None, float | None],
+    sampling: SamplingConfig,
     generator: torch.Generator | None,
-    stop_at_eos: bool,
-    next_logits: Callable[[Tensor, Tensor], Tensor],
+    eos: int | None,
 ) -> Int[Tensor, "batch gen_len"]:
-    """The decoding loop: one forward pass over the prompt, then one per new token."""
+    """The decoding loop: one forward pass over the prompt, then one per new token. With `eos`,
+    a row that emitted it keeps emitting it, and the loop ends once every row has."""
     batch = prompt_ids.shape[0]
-    eos = model.tokenizer.eos_token_id if model.tokenizer is not None else None
     tokens, mask = prompt_ids, prompt_mask
-    logits = next_logits(tokens, mask)
+    logits = decoder.next_logits(tokens, mask)
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     new_tokens = []
     for step in range(gen_len):
-        next_token = sample_next_token(logits, *sampling, generator=generator)
-        if stop_at_eos and eos is not None:
+        next_token = sample_next_token(logits, sampling.temperature, sampling.top_k,
+                                       sampling.top_p, generator=generator)
+        if eos is not None:
             next_token = torch.where(finished, eos, next_token)
             finished |= next_token == eos
             if finished.all():
@@ -204,44 +213,46 @@ def _sampling_loop(
             break
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
-        logits = next_logits(tokens, mask)
+        logits = decoder.next_logits(tokens, mask)
     return torch.stack(new_tokens, dim=1)
 
 
-def _tl_next_logits(model: HookedTransformer, batch: int, use_cache: bool):
-    """Next-token logits from HookedTransformer.forward, with TransformerLens's own KV cache."""
-    cache = None
-    if use_cache:
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
-    seen = 0
+class _HookedDecoder:
+    """Next-token logits from `HookedTransformer.forward`, with TransformerLens's own KV cache:
+    only the tokens not seen yet go through the model."""
 
-    def next_logits(tokens: Tensor, mask: Tensor) -> Tensor:
-        nonlocal seen
-        if cache is None:  # the whole sequence again
-            return model(tokens, attention_mask=mask)[:, -1]
-        # Only the new tokens go through the model; the cache extends its own mask.
-        new_tokens, new_mask = tokens[:, seen:], mask[:, seen:]
-        seen = tokens.shape[1]
-        return model(new_tokens, attention_mask=new_mask, past_kv_cache=cache)[:, -1]
+    def __init__(self, model: HookedTransformer, batch: int):
+        self.model = model
+        self.cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+        self.seen = 0
 
-    return next_logits
+    def next_logits(
+        self, tokens: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch d_vocab"]:
+        new_tokens, new_mask = tokens[:, self.seen :], mask[:, self.seen :]
+        self.seen = tokens.shape[1]  # the cache extends its own mask
+        return self.model(new_tokens, attention_mask=new_mask, past_kv_cache=self.cache)[:, -1]
 
 
-def _fast_next_logits(model: HookedTransformer, batch: int, max_len: int, states: list[Tensor]):
+class _FastDecoder:
     """Next-token logits from the fast path: weights laid out once, a preallocated KV cache.
-    Appends the final normalised residual of each last position to `states`."""
-    weights = fast_forward.get_fast_weights(model)
-    cache = fast_forward.make_cache(weights, batch, max_len, model.cfg.dtype, model.cfg.device)
-    seen = 0
+    Keeps the final normalised residual stream of each last position in `final_residuals`."""
 
-    def next_logits(tokens: Tensor, mask: Tensor) -> Tensor:
-        nonlocal seen
-        normalized = fast_forward.forward(weights, tokens[:, seen:], mask, cache, start=seen)
-        seen = tokens.shape[1]
-        states.append(normalized[:, -1])
-        return fast_forward.unembed(weights.output, normalized[:, -1])
+    def __init__(self, model: HookedTransformer, batch: int, max_len: int):
+        self.weights = fast.get_fast_weights(model)
+        self.cache = fast.make_cache(self.weights, batch, max_len, model.cfg.dtype,
+                                     model.cfg.device)
+        self.seen = 0
+        self.final_residuals: list[Float[Tensor, "batch d_model"]] = []
 
-    return next_logits
+    def next_logits(
+        self, tokens: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"]
+    ) -> Float[Tensor, "batch d_vocab"]:
+        residual = fast.forward(self.weights, tokens[:, self.seen :], mask, self.cache,
+                                start=self.seen)
+        self.seen = tokens.shape[1]
+        self.final_residuals.append(residual[:, -1])
+        return fast.unembed(self.weights.output, residual[:, -1])
 
 
 def _decode(model: HookedTransformer, tokens: Int[Tensor, " gen_len"], stop_at_eos: bool) -> str:

@@ -4,9 +4,10 @@ Stage 3 of the pipeline, for the headline job of steering a model's sentiment.
 
 - VADER (Hutto & Gilbert 2014) ships its lexicon in the `vaderSentiment` package, so it works with
   no model hub; its compound score lies in [-1, 1]. The offline default.
-- Any Hugging Face sequence-classification model, e.g. `lvwerra/distilbert-imdb` as in the seeds
-  (needs the hub, or a local folder): the probability or logit of the wanted class.
-- Control tokens (seed 000, after the TRL notebook): prompts start with `[positive]`,
+- Any Hugging Face sequence-classification model, e.g. `lvwerra/distilbert-imdb` as in TRL's
+  sentiment notebook (needs the hub, or a local folder): the probability or logit of the wanted
+  class.
+- Control tokens (after TRL's control-token sentiment notebook): prompts start with `[positive]`,
   `[negative]` or `[neutral]` and each sample is rewarded for the sentiment its prefix asks for,
   so one policy learns all three.
 """
@@ -151,7 +152,7 @@ def control_token_reward(
     """Turn a sentiment score into the reward a control token asks for.
 
     [positive]: score; [negative]: -score; [neutral]: 1 - neutral_scale * |score| (highest when
-    the text is neither; the seed's -2|logit| + 4, rescaled for scores in [-1, 1]).
+    the text is neither; the ARENA exercises' -2|logit| + 4, rescaled for scores in [-1, 1]).
     """
     if task == "[positive]":
         return score

@@ -10,10 +10,10 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import fast_forward
+from minirlhf import fast_path
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.loading import pick_precision
+from minirlhf.device import pick_precision
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.sampling import get_samples
 from minirlhf.trainer import RLHFTrainer
@@ -37,7 +37,7 @@ def make_trainer(model, **overrides) -> RLHFTrainer:
 def tensors_off(device_type: str, trainer: RLHFTrainer) -> list[str]:
     """Names of parameters, buffers and optimiser state not on `device_type`."""
     named = {**dict(trainer.model.named_parameters()), **dict(trainer.model.named_buffers()),
-             **{f"ref.{k}": v for k, v in trainer.ref_model.state_dict().items()}}
+             **{f"ref.{k}": v for k, v in trainer.reference.model.state_dict().items()}}
     for i, state in enumerate(trainer.optimizer.state.values()):
         named.update({f"adam{i}.{k}": v for k, v in state.items() if torch.is_tensor(v)
                       and v.dim() > 0})
@@ -46,7 +46,7 @@ def tensors_off(device_type: str, trainer: RLHFTrainer) -> list[str]:
 
 def test_a_phase_runs_on_the_gpu_with_everything_there(make_printable_model):
     trainer = make_trainer(make_printable_model(seed=1), device="cuda")
-    memory = trainer.rollout_phase()
+    memory = trainer.rollout_phase().memory
     assert memory.sample_ids.device.type == "cuda" and memory.logprobs.device.type == "cuda"
     trainer.learning_phase(memory)
     assert tensors_off("cuda", trainer) == []
@@ -72,7 +72,7 @@ def test_bf16_autocast_logits_match_fp32_and_losses_stay_float32(make_printable_
             half_logits, values = trainer.model(ids)
     # bf16 keeps 8 bits of mantissa: logits of order 1 agree to a few hundredths.
     assert (half_logits.float() - full_logits).abs().max() < 0.1
-    memory = trainer.rollout_phase()
+    memory = trainer.rollout_phase().memory
     assert memory.logprobs.dtype == torch.float32 and memory.advantages.dtype == torch.float32
     minibatch = next(iter(memory.get_minibatches(1, 1, torch.Generator().manual_seed(0))))
     objective, _ = trainer.compute_rlhf_objective(minibatch)
@@ -86,8 +86,8 @@ def test_fast_path_matches_transformer_lens_on_the_gpu(make_printable_model):
     mask[0, :4] = 0  # left padding in one row
     with torch.no_grad():
         expected = model(ids, attention_mask=mask)
-        weights = fast_forward.get_fast_weights(model)
-        logits = fast_forward.unembed(weights.output, fast_forward.forward(weights, ids, mask))
+        weights = fast_path.get_fast_weights(model)
+        logits = fast_path.unembed(weights.output, fast_path.forward(weights, ids, mask))
     assert (logits - expected)[mask.bool()].abs().max() < 1e-4
 
 

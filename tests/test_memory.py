@@ -29,7 +29,7 @@ def make_memory(batch: int = BATCH) -> ReplayMemory:
         logprobs=-torch.rand(batch, GEN_LEN, generator=generator),
         advantages=torch.randn(batch, GEN_LEN, generator=generator),
         values=torch.randn(batch, GEN_LEN, generator=generator),
-        ref_logits=torch.randn(batch, GEN_LEN, D_VOCAB, generator=generator),
+        ref_outputs=torch.randn(batch, GEN_LEN, D_VOCAB, generator=generator),
     )
 
 
@@ -60,7 +60,7 @@ def minibatches_are_correct(get_minibatches: Callable, num_minibatches: int, pas
                     and torch.equal(mb.logprobs[j], memory.logprobs[i])
                     and torch.equal(mb.advantages[j], memory.advantages[i])
                     and torch.allclose(mb.returns[j], expected_return)
-                    and torch.equal(mb.ref_logits[j], memory.ref_logits[i])
+                    and torch.equal(mb.ref_outputs[j], memory.ref_outputs[i])
                 ):
                     return False
         if sorted(seen) != list(range(BATCH)):  # each sample exactly once in this pass
@@ -81,7 +81,7 @@ def _minibatch(memory: ReplayMemory, indices, returns=None, ref_indices=None) ->
         logprobs=memory.logprobs[indices],
         advantages=memory.advantages[indices],
         returns=(memory.advantages + memory.values if returns is None else returns)[indices],
-        ref_logits=memory.ref_logits[ref_indices],
+        ref_outputs=memory.ref_outputs[ref_indices],
     )
 
 
@@ -106,7 +106,7 @@ def returns_are_advantages(memory, num_minibatches, passes, generator):
 
 
 def ref_logits_shuffled_separately(memory, num_minibatches, passes, generator):
-    """Draws a second permutation for ref_logits: each row's KL anchor belongs to another row."""
+    """Draws a second permutation for ref_outputs: each row's KL anchor belongs to another row."""
     batch = memory.logprobs.shape[0]
     minibatches = []
     for _ in range(passes):
@@ -166,5 +166,5 @@ def test_unsliced_values_are_refused_at_the_boundary():
     with pytest.raises((AssertionError, TypeCheckError), match="values"):
         ReplayMemory(
             memory.sample_ids, memory.attention_mask, memory.logprobs, memory.advantages,
-            values=torch.randn(BATCH, SEQ), ref_logits=memory.ref_logits,
+            values=torch.randn(BATCH, SEQ), ref_outputs=memory.ref_outputs,
         )

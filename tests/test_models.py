@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedTransformer
 
-from minirlhf.models import TransformerWithValueHead, get_reference_model
+from minirlhf.models import ReferenceModel, TransformerWithValueHead
 
 
 def make_batch(model: HookedTransformer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,9 +78,9 @@ def head_on_embeddings(policy, tokens, mask):
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast", "hooked"])
 def policy(tiny_model, request) -> TransformerWithValueHead:
-    """Both forward paths: minirlhf.fast_forward and the HookedTransformer with its hook."""
+    """Both forward paths: minirlhf.fast_path and the HookedTransformer with its hook."""
     torch.manual_seed(0)
-    return TransformerWithValueHead(tiny_model, fast=request.param)
+    return TransformerWithValueHead(tiny_model, fast_path=request.param)
 
 
 def test_value_head_and_logits_match_oracles(policy):
@@ -145,10 +145,65 @@ def reference_shares_weights(model):
     return reference
 
 
-def test_get_reference_model(make_printable_model):
-    assert reference_is_frozen_copy(get_reference_model, make_printable_model())
+def test_reference_model_holds_a_frozen_copy(make_printable_model):
+    assert reference_is_frozen_copy(lambda model: ReferenceModel(model).model,
+                                    make_printable_model())
+
+
+@pytest.mark.parametrize("keep_residual", [False, True])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_reference_logits_match_transformer_lens(make_printable_model, keep_residual, fast_path):
+    """What the reference keeps, turned back into logits, is TransformerLens's logits / T at the
+    states that chose the generated tokens, whether it keeps logits or its residual stream."""
+    model = make_printable_model(seed=7)
+    tokens, mask = make_batch(model)
+    prefix_len, temperature = 3, 1.7
+    reference = ReferenceModel(model, temperature, fast_path, keep_residual)
+    logits, kept = reference.evaluate(tokens, mask, prefix_len)
+    with torch.no_grad():
+        expected = model(tokens, attention_mask=mask)[:, prefix_len - 1 : -1] / temperature
+    d_kept = model.cfg.d_model if keep_residual else model.cfg.d_vocab
+    assert kept.shape == (*expected.shape[:2], d_kept)
+    real = mask[:, prefix_len - 1 : -1].bool()  # padding positions are never read
+    for got in [logits, reference.get_logits(kept)]:
+        assert (got - expected)[real].abs().max() < 1e-5
+
+
+def add_a_steering_hook(model: HookedTransformer) -> torch.Tensor:
+    """Adds a fixed vector to the residual stream after block 0 (steering); returns it."""
+    vector = 3 * torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    model.blocks[0].hook_resid_post.add_hook(lambda resid, hook: resid + vector)
+    return vector
+
+
+def test_hooks_a_user_attached_act_on_the_policy(make_printable_model):
+    """A policy with a hook attached falls back to TransformerLens's forward (with a warning),
+    where the hook runs: the logits are the hooked model's, not the plain fast path's."""
+    model = make_printable_model(seed=8)
+    tokens, _ = make_batch(model)
+    policy = TransformerWithValueHead(model, fast_path=True)
+    with torch.no_grad():
+        plain, _ = policy(tokens)
+        add_a_steering_hook(model)
+        try:
+            with pytest.warns(UserWarning, match="Hooks are attached"):
+                steered, _ = policy(tokens)
+            expected = model(tokens)  # TransformerLens runs the hook
+        finally:
+            model.reset_hooks()
+    assert torch.allclose(steered, expected, atol=1e-5)
+    assert not torch.allclose(steered, plain, atol=1e-2)
 
 
 @pytest.mark.parametrize("wrong", [reference_is_the_policy, reference_shares_weights])
 def test_reference_check_rejects_wrong_versions(make_printable_model, wrong):
     assert not reference_is_frozen_copy(wrong, make_printable_model())
+
+
+def test_the_hook_check_sees_a_fast_path_that_ignores_hooks(make_printable_model, monkeypatch):
+    """The check above fails when the fast path runs although hooks are attached."""
+    from minirlhf import fast_path
+
+    monkeypatch.setattr(fast_path, "has_hooks", lambda model: False)
+    with pytest.raises((AssertionError, pytest.fail.Exception)):
+        test_hooks_a_user_attached_act_on_the_policy(make_printable_model)

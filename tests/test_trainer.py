@@ -12,12 +12,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import fast_forward
 from minirlhf import trainer as trainer_module
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import calc_clipped_surrogate_objective
+from minirlhf.models import ReferenceModel, mask_or_none
 from minirlhf.rewards import reward_fn_char_count
-from minirlhf.trainer import RLHFTrainer, explained_variance, mask_or_none
+from minirlhf.trainer import RLHFTrainer, Rollout, explained_variance
 
 E2E_ARGS = dict(
     total_phases=12,
@@ -48,13 +48,15 @@ an untrained policy, and the measured gaps were 3.5, 4.8 and 3.5. (The run is se
 deterministic; the margin protects against changes of seed, torch version or summation order.)"""
 
 
-def train(model, seed: int = 1, **overrides) -> RLHFTrainer:
+def train(model, seed: int = 1, **overrides) -> tuple[RLHFTrainer, Rollout]:
+    """A trained trainer and its last phase's rollout."""
     args = RLHFArgs(seed=seed, **{**E2E_ARGS, **overrides})
     trainer = RLHFTrainer(
         args, reward_fn_char_count, base_model=model, console=Console(quiet=True), table_every=0
     )
-    trainer.train()
-    return trainer
+    rollouts = []
+    trainer.train(on_phase_end=lambda trainer, rollout: rollouts.append(rollout))
+    return trainer, rollouts[-1]
 
 
 def learnt(history: list[dict[str, float]]) -> bool:
@@ -66,17 +68,18 @@ def learnt(history: list[dict[str, float]]) -> bool:
 def test_end_to_end_learns_to_emit_periods(make_printable_model):
     model = make_printable_model(seed=1)
     reference_before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = train(model)
+    trainer, last = train(model)
 
     assert len(trainer.history) == E2E_ARGS["total_phases"]
     assert learnt(trainer.history), [round(m["charts/reward_mean"], 2) for m in trainer.history]
     policy_after = trainer.model.base_model.state_dict()
     assert any(not torch.equal(policy_after[k], v) for k, v in reference_before.items())
-    for name, value in trainer.ref_model.state_dict().items():
+    for name, value in trainer.reference.model.state_dict().items():
         assert torch.equal(value, reference_before[name]), f"the reference model's {name} changed"
     for metrics in trainer.history:
         assert all(math.isfinite(v) for k, v in metrics.items() if k != "losses/explained_variance")
-    assert trainer.last_samples[0].startswith("A") and len(trainer.last_samples) == 32
+    assert last.samples[0].startswith("A") and len(last.samples) == 32
+    assert last.metrics == trainer.history[-1]
 
 
 def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef):
@@ -87,7 +90,7 @@ def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef)
 def test_learning_check_rejects_a_wrong_trainer(make_printable_model, monkeypatch):
     monkeypatch.setattr(trainer_module, "calc_clipped_surrogate_objective",
                         surrogate_ratio_upside_down)
-    trainer = train(make_printable_model(seed=1))
+    trainer, _ = train(make_printable_model(seed=1))
     assert not learnt(trainer.history)
 
 
@@ -102,40 +105,46 @@ def small_trainer(make_printable_model) -> RLHFTrainer:
                        console=Console(quiet=True), table_every=0)
 
 
-def rollout_is_consistent(trainer: RLHFTrainer, memory) -> bool:
-    """The memory's log-probs and reference logits, recomputed with torch.gather from plain
-    forward passes of the policy and the frozen reference, at temperature T."""
+def rollout_inconsistency(trainer: RLHFTrainer, memory) -> str | None:
+    """How the memory's log-probs and reference logits differ from those recomputed with
+    torch.gather from plain forward passes of the policy and the frozen reference, at
+    temperature T (None: they agree)."""
     temperature = trainer.args.temperature
     ids = memory.sample_ids
     gen_len = memory.logprobs.shape[1]
     prefix_len = ids.shape[1] - gen_len
     with torch.no_grad():
         logits = trainer.model.base_model(ids) / temperature
-        ref_logits = trainer.ref_model(ids) / temperature
+        ref_logits = trainer.reference.model(ids) / temperature
     positions = slice(prefix_len - 1, -1)  # the logits that predict the generated tokens
     logprobs = torch.log_softmax(logits[:, positions], dim=-1)
     expected = torch.gather(logprobs, -1, ids[:, prefix_len:, None]).squeeze(-1)
-    return torch.allclose(memory.logprobs, expected, atol=1e-5) and torch.allclose(
-        memory.ref_logits, ref_logits[:, positions], atol=1e-5
-    )
+    if not torch.allclose(memory.logprobs, expected, atol=1e-5):
+        return f"log-probs off by up to {(memory.logprobs - expected).abs().max():.2e}"
+    got_ref = trainer.reference.get_logits(memory.ref_outputs)
+    ref_logits = ref_logits[:, positions]
+    if not torch.allclose(got_ref, ref_logits, atol=1e-5):
+        return f"reference logits off by up to {(got_ref - ref_logits).abs().max():.2e}"
+    return None
 
 
 def test_rollout_uses_tempered_logprobs(small_trainer):
-    memory = small_trainer.rollout_phase()
-    assert rollout_is_consistent(small_trainer, memory)
+    memory = small_trainer.rollout_phase().memory
+    problem = rollout_inconsistency(small_trainer, memory)
+    assert problem is None, problem
     # The same check rejects a rollout that forgot the temperature in its log-probs.
     ids, prefix_len = memory.sample_ids, memory.sample_ids.shape[1] - memory.logprobs.shape[1]
     with torch.no_grad():
         untempered = torch.log_softmax(small_trainer.model.base_model(ids)[:, prefix_len - 1 : -1],
                                        dim=-1)
     memory.logprobs = torch.gather(untempered, -1, ids[:, prefix_len:, None]).squeeze(-1)
-    assert not rollout_is_consistent(small_trainer, memory)
+    assert rollout_inconsistency(small_trainer, memory) is not None
 
 
 def test_first_minibatch_has_ratio_one_and_no_kl(small_trainer):
     """Before any update the policy is the rollout policy and the reference: ratio exactly 1,
     KL 0, nothing clipped; and the objective follows the one sign convention."""
-    memory = small_trainer.rollout_phase()
+    memory = small_trainer.rollout_phase().memory
     mb = memory.get_minibatches(2, 1, torch.Generator().manual_seed(0))[0]
     objective, stats = small_trainer.compute_rlhf_objective(mb)
     assert stats["losses/approx_kl"] == pytest.approx(0.0, abs=1e-6)
@@ -148,7 +157,7 @@ def test_first_minibatch_has_ratio_one_and_no_kl(small_trainer):
 
 
 def test_learning_phase_steps_the_schedule_and_logs(small_trainer):
-    metrics = small_trainer.train_one_phase()
+    metrics = small_trainer.train_one_phase().metrics
     assert metrics["charts/lr_base"] == pytest.approx(E2E_ARGS["base_lr"])  # phase 0's LR
     assert metrics["charts/phase"] == 0 and small_trainer.phase == 1
     for key in ["charts/reward_mean", "charts/kl", "charts/entropy", "losses/value_loss",
@@ -176,6 +185,10 @@ def test_explained_variance_by_hand():
     assert explained_variance(returns + 5, returns) == pytest.approx(1.0)
     assert explained_variance(-returns, returns) == pytest.approx(-3.0)
     assert math.isnan(explained_variance(torch.zeros(2, 2), torch.ones(2, 2)))
+    # Returns equal but for float rounding (all rewards equal after normalisation): NaN, not
+    # a huge negative number from dividing by a variance of 1e-15.
+    nearly_equal = torch.ones(2, 2) + torch.tensor([[0.0, 1e-8], [0.0, 0.0]])
+    assert math.isnan(explained_variance(torch.zeros(2, 2), nearly_equal))
 
 
 def test_mask_or_none():
@@ -187,74 +200,75 @@ def test_mask_or_none():
 # ---------------------------------------------------------------- speed and memory settings
 
 
-def one_phase(model, **overrides) -> tuple[RLHFTrainer, dict[str, float], object]:
+def one_phase(model, **overrides) -> tuple[RLHFTrainer, dict[str, float], Rollout]:
     args = RLHFArgs(**{**E2E_ARGS, "total_phases": 2, "batch_size": 8, "num_minibatches": 2,
                        "gen_len": 6, **overrides})
     trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
                           console=Console(quiet=True), table_every=0)
-    memory = trainer.rollout_phase()
-    metrics = {**trainer.rollout_metrics, **trainer.learning_phase(memory)}
-    return trainer, metrics, memory
+    rollout = trainer.rollout_phase()
+    metrics = {**rollout.metrics, **trainer.learning_phase(rollout.memory)}
+    return trainer, metrics, rollout
 
 
-def trains_the_same(stored: tuple, lean: tuple) -> bool:
-    """Two `one_phase` results: the same samples, metrics and weights after a phase."""
-    (a, a_metrics, _), (b, b_metrics, _) = stored, lean
-    keys = ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]
-    return (
-        a.last_samples == b.last_samples
-        and all(a_metrics[key] == pytest.approx(b_metrics[key], rel=1e-4, abs=1e-6) for key in keys)
+def training_difference(stored: tuple, lean: tuple) -> str | None:
+    """How two `one_phase` results differ in samples, metrics or weights (None: they don't)."""
+    (a, a_metrics, a_rollout), (b, b_metrics, b_rollout) = stored, lean
+    if a_rollout.samples != b_rollout.samples:
+        return "different samples"
+    for key in ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]:
+        if a_metrics[key] != pytest.approx(b_metrics[key], rel=1e-4, abs=1e-6):
+            return f"{key}: {a_metrics[key]} vs {b_metrics[key]}"
+    for (name, x), (_, y) in zip(a.model.named_parameters(), b.model.named_parameters()):
         # b_K: see test_fast_and_hooked_forward_train_the_same (its true gradient is 0).
-        and all(torch.allclose(x, y, atol=1e-6) for (name, x), (_, y)
-                in zip(a.model.named_parameters(), b.model.named_parameters())
-                if not name.endswith("b_K"))
-    )
+        if not name.endswith("b_K") and not torch.allclose(x, y, atol=1e-6):
+            return f"{name} differs by up to {(x - y).abs().max():.2e}"
+    return None
 
 
-@pytest.mark.parametrize("fast", [True, False])
-def test_recomputing_reference_logits_trains_the_same(make_printable_model, fast):
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_recomputing_reference_logits_trains_the_same(make_printable_model, fast_path):
     """recompute_ref_logits changes where the reference logits come from, not what they are.
-    Nothing vocabulary-wide is stored: on the fast path the reference's final residual stream
-    (d_model per token; the learning phase reruns only the unembedding), on TransformerLens's
-    path nothing (the learning phase reruns the reference model)."""
-    stored = one_phase(make_printable_model(seed=3), temperature=2.0, fast_forward=fast)
-    lean = one_phase(make_printable_model(seed=3), temperature=2.0, fast_forward=fast,
+    Nothing vocabulary-wide is stored: the reference's final residual stream (d_model per token;
+    the learning phase reruns only the unembedding), on either forward path."""
+    stored = one_phase(make_printable_model(seed=3), temperature=2.0, fast_path=fast_path)
+    lean = one_phase(make_printable_model(seed=3), temperature=2.0, fast_path=fast_path,
                      recompute_ref_logits=True)
-    memory = lean[2]
-    assert memory.ref_logits is None
-    if fast:
-        batch, gen_len = memory.logprobs.shape
-        assert memory.ref_normalized.shape == (batch, gen_len, lean[0].model.base_model.cfg.d_model)
-    else:
-        assert memory.ref_normalized is None
-    assert trains_the_same(stored, lean)
+    memory, d_vocab = stored[2].memory, stored[0].model.base_model.cfg.d_vocab
+    assert memory.ref_outputs.shape == (*memory.logprobs.shape, d_vocab)
+    memory, d_model = lean[2].memory, lean[0].model.base_model.cfg.d_model
+    assert memory.ref_outputs.shape == (*memory.logprobs.shape, d_model)
+    problem = training_difference(stored, lean)
+    assert problem is None, problem
 
 
-def ref_unembed_untempered(self, normalized):
+REFERENCE_GET_LOGITS = ReferenceModel.get_logits
+
+
+def get_logits_untempered(self, kept):
     """Forgets the temperature (the KL then compares distributions the samples never came from)."""
-    return fast_forward.unembed(fast_forward.get_output_weights(self.ref_model), normalized)
+    return REFERENCE_GET_LOGITS(self, kept) * self.temperature
 
 
-def ref_unembed_with_the_policy(self, normalized):
-    """Unembeds with the policy's weights, which move during the learning phase."""
-    weights = fast_forward.get_output_weights(self.model.base_model)
-    return fast_forward.unembed(weights, normalized) / self.args.temperature
+def get_logits_of_other_rows(self, kept):
+    """Mixes up the rows (the memory's minibatch indices not applied to what it kept)."""
+    return REFERENCE_GET_LOGITS(self, kept.roll(1, dims=0))
 
 
-@pytest.mark.parametrize("wrong", [ref_unembed_untempered, ref_unembed_with_the_policy])
+@pytest.mark.parametrize("wrong", [get_logits_untempered, get_logits_of_other_rows])
 def test_the_check_above_sees_wrong_reference_logits(make_printable_model, monkeypatch, wrong):
     stored = one_phase(make_printable_model(seed=3), temperature=2.0)
-    monkeypatch.setattr(RLHFTrainer, "ref_unembed", wrong)
+    monkeypatch.setattr(ReferenceModel, "get_logits", wrong)
     lean = one_phase(make_printable_model(seed=3), temperature=2.0, recompute_ref_logits=True)
-    assert not trains_the_same(stored, lean)
+    assert training_difference(stored, lean) is not None
 
 
 def test_fast_and_hooked_forward_train_the_same(make_printable_model):
-    """fast_forward=False runs TransformerLens's forward with the value-head hook: the same
+    """fast_path=False runs TransformerLens's forward with the value-head hook: the same
     phase to float rounding."""
-    fast, fast_metrics, _ = one_phase(make_printable_model(seed=4))
-    hooked, hooked_metrics, _ = one_phase(make_printable_model(seed=4), fast_forward=False)
-    assert fast.last_samples == hooked.last_samples
+    fast, fast_metrics, fast_rollout = one_phase(make_printable_model(seed=4))
+    hooked, hooked_metrics, hooked_rollout = one_phase(make_printable_model(seed=4),
+                                                       fast_path=False)
+    assert fast_rollout.samples == hooked_rollout.samples
     for key in ["charts/kl", "losses/value_loss", "losses/clipped_surrogate"]:
         assert fast_metrics[key] == pytest.approx(hooked_metrics[key], rel=1e-3, abs=1e-5), key
     for (name, a), (_, b) in zip(fast.model.named_parameters(), hooked.model.named_parameters()):
@@ -268,7 +282,8 @@ def test_bf16_trains_and_keeps_the_losses_in_float32(make_printable_model):
     """bfloat16 autocast (CPU here; the same code path as CUDA): the forward passes really run in
     bfloat16, the objective is float32 and the end-to-end task is still learnt by the same
     margin."""
-    trainer, metrics, memory = one_phase(make_printable_model(seed=1), precision="bf16")
+    trainer, metrics, rollout = one_phase(make_printable_model(seed=1), precision="bf16")
+    memory = rollout.memory
     assert trainer.precision == "bf16"
     with trainer.autocast():
         logits, _ = trainer.model(memory.sample_ids)
@@ -277,7 +292,7 @@ def test_bf16_trains_and_keeps_the_losses_in_float32(make_printable_model):
     mb = memory.get_minibatches(2, 1)[0]
     objective, _ = trainer.compute_rlhf_objective(mb)
     assert objective.dtype == torch.float32 and torch.isfinite(objective)
-    history = train(make_printable_model(seed=1), precision="bf16").history
+    history = train(make_printable_model(seed=1), precision="bf16")[0].history
     assert learnt(history), [round(m["charts/reward_mean"], 2) for m in history]
 
 

@@ -74,6 +74,10 @@ def get_reference(name: str) -> Any:
 
     if name == "learning_phase":
         return RLHFTrainer.learning_phase
+    if name == "get_samples":
+        from minirlhf.exercises.model_and_sampling import reference_get_samples
+
+        return reference_get_samples
     return getattr(minirlhf, name)
 
 

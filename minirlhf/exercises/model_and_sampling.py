@@ -24,7 +24,7 @@ from minirlhf.exercises.core import (
 )
 from minirlhf.loading import load_tiny_model
 from minirlhf.models import VALUE_HOOK, TransformerWithValueHead
-from minirlhf.sampling import get_samples
+from minirlhf.sampling import Samples, SamplingConfig, get_samples
 
 # ---------------------------------------------------------------- the value head
 
@@ -126,6 +126,16 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
 # ---------------------------------------------------------------- the sampler
 
 SampleFn = Callable[..., tuple[Tensor, list[str]]]
+
+
+def reference_get_samples(model: HookedTransformer, prompt: str | list[str],
+                          batch_size: int | None = None, gen_len: int = 20,
+                          temperature: float = 1.0, top_k: int | None = None,
+                          prepend_bos: bool = True) -> Samples:
+    """minirlhf's `get_samples` called with the exercise's arguments (temperature and top_k
+    rather than a `SamplingConfig`)."""
+    return get_samples(model, prompt, batch_size, gen_len, SamplingConfig(temperature, top_k),
+                       prepend_bos)
 
 
 def _sample(fn: SampleFn, model: HookedTransformer, **kwargs) -> tuple[Tensor, list[str]]:
@@ -249,7 +259,7 @@ def check_get_samples(fn: SampleFn) -> None:
         model.unembed.W_U.mul_(2.0)
     for check in (lambda f: _check_prompt_tokens(f, gpt2_shaped), lambda f: _check_rows(f, model),
                   lambda f: _check_top_k(f, model), lambda f: _check_temperature(f, model)):
-        check(get_samples)  # the reference passes, or the check itself is wrong
+        check(reference_get_samples)  # the reference passes, or the check itself is wrong
         check(fn)
     passed("get_samples", "prompt and BOS tokens, top_k=1 and 3, and temperature 0.5 (first-token "
            "frequencies of 1,000 samples) match the reference's behaviour")

@@ -227,7 +227,7 @@ def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to"
         trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
                               console=Console(quiet=True), table_every=0)
-    return trainer, trainer.rollout_phase()
+    return trainer, trainer.rollout_phase().memory
 
 
 def _snapshot(trainer: RLHFTrainer) -> dict:

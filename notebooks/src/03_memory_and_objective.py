@@ -38,13 +38,13 @@ torch.manual_seed(0)
 class ReplayMemory:
     """One rollout phase's data (all tensors indexed by sample along dim 0)."""
 
-    def __init__(self, sample_ids, attention_mask, logprobs, advantages, values, ref_logits):
+    def __init__(self, sample_ids, attention_mask, logprobs, advantages, values, ref_outputs):
         self.sample_ids = sample_ids  # (batch, seq)
         self.attention_mask = attention_mask  # (batch, seq)
         self.logprobs = logprobs  # (batch, gen_len)
         self.advantages = advantages  # (batch, gen_len)
         self.values = values  # (batch, gen_len): V(s_t) of each generated token
-        self.ref_logits = ref_logits  # (batch, gen_len, d_vocab)
+        self.ref_outputs = ref_outputs  # (batch, gen_len, d_vocab): the reference's logits
 
     def get_minibatches(
         self,
@@ -67,7 +67,7 @@ class ReplayMemory:
                         logprobs=self.logprobs[indices],
                         advantages=self.advantages[indices],
                         returns=returns[indices],
-                        ref_logits=self.ref_logits[indices],
+                        ref_outputs=self.ref_outputs[indices],
                     )
                 )
         return minibatches

@@ -23,7 +23,7 @@ from rich import print as rprint
 from rich.console import Console
 from torch import nn
 
-from minirlhf import RLHFArgs, RLHFTrainer, exercises, reward_fn_char_count
+from minirlhf import RLHFArgs, RLHFTrainer, exercises, get_samples, reward_fn_char_count
 from minirlhf.memory import ReplayMemory
 from minirlhf.tracking import make_sample_table
 
@@ -212,8 +212,10 @@ fig.tight_layout()
 plt.show()
 
 # %%
-for name, trainer in runs.items():
-    rprint(make_sample_table(trainer.last_samples, trainer.last_rewards, title=name, max_rows=3))
+for name, trainer in runs.items():  # fresh samples from each trained policy
+    after = get_samples(trainer.model.base_model, "Q:", 3, gen_len=16, prepend_bos=False, seed=0)
+    rewards = reward_fn_char_count(after.samples).tolist()
+    rprint(make_sample_table(after.samples, rewards, title=name, max_rows=3))
 
 # %% [markdown]
 # What to notice:

@@ -30,7 +30,8 @@ from rich import print as rprint
 from rich.console import Console
 
 from minirlhf import RLHFArgs, RLHFTrainer
-from minirlhf.loading import load_policy, pick_device
+from minirlhf.device import pick_device
+from minirlhf.loading import load_policy
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.tracking import make_sample_table
@@ -112,8 +113,9 @@ print(f"mean VADER score: before {before_scores.mean():+.3f}, after {after_score
 #
 # ## With the Hugging Face hub: GPT-2 and distilbert-imdb
 #
-# The seeds' original set-up steers GPT-2 small with a sentiment classifier fine-tuned on IMDB
-# reviews, `lvwerra/distilbert-imdb`; the reward is the classifier's probability of "positive".
+# The classic set-up (TRL's sentiment notebook, the ARENA exercises) steers GPT-2 small with a
+# sentiment classifier fine-tuned on IMDB reviews, `lvwerra/distilbert-imdb`; the reward is the
+# classifier's probability of "positive".
 # Both download from the hub, so this cell runs only when you set `USE_HUB = True` above. The
 # same run from the command line: `minirlhf train --preset gpt2-imdb`.
 
@@ -131,4 +133,7 @@ if USE_HUB:
     gpt2_reward = make_classifier_reward(classifier, classifier_tokenizer, direction="pos")
     gpt2_trainer = RLHFTrainer(gpt2_args, gpt2_reward, table_every=0)
     gpt2_history = gpt2_trainer.train()
-    rprint(make_sample_table(gpt2_trainer.last_samples, gpt2_trainer.last_rewards, title="GPT-2"))
+    gpt2_after = get_samples(gpt2_trainer.model.base_model, gpt2_args.prefix, 4,
+                             gen_len=GEN_LEN, seed=0)
+    rprint(make_sample_table(gpt2_after.samples, gpt2_reward(gpt2_after.samples).tolist(),
+                             title="GPT-2"))

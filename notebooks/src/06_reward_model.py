@@ -206,10 +206,16 @@ args = RLHFArgs(base_model="tiny", prefix="A", total_phases=15, batch_size=32, n
                 gen_len=16, base_lr=3e-3, head_lr=3e-3, warmup_steps=0, kl_coef=0.0,
                 advantage_estimator="gae", gae_lambda=1.0, prepend_bos=False)
 trainer = RLHFTrainer(args, reward_fn, base_model=policy, console=Console(quiet=True))
-judge_per_phase = []
-history = trainer.train(
-    on_phase_end=lambda trainer, metrics: judge_per_phase.append(
-        digit_count(trainer.last_samples).mean().item()))
+judge_per_phase, last_samples = [], []
+
+
+def on_phase_end(trainer, rollout):
+    """The judge's score of each phase's samples (the policy never sees it)."""
+    judge_per_phase.append(digit_count(rollout.samples).mean().item())
+    last_samples[:] = rollout.samples
+
+
+history = trainer.train(on_phase_end=on_phase_end)
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot([m["charts/reward_mean"] for m in history], "o-", label="learned reward (normalised)")
 ax.plot(judge_per_phase, "o-", label="the judge: digits per sample")
@@ -218,7 +224,7 @@ ax.legend()
 plt.show()
 print(f"digits per sample: {judge_per_phase[0]:.2f} in the first phase, "
       f"{judge_per_phase[-1]:.2f} in the last")
-print(trainer.last_samples[:4])
+print(last_samples[:4])
 
 # %% [markdown]
 # ## The real thing: SmolLM2, VADER and the command line

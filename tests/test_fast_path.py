@@ -1,4 +1,4 @@
-"""The fast forward pass against an independent implementation: TransformerLens's own forward.
+"""The fast path's forward pass against an independent one: TransformerLens's own forward.
 
 Models: the tiny GPT-2-shaped model (LayerNorm, learned positions, GELU), a tiny Llama-shaped
 model (RMSNorm, rotary, gated SiLU MLP, grouped-query attention), and a GPT-2 with LayerNorm folded
@@ -13,10 +13,16 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from minirlhf import fast_forward as ff
+from minirlhf import fast_path as ff
 from minirlhf.loading import load_tiny_model
 
 ATOL = 1e-5
+
+
+def fast_logits(model: HookedTransformer, tokens, mask=None):
+    """The logits of the fast path: laid-out weights, `forward`, then `unembed`."""
+    weights = ff.get_fast_weights(model)
+    return ff.unembed(weights.output, ff.forward(weights, tokens, mask))
 
 
 def tiny_llama(seed: int = 0) -> HookedTransformer:
@@ -80,14 +86,14 @@ def model(request: pytest.FixtureRequest) -> HookedTransformer:
 def test_logits_match_transformer_lens_without_padding(model: HookedTransformer) -> None:
     tokens, _ = padded_batch(model.cfg.d_vocab)
     expected = model(tokens)
-    got = ff.get_logits(model, tokens)
+    got = fast_logits(model, tokens)
     assert (got - expected).abs().max().item() < ATOL
 
 
 def test_logits_match_transformer_lens_with_left_padding(model: HookedTransformer) -> None:
     tokens, mask = padded_batch(model.cfg.d_vocab)
     expected = model(tokens, attention_mask=mask)
-    got = ff.get_logits(model, tokens, mask)
+    got = fast_logits(model, tokens, mask)
     assert max_diff_real(got, expected, mask) < ATOL
     assert torch.isfinite(got).all(), "padding positions must not produce NaN"
 
@@ -124,7 +130,7 @@ def test_gradients_reach_the_hooked_transformer(model: HookedTransformer) -> Non
     tokens, mask = padded_batch(model.cfg.d_vocab)
     twin = copy.deepcopy(model)
     model(tokens, attention_mask=mask)[mask.bool()].logsumexp(-1).sum().backward()
-    ff.get_logits(twin, tokens, mask)[mask.bool()].logsumexp(-1).sum().backward()
+    fast_logits(twin, tokens, mask)[mask.bool()].logsumexp(-1).sum().backward()
     for (name, expected), (_, got) in zip(model.named_parameters(), twin.named_parameters()):
         assert got.grad is not None, f"no gradient reached {name}"
         assert torch.allclose(got.grad, expected.grad, atol=1e-4, rtol=1e-3), name
@@ -144,7 +150,7 @@ def test_a_wrong_rotary_layout_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
         return weights
 
     monkeypatch.setattr(ff, "get_fast_weights", wrong_weights)
-    assert max_diff_real(ff.get_logits(model, tokens, mask), model(tokens, attention_mask=mask),
+    assert max_diff_real(fast_logits(model, tokens, mask), model(tokens, attention_mask=mask),
                          mask) > 1e-3
 
 
@@ -164,7 +170,7 @@ def test_attending_to_padding_is_caught() -> None:
     model = tiny_llama()
     tokens, mask = padded_batch(model.cfg.d_vocab)
     expected = model(tokens, attention_mask=mask)
-    got = ff.get_logits(model, tokens, torch.ones_like(mask))  # the mask forgotten
+    got = fast_logits(model, tokens, torch.ones_like(mask))  # the mask forgotten
     assert max_diff_real(got, expected, mask) > 1e-3
 
 
@@ -172,7 +178,7 @@ def test_unsupported_models_get_a_clear_error() -> None:
     model = tiny_gpt2()
     model.cfg.parallel_attn_mlp = True
     assert "parallel attention" in ff.unsupported_reason(model)
-    with pytest.raises(NotImplementedError, match="fast_forward=False"):
+    with pytest.raises(NotImplementedError, match="fast_path=False"):
         ff.get_fast_weights(model)
 
 
@@ -183,7 +189,7 @@ def test_bfloat16_autocast_stays_close(model: HookedTransformer) -> None:
     tokens, mask = padded_batch(model.cfg.d_vocab)
     expected = model(tokens, attention_mask=mask).log_softmax(-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = ff.get_logits(model, tokens, mask).float().log_softmax(-1)
+        got = fast_logits(model, tokens, mask).float().log_softmax(-1)
         weights = ff.get_fast_weights(model)
         cache = ff.make_cache(weights, 4, 10, torch.float32, tokens.device)
         ff.forward(weights, tokens[:, :9], mask[:, :9], cache)

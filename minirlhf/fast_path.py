@@ -1,4 +1,4 @@
-"""A fast forward pass for a HookedTransformer: the same logits, without the per-call re-layout.
+"""The fast path: a HookedTransformer's forward pass, the same logits, without per-call re-layout.
 
 Part of the model layer (stages 1-2). `HookedTransformer.forward` keeps attention weights per head
 (`W_Q: [n_heads, d_model, d_head]`) and multiplies with einsums, so every call copies the weights
@@ -11,15 +11,19 @@ forward pass below computes exactly what TransformerLens computes (tests/test_fa
 checks the logits against `HookedTransformer.forward`), with `scaled_dot_product_attention`.
 
 - Rollouts lay the weights out once per phase, under `torch.no_grad`, and reuse them for every
-  decoding step (`prefill`, then `decode_step`, with a preallocated key-value cache).
+  decoding step (`forward` over the prompt, then over one new token at a time, with a key-value
+  cache from `make_cache`).
 - Training lays them out on every forward pass *with* gradients: the concatenations are
   differentiable, so gradients flow back into the HookedTransformer's own parameters.
 
-Hooks are not run on this path: to inspect activations with hooks, use the model's own forward.
-Supported: GPT-2 and Llama style models (LayerNorm or RMSNorm, folded or not; learned or rotary
-positions; plain or gated MLP; grouped-query attention), the models `minirlhf.loading` builds.
+Hooks do not run on this path, so a model with hooks attached (steering, ablations) is not
+supported: `unsupported_reason` says so, and the model and sampler then use the model's own
+forward, where the hooks run. Supported: GPT-2 and Llama style models (LayerNorm or RMSNorm,
+folded or not; learned or rotary positions; plain or gated MLP; grouped-query attention), the
+models `minirlhf.loading` builds.
 """
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +42,14 @@ _ACTIVATIONS = {
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 
 
+def has_hooks(model: HookedTransformer) -> bool:
+    """Whether any hook is attached to the model's hook points (`model.add_hook(...)`)."""
+    return any(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
+               for point in model.hook_dict.values())
+
+
 def unsupported_reason(model: HookedTransformer) -> str | None:
-    """Why the fast path cannot run this model, or None when it can."""
+    """Why the fast path cannot run this model now, or None when it can."""
     cfg = model.cfg
     checks = [
         (cfg.normalization_type in _NORMS, f"normalization_type {cfg.normalization_type!r}"),
@@ -61,9 +71,23 @@ def unsupported_reason(model: HookedTransformer) -> str | None:
         (getattr(cfg, "output_logits_soft_cap", -1.0) <= 0, "logit soft-capping"),
         (getattr(cfg, "attn_scores_soft_cap", -1.0) <= 0, "attention soft-capping"),
         (not getattr(cfg, "load_in_4bit", False), "4-bit weights"),
+        (not has_hooks(model), "hooks attached to the model (they run on its own forward only)"),
     ]
     failed = [what for ok, what in checks if not ok]
     return ", ".join(failed) if failed else None
+
+
+def use_fast_path(model: HookedTransformer, requested: bool = True) -> bool:
+    """Whether a forward pass of `model` should go through the fast path: when `requested` and
+    the fast path can run the model. A model with hooks attached falls back to its own forward
+    (with a warning), so that the hooks still act."""
+    if not requested:
+        return False
+    reason = unsupported_reason(model)
+    if reason is not None and has_hooks(model):
+        warnings.warn("Hooks are attached to the model, so it runs on TransformerLens's forward "
+                      "(slower) instead of the fast path, where hooks would not run.", stacklevel=3)
+    return reason is None
 
 
 @dataclass
@@ -157,8 +181,8 @@ def get_fast_weights(model: HookedTransformer) -> FastWeights:
     reason = unsupported_reason(model)
     if reason is not None:
         raise NotImplementedError(
-            f"minirlhf's fast forward pass does not support {reason}; use the HookedTransformer's "
-            "own forward (RLHFArgs(fast_forward=False), get_samples(..., fast=False))."
+            f"minirlhf's fast path does not support {reason}: run the HookedTransformer's own "
+            "forward instead (models and the sampler take fast_path=False)."
         )
     cfg = model.cfg
     rotary = cfg.positional_embedding_type == "rotary"
@@ -198,11 +222,11 @@ def _normalize(
 
 
 def _rotate(
-    x: Float[Tensor, "batch head pos d_head"],
-    cos: Float[Tensor, "batch 1 pos rotary_dim"],
-    sin: Float[Tensor, "batch 1 pos rotary_dim"],
+    x: Float[Tensor, "batch head new_seq d_head"],
+    cos: Float[Tensor, "batch 1 new_seq rotary_dim"],
+    sin: Float[Tensor, "batch 1 new_seq rotary_dim"],
     adjacent_pairs: bool,
-) -> Float[Tensor, "batch head pos d_head"]:
+) -> Float[Tensor, "batch head new_seq d_head"]:
     """Rotary embedding of the first rotary_dim features (Su et al. 2021)."""
     rot, rest = x[..., : cos.shape[-1]], x[..., cos.shape[-1] :]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast x may be bfloat16
@@ -220,14 +244,14 @@ def get_position_ids(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, "b
 
 
 def _attention(
-    x: Float[Tensor, "batch pos d_model"],
+    x: Float[Tensor, "batch new_seq d_model"],
     layer: LayerWeights,
     weights: FastWeights,
     rotary: tuple[Tensor, Tensor] | None,
     attn_mask: Tensor | None,
     causal: bool,
     cache: tuple[Tensor, Tensor, int] | None,
-) -> Float[Tensor, "batch pos d_model"]:
+) -> Float[Tensor, "batch new_seq d_model"]:
     """Multi-head (or grouped-query) causal self-attention; writes new keys/values to `cache`."""
     batch, pos, _ = x.shape
     h, kv, d = weights.n_heads, weights.n_kv_heads, weights.d_head
@@ -252,8 +276,8 @@ def _attention(
 
 
 def _mlp(
-    x: Float[Tensor, "batch pos d_model"], layer: LayerWeights, weights: FastWeights
-) -> Float[Tensor, "batch pos d_model"]:
+    x: Float[Tensor, "batch new_seq d_model"], layer: LayerWeights, weights: FastWeights
+) -> Float[Tensor, "batch new_seq d_model"]:
     act = _ACTIVATIONS[weights.act_fn]
     if layer.w_gate is not None:  # TransformerLens adds b_in after the product
         hidden = act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_in) + layer.b_in
@@ -282,17 +306,17 @@ def _causal_padding_mask(
 
 def forward(
     weights: FastWeights,
-    tokens: Int[Tensor, "batch pos"],
+    tokens: Int[Tensor, "batch new_seq"],
     attention_mask: Int[Tensor, "batch seq"] | None = None,
     cache: list[tuple[Tensor, Tensor]] | None = None,
     start: int = 0,
-) -> Float[Tensor, "batch pos d_model"]:
+) -> Float[Tensor, "batch new_seq d_model"]:
     """The final normalised residual stream, as `ln_final.hook_normalized` holds it: before the
     final norm's gain and bias (what the value head reads; `unembed` applies the gain and bias).
 
     Args:
-        tokens: the tokens at positions `start .. start + pos` of the sequence.
-        attention_mask: 1 for real tokens, 0 for left padding, for positions `0 .. start + pos`
+        tokens: the tokens at positions `start .. start + new_seq` of the sequence.
+        attention_mask: 1 for real tokens, 0 for left padding, for positions `0 .. start + new_seq`
             (None: no padding, plain causal attention).
         cache: per layer, preallocated (keys, values) of shape [batch, kv_heads, max_len, d_head];
             positions before `start` must already hold the earlier tokens' keys and values.
@@ -333,24 +357,14 @@ def forward(
 
 
 def unembed(
-    weights: OutputWeights, normalized: Float[Tensor, "*batch d_model"]
+    weights: OutputWeights, final_residual: Float[Tensor, "*batch d_model"]
 ) -> Float[Tensor, "*batch d_vocab"]:
     """Logits from the final normalised residual stream (applies ln_final's gain and bias)."""
     if weights.ln_final_w is not None:
-        normalized = normalized * weights.ln_final_w
+        final_residual = final_residual * weights.ln_final_w
     if weights.ln_final_b is not None:
-        normalized = normalized + weights.ln_final_b
-    return F.linear(normalized, weights.unembed, weights.unembed_b)
-
-
-def get_logits(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch seq"],
-    attention_mask: Int[Tensor, "batch seq"] | None = None,
-) -> Float[Tensor, "batch seq d_vocab"]:
-    """`model(tokens, attention_mask=...)`'s logits, on the fast path."""
-    weights = get_fast_weights(model)
-    return unembed(weights.output, forward(weights, tokens, attention_mask))
+        final_residual = final_residual + weights.ln_final_b
+    return F.linear(final_residual, weights.unembed, weights.unembed_b)
 
 
 def make_cache(
