@@ -35,6 +35,7 @@ from minirlhf.reward_model import (
     set_trainable_layers,
 )
 from minirlhf.sampling import get_samples
+from minirlhf.validation import check_at_least, check_interval, check_positive
 
 
 @dataclass
@@ -86,17 +87,13 @@ class RewardModelArgs:
     """Tokens generated for those samples (the PPO run's gen_len)."""
 
     def __post_init__(self):
-        for name in ["epochs", "batch_size", "eval_every"]:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
-        if self.trainable_layers is not None and self.trainable_layers < 0:
-            raise ValueError("trainable_layers must be None (all) or at least 0.")
-        if self.lr <= 0 or self.head_lr <= 0:
-            raise ValueError("lr and head_lr must be > 0.")
+        check_at_least(self, ["epochs", "batch_size", "eval_every"])
+        check_at_least(self, ["trainable_layers"], minimum=0, optional=True)
+        check_interval(self, ["heldout_fraction"], 0.0, 1.0, open_low=True, open_high=True)
+        check_positive(self, ["lr", "head_lr"])
         if self.normalize_samples == 1 or self.normalize_samples < 0:
-            raise ValueError("normalize_samples must be 0 (off) or at least 2.")
+            raise ValueError("normalize_samples must be 0 (off) or at least 2 (a std needs two), "
+                             f"got {self.normalize_samples}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,5 +1,6 @@
-"""Tests for minirlhf.args.RLHFArgs: validation with messages a learner understands, derived
-fields, and a JSON round trip. Each check also rejects a plausible wrong version."""
+"""Tests for minirlhf.args.RLHFArgs: validation with messages a learner understands (shared with
+RewardModelArgs), derived fields, and a JSON round trip. Each check also rejects a plausible wrong
+version."""
 
 import dataclasses
 import json
@@ -9,6 +10,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from minirlhf.args import RLHFArgs
+from minirlhf.reward_training import RewardModelArgs
 
 
 def test_defaults_are_valid_and_minibatch_size_is_derived():
@@ -45,16 +47,29 @@ BAD_CONFIGS = [
 ]
 
 
-def validates_with_messages(cls: Callable) -> bool:
-    for kwargs, words in BAD_CONFIGS:
+BAD_REWARD_MODEL_CONFIGS = [
+    (dict(epochs=0), ["epochs", "at least 1", "0"]),
+    (dict(eval_every=0), ["eval_every", "at least 1"]),
+    (dict(trainable_layers=-1), ["trainable_layers", "at least 0", "-1"]),
+    (dict(heldout_fraction=1.0), ["heldout_fraction", "(0, 1)"]),
+    (dict(lr=0.0), ["lr", "> 0"]),
+    (dict(head_lr=-1.0), ["head_lr", "> 0"]),
+    (dict(normalize_samples=1), ["normalize_samples", "at least 2"]),
+]
+
+
+def validation_problem(cls: Callable, bad_configs: list = BAD_CONFIGS) -> str | None:
+    """None if every bad config raises a ValueError holding its words, else what went wrong."""
+    for kwargs, words in bad_configs:
         try:
             cls(**kwargs)
         except ValueError as error:
-            if not all(word in str(error) for word in words):
-                return False
+            missing = [word for word in words if word not in str(error)]
+            if missing:
+                return f"{cls.__name__}(**{kwargs}) raised {str(error)!r}, without {missing}"
         else:
-            return False
-    return True
+            return f"{cls.__name__}(**{kwargs}) raised no ValueError"
+    return None
 
 
 @dataclasses.dataclass
@@ -77,12 +92,18 @@ class ArgsWithTerseMessages(RLHFArgs):
 
 
 def test_invalid_configs_raise_helpful_errors():
-    assert validates_with_messages(RLHFArgs)
+    problem = validation_problem(RLHFArgs)
+    assert problem is None, problem
+
+
+def test_invalid_reward_model_configs_raise_helpful_errors():
+    problem = validation_problem(RewardModelArgs, BAD_REWARD_MODEL_CONFIGS)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [ArgsWithoutChecks, ArgsWithTerseMessages])
 def test_validation_check_rejects_wrong_versions(wrong):
-    assert not validates_with_messages(wrong)
+    assert validation_problem(wrong) is not None
 
 
 def test_unknown_advantage_estimator_is_refused():
