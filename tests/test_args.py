@@ -121,8 +121,9 @@ def test_the_divisibility_message_suggests_a_batch_size():
 # ---------------------------------------------------------------- serialisation
 
 
-def round_trips(to_dict: Callable, from_dict: Callable) -> bool:
-    """to_dict -> JSON -> from_dict gives back an equal config, derived fields included."""
+def round_trip_problem(to_dict: Callable, from_dict: Callable) -> str | None:
+    """None if to_dict -> JSON -> from_dict gives back an equal config, derived fields included;
+    else what went wrong."""
     args = RLHFArgs(
         seed=7, batch_size=12, num_minibatches=3, top_k=10, top_p=0.9, device="cpu",
         advantage_estimator="gae", prefix="Once upon a time", prepend_bos=False,
@@ -130,9 +131,13 @@ def round_trips(to_dict: Callable, from_dict: Callable) -> bool:
     try:
         data = json.loads(json.dumps(to_dict(args)))
         restored = from_dict(data)
-    except (TypeError, ValueError):
-        return False
-    return restored == args and restored.minibatch_size == 4 and data.get("minibatch_size") == 4
+    except (TypeError, ValueError) as error:
+        return f"raised {error!r}"
+    if restored != args or restored.minibatch_size != 4:
+        return f"restored {restored}, expected {args}"
+    if data.get("minibatch_size") != 4:
+        return f"the saved dict has minibatch_size {data.get('minibatch_size')}, expected 4"
+    return None
 
 
 def wrong_from_dict(values: dict) -> RLHFArgs:
@@ -146,12 +151,13 @@ def wrong_to_dict(args: RLHFArgs) -> dict:
 
 
 def test_to_dict_from_dict_round_trip():
-    assert round_trips(RLHFArgs.to_dict, RLHFArgs.from_dict)
+    problem = round_trip_problem(RLHFArgs.to_dict, RLHFArgs.from_dict)
+    assert problem is None, problem
 
 
 def test_round_trip_check_rejects_wrong_versions():
-    assert not round_trips(RLHFArgs.to_dict, wrong_from_dict)
-    assert not round_trips(wrong_to_dict, RLHFArgs.from_dict)
+    assert round_trip_problem(RLHFArgs.to_dict, wrong_from_dict) is not None
+    assert round_trip_problem(wrong_to_dict, RLHFArgs.from_dict) is not None
 
 
 def test_from_dict_reads_configs_saved_with_the_old_autocast_flag():
