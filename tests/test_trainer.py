@@ -57,10 +57,14 @@ def train(model, seed: int = 1, **overrides) -> RLHFTrainer:
     return trainer
 
 
-def learnt(history: list[dict[str, float]]) -> bool:
+def learning_problem(history: list[dict[str, float]]) -> str | None:
+    """None if the last 3 phases' mean reward beats the first 3's by MARGIN, else the rewards."""
     rewards = [metrics["charts/reward_mean"] for metrics in history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    return last > first + MARGIN
+    if not last > first + MARGIN:
+        return (f"last 3 phases {last:.2f} not above first 3 {first:.2f} + {MARGIN}: rewards "
+                f"{[round(r, 2) for r in rewards]}")
+    return None
 
 
 def test_end_to_end_learns_to_emit_periods(make_printable_model):
@@ -69,7 +73,8 @@ def test_end_to_end_learns_to_emit_periods(make_printable_model):
     trainer = train(model)
 
     assert len(trainer.history) == E2E_ARGS["total_phases"]
-    assert learnt(trainer.history), [round(m["charts/reward_mean"], 2) for m in trainer.history]
+    problem = learning_problem(trainer.history)
+    assert problem is None, problem
     policy_after = trainer.model.base_model.state_dict()
     assert any(not torch.equal(policy_after[k], v) for k, v in reference_before.items())
     for name, value in trainer.ref_model.state_dict().items():
@@ -88,7 +93,7 @@ def test_learning_check_rejects_a_wrong_trainer(make_printable_model, monkeypatc
     monkeypatch.setattr(trainer_module, "calc_clipped_surrogate_objective",
                         surrogate_ratio_upside_down)
     trainer = train(make_printable_model(seed=1))
-    assert not learnt(trainer.history)
+    assert learning_problem(trainer.history) is not None
 
 
 # ---------------------------------------------------------------- one rollout, one minibatch
@@ -102,9 +107,10 @@ def small_trainer(make_printable_model) -> RLHFTrainer:
                        console=Console(quiet=True), table_every=0)
 
 
-def rollout_is_consistent(trainer: RLHFTrainer, memory) -> bool:
-    """The memory's log-probs and reference logits, recomputed with torch.gather from plain
-    forward passes of the policy and the frozen reference, at temperature T."""
+def rollout_mismatch(trainer: RLHFTrainer, memory) -> str | None:
+    """The memory's log-probs and reference logits against those recomputed with torch.gather
+    from plain forward passes of the policy and the frozen reference, at temperature T: None if
+    they agree, else which differ."""
     temperature = trainer.args.temperature
     ids = memory.sample_ids
     gen_len = memory.logprobs.shape[1]
@@ -115,21 +121,25 @@ def rollout_is_consistent(trainer: RLHFTrainer, memory) -> bool:
     positions = slice(prefix_len - 1, -1)  # the logits that predict the generated tokens
     logprobs = torch.log_softmax(logits[:, positions], dim=-1)
     expected = torch.gather(logprobs, -1, ids[:, prefix_len:, None]).squeeze(-1)
-    return torch.allclose(memory.logprobs, expected, atol=1e-5) and torch.allclose(
-        memory.ref_logits, ref_logits[:, positions], atol=1e-5
-    )
+    if not torch.allclose(memory.logprobs, expected, atol=1e-5):
+        return f"log-probs {memory.logprobs}, expected {expected}"
+    if not torch.allclose(memory.ref_logits, ref_logits[:, positions], atol=1e-5):
+        gap = (memory.ref_logits - ref_logits[:, positions]).abs().max().item()
+        return f"reference logits differ from the reference model's by up to {gap:.3g}"
+    return None
 
 
 def test_rollout_uses_tempered_logprobs(small_trainer):
     memory = small_trainer.rollout_phase()
-    assert rollout_is_consistent(small_trainer, memory)
+    problem = rollout_mismatch(small_trainer, memory)
+    assert problem is None, problem
     # The same check rejects a rollout that forgot the temperature in its log-probs.
     ids, prefix_len = memory.sample_ids, memory.sample_ids.shape[1] - memory.logprobs.shape[1]
     with torch.no_grad():
         untempered = torch.log_softmax(small_trainer.model.base_model(ids)[:, prefix_len - 1 : -1],
                                        dim=-1)
     memory.logprobs = torch.gather(untempered, -1, ids[:, prefix_len:, None]).squeeze(-1)
-    assert not rollout_is_consistent(small_trainer, memory)
+    assert rollout_mismatch(small_trainer, memory) is not None
 
 
 def test_first_minibatch_has_ratio_one_and_no_kl(small_trainer):
@@ -197,18 +207,20 @@ def one_phase(model, **overrides) -> tuple[RLHFTrainer, dict[str, float], object
     return trainer, metrics, memory
 
 
-def trains_the_same(stored: tuple, lean: tuple) -> bool:
-    """Two `one_phase` results: the same samples, metrics and weights after a phase."""
+def training_mismatch(stored: tuple, lean: tuple) -> str | None:
+    """Two `one_phase` results: None if they have the same samples, metrics and weights after a
+    phase, else the first that differs."""
     (a, a_metrics, _), (b, b_metrics, _) = stored, lean
-    keys = ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]
-    return (
-        a.last_samples == b.last_samples
-        and all(a_metrics[key] == pytest.approx(b_metrics[key], rel=1e-4, abs=1e-6) for key in keys)
+    if a.last_samples != b.last_samples:
+        return "the samples differ"
+    for key in ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]:
+        if a_metrics[key] != pytest.approx(b_metrics[key], rel=1e-4, abs=1e-6):
+            return f"{key}: {a_metrics[key]} vs {b_metrics[key]}"
+    for (name, x), (_, y) in zip(a.model.named_parameters(), b.model.named_parameters()):
         # b_K: see test_fast_and_hooked_forward_train_the_same (its true gradient is 0).
-        and all(torch.allclose(x, y, atol=1e-6) for (name, x), (_, y)
-                in zip(a.model.named_parameters(), b.model.named_parameters())
-                if not name.endswith("b_K"))
-    )
+        if not name.endswith("b_K") and not torch.allclose(x, y, atol=1e-6):
+            return f"{name} differs after the phase by up to {(x - y).abs().max().item():.3g}"
+    return None
 
 
 @pytest.mark.parametrize("fast", [True, False])
@@ -227,7 +239,8 @@ def test_recomputing_reference_logits_trains_the_same(make_printable_model, fast
         assert memory.ref_normalized.shape == (batch, gen_len, lean[0].model.base_model.cfg.d_model)
     else:
         assert memory.ref_normalized is None
-    assert trains_the_same(stored, lean)
+    problem = training_mismatch(stored, lean)
+    assert problem is None, problem
 
 
 def ref_unembed_untempered(self, normalized):
@@ -246,7 +259,7 @@ def test_the_check_above_sees_wrong_reference_logits(make_printable_model, monke
     stored = one_phase(make_printable_model(seed=3), temperature=2.0)
     monkeypatch.setattr(RLHFTrainer, "ref_unembed", wrong)
     lean = one_phase(make_printable_model(seed=3), temperature=2.0, recompute_ref_logits=True)
-    assert not trains_the_same(stored, lean)
+    assert training_mismatch(stored, lean) is not None
 
 
 def test_fast_and_hooked_forward_train_the_same(make_printable_model):
@@ -278,7 +291,8 @@ def test_bf16_trains_and_keeps_the_losses_in_float32(make_printable_model):
     objective, _ = trainer.compute_rlhf_objective(mb)
     assert objective.dtype == torch.float32 and torch.isfinite(objective)
     history = train(make_printable_model(seed=1), precision="bf16").history
-    assert learnt(history), [round(m["charts/reward_mean"], 2) for m in history]
+    problem = learning_problem(history)
+    assert problem is None, problem
 
 
 def test_fp32_runs_without_autocast(make_printable_model):
