@@ -5,16 +5,21 @@ value and the allowed range, so a learner knows which argument to change. Knows 
 """
 
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+
+def get_values(config: object, names: Iterable[str], optional: bool) -> Iterator[tuple]:
+    """(name, value) of each named field; with `optional`, fields holding None are skipped."""
+    for name in names:
+        value = getattr(config, name)
+        if not (optional and value is None):
+            yield name, value
 
 
 def check_at_least(config: object, names: Iterable[str], minimum: int = 1,
                    optional: bool = False):
     """Each field is at least `minimum` (with `optional`, None is allowed too)."""
-    for name in names:
-        value = getattr(config, name)
-        if optional and value is None:
-            continue
+    for name, value in get_values(config, names, optional):
         if value < minimum:
             allowed = f"None or at least {minimum}" if optional else f"at least {minimum}"
             raise ValueError(f"{name} must be {allowed}, got {value}.")
@@ -22,16 +27,16 @@ def check_at_least(config: object, names: Iterable[str], minimum: int = 1,
 
 def check_positive(config: object, names: Iterable[str]):
     """Each field is > 0 (learning rates, clip ranges, norms)."""
-    for name in names:
-        if getattr(config, name) <= 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}.")
+    for name, value in get_values(config, names, optional=False):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}.")
 
 
 def check_weights(config: object, names: Iterable[str]):
     """Each field is >= 0: a weight in the objective, which 0 switches off."""
-    for name in names:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{name} must be >= 0 (a weight), got {getattr(config, name)}.")
+    for name, value in get_values(config, names, optional=False):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 (a weight), got {value}.")
 
 
 def check_interval(config: object, names: Iterable[str], low: float, high: float,
@@ -39,10 +44,7 @@ def check_interval(config: object, names: Iterable[str], low: float, high: float
     """Each field lies in the interval from `low` to `high`, closed unless `open_low`/`open_high`
     (with `optional`, None is allowed too)."""
     interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-    for name in names:
-        value = getattr(config, name)
-        if optional and value is None:
-            continue
+    for name, value in get_values(config, names, optional):
         above = value > low if open_low else value >= low
         below = value < high if open_high else value <= high
         if not (above and below):
