@@ -38,13 +38,9 @@ from minirlhf.preferences import (
     write_preferences,
 )
 from minirlhf.presets import PRESETS
+from minirlhf.report import two_panel_figure
 from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn, save_reward_model
-from minirlhf.reward_training import (
-    RewardModelArgs,
-    make_reward_model,
-    normalize_on_policy,
-    train_reward_model,
-)
+from minirlhf.reward_training import RewardModelArgs, fit_reward_model
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.trainer import RLHFTrainer, Rollout
@@ -83,7 +79,7 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
         return reward_model, info["benchmark"]
     train, heldout = split_preferences(read_preferences(ns.work / "preferences.jsonl"),
                                        args.heldout_fraction, seed=args.seed)
-    reward_model = make_reward_model(args)
+
     def on_step(metrics: dict):
         if "heldout/accuracy" in metrics:
             console.print(f"reward model step {metrics['charts/step']:3d}: train loss "
@@ -91,19 +87,19 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
                           f"{metrics['heldout/accuracy']:.3f}  loss {metrics['heldout/loss']:.3f}"
                           f"  ({time.perf_counter() - start:.0f} s)", soft_wrap=True)
 
-    history = train_reward_model(reward_model, train, heldout, args, console=console,
-                                 on_step=on_step)
-    normalization = normalize_on_policy(reward_model, policy, args)
-    evals = [m for m in history if "heldout/accuracy" in m]
+    trained = fit_reward_model(train, heldout, args, policy=policy, console=console,
+                               on_step=on_step)
+    evals = [m for m in trained.history if "heldout/accuracy" in m]
     result = {
         "args": args.to_dict(), "train_pairs": len(train), "heldout_pairs": len(heldout),
         "steps": [m["charts/step"] for m in evals],
         "heldout_accuracy": [m["heldout/accuracy"] for m in evals],
         "heldout_loss": [m["heldout/loss"] for m in evals],
-        "final_heldout_accuracy": evals[-1]["heldout/accuracy"],
-        "final_heldout_margin": evals[-1]["heldout/margin"],
-        "normalization": normalization, "time_s": time.perf_counter() - start,
+        "final_heldout_accuracy": trained.final_heldout["heldout/accuracy"],
+        "final_heldout_margin": trained.final_heldout["heldout/margin"],
+        "normalization": trained.normalization, "time_s": time.perf_counter() - start,
     }
+    reward_model = trained.reward_model
     save_reward_model(reward_model, folder, {"base_model": "smollm2", "benchmark": result})
     console.print(f"reward model: held-out accuracy {result['final_heldout_accuracy']:.3f} on "
                   f"{len(heldout)} pairs ({result['time_s']:.0f} s)", soft_wrap=True)
@@ -148,29 +144,24 @@ def phase_ppo(ns, policy, reward_model, console: Console) -> dict:
 
 
 def plot(result: dict, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rm, ppo = result["reward_model"], result["ppo"]
-    fig, (ax_rm, ax_ppo) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_rm.plot(rm["steps"], rm["heldout_accuracy"], marker="o")
-    ax_rm.axhline(TARGETS["heldout_accuracy"], color="grey", ls="--", lw=0.8)
-    ax_rm.set(xlabel="step", ylabel="held-out accuracy", ylim=(0.4, 1.0),
-              title=f"Reward model ({rm['train_pairs']} train / {rm['heldout_pairs']} held-out)")
-    ax_ppo.plot(ppo["vader_per_phase"], marker="o", label="VADER (the judge, never seen by PPO)")
-    ax_ppo.axhline(TARGETS["vader_after"], color="grey", ls="--", lw=0.8)
-    ax_ppo.set(xlabel="PPO phase", ylabel="mean VADER compound", ylim=(-0.2, 1.0),
-               title="PPO against the learned reward model")
-    ax_rm = ax_ppo.twinx()
-    ax_rm.plot(ppo["rm_reward_per_phase"], marker="o", color="tab:orange",
-               label="learned reward (normalised)")
-    ax_rm.set(ylabel="learned reward")
-    ax_ppo.legend(handles=ax_ppo.get_lines()[:1] + ax_rm.get_lines(), loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with two_panel_figure(path, figsize=(11, 4)) as (ax_rm, ax_ppo):
+        ax_rm.plot(rm["steps"], rm["heldout_accuracy"], marker="o")
+        ax_rm.axhline(TARGETS["heldout_accuracy"], color="grey", ls="--", lw=0.8)
+        ax_rm.set(xlabel="step", ylabel="held-out accuracy", ylim=(0.4, 1.0),
+                  title=f"Reward model ({rm['train_pairs']} train / {rm['heldout_pairs']} "
+                  "held-out)")
+        ax_ppo.plot(ppo["vader_per_phase"], marker="o",
+                    label="VADER (the judge, never seen by PPO)")
+        ax_ppo.axhline(TARGETS["vader_after"], color="grey", ls="--", lw=0.8)
+        ax_ppo.set(xlabel="PPO phase", ylabel="mean VADER compound", ylim=(-0.2, 1.0),
+                   title="PPO against the learned reward model")
+        ax_learned = ax_ppo.twinx()
+        ax_learned.plot(ppo["rm_reward_per_phase"], marker="o", color="tab:orange",
+                        label="learned reward (normalised)")
+        ax_learned.set(ylabel="learned reward")
+        ax_ppo.legend(handles=ax_ppo.get_lines()[:1] + ax_learned.get_lines(),
+                      loc="lower right")
 
 
 def report(result: dict, console: Console):

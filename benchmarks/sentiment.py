@@ -31,6 +31,7 @@ from rich.text import Text
 from minirlhf.args import RLHFArgs
 from minirlhf.loading import load_policy
 from minirlhf.presets import PRESETS
+from minirlhf.report import two_panel_figure
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer, Rollout
 
@@ -83,25 +84,17 @@ def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Con
 
 
 def plot(results: list[dict], path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_vader, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in results:
-        ax_vader.plot(r["vader_mean_per_phase"], marker="o", ms=3, label=r["name"])
-        ax_kl.plot(r["kl_per_phase"], marker="o", ms=3, label=r["name"])
-    for target in TARGETS.values():
-        ax_vader.axhline(target, color="grey", ls="--", lw=0.8)
-    ax_vader.set(xlabel="phase", ylabel="mean VADER compound", ylim=(-1.05, 1.05),
-                 title='SmolLM2-135M, "This movie was", batch 32')
-    ax_kl.set(xlabel="phase", ylabel="KL(policy || reference), nats/token", title="KL")
-    ax_vader.legend()
-    ax_kl.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with two_panel_figure(path, figsize=(11, 4)) as (ax_vader, ax_kl):
+        for r in results:
+            ax_vader.plot(r["vader_mean_per_phase"], marker="o", ms=3, label=r["name"])
+            ax_kl.plot(r["kl_per_phase"], marker="o", ms=3, label=r["name"])
+        for target in TARGETS.values():
+            ax_vader.axhline(target, color="grey", ls="--", lw=0.8)
+        ax_vader.set(xlabel="phase", ylabel="mean VADER compound", ylim=(-1.05, 1.05),
+                     title='SmolLM2-135M, "This movie was", batch 32')
+        ax_kl.set(xlabel="phase", ylabel="KL(policy || reference), nats/token", title="KL")
+        ax_vader.legend()
+        ax_kl.legend()
 
 
 def report(results: list[dict], console: Console):

@@ -9,6 +9,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from minirlhf.validation import (
+    check_at_least,
+    check_choice,
+    check_interval,
+    check_positive,
+    check_weights,
+)
+
 
 @dataclass
 class RLHFArgs:
@@ -102,11 +110,8 @@ class RLHFArgs:
     """batch_size // num_minibatches."""
 
     def __post_init__(self):
-        positive = ["total_phases", "batch_size", "num_minibatches", "batches_per_learning_phase",
-                    "gen_len"]
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        check_at_least(self, ["total_phases", "batch_size", "num_minibatches",
+                              "batches_per_learning_phase", "gen_len"])
         if self.batch_size % self.num_minibatches != 0:
             nearest = self.num_minibatches * max(1, self.batch_size // self.num_minibatches)
             raise ValueError(
@@ -119,31 +124,14 @@ class RLHFArgs:
                 f"warmup_steps ({self.warmup_steps}) must be at least 0 and less than "
                 f"total_phases ({self.total_phases}), or the LR never leaves warmup."
             )
-        self._check_ranges()
+        check_positive(self, ["temperature", "base_lr", "head_lr", "max_grad_norm", "clip_coef"])
+        check_at_least(self, ["top_k"], optional=True)
+        check_interval(self, ["top_p"], 0.0, 1.0, open_low=True, optional=True)
+        check_interval(self, ["gamma", "gae_lambda", "final_scale"], 0.0, 1.0)
+        check_weights(self, ["vf_coef", "ent_coef", "kl_coef"])
+        check_choice(self, "advantage_estimator")
+        check_choice(self, "precision")
         self.minibatch_size = self.batch_size // self.num_minibatches
-
-    def _check_ranges(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be None or at least 1, got {self.top_k}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}.")
-        if self.advantage_estimator not in ("one_step", "gae"):
-            raise ValueError('advantage_estimator must be "one_step" or "gae", '
-                             f"got {self.advantage_estimator!r}.")
-        if self.precision not in ("fp32", "bf16", "auto"):
-            raise ValueError(f'precision must be "fp32", "bf16" or "auto", got {self.precision!r}.')
-        if not 0 <= self.gae_lambda <= 1 or not 0 <= self.gamma <= 1:
-            raise ValueError("gamma and gae_lambda must lie in [0, 1].")
-        if not 0 <= self.final_scale <= 1:
-            raise ValueError(f"final_scale must lie in [0, 1], got {self.final_scale}.")
-        for name in ["base_lr", "head_lr", "max_grad_norm", "clip_coef"]:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
-        for name in ["vf_coef", "ent_coef", "kl_coef"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (a weight), got {getattr(self, name)}.")
 
     def to_dict(self) -> dict:
         """Every field, derived ones included, as plain JSON-serialisable data."""

@@ -32,7 +32,7 @@ from minirlhf.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.device import pick_device
 from minirlhf.models import TransformerWithValueHead
 from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
-from minirlhf.report import append_metrics, plot_metrics, print_summary
+from minirlhf.report import append_metrics, plot_metrics, plot_reward_model_metrics, print_summary
 from minirlhf.reward_training import RewardModelArgs
 from minirlhf.rewards import get_rewards
 from minirlhf.sampling import SamplingConfig, get_samples
@@ -326,12 +326,7 @@ def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     from minirlhf.preferences import read_preferences, split_preferences
     from minirlhf.reward_model import save_reward_model
-    from minirlhf.reward_training import (
-        make_reward_model,
-        normalize_on_policy,
-        plot_reward_model_metrics,
-        train_reward_model,
-    )
+    from minirlhf.reward_training import fit_reward_model
 
     names = {f.name for f in dataclasses.fields(RewardModelArgs)}
     try:
@@ -341,27 +336,21 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     console = Console()
-    device = pick_device(args.device)
-    reward_model = make_reward_model(args, device)
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / "metrics.jsonl").write_text("")
     console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(heldout)} "
                   f"held-out pairs from {ns.data} -> {ns.out}", soft_wrap=True)
-    history = train_reward_model(reward_model, train, heldout, args, console,
-                                 on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
-    normalization = {}
-    if args.normalize_samples:
-        normalization = normalize_on_policy(
-            reward_model, loading.load_policy(args.base_model, device), args)
-    final = {k: v for k, v in history[-1].items() if k.startswith("heldout/")}
+    trained = fit_reward_model(train, heldout, args, pick_device(args.device),
+                               console=console,
+                               on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
     info = {"base_model": args.base_model, "args": args.to_dict(), "data": str(ns.data),
-            "heldout": final, "normalization": normalization}
-    save_reward_model(reward_model, ns.out, info)
+            "heldout": trained.final_heldout, "normalization": trained.normalization}
+    save_reward_model(trained.reward_model, ns.out, info)
     info |= {"prepend_bos": args.prepend_bos, "append_end_token": args.append_end_token}
     (ns.out / "reward_model.json").write_text(json.dumps(info, indent=2))
-    plot = plot_reward_model_metrics(history, ns.out / "accuracy.png")
+    plot = plot_reward_model_metrics(trained.history, ns.out / "accuracy.png")
     summary = Table("held-out", "value", title="Reward model")
-    for key, value in {**final, **normalization}.items():
+    for key, value in {**trained.final_heldout, **trained.normalization}.items():
         summary.add_row(key, f"{value:+.4f}")
     console.print(summary)
     console.print(f"Plot:  {plot}\nModel: {ns.out / 'reward_model.pt'}\n"

@@ -1,10 +1,14 @@
-"""What a run leaves behind and shows at the end: metrics file, plot, summary tables.
+"""What a run leaves behind and shows at the end: metrics file, plots, summary tables.
 
-Sits on top of the trainer, below the command line.
+Sits on top of the trainer and the reward-model training (it reads their metric dicts), below the
+command line and the benchmarks. matplotlib is imported only when a plot is drawn.
 """
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -17,34 +21,60 @@ def append_metrics(path: str | Path, metrics: dict[str, float]):
         file.write(json.dumps(metrics) + "\n")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, float]]:
-    with open(path) as file:
-        return [json.loads(line) for line in file if line.strip()]
+@contextmanager
+def two_panel_figure(
+    path: str | Path, title: str = "", figsize: tuple[float, float] = (10, 4)
+) -> Iterator[tuple[Any, Any]]:
+    """Two side-by-side matplotlib Axes to draw on, saved to `path` as a PNG on leaving."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # write files, open no window (also on machines without a display)
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=figsize)
+    try:
+        yield left, right
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def plot_metrics(history: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
     """A PNG with the mean reward (with its spread) and the KL to the reference, per phase."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     phases = [m["charts/phase"] for m in history]
     mean = [m["charts/reward_mean"] for m in history]
     std = [m["charts/reward_std"] for m in history]
-    fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_reward.plot(phases, mean, marker="o", label="mean reward")
-    ax_reward.fill_between(phases, [m - s for m, s in zip(mean, std)],
-                           [m + s for m, s in zip(mean, std)], alpha=0.2, label="± 1 std")
-    ax_reward.set(xlabel="phase", ylabel="reward", title="Reward of the policy's samples")
-    ax_reward.legend()
-    ax_kl.plot(phases, [m["charts/kl"] for m in history], marker="o", color="tab:red")
-    ax_kl.set(xlabel="phase", ylabel="KL (nats / token)", title="KL(policy || reference)")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with two_panel_figure(path, title) as (ax_reward, ax_kl):
+        ax_reward.plot(phases, mean, marker="o", label="mean reward")
+        ax_reward.fill_between(phases, [m - s for m, s in zip(mean, std)],
+                               [m + s for m, s in zip(mean, std)], alpha=0.2, label="± 1 std")
+        ax_reward.set(xlabel="phase", ylabel="reward", title="Reward of the policy's samples")
+        ax_reward.legend()
+        ax_kl.plot(phases, [m["charts/kl"] for m in history], marker="o", color="tab:red")
+        ax_kl.set(xlabel="phase", ylabel="KL (nats / token)", title="KL(policy || reference)")
+    return Path(path)
+
+
+def plot_reward_model_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
+    """A PNG: accuracy (train and held-out) and loss against step, from `train_reward_model`."""
+    steps = [m["charts/step"] for m in history]
+    evals = [m for m in history if "heldout/accuracy" in m]
+    eval_steps = [m["charts/step"] for m in evals]
+    with two_panel_figure(path) as (ax_acc, ax_loss):
+        ax_acc.plot(steps, [m["train/accuracy"] for m in history], alpha=0.4,
+                    label="train (step)")
+        ax_acc.plot(eval_steps, [m["heldout/accuracy"] for m in evals], marker="o",
+                    label="held-out")
+        ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02),
+                   title="Chosen scored above rejected")
+        ax_loss.plot(steps, [m["train/loss"] for m in history], alpha=0.4, label="train (step)")
+        ax_loss.plot(eval_steps, [m["heldout/loss"] for m in evals], marker="o", label="held-out")
+        ax_loss.set(xlabel="step", ylabel="-log sigmoid(r_c - r_r - m)", title="Pairwise loss")
+        ax_acc.legend()
+        ax_loss.legend()
     return Path(path)
 
 

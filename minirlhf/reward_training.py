@@ -1,9 +1,10 @@
 """Training a reward model on preference pairs, and normalising it on the policy's samples.
 
-Sits on the reward model, the preferences and the sampler; the command line and benchmarks call
-it. Each step takes a minibatch of pairs, scores chosen and rejected texts in one forward pass,
-and takes an AdamW step on the pairwise loss (minimised). Every `eval_every` steps the held-out
-pairs are scored. Metric keys, as in the PPO trainer, are namespaced:
+Sits on the reward model, the preferences and the sampler; the command line and the benchmarks
+call `fit_reward_model`, the whole pipeline (make, train, normalise). Each step takes a minibatch
+of pairs, scores chosen and rejected texts in one forward pass, and takes an AdamW step on the
+pairwise loss (minimised). Every `eval_every` steps the held-out pairs are scored. Metric keys, as
+in the PPO trainer, are namespaced:
 
     train/loss, train/accuracy, train/margin      the step's minibatch
     heldout/loss, heldout/accuracy, heldout/margin  every held-out pair (on evaluation steps)
@@ -16,13 +17,12 @@ the mean of r_chosen - r_rejected. After training, `normalize_on_policy` fits th
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
+from transformer_lens import HookedTransformer
 
 from minirlhf import loading
 from minirlhf.preferences import Preference
@@ -35,6 +35,8 @@ from minirlhf.reward_model import (
     set_trainable_layers,
 )
 from minirlhf.sampling import get_samples
+from minirlhf.tracking import make_progress
+from minirlhf.validation import check_at_least, check_interval, check_positive
 
 
 @dataclass
@@ -86,17 +88,13 @@ class RewardModelArgs:
     """Tokens generated for those samples (the PPO run's gen_len)."""
 
     def __post_init__(self):
-        for name in ["epochs", "batch_size", "eval_every"]:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not 0 < self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction must lie in (0, 1), got {self.heldout_fraction}.")
-        if self.trainable_layers is not None and self.trainable_layers < 0:
-            raise ValueError("trainable_layers must be None (all) or at least 0.")
-        if self.lr <= 0 or self.head_lr <= 0:
-            raise ValueError("lr and head_lr must be > 0.")
+        check_at_least(self, ["epochs", "batch_size", "eval_every"])
+        check_at_least(self, ["trainable_layers"], minimum=0, optional=True)
+        check_interval(self, ["heldout_fraction"], 0.0, 1.0, open_low=True, open_high=True)
+        check_positive(self, ["lr", "head_lr"])
         if self.normalize_samples == 1 or self.normalize_samples < 0:
-            raise ValueError("normalize_samples must be 0 (off) or at least 2.")
+            raise ValueError("normalize_samples must be 0 (off) or at least 2 (a std needs two), "
+                             f"got {self.normalize_samples}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,9 +197,7 @@ def train_reward_model(
     steps_per_epoch = -(-len(train) // args.batch_size)
     total = args.epochs * steps_per_epoch
     history: list[dict[str, float]] = []
-    progress = Progress(TextColumn("[bold]reward model"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.description}"),
-                        console=console or Console())
+    progress = make_progress("reward model", console or Console())
     task = progress.add_task("", total=total)
     with progress:
         for step in range(total):
@@ -262,28 +258,43 @@ def normalize_on_policy(
             "gain": gain, "bias": bias}
 
 
-def plot_reward_model_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
-    """A PNG: accuracy (train and held-out) and loss against step."""
-    import matplotlib
+@dataclass
+class TrainedRewardModel:
+    """What `fit_reward_model` returns: the trained, normalised model and how it got there."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    reward_model: RewardModel
+    history: list[dict[str, float]]
+    """One metrics dict per step, as `train_reward_model` returns them."""
+    normalization: dict[str, float]
+    """`normalize_on_policy`'s raw mean and std, gain and bias (empty: not normalised)."""
 
-    steps = [m["charts/step"] for m in history]
-    evals = [m for m in history if "heldout/accuracy" in m]
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot(steps, [m["train/accuracy"] for m in history], alpha=0.4, label="train (step)")
-    ax_acc.plot([m["charts/step"] for m in evals], [m["heldout/accuracy"] for m in evals],
-                marker="o", label="held-out")
-    ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02),
-               title="Chosen scored above rejected")
-    ax_loss.plot(steps, [m["train/loss"] for m in history], alpha=0.4, label="train (step)")
-    ax_loss.plot([m["charts/step"] for m in evals], [m["heldout/loss"] for m in evals],
-                 marker="o", label="held-out")
-    ax_loss.set(xlabel="step", ylabel="-log sigmoid(r_c - r_r - m)", title="Pairwise loss")
-    for ax in (ax_acc, ax_loss):
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    @property
+    def final_heldout(self) -> dict[str, float]:
+        """The `heldout/...` metrics of the last step (which is always evaluated)."""
+        return {k: v for k, v in self.history[-1].items() if k.startswith("heldout/")}
+
+
+def fit_reward_model(
+    train: list[Preference],
+    heldout: list[Preference],
+    args: RewardModelArgs,
+    device: loading.Device = "cpu",
+    policy: HookedTransformer | None = None,
+    console: Console | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> TrainedRewardModel:
+    """The reward-model pipeline: a fresh model on `args.base_model`, trained on the `train`
+    pairs and evaluated on the `heldout` ones, then normalised on the initial policy's samples.
+
+    Args:
+        policy: the initial policy to normalise on; None loads `args.base_model` (not loaded at
+            all when `args.normalize_samples` is 0).
+        on_step: called with each step's metrics (to write them as they come).
+    """
+    reward_model = make_reward_model(args, device)
+    history = train_reward_model(reward_model, train, heldout, args, console, on_step)
+    normalization = {}
+    if args.normalize_samples:
+        policy = policy if policy is not None else loading.load_policy(args.base_model, device)
+        normalization = normalize_on_policy(reward_model, policy, args)
+    return TrainedRewardModel(reward_model, history, normalization)

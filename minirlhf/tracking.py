@@ -24,6 +24,13 @@ def make_sample_table(
     return table
 
 
+def make_progress(label: str, console: Console) -> Progress:
+    """The progress bar of a training loop: label, bar, steps done of total, time, and a
+    description the loop updates with its latest metrics."""
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+
+
 class PhaseLogger:
     """Shows training progress in the terminal and, when asked, sends metrics to wandb.
 
@@ -43,10 +50,7 @@ class PhaseLogger:
     ):
         self.console = console or Console()
         self.table_every = table_every
-        self.progress = Progress(
-            TextColumn("[bold]RLHF"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.description}"), console=self.console,
-        )
+        self.progress = make_progress("RLHF", self.console)
         self.task = self.progress.add_task("", total=total_phases)
         self.wandb_run = None
         if wandb_config is not None:

@@ -20,7 +20,6 @@ from transformer_lens import HookedTransformer
 
 from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 
-N_PRINTABLE = PRINTABLE_VOCAB
 
 def build_printable_model(
     seed: int = 0, n_layers: int = 1, d_model: int = 32, n_heads: int = 2
@@ -30,7 +29,8 @@ def build_printable_model(
     Prompts for it must be made of tokens below 94 (e.g. "A", "x?"), with prepend_bos=False:
     GPT-2's BOS (and pad) token 50256 is outside its vocabulary.
     """
-    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=N_PRINTABLE)
+    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed,
+                           d_vocab=PRINTABLE_VOCAB)
 
 
 @pytest.fixture(scope="session", autouse=True)

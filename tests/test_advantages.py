@@ -65,34 +65,41 @@ def gae_oracle(
     return torch.tensor(rows)
 
 
-def agrees(result: torch.Tensor, expected: torch.Tensor) -> bool:
-    return result.shape == expected.shape and torch.allclose(result, expected, atol=1e-5)
+def mismatch(result: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when `result` has the shape and (to 1e-5) the values of `expected`, else both."""
+    if result.shape == expected.shape and torch.allclose(result, expected, atol=1e-5):
+        return None
+    return f"got {result}, expected {expected}"
 
 
-def one_step_matches_oracle(fn: Callable) -> bool:
-    """Whether fn(values, rewards, prefix_len) equals the one-step oracle on a few inputs."""
+def one_step_mismatch(fn: Callable) -> str | None:
+    """None if fn(values, rewards, prefix_len) equals the one-step oracle on a few inputs, else
+    the first difference."""
     for seed, prefix_len in [(0, PREFIX_LEN), (1, 1), (2, SEQ - 1)]:
         values, rewards = make_inputs(seed)
         try:
             result = fn(values, rewards, prefix_len)
-        except RuntimeError:  # a shape bug that broadcasting could not paper over
-            return False
-        if not agrees(result, one_step_oracle(values, rewards, prefix_len)):
-            return False
-    return True
+        except RuntimeError as error:  # a shape bug that broadcasting could not paper over
+            return f"prefix_len={prefix_len}: raised {error}"
+        problem = mismatch(result, one_step_oracle(values, rewards, prefix_len))
+        if problem is not None:
+            return f"prefix_len={prefix_len}: {problem}"
+    return None
 
 
 GAE_SETTINGS = [(1.0, 0.95), (0.9, 0.8), (0.99, 0.0), (1.0, 1.0), (0.5, 0.5)]
 
 
-def gae_matches_oracle(fn: Callable) -> bool:
-    """Whether fn(values, rewards, prefix_len, gamma, gae_lambda) equals the GAE oracle."""
+def gae_mismatch(fn: Callable) -> str | None:
+    """None if fn(values, rewards, prefix_len, gamma, gae_lambda) equals the GAE oracle, else the
+    first difference."""
     for seed, (gamma, gae_lambda) in enumerate(GAE_SETTINGS):
         values, rewards = make_inputs(seed)
         result = fn(values, rewards, PREFIX_LEN, gamma, gae_lambda)
-        if not agrees(result, gae_oracle(values, rewards, PREFIX_LEN, gamma, gae_lambda)):
-            return False
-    return True
+        problem = mismatch(result, gae_oracle(values, rewards, PREFIX_LEN, gamma, gae_lambda))
+        if problem is not None:
+            return f"gamma={gamma}, gae_lambda={gae_lambda}: {problem}"
+    return None
 
 
 # ---------------------------------------------------------------- wrong implementations
@@ -152,14 +159,15 @@ def test_one_step_oracle_by_hand():
 
 
 def test_compute_advantages_matches_oracle():
-    assert one_step_matches_oracle(compute_advantages)
+    problem = one_step_mismatch(compute_advantages)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
     "wrong", [seed_one_step, one_step_shifted_state, one_step_no_reward]
 )
 def test_one_step_check_rejects_wrong_versions(wrong):
-    assert not one_step_matches_oracle(wrong)
+    assert one_step_mismatch(wrong) is not None
 
 
 def test_gae_oracle_by_hand():
@@ -174,14 +182,15 @@ def test_gae_oracle_by_hand():
 
 
 def test_compute_gae_matches_oracle():
-    assert gae_matches_oracle(compute_gae)
+    problem = gae_mismatch(compute_gae)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
     "wrong", [gae_bootstraps_last_value, gae_lambda_without_gamma, gae_shifted_state]
 )
 def test_gae_check_rejects_wrong_versions(wrong):
-    assert not gae_matches_oracle(wrong)
+    assert gae_mismatch(wrong) is not None
 
 
 def test_gae_with_lambda_0_is_the_one_step_estimate():
@@ -205,10 +214,11 @@ def monte_carlo_oracle(values, rewards, prefix_len):
 def test_gae_with_lambda_1_is_monte_carlo():
     values, rewards = make_inputs(6)
     gae = compute_gae(values, rewards, PREFIX_LEN, gamma=1.0, gae_lambda=1.0)
-    assert agrees(gae, monte_carlo_oracle(values, rewards, PREFIX_LEN))
+    problem = mismatch(gae, monte_carlo_oracle(values, rewards, PREFIX_LEN))
+    assert problem is None, problem
     # The same comparison rejects an estimator that is not Monte Carlo (lambda 0.95).
     not_mc = compute_gae(values, rewards, PREFIX_LEN, gamma=1.0, gae_lambda=0.95)
-    assert not agrees(not_mc, monte_carlo_oracle(values, rewards, PREFIX_LEN))
+    assert mismatch(not_mc, monte_carlo_oracle(values, rewards, PREFIX_LEN)) is not None
 
 
 def test_advantages_are_not_differentiable():

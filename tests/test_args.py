@@ -1,5 +1,6 @@
-"""Tests for minirlhf.args.RLHFArgs: validation with messages a learner understands, derived
-fields, and a JSON round trip. Each check also rejects a plausible wrong version."""
+"""Tests for minirlhf.args.RLHFArgs: validation with messages a learner understands (shared with
+RewardModelArgs), derived fields, and a JSON round trip. Each check also rejects a plausible wrong
+version."""
 
 import dataclasses
 import json
@@ -9,6 +10,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from minirlhf.args import RLHFArgs
+from minirlhf.reward_training import RewardModelArgs
 
 
 def test_defaults_are_valid_and_minibatch_size_is_derived():
@@ -45,16 +47,29 @@ BAD_CONFIGS = [
 ]
 
 
-def validates_with_messages(cls: Callable) -> bool:
-    for kwargs, words in BAD_CONFIGS:
+BAD_REWARD_MODEL_CONFIGS = [
+    (dict(epochs=0), ["epochs", "at least 1", "0"]),
+    (dict(eval_every=0), ["eval_every", "at least 1"]),
+    (dict(trainable_layers=-1), ["trainable_layers", "at least 0", "-1"]),
+    (dict(heldout_fraction=1.0), ["heldout_fraction", "(0, 1)"]),
+    (dict(lr=0.0), ["lr", "> 0"]),
+    (dict(head_lr=-1.0), ["head_lr", "> 0"]),
+    (dict(normalize_samples=1), ["normalize_samples", "at least 2"]),
+]
+
+
+def validation_problem(cls: Callable, bad_configs: list = BAD_CONFIGS) -> str | None:
+    """None if every bad config raises a ValueError holding its words, else what went wrong."""
+    for kwargs, words in bad_configs:
         try:
             cls(**kwargs)
         except ValueError as error:
-            if not all(word in str(error) for word in words):
-                return False
+            missing = [word for word in words if word not in str(error)]
+            if missing:
+                return f"{cls.__name__}(**{kwargs}) raised {str(error)!r}, without {missing}"
         else:
-            return False
-    return True
+            return f"{cls.__name__}(**{kwargs}) raised no ValueError"
+    return None
 
 
 @dataclasses.dataclass
@@ -77,12 +92,18 @@ class ArgsWithTerseMessages(RLHFArgs):
 
 
 def test_invalid_configs_raise_helpful_errors():
-    assert validates_with_messages(RLHFArgs)
+    problem = validation_problem(RLHFArgs)
+    assert problem is None, problem
+
+
+def test_invalid_reward_model_configs_raise_helpful_errors():
+    problem = validation_problem(RewardModelArgs, BAD_REWARD_MODEL_CONFIGS)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [ArgsWithoutChecks, ArgsWithTerseMessages])
 def test_validation_check_rejects_wrong_versions(wrong):
-    assert not validates_with_messages(wrong)
+    assert validation_problem(wrong) is not None
 
 
 def test_unknown_advantage_estimator_is_refused():
@@ -100,8 +121,9 @@ def test_the_divisibility_message_suggests_a_batch_size():
 # ---------------------------------------------------------------- serialisation
 
 
-def round_trips(to_dict: Callable, from_dict: Callable) -> bool:
-    """to_dict -> JSON -> from_dict gives back an equal config, derived fields included."""
+def round_trip_problem(to_dict: Callable, from_dict: Callable) -> str | None:
+    """None if to_dict -> JSON -> from_dict gives back an equal config, derived fields included;
+    else what went wrong."""
     args = RLHFArgs(
         seed=7, batch_size=12, num_minibatches=3, top_k=10, top_p=0.9, device="cpu",
         advantage_estimator="gae", prefix="Once upon a time", prepend_bos=False,
@@ -109,9 +131,13 @@ def round_trips(to_dict: Callable, from_dict: Callable) -> bool:
     try:
         data = json.loads(json.dumps(to_dict(args)))
         restored = from_dict(data)
-    except (TypeError, ValueError):
-        return False
-    return restored == args and restored.minibatch_size == 4 and data.get("minibatch_size") == 4
+    except (TypeError, ValueError) as error:
+        return f"raised {error!r}"
+    if restored != args or restored.minibatch_size != 4:
+        return f"restored {restored}, expected {args}"
+    if data.get("minibatch_size") != 4:
+        return f"the saved dict has minibatch_size {data.get('minibatch_size')}, expected 4"
+    return None
 
 
 def wrong_from_dict(values: dict) -> RLHFArgs:
@@ -125,12 +151,13 @@ def wrong_to_dict(args: RLHFArgs) -> dict:
 
 
 def test_to_dict_from_dict_round_trip():
-    assert round_trips(RLHFArgs.to_dict, RLHFArgs.from_dict)
+    problem = round_trip_problem(RLHFArgs.to_dict, RLHFArgs.from_dict)
+    assert problem is None, problem
 
 
 def test_round_trip_check_rejects_wrong_versions():
-    assert not round_trips(RLHFArgs.to_dict, wrong_from_dict)
-    assert not round_trips(wrong_to_dict, RLHFArgs.from_dict)
+    assert round_trip_problem(RLHFArgs.to_dict, wrong_from_dict) is not None
+    assert round_trip_problem(wrong_to_dict, RLHFArgs.from_dict) is not None
 
 
 def test_from_dict_reads_configs_saved_with_the_old_autocast_flag():

@@ -30,6 +30,7 @@ from transformers import (
 
 from minirlhf import loading
 from minirlhf.loading import (
+    GPT2_VOCAB,
     get_gpt2_tokenizer,
     load_hf_folder,
     load_policy,
@@ -93,7 +94,7 @@ def gpt2_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[GPT2LMHeadModel, 
 def llama_hf(tmp_path_factory: pytest.TempPathFactory) -> tuple[LlamaForCausalLM, Path]:
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=50257,
+        vocab_size=GPT2_VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,

@@ -38,7 +38,8 @@ def gather_oracle(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int | 
     return torch.gather(logprobs, dim=-1, index=next_tokens[..., None]).squeeze(-1)
 
 
-def logprobs_match_oracle(fn: Callable) -> bool:
+def logprobs_mismatch(fn: Callable) -> str | None:
+    """None if fn matches the gather oracle for every prefix_len, else the first difference."""
     batch, seq, d_vocab = 3, 8, 13
     logits = random_logits(0, (batch, seq, d_vocab))
     tokens = torch.randint(0, d_vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
@@ -46,8 +47,8 @@ def logprobs_match_oracle(fn: Callable) -> bool:
         expected = gather_oracle(logits, tokens, prefix_len)
         result = fn(logits, tokens, prefix_len)
         if result.shape != expected.shape or not torch.allclose(result, expected, atol=1e-6):
-            return False
-    return True
+            return f"prefix_len={prefix_len}: got {result}, expected {expected}"
+    return None
 
 
 def logprobs_same_position(logits, tokens, prefix_len):
@@ -79,14 +80,15 @@ def test_get_logprobs_by_hand():
 
 
 def test_get_logprobs_matches_gather_oracle():
-    assert logprobs_match_oracle(get_logprobs)
+    problem = logprobs_mismatch(get_logprobs)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
     "wrong", [logprobs_same_position, logprobs_prefix_not_shifted, logprobs_raw_logits]
 )
 def test_logprobs_check_rejects_wrong_versions(wrong):
-    assert not logprobs_match_oracle(wrong)
+    assert logprobs_mismatch(wrong) is not None
 
 
 # ---------------------------------------------------------------- KL penalty
@@ -98,14 +100,14 @@ def kl_oracle(logits: torch.Tensor, ref_logits: torch.Tensor, kl_coef: float) ->
     return kl_coef * kl.mean()
 
 
-def kl_matches_oracle(fn: Callable) -> bool:
+def kl_mismatch(fn: Callable) -> str | None:
+    """None if fn matches the torch.distributions oracle, else the first difference."""
     for seed, kl_coef in [(0, 1.0), (1, 0.3), (2, 2.5)]:
         logits, ref_logits = random_logits(seed), random_logits(seed + 100)
-        result = fn(logits, ref_logits, kl_coef)
-        if result.shape != () or not torch.allclose(result, kl_oracle(logits, ref_logits, kl_coef),
-                                                     rtol=1e-5, atol=1e-6):
-            return False
-    return True
+        result, expected = fn(logits, ref_logits, kl_coef), kl_oracle(logits, ref_logits, kl_coef)
+        if result.shape != () or not torch.allclose(result, expected, rtol=1e-5, atol=1e-6):
+            return f"kl_coef={kl_coef}: got {result}, expected {expected} (a scalar)"
+    return None
 
 
 def kl_no_coef(logits, ref_logits, kl_coef):
@@ -131,14 +133,15 @@ def kl_summed_over_positions(logits, ref_logits, kl_coef):
 
 
 def test_kl_penalty_matches_torch_distributions():
-    assert kl_matches_oracle(calc_kl_penalty)
+    problem = kl_mismatch(calc_kl_penalty)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
     "wrong", [kl_no_coef, kl_reversed, kl_sampled_token_only, kl_summed_over_positions]
 )
 def test_kl_check_rejects_wrong_versions(wrong):
-    assert not kl_matches_oracle(wrong)
+    assert kl_mismatch(wrong) is not None
 
 
 def test_kl_penalty_by_hand():
@@ -149,8 +152,9 @@ def test_kl_penalty_by_hand():
     assert calc_kl_penalty(logits, ref_logits, kl_coef=0.2).item() == pytest.approx(expected)
 
 
-def kl_is_safe(fn: Callable) -> bool:
-    """Never negative or non-finite: identical logits give 0, huge opposite logits the exact KL.
+def kl_safety_problem(fn: Callable) -> str | None:
+    """None if the KL is never negative or non-finite (identical logits give 0, huge opposite
+    logits the exact KL), else the first case that fails.
 
     Policy logits (1e4, -1e4) put all mass on token 0, to which the reference (-1e4, 1e4) gives
     log-prob -2e4, so KL = 2e4 (to float precision). Probabilities underflow to 0 here; only a
@@ -159,20 +163,20 @@ def kl_is_safe(fn: Callable) -> bool:
     same = random_logits(3, scale=30.0)
     identical = fn(same, same.clone(), 1.0)
     if not torch.isfinite(identical) or identical.item() < 0 or identical.item() > 1e-6:
-        return False
+        return f"identical logits: got {identical.item()}, expected 0"
     huge = torch.tensor([[[1e4, -1e4]]])
     result = fn(huge, -huge, 0.5)
     if not torch.isfinite(result) or result.item() < 0:
-        return False
+        return f"huge opposite logits: got {result.item()}, expected finite and >= 0"
     if result.item() != pytest.approx(0.5 * 2e4, rel=1e-4):
-        return False
+        return f"huge opposite logits: got {result.item()}, expected {0.5 * 2e4}"
     # Many random pairs, some close to each other (where rounding could make a KL negative).
     for seed in range(5):
         logits = random_logits(seed, scale=10.0)
         near = logits + 1e-4 * random_logits(seed + 50)
         if fn(logits, near, 1.0).item() < 0 or fn(logits, near, 1.0).isnan():
-            return False
-    return True
+            return f"nearby logits (seed {seed}): got {fn(logits, near, 1.0).item()}"
+    return None
 
 
 def kl_from_probs(logits, ref_logits, kl_coef):
@@ -188,12 +192,13 @@ def kl_sign_flipped(logits, ref_logits, kl_coef):
 
 
 def test_kl_penalty_is_never_negative_or_nan():
-    assert kl_is_safe(calc_kl_penalty)
+    problem = kl_safety_problem(calc_kl_penalty)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [kl_from_probs, kl_sign_flipped])
 def test_kl_safety_check_rejects_wrong_versions(wrong):
-    assert not kl_is_safe(wrong)
+    assert kl_safety_problem(wrong) is not None
 
 
 def test_kl_penalty_is_differentiable_and_scales_with_coef():
@@ -211,14 +216,15 @@ def test_kl_penalty_is_differentiable_and_scales_with_coef():
 # ---------------------------------------------------------------- entropy bonus
 
 
-def entropy_matches_oracle(fn: Callable) -> bool:
+def entropy_mismatch(fn: Callable) -> str | None:
+    """None if fn matches the torch.distributions oracle, else the first difference."""
     for seed, ent_coef in [(0, 1.0), (1, 0.01), (2, 0.5)]:
         logits = random_logits(seed)
         expected = ent_coef * Categorical(logits=logits).entropy().mean()
         result = fn(logits, ent_coef)
         if result.shape != () or not torch.allclose(result, expected, rtol=1e-5, atol=1e-7):
-            return False
-    return True
+            return f"ent_coef={ent_coef}: got {result}, expected {expected} (a scalar)"
+    return None
 
 
 def entropy_wrong_sign(logits, ent_coef):
@@ -237,12 +243,13 @@ def entropy_mean_over_vocab(logits, ent_coef):
 
 
 def test_entropy_bonus_matches_torch_distributions():
-    assert entropy_matches_oracle(calc_entropy_bonus)
+    problem = entropy_mismatch(calc_entropy_bonus)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [entropy_wrong_sign, entropy_no_coef, entropy_mean_over_vocab])
 def test_entropy_check_rejects_wrong_versions(wrong):
-    assert not entropy_matches_oracle(wrong)
+    assert entropy_mismatch(wrong) is not None
 
 
 def test_entropy_by_hand():
@@ -256,13 +263,15 @@ def test_entropy_by_hand():
 # ---------------------------------------------------------------- value function loss
 
 
-def value_loss_matches_oracle(fn: Callable) -> bool:
-    """Worked by hand: errors 1, 2, 3, 4, mean square 30 / 4 = 7.5, halved 3.75, times vf_coef."""
+def value_loss_mismatch(fn: Callable) -> str | None:
+    """None if fn matches the oracles, else the first difference. By hand: errors 1, 2, 3, 4,
+    mean square 30 / 4 = 7.5, halved 3.75, times vf_coef."""
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     returns = torch.zeros(2, 2)
     for vf_coef in [1.0, 0.5, 0.15]:
         if fn(values, returns, vf_coef).item() != pytest.approx(3.75 * vf_coef):
-            return False
+            return (f"by hand, vf_coef={vf_coef}: got {fn(values, returns, vf_coef).item()}, "
+                    f"expected {3.75 * vf_coef}")
     # And a naive loop on random numbers.
     generator = torch.Generator().manual_seed(0)
     values, returns = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
@@ -270,7 +279,9 @@ def value_loss_matches_oracle(fn: Callable) -> bool:
         (values[b, s].item() - returns[b, s].item()) ** 2 for b in range(3) for s in range(4)
     ]
     expected = 0.5 * 0.3 * sum(squares) / len(squares)
-    return fn(values, returns, 0.3).item() == pytest.approx(expected)
+    if fn(values, returns, 0.3).item() != pytest.approx(expected):
+        return f"naive loop: got {fn(values, returns, 0.3).item()}, expected {expected}"
+    return None
 
 
 def value_loss_no_half(values, mb_returns, vf_coef):
@@ -286,12 +297,13 @@ def value_loss_abs(values, mb_returns, vf_coef):
 
 
 def test_value_function_loss_matches_oracle():
-    assert value_loss_matches_oracle(calc_value_function_loss)
+    problem = value_loss_mismatch(calc_value_function_loss)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [value_loss_no_half, value_loss_no_coef, value_loss_abs])
 def test_value_loss_check_rejects_wrong_versions(wrong):
-    assert not value_loss_matches_oracle(wrong)
+    assert value_loss_mismatch(wrong) is not None
 
 
 def test_jaxtyping_checker_catches_broadcasting_returns():
@@ -320,23 +332,24 @@ def surrogate_oracle(logprobs, mb_logprobs, mb_advantages, clip_coef) -> float:
     return sum(terms) / len(terms)
 
 
-def surrogate_matches_oracle(fn: Callable) -> bool:
+def surrogate_mismatch(fn: Callable) -> str | None:
+    """None if fn matches the worked example and the naive loop, else the first difference."""
     # By hand: advantages (1, -1) normalise to (1, -1); ratios 1.5 and 0.5, clip 0.2:
     # min(1.5, 1.2) = 1.2 and min(-0.5, -0.8) = -0.8, mean 0.2.
     logprobs = torch.log(torch.tensor([[1.5, 0.5]]))
     by_hand = fn(logprobs, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), 0.2)
     if by_hand.item() != pytest.approx(0.2, abs=1e-6):
-        return False
+        return f"by hand: got {by_hand.item()}, expected 0.2"
     generator = torch.Generator().manual_seed(0)
     for clip_coef in [0.1, 0.2, 0.3]:
         mb_logprobs = -torch.rand(4, 6, generator=generator) * 3
         logprobs = mb_logprobs + torch.randn(4, 6, generator=generator) * 0.3
         advantages = torch.randn(4, 6, generator=generator) * 2 + 1
         expected = surrogate_oracle(logprobs, mb_logprobs, advantages, clip_coef)
-        if fn(logprobs, mb_logprobs, advantages, clip_coef).item() != pytest.approx(expected,
-                                                                                  abs=1e-5):
-            return False
-    return True
+        result = fn(logprobs, mb_logprobs, advantages, clip_coef).item()
+        if result != pytest.approx(expected, abs=1e-5):
+            return f"naive loop, clip_coef={clip_coef}: got {result}, expected {expected}"
+    return None
 
 
 def _normalise(advantages, correction=0):
@@ -369,7 +382,8 @@ def surrogate_unnormalised(logprobs, mb_logprobs, mb_advantages, clip_coef):
 
 
 def test_clipped_surrogate_matches_oracle():
-    assert surrogate_matches_oracle(calc_clipped_surrogate_objective)
+    problem = surrogate_mismatch(calc_clipped_surrogate_objective)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
@@ -378,14 +392,17 @@ def test_clipped_surrogate_matches_oracle():
      surrogate_unnormalised],
 )
 def test_surrogate_check_rejects_wrong_versions(wrong):
-    assert not surrogate_matches_oracle(wrong)
+    assert surrogate_mismatch(wrong) is not None
 
 
-def surrogate_is_finite_on_one_token(fn: Callable) -> bool:
-    """One token (or equal advantages) has no signal to normalise: the result is 0, not NaN."""
+def surrogate_one_token_problem(fn: Callable) -> str | None:
+    """One token (or equal advantages) has no signal to normalise: None if the result is finite
+    for both, else what it was."""
     one = fn(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([[3.0]]), 0.2)
     equal = fn(torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2, 3), 0.7), 0.2)
-    return bool(torch.isfinite(one)) and bool(torch.isfinite(equal))
+    if not (torch.isfinite(one) and torch.isfinite(equal)):
+        return f"one token gave {one.item()}, equal advantages gave {equal.item()}"
+    return None
 
 
 def surrogate_unbiased_std(logprobs, mb_logprobs, mb_advantages, clip_coef):
@@ -398,8 +415,9 @@ def surrogate_unbiased_std(logprobs, mb_logprobs, mb_advantages, clip_coef):
 
 @pytest.mark.filterwarnings("ignore:std")
 def test_surrogate_is_finite_for_a_single_token():
-    assert surrogate_is_finite_on_one_token(calc_clipped_surrogate_objective)
-    assert not surrogate_is_finite_on_one_token(surrogate_unbiased_std)
+    problem = surrogate_one_token_problem(calc_clipped_surrogate_objective)
+    assert problem is None, problem
+    assert surrogate_one_token_problem(surrogate_unbiased_std) is not None
 
 
 def test_surrogate_gradient_is_zero_once_clipped():

@@ -33,8 +33,8 @@ def make_memory(batch: int = BATCH) -> ReplayMemory:
     )
 
 
-def minibatches_are_correct(get_minibatches: Callable, num_minibatches: int, passes: int) -> bool:
-    """The minibatching oracle, written as loops over rows.
+def minibatch_problem(get_minibatches: Callable, num_minibatches: int, passes: int) -> str | None:
+    """The minibatching oracle, written as loops over rows: None if it holds, else what differed.
 
     `passes` passes; in each, `num_minibatches` minibatches of equal size that together hold every
     sample exactly once; every field of every row equals the memory row it came from, and returns
@@ -43,30 +43,29 @@ def minibatches_are_correct(get_minibatches: Callable, num_minibatches: int, pas
     memory = make_memory()
     minibatches = get_minibatches(memory, num_minibatches, passes, torch.Generator().manual_seed(0))
     if len(minibatches) != num_minibatches * passes:
-        return False
+        return f"{len(minibatches)} minibatches, expected {num_minibatches * passes}"
     orders = []
     for p in range(passes):
         seen = []
         for mb in minibatches[p * num_minibatches : (p + 1) * num_minibatches]:
             if mb.sample_ids.shape[0] != BATCH // num_minibatches:
-                return False
+                return (f"pass {p}: a minibatch of {mb.sample_ids.shape[0]} rows, expected "
+                        f"{BATCH // num_minibatches}")
             for j in range(mb.sample_ids.shape[0]):
                 i = int(mb.sample_ids[j, 0]) // 100  # which memory row this is
                 seen.append(i)
-                expected_return = memory.advantages[i] + memory.values[i]
-                if not (
-                    torch.equal(mb.sample_ids[j], memory.sample_ids[i])
-                    and torch.equal(mb.attention_mask[j], memory.attention_mask[i])
-                    and torch.equal(mb.logprobs[j], memory.logprobs[i])
-                    and torch.equal(mb.advantages[j], memory.advantages[i])
-                    and torch.allclose(mb.returns[j], expected_return)
-                    and torch.equal(mb.ref_outputs[j], memory.ref_outputs[i])
-                ):
-                    return False
+                for name in ["sample_ids", "attention_mask", "logprobs", "advantages",
+                             "ref_outputs"]:
+                    if not torch.equal(getattr(mb, name)[j], getattr(memory, name)[i]):
+                        return f"pass {p}: {name} of a row differs from memory row {i}"
+                if not torch.allclose(mb.returns[j], memory.advantages[i] + memory.values[i]):
+                    return f"pass {p}: returns of memory row {i} are not its advantages + values"
         if sorted(seen) != list(range(BATCH)):  # each sample exactly once in this pass
-            return False
+            return f"pass {p} holds memory rows {sorted(seen)}, expected each once"
         orders.append(seen)
-    return any(order != list(range(BATCH)) for order in orders)
+    if all(order == list(range(BATCH)) for order in orders):
+        return "every pass is in memory order: not shuffled"
+    return None
 
 
 def real(memory, num_minibatches, passes, generator):
@@ -134,7 +133,8 @@ def unshuffled(memory, num_minibatches, passes, generator):
 
 @pytest.mark.parametrize("num_minibatches, passes", [(4, 2), (1, 1), (12, 3), (3, 1)])
 def test_minibatches_match_the_memory_row_by_row(num_minibatches, passes):
-    assert minibatches_are_correct(real, num_minibatches, passes)
+    problem = minibatch_problem(real, num_minibatches, passes)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_minibatches_match_the_memory_row_by_row(num_minibatches, passes):
      unshuffled],
 )
 def test_minibatch_check_rejects_wrong_versions(wrong):
-    assert not minibatches_are_correct(wrong, 4, 2)
+    assert minibatch_problem(wrong, 4, 2) is not None
 
 
 def test_same_generator_seed_gives_the_same_minibatches():

@@ -35,8 +35,9 @@ def value_head_oracle(policy: TransformerWithValueHead, tokens, mask) -> torch.T
     return F.linear(hidden, second.weight, second.bias).squeeze(-1)
 
 
-def forward_matches_oracle(forward: Callable, policy: TransformerWithValueHead) -> bool:
-    """forward(policy, tokens, mask) -> (logits, values) equals the oracles, padded and not."""
+def forward_mismatch(forward: Callable, policy: TransformerWithValueHead) -> str | None:
+    """None if forward(policy, tokens, mask) -> (logits, values) equals the oracles, padded and
+    not; else the first difference."""
     tokens, mask = make_batch(policy.base_model)
     for attention_mask in [None, mask]:
         logits, values = forward(policy, tokens, attention_mask)
@@ -44,14 +45,17 @@ def forward_matches_oracle(forward: Callable, policy: TransformerWithValueHead) 
         expected_values = value_head_oracle(policy, tokens, attention_mask)
         d_vocab = policy.base_model.cfg.d_vocab
         if values.shape != tokens.shape or logits.shape != (*tokens.shape, d_vocab):
-            return False
+            return (f"logits {tuple(logits.shape)} and values {tuple(values.shape)} for tokens "
+                    f"{tuple(tokens.shape)}")
         # Only real positions: what a padding position computes is never read.
         real = mask.bool()
+        padded = "padded" if attention_mask is not None else "unpadded"
         if not torch.allclose(logits[real], expected_logits[real], atol=1e-5):
-            return False
+            gap = (logits[real] - expected_logits[real]).abs().max().item()
+            return f"{padded}: logits differ from the model's by up to {gap:.3g}"
         if not torch.allclose(values[real], expected_values[real], atol=1e-5):
-            return False
-    return True
+            return f"{padded}: values {values[real]}, expected {expected_values[real]}"
+    return None
 
 
 def real_forward(policy, tokens, mask):
@@ -84,12 +88,13 @@ def policy(tiny_model, request) -> TransformerWithValueHead:
 
 
 def test_value_head_and_logits_match_oracles(policy):
-    assert forward_matches_oracle(real_forward, policy)
+    problem = forward_mismatch(real_forward, policy)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [head_before_ln_final, mask_forgotten, head_on_embeddings])
 def test_forward_check_rejects_wrong_versions(policy, wrong):
-    assert not forward_matches_oracle(wrong, policy)
+    assert forward_mismatch(wrong, policy) is not None
 
 
 def test_value_head_is_a_two_layer_mlp_on_d_model(policy):
@@ -112,19 +117,22 @@ def test_values_carry_gradients_to_trunk_and_head(policy):
 # ---------------------------------------------------------------- the reference model
 
 
-def reference_is_frozen_copy(get_reference: Callable, model: HookedTransformer) -> bool:
-    """Same logits now; no gradients; eval mode; unaffected when the policy's weights change."""
+def reference_problem(get_reference: Callable, model: HookedTransformer) -> str | None:
+    """None if the reference is a frozen copy (same logits now; no gradients; eval mode;
+    unaffected when the policy's weights change), else what it is not."""
     tokens, _ = make_batch(model)
     reference = get_reference(model)
     if reference.training or any(p.requires_grad for p in reference.parameters()):
-        return False
+        return "the reference is in training mode or has parameters that require grad"
     if not torch.allclose(reference(tokens), model(tokens)):
-        return False
+        return "the reference's logits differ from the policy's"
     before = reference(tokens).clone()
     with torch.no_grad():
         model.unembed.b_U += 1.0  # a "training step" on the policy
     try:
-        return torch.equal(reference(tokens), before)
+        if not torch.equal(reference(tokens), before):
+            return "the reference's logits moved when the policy's weights changed"
+        return None
     finally:
         with torch.no_grad():
             model.unembed.b_U -= 1.0
@@ -146,8 +154,9 @@ def reference_shares_weights(model):
 
 
 def test_reference_model_holds_a_frozen_copy(make_printable_model):
-    assert reference_is_frozen_copy(lambda model: ReferenceModel(model).model,
-                                    make_printable_model())
+    problem = reference_problem(lambda model: ReferenceModel(model).model,
+                                make_printable_model())
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("keep_residual", [False, True])
@@ -197,7 +206,7 @@ def test_hooks_a_user_attached_act_on_the_policy(make_printable_model):
 
 @pytest.mark.parametrize("wrong", [reference_is_the_policy, reference_shares_weights])
 def test_reference_check_rejects_wrong_versions(make_printable_model, wrong):
-    assert not reference_is_frozen_copy(wrong, make_printable_model())
+    assert reference_problem(wrong, make_printable_model()) is not None
 
 
 def test_the_hook_check_sees_a_fast_path_that_ignores_hooks(make_printable_model, monkeypatch):

@@ -39,12 +39,14 @@ HAND_WORKED = {
 }
 
 
-def schedule_matches(lr_scale: Callable) -> bool:
+def schedule_mismatch(lr_scale: Callable) -> str | None:
+    """None if lr_scale gives the hand-worked scales of every setting, else the first difference."""
     for (warmup_steps, total_phases, final_scale), expected in HAND_WORKED.items():
         scales = [lr_scale(p, warmup_steps, total_phases, final_scale) for p in range(total_phases)]
         if scales != pytest.approx(expected, abs=1e-9):
-            return False
-    return True
+            return (f"warmup_steps={warmup_steps}, total_phases={total_phases}, "
+                    f"final_scale={final_scale}: got {scales}, expected {expected}")
+    return None
 
 
 def seed_lr_scale(phase, warmup_steps, total_phases, final_scale):
@@ -63,28 +65,31 @@ def decay_overshoots(phase, warmup_steps, total_phases, final_scale):
 
 
 def test_lr_scale_hand_worked():
-    assert schedule_matches(get_lr_scale)
+    problem = schedule_mismatch(get_lr_scale)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [seed_lr_scale, decay_overshoots])
 def test_schedule_check_rejects_wrong_versions(wrong):
-    assert not schedule_matches(wrong)
+    assert schedule_mismatch(wrong) is not None
 
 
-def lrs_through_lambda_lr(make: Callable) -> bool:
-    """Drive a real LambdaLR like the trainer (read both groups' LR, then step) for 6 phases."""
+def lambda_lr_problem(make: Callable) -> str | None:
+    """Drive a real LambdaLR like the trainer (read both groups' LR, then step) for 6 phases:
+    None if every phase has the hand-worked LRs, else the first phase that does not."""
     optimizer, scheduler = make(PolicyWithHead(), BASE_LR, HEAD_LR, 2, 6, 0.1)
-    for expected in HAND_WORKED[(2, 6, 0.1)]:
+    for phase, expected in enumerate(HAND_WORKED[(2, 6, 0.1)]):
         base_lr, head_lr = (group["lr"] for group in optimizer.param_groups)
         if base_lr == 0 or head_lr == 0:  # a phase that cannot learn
-            return False
+            return f"phase {phase}: LR 0 (base {base_lr}, head {head_lr})"
         if base_lr != pytest.approx(BASE_LR * expected) or head_lr != pytest.approx(
             HEAD_LR * expected
         ):
-            return False
+            return (f"phase {phase}: LRs {base_lr}, {head_lr}, expected "
+                    f"{BASE_LR * expected}, {HEAD_LR * expected}")
         optimizer.step()  # (no gradients: a no-op, but keeps LambdaLR from warning)
         scheduler.step()
-    return True
+    return None
 
 
 def seed_optimizer_and_scheduler(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
@@ -97,31 +102,34 @@ def seed_optimizer_and_scheduler(model, base_lr, head_lr, warmup_steps, total_ph
 
 
 def test_scheduler_first_lr_is_not_zero():
-    assert lrs_through_lambda_lr(get_optimizer_and_scheduler)
+    problem = lambda_lr_problem(get_optimizer_and_scheduler)
+    assert problem is None, problem
 
 
 def test_scheduler_check_rejects_the_seeds_lr_zero_first_step():
-    assert not lrs_through_lambda_lr(seed_optimizer_and_scheduler)
+    assert lambda_lr_problem(seed_optimizer_and_scheduler) is not None
 
 
 # ---------------------------------------------------------------- the optimiser
 
 
-def optimizer_is_correct(make: Callable) -> bool:
-    """Two groups (trunk at base_lr, head at head_lr), AdamW, and it *maximises*."""
+def optimizer_problem(make: Callable) -> str | None:
+    """None if the optimiser has two groups (trunk at base_lr, head at head_lr), is AdamW and
+    *maximises*; else what it gets wrong."""
     model = PolicyWithHead()
     optimizer = make(model, BASE_LR, HEAD_LR)
     if not isinstance(optimizer, torch.optim.AdamW) or len(optimizer.param_groups) != 2:
-        return False
+        return (f"{type(optimizer).__name__} with {len(optimizer.param_groups)} groups, "
+                "expected AdamW with 2")
     base_group, head_group = optimizer.param_groups
     if [id(p) for p in base_group["params"]] != [id(p) for p in model.base_model.parameters()]:
-        return False
+        return "the first group is not the trunk's parameters"
     if [id(p) for p in head_group["params"]] != [id(p) for p in model.value_head.parameters()]:
-        return False
+        return "the second group is not the value head's parameters"
     if base_group["lr"] != BASE_LR or head_group["lr"] != HEAD_LR:
-        return False
+        return f"LRs {base_group['lr']}, {head_group['lr']}, expected {BASE_LR}, {HEAD_LR}"
     if not all(group["maximize"] for group in optimizer.param_groups):
-        return False
+        return "not every group has maximize=True"
     # One step on an objective must increase it.
     inputs = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
 
@@ -132,7 +140,9 @@ def optimizer_is_correct(make: Callable) -> bool:
     optimizer.zero_grad()
     before.backward()
     optimizer.step()
-    return objective().item() > before.item()
+    if not objective().item() > before.item():
+        return f"one step took the objective from {before.item()} to {objective().item()}"
+    return None
 
 
 def optimizer_minimising(model, base_lr, head_lr):
@@ -152,11 +162,12 @@ def optimizer_one_group(model, base_lr, head_lr):
 
 
 def test_get_optimizer():
-    assert optimizer_is_correct(get_optimizer)
+    problem = optimizer_problem(get_optimizer)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
     "wrong", [optimizer_minimising, optimizer_lrs_swapped, optimizer_one_group]
 )
 def test_optimizer_check_rejects_wrong_versions(wrong):
-    assert not optimizer_is_correct(wrong)
+    assert optimizer_problem(wrong) is not None

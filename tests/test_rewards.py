@@ -29,22 +29,24 @@ def test_char_count_by_hand():
 # ---------------------------------------------------------------- normalize_reward
 
 
-def normalises_safely(fn: Callable) -> bool:
-    """Mean 0, population std 1 (python-float oracle); zeros, not NaN, when there is no spread."""
+def normalization_problem(fn: Callable) -> str | None:
+    """None if fn gives mean 0, population std 1 (python-float oracle), and zeros, not NaN, when
+    there is no spread; else the first case it gets wrong."""
     # By hand: (1, 2, 3, 4) has mean 2.5 and population std sqrt(1.25).
     by_hand = fn(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     expected = [(x - 2.5) / math.sqrt(1.25) for x in [1, 2, 3, 4]]
     if not torch.allclose(by_hand, torch.tensor(expected), atol=1e-4):
-        return False
+        return f"(1, 2, 3, 4) gave {by_hand.tolist()}, expected {expected}"
     rewards = torch.randn(37, generator=torch.Generator().manual_seed(0)) * 5 + 3
     result = fn(rewards).tolist()
-    if abs(statistics.fmean(result)) > 1e-5 or abs(statistics.pstdev(result) - 1) > 1e-4:
-        return False
+    mean, std = statistics.fmean(result), statistics.pstdev(result)
+    if abs(mean) > 1e-5 or abs(std - 1) > 1e-4:
+        return f"random rewards: mean {mean}, population std {std}, expected 0 and 1"
     for no_spread in [torch.tensor([4.2]), torch.full((8,), 3.0)]:
         result = fn(no_spread)
         if not torch.isfinite(result).all() or result.abs().max() > 1e-6:
-            return False
-    return True
+            return f"{no_spread.tolist()} (no spread) gave {result.tolist()}, expected zeros"
+    return None
 
 
 def normalize_unbiased(reward, eps=1e-5):
@@ -62,13 +64,14 @@ def normalize_centre_only(reward, eps=1e-5):
 
 
 def test_normalize_reward():
-    assert normalises_safely(normalize_reward)
+    problem = normalization_problem(normalize_reward)
+    assert problem is None, problem
 
 
 @pytest.mark.filterwarnings("ignore:std")
 @pytest.mark.parametrize("wrong", [normalize_unbiased, normalize_no_eps, normalize_centre_only])
 def test_normalize_check_rejects_wrong_versions(wrong):
-    assert not normalises_safely(wrong)
+    assert normalization_problem(wrong) is not None
 
 
 # ---------------------------------------------------------------- get_rewards
@@ -101,8 +104,9 @@ def test_get_rewards_returns_a_float_tensor():
     assert column.tolist() == [0.0, 1.0, 2.0] and column.dtype == torch.float32
 
 
-def explains_bad_reward_fns(get_rewards_fn: Callable) -> bool:
-    """Each bad reward function raises an error naming it and quoting the offending sample."""
+def bad_reward_fn_problem(get_rewards_fn: Callable) -> str | None:
+    """None if each bad reward function raises an error naming it and quoting the offending
+    sample, else what was raised instead."""
     cases = [
         (too_few_rewards, SAMPLES[0], "one number per sample"),
         (nan_for_the_second, SAMPLES[1], "nan"),
@@ -114,14 +118,14 @@ def explains_bad_reward_fns(get_rewards_fn: Callable) -> bool:
         except RuntimeError as error:
             message = str(error)
             if reward_fn.__name__ not in message or repr(sample) not in message:
-                return False
+                return f"{reward_fn.__name__}: {message!r} does not name it and quote {sample!r}"
             if detail not in message:
-                return False
-        except Exception:  # the raw error from inside, naming neither the function nor a sample
-            return False
+                return f"{reward_fn.__name__}: {message!r} does not say {detail!r}"
+        except Exception as error:  # the raw error from inside, naming neither function nor sample
+            return f"{reward_fn.__name__}: raised {error!r}, not a RuntimeError that explains it"
         else:
-            return False
-    return True
+            return f"{reward_fn.__name__}: nothing raised"
+    return None
 
 
 def get_rewards_unchecked(reward_fn, samples, device="cpu"):
@@ -137,12 +141,13 @@ def get_rewards_length_only(reward_fn, samples, device="cpu"):
 
 
 def test_get_rewards_errors_name_the_function_and_a_sample():
-    assert explains_bad_reward_fns(get_rewards)
+    problem = bad_reward_fn_problem(get_rewards)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("wrong", [get_rewards_unchecked, get_rewards_length_only])
 def test_reward_check_rejects_wrong_versions(wrong):
-    assert not explains_bad_reward_fns(wrong)
+    assert bad_reward_fn_problem(wrong) is not None
 
 
 def test_get_rewards_rejects_infinity():

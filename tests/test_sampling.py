@@ -46,16 +46,18 @@ def greedy_oracle(model: HookedTransformer, prompt_ids: list[int], gen_len: int)
 # ---------------------------------------------------------------- greedy decoding
 
 
-def equals_greedy(sample_fn: Callable, model: HookedTransformer) -> bool:
-    """sample_fn(model, prompts, gen_len) with top-k 1 must give the greedy oracle's tokens."""
+def greedy_mismatch(sample_fn: Callable, model: HookedTransformer) -> str | None:
+    """None if sample_fn(model, prompts, gen_len) with top-k 1 gives the greedy oracle's tokens,
+    else the first row that does not."""
     gen_len = 6
     for prompts in [[PROMPT, PROMPT], PROMPTS]:
         result = sample_fn(model, prompts, gen_len)
         for row, prompt in enumerate(prompts):
             expected = greedy_oracle(model, prompt_tokens(model, prompt, True), gen_len)
-            if result.sample_ids[row, result.prefix_len :].tolist() != expected:
-                return False
-    return True
+            tokens = result.sample_ids[row, result.prefix_len :].tolist()
+            if tokens != expected:
+                return f"prompt {prompt!r} in {prompts}: got {tokens}, expected {expected}"
+    return None
 
 
 def real_top_k_1(model, prompts, gen_len):
@@ -96,7 +98,8 @@ def tl_top_k_1(model, prompts, gen_len):
 def test_top_k_1_is_greedy_decoding(tiny_model, sampler):
     """Also the left-padding oracle: a batch of prompts of different lengths, decoded together,
     gives each prompt's own unpadded greedy continuation. Both decoding paths."""
-    assert equals_greedy(sampler, tiny_model)
+    problem = greedy_mismatch(sampler, tiny_model)
+    assert problem is None, problem
 
 
 def test_fast_and_transformer_lens_paths_draw_the_same_samples(tiny_model):
@@ -116,7 +119,7 @@ def test_fast_and_transformer_lens_paths_draw_the_same_samples(tiny_model):
 
 @pytest.mark.parametrize("wrong", [top_k_not_passed_on, greedy_off_by_one, greedy_right_padded])
 def test_greedy_check_rejects_wrong_versions(tiny_model, wrong):
-    assert not equals_greedy(wrong, tiny_model)
+    assert greedy_mismatch(wrong, tiny_model) is not None
 
 
 # ---------------------------------------------------------------- the KV cache
@@ -136,16 +139,17 @@ def sample_without_a_cache(model, prompt, batch_size, gen_len, seed):
     return type("Result", (), {"sample_ids": ids, "attention_mask": mask})
 
 
-def cache_agrees(sample_fn: Callable, model: HookedTransformer) -> bool:
-    """sample_fn (cached) gives the same tokens as the uncached oracle, for the same seed."""
+def cache_mismatch(sample_fn: Callable, model: HookedTransformer) -> str | None:
+    """None if sample_fn (cached) gives the same tokens as the uncached oracle, for the same
+    seed; else the first difference."""
     for prompt, batch_size in [(PROMPT, 4), (PROMPTS, None)]:
         uncached = sample_without_a_cache(model, prompt, batch_size, gen_len=8, seed=3)
         cached = sample_fn(model, prompt, batch_size, gen_len=8, seed=3)
         if not torch.equal(cached.sample_ids, uncached.sample_ids):
-            return False
+            return f"{prompt!r}: cached {cached.sample_ids}, uncached {uncached.sample_ids}"
         if not torch.equal(cached.attention_mask, uncached.attention_mask):
-            return False
-    return True
+            return f"{prompt!r}: attention masks differ"
+    return None
 
 
 def fast_cached(model, prompt, batch_size, gen_len, seed):
@@ -177,22 +181,25 @@ def cache_forgotten_in_the_loop(model, prompt, batch_size, gen_len, seed):
 
 @pytest.mark.parametrize("sampler", [fast_cached, hooked_cached])
 def test_cache_gives_the_uncached_samples(tiny_model, sampler):
-    assert cache_agrees(sampler, tiny_model)
+    problem = cache_mismatch(sampler, tiny_model)
+    assert problem is None, problem
 
 
 def test_cache_check_rejects_a_wrong_cached_loop(tiny_model):
-    assert not cache_agrees(cache_forgotten_in_the_loop, tiny_model)
+    assert cache_mismatch(cache_forgotten_in_the_loop, tiny_model) is not None
 
 
 # ---------------------------------------------------------------- seeds, shapes, text
 
 
-def reproducible(sample_fn: Callable, model: HookedTransformer) -> bool:
-    """The same seed gives the same samples; a different seed gives different ones."""
+def reproducibility_problem(sample_fn: Callable, model: HookedTransformer) -> str | None:
+    """None if the same seed gives the same samples and a different seed different ones."""
     first, again, other = (sample_fn(model, seed) for seed in (0, 0, 1))
-    return torch.equal(first.sample_ids, again.sample_ids) and not torch.equal(
-        first.sample_ids, other.sample_ids
-    )
+    if not torch.equal(first.sample_ids, again.sample_ids):
+        return "seed 0 twice gave different samples"
+    if torch.equal(first.sample_ids, other.sample_ids):
+        return "seeds 0 and 1 gave the same samples"
+    return None
 
 
 def real_seeded(model, seed):
@@ -205,11 +212,12 @@ def seed_ignored(model, seed):
 
 
 def test_same_seed_same_samples(tiny_model):
-    assert reproducible(real_seeded, tiny_model)
+    problem = reproducibility_problem(real_seeded, tiny_model)
+    assert problem is None, problem
 
 
 def test_reproducibility_check_rejects_an_ignored_seed(tiny_model):
-    assert not reproducible(seed_ignored, tiny_model)
+    assert reproducibility_problem(seed_ignored, tiny_model) is not None
 
 
 def test_a_kept_generator_moves_on_and_a_reseeded_one_repeats(tiny_model):
@@ -300,17 +308,21 @@ def oracle_probabilities(model: HookedTransformer) -> tuple[list[int], torch.Ten
     return top.indices.tolist(), torch.softmax(top.values / TEMPERATURE, dim=-1)
 
 
-def draws_match_model(sample_fn: Callable, model: HookedTransformer) -> bool:
-    """Empirical first-token frequencies of N_DRAWS samples against the oracle probabilities."""
+def draw_mismatch(sample_fn: Callable, model: HookedTransformer) -> str | None:
+    """None if the first-token frequencies of N_DRAWS samples fit the oracle probabilities (chi-
+    square), else how they do not."""
     tokens, probs = oracle_probabilities(model)
     first_tokens = sample_fn(model)
-    if not all(token in tokens for token in first_tokens.unique().tolist()):
-        return False  # a token outside the top 5 was drawn
+    outside = [token for token in first_tokens.unique().tolist() if token not in tokens]
+    if outside:
+        return f"drew tokens {outside}, outside the top {TOP_K} {tokens}"
     counts = torch.tensor([(first_tokens == token).sum().item() for token in tokens])
     expected = probs * len(first_tokens)
     assert expected.min() > 50, "each cell needs enough expected draws for the chi-square bound"
     chi2 = ((counts - expected) ** 2 / expected).sum().item()
-    return chi2 < CHI2_LIMIT
+    if not chi2 < CHI2_LIMIT:
+        return f"counts {counts.tolist()}, expected {expected.tolist()}: chi2 {chi2:.1f}"
+    return None
 
 
 def draw(model, temperature=TEMPERATURE, top_k=TOP_K) -> torch.Tensor:
@@ -331,7 +343,8 @@ def draw_transformer_lens(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("sampler", [draw, draw_transformer_lens], ids=["fast", "transformer_lens"])
 def test_sampling_distribution_is_the_models_softmax(peaked_model, sampler):
-    assert draws_match_model(sampler, peaked_model)
+    problem = draw_mismatch(sampler, peaked_model)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
@@ -344,7 +357,7 @@ def test_sampling_distribution_is_the_models_softmax(peaked_model, sampler):
     ids=["temperature_forgotten", "temperature_twice", "top_k_forgotten"],
 )
 def test_distribution_check_rejects_wrong_samplers(peaked_model, wrong):
-    assert not draws_match_model(wrong, peaked_model)
+    assert draw_mismatch(wrong, peaked_model) is not None
 
 
 # ---------------------------------------------------------------- filter_logits
@@ -367,17 +380,22 @@ FILTER_CASES = [
 ]
 
 
-def filter_matches_hand_worked(fn: Callable) -> bool:
+def filter_mismatch(fn: Callable) -> str | None:
+    """None if fn keeps the hand-worked tokens with their tempered probabilities in every case,
+    else the first case it gets wrong."""
     logits = PROBS.log()
     for temperature, top_k, top_p, kept in FILTER_CASES:
+        case = f"temperature={temperature}, top_k={top_k}, top_p={top_p}"
         filtered = fn(logits, temperature, top_k, top_p)
-        if sorted(torch.isfinite(filtered[0]).nonzero().flatten().tolist()) != kept:
-            return False
+        kept_by_fn = sorted(torch.isfinite(filtered[0]).nonzero().flatten().tolist())
+        if kept_by_fn != kept:
+            return f"{case}: kept {kept_by_fn}, expected {kept}"
         # The kept tokens have their tempered probabilities, renormalised.
         tempered = PROBS[0, kept] ** (1 / temperature)
-        if not torch.allclose(filtered[0].softmax(-1)[kept], tempered / tempered.sum(), atol=1e-5):
-            return False
-    return True
+        probs = filtered[0].softmax(-1)[kept]
+        if not torch.allclose(probs, tempered / tempered.sum(), atol=1e-5):
+            return f"{case}: probabilities {probs}, expected {tempered / tempered.sum()}"
+    return None
 
 
 def filter_mask_left_sorted(logits, temperature=1.0, top_k=None, top_p=None):
@@ -411,7 +429,8 @@ def filter_top_p_before_temperature(logits, temperature=1.0, top_k=None, top_p=N
 
 
 def test_filter_logits_hand_worked():
-    assert filter_matches_hand_worked(filter_logits)
+    problem = filter_mismatch(filter_logits)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize(
@@ -419,7 +438,7 @@ def test_filter_logits_hand_worked():
     [filter_mask_left_sorted, filter_drops_the_crossing_token, filter_top_p_before_temperature],
 )
 def test_filter_check_rejects_wrong_versions(wrong):
-    assert not filter_matches_hand_worked(wrong)
+    assert filter_mismatch(wrong) is not None
 
 
 def test_filter_keeps_the_top_token_even_for_tiny_top_p():
@@ -433,20 +452,26 @@ DRAW_PROBS = torch.tensor([0.0, 0.1, 0.0, 0.45, 0.05, 0.4, 0.0])
 """Hand-picked probabilities with zeros between and at both ends: a zero is never drawn."""
 
 
-def draws_follow(draw_fn: Callable, probs: torch.Tensor = DRAW_PROBS, n: int = 20_000) -> bool:
-    """Chi-square of `n` draws against `probs` (the independent oracle: the numbers above)."""
+def inverse_cdf_mismatch(
+    draw_fn: Callable, probs: torch.Tensor = DRAW_PROBS, n: int = 20_000
+) -> str | None:
+    """Chi-square of `n` draws against `probs` (the independent oracle: the numbers above): None
+    if they fit, else the counts."""
     logits = probs.log().expand(n, -1)
     tokens = draw_fn(logits, generator=torch.Generator().manual_seed(0))
     counts = torch.bincount(tokens, minlength=len(probs)).double()
     if (counts[probs == 0] > 0).any():
-        return False
+        return f"counts {counts.tolist()}: drew a token of probability 0 ({probs.tolist()})"
     expected = probs[probs > 0].double() * n
     chi2 = ((counts[probs > 0] - expected) ** 2 / expected).sum().item()
-    return chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+    if not chi2 < 16.3:  # chi-square, 3 degrees of freedom, p = 0.001
+        return f"counts {counts.tolist()} for probabilities {probs.tolist()}: chi2 {chi2:.1f}"
+    return None
 
 
 def test_sample_next_token_draws_the_softmax():
-    assert draws_follow(sample_next_token)
+    problem = inverse_cdf_mismatch(sample_next_token)
+    assert problem is None, problem
 
 
 def shifted_by_one(logits, generator):
@@ -460,27 +485,32 @@ def uniform_over_vocab(logits, generator):
 
 @pytest.mark.parametrize("wrong", [shifted_by_one, uniform_over_vocab])
 def test_draw_check_rejects_wrong_samplers(wrong):
-    assert not draws_follow(wrong)
+    assert inverse_cdf_mismatch(wrong) is not None
 
 
 # ---------------------------------------------------------------- the states the sampler saw
 
 
-def states_match_hooks(states: torch.Tensor, model, result) -> bool:
+def states_mismatch(states: torch.Tensor, model, result) -> str | None:
     """States against TransformerLens's own ln_final.hook_normalized over the finished samples,
     in the states that chose the tokens, prefix_len - 1 .. seq - 2 (padding never reaches a real
-    position)."""
+    position): None if they agree, else how they differ."""
     _, cache = model.run_with_cache(result.sample_ids, attention_mask=result.attention_mask)
     expected = cache["ln_final.hook_normalized"][:, result.prefix_len - 1 : -1]
-    return states.shape == expected.shape and torch.allclose(states, expected, atol=1e-5)
+    if states.shape != expected.shape:
+        return f"states of shape {tuple(states.shape)}, expected {tuple(expected.shape)}"
+    if not torch.allclose(states, expected, atol=1e-5):
+        return f"states differ from the hook's by up to {(states - expected).abs().max():.3g}"
+    return None
 
 
 def test_return_final_residual_gives_the_states_of_the_forward_pass(tiny_model):
     result = get_samples(tiny_model, PROMPTS, gen_len=5, seed=0, return_final_residual=True)
-    assert states_match_hooks(result.final_residual, tiny_model, result)
+    problem = states_mismatch(result.final_residual, tiny_model, result)
+    assert problem is None, problem
     # The same check sees states shifted by one position (the state after each token instead
     # of the state it was chosen in).
     shifted = torch.cat([result.final_residual[:, 1:], result.final_residual[:, -1:]], dim=1)
-    assert not states_match_hooks(shifted, tiny_model, result)
+    assert states_mismatch(shifted, tiny_model, result) is not None
     assert get_samples(tiny_model, PROMPTS, gen_len=5, seed=0, fast_path=False,
                        return_final_residual=True).final_residual is None
