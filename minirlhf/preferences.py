@@ -84,7 +84,8 @@ def read_preferences(path: str | Path) -> list[Preference]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No preference file at {path}: make one with "
-                                "`minirlhf preferences --out FILE.jsonl`.")
+                                "`make_preferences` and `write_preferences` (on the command "
+                                "line: `minirlhf preferences --out FILE.jsonl`).")
     preferences = []
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):

@@ -264,7 +264,8 @@ def load_reward_model(
     path = Path(folder) / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No reward model at {path}: train one with "
-                                "`minirlhf reward-model --data PREFS.jsonl --out FOLDER`.")
+                                "`fit_reward_model` and `save_reward_model` (on the command "
+                                "line: `minirlhf reward-model --data PREFS.jsonl --out FOLDER`).")
     saved = torch.load(path, map_location=device, weights_only=True)
     info = saved["info"]
     reward_model = RewardModel(loading.load_policy(info["base_model"], device),

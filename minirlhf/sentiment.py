@@ -84,7 +84,8 @@ def _no_classifier_message(name_or_path: str) -> str:
     return (
         f"Could not load the classifier {name_or_path!r}: it is not a local folder and the "
         "Hugging Face hub cannot be reached from here. Use the offline VADER reward "
-        "(`--reward vader`, or the default preset smollm2-vader), or pass a local folder."
+        "(`make_vader_reward()`; on the command line `--reward vader` or the default preset "
+        "smollm2-vader), or pass a local folder."
     )
 
 
