@@ -7,7 +7,7 @@ batch 32 spends 45% of its CPU time in `aten::copy_` and 44% in the matmuls them
 
 `get_fast_weights` lays the attention weights out once, as the matrices `F.linear` reads, with Q,
 K and V fused into one matrix per layer (the MLP and unembedding weights are read in place). The
-forward pass below computes exactly what TransformerLens computes (tests/test_fast_forward.py
+forward pass below computes exactly what TransformerLens computes (tests/test_fast_path.py
 checks the logits against `HookedTransformer.forward`), with `scaled_dot_product_attention`.
 
 - Rollouts lay the weights out once per phase, under `torch.no_grad`, and reuse them for every
