@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
@@ -40,6 +40,8 @@ _ACTIVATIONS = {
     "relu": F.relu,
 }
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
+KeyValues = Float[Tensor, "batch kv_head max_len d_head"]
+"""One layer's cached keys (or values), preallocated for `max_len` positions."""
 
 
 def has_hooks(model: HookedTransformer) -> bool:
@@ -210,7 +212,10 @@ def get_fast_weights(model: HookedTransformer) -> FastWeights:
 
 
 def _normalize(
-    x: Float[Tensor, "*batch d_model"], weights: FastWeights, w: Tensor | None, b: Tensor | None
+    x: Float[Tensor, "*batch d_model"],
+    weights: FastWeights,
+    w: Float[Tensor, " d_model"] | None,
+    b: Float[Tensor, " d_model"] | None,
 ) -> Float[Tensor, "*batch d_model"]:
     """LayerNorm or RMSNorm, as TransformerLens computes it (the *Pre variants have no w, b)."""
     if weights.norm.startswith("LN"):
@@ -247,10 +252,11 @@ def _attention(
     x: Float[Tensor, "batch new_seq d_model"],
     layer: LayerWeights,
     weights: FastWeights,
-    rotary: tuple[Tensor, Tensor] | None,
-    attn_mask: Tensor | None,
+    rotary: tuple[Float[Tensor, "batch 1 new_seq rotary_dim"],
+                  Float[Tensor, "batch 1 new_seq rotary_dim"]] | None,
+    attn_mask: Bool[Tensor, "batch 1 new_seq key"] | None,
     causal: bool,
-    cache: tuple[Tensor, Tensor, int] | None,
+    cache: tuple[KeyValues, KeyValues, int] | None,
 ) -> Float[Tensor, "batch new_seq d_model"]:
     """Multi-head (or grouped-query) causal self-attention; writes new keys/values to `cache`."""
     batch, pos, _ = x.shape
@@ -291,7 +297,7 @@ def _mlp(
 
 def _causal_padding_mask(
     attention_mask: Int[Tensor, "batch seq"], start: int, pos: int
-) -> Tensor:
+) -> Bool[Tensor, "batch 1 new_seq key"]:
     """[batch, 1, pos, start + pos] booleans: causal and never attending to left padding.
 
     A padding query may attend to itself, so its softmax has one term instead of none (no NaN);
@@ -308,7 +314,7 @@ def forward(
     weights: FastWeights,
     tokens: Int[Tensor, "batch new_seq"],
     attention_mask: Int[Tensor, "batch seq"] | None = None,
-    cache: list[tuple[Tensor, Tensor]] | None = None,
+    cache: list[tuple[KeyValues, KeyValues]] | None = None,
     start: int = 0,
 ) -> Float[Tensor, "batch new_seq d_model"]:
     """The final normalised residual stream, as `ln_final.hook_normalized` holds it: before the
@@ -369,7 +375,7 @@ def unembed(
 
 def make_cache(
     weights: FastWeights, batch: int, max_len: int, dtype: torch.dtype, device: str | torch.device
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[tuple[KeyValues, KeyValues]]:
     """An empty key-value cache for `max_len` positions."""
     shape = (batch, weights.n_kv_heads, max_len, weights.d_head)
     return [tuple(torch.empty(shape, dtype=dtype, device=device) for _ in "kv")

@@ -51,7 +51,7 @@ def run_model(
         weights = fast.get_fast_weights(model)
         residual = fast.forward(weights, tokens, attention_mask)[:, positions]
         return fast.unembed(weights.output, residual), residual
-    captured: list[Tensor] = []
+    captured: list[Float[Tensor, "batch seq d_model"]] = []
 
     def capture(residual: Float[Tensor, "batch seq d_model"], hook: HookPoint):
         captured.append(residual)

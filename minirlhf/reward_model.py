@@ -226,7 +226,7 @@ def make_reward_model_reward_fn(
     for param in reward_model.parameters():
         param.requires_grad_(False)
 
-    def reward_fn(samples: list[str]) -> Tensor:
+    def reward_fn(samples: list[str]) -> Float[Tensor, " batch"]:
         return score_texts(reward_model, samples, batch_size)
 
     reward_fn.__name__ = "reward_model"

@@ -145,7 +145,9 @@ def score_pairs(
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
-def get_margins(pairs: list[Preference], use_margin: bool, device) -> Tensor | None:
+def get_margins(
+    pairs: list[Preference], use_margin: bool, device: str | torch.device
+) -> Float[Tensor, " batch"] | None:
     if not use_margin or all(p.margin is None for p in pairs):
         return None
     return torch.tensor([p.margin or 0.0 for p in pairs], device=device)

@@ -54,7 +54,7 @@ def make_vader_reward(direction: Direction = "pos") -> Callable[[list[str]], Ten
     """A reward function (samples -> rewards) for VADER sentiment in the given direction."""
     _check_direction(direction)
 
-    def reward_fn(samples: list[str]) -> Tensor:
+    def reward_fn(samples: list[str]) -> Float[Tensor, " batch"]:
         return reward_fn_vader(samples, direction)
 
     reward_fn.__name__ = f"vader_{direction}"
@@ -113,7 +113,7 @@ def make_classifier_reward(
     device = next(model.parameters()).device
 
     @torch.no_grad()
-    def reward_fn(samples: list[str]) -> Tensor:
+    def reward_fn(samples: list[str]) -> Float[Tensor, " batch"]:
         scores = []
         for start in range(0, len(samples), batch_size):
             batch = tokenizer(samples[start : start + batch_size], return_tensors="pt",
@@ -172,7 +172,7 @@ def make_control_token_reward(
     The control token is removed before scoring, so it cannot sway the sentiment scorer.
     """
 
-    def reward_fn(samples: list[str]) -> Tensor:
+    def reward_fn(samples: list[str]) -> Float[Tensor, " batch"]:
         tasks, texts = zip(*(split_control_token(s) for s in samples))
         scores = scorer(list(texts))
         return torch.stack([control_token_reward(t, s) for t, s in zip(tasks, scores)])

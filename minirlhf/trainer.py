@@ -209,7 +209,9 @@ class RLHFTrainer:
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
 
-    def compute_rlhf_objective(self, mb: ReplayMinibatch) -> tuple[Tensor, dict[str, float]]:
+    def compute_rlhf_objective(
+        self, mb: ReplayMinibatch
+    ) -> tuple[Float[Tensor, ""], dict[str, float]]:
         """The objective to maximise on one minibatch, and diagnostics for logging."""
         args = self.args
         with self.autocast():
@@ -374,7 +376,7 @@ class RLHFTrainer:
         self.history = list(state["history"])
 
 
-def check_finite(objective: Tensor, stats: dict[str, float]):
+def check_finite(objective: Float[Tensor, ""], stats: dict[str, float]):
     """Stop before a non-finite objective reaches the weights, naming the term that broke."""
     if torch.isfinite(objective):
         return
