@@ -105,6 +105,7 @@ class RLHFTrainer:
         self.sample_generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
         self.phase = 0
+        self.global_step = 0  # optimiser steps taken: a checkpoint at a boundary is consistent
         self.history: list[dict[str, float]] = []
         self.last_samples: list[str] = []
         self.last_rewards: list[float] = []
@@ -157,6 +158,7 @@ class RLHFTrainer:
             "scheduler": self.scheduler.state_dict(),
             "rng": self.get_rng_state(),
             "phase": self.phase,
+            "global_step": self.global_step,
             "history": self.history,
             "args": self.args.to_dict(),
         }
@@ -169,6 +171,7 @@ class RLHFTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.set_rng_state(state["rng"])
         self.phase = state["phase"]
+        self.global_step = state.get("global_step", 0)
         self.history = list(state["history"])
 
     def autocast(self) -> torch.autocast:
@@ -370,6 +373,7 @@ class RLHFTrainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
             stats["losses/grad_norm"] = grad_norm.item()
             self.optimizer.step()
+            self.global_step += 1
             all_stats.append(stats)
         base_lr, head_lr = (group["lr"] for group in self.optimizer.param_groups)
         self.scheduler.step()
