@@ -219,7 +219,7 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
     problems = []
     for path in candidates:
         if not path.exists():
-            problems.append(f"{path.name} is missing")
+            problems.append(f"There is no {path.name}.")
             continue
         try:
             payload = read_checkpoint(path, map_location)
@@ -284,9 +284,13 @@ def load_plain(path: Path, map_location) -> object:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
-        what = f"the Python object {found.group(1)}" if found else "Python objects"
-        raise CheckpointError(f"{path} asks to load {what}, which could run code: refused. "
-                              "Checkpoints hold only tensors and plain values.") from None
+        if found:
+            raise CheckpointError(f"{path} asks to load the Python object {found.group(1)}, "
+                                  "which could run code: refused. Checkpoints hold only "
+                                  "tensors and plain values.") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError: "
+                              f"{detail.group(1) if detail else 'not a safe pickle'}).") from None
     except Exception as error:  # torch's zip reader and pickle raise many kinds
         first_line = (str(error).splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
