@@ -260,10 +260,10 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
                                ("--table-every", ns.table_every, 0)]:
         if value is not None and value < least:
             parser.error(f"{flag} must be at least {least}, got {value}.")
-    if ns.resume and (ns.out is None or not (ns.out / "run.json").exists()):
-        parser.error("--resume needs --out pointing at the folder of an earlier run.")
     if ns.resume and ns.force:
         parser.error("--force starts a new run and --resume continues one: give one of them.")
+    if ns.resume and (ns.out is None or not (ns.out / "run.json").exists()):
+        parser.error("--resume needs --out pointing at the folder of an earlier run.")
     run = None if ns.resume else make_run(ns, parser)
     out = ns.out or Path("runs") / f"{run['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     console = Console()
@@ -404,7 +404,8 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
             console.print(f"[yellow]{stale}", soft_wrap=True)
         removed = claim_folder(ns.out, "reward-model", ns.force)
         if removed:
-            console.print(f"[yellow]--force: deleted {', '.join(removed)} from {ns.out}.")
+            console.print(f"[yellow]--force: deleted {', '.join(removed)} from {ns.out}.",
+                          soft_wrap=True)
         train_and_save_reward_model(ns, args, train, heldout, console)
 
 

@@ -131,7 +131,8 @@ def start_run_folder(out: Path, run: dict, force: bool, console: Console):
     """Write a new run's run.json and an empty metrics.jsonl (call it holding the lock)."""
     removed = claim_folder(out, "train", force)
     if removed:
-        console.print(f"[yellow]--force: deleted {', '.join(removed)} from {out}.")
+        console.print(f"[yellow]--force: deleted {', '.join(removed)} from {out}.",
+                      soft_wrap=True)
     write_json(out / "run.json", run)
     (out / "metrics.jsonl").write_text("")
 
