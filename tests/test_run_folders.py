@@ -290,3 +290,28 @@ def test_a_wrong_sigterm_handler_would_lose_the_phases(tmp_path):
     stopped = run_train_process(tmp_path, patch, "--checkpoint-every", "10", "--out", str(out))
     assert stopped.returncode == -signal.SIGTERM and not (out / "checkpoint.pt").exists()
     assert os.path.exists(out / "run.json")
+
+
+def test_a_crash_mid_update_saves_nothing_and_resume_restarts_cleanly(straight, tmp_path,
+                                                                       monkeypatch, capsys):
+    """Weights moved after the last boundary: saving them with that boundary's random states
+    would be a checkpoint of no real moment. The optimiser step count tells."""
+    from minirlhf.trainer import RLHFTrainer
+
+    real_learning = RLHFTrainer.learning_phase
+
+    def crash_after_learning(self, memory):
+        metrics = real_learning(self, memory)  # optimiser steps taken, the phase not counted
+        if self.phase == 1:
+            raise KeyboardInterrupt
+        return metrics
+
+    monkeypatch.setattr(RLHFTrainer, "learning_phase", crash_after_learning)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["train", *FAST, "--checkpoint-every", "10", "--out", str(out)])
+    assert "Stopped mid-update: no checkpoint was saved" in capsys.readouterr().out
+    assert not (out / "checkpoint.pt").exists()
+    monkeypatch.setattr(RLHFTrainer, "learning_phase", real_learning)
+    cli.main(["train", "--out", str(out), "--resume", "--table-every", "0"])
+    assert without_timings(read_jsonl(out / "metrics.jsonl")) == straight
