@@ -43,8 +43,8 @@ from minirlhf.run_folder import (
     locked,
     resume_trainer,
     resumed_config,
-    sigterm_as_exit,
     start_run_folder,
+    stop_on_sigterm,
 )
 from minirlhf.sampling import get_samples
 from minirlhf.trainer import RLHFTrainer
@@ -303,9 +303,10 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         if keeper.is_due(trainer.phase):
             keeper.save(trainer)
             plot_metrics(trainer.history, out / PLOT_NAME, title=run["preset"])
+        keeper.stop_if_asked()
 
     try:
-        with sigterm_as_exit():
+        with stop_on_sigterm(keeper, trainer):
             trainer.train(on_phase_end, wandb_kwargs={"mode": ns.wandb_mode or "offline",
                                                       "dir": str(out)})
     except BaseException as error:

@@ -269,12 +269,22 @@ class CheckpointKeeper:
                  saved_phase: int | None):
         self.out, self.every, self.total_phases, self.extra = out, every, total_phases, extra
         self.saved_phase = saved_phase
+        self.stop_signal: int | None = None  # a SIGTERM waiting for the phase to end
         self.mark_boundary(trainer)
 
     def mark_boundary(self, trainer):
         """Remember the trainer's state now, at a phase boundary."""
         self.phase, self.global_step = trainer.phase, trainer.global_step
         self.rng = trainer.get_rng_state()
+
+    def is_mid_update(self, trainer) -> bool:
+        """Whether the trainer has moved past the last boundary (an optimiser step, a phase)."""
+        return trainer.global_step != self.global_step or trainer.phase != self.phase
+
+    def stop_if_asked(self):
+        """At a phase boundary, after saving: stop if a SIGTERM arrived during the phase."""
+        if self.stop_signal is not None:
+            raise SystemExit(128 + self.stop_signal)
 
     def is_due(self, phase: int) -> bool:
         """Whether a checkpoint is due after `phase` phases (every `every`, and the last)."""
@@ -288,7 +298,7 @@ class CheckpointKeeper:
         """Save the last boundary if the weights still hold it; says what happened."""
         kept = (f"the checkpoint of phase {self.saved_phase} stands"
                 if self.saved_phase is not None else "no checkpoint was saved")
-        if trainer.global_step != self.global_step or trainer.phase != self.phase:
+        if self.is_mid_update(trainer):
             return f"[red]Stopped mid-update: {kept}."
         if trainer.phase == 0 or trainer.phase == self.saved_phase:
             return f"[yellow]Stopped at phase {trainer.phase}: {kept}."
@@ -300,14 +310,19 @@ class CheckpointKeeper:
 
 
 @contextmanager
-def sigterm_as_exit():
-    """While the block runs, SIGTERM (job schedulers, `docker stop`) raises SystemExit(143) in
-    the main thread: the same path as Ctrl-C, so the completed phases are saved."""
+def stop_on_sigterm(keeper: CheckpointKeeper, trainer):
+    """While the block runs, SIGTERM (job schedulers, `docker stop`) stops the run as Ctrl-C
+    does, raising SystemExit(143), so the completed phases are saved. Between updates it stops at
+    once; during a learning phase it waits for the phase to end (`keeper.stop_if_asked`), so that
+    phase is saved too. A second SIGTERM stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
+        if keeper.stop_signal is None and keeper.is_mid_update(trainer):
+            keeper.stop_signal = signum
+            return
         raise SystemExit(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, handler)

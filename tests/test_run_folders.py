@@ -66,6 +66,15 @@ SIGTERM_IN_SECOND_ROLLOUT = """
     RLHFTrainer.train_one_phase = phase
 """
 
+SIGTERM_IN_SECOND_LEARNING_PHASE = """
+    real_objective = RLHFTrainer.compute_rlhf_objective
+    def objective(self, mb):
+        if self.phase == 1 and self.global_step == 3:  # 2 minibatches a phase: 1 step into it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_objective(self, mb)
+    RLHFTrainer.compute_rlhf_objective = objective
+"""
+
 SIGKILL_AFTER_THIRD_METRICS_LINE = """
     real_append = cli.append_metrics
     def append(path, metrics):
@@ -83,6 +92,19 @@ def test_sigterm_saves_like_ctrl_c_and_the_resumed_run_matches(straight, tmp_pat
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
     assert "saved phase 1" in stopped.stdout and "--resume" in stopped.stdout
     assert load_checkpoint(out).trainer["phase"] == 1
+    cli.main(["train", "--out", str(out), "--resume", "--table-every", "0"])
+    assert without_timings(read_jsonl(out / "metrics.jsonl")) == straight
+
+
+def test_sigterm_mid_update_finishes_the_phase_then_saves_it(straight, tmp_path, capsys):
+    """Ctrl-C there would lose the phase (the last boundary's checkpoint stands); a SIGTERM
+    waits for the phase to end, so phase 2 is saved."""
+    out = tmp_path / "run"
+    stopped = run_train_process(tmp_path, SIGTERM_IN_SECOND_LEARNING_PHASE,
+                                "--checkpoint-every", "10", "--out", str(out))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-2000:]
+    assert "saved phase 2" in stopped.stdout and len(read_jsonl(out / "metrics.jsonl")) == 2
+    assert load_checkpoint(out).trainer["phase"] == 2
     cli.main(["train", "--out", str(out), "--resume", "--table-every", "0"])
     assert without_timings(read_jsonl(out / "metrics.jsonl")) == straight
 
@@ -286,7 +308,7 @@ def test_a_wrong_sigterm_handler_would_lose_the_phases(tmp_path):
     action), the process dies at once and nothing is saved."""
     out = tmp_path / "run"
     patch = textwrap.dedent(SIGTERM_IN_SECOND_ROLLOUT) + (
-        "import contextlib\ncli.sigterm_as_exit = contextlib.nullcontext\n")
+        "import contextlib\ncli.stop_on_sigterm = lambda *args: contextlib.nullcontext()\n")
     stopped = run_train_process(tmp_path, patch, "--checkpoint-every", "10", "--out", str(out))
     assert stopped.returncode == -signal.SIGTERM and not (out / "checkpoint.pt").exists()
     assert os.path.exists(out / "run.json")
