@@ -4,8 +4,9 @@ run keeps its configuration except where a change is safe.
 Below the command line, above the checkpoints. `locked` holds `run.lock` (the kernel's flock,
 so it vanishes with its process however that ends); `claim_folder` refuses a folder that holds
 another run's files unless told to delete them; `resume_changes` sorts the flags given with
-`--resume` into those applied and those refused; `CheckpointKeeper` saves at phase boundaries,
-and after a crash or a signal saves the last boundary if no weight has moved since.
+`--resume` into those applied and those refused, and `resume_trainer` loads the checkpoint;
+`CheckpointKeeper` saves at phase boundaries, and after a crash or a signal saves the last
+boundary if no weight has moved since; `stop_on_sigterm` makes SIGTERM take Ctrl-C's path.
 """
 
 import json
