@@ -290,8 +290,9 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
                           console=console, table_every=table_every)
     console.print(f"Device {trainer.device}, precision {trainer.precision} "
                   f"(--precision {args.precision})")
-    extra, saved_phase = resume_trainer(trainer, out, run, changes, console) if ns.resume \
-        else ({}, None)
+    extra, saved_phase = {}, None
+    if ns.resume:
+        extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
     keeper = CheckpointKeeper(trainer, out, ns.checkpoint_every or 5, args.total_phases, extra,
                               saved_phase)
 
