@@ -1,38 +1,317 @@
-"""Checkpoints: save a run at a phase boundary and continue it later.
+"""Checkpoints: save a run at a phase boundary, and load it back without trusting the file.
 
 A checkpoint holds the policy and value head, the optimiser and scheduler, every random state,
-the phase reached and the metrics so far (`RLHFTrainer.state_dict`). The reference model is not
-saved: it is the base model as loaded, so a resumed run reloads it from `args.base_model`.
-Files are written to a temporary name and renamed, so a crash mid-write never leaves a broken one.
+the phase reached and the metrics so far (`RLHFTrainer.state_dict`), plus whatever the caller
+keeps beside them (`extra`). The reference model is not saved: it is the base model as loaded,
+so a resumed run reloads it from `args.base_model`. What the files guarantee:
+
+- Loading never runs code. The file holds only tensors and plain Python values (numpy's random
+  state becomes a tuple of numbers) and is read with `torch.load(weights_only=True)`, which
+  refuses anything else; a pickle written to run code on loading is refused unrun.
+- Damage is found. `checkpoint.json` beside the file records its size and SHA-256, checked
+  before loading; NaN or infinite weights or optimiser state are refused on saving and loading.
+- One bad file never ends a run. The previous checkpoint stays as `checkpoint.prev.pt` and is
+  loaded, with a note, when the latest is missing or damaged. The new file is written to a
+  temporary name and renamed, so a crash or a full disk mid-write leaves the latest as it was.
 """
 
+import errno
+import hashlib
+import json
 import os
+import pickle
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from minirlhf.trainer import RLHFTrainer
-
 CHECKPOINT_NAME = "checkpoint.pt"
+PREVIOUS_NAME = "checkpoint.prev.pt"
+FORMAT = "minirlhf-checkpoint-2"  # 1: the pickled format before checkpoints were verified
+# TransformerLens keeps -inf in each attention layer's IGNORE buffer: infinite by design.
+INFINITE_BY_DESIGN = (".IGNORE",)
 
 
-def save_checkpoint(trainer: RLHFTrainer, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write `folder/checkpoint.pt` atomically; `extra` is stored beside the trainer state."""
+class CheckpointError(Exception):
+    """A checkpoint that cannot be written or trusted; the message says what to do."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: what `save_checkpoint` was given, and where it came from."""
+
+    trainer: dict
+    """The trainer's `state_dict()` (its "rng" as saved: numpy's state a plain tuple)."""
+    extra: dict
+    """What the caller stored beside it."""
+    path: Path
+    """The file it was read from (`checkpoint.prev.pt` when the latest was unusable)."""
+    note: str | None
+    """Why the latest file was passed over, when it was; None otherwise."""
+
+
+def sidecar(path: Path) -> Path:
+    """Where the size and SHA-256 of a checkpoint file are kept (`checkpoint.json`)."""
+    return path.with_suffix(".json")
+
+
+# ---- plain values only, finite numbers only ----
+
+def to_plain(value, where: str = "checkpoint"):
+    """`value` with numpy arrays and scalars turned into lists and Python numbers.
+
+    Raises:
+        TypeError: naming the first value `torch.load(weights_only=True)` could not read back.
+    """
+    if isinstance(value, np.ndarray | np.generic):  # before float: np.float64 is a float
+        return value.tolist()
+    if value is None or isinstance(value, torch.Tensor | str | bool | int | float):
+        return value
+    if isinstance(value, list | tuple):
+        return type(value)(to_plain(item, f"{where}[{i}]") for i, item in enumerate(value))
+    if isinstance(value, dict):
+        plain = type(value)((key, to_plain(item, f"{where}[{key!r}]"))
+                            for key, item in value.items())
+        if hasattr(value, "_metadata"):  # a module's state_dict keeps its version info here
+            plain._metadata = value._metadata
+        return plain
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}: a "
+                    "checkpoint holds only tensors, numbers, strings, lists, tuples and dicts, "
+                    "so that it loads with torch.load(weights_only=True). Convert it.")
+
+
+def iter_tensors(value, where: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor inside nested dicts, lists and tuples, with its path (`model.W_E`)."""
+    if isinstance(value, torch.Tensor):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from iter_tensors(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from iter_tensors(item, f"{where}[{i}]")
+
+
+def find_non_finite(trainer_state: dict) -> str | None:
+    """The first floating-point tensor holding NaN or infinity (weights, optimiser state)."""
+    for where, tensor in iter_tensors(trainer_state):
+        if where.endswith(INFINITE_BY_DESIGN) or not tensor.is_floating_point():
+            continue
+        # The sum first (one pass, no temporary): it is finite when every element is.
+        if not torch.isfinite(tensor.sum()) and not bool(torch.isfinite(tensor).all()):
+            return where
+    return None
+
+
+# ---- saving ----
+
+def save_checkpoint(trainer_state: dict, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write `folder/checkpoint.pt` and its `checkpoint.json`, keeping the one before as
+    `checkpoint.prev.pt`.
+
+    Args:
+        trainer_state: `RLHFTrainer.state_dict()`, taken at a phase boundary.
+        extra: plain values kept beside it (samples for the summary, ...).
+
+    Raises:
+        CheckpointError: the state holds NaN or infinity, or the disk is full or unwritable.
+            The latest checkpoint already in the folder is then left as it was.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    latest, previous = folder / CHECKPOINT_NAME, folder / PREVIOUS_NAME
+    payload = to_plain({"trainer": trainer_state, "extra": extra or {}})
+    bad = find_non_finite(payload["trainer"])
+    if bad is not None:
+        raise CheckpointError(f"Not saving phase {trainer_state['phase']}: {bad} holds NaN or "
+                              f"infinity. {latest} (if any) is left as it was.")
+    check_free_space(folder, payload)
+    for path in (previous, sidecar(previous)):  # room for the new file: disk peak = two files
+        path.unlink(missing_ok=True)
+    tmp = latest.with_name(latest.name + ".tmp")
+    tmp_json = sidecar(latest).with_name(sidecar(latest).name + ".tmp")
+    try:
+        write_file(tmp, lambda file: torch.save(payload, file))
+        info = {"format": FORMAT, "bytes": tmp.stat().st_size, "sha256": sha256_of(tmp),
+                "phase": trainer_state["phase"], "global_step": trainer_state.get("global_step")}
+        write_file(tmp_json, lambda file: file.write(json.dumps(info, indent=2).encode()))
+    except BaseException as error:  # a full disk, or Ctrl-C mid-write: no partial file stays
+        tmp.unlink(missing_ok=True)
+        tmp_json.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise CheckpointError(describe_write_error(error, latest)) from error
+        raise
+    if latest.exists():
+        os.replace(latest, previous)
+        if sidecar(latest).exists():
+            os.replace(sidecar(latest), sidecar(previous))
+    os.replace(tmp, latest)
+    os.replace(tmp_json, sidecar(latest))
+    return latest
+
+
+def write_file(path: Path, write):
+    """Call `write(file)` on `path` opened for writing, then flush it to the disk. Through a
+    Python file a full disk raises OSError(ENOSPC), not torch's unexplained RuntimeError."""
+    with open(path, "wb") as file:
+        write(file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def storage_bytes(payload) -> int:
+    """Bytes of tensor data `torch.save` writes (each storage once, however many views)."""
+    storages = {}
+    for _, tensor in iter_tensors(payload):
+        storage = tensor.untyped_storage()
+        storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
+    return sum(storages.values())
+
+
+def check_free_space(folder: Path, payload: dict):
+    """Refuse before touching any file when the new checkpoint cannot fit on the disk (the
+    previous checkpoint's file counts as free: it is deleted to make room)."""
+    needed = storage_bytes(payload) + (1 << 20)  # + room for the pickled metadata
+    previous = folder / PREVIOUS_NAME
+    free = shutil.disk_usage(folder).free + (previous.stat().st_size if previous.exists() else 0)
+    if free < needed:
+        raise CheckpointError(describe_write_error(OSError(errno.ENOSPC, os.strerror(
+            errno.ENOSPC)), folder / CHECKPOINT_NAME, needed, free))
+
+
+def describe_write_error(error: OSError, latest: Path, needed: int | None = None,
+                         free: int | None = None) -> str:
+    kept = f"{latest} is left as it was" if latest.exists() else "no checkpoint was written"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        sizes = f" (needs {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB free)" if needed else ""
+        return (f"The disk of {latest.parent} is full{sizes}: could not save the checkpoint; "
+                f"{kept}. Free some space, then continue with --resume.")
+    return f"Could not write the checkpoint {latest}: {error}; {kept}."
+
+
+# ---- loading ----
+
+def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """The latest usable checkpoint in `folder`: `checkpoint.pt`, else `checkpoint.prev.pt`.
+
+    Raises:
+        CheckpointError: there is none, or neither file can be trusted; the message says what
+            is wrong with each.
+    """
+    folder = Path(folder)
+    candidates = [folder / CHECKPOINT_NAME, folder / PREVIOUS_NAME]
+    if not has_checkpoint(folder):
+        raise CheckpointError(
+            f"No checkpoint in {folder}: the run has saved none yet (the first comes after "
+            f"--checkpoint-every phases). Continue it with: minirlhf train --out {folder} --resume")
+    problems = []
+    for path in candidates:
+        if not path.exists():
+            problems.append(f"There is no {path.name}.")
+            continue
+        try:
+            payload = read_checkpoint(path, map_location)
+        except CheckpointError as error:
+            problems.append(str(error))
+            continue
+        note = None
+        if problems:
+            note = f"{problems[0]} Loaded {path.name} (phase {payload['trainer']['phase']})."
+        return Checkpoint(payload["trainer"], payload["extra"], path, note)
+    raise CheckpointError(f"No usable checkpoint in {folder}. " + " ".join(problems))
+
+
+def has_checkpoint(folder: str | Path) -> bool:
+    """Whether `folder` holds a checkpoint file (usable or not)."""
+    return any((Path(folder) / name).exists() for name in (CHECKPOINT_NAME, PREVIOUS_NAME))
+
+
+def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """One checkpoint file, checked against its `checkpoint.json`, then loaded as plain data.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+    info = read_sidecar(path)
+    size = path.stat().st_size
+    if size != info.get("bytes"):
+        raise CheckpointError(f"{path} is {size} bytes, but {sidecar(path).name} says "
+                              f"{info.get('bytes')}: it was cut short or changed after saving.")
+    if sha256_of(path) != info.get("sha256"):
+        raise CheckpointError(f"{path} is damaged: its SHA-256 differs from the one in "
+                              f"{sidecar(path).name} (a disk or copy error, or an edit).")
+    payload = load_plain(path, map_location)
+    if not isinstance(payload, dict) or not {"trainer", "extra"} <= set(payload):
+        raise CheckpointError(f"{path} is not a minirlhf checkpoint (no trainer state in it).")
+    bad = find_non_finite(payload["trainer"])
+    if bad is not None:
+        raise CheckpointError(f"{path} holds NaN or infinity in {bad}: not loaded.")
+    return payload
+
+
+def read_sidecar(path: Path) -> dict:
+    """The size and SHA-256 saved beside a checkpoint; a clear error when there are none."""
+    try:
+        info = json.loads(sidecar(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} has no {sidecar(path).name} beside it, so it cannot be checked: it was "
+            "written by an older minirlhf (a format that can run code when loaded), or copied "
+            "without it. It is not loaded. If you wrote it yourself, convert it once with: "
+            f"python -m minirlhf.checkpoint {path.parent}") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{sidecar(path)} is unreadable ({error}).") from None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar(path)} is not a {FORMAT} record.")
+    return info
+
+
+def load_plain(path: Path, map_location) -> object:
+    """`torch.load(weights_only=True)`, its failures turned into one-line CheckpointErrors."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        if found:
+            raise CheckpointError(f"{path} asks to load the Python object {found.group(1)}, "
+                                  "which could run code: refused. Checkpoints hold only "
+                                  "tensors and plain values.") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(error))
+        raise CheckpointError(f"{path} is not a readable checkpoint (UnpicklingError: "
+                              f"{detail.group(1) if detail else 'not a safe pickle'}).") from None
+    except Exception as error:  # torch's zip reader and pickle raise many kinds
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
+                              f"{first_line}).") from None
+
+
+# ---- checkpoints from before this format ----
+
+def upgrade_checkpoint(folder: str | Path) -> Path:
+    """Convert a `checkpoint.pt` written by an older minirlhf into the verified format.
+
+    It is unpickled the old way, which can run code: do this only for files you wrote.
+    """
     path = Path(folder) / CHECKPOINT_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({"trainer": trainer.state_dict(), "extra": extra or {}}, tmp)
-    os.replace(tmp, path)
-    return path
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    return save_checkpoint(payload["trainer"], folder, payload["extra"])
 
 
-def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """The dict `save_checkpoint` wrote, with a clear error when there is none."""
-    path = Path(folder) / CHECKPOINT_NAME
-    if not path.exists():
-        raise FileNotFoundError(
-            f"No checkpoint at {path}. Train first (`minirlhf train --out {folder}`), "
-            "or point --out / --run at the folder of an earlier run."
-        )
-    # weights_only=False: the checkpoint holds Python random states and metric dicts (our own).
-    return torch.load(path, map_location=map_location, weights_only=False)
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m minirlhf.checkpoint RUN_FOLDER  (converts an old checkpoint "
+                 "you trust into the verified format)")
+    print(f"Converted: {upgrade_checkpoint(sys.argv[1])}")

@@ -3,10 +3,12 @@
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
 reward function, runs the trainer with checkpoints, and writes the run's folder:
 
-    run.json         the config (RLHFArgs and the reward) the run was started with
+    run.json         the config (RLHFArgs and the reward), and what each --resume changed
     metrics.jsonl    one line of metrics per phase
     reward_kl.png    mean reward and KL against phase
-    checkpoint.pt    the latest checkpoint (`--resume` continues from it)
+    checkpoint.pt    the latest checkpoint (`--resume` continues from it), checkpoint.json its
+                     size and SHA-256; checkpoint.prev.pt/.json the one before
+    run.lock         held while a command writes the folder
 
 The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
 reward model on such a file, and `train --reward-model FOLDER` runs PPO against it.
@@ -28,13 +30,23 @@ from rich.text import Text
 
 from minirlhf import loading
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.checkpoint import CheckpointError, load_checkpoint
 from minirlhf.device import pick_device
 from minirlhf.models import TransformerWithValueHead
 from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.report import append_metrics, plot_metrics, plot_reward_model_metrics, print_summary
 from minirlhf.reward_training import RewardModelArgs
 from minirlhf.rewards import get_rewards
+from minirlhf.run_folder import (
+    CheckpointKeeper,
+    RunFolderError,
+    claim_folder,
+    locked,
+    resume_trainer,
+    resumed_config,
+    start_run_folder,
+    stop_on_sigterm,
+)
 from minirlhf.sampling import SamplingConfig, get_samples
 from minirlhf.trainer import RLHFTrainer, Rollout
 
@@ -94,14 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a policy with PPO against a reward")
-    train.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+    train.add_argument("--preset", choices=sorted(PRESETS),
                        help=f"starting configuration (default {DEFAULT_PRESET}, offline)")
     train.add_argument("--out", type=Path, help="run folder (default runs/<preset>-<time>)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in --out from its last checkpoint")
-    train.add_argument("--checkpoint-every", type=int, default=5, help="phases between saves")
-    train.add_argument("--table-every", type=int, default=5,
-                       help="print a sample table every N phases (0: never)")
+    train.add_argument("--force", action="store_true",
+                       help="delete the files of a run already in --out and start again")
+    train.add_argument("--checkpoint-every", type=int,
+                       help="phases between saves (default 5)")
+    train.add_argument("--table-every", type=int,
+                       help="print a sample table every N phases (default 5; 0: never)")
     train.add_argument("--reward",
                        choices=["vader", "classifier", "control", "char_count", "reward_model"],
                        help="override the preset's reward")
@@ -112,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier", help="HF sequence classifier (hub name or folder)")
     train.add_argument("--wandb", action="store_true", dest="use_wandb",
                        default=argparse.SUPPRESS, help="log to Weights & Biases")
-    train.add_argument("--wandb-mode", choices=["online", "offline"], default="offline",
+    train.add_argument("--wandb-mode", choices=["online", "offline"],
                        help="offline (default) writes to the run folder; `wandb sync` later")
     add_args_flags(train)
 
@@ -155,14 +170,17 @@ def add_preference_parsers(commands):
     rm = commands.add_parser("reward-model", help="train a reward model on preference pairs")
     rm.add_argument("--data", type=Path, required=True, help="preference JSONL file")
     rm.add_argument("--out", type=Path, required=True, help="folder for the reward model")
+    rm.add_argument("--force", action="store_true",
+                    help="delete the files of a run already in --out and start again")
     add_args_flags(rm, RewardModelArgs, "RewardModelArgs")
 
 
 # ---- train ----
 
-def new_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Path, dict]:
-    """The run folder and its config (args + reward) from the preset and the flags."""
-    preset = PRESETS[ns.preset]
+def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """A new run's config (preset, args, reward) from the preset and the flags."""
+    preset_name = ns.preset or DEFAULT_PRESET
+    preset = PRESETS[preset_name]
     field_names = {f.name for f in dataclasses.fields(RLHFArgs) if f.init}
     overrides = {k: v for k, v in vars(ns).items() if k in field_names}
     try:
@@ -184,73 +202,83 @@ def new_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Pa
             parser.error(f"{ns.reward_model} holds no reward_model.pt: train one with "
                          "`minirlhf reward-model`.")
         reward = {"kind": "reward_model", "path": str(ns.reward_model.resolve())}
-    out = ns.out or Path("runs") / f"{ns.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "checkpoint.pt").exists():
-        parser.error(f"{out} already holds a run: add --resume to continue it, or pick --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    run = {"preset": ns.preset, "args": args.to_dict(), "reward": reward}
-    (out / "run.json").write_text(json.dumps(run, indent=2))
-    (out / "metrics.jsonl").write_text("")
-    return out, run
+    return {"preset": preset_name, "args": args.to_dict(), "reward": reward}
 
 
-def resumed_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Path, dict]:
-    if ns.out is None or not (ns.out / "run.json").exists():
-        parser.error("--resume needs --out pointing at the folder of an earlier run.")
-    return ns.out, json.loads((ns.out / "run.json").read_text())
+def given_flags(ns: argparse.Namespace) -> dict:
+    """The RLHFArgs, preset and reward flags typed on the command line, as run.json holds them."""
+    field_names = {f.name for f in dataclasses.fields(RLHFArgs) if f.init}
+    given = {k: v for k, v in vars(ns).items() if k in field_names}
+    for key in ["preset", "reward", "direction", "classifier"]:
+        if getattr(ns, key) is not None:
+            given[key] = getattr(ns, key)
+    if ns.reward_model is not None:
+        given["reward_model"] = str(ns.reward_model.resolve())
+    return given
 
 
 def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
-    out, run = resumed_run(ns, parser) if ns.resume else new_run(ns, parser)
-    args = RLHFArgs.from_dict(run["args"])
+    for flag, value, least in [("--checkpoint-every", ns.checkpoint_every, 1),
+                               ("--table-every", ns.table_every, 0)]:
+        if value is not None and value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}.")
+    if ns.resume and ns.force:
+        parser.error("--force starts a new run and --resume continues one: give one of them.")
+    if ns.resume and (ns.out is None or not (ns.out / "run.json").exists()):
+        parser.error("--resume needs --out pointing at the folder of an earlier run.")
+    run = None if ns.resume else make_run(ns, parser)
+    out = ns.out or Path("runs") / f"{run['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     console = Console()
+    with locked(out, "train") as stale:
+        if stale:
+            console.print(f"[yellow]{stale}", soft_wrap=True)
+        changes = {}
+        if ns.resume:
+            run, changes = resumed_config(json.loads((out / "run.json").read_text()),
+                                          given_flags(ns))
+        else:
+            start_run_folder(out, run, ns.force, console)
+        train_run(ns, out, run, changes, console)
+
+
+def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, console: Console):
+    """Build the trainer, resume it if asked, and train with checkpoints in `out`."""
+    args = RLHFArgs.from_dict(run["args"])
     console.print(f"[bold]minirlhf train[/]: {run['preset']} -> {out}", soft_wrap=True)
     device = pick_device(args.device)
     reward_fn = make_reward_fn(run["reward"], device)
+    table_every = 5 if ns.table_every is None else ns.table_every
     trainer = RLHFTrainer(args, reward_fn, prompts=make_prompts(run["reward"], args),
-                          console=console, table_every=ns.table_every)
+                          console=console, table_every=table_every)
     console.print(f"Device {trainer.device}, precision {trainer.precision} "
                   f"(--precision {args.precision})")
-    extra: dict = {}
+    extra, saved_phase = {}, None
     if ns.resume:
-        checkpoint = load_checkpoint(out, map_location=trainer.device)
-        trainer.load_state_dict(checkpoint["trainer"])
-        extra = checkpoint["extra"]
-        # Phases after the checkpoint are re-run, so their old metric lines go.
-        (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in trainer.history))
-        console.print(f"Resumed at phase {trainer.phase} of {args.total_phases}.")
-
-    boundary = {"global_step": trainer.global_step, "rng": trainer.get_rng_state()}
+        extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
+    keeper = CheckpointKeeper(trainer, out, ns.checkpoint_every or 5, args.total_phases, extra,
+                              saved_phase)
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
+        keeper.mark_boundary(trainer)
         append_metrics(out / "metrics.jsonl", rollout.metrics)
         samples = (rollout.samples, rollout.rewards.tolist())
         extra.setdefault("before", samples)
         extra["after"] = samples
-        boundary.update(global_step=trainer.global_step, rng=trainer.get_rng_state())
-        if trainer.phase % ns.checkpoint_every == 0 or trainer.phase == args.total_phases:
-            save_checkpoint(trainer, out, extra)
+        if keeper.is_due(trainer.phase):
+            keeper.save(trainer)
             plot_metrics(trainer.history, out / PLOT_NAME, title=run["preset"])
+        keeper.stop_if_asked()
 
     try:
-        trainer.train(on_phase_end, wandb_kwargs={"mode": ns.wandb_mode, "dir": str(out)})
-    except BaseException:
-        save_after_crash(trainer, boundary, out, extra, console)
+        with stop_on_sigterm(keeper, trainer):
+            trainer.train(on_phase_end, wandb_kwargs={"mode": ns.wandb_mode or "offline",
+                                                      "dir": str(out)})
+    except BaseException as error:
+        if not isinstance(error, CheckpointError):  # a failed save: main says why, once
+            console.print(f"{keeper.save_after_crash(trainer)} Continue with: minirlhf train "
+                          f"--out {out} --resume", soft_wrap=True)
         raise
     finish_run(trainer, out, extra, console)
-
-
-def save_after_crash(trainer: RLHFTrainer, boundary: dict, out: Path, extra: dict,
-                     console: Console):
-    """Keep every completed phase: until the next optimiser step after the last phase boundary,
-    the weights are those of the boundary, and so are the random states kept then."""
-    if trainer.global_step != boundary["global_step"] or trainer.phase == 0:
-        console.print("[red]Stopped mid-update: the last checkpoint in the run folder stands.")
-        return
-    trainer.set_rng_state(boundary["rng"])
-    save_checkpoint(trainer, out, extra)
-    console.print(f"[yellow]Stopped: saved phase {trainer.phase} to {out / 'checkpoint.pt'}. "
-                  f"Continue with: minirlhf train --out {out} --resume", soft_wrap=True)
 
 
 def finish_run(trainer: RLHFTrainer, out: Path, extra: dict, console: Console):
@@ -273,6 +301,8 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     args = RLHFArgs.from_dict(run["args"])
     device = pick_device(ns.device)
     checkpoint = load_checkpoint(ns.run, map_location=device)
+    if checkpoint.note:
+        Console(stderr=True).print(f"[yellow]{checkpoint.note}", soft_wrap=True)
     model = TransformerWithValueHead(loading.load_policy(args.base_model, device))
     prompt = ns.prompt or args.prefix
     settings = dict(batch_size=ns.num_samples, gen_len=ns.gen_len or args.gen_len,
@@ -281,8 +311,8 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     columns = {}
     if ns.compare:
         columns["before training"] = get_samples(model.base_model, prompt, **settings).samples
-    model.load_state_dict(checkpoint["trainer"]["model"])
-    columns[f"after {checkpoint['trainer']['phase']} phases"] = get_samples(
+    model.load_state_dict(checkpoint.trainer["model"])
+    columns[f"after {checkpoint.trainer['phase']} phases"] = get_samples(
         model.base_model, prompt, **settings).samples
     # Control-token rewards need the control token, which a free prompt may not have.
     scored = run["reward"]["kind"] != "control"
@@ -325,8 +355,6 @@ def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     from minirlhf.preferences import read_preferences, split_preferences
-    from minirlhf.reward_model import save_reward_model
-    from minirlhf.reward_training import fit_reward_model
 
     names = {f.name for f in dataclasses.fields(RewardModelArgs)}
     try:
@@ -336,7 +364,21 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     console = Console()
-    ns.out.mkdir(parents=True, exist_ok=True)
+    with locked(ns.out, "reward-model") as stale:
+        if stale:
+            console.print(f"[yellow]{stale}", soft_wrap=True)
+        removed = claim_folder(ns.out, "reward-model", ns.force)
+        if removed:
+            console.print(f"[yellow]--force: deleted {', '.join(removed)} from {ns.out}.",
+                          soft_wrap=True)
+        train_and_save_reward_model(ns, args, train, heldout, console)
+
+
+def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, train: list,
+                                heldout: list, console: Console):
+    from minirlhf.reward_model import save_reward_model
+    from minirlhf.reward_training import fit_reward_model
+
     (ns.out / "metrics.jsonl").write_text("")
     console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(heldout)} "
                   f"held-out pairs from {ns.data} -> {ns.out}", soft_wrap=True)
@@ -364,7 +406,10 @@ COMMANDS = {"train": cmd_train, "sample": cmd_sample, "preferences": cmd_prefere
 def main(argv: list[str] | None = None):
     parser = build_parser()
     ns = parser.parse_args(argv)
-    COMMANDS[ns.command](ns, parser)
+    try:
+        COMMANDS[ns.command](ns, parser)
+    except (CheckpointError, RunFolderError) as error:
+        parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
 
 
 if __name__ == "__main__":

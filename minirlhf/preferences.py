@@ -13,6 +13,7 @@ ties are dropped. The JSONL it writes has the same format a file of human labels
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,13 @@ class Preference:
     """The judge's score of prompt + chosen, when an AI judge labelled the pair."""
     rejected_score: float | None = None
     """The judge's score of prompt + rejected."""
+
+    def __post_init__(self):
+        for key in _OPTIONAL:
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{key!r} must be a finite number or null, got {value}: a NaN "
+                                 "or infinite margin or score would make the loss NaN.")
 
     @property
     def chosen_text(self) -> str:
@@ -76,7 +84,10 @@ def parse_preference(record: object, where: str = "record") -> Preference:
         raise ValueError(f"{where}: chosen and rejected are the same text; nothing to learn.")
     values = {key: record[key] for key in _REQUIRED}
     values |= {key: float(record[key]) for key in _OPTIONAL if record.get(key) is not None}
-    return Preference(**values)
+    try:
+        return Preference(**values)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
 
 
 def read_preferences(path: str | Path) -> list[Preference]:
@@ -87,11 +98,12 @@ def read_preferences(path: str | Path) -> list[Preference]:
                                 "`make_preferences` and `write_preferences` (on the command "
                                 "line: `minirlhf preferences --out FILE.jsonl`).")
     preferences = []
-    with open(path, encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            where = f"{path}, line {number}"
+            line = decode_line(raw, where, first=number == 1)
             if not line.strip():
                 continue
-            where = f"{path}, line {number}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
@@ -100,6 +112,15 @@ def read_preferences(path: str | Path) -> list[Preference]:
     if not preferences:
         raise ValueError(f"{path} holds no preference records.")
     return preferences
+
+
+def decode_line(raw: bytes, where: str, first: bool) -> str:
+    """One line of a JSONL file as UTF-8 text (a byte-order mark on the first line is dropped)."""
+    try:
+        return raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{where}: byte {raw[error.start]:#04x} at column {error.start + 1} is "
+                         "not UTF-8; save the file as UTF-8.") from None
 
 
 def write_preferences(preferences: Iterable[Preference], path: str | Path) -> Path:

@@ -231,6 +231,11 @@ def train_step(
     chosen, rejected = score_pairs(score, mb_pairs)
     loss = calc_pairwise_loss(chosen, rejected, get_margins(mb_pairs, args.use_margin,
                                                             chosen.device))
+    if not torch.isfinite(loss):  # stop before the step writes NaN into every weight
+        raise FloatingPointError(
+            f"The pairwise loss is {loss.item()} on a minibatch of {len(mb_pairs)} pairs (first: "
+            f"{mb_pairs[0].chosen_text!r}): look for margins beyond float32's range (3.4e38) in "
+            "the data, or lower --lr and --head-lr.")
     optimizer.zero_grad()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(

@@ -6,6 +6,7 @@ function with the wrong length or a NaN would otherwise corrupt training silentl
 rewards (VADER, Hugging Face classifiers, control tokens) live in `minirlhf.sentiment`.
 """
 
+import reprlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -38,7 +39,8 @@ def get_rewards(
 
     Raises:
         RuntimeError: naming the reward function and showing an offending sample when it raises,
-            returns the wrong number of rewards, or returns NaN / infinity.
+            returns something that is not numbers (strings, None, a dict), the wrong number of
+            rewards, or NaN / infinity.
     """
     name = getattr(reward_fn, "__name__", repr(reward_fn))
     try:
@@ -48,7 +50,14 @@ def get_rewards(
             f"The reward function {name} raised {type(error).__name__}: {error}\n"
             f"First sample it was given: {samples[0]!r}"
         ) from error
-    rewards = torch.as_tensor(rewards, dtype=torch.float32).detach().flatten().to(device)
+    try:
+        rewards = torch.as_tensor(rewards, dtype=torch.float32).detach().flatten().to(device)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise RuntimeError(
+            f"The reward function {name} returned {reprlib.repr(rewards)} "
+            f"({type(rewards).__name__}), which is not one number per sample ({error}); return "
+            f"a list of floats or a 1-D tensor. First sample: {samples[0]!r}"
+        ) from error
     if rewards.shape[0] != len(samples):
         raise RuntimeError(
             f"The reward function {name} returned {rewards.shape[0]} rewards for {len(samples)} "

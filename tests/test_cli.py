@@ -32,7 +32,7 @@ def test_train_writes_config_metrics_plot_and_checkpoint(straight_run):
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["charts/phase"] for m in metrics] == [0, 1, 2]
     assert (out / cli.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["trainer"]["phase"] == 3
     assert len(checkpoint["extra"]["before"][0]) == 4  # phase-0 samples for the summary
 
@@ -51,7 +51,7 @@ def test_an_interrupted_run_resumes_on_the_same_curve(straight_run, tmp_path, mo
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         cli.main(["train", *FAST, "--checkpoint-every", "10", "--out", str(out)])
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["trainer"]["phase"] == 1
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["phase"] == 1
     assert "--resume" in capsys.readouterr().out
     monkeypatch.setattr(RLHFTrainer, "train_one_phase", real_phase)
     cli.main(["train", "--out", str(out), "--resume", "--table-every", "0"])

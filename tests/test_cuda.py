@@ -111,10 +111,10 @@ def test_a_checkpoint_saved_on_the_gpu_loads_and_continues_on_the_cpu(make_print
                                                                       tmp_path):
     gpu = make_trainer(make_printable_model(seed=6), device="cuda", total_phases=3)
     gpu.train_one_phase()
-    save_checkpoint(gpu, tmp_path)
+    save_checkpoint(gpu.state_dict(), tmp_path)
     cpu = make_trainer(make_printable_model(seed=6), device="cpu", total_phases=3)
     with pytest.warns(UserWarning, match="another kind of device"):
-        cpu.load_state_dict(load_checkpoint(tmp_path, map_location="cpu")["trainer"])
+        cpu.load_state_dict(load_checkpoint(tmp_path, map_location="cpu").trainer)
     for name, value in gpu.model.state_dict().items():
         assert torch.equal(cpu.model.state_dict()[name], value.cpu()), name
     assert tensors_off("cpu", cpu) == [] and cpu.phase == 1

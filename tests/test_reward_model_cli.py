@@ -53,7 +53,7 @@ def test_train_runs_ppo_against_the_reward_model(pipeline, tmp_path):
               "2", "--out", str(out)])
     run = json.loads((out / "run.json").read_text())
     assert run["reward"] == {"kind": "reward_model", "path": str((pipeline / "rm").resolve())}
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["trainer"]["phase"] == 2
 
 
