@@ -65,9 +65,12 @@ def calc_kl_penalty(
     logprobs = logits.float().log_softmax(dim=-1)
     ref_logprobs = ref_logits.float().log_softmax(dim=-1)
     probs = logprobs.exp()
-    # Where the policy gives a token probability 0, it adds nothing, even if the reference's is 0.
-    terms = torch.where(probs > 0, probs * (logprobs - ref_logprobs), 0.0)
-    kl_per_position = terms.sum(dim=-1).clamp(min=0.0)
+    # A token the policy gives probability 0 (a masked, -inf logit) adds nothing, even where the
+    # reference's is 0 too. Zeroing its log-probs before the product (rather than its term after)
+    # keeps the gradient finite: 0 * (-inf) would make it NaN.
+    impossible = probs == 0
+    log_ratio = logprobs.masked_fill(impossible, 0.0) - ref_logprobs.masked_fill(impossible, 0.0)
+    kl_per_position = (probs * log_ratio).sum(dim=-1).clamp(min=0.0)
     return kl_coef * kl_per_position.mean()
 
 
@@ -76,7 +79,9 @@ def calc_entropy_bonus(
 ) -> Float[Tensor, ""]:
     """ent_coef times the mean entropy of the policy at the generated positions. Added."""
     logprobs = logits.float().log_softmax(dim=-1)
-    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)
+    probs = logprobs.exp()
+    # 0 * log 0 is 0: masked (-inf) logits add nothing, with finite gradients.
+    entropy = -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(dim=-1)
     return ent_coef * entropy.mean()
 
 

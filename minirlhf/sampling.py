@@ -199,6 +199,7 @@ def _sampling_loop(
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     new_tokens = []
     for step in range(gen_len):
+        check_logits(logits, step)
         next_token = sample_next_token(logits, sampling.temperature, sampling.top_k,
                                        sampling.top_p, generator=generator)
         if eos is not None:
@@ -215,6 +216,19 @@ def _sampling_loop(
         mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
         logits = decoder.next_logits(tokens, mask)
     return torch.stack(new_tokens, dim=1)
+
+
+def check_logits(logits: Float[Tensor, "batch d_vocab"], step: int):
+    """Refuse logits no token can be drawn from (NaN, or every token -inf): the draw would
+    otherwise return an arbitrary token (the last of the vocabulary, often EOS) without a word."""
+    broken = logits.isnan().any(dim=-1) | ~(logits > float("-inf")).any(dim=-1)
+    if bool(broken.any()):
+        rows = broken.nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"The model's next-token logits at generated token {step} are NaN or all -inf in "
+            f"rows {rows[:8]}: its weights or inputs are broken (a damaged checkpoint, training "
+            "that diverged, or a hook that returns NaN), so there is nothing to sample."
+        )
 
 
 class _HookedDecoder:

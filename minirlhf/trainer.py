@@ -269,9 +269,14 @@ class RLHFTrainer:
 
     def train_one_phase(self) -> Rollout:
         """One rollout phase and one learning phase. Returns the rollout, its metrics completed
-        with the learning phase's (also appended to `history`)."""
-        start = time.perf_counter()
-        rollout = self.rollout_phase()
+        with the learning phase's (also appended to `history`). If the rollout fails (a reward
+        function raising, say), the random states are put back, so calling again repeats it."""
+        start, rng_state = time.perf_counter(), self.get_rng_state()
+        try:
+            rollout = self.rollout_phase()
+        except BaseException:
+            self.set_rng_state(rng_state)
+            raise
         learn_start = time.perf_counter()
         metrics = {**rollout.metrics, **self.learning_phase(rollout.memory)}
         metrics["charts/learning_time"] = time.perf_counter() - learn_start

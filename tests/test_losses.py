@@ -427,3 +427,61 @@ def test_surrogate_gradient_is_zero_once_clipped():
     calc_clipped_surrogate_objective(logprobs, torch.zeros(1, 2), advantages, 0.2).backward()
     assert logprobs.grad[0, 0].item() == 0.0
     assert logprobs.grad[0, 1].item() == pytest.approx(-0.5)  # d/dlogp (r * -1) / 2 at r = 1
+
+
+# ---------------------------------------------------------------- masked (-inf) logits
+
+
+def masked_logits(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Policy and reference logits where some tokens are masked (-inf), as top-k masking or a
+    banned token gives; the reference masks a subset of the policy's masked tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 3, 7, generator=generator)
+    ref_logits = torch.randn(2, 3, 7, generator=generator)
+    logits[..., :2] = float("-inf")
+    ref_logits[..., :1] = float("-inf")
+    return logits, ref_logits
+
+
+def masked_logits_problem(kl_fn: Callable, entropy_fn: Callable) -> str | None:
+    """KL and entropy with masked tokens against torch.distributions, and finite gradients."""
+    logits, ref_logits = masked_logits()
+    logits.requires_grad_(True)
+    kl, entropy = kl_fn(logits, ref_logits, 1.0), entropy_fn(logits, 1.0)
+    expected_kl = kl_divergence(Categorical(logits=logits.detach()),
+                                Categorical(logits=ref_logits)).mean()
+    expected_entropy = Categorical(logits=logits.detach()).entropy().mean()
+    if not torch.allclose(kl, expected_kl, atol=1e-5):
+        return f"KL {kl.item()} with masked tokens, expected {expected_kl.item()}"
+    if not torch.allclose(entropy, expected_entropy, atol=1e-5):
+        return f"entropy {entropy.item()} with masked tokens, expected {expected_entropy.item()}"
+    (kl + entropy).backward()
+    if not torch.isfinite(logits.grad).all():
+        return "the gradient with masked tokens is not finite"
+    return None
+
+
+def test_masked_tokens_add_nothing_and_keep_gradients_finite():
+    problem = masked_logits_problem(calc_kl_penalty, calc_entropy_bonus)
+    assert problem is None, problem
+
+
+def kl_zeroing_terms_after_the_product(logits, ref_logits, kl_coef):
+    """Zeroes masked tokens' terms after multiplying: right value, NaN gradient."""
+    logprobs, ref_logprobs = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    probs = logprobs.exp()
+    terms = torch.where(probs > 0, probs * (logprobs - ref_logprobs), 0.0)
+    return kl_coef * terms.sum(-1).mean()
+
+
+def entropy_without_masking(logits, ent_coef):
+    logprobs = logits.log_softmax(-1)
+    return ent_coef * -(logprobs.exp() * logprobs).sum(-1).mean()
+
+
+@pytest.mark.parametrize("kl_fn, entropy_fn", [
+    (kl_zeroing_terms_after_the_product, calc_entropy_bonus),
+    (calc_kl_penalty, entropy_without_masking),
+])
+def test_the_masked_check_sees_nan_values_or_gradients(kl_fn, entropy_fn):
+    assert masked_logits_problem(kl_fn, entropy_fn) is not None

@@ -6,6 +6,7 @@ distribution (empirical frequencies of many draws, with a chi-square bound); and
 worked by hand. Each check also rejects a plausible wrong sampler or filter written out here.
 """
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -514,3 +515,29 @@ def test_return_final_residual_gives_the_states_of_the_forward_pass(tiny_model):
     assert states_mismatch(shifted, tiny_model, result) is not None
     assert get_samples(tiny_model, PROMPTS, gen_len=5, seed=0, fast_path=False,
                        return_final_residual=True).final_residual is None
+
+
+# ---------------------------------------------------------------- broken models
+
+
+def nan_model(model: HookedTransformer) -> HookedTransformer:
+    """A copy of `model` whose unembedding bias holds one NaN: every logit row is NaN."""
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.unembed.b_U[0] = float("nan")
+    return broken
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_nan_logits_are_refused_not_sampled(tiny_model, fast_path):
+    with pytest.raises(FloatingPointError, match="NaN or all -inf"):
+        get_samples(nan_model(tiny_model), PROMPT, 2, gen_len=3, seed=0, fast_path=fast_path)
+
+
+def test_without_the_check_nan_logits_give_tokens_silently(tiny_model, monkeypatch):
+    """What the check prevents: the draw turns NaN logits into some token, with no error."""
+    from minirlhf import sampling
+
+    monkeypatch.setattr(sampling, "check_logits", lambda logits, step: None)
+    result = get_samples(nan_model(tiny_model), PROMPT, 2, gen_len=3, seed=0)
+    assert result.sample_ids.shape == (2, result.prefix_len + 3)

@@ -309,3 +309,27 @@ def test_fp32_runs_without_autocast(make_printable_model):
     with trainer.autocast():
         logits, _ = trainer.model(torch.tensor([[1, 2, 3]]))
     assert logits.dtype == torch.float32
+
+
+def test_a_failed_rollout_can_be_retried_on_the_same_random_stream(make_printable_model):
+    """A reward function that fails once (a flaky judge, say): calling train() again repeats
+    the failed phase exactly, so the run equals one that never failed."""
+    calls = {"n": 0}
+
+    def flaky_reward(samples):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second phase's rollout
+            raise RuntimeError("judge unavailable")
+        return reward_fn_char_count(samples)
+
+    args = RLHFArgs(**{**E2E_ARGS, "total_phases": 3, "batch_size": 8, "num_minibatches": 2})
+    flaky = RLHFTrainer(args, flaky_reward, base_model=make_printable_model(seed=5),
+                        console=Console(quiet=True), table_every=0)
+    with pytest.raises(RuntimeError, match="judge unavailable"):
+        flaky.train()
+    flaky.train()
+    steady = RLHFTrainer(args, reward_fn_char_count, base_model=make_printable_model(seed=5),
+                         console=Console(quiet=True), table_every=0)
+    steady.train()
+    for key in ["charts/reward_mean", "losses/objective"]:
+        assert [m[key] for m in flaky.history] == [m[key] for m in steady.history], key
