@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from minirlhf.exercises.core import ExerciseCheckError, ReferenceOracleMismatch, load_char_model
+from minirlhf.exercises.core import ReferenceOracleMismatch, load_char_model
 from minirlhf.exercises.memory_and_objective import (
     check_calc_clipped_surrogate_objective,
     check_calc_entropy_bonus,
@@ -36,6 +36,7 @@ from minirlhf.exercises.optim_and_learning import (
     check_get_optimizer_and_scheduler,
     check_learning_phase,
 )
+from minirlhf.exercises.reporting import ExerciseCheckError
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
 from minirlhf.exercises.rewards_and_advantages import (
     check_compute_advantages,

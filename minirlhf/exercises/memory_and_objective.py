@@ -15,16 +15,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.distributions import Categorical, kl_divergence
 
-from minirlhf.exercises.core import (
-    Case,
-    Mistake,
-    call,
-    check_function,
-    describe_error,
-    fail,
-    passed,
-    randn,
-)
+from minirlhf.exercises.core import Case, Mistake, check_function, passed, randn
+from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -56,6 +48,7 @@ def _memory_inputs(batch: int = 8, prefix_len: int = 2, gen_len: int = 3, d_voca
     }
 
 
+@learner_facing
 def check_replay_memory(memory_class: Callable[..., ReplayMemory]) -> None:
     """Check `memory_class(sample_ids, attention_mask, logprobs, advantages, values, ref_logits)
     .get_minibatches(num_minibatches, batches_per_learning_phase, generator)`."""
@@ -68,12 +61,14 @@ def check_replay_memory(memory_class: Callable[..., ReplayMemory]) -> None:
                            inputs, num_minibatches, passes)  # the reference passes first
         memory, error = call(memory_class, inputs, positional=True)
         if error is not None:
-            fail(exercise, case, f"Building the memory failed. {describe_error(error)}")
+            fail(exercise, case, f"Building the memory failed. {describe_error(error)}",
+                 crash_hint(error), inputs=inputs, error=error)
         minibatches, error = call(memory.get_minibatches, {
             "num_minibatches": num_minibatches, "batches_per_learning_phase": passes,
             "generator": args[2]}, positional=True)
         if error is not None:
-            fail(exercise, case, describe_error(error))
+            fail(exercise, case, f"get_minibatches{args[:2]} failed. {describe_error(error)}",
+                 crash_hint(error), inputs=inputs, error=error)
         _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, passes)
     _check_shuffling(exercise, memory_class, inputs)
     passed(exercise, "every sample once per pass, rows kept together, returns = advantages + "
@@ -165,6 +160,7 @@ LOGPROBS_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_get_logprobs(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, tokens, prefix_len)`: log-probs of tokens[:, prefix_len:]."""
     def case(name: str, batch: int, seq: int, prefix_len: int | None, seed: int) -> Case:
@@ -234,6 +230,7 @@ KL_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_calc_kl_penalty(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, ref_logits, kl_coef)`: kl_coef * mean KL(policy || reference)."""
     check_function("calc_kl_penalty", fn, calc_kl_penalty, _kl_oracle, _logit_cases("kl_coef"),
@@ -260,6 +257,7 @@ ENTROPY_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_calc_entropy_bonus(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, ent_coef)`: ent_coef * mean entropy of the policy."""
     cases = [Case(c.name, {"logits": c.kwargs["logits"], "ent_coef": c.kwargs["kl_coef"]})
@@ -297,6 +295,7 @@ VALUE_LOSS_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_calc_value_function_loss(fn: Callable[..., Tensor]) -> None:
     """Check `fn(values, mb_returns, vf_coef)`: vf_coef * 1/2 * mean squared error."""
     cases = [Case(name, {"values": randn(*shape, seed=i, grad=True),
@@ -374,6 +373,7 @@ SURROGATE_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8)`: PPO's objective."""
     def case(name, shape, seed, clip_coef, spread=0.5, advantages=None):

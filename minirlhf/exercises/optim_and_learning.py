@@ -18,15 +18,8 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from minirlhf.args import RLHFArgs
-from minirlhf.exercises.core import (
-    Mistake,
-    call,
-    describe_error,
-    fail,
-    load_char_model,
-    passed,
-    single_threaded,
-)
+from minirlhf.exercises.core import Mistake, load_char_model, passed, single_threaded
+from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
 from minirlhf.memory import ReplayMemory
 from minirlhf.optim import get_lr_scale, get_optimizer, get_optimizer_and_scheduler
 from minirlhf.rewards import reward_fn_char_count
@@ -77,6 +70,7 @@ def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module,
         fail(exercise, case, f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
 
 
+@learner_facing
 def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
     """Check `fn(model, base_lr, head_lr)`: AdamW, maximize=True, one group per learning rate."""
     exercise = "get_optimizer"
@@ -89,7 +83,7 @@ def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
         if "more than one parameter group" in str(error):
             hint = ("model.parameters() includes the value head: use "
                     "model.base_model.parameters() for the first group.")
-        fail(exercise, case, describe_error(error), hint)
+        fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
     _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4)
     passed(exercise, "AdamW with maximize=True, base_model at base_lr and value_head at head_lr")
 
@@ -146,6 +140,7 @@ def _schedule(fn: Callable[..., float], warmup: int, total: int, final: float):
     return scales, None
 
 
+@learner_facing
 def check_get_lr_scale(fn: Callable[..., float]) -> None:
     """Check `fn(phase, warmup_steps, total_phases, final_scale)` against a hand-worked table."""
     exercise = "get_lr_scale"
@@ -159,7 +154,10 @@ def check_get_lr_scale(fn: Callable[..., float]) -> None:
             hint = None
             if isinstance(error, ZeroDivisionError) and warmup == 0:
                 hint = "warmup_steps=0 means no warmup: don't divide by it."
-            fail(exercise, f"phase={phase}, {schedule}", describe_error(error), hint)
+            inputs = {"phase": phase, "warmup_steps": warmup, "total_phases": total,
+                      "final_scale": final}
+            fail(exercise, f"phase={phase}, {schedule}", describe_error(error),
+                 hint or crash_hint(error), inputs=inputs, error=error)
         wrong = [p for p, (a, b) in enumerate(zip(got, expected, strict=True))
                  if not isinstance(a, int | float) or abs(a - b) > 1e-6]
         if wrong:
@@ -179,6 +177,7 @@ def _same_schedule(a: list, b: list) -> bool:
     )
 
 
+@learner_facing
 def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
     """Check `fn(model, base_lr, head_lr, warmup_steps, total_phases, final_scale)`: the optimiser
     and a scheduler that, stepped once per phase, sets each group's LR to its base times the scale.
@@ -196,7 +195,7 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
             if "scheulder" in str(error) or "lamda" in str(error):
                 hint = ("check the spelling (the seed has these typos): "
                         "torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=...).")
-            fail(exercise, case, describe_error(error), hint)
+            fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
         optimizer, scheduler = result
         _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2)
         for phase, scale in enumerate(scales):
@@ -318,6 +317,7 @@ LEARNING_MISTAKES = [
 ]
 
 
+@learner_facing
 @single_threaded
 def check_learning_phase(fn: LearningPhaseFn) -> None:
     """Check `fn(self, memory)` (an `RLHFTrainer.learning_phase`): one PPO step per minibatch,
@@ -337,7 +337,8 @@ def check_learning_phase(fn: LearningPhaseFn) -> None:
     run = _run(fn, trainer, memory, snapshot)
     _restore(trainer, snapshot)
     if run.error is not None:
-        fail(exercise, case, describe_error(run.error))
+        fail(exercise, case, describe_error(run.error), crash_hint(run.error),
+             inputs={"self": trainer, "memory": memory}, error=run.error)
     if len(run.grad_norms) != steps:
         fail(exercise, case, f"It took {len(run.grad_norms)} optimiser steps; expected {steps}: "
              "one per minibatch, num_minibatches * batches_per_learning_phase.")
