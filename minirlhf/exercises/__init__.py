@@ -20,7 +20,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from minirlhf.exercises.core import ReferenceOracleMismatch, load_char_model
+from minirlhf.exercises import (
+    memory_and_objective,
+    optim_and_learning,
+    reward_model,
+    rewards_and_advantages,
+)
+from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
 from minirlhf.exercises.memory_and_objective import (
     check_calc_clipped_surrogate_objective,
     check_calc_entropy_bonus,
@@ -36,7 +42,7 @@ from minirlhf.exercises.optim_and_learning import (
     check_get_optimizer_and_scheduler,
     check_learning_phase,
 )
-from minirlhf.exercises.reporting import ExerciseCheckError
+from minirlhf.exercises.reporting import ExerciseCheckError, Failure, last_failure
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
 from minirlhf.exercises.rewards_and_advantages import (
     check_compute_advantages,
@@ -66,6 +72,28 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "calc_pairwise_loss": check_calc_pairwise_loss,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
+
+
+MISTAKES: dict[str, list[Mistake]] = {
+    "reward_fn_char_count": rewards_and_advantages.CHAR_COUNT_MISTAKES,
+    "normalize_reward": rewards_and_advantages.NORMALIZE_MISTAKES,
+    "compute_advantages": rewards_and_advantages.ADVANTAGE_MISTAKES,
+    "compute_gae": rewards_and_advantages.GAE_MISTAKES,
+    "get_logprobs": memory_and_objective.LOGPROBS_MISTAKES,
+    "calc_kl_penalty": memory_and_objective.KL_MISTAKES,
+    "calc_entropy_bonus": memory_and_objective.ENTROPY_MISTAKES,
+    "calc_value_function_loss": memory_and_objective.VALUE_LOSS_MISTAKES,
+    "calc_clipped_surrogate_objective": memory_and_objective.SURROGATE_MISTAKES,
+    "get_lr_scale": optim_and_learning.LR_MISTAKES,
+    "learning_phase": optim_and_learning.LEARNING_MISTAKES,
+    "calc_pairwise_loss": reward_model.PAIRWISE_MISTAKES,
+    "get_last_token_index": reward_model.LAST_TOKEN_MISTAKES,
+}
+"""The catalogue of named mistakes, by exercise: each `imitate` makes one mistake, and the check
+shows its `hint` when the learner's result matches it. This is the one copy of these wrong
+implementations: tests/test_exercises feeds each to its check, tests/test_losses.py to the loss
+oracles. (Mistakes a check recognises by what it observes, such as a sampler that ignores top_k,
+are proven by the wrong implementations in tests/wrong_impls.)"""
 
 
 def get_reference(name: str) -> Any:
@@ -110,6 +138,9 @@ def check_file(path: str | Path) -> dict[str, str]:
 __all__ = [
     "CHECKS",
     "ExerciseCheckError",
+    "MISTAKES",
+    "Mistake",
+    "Failure",
     "ReferenceOracleMismatch",
     "check_calc_clipped_surrogate_objective",
     "check_calc_entropy_bonus",
@@ -131,6 +162,7 @@ __all__ = [
     "check_reward_fn_char_count",
     "check_value_head",
     "get_reference",
+    "last_failure",
     "load_char_model",
     "load_file",
 ]

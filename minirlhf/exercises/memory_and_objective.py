@@ -157,6 +157,9 @@ LOGPROBS_MISTAKES = [
                                                        lambda x: x.softmax(-1))),
     Mistake("did you ignore prefix_len? Return only the generated tokens' log-probs.",
             lambda logits, tokens, prefix_len: _picked(logits, tokens, None)),
+    Mistake("you dropped the first generated token: its log-prob comes from the logits at "
+            "prefix_len - 1, so slice logits[:, prefix_len - 1 : -1].",
+            lambda logits, tokens, prefix_len: _picked(logits, tokens, prefix_len)[:, 1:]),
 ]
 
 
@@ -205,9 +208,9 @@ def _kl_oracle(logits: GenLogits, ref_logits: GenLogits, kl_coef: float) -> Scal
     return kl_coef * kl.mean().float()
 
 
-def _kl(logits, ref_logits, kl_coef, reduce=torch.mean, log_fn=None):
+def _kl(logits, ref_logits, kl_coef, reduce=torch.mean, log_fn=None, weigh=True):
     log_fn = log_fn or (lambda x: x.log_softmax(-1))
-    probs = logits.softmax(-1)
+    probs = logits.softmax(-1) if weigh else 1.0
     return kl_coef * reduce((probs * (log_fn(logits) - log_fn(ref_logits))).sum(-1))
 
 
@@ -219,6 +222,14 @@ KL_MISTAKES = [
             lambda logits, ref_logits, kl_coef: _kl(ref_logits, logits, kl_coef)),
     Mistake("you summed the KL over positions and samples; take the mean.",
             lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, torch.sum)),
+    Mistake("you summed the KL over positions and averaged over samples only (what F.kl_div's "
+            "reduction='batchmean' does): take the mean over positions too.",
+            lambda logits, ref_logits, kl_coef: kl_coef * F.kl_div(
+                ref_logits.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                reduction="batchmean")),
+    Mistake("weight each token's log-ratio by the policy's probability: KL = sum over the "
+            "vocabulary of p (log p - log q), not the plain sum of log p - log q.",
+            lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, weigh=False)),
     Mistake("the sign is flipped: the penalty is a positive number, subtracted from the objective.",
             lambda logits, ref_logits, kl_coef: -_kl(logits, ref_logits, kl_coef)),
     Mistake("did you use the raw logits as log-probs? Take log_softmax first.",
@@ -254,6 +265,10 @@ ENTROPY_MISTAKES = [
             lambda logits, ent_coef: _entropy(logits, ent_coef, torch.sum)),
     Mistake("softmax over the wrong dimension: the distribution is over the vocabulary (dim=-1).",
             lambda logits, ent_coef: _entropy(logits, ent_coef, dim=1)),
+    Mistake("you averaged -p log p over the vocabulary too: sum it over the vocabulary (dim=-1), "
+            "then take the mean over positions and samples.",
+            lambda logits, ent_coef: -ent_coef * (logits.softmax(-1) * logits.log_softmax(-1))
+            .mean()),
 ]
 
 
@@ -336,6 +351,10 @@ def _surrogate(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8, *, pic
                                                                   + eps)
     elif normalize == "sample":
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + eps)
+    elif normalize == "per row":
+        mean, std = mb_advantages.mean(-1, keepdim=True), mb_advantages.std(-1, correction=0,
+                                                                            keepdim=True)
+        mb_advantages = (mb_advantages - mean) / (std + eps)
     if clip_advantages:
         clipped = ratio * mb_advantages.clamp(1 - clip_coef, 1 + clip_coef)
     else:
@@ -370,6 +389,14 @@ SURROGATE_MISTAKES = [
             "clip(ratio) * A.",
             lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
                 logprobs, mb_logprobs, mb_advantages, clip_coef, eps, pick=lambda a, b: a)),
+    Mistake("you normalised the advantages of each sample (row) separately: normalise over the "
+            "whole minibatch, every token of every sample together.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, normalize="per row")),
+    Mistake("the sign is flipped: return the surrogate itself (the trainer adds it to the "
+            "objective it maximises), not its negative.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: -_surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, eps)),
 ]
 
 

@@ -156,31 +156,30 @@ def learner_line(error: BaseException) -> str | None:
     if not frames:
         return None
     frame = frames[-1]
-    code = f": {frame.line.strip()}" if frame.line else ""
-    return f"line {frame.lineno} of {frame.name}{code}"
+    code = f"\n      {frame.line.strip()}" if frame.line else ""
+    return f"line {frame.lineno}, in {frame.name}{code}"
 
 
 def describe_error(error: BaseException) -> str:
     if isinstance(error, NotImplementedError):
         return "It raised NotImplementedError: replace `raise NotImplementedError()` with code."
     where = learner_line(error)
-    at = f" at {where}" if where else ""
-    return (f"It raised {type(error).__name__}{at}: {error} (your traceback is printed above "
-            "this message)")
+    at = f"\n  Your code raised it at {where}" if where else ""
+    return (f"It raised {type(error).__name__}: {error}{at}\n  (Your traceback is printed above "
+            "this message.)")
 
 
 CRASH_HINTS = [
     (r"prob_dist must be 1 or 2 dim",
      "torch.multinomial takes probabilities of shape (batch, d_vocab): take the logits at the "
      "last position only, logits[:, -1], before the softmax."),
-    (r"cannot access local variable|referenced before assignment",
-     "a hook function that assigns to an outer variable needs `nonlocal name` on its first "
-     "line; without it the assignment makes a new local variable."),
+    (r"cannot access local variable|referenced before assignment|name '\w+' is not defined",
+     "a variable assigned inside a hook function is local to the hook: create it before the "
+     "hook runs (`values = None`) and give the hook `nonlocal values` (in general, `nonlocal "
+     "name`) on its first line."),
     (r"Index tensor must have the same number of dimensions as input tensor",
      "gather needs an index with as many dimensions as the tensor it reads: add a trailing "
      "axis, tokens[..., None], then .squeeze(-1) the result."),
-    (r"gather\(\): Expected dtype int64 for index",
-     "token ids and positions used as indices must be integers (torch.long)."),
     (r"The size of tensor a \(\d+\) must match the size of tensor b \(\d+\)",
      "two tensors' shapes do not line up on the line shown: print their .shape there. A slice "
      "that forgot the batch axis (`x[a:b]` instead of `x[:, a:b]`) is the usual cause."),

@@ -49,28 +49,6 @@ def learning_rates_swapped(model, base_lr, head_lr):
 # ---------------------------------------------------------------- LR schedules
 
 
-@wrong("get_lr_scale", "this is the seed's schedule")
-def seed_lr_scale(phase, warmup_steps, total_phases, final_scale):
-    if phase < warmup_steps:
-        return phase / warmup_steps
-    return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
-
-
-@wrong("get_lr_scale", "the first warmup phase gets LR 0")
-def lr_zero_at_start(phase, warmup_steps, total_phases, final_scale):
-    if phase < warmup_steps:
-        return phase / warmup_steps
-    progress = (phase - warmup_steps) / max(1, total_phases - 1 - warmup_steps)
-    return 1 - (1 - final_scale) * progress
-
-
-@wrong("get_lr_scale", "the decay does not reach final_scale")
-def decay_stops_short(phase, warmup_steps, total_phases, final_scale):
-    if phase < warmup_steps:
-        return (phase + 1) / warmup_steps
-    return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
-
-
 @wrong("get_lr_scale", "warmup_steps=0 means no warmup")
 def divides_by_warmup(phase, warmup_steps, total_phases, final_scale):
     warmup = (phase + 1) / warmup_steps
@@ -145,16 +123,6 @@ def _learning_phase(self, memory, *, sign=1.0, zero_grad=True, generator=True, c
     if scheduler == "once":
         self.scheduler.step()
     return {"losses/objective": objective.item()} if result else None
-
-
-@wrong("learning_phase", "you minimised the objective instead of maximising it")
-def minimises(self, memory):
-    return _learning_phase(self, memory, sign=-1.0)
-
-
-@wrong("learning_phase", "did you forget optimizer.zero_grad()")
-def no_zero_grad(self, memory):
-    return _learning_phase(self, memory, zero_grad=False)
 
 
 @wrong("learning_phase", "did you pass self.shuffle_generator")
