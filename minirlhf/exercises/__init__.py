@@ -9,8 +9,11 @@ my_solutions.py` runs every check whose function a Python file defines.
 
 Stages, in pipeline order (notebooks 1 to 4, then 6): the value head and the sampler; the
 char-count reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches,
-log-probs and the four objective terms; the optimiser, the LR schedule and one learning phase;
-the reward model's last-token index and pairwise loss.
+log-probs, the four objective terms and their signs; the optimiser, the LR schedule and one
+learning phase; the reward model's last-token index and pairwise loss.
+
+When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
+raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
 """
 
 import importlib.util
@@ -22,6 +25,7 @@ from typing import Any
 
 from minirlhf.exercises import (
     memory_and_objective,
+    objective,
     optim_and_learning,
     reward_model,
     rewards_and_advantages,
@@ -36,6 +40,7 @@ from minirlhf.exercises.memory_and_objective import (
     check_replay_memory,
 )
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
+from minirlhf.exercises.objective import check_calc_rlhf_objective
 from minirlhf.exercises.optim_and_learning import (
     check_get_lr_scale,
     check_get_optimizer,
@@ -64,6 +69,7 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "calc_entropy_bonus": check_calc_entropy_bonus,
     "calc_value_function_loss": check_calc_value_function_loss,
     "calc_clipped_surrogate_objective": check_calc_clipped_surrogate_objective,
+    "calc_rlhf_objective": check_calc_rlhf_objective,
     "get_optimizer": check_get_optimizer,
     "get_lr_scale": check_get_lr_scale,
     "get_optimizer_and_scheduler": check_get_optimizer_and_scheduler,
@@ -84,6 +90,7 @@ MISTAKES: dict[str, list[Mistake]] = {
     "calc_entropy_bonus": memory_and_objective.ENTROPY_MISTAKES,
     "calc_value_function_loss": memory_and_objective.VALUE_LOSS_MISTAKES,
     "calc_clipped_surrogate_objective": memory_and_objective.SURROGATE_MISTAKES,
+    "calc_rlhf_objective": objective.OBJECTIVE_MISTAKES,
     "get_lr_scale": optim_and_learning.LR_MISTAKES,
     "learning_phase": optim_and_learning.LEARNING_MISTAKES,
     "calc_pairwise_loss": reward_model.PAIRWISE_MISTAKES,
@@ -103,6 +110,8 @@ def get_reference(name: str) -> Any:
 
     if name == "learning_phase":
         return RLHFTrainer.learning_phase
+    if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
+        return objective.calc_rlhf_objective
     return getattr(minirlhf, name)
 
 
@@ -146,6 +155,7 @@ __all__ = [
     "check_calc_entropy_bonus",
     "check_calc_kl_penalty",
     "check_calc_pairwise_loss",
+    "check_calc_rlhf_objective",
     "check_calc_value_function_loss",
     "check_compute_advantages",
     "check_compute_gae",

@@ -121,7 +121,7 @@ def _check_shuffling(exercise: str, memory_class, inputs: dict) -> None:
         fail(exercise, case, "Every pass uses the same order.",
              "you shuffled once and reused the order; draw a new permutation for each pass.")
     if order(0) != first:
-        fail(exercise, case, "Two calls with generators of the same seed gave different "
+        fail(exercise, case, "Two calls with generators seeded alike gave different "
              "minibatches.", "pass the generator to torch.randperm(..., generator=generator).")
 
 

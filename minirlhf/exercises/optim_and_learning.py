@@ -99,8 +99,8 @@ LR_SCALE_TABLE = {
 }
 
 
-def _seed_lr_scale(phase, warmup_steps, total_phases, final_scale):
-    """The seed's schedule, with both of its bugs."""
+def _original_lr_scale(phase, warmup_steps, total_phases, final_scale):
+    """The original design's schedule, with both of its bugs (docs/seeds.md)."""
     if phase < warmup_steps:
         return phase / warmup_steps
     return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
@@ -113,11 +113,11 @@ def _from_warmup_end(phase, warmup_steps, total_phases, final_scale):
 
 
 LR_MISTAKES = [
-    Mistake("this is the seed's schedule: LR 0 in the first warmup phase (use (phase + 1) / "
-            "warmup_steps), and a decay that stops short of final_scale at the last phase "
-            "(divide by total_phases - 1 - warmup_steps).", _seed_lr_scale),
-    Mistake("the first warmup phase gets LR 0, so phase 0 learns nothing (the seed's "
-            "phase / warmup_steps): use (phase + 1) / warmup_steps.",
+    Mistake("two bugs at once: LR 0 in the first warmup phase (use (phase + 1) / warmup_steps), "
+            "and a decay that stops short of final_scale at the last phase (divide by "
+            "total_phases - 1 - warmup_steps).", _original_lr_scale),
+    Mistake("the first warmup phase gets LR 0, so phase 0 learns nothing (phase / "
+            "warmup_steps): use (phase + 1) / warmup_steps.",
             lambda phase, warmup_steps, total_phases, final_scale: phase / warmup_steps
             if phase < warmup_steps else get_lr_scale(phase, warmup_steps, total_phases,
                                                       final_scale)),
@@ -147,7 +147,7 @@ def check_get_lr_scale(fn: Callable[..., float]) -> None:
     for (warmup, total, final), expected in LR_SCALE_TABLE.items():
         schedule = f"warmup_steps={warmup}, total_phases={total}, final_scale={final}"
         reference, _ = _schedule(get_lr_scale, warmup, total, final)
-        assert _same_schedule(reference, expected), f"reference {reference} != {expected}"
+        assert (problem := _schedule_difference(expected, reference)) is None, problem
         got, error = _schedule(fn, warmup, total, final)
         if error is not None:
             phase, error = error
@@ -162,19 +162,26 @@ def check_get_lr_scale(fn: Callable[..., float]) -> None:
                  if not isinstance(a, int | float) or abs(a - b) > 1e-6]
         if wrong:
             phase = wrong[0]
-            hint = next((m.hint for m in LR_MISTAKES if _same_schedule(
-                _schedule(m.imitate, warmup, total, final)[0], got)), None)
+            hint = next((m.hint for m in LR_MISTAKES if _schedule_difference(
+                _schedule(m.imitate, warmup, total, final)[0], got) is None), None)
+            inputs = {"phase": phase, "warmup_steps": warmup, "total_phases": total,
+                      "final_scale": final}
             fail(exercise, f"phase={phase}, {schedule}", f"Expected {expected[phase]:.4g}, got "
                  f"{got[phase]!r} (expected schedule {expected}, got "
-                 f"{[round(g, 4) if isinstance(g, float) else g for g in got]}).", hint)
+                 f"{[round(g, 4) if isinstance(g, float) else g for g in got]}).", hint,
+                 inputs=inputs, expected=expected[phase], got=got[phase])
     passed(exercise, f"{sum(map(len, LR_SCALE_TABLE.values()))} phases of 4 schedules (with and "
            "without warmup) match a hand-worked table and the reference")
 
 
-def _same_schedule(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(
-        isinstance(y, int | float) and abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True)
-    )
+def _schedule_difference(expected: list, got: list) -> str | None:
+    """None if two lists of multipliers agree to 1e-6, else the first phase where they differ."""
+    if len(expected) != len(got):
+        return f"{len(got)} phases, expected {len(expected)}"
+    for phase, (a, b) in enumerate(zip(expected, got, strict=True)):
+        if not isinstance(b, int | float) or abs(a - b) >= 1e-6:
+            return f"phase {phase}: {b!r}, expected {a}"
+    return None
 
 
 @learner_facing
@@ -193,7 +200,7 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
         if error is not None:
             hint = None
             if "scheulder" in str(error) or "lamda" in str(error):
-                hint = ("check the spelling (the seed has these typos): "
+                hint = ("check the spelling (`lr_scheulder` and `lr_lamda` are easy typos): "
                         "torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=...).")
             fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
         optimizer, scheduler = result

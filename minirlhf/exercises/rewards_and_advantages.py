@@ -139,7 +139,7 @@ def _one_step_oracle(values: Float[Tensor, "batch seq"], rewards: Float[Tensor, 
 
 
 # The mistakes below are deliberately wrong, so they carry no shape annotations.
-def _seed_batch_slice(values, rewards, prefix_len):
+def _rows_slice(values, rewards, prefix_len):
     one_step = torch.cat([values[:, prefix_len:-1], rewards[:, None]], dim=-1)
     return one_step - values[prefix_len - 1 : -1]
 
@@ -153,7 +153,7 @@ def _shifted(values, rewards, prefix_len, shift):
 
 ADVANTAGE_MISTAKES = [
     Mistake("did you forget the batch dimension when slicing? `values[prefix_len - 1 : -1]` "
-            "slices samples (rows); write `values[:, prefix_len - 1 : -1]`.", _seed_batch_slice),
+            "slices samples (rows); write `values[:, prefix_len - 1 : -1]`.", _rows_slice),
     Mistake("the advantages are off by one position: generated token t was chosen in the state "
             "ending at position prefix_len - 1 + t, so V(s_t) is values[:, prefix_len - 1 + t].",
             lambda values, rewards, prefix_len: _shifted(values, rewards, prefix_len, 1)),

@@ -22,6 +22,7 @@ from minirlhf.exercises import (
     check_file,
     get_reference,
     memory_and_objective,
+    objective,
     optim_and_learning,
     reward_model,
     rewards_and_advantages,
@@ -97,7 +98,7 @@ def test_every_catalogued_mistake_is_caught_and_named(name, mistake,
 def test_the_catalogue_covers_every_function_check():
     """Every check built on check_function has a catalogue (modules whose lists are not in it
     would name mistakes no test proves)."""
-    lists = [value for module in (rewards_and_advantages, memory_and_objective,
+    lists = [value for module in (rewards_and_advantages, memory_and_objective, objective,
                                   optim_and_learning, reward_model)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
@@ -157,3 +158,14 @@ def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
     skipped = len(CHECKS) - 2
     assert f"1 failed, 1 passed, {skipped} skipped" in out, out
     assert "did you use the sample std" in out
+
+
+def test_the_objective_is_the_one_the_trainer_maximises():
+    """The reference sum is the trainer's: a phase's logged terms add up to its objective."""
+    from minirlhf.exercises.optim_and_learning import _make_trainer
+
+    trainer, memory = _make_trainer()
+    mb = memory.get_minibatches(1, 1, torch.Generator().manual_seed(0))[0]
+    total, stats = trainer.compute_rlhf_objective(mb)
+    terms = [torch.tensor(stats[f"losses/{name}"]) for name in objective.TERMS]
+    assert objective.calc_rlhf_objective(*terms).item() == pytest.approx(total.item(), abs=1e-5)

@@ -65,16 +65,16 @@ def _optimizer(model, base_lr, head_lr):
 
 
 @wrong("get_optimizer_and_scheduler", "check the spelling")
-def seed_scheduler(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
-    """The seed's typo in the module name."""
+def misspelt_scheduler_module(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
+    """`lr_scheulder`: a typo in the module name (the original design had it)."""
     optimizer = _optimizer(model, base_lr, head_lr)
     scheduler = torch.optim.lr_scheulder.LambdaLR(optimizer, lr_lambda=lambda step: 1.0)
     return optimizer, scheduler
 
 
 @wrong("get_optimizer_and_scheduler", "check the spelling")
-def seed_lambda_keyword(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
-    """The seed's other typo, in the keyword."""
+def misspelt_lambda_keyword(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
+    """`lr_lamda`: a typo in the keyword (the original design had this one too)."""
     optimizer = _optimizer(model, base_lr, head_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lamda=lambda step: 1.0)
     return optimizer, scheduler
