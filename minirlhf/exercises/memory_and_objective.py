@@ -7,6 +7,7 @@ the clipped surrogate. The replay memory shuffles, so it is checked on what any 
 satisfies: every sample exactly once per pass, rows kept together, returns = advantages + values.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -59,16 +60,18 @@ def check_replay_memory(memory_class: Callable[..., ReplayMemory]) -> None:
         args = (num_minibatches, passes, torch.Generator().manual_seed(0))
         _check_minibatches(exercise, case, ReplayMemory(**inputs).get_minibatches(*args),
                            inputs, num_minibatches, passes)  # the reference passes first
+        rerun = (f"ReplayMemory(*exercises.last_failure().inputs.values()).get_minibatches("
+                 f"{num_minibatches}, {passes}, torch.Generator().manual_seed(0))")
         memory, error = call(memory_class, inputs, positional=True)
         if error is not None:
             fail(exercise, case, f"Building the memory failed. {describe_error(error)}",
-                 crash_hint(error), inputs=inputs, error=error)
+                 crash_hint(error), inputs=inputs, error=error, rerun=rerun)
         minibatches, error = call(memory.get_minibatches, {
             "num_minibatches": num_minibatches, "batches_per_learning_phase": passes,
             "generator": args[2]}, positional=True)
         if error is not None:
             fail(exercise, case, f"get_minibatches{args[:2]} failed. {describe_error(error)}",
-                 crash_hint(error), inputs=inputs, error=error)
+                 crash_hint(error), inputs=inputs, error=error, rerun=rerun)
         _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, passes)
     _check_shuffling(exercise, memory_class, inputs)
     passed(exercise, "every sample once per pass, rows kept together, returns = advantages + "
@@ -77,30 +80,33 @@ def check_replay_memory(memory_class: Callable[..., ReplayMemory]) -> None:
 
 def _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, passes) -> None:
     batch = inputs["sample_ids"].shape[0]
+    report = functools.partial(fail, inputs=inputs, rerun=(
+        f"ReplayMemory(*exercises.last_failure().inputs.values()).get_minibatches("
+        f"{num_minibatches}, {passes}, torch.Generator().manual_seed(0))"))
     if len(minibatches) != num_minibatches * passes:
-        fail(exercise, case, f"Expected {num_minibatches * passes} minibatches "
+        report(exercise, case, f"Expected {num_minibatches * passes} minibatches "
              f"(num_minibatches * batches_per_learning_phase), got {len(minibatches)}.")
     for i, mb in enumerate(minibatches):
         rows = mb.sample_ids[:, 0]
         if len(rows) != batch // num_minibatches:
-            fail(exercise, case, f"Minibatch {i} has {len(rows)} samples; expected "
+            report(exercise, case, f"Minibatch {i} has {len(rows)} samples; expected "
                  f"{batch // num_minibatches} (batch_size // num_minibatches).")
         expected_returns = inputs["advantages"][rows] + inputs["values"][rows]
         for name in ["attention_mask", "logprobs", "advantages", "ref_logits"]:
             if not torch.equal(getattr(mb, name), inputs[name][rows]):
-                fail(exercise, case, f"In minibatch {i}, {name} does not come from the same "
+                report(exercise, case, f"In minibatch {i}, {name} does not come from the same "
                      "samples as sample_ids.",
                      "index every tensor with the same indices, so each row stays one sample.")
         if not torch.allclose(mb.returns, expected_returns):
             hint = "returns are the value head's targets: advantages + values."
             if torch.allclose(mb.returns, inputs["advantages"][rows]):
                 hint = "you stored the advantages as returns; returns = advantages + values."
-            fail(exercise, case, f"In minibatch {i}, returns != advantages + values.", hint)
+            report(exercise, case, f"In minibatch {i}, returns != advantages + values.", hint)
     for p in range(passes):
         rows = torch.cat([mb.sample_ids[:, 0] for mb in
                           minibatches[p * num_minibatches : (p + 1) * num_minibatches]])
         if sorted(rows.tolist()) != list(range(batch)):
-            fail(exercise, case, f"Pass {p} does not contain every sample exactly once (sample "
+            report(exercise, case, f"Pass {p} does not contain every sample exactly once (sample "
                  f"rows seen: {sorted(rows.tolist())}).",
                  "use a permutation (torch.randperm), not indices drawn with replacement.")
 

@@ -41,7 +41,7 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
         if "before Module.__init__() call" in str(error):
             hint = "call super().__init__() first in __init__, before assigning any module."
         fail(exercise, case, f"Building it failed. {describe_error(error)}", hint or
-             crash_hint(error), inputs={"base_model": base_model}, error=error)
+             crash_hint(error), error=error, **_value_head_case(base_model, tokens))
     head = getattr(model, "value_head", None)
     if not isinstance(head, nn.Module):
         fail(exercise, case, "It has no `value_head` attribute that is an nn.Module.",
@@ -57,7 +57,7 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
     output, error = call(model, {"tokens": tokens}, positional=True)
     if error is not None:
         fail(exercise, case, f"forward(tokens) failed. {describe_error(error)}", crash_hint(error),
-             inputs={"tokens": tokens}, error=error)
+             error=error, **_value_head_case(base_model, tokens))
     if not isinstance(output, tuple) or len(output) != 2:
         fail(exercise, case, f"forward should return a tuple (logits, values), got "
              f"{type(output).__name__}.")
@@ -69,6 +69,13 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
     _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, values)
     passed(exercise, "logits unchanged, values = value_head(ln_final.hook_normalized), "
            "gradients reach the head and the trunk")
+
+
+def _value_head_case(base_model: HookedTransformer, tokens: Tensor) -> dict:
+    """`fail`'s keywords that record a value-head case and say how to re-run it."""
+    inputs = "exercises.last_failure().inputs"
+    return {"inputs": {"base_model": base_model, "tokens": tokens},
+            "rerun": f'TransformerWithValueHead({inputs}["base_model"])({inputs}["tokens"])'}
 
 
 def _value_oracle(base_model: HookedTransformer, head: nn.Module, tokens: Tensor, hook: str):
@@ -97,7 +104,7 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
             hint = ("your hook changed the residual stream: a hook function that returns a "
                     "tensor replaces the activation. Store the values (nonlocal), return nothing.")
         fail(exercise, case, f"The logits differ from the base model's. {problem}", hint,
-             inputs={"tokens": tokens})
+             **_value_head_case(base_model, tokens))
     if isinstance(values, Tensor) and values.shape == (batch, seq, 1):
         fail(exercise, case, f"values has shape {tuple(values.shape)}, expected ({batch}, {seq}).",
              "did you forget .squeeze(-1) on the value head's output?")
@@ -112,7 +119,7 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
             hint = ("you read the residual stream before the final layernorm; hook "
                     f"{VALUE_HOOK!r}, the vector the unembedding reads.")
         fail(exercise, case, f"The values are not value_head({VALUE_HOOK}). {problem}", hint,
-             inputs={"tokens": tokens})
+             **_value_head_case(base_model, tokens))
     if not values.requires_grad:
         fail(exercise, case, "values has no gradient.",
              "did you compute the values under torch.no_grad() or .detach() them?")

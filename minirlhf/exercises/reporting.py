@@ -198,9 +198,15 @@ def crash_hint(error: BaseException | None) -> str | None:
 
 def fail(exercise: str, case: str, problem: str, hint: str | None = None, *,
          inputs: dict[str, Any] | None = None, keywords: tuple[str, ...] = (),
-         expected: Any = None, got: Any = None, error: BaseException | None = None) -> None:
+         expected: Any = None, got: Any = None, error: BaseException | None = None,
+         rerun: str | None = None) -> None:
     """Raise the error a learner sees: what was tested, what differed, the likely mistake, the
-    inputs (as code when small), chained to the learner's own traceback when their code raised."""
+    inputs (as code when small), chained to the learner's own traceback when their code raised.
+
+    Args:
+        rerun: the code that re-runs the case, when `last_failure().rerun(exercise)` does not
+            (a class to build before calling it, a method).
+    """
     __tracebackhide__ = True  # pytest and IPython show the message, not this frame
     lines = [f"{exercise} is not right yet.", f"  Test case: {case}.", f"  {problem}"]
     if hint:
@@ -210,7 +216,7 @@ def fail(exercise: str, case: str, problem: str, hint: str | None = None, *,
         code = last_failure().as_code().replace("\n", "\n      ")
         lines += ["  The inputs of this case (also `exercises.last_failure().inputs`):",
                   f"      {code}",
-                  f"  Re-run it: `exercises.last_failure().rerun({exercise.split('.')[0]})`."]
+                  f"  Re-run it: `{rerun or f'exercises.last_failure().rerun({exercise})'}`."]
         if isinstance(expected, Tensor) and expected.numel() <= SMALL:
             lines.append(f"  Expected result: {_tensor_code(expected)}")
     message = ExerciseCheckError("\n".join(lines))

@@ -98,3 +98,33 @@ def test_float_positions_fail_before_anything_is_printed_as_passed(capsys):
 def test_a_scalar_off_by_its_sign_is_explained():
     assert "minus the expected" in explain_scalar(torch.tensor(2.0), torch.tensor(-2.0), {})
     assert explain_scalar(torch.tensor(2.0), torch.tensor(2.5), {"x": torch.zeros(3, 4)}) is None
+
+
+class LogprobsInsteadOfLogits(torch.nn.Module):
+    """A value head whose forward returns log-probs: a failure after the model was built."""
+
+    def __init__(self, base_model):
+        super().__init__()
+        self.base_model = base_model
+        self.value_head = torch.nn.Linear(base_model.cfg.d_model, 1)
+
+    def forward(self, tokens):
+        values = None
+
+        def store(normalized, hook):
+            nonlocal values
+            values = self.value_head(normalized).squeeze(-1)
+
+        logits = self.base_model.run_with_hooks(
+            tokens, fwd_hooks=[("ln_final.hook_normalized", store)])
+        return logits.log_softmax(-1), values
+
+
+def test_the_rerun_line_of_a_class_builds_it_first():
+    with pytest.raises(ExerciseCheckError) as caught:
+        exercises.check_value_head(LogprobsInsteadOfLogits)
+    rerun = str(caught.value).split("Re-run it: `", 1)[1].split("`", 1)[0]
+    assert rerun.startswith("TransformerWithValueHead(")
+    logits, values = eval(rerun, {"exercises": exercises,
+                                  "TransformerWithValueHead": LogprobsInsteadOfLogits})
+    assert logits.shape[:2] == values.shape == last_failure().inputs["tokens"].shape
