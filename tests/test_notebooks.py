@@ -174,7 +174,26 @@ def test_notebook_runs_top_to_bottom(name: str):
         checks = sum("passed" in o.get("text", "") for o in outputs)
         assert checks == code(NOTEBOOKS / name).count("exercises.check_")
     assert any("image/png" in o.get("data", {}) for o in outputs), "a notebook shows a plot"
-    print(f"{name}: {time.perf_counter() - start:.0f} s")
+    elapsed = time.perf_counter() - start
+    print(f"{name}: {elapsed:.0f} s")
+    if name == "05_sentiment.ipynb":
+        check_the_payoff("".join(o.get("text", "") for o in outputs), elapsed)
+
+
+def check_the_payoff(printed: str, elapsed: float) -> None:
+    """Notebook 5 says it takes about 3 minutes and shows the reward rising: both must hold.
+    (5 minutes allowed: its measured 149 to 214 s were on a 2-core CPU that other work shared.)"""
+    first, last = (float(x) for x in re.search(
+        r"mean reward ([-+.\d]+) in the first phase, ([-+.\d]+) in the last", printed).groups())
+    before, after = (float(x) for x in re.search(
+        r"mean VADER score: before ([-+.\d]+), after ([-+.\d]+)", printed).groups())
+    assert last > first + 0.1 and after > before + 0.1, printed
+    assert "about 3 minutes" in code_and_text(NOTEBOOKS / "05_sentiment.ipynb")
+    assert elapsed < 300, f"notebook 5 took {elapsed:.0f} s; it says about 3 minutes"
+
+
+def code_and_text(notebook: Path) -> str:
+    return "\n".join(cell.source for cell in nbformat.read(notebook, as_version=4).cells)
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

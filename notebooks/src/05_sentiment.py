@@ -26,15 +26,20 @@
 #   Social Media Text* (ICWSM): the reward model here.
 # - This repository's `docs/benchmarks.md`, for the 25-phase runs and what they reach.
 #
-# **The default below finishes in about TIME_STATED on a 2-core CPU** (loading included): 5 phases
+# **The default below finishes in about 3 minutes on a 2-core CPU** (loading included): 5 phases
 # of 32 samples of 16 tokens, 8 PPO steps per phase, in bfloat16 where the CPU has fast bfloat16
 # instructions (`precision="auto"`, as the command line picks it). That is enough for the mean
 # reward to rise visibly. The `smollm2-vader` preset runs 25 phases of 20 tokens and climbs
 # from about 0.2 to about 0.9 (`minirlhf train --preset smollm2-vader`, about 6 minutes on the
 # same CPU); on a GPU (`DEVICE = "cuda"`) far longer runs are cheap.
+#
+# On a CPU the notebook uses one thread (`CPU_THREADS = 1`): on a 2-core CPU that other work
+# shares, torch's default of a thread per core can make every phase several times slower,
+# because threads wait for a busy core. On an idle machine with more cores, set it to `None`.
 
 # %%
 import matplotlib.pyplot as plt
+import torch
 from rich import print as rprint
 from rich.console import Console
 
@@ -52,10 +57,13 @@ NUM_MINIBATCHES = 4
 BATCHES_PER_LEARNING_PHASE = 2
 PRECISION = "auto"  # bfloat16 where the device multiplies it fast, else float32
 DEVICE = None  # None picks CUDA, then Apple's MPS, then the CPU
+CPU_THREADS = 1  # torch's threads on a CPU; None keeps its default of one per core
 USE_HUB = False  # True: also run GPT-2 + distilbert-imdb (needs the Hugging Face hub)
 
 # %%
 device = pick_device(DEVICE)
+if device.type == "cpu" and CPU_THREADS is not None:
+    torch.set_num_threads(CPU_THREADS)
 policy = load_policy("smollm2", device)
 print(f"SmolLM2: {policy.cfg.n_layers} layers, d_model {policy.cfg.d_model}, "
       f"{policy.cfg.d_vocab} tokens, on {device}")
