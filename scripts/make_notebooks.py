@@ -112,7 +112,7 @@ def note_cell(source: Path, kind: str | None) -> nbformat.NotebookNode:
         text = (f"*The solutions version of this notebook, {generated} (its exercises twin comes "
                 "from the same source). Edit the source, not this file.*")
     else:
-        text = f"*{work}*"
+        text = work
     return nbformat.v4.new_markdown_cell(text)
 
 
