@@ -24,23 +24,22 @@ from types import ModuleType
 from typing import Any
 
 from minirlhf.exercises import (
-    memory_and_objective,
+    memory_and_logprobs,
     objective,
     optim_and_learning,
     reward_model,
     rewards_and_advantages,
 )
 from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
-from minirlhf.exercises.memory_and_objective import (
+from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
+from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
+from minirlhf.exercises.objective import (
     check_calc_clipped_surrogate_objective,
     check_calc_entropy_bonus,
     check_calc_kl_penalty,
+    check_calc_rlhf_objective,
     check_calc_value_function_loss,
-    check_get_logprobs,
-    check_replay_memory,
 )
-from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
-from minirlhf.exercises.objective import check_calc_rlhf_objective
 from minirlhf.exercises.optim_and_learning import (
     check_get_lr_scale,
     check_get_optimizer,
@@ -85,11 +84,11 @@ MISTAKES: dict[str, list[Mistake]] = {
     "normalize_reward": rewards_and_advantages.NORMALIZE_MISTAKES,
     "compute_advantages": rewards_and_advantages.ADVANTAGE_MISTAKES,
     "compute_gae": rewards_and_advantages.GAE_MISTAKES,
-    "get_logprobs": memory_and_objective.LOGPROBS_MISTAKES,
-    "calc_kl_penalty": memory_and_objective.KL_MISTAKES,
-    "calc_entropy_bonus": memory_and_objective.ENTROPY_MISTAKES,
-    "calc_value_function_loss": memory_and_objective.VALUE_LOSS_MISTAKES,
-    "calc_clipped_surrogate_objective": memory_and_objective.SURROGATE_MISTAKES,
+    "get_logprobs": memory_and_logprobs.LOGPROBS_MISTAKES,
+    "calc_kl_penalty": objective.KL_MISTAKES,
+    "calc_entropy_bonus": objective.ENTROPY_MISTAKES,
+    "calc_value_function_loss": objective.VALUE_LOSS_MISTAKES,
+    "calc_clipped_surrogate_objective": objective.SURROGATE_MISTAKES,
     "calc_rlhf_objective": objective.OBJECTIVE_MISTAKES,
     "get_lr_scale": optim_and_learning.LR_MISTAKES,
     "learning_phase": optim_and_learning.LEARNING_MISTAKES,
