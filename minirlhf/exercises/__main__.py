@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print(__doc__.split("\n\n")[1], file=sys.stderr)
         return 2
-    results = check_file(args[0])
+    try:
+        results = check_file(args[0])
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
     return 0 if results and all(r == "passed" for r in results.values()) else 1
 
 

@@ -144,6 +144,8 @@ def test_check_file_and_main(tmp_path, capsys):
     assert "did you use the sample std" in results["normalize_reward"]
     assert set(results) == {"compute_advantages", "normalize_reward"}
     assert main([str(path)]) == 1
+    assert main([str(tmp_path / "missing.py")]) == 2  # a message, not a traceback
+    assert "No Python file at" in capsys.readouterr().err
 
 
 def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
