@@ -182,7 +182,7 @@ def test_notebook_runs_top_to_bottom(name: str):
 
 def check_the_payoff(printed: str, elapsed: float) -> None:
     """Notebook 5 says it takes about 3 minutes and shows the reward rising: both must hold.
-    (5 minutes allowed: its measured 141 to 214 s were on a 2-core CPU that other work shared.)"""
+    (5 minutes allowed: its measured 90 to 214 s were on a 2-core CPU that other work shared.)"""
     first, last = (float(x) for x in re.search(
         r"mean reward ([-+.\d]+) in the first phase, ([-+.\d]+) in the last", printed).groups())
     before, after = (float(x) for x in re.search(
