@@ -15,6 +15,24 @@
 #                      zero_grad, backward, clip gradients, optimizer.step()
 #                  scheduler.step()   (once per phase)
 # ```
+#
+# **What you will learn**
+#
+# - why the transformer and the value head get different learning rates, and how a schedule
+#   warms up and decays them;
+# - the order of one PPO step (zero, forward, backward, clip, step) and what breaks when it
+#   changes;
+# - what the KL penalty buys: a policy that earns reward without leaving the reference behind.
+#
+# **Reading**
+#
+# - Loshchilov and Hutter 2019, *Decoupled Weight Decay Regularization* (arXiv:1711.05101): why
+#   AdamW rather than Adam with weight decay.
+# - Ziegler et al. 2019 (arXiv:1909.08593), section 2.2: the KL penalty.
+# - CleanRL's `ppo.py`, the training loop.
+# - This repository's `docs/trainer.md` and `docs/metrics.md`.
+#
+# As before: labels, hints one at a time, the solution collapsed after each check.
 
 # %%
 import matplotlib.pyplot as plt
@@ -35,6 +53,11 @@ torch.set_num_threads(1)  # tiny models run faster on one thread than on many
 # AdamW with two parameter groups: the transformer (`model.base_model`) at `base_lr` and the
 # freshly initialised value head (`model.value_head`) at the larger `head_lr`. The trainer
 # **maximises** the objective, so pass `maximize=True` (rather than negating the objective).
+#
+# Labels: difficulty 1, importance 3, 10 minutes
+#
+# Hint: AdamW takes a list of parameter groups, dicts `{"params": ..., "lr": ...}`: one for
+# `model.base_model.parameters()`, one for `model.value_head.parameters()`.
 
 
 # %%
@@ -65,8 +88,16 @@ exercises.check_get_optimizer(get_optimizer)
 #   1 - (1 - f)\,\dfrac{p - w}{\max(1,\; P - 1 - w)} & p \ge w
 # \end{cases}$$
 #
-# The seed used $p / w$ in the warmup, so its first phase had learning rate 0, and divided the
-# decay by $P - w$, so it never reached $f$.
+# The original design used $p / w$ in the warmup, so its first phase had learning rate 0, and
+# divided the decay by $P - w$, so it never reached $f$.
+#
+# Labels: difficulty 2, importance 2, 10 minutes
+#
+# Hint: Two branches. Below `warmup_steps`, a ramp that reaches 1 at phase `warmup_steps - 1`;
+# from there, a straight line from 1 down to `final_scale` at phase `total_phases - 1`.
+#
+# Hint: With `warmup_steps = 0` the first branch never runs, so nothing divides by it. The
+# `max(1, ...)` keeps the decay defined when a single phase follows the warmup.
 
 
 # %%
@@ -96,7 +127,13 @@ plt.show()
 # ## Exercise 3: optimiser and scheduler
 #
 # Wrap the schedule in `torch.optim.lr_scheduler.LambdaLR`, which multiplies each group's
-# learning rate by `lr_lambda(phase)`. (The seed spelt both `lr_scheulder` and `lr_lamda`.)
+# learning rate by `lr_lambda(phase)`. (Watch the spelling: `lr_scheulder` and `lr_lamda` are
+# easy typos; the original design had both.)
+#
+# Labels: difficulty 1, importance 2, 5 minutes
+#
+# Hint: `torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda phase: get_lr_scale(phase,
+# ...))`, reusing your `get_optimizer`.
 
 
 # %%
@@ -132,6 +169,16 @@ exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
 # backpropagate the objective, clip the gradients' global norm to `args.max_grad_norm`, and step
 # the optimiser. After the loop, step the scheduler once. Return a dict of metrics (for example
 # the mean of each stat over the minibatches).
+#
+# Labels: difficulty 3, importance 5, 20 minutes
+#
+# Hint: The loop body is five lines: `self.optimizer.zero_grad()`, `objective, stats =
+# self.compute_rlhf_objective(mb)`, `objective.backward()`,
+# `nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)`,
+# `self.optimizer.step()`.
+#
+# Hint: `self.scheduler.step()` comes after the loop, once. For the metrics, collect each
+# minibatch's `stats` and return the mean of each key.
 
 
 # %%
@@ -170,6 +217,14 @@ exercises.check_learning_phase(learning_phase)
 # in-vocabulary characters ("Q:") and no BOS. A phase takes a fraction of a second on a CPU.
 #
 # Your `learning_phase` drives the trainer: a subclass swaps it in.
+#
+# Predict: Of the three runs below (no KL penalty, `kl_coef=0.2`, one-step advantages without a
+# penalty), which ends with the highest reward, which with the largest KL, and what will the
+# samples of the run without a penalty look like?
+#
+# Answer: The GAE run without a penalty wins on both counts: nothing holds it near the reference,
+# so its samples collapse into runs of periods. The penalty trades some reward for a KL that
+# levels off; one-step advantages learn slowest. The plots below show it.
 
 
 # %%
