@@ -54,6 +54,7 @@ from minirlhf.exercises.rewards_and_advantages import (
     check_normalize_reward,
     check_reward_fn_char_count,
 )
+from minirlhf.exercises.trainer_methods import check_compute_rlhf_objective
 
 CHECKS: dict[str, Callable[[Any], None]] = {
     "TransformerWithValueHead": check_value_head,
@@ -72,6 +73,7 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "get_optimizer": check_get_optimizer,
     "get_lr_scale": check_get_lr_scale,
     "get_optimizer_and_scheduler": check_get_optimizer_and_scheduler,
+    "compute_rlhf_objective": check_compute_rlhf_objective,
     "learning_phase": check_learning_phase,
     "get_last_token_index": check_get_last_token_index,
     "calc_pairwise_loss": check_calc_pairwise_loss,
@@ -107,6 +109,8 @@ def get_reference(name: str) -> Any:
     import minirlhf
     from minirlhf.trainer import RLHFTrainer
 
+    if name == "compute_rlhf_objective":
+        return RLHFTrainer.compute_rlhf_objective
     if name == "learning_phase":
         return RLHFTrainer.learning_phase
     if name == "get_samples":
@@ -169,6 +173,7 @@ __all__ = [
     "check_get_optimizer",
     "check_get_optimizer_and_scheduler",
     "check_get_samples",
+    "check_compute_rlhf_objective",
     "check_learning_phase",
     "check_normalize_reward",
     "check_replay_memory",
