@@ -183,3 +183,8 @@ def test_to_dict_holds_no_callables():
     """Reward functions live in the trainer, not the config: every value is plain data."""
     for value in RLHFArgs().to_dict().values():
         assert value is None or isinstance(value, (bool, int, float, str))
+
+
+def test_a_negative_seed_is_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="seed"):
+        RLHFArgs(seed=-1)
