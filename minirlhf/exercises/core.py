@@ -249,19 +249,16 @@ def randn(*shape: int, seed: int, scale: float = 1.0, grad: bool = False) -> Ten
     return (torch.randn(*shape, generator=seeded(seed)) * scale).requires_grad_(grad)
 
 
-CHAR_VOCAB = PRINTABLE_VOCAB
-"""GPT-2's token ids 0..93 are the 94 printable one-character tokens '!'..'~' ('.' is 13)."""
-
-
 def load_char_model(
     n_layers: int = 1, d_model: int = 32, n_heads: int = 2, seed: int = 0
 ) -> HookedTransformer:
-    """A tiny random model whose vocabulary is the 94 printable one-character GPT-2 tokens.
+    """A tiny random model whose vocabulary is the 94 printable one-character GPT-2 tokens
+    (ids 0..93 are '!'..'~'; '.' is 13).
 
     It keeps GPT-2's tokenizer, so prompts must be made of characters that tokenize to single
     in-vocabulary tokens (such as "a"), with prepend_bos=False (BOS, 50256, is out of its
     vocabulary). Its softmaxes are over 94 tokens instead of 50,257, so it trains in a fraction of
     a second per phase on a CPU and a check can afford thousands of samples.
     """
-    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=CHAR_VOCAB)
+    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=PRINTABLE_VOCAB)
 
