@@ -224,15 +224,21 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
 LearningPhaseFn = Callable[[RLHFTrainer, ReplayMemory], dict[str, float]]
 
 
-def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
-    """A trainer on a tiny char model and one rollout's memory (about a tenth of a second)."""
-    args = RLHFArgs(total_phases=3, batch_size=8, num_minibatches=2, batches_per_learning_phase=2,
-                    gen_len=4, prefix="a", prepend_bos=False, warmup_steps=1, base_lr=1e-2,
-                    head_lr=1e-2, max_grad_norm=0.05, kl_coef=0.5, ent_coef=0.01, seed=0)
+def char_trainer(**overrides) -> RLHFTrainer:
+    """A quiet trainer on a tiny char model (batch 8, gen_len 4, prompt "a"), with `overrides`."""
+    args = RLHFArgs(**{**dict(total_phases=3, batch_size=8, num_minibatches=2, gen_len=4,
+                              prefix="a", prepend_bos=False, warmup_steps=0, kl_coef=0.5,
+                              seed=0), **overrides})
     model = load_char_model(n_layers=1, d_model=16, n_heads=2, seed=4)
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to"
-        trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
-                              console=Console(quiet=True), table_every=0)
+        return RLHFTrainer(args, reward_fn_char_count, base_model=model,
+                           console=Console(quiet=True), table_every=0)
+
+
+def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
+    """A trainer on a tiny char model and one rollout's memory (about a tenth of a second)."""
+    trainer = char_trainer(batches_per_learning_phase=2, warmup_steps=1, base_lr=1e-2,
+                           head_lr=1e-2, max_grad_norm=0.05, ent_coef=0.01)
     return trainer, trainer.rollout_phase().memory
 
 

@@ -8,18 +8,14 @@ moved from the one that sampled (so the ratio is not 1 and the KL not 0), and co
 objective and its gradient. A wrong objective is explained by which term it is off by.
 """
 
-import contextlib
-import io
 from collections.abc import Callable
 
 import torch
-from rich.console import Console
 
-from minirlhf.args import RLHFArgs
-from minirlhf.exercises.core import load_char_model, passed, single_threaded
+from minirlhf.exercises.core import passed, single_threaded
+from minirlhf.exercises.optim_and_learning import char_trainer
 from minirlhf.exercises.reporting import crash_hint, describe_error, fail, learner_facing
 from minirlhf.memory import ReplayMinibatch
-from minirlhf.rewards import reward_fn_char_count
 from minirlhf.trainer import RLHFTrainer
 
 ObjectiveFn = Callable[[RLHFTrainer, ReplayMinibatch], tuple[torch.Tensor, dict[str, float]]]
@@ -31,13 +27,8 @@ TERMS = {"losses/clipped_surrogate": +1, "losses/value_loss": -1, "losses/entrop
 def _moved_trainer() -> tuple[RLHFTrainer, ReplayMinibatch]:
     """A tiny trainer at temperature 1.5 after one learning phase, and a minibatch of a fresh
     rollout whose policy then takes one more step: every term is non-zero."""
-    args = RLHFArgs(total_phases=3, batch_size=8, num_minibatches=2, batches_per_learning_phase=1,
-                    gen_len=4, prefix="a", prepend_bos=False, warmup_steps=0, base_lr=3e-2,
-                    head_lr=3e-2, kl_coef=0.5, ent_coef=0.05, temperature=1.5, seed=0)
-    model = load_char_model(n_layers=1, d_model=16, n_heads=2, seed=4)
-    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to"
-        trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
-                              console=Console(quiet=True), table_every=0)
+    trainer = char_trainer(batches_per_learning_phase=1, warmup_steps=0, base_lr=3e-2,
+                           head_lr=3e-2, ent_coef=0.05, temperature=1.5)
     trainer.train_one_phase()
     memory = trainer.rollout_phase().memory
     first, second = memory.get_minibatches(2, 1, torch.Generator().manual_seed(0))
