@@ -48,3 +48,15 @@ def test_every_logged_metric_is_documented():
 def test_every_check_is_documented():
     page = (ROOT / "docs" / "exercises.md").read_text()
     assert not [check.__name__ for check in CHECKS.values() if f"`{check.__name__}`" not in page]
+
+
+def test_the_built_site_loads_nothing_from_the_network(tmp_path):
+    """Math renders offline: MathJax ships in docs/javascripts/mathjax/, no CDN script, stylesheet
+    or web font is referenced (links a reader clicks are fine)."""
+    build = mkdocs_build(ROOT, tmp_path / "site")
+    assert build.returncode == 0, build.stdout + build.stderr
+    pages = list((tmp_path / "site").rglob("*.html"))
+    external = re.compile(r'<(?:script|link)\b[^>]*(?:src|href)="(?:https?:)?//[^"]*"')
+    loaded = {match for page in pages for match in external.findall(page.read_text())}
+    assert not loaded, loaded
+    assert (tmp_path / "site" / "javascripts" / "mathjax" / "tex-svg.js").is_file()
