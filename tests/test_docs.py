@@ -30,6 +30,11 @@ def test_a_broken_link_fails_the_build(tmp_path):
     """The strict build can fail: the same docs with one dead link do not build."""
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "docs_hooks.py", tmp_path / "scripts")  # ships the notebooks
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks",
+                    ignore=shutil.ignore_patterns("*.py", "work"))
+    assert mkdocs_build(tmp_path, tmp_path / "unbroken").returncode == 0  # the copy builds
     page = tmp_path / "docs" / "glossary.md"
     page.write_text(page.read_text() + "\nSee [the missing page](missing.md).\n")
     build = mkdocs_build(tmp_path, tmp_path / "site")
