@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from minirlhf.exercises import CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,20 @@ def test_the_built_site_loads_nothing_from_the_network(tmp_path):
     loaded = {match for page in pages for match in external.findall(page.read_text())}
     assert not loaded, loaded
     assert (tmp_path / "site" / "javascripts" / "mathjax" / "tex-svg.js").is_file()
+
+
+def test_formulas_render_in_a_browser_without_the_network(tmp_path):
+    """Headless Chromium (skipped where none is installed) typesets the objective page's formulas
+    from the vendored MathJax: SVG math and no MathJax error, with file:// URLs only."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium installed")
+    build = mkdocs_build(ROOT, tmp_path / "site")
+    assert build.returncode == 0, build.stdout + build.stderr
+    page = (tmp_path / "site" / "objective" / "index.html").as_uri()
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--virtual-time-budget=8000", "--dump-dom", page]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<mjx-container") >= 5, dom[-2000:]
+    assert "<svg" in dom
+    assert not re.search(r'<g[^>]*data-mml-node="merror"', dom), "a formula MathJax cannot parse"
