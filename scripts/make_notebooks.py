@@ -7,6 +7,8 @@ which every exercise's body sits between `# BEGIN SOLUTION` and `# END SOLUTION`
 - `notebooks/NN_name_exercises.ipynb` replaces each body with `raise NotImplementedError()` and
   adds the full solution, collapsed in a <details> block, after the cell that checks it.
 - a source with no exercise gives one notebook, `notebooks/NN_name.ipynb`; CI runs it too.
+- every notebook gets the same set-up cell (`SETUP_CELL`) before its first code cell: it installs
+  minirlhf where it does not import (Colab, a fresh environment) and silences tqdm's warning.
 
 Markdown cells may hold graded help, written as paragraphs that start with a keyword:
 
@@ -98,6 +100,32 @@ def graded_help(markdown: str) -> str:
     return "\n\n".join(paragraphs)
 
 
+# The first code cell of every notebook (one copy here, not one per source). In a kernel where
+# minirlhf imports it only silences tqdm's "IProgress not found" warning (ipywidgets is not a
+# dependency; the progress bars fall back to text).
+SETUP_CELL = """\
+# Set-up: installs minirlhf where it is missing (Colab, a fresh environment), else does nothing.
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
+if importlib.util.find_spec("minirlhf") is None:
+    # The clone this notebook sits in, or MINIRLHF_SOURCE (a path or a git URL pip can install).
+    clone = next((folder for folder in [Path.cwd(), *Path.cwd().parents]
+                  if (folder / "minirlhf" / "__init__.py").is_file()), None)
+    source = os.environ.get("MINIRLHF_SOURCE", str(clone) if clone else "")
+    if not source:
+        raise RuntimeError("minirlhf is not installed and this notebook is not inside a clone of "
+                           "the repository: clone or upload it and open the notebook from there, "
+                           "or set MINIRLHF_SOURCE to a path or git URL that pip can install.")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", source])
+    importlib.invalidate_caches()"""
+
+
 def details_cell(solution: str) -> nbformat.NotebookNode:
     text = f"<details><summary>Solution</summary>\n\n```python\n{solution}\n```\n\n</details>"
     return nbformat.v4.new_markdown_cell(text)
@@ -121,6 +149,8 @@ def build(source: Path) -> dict[str, nbformat.NotebookNode]:
     cells = jupytext.read(source, fmt="py:percent").cells
     exercises, solutions = [note_cell(source, "exercises")], [note_cell(source, "solutions")]
     pending: list[str] = []  # solutions waiting for their check cell
+    first_code = next(i for i, cell in enumerate(cells) if cell.cell_type == "code")
+    cells.insert(first_code, nbformat.v4.new_code_cell(SETUP_CELL))  # before the imports
     for cell in cells:
         if cell.cell_type != "code":
             exercises.append(nbformat.v4.new_markdown_cell(graded_help(cell.source)))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from minirlhf.exercises import CHECKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +32,11 @@ def test_a_broken_link_fails_the_build(tmp_path):
     """The strict build can fail: the same docs with one dead link do not build."""
     shutil.copy(ROOT / "mkdocs.yml", tmp_path / "mkdocs.yml")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "docs_hooks.py", tmp_path / "scripts")  # ships the notebooks
+    shutil.copytree(ROOT / "notebooks", tmp_path / "notebooks",
+                    ignore=shutil.ignore_patterns("*.py", "work"))
+    assert mkdocs_build(tmp_path, tmp_path / "unbroken").returncode == 0  # the copy builds
     page = tmp_path / "docs" / "glossary.md"
     page.write_text(page.read_text() + "\nSee [the missing page](missing.md).\n")
     build = mkdocs_build(tmp_path, tmp_path / "site")
@@ -48,3 +55,32 @@ def test_every_logged_metric_is_documented():
 def test_every_check_is_documented():
     page = (ROOT / "docs" / "exercises.md").read_text()
     assert not [check.__name__ for check in CHECKS.values() if f"`{check.__name__}`" not in page]
+
+
+def test_the_built_site_loads_nothing_from_the_network(tmp_path):
+    """Math renders offline: MathJax ships in docs/javascripts/mathjax/, no CDN script, stylesheet
+    or web font is referenced (links a reader clicks are fine)."""
+    build = mkdocs_build(ROOT, tmp_path / "site")
+    assert build.returncode == 0, build.stdout + build.stderr
+    pages = list((tmp_path / "site").rglob("*.html"))
+    external = re.compile(r'<(?:script|link)\b[^>]*(?:src|href)="(?:https?:)?//[^"]*"')
+    loaded = {match for page in pages for match in external.findall(page.read_text())}
+    assert not loaded, loaded
+    assert (tmp_path / "site" / "javascripts" / "mathjax" / "tex-svg.js").is_file()
+
+
+def test_formulas_render_in_a_browser_without_the_network(tmp_path):
+    """Headless Chromium (skipped where none is installed) typesets the objective page's formulas
+    from the vendored MathJax: SVG math and no MathJax error, with file:// URLs only."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no Chromium installed")
+    build = mkdocs_build(ROOT, tmp_path / "site")
+    assert build.returncode == 0, build.stdout + build.stderr
+    page = (tmp_path / "site" / "objective" / "index.html").as_uri()
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--virtual-time-budget=8000", "--dump-dom", page]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<mjx-container") >= 5, dom[-2000:]
+    assert "<svg" in dom
+    assert not re.search(r'<g[^>]*data-mml-node="merror"', dom), "a formula MathJax cannot parse"

@@ -1,4 +1,5 @@
 // MathJax settings for pymdownx.arithmatex (generic mode): $...$ inline, $$...$$ display.
+// MathJax itself is vendored in javascripts/mathjax/ (see its README.txt): no CDN, works offline.
 window.MathJax = {
   tex: {
     inlineMath: [["\\(", "\\)"]],
@@ -10,8 +11,16 @@ window.MathJax = {
     ignoreHtmlClass: ".*|",
     processHtmlClass: "arithmatex",
   },
+  svg: {
+    fontCache: "global",
+  },
 };
 
-document$.subscribe(() => {
-  MathJax.typesetPromise();
-});
+// MathJax typesets the first page on load; later pages (Material's instant loading) need a call.
+if (typeof document$ !== "undefined") {
+  document$.subscribe(() => {
+    if (window.MathJax.typesetPromise) {
+      MathJax.typesetPromise();
+    }
+  });
+}

@@ -41,12 +41,19 @@
 # traceback first, then what differed, the mistake you most likely made, and the inputs of the
 # failing case; `exercises.last_failure().rerun(your_function)` runs that case again, so you can
 # add prints and debug it by hand.
+#
+# **Shapes in the signatures.** Every tensor argument is annotated with its shape, as in the
+# library: `Int[Tensor, "batch seq"]` is a tensor of token ids with a batch axis and a sequence
+# axis, `Float[Tensor, " batch"]` one float per sample, `Float[Tensor, ""]` a scalar (jaxtyping's
+# notation; the dimension names are listed in the docs' glossary). Here they document; nothing
+# checks them at run time.
 
 # %%
 import matplotlib.pyplot as plt
 import torch
+from jaxtyping import Float, Int
 from rich import print as rprint
-from torch import nn
+from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
@@ -115,7 +122,9 @@ class TransformerWithValueHead(nn.Module):
         )
         # END SOLUTION
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, tokens: Int[Tensor, "batch seq"]
+    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
         """Returns (logits of shape (batch, seq, d_vocab), values of shape (batch, seq))."""
         # BEGIN SOLUTION
         values = None
@@ -178,7 +187,7 @@ def get_samples(
     temperature: float = 1.0,
     top_k: int | None = None,
     prepend_bos: bool = True,
-) -> tuple[torch.Tensor, list[str]]:
+) -> tuple[Int[Tensor, "batch seq"], list[str]]:
     """Sample `gen_len` tokens after `prompt`, `batch_size` times.
 
     Returns:

@@ -36,6 +36,8 @@
 # %%
 import matplotlib.pyplot as plt
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from minirlhf import exercises
 
@@ -54,7 +56,7 @@ torch.manual_seed(0)
 
 
 # %%
-def reward_fn_char_count(samples: list[str], char: str = ".") -> torch.Tensor:
+def reward_fn_char_count(samples: list[str], char: str = ".") -> Float[Tensor, " batch"]:
     """The number of times `char` appears in each sample, as a float tensor of shape (batch,)."""
     # BEGIN SOLUTION
     return torch.tensor([sample.count(char) for sample in samples], dtype=torch.float32)
@@ -89,7 +91,9 @@ exercises.check_reward_fn_char_count(reward_fn_char_count)
 
 
 # %%
-def normalize_reward(reward: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def normalize_reward(
+    reward: Float[Tensor, " batch"], eps: float = 1e-5
+) -> Float[Tensor, " batch"]:
     """Rewards shifted and scaled to mean 0 and population std 1 (zeros if they are all equal)."""
     # BEGIN SOLUTION
     return (reward - reward.mean()) / (reward.std(correction=0) + eps)
@@ -142,8 +146,8 @@ exercises.check_normalize_reward(normalize_reward)
 # %%
 @torch.no_grad()
 def compute_advantages(
-    values: torch.Tensor, rewards: torch.Tensor, prefix_len: int
-) -> torch.Tensor:
+    values: Float[Tensor, "batch seq"], rewards: Float[Tensor, " batch"], prefix_len: int
+) -> Float[Tensor, "batch gen_len"]:
     """One-step advantages.
 
     Args:
@@ -192,12 +196,12 @@ exercises.check_compute_advantages(compute_advantages)
 # %%
 @torch.no_grad()
 def compute_gae(
-    values: torch.Tensor,
-    rewards: torch.Tensor,
+    values: Float[Tensor, "batch seq"],
+    rewards: Float[Tensor, " batch"],
     prefix_len: int,
     gamma: float = 1.0,
     gae_lambda: float = 0.95,
-) -> torch.Tensor:
+) -> Float[Tensor, "batch gen_len"]:
     """Generalised advantage estimates of shape (batch, gen_len)."""
     # BEGIN SOLUTION
     state_values = values[:, prefix_len - 1 : -1]

@@ -37,6 +37,8 @@
 # %%
 import matplotlib.pyplot as plt
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from minirlhf import exercises
 from minirlhf.memory import ReplayMinibatch
@@ -124,8 +126,10 @@ exercises.check_replay_memory(ReplayMemory)
 
 # %%
 def get_logprobs(
-    logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int | None = None
-) -> torch.Tensor:
+    logits: Float[Tensor, "batch seq d_vocab"],
+    tokens: Int[Tensor, "batch seq"],
+    prefix_len: int | None = None,
+) -> Float[Tensor, "batch gen_len"]:
     """Log-probs of tokens[:, prefix_len:] (shape (batch, seq - prefix_len))."""
     # BEGIN SOLUTION
     start = 1 if prefix_len is None else prefix_len
@@ -162,7 +166,11 @@ exercises.check_get_logprobs(get_logprobs)
 
 
 # %%
-def calc_kl_penalty(logits: torch.Tensor, ref_logits: torch.Tensor, kl_coef: float) -> torch.Tensor:
+def calc_kl_penalty(
+    logits: Float[Tensor, "minibatch gen_len d_vocab"],
+    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],
+    kl_coef: float,
+) -> Float[Tensor, ""]:
     """kl_coef times the mean KL(policy || reference) over positions. A positive scalar."""
     # BEGIN SOLUTION
     logprobs = logits.log_softmax(dim=-1)
@@ -188,7 +196,9 @@ exercises.check_calc_kl_penalty(calc_kl_penalty)
 
 
 # %%
-def calc_entropy_bonus(logits: torch.Tensor, ent_coef: float) -> torch.Tensor:
+def calc_entropy_bonus(
+    logits: Float[Tensor, "minibatch gen_len d_vocab"], ent_coef: float
+) -> Float[Tensor, ""]:
     """ent_coef times the mean entropy of the policy at the generated positions."""
     # BEGIN SOLUTION
     logprobs = logits.log_softmax(dim=-1)
@@ -214,8 +224,10 @@ exercises.check_calc_entropy_bonus(calc_entropy_bonus)
 
 # %%
 def calc_value_function_loss(
-    values: torch.Tensor, mb_returns: torch.Tensor, vf_coef: float
-) -> torch.Tensor:
+    values: Float[Tensor, "minibatch gen_len"],
+    mb_returns: Float[Tensor, "minibatch gen_len"],
+    vf_coef: float,
+) -> Float[Tensor, ""]:
     """vf_coef times half the mean squared error of the values against the returns."""
     # BEGIN SOLUTION
     return 0.5 * vf_coef * (values - mb_returns).pow(2).mean()
@@ -249,12 +261,12 @@ exercises.check_calc_value_function_loss(calc_value_function_loss)
 
 # %%
 def calc_clipped_surrogate_objective(
-    logprobs: torch.Tensor,
-    mb_logprobs: torch.Tensor,
-    mb_advantages: torch.Tensor,
+    logprobs: Float[Tensor, "minibatch gen_len"],
+    mb_logprobs: Float[Tensor, "minibatch gen_len"],
+    mb_advantages: Float[Tensor, "minibatch gen_len"],
     clip_coef: float,
     eps: float = 1e-8,
-) -> torch.Tensor:
+) -> Float[Tensor, ""]:
     """PPO's clipped surrogate objective, averaged over the minibatch's tokens."""
     # BEGIN SOLUTION
     ratio = (logprobs - mb_logprobs).exp()
@@ -309,11 +321,11 @@ plt.show()
 
 # %%
 def calc_rlhf_objective(
-    clipped_surrogate: torch.Tensor,
-    value_loss: torch.Tensor,
-    entropy_bonus: torch.Tensor,
-    kl_penalty: torch.Tensor,
-) -> torch.Tensor:
+    clipped_surrogate: Float[Tensor, ""],
+    value_loss: Float[Tensor, ""],
+    entropy_bonus: Float[Tensor, ""],
+    kl_penalty: Float[Tensor, ""],
+) -> Float[Tensor, ""]:
     """The objective the trainer maximises, from the four (positive) terms."""
     # BEGIN SOLUTION
     return clipped_surrogate - value_loss + entropy_bonus - kl_penalty

@@ -37,9 +37,10 @@
 # %%
 import matplotlib.pyplot as plt
 import torch
+from jaxtyping import Float
 from rich import print as rprint
 from rich.console import Console
-from torch import nn
+from torch import Tensor, nn
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises, get_samples, reward_fn_char_count
 from minirlhf.losses import (
@@ -198,7 +199,9 @@ exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
 
 
 # %%
-def compute_rlhf_objective(self: RLHFTrainer, mb: ReplayMinibatch) -> tuple[torch.Tensor, dict]:
+def compute_rlhf_objective(
+    self: RLHFTrainer, mb: ReplayMinibatch
+) -> tuple[Float[Tensor, ""], dict]:
     """The objective to maximise on one minibatch, and its terms for the logs."""
     # BEGIN SOLUTION
     args = self.args

@@ -44,7 +44,9 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
+from jaxtyping import Float, Int
 from rich.console import Console
+from torch import Tensor
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises
 from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
@@ -90,7 +92,7 @@ torch.set_num_threads(1)  # tiny models gain nothing from more threads
 
 
 # %%
-def get_last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+def get_last_token_index(attention_mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
     """Position of each row's last real token. attention_mask: (batch, seq) of 0s and 1s."""
     # BEGIN SOLUTION
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
@@ -145,10 +147,10 @@ with torch.no_grad():
 
 # %%
 def calc_pairwise_loss(
-    chosen_rewards: torch.Tensor,
-    rejected_rewards: torch.Tensor,
-    margin: torch.Tensor | None = None,
-) -> torch.Tensor:
+    chosen_rewards: Float[Tensor, " batch"],
+    rejected_rewards: Float[Tensor, " batch"],
+    margin: Float[Tensor, " batch"] | None = None,
+) -> Float[Tensor, ""]:
     """Mean of -log sigmoid(r_chosen - r_rejected - margin) over the pairs (shape (batch,) each)."""
     # BEGIN SOLUTION
     difference = chosen_rewards - rejected_rewards
@@ -172,7 +174,7 @@ exercises.check_calc_pairwise_loss(calc_pairwise_loss)
 # object per line, the format a file of human labels would have too.
 
 # %%
-def digit_count(samples: list[str]) -> torch.Tensor:
+def digit_count(samples: list[str]) -> Float[Tensor, " batch"]:
     """The judge: how many digits each text has."""
     return torch.tensor([float(sum(c.isdigit() for c in s)) for s in samples])
 

@@ -2,7 +2,9 @@
 
 This folder's name starts with "test", so pytest reads this conftest before parsing the command
 line whenever it collects `tests/` (or this folder): the option works with `pytest`,
-`pytest tests` and `pytest tests/test_exercises`.
+`pytest tests` and `pytest tests/test_exercises`. Given `--impl`, pytest runs only the tests that
+call a check on the learner's functions and deselects the rest of the suite, which tests minirlhf
+itself, not the learner's file.
 """
 
 import os
@@ -11,6 +13,7 @@ from types import ModuleType
 import pytest
 
 IMPL_ENV = "MINIRLHF_IMPL"
+LEARNER_TESTS = {"test_check_passes"}  # the tests that run a check on the learner's function
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,3 +33,14 @@ def learner_module(request: pytest.FixtureRequest) -> ModuleType | None:
 
     path = request.config.getoption("--impl")
     return load_file(path) if path else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With --impl, keep only the exercise checks run on the learner's file."""
+    if not config.getoption("--impl"):
+        return
+    keep = [item for item in items if getattr(item, "originalname", None) in LEARNER_TESTS]
+    deselected = [item for item in items if item not in keep]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = keep
