@@ -41,8 +41,8 @@ print("ready", flush=True)
 for _ in sys.stdin:
     result = trainer.train_one_phase()
     metrics = getattr(result, "metrics", result)  # a Rollout after the redesign, a dict before
-    print(json.dumps({k: metrics[k] for k in %r}), flush=True)
-""" % KEYS
+    print(json.dumps({k: metrics[k] for k in KEYS}), flush=True)
+""".replace("KEYS", repr(KEYS))
 
 
 def start(checkout: Path, threads: int) -> subprocess.Popen:
