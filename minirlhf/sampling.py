@@ -156,12 +156,7 @@ def get_samples(
         raise ValueError(f"gen_len must be at least 1, got {gen_len}.")
     generator = seed if isinstance(seed, torch.Generator) else _make_generator(seed, model)
     prompt_ids, prompt_mask = tokenize_prompts(model, prompts, prepend_bos)
-    if prompt_ids.shape[1] + gen_len > model.cfg.n_ctx:
-        raise ValueError(
-            f"The prompt takes {prompt_ids.shape[1]} tokens and gen_len is {gen_len}: "
-            f"{prompt_ids.shape[1] + gen_len} positions, but the model reads at most "
-            f"{model.cfg.n_ctx}. Shorten the prompt or gen_len."
-        )
+    check_context(prompt_ids.shape[1], gen_len, model.cfg.n_ctx)
     decoder = (_FastDecoder(model, len(prompts), prompt_ids.shape[1] + gen_len)
                if fast.use_fast_path(model, fast_path)
                else _HookedDecoder(model, len(prompts)))
@@ -175,6 +170,16 @@ def get_samples(
             len(decoder.final_residuals) == gen_len:  # not stopped early at EOS
         final_residual = torch.stack(decoder.final_residuals, dim=1)
     return Samples(sample_ids, samples, attention_mask, prompt_ids.shape[1], final_residual)
+
+
+def check_context(prefix_len: int, gen_len: int, n_ctx: int):
+    """Refuse, before sampling, a prompt and gen_len that do not fit the model's context."""
+    if prefix_len + gen_len > n_ctx:
+        raise ValueError(
+            f"The prompt takes {prefix_len} tokens and gen_len is {gen_len}: "
+            f"{prefix_len + gen_len} positions, but the model reads at most {n_ctx}. "
+            "Shorten the prompt or gen_len."
+        )
 
 
 def _make_generator(seed: int | None, model: HookedTransformer) -> torch.Generator | None:
