@@ -28,7 +28,7 @@ to each other: group g is rows g * group_size .. (g + 1) * group_size - 1.
 """
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 
@@ -122,3 +122,19 @@ def compute_reinforce_pp_advantages(
         running = step_rewards[:, t] + gamma * running
         returns[:, t] = running
     return (returns - returns.mean()) / (returns.std(correction=0) + eps)
+
+
+def compute_critic_free_advantages(
+    estimator: str, rewards: Float[Tensor, " batch"], kl: Float[Tensor, "batch gen_len"],
+    group_size: int, kl_coef: float, gamma: float = 1.0,
+) -> Float[Tensor, "batch gen_len"]:
+    """The advantages of a critic-free `estimator` ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+    for every generated token. `kl` (per token) enters only REINFORCE++'s reward; pass zeros to
+    keep the KL out of it. GRPO and RLOO give all tokens of a sample its sequence advantage."""
+    if estimator == "reinforce_pp":
+        return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma)
+    if estimator == "rloo":
+        advantages = compute_rloo_advantages(rewards, group_size)
+    else:
+        advantages = compute_group_advantages(rewards, group_size, estimator == "grpo")
+    return repeat(advantages, "batch -> batch gen_len", gen_len=kl.shape[1])

@@ -157,3 +157,14 @@ def calc_clipped_surrogate_objective(
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
     return torch.minimum(unclipped, clipped).mean()
+
+
+def calc_sampled_kl_penalty(
+    logprobs: Float[Tensor, "minibatch gen_len"],
+    ref_logprobs: Float[Tensor, "minibatch gen_len"],
+    kl_coef: float,
+    estimator: str,
+) -> Float[Tensor, ""]:
+    """kl_coef times the mean of a sampled estimator ("k1", "k2" or "k3") over the minibatch's
+    tokens. Subtracted. Its gradient is not the exact KL's (docs/critic_free.md)."""
+    return kl_coef * KL_ESTIMATORS[estimator](logprobs, ref_logprobs).mean()
