@@ -106,7 +106,14 @@ class RLHFArgs:
     top_p: float | None = None
     """Nucleus sampling threshold (None: off)."""
     prefix: str = "This is"
-    """The prompt every sample continues."""
+    """The prompt every sample continues (when no `prompts` file is given)."""
+    prompts: str | None = None
+    """A prompt file (text, one per line, or JSONL with "prompt"), or "reviews" for the shipped
+    film-review openings; each phase draws prompts_per_phase of its training prompts."""
+    held_out_fraction: float = 0.1
+    """Share of the `prompts` file held out from training, to measure over-fitting."""
+    eval_every: int = 5
+    """Score one sample of every held-out prompt every this many phases (and at the last)."""
     prepend_bos: bool = True
     """Put the model's BOS token before the prompt."""
 
@@ -165,7 +172,8 @@ class RLHFArgs:
 
     def check_critic_free(self):
         """group_size, the KL options and the critic-free estimators agree."""
-        check_at_least(self, ["group_size", "kl_horizon"])
+        check_at_least(self, ["group_size", "kl_horizon", "eval_every"])
+        check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_high=True)
         check_choice(self, "kl_estimator")
         check_choice(self, "kl_in")
         check_positive(self, [] if self.kl_target is None else ["kl_target"])

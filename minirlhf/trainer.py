@@ -45,6 +45,7 @@ from minirlhf.losses import (
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.models import ReferenceModel, TransformerWithValueHead
 from minirlhf.optim import get_optimizer_and_scheduler
+from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
 from minirlhf.tracking import PhaseLogger
@@ -104,7 +105,7 @@ class RLHFTrainer:
         reward_fn: maps the decoded samples (prompt + continuation) to one reward each.
         base_model: the policy to train; None loads `args.base_model`.
         prompts: one prompt per sample (length batch_size), e.g. control-token prompts;
-            None repeats `args.prefix`.
+            None draws from the `args.prompts` file if there is one, else repeats `args.prefix`.
         console: where progress and tables go (a quiet `Console(quiet=True)` in tests).
         table_every: print a table of samples every this many phases (0: never).
     """
@@ -120,6 +121,8 @@ class RLHFTrainer:
     ):
         if prompts is not None and len(prompts) != args.batch_size:
             raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
+        if prompts is not None and args.prompts is not None:
+            raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
         self.args, self.reward_fn = args, reward_fn
         self.prompts = prompts if prompts is not None else args.prefix
         set_seed(args.seed)
@@ -140,6 +143,13 @@ class RLHFTrainer:
         self.kl_controller = get_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
+        self.train_prompts, self.held_out_prompts = [], []
+        if args.prompts is not None:
+            self.train_prompts, self.held_out_prompts = split_prompts(
+                load_prompts(resolve_prompt_file(args.prompts)), args.held_out_fraction, args.seed)
+        self.prompt_generator = torch.Generator().manual_seed(args.seed + 2)
+        # Held-out samples draw from their own generator, so evaluating changes no training curve.
+        self.eval_generator = torch.Generator(device=self.device).manual_seed(args.seed + 3)
         self.phase = 0
         self.global_step = 0
         """Optimiser steps taken so far (a checkpoint is consistent while this does not move)."""
@@ -154,7 +164,7 @@ class RLHFTrainer:
         """Sample from the policy, score and evaluate the samples, estimate advantages."""
         args, times = self.args, {}
         with timed(times, "charts/sample_time"), self.autocast():
-            samples = get_samples(self.model.base_model, self.prompts, args.batch_size,
+            samples = get_samples(self.model.base_model, self.get_phase_prompts(), args.batch_size,
                                   args.gen_len, self.sampling, args.prepend_bos,
                                   seed=self.sample_generator, fast_path=args.fast_path,
                                   return_final_residual=True)
@@ -189,6 +199,25 @@ class RLHFTrainer:
             return {}
         estimates = KL_ESTIMATORS[estimator](evaluation.logprobs, evaluation.ref_logprobs)
         return {f"charts/kl_{estimator}": estimates.mean().item()}
+
+    def get_phase_prompts(self) -> str | list[str]:
+        """This phase's prompts: drawn from the training prompts of the `args.prompts` file
+        (each repeated group_size times), else the prompts given to the trainer."""
+        if not self.train_prompts:
+            return self.prompts
+        return get_phase_prompts(self.train_prompts, self.args.prompts_per_phase,
+                                 self.args.group_size, self.prompt_generator)
+
+    @torch.no_grad()
+    def evaluate_held_out(self) -> dict[str, float]:
+        """The mean reward of one sample of every held-out prompt (the policy as it is now)."""
+        args = self.args
+        with self.autocast():
+            samples = get_samples(self.model.base_model, self.held_out_prompts, None,
+                                  args.gen_len, self.sampling, args.prepend_bos,
+                                  seed=self.eval_generator, fast_path=args.fast_path)
+        rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
+        return {"eval/held_out_reward": rewards.mean().item()}
 
     @torch.no_grad()
     def evaluate_samples(self, samples: Samples) -> Evaluation:
@@ -324,6 +353,9 @@ class RLHFTrainer:
         start, rng_state = time.perf_counter(), self.get_rng_state()
         try:
             rollout = self.rollout_phase()
+            last = self.phase == self.args.total_phases - 1
+            if self.held_out_prompts and (self.phase % self.args.eval_every == 0 or last):
+                rollout.metrics.update(self.evaluate_held_out())
         except BaseException:
             self.set_rng_state(rng_state)
             raise
@@ -383,6 +415,8 @@ class RLHFTrainer:
             "torch": torch.get_rng_state(),
             "sample_generator": self.sample_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
+            "prompt_generator": self.prompt_generator.get_state(),
+            "eval_generator": self.eval_generator.get_state(),
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
@@ -397,6 +431,11 @@ class RLHFTrainer:
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"].cpu())
         self.shuffle_generator.set_state(state["shuffle_generator"].cpu())
+        if "prompt_generator" in state:  # checkpoints from before prompt files have neither
+            self.prompt_generator.set_state(state["prompt_generator"].cpu())
+            eval_state = state["eval_generator"].cpu()  # on the device, like the sampler's
+            if eval_state.numel() == self.eval_generator.get_state().numel():
+                self.eval_generator.set_state(eval_state)
         sample_state = state["sample_generator"].cpu()
         if sample_state.numel() == self.sample_generator.get_state().numel():
             self.sample_generator.set_state(sample_state)
