@@ -112,3 +112,30 @@ def test_exact_kl_per_position_averages_to_the_penalty():
     assert torch.allclose(per_position, expected, atol=1e-6)
     assert calc_kl_penalty(logits, ref_logits, 2.0).item() == pytest.approx(
         2 * per_position.mean().item())
+
+
+def expected_gradient(estimator: Callable) -> torch.Tensor:
+    """E_{x ~ p}[grad of the estimator at x] w.r.t. p's logits, summed exactly over the five
+    outcomes (the probabilities weighting them not differentiated, as when x is sampled)."""
+    logits = P_PROBS.log().clone().requires_grad_(True)
+    logprobs = logits.log_softmax(-1)
+    estimates = estimator(logprobs[None], Q_PROBS.log()[None])[0]
+    (logprobs.exp().detach() * estimates).sum().backward()
+    return logits.grad
+
+
+def kl_gradient(reverse: bool) -> torch.Tensor:
+    logits = P_PROBS.log().clone().requires_grad_(True)
+    p, q = Categorical(logits=logits), Categorical(probs=Q_PROBS)
+    (kl_divergence(q, p) if reverse else kl_divergence(p, q)).backward()
+    return logits.grad
+
+
+def test_as_losses_the_estimators_give_different_gradients():
+    """docs/critic_free.md: k1's expected gradient is 0, k2's is the KL's, k3's the reverse KL's
+    (so, e.g., k3 as a loss does not follow the KL it estimates)."""
+    forward, reverse = kl_gradient(reverse=False), kl_gradient(reverse=True)
+    assert torch.allclose(expected_gradient(calc_kl_k1), torch.zeros(5), atol=1e-6)
+    assert torch.allclose(expected_gradient(calc_kl_k2), forward, atol=1e-6)
+    assert torch.allclose(expected_gradient(calc_kl_k3), reverse, atol=1e-6)
+    assert not torch.allclose(forward, reverse, atol=1e-2)  # the two are far apart here
