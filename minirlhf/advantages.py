@@ -78,6 +78,13 @@ def get_groups(
     return rearrange(rewards, "(group size) -> group size", size=group_size)
 
 
+def get_zero_std_fraction(rewards: Float[Tensor, " batch"], group_size: int) -> float:
+    """The share of prompts whose samples all got the same reward. GRPO, Dr. GRPO and RLOO give
+    them advantage 0: they teach nothing this phase (TRL logs it as frac_reward_zero_std)."""
+    groups = get_groups(rewards, group_size)
+    return (groups == groups[:, :1]).all(dim=1).float().mean().item()
+
+
 @torch.no_grad()
 def compute_group_advantages(
     rewards: Float[Tensor, " batch"], group_size: int, scale_by_std: bool = True,

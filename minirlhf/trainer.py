@@ -28,7 +28,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from minirlhf import loading
-from minirlhf.advantages import compute_advantages, compute_critic_free_advantages, compute_gae
+from minirlhf.advantages import (
+    compute_advantages,
+    compute_critic_free_advantages,
+    compute_gae,
+    get_zero_std_fraction,
+)
 from minirlhf.args import RLHFArgs
 from minirlhf.device import autocast, pick_device, pick_precision
 from minirlhf.kl_control import get_kl_controller
@@ -187,6 +192,8 @@ class RLHFTrainer:
             **times,
             "charts/rollout_time": sum(times.values()),
         }
+        if args.group_size > 1:
+            metrics["charts/frac_reward_zero_std"] = get_zero_std_fraction(rewards, args.group_size)
         if not args.critic_free:
             metrics["losses/explained_variance"] = explained_variance(
                 evaluation.values, advantages + evaluation.values)

@@ -16,6 +16,7 @@ from minirlhf.advantages import (
     compute_group_advantages,
     compute_reinforce_pp_advantages,
     compute_rloo_advantages,
+    get_zero_std_fraction,
 )
 
 GROUP_SIZES = [2, 3, 4]
@@ -215,3 +216,12 @@ def test_reinforce_pp_leaves_its_kl_argument_alone():
 def test_a_group_of_one_is_refused(fn):
     with pytest.raises(AssertionError, match="group_size >= 2"):
         fn(torch.tensor([1.0, 2.0]), 1)
+
+
+def test_zero_std_fraction_by_hand():
+    """Groups (1, 1), (0, 2), (3, 3), (5, 4): two of four have no spread. Grouping by adjacent
+    rows matters: the same rewards interleaved, (1, 3), (1, 3), (0, 5), (2, 4), have none."""
+    rewards = torch.tensor([1.0, 1.0, 0.0, 2.0, 3.0, 3.0, 5.0, 4.0])
+    assert get_zero_std_fraction(rewards, 2) == 0.5
+    assert get_zero_std_fraction(rewards.reshape(2, 4).T.reshape(-1), 2) == 0.0
+    assert get_zero_std_fraction(torch.tensor([2.0, 2.0, 2.0]), 3) == 1.0
