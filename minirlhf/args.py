@@ -142,6 +142,7 @@ class RLHFArgs:
     def __post_init__(self):
         check_at_least(self, ["total_phases", "batch_size", "num_minibatches",
                               "batches_per_learning_phase", "gen_len"])
+        check_at_least(self, ["seed"], minimum=0)
         if self.batch_size % self.num_minibatches != 0:
             nearest = self.num_minibatches * max(1, self.batch_size // self.num_minibatches)
             raise ValueError(

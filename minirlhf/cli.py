@@ -19,6 +19,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import secrets
 import sys
 import time
 import typing
@@ -202,7 +203,9 @@ def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             parser.error(f"{ns.reward_model} holds no reward_model.pt: train one with "
                          "`minirlhf reward-model`.")
         reward = {"kind": "reward_model", "path": str(ns.reward_model.resolve())}
-    return {"preset": preset_name, "args": args.to_dict(), "reward": reward}
+    # wandb_id: a resumed run logs into the same wandb run (resume="allow").
+    return {"preset": preset_name, "args": args.to_dict(), "reward": reward,
+            "wandb_id": secrets.token_hex(6)}
 
 
 def given_flags(ns: argparse.Namespace) -> dict:
@@ -271,8 +274,10 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
 
     try:
         with stop_on_sigterm(keeper, trainer):
-            trainer.train(on_phase_end, wandb_kwargs={"mode": ns.wandb_mode or "offline",
-                                                      "dir": str(out)})
+            wandb_kwargs = {"mode": ns.wandb_mode or "offline", "dir": str(out)}
+            if "wandb_id" in run:  # runs started before wandb_id existed get a new wandb run
+                wandb_kwargs |= {"id": run["wandb_id"], "resume": "allow"}
+            trainer.train(on_phase_end, wandb_kwargs=wandb_kwargs)
     except BaseException as error:
         if not isinstance(error, CheckpointError):  # a failed save: main says why, once
             console.print(f"{keeper.save_after_crash(trainer)} Continue with: minirlhf train "

@@ -20,6 +20,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from minirlhf import fast_path as fast
 from minirlhf.tokens import tokenize_texts
+from minirlhf.validation import check_at_least, check_interval, check_positive
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,9 @@ class SamplingConfig:
     """Draw only from the smallest set of tokens whose probability reaches top_p (None: off)."""
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be None or at least 1, got {self.top_k}.")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be None or in (0, 1], got {self.top_p}.")
+        check_positive(self, ["temperature"])
+        check_at_least(self, ["top_k"], optional=True)
+        check_interval(self, ["top_p"], 0.0, 1.0, open_low=True, optional=True)
 
 
 class Samples(NamedTuple):
@@ -158,6 +156,12 @@ def get_samples(
         raise ValueError(f"gen_len must be at least 1, got {gen_len}.")
     generator = seed if isinstance(seed, torch.Generator) else _make_generator(seed, model)
     prompt_ids, prompt_mask = tokenize_prompts(model, prompts, prepend_bos)
+    if prompt_ids.shape[1] + gen_len > model.cfg.n_ctx:
+        raise ValueError(
+            f"The prompt takes {prompt_ids.shape[1]} tokens and gen_len is {gen_len}: "
+            f"{prompt_ids.shape[1] + gen_len} positions, but the model reads at most "
+            f"{model.cfg.n_ctx}. Shorten the prompt or gen_len."
+        )
     decoder = (_FastDecoder(model, len(prompts), prompt_ids.shape[1] + gen_len)
                if fast.use_fast_path(model, fast_path)
                else _HookedDecoder(model, len(prompts)))

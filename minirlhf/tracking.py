@@ -31,6 +31,22 @@ def make_progress(label: str, console: Console) -> Progress:
                     TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
 
 
+def start_wandb(config: dict[str, Any], console: Console):
+    """`wandb.init(**config)`; if an online start fails (no network, no login), the run goes on
+    logging offline into wandb's folder, to `wandb sync` later, instead of stopping training."""
+    import wandb  # imported only when asked for: it is slow and optional
+
+    try:
+        return wandb.init(**config)
+    except Exception as error:
+        if config.get("mode") == "offline":
+            raise
+        console.print(f"[yellow]wandb could not start online ({type(error).__name__}: {error}); "
+                      "logging offline instead: `wandb sync` the run's wandb folder later.",
+                      soft_wrap=True)
+        return wandb.init(**{**config, "mode": "offline"})
+
+
 class PhaseLogger:
     """Shows training progress in the terminal and, when asked, sends metrics to wandb.
 
@@ -54,9 +70,7 @@ class PhaseLogger:
         self.task = self.progress.add_task("", total=total_phases)
         self.wandb_run = None
         if wandb_config is not None:
-            import wandb  # imported only when asked for: it is slow and optional
-
-            self.wandb_run = wandb.init(**wandb_config)
+            self.wandb_run = start_wandb(wandb_config, self.console)
 
     def start(self, completed: int = 0):
         self.progress.update(self.task, completed=completed)

@@ -135,7 +135,7 @@ class RLHFTrainer:
         self.precision = pick_precision(args.precision, self.device)
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
-        base_model = base_model.to(self.device)
+        base_model = base_model.to(self.device, print_details=False)
         self.model = TransformerWithValueHead(base_model, args.temperature, args.fast_path)
         self.model.to(self.device)
         self.reference = ReferenceModel(base_model, args.temperature, args.fast_path,

@@ -8,9 +8,20 @@ which every exercise's body sits between `# BEGIN SOLUTION` and `# END SOLUTION`
   adds the full solution, collapsed in a <details> block, after the cell that checks it.
 - a source with no exercise gives one notebook, `notebooks/NN_name.ipynb`; CI runs it too.
 
+Markdown cells may hold graded help, written as paragraphs that start with a keyword:
+
+- `Labels: difficulty 2, importance 4, 15 minutes` becomes a line of difficulty and importance
+  marks (out of 5) and the time to allow;
+- `Hint: ...` becomes a collapsed "Hint 1", "Hint 2", ... (open them one at a time);
+- `Predict: ...` becomes a "Predict first" question, and the `Answer: ...` paragraph after it a
+  collapsed answer.
+
 Both are written without outputs and with fixed cell ids, so the same source always gives the
 same bytes: `python scripts/make_notebooks.py --check` (run by tests/test_notebooks.py) fails if a
-generated notebook is out of date. Edit the sources, never the .ipynb files.
+generated notebook is out of date (outputs and execution counts are ignored, so running a
+notebook in place does not count as a change). Edit the sources, never the .ipynb files. Learners
+work on copies: `python -m minirlhf.exercises start` copies the notebooks to the git-ignored
+`notebooks/work/`.
 
 Usage:
     python scripts/make_notebooks.py           # regenerate every notebook
@@ -59,6 +70,34 @@ def split_solution(source: str) -> tuple[str, str, bool]:
     return "\n".join(exercise), "\n".join(solution), found
 
 
+LABELS = re.compile(r"^Labels: difficulty (\d), importance (\d), (\d+) minutes$")
+
+
+def details(summary: str, body: str) -> str:
+    return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
+
+
+def graded_help(markdown: str) -> str:
+    """Expand the `Labels:`, `Hint:`, `Predict:` and `Answer:` paragraphs of a markdown cell."""
+    paragraphs, hints = [], 0
+    for paragraph in markdown.split("\n\n"):
+        labels = LABELS.match(paragraph)
+        if labels:
+            difficulty, importance, minutes = (int(x) for x in labels.groups())
+            paragraph = (f"> **Difficulty** {'🔴' * difficulty}{'⚪' * (5 - difficulty)} · "
+                         f"**Importance** {'🔵' * importance}{'⚪' * (5 - importance)} · "
+                         f"about {minutes} minutes")
+        elif paragraph.startswith("Hint: "):
+            hints += 1
+            paragraph = details(f"Hint {hints}", paragraph.removeprefix("Hint: "))
+        elif paragraph.startswith("Predict: "):
+            paragraph = f"**Predict first:** {paragraph.removeprefix('Predict: ')}"
+        elif paragraph.startswith("Answer: "):
+            paragraph = details("Answer", paragraph.removeprefix("Answer: "))
+        paragraphs.append(paragraph)
+    return "\n\n".join(paragraphs)
+
+
 def details_cell(solution: str) -> nbformat.NotebookNode:
     text = f"<details><summary>Solution</summary>\n\n```python\n{solution}\n```\n\n</details>"
     return nbformat.v4.new_markdown_cell(text)
@@ -66,12 +105,14 @@ def details_cell(solution: str) -> nbformat.NotebookNode:
 
 def note_cell(source: Path, kind: str | None) -> nbformat.NotebookNode:
     generated = f"generated from `notebooks/src/{source.name}` by `scripts/make_notebooks.py`"
-    if kind is None:
-        text = f"*This notebook is {generated}. Edit the source, not this file.*"
-    else:
-        other = "solutions" if kind == "exercises" else "exercises"
-        text = (f"*The {kind} version of this notebook, {generated} (its {other} twin comes "
+    work = ("**Work on a copy**: `python -m minirlhf.exercises start` copies the notebooks to "
+            "`notebooks/work/`, which git ignores; open this notebook there and fill it in. "
+            f"(This file is {generated}; to change the exercise itself, edit the source.)")
+    if kind == "solutions":
+        text = (f"*The solutions version of this notebook, {generated} (its exercises twin comes "
                 "from the same source). Edit the source, not this file.*")
+    else:
+        text = work
     return nbformat.v4.new_markdown_cell(text)
 
 
@@ -82,8 +123,8 @@ def build(source: Path) -> dict[str, nbformat.NotebookNode]:
     pending: list[str] = []  # solutions waiting for their check cell
     for cell in cells:
         if cell.cell_type != "code":
-            exercises.append(nbformat.v4.new_markdown_cell(cell.source))
-            solutions.append(nbformat.v4.new_markdown_cell(cell.source))
+            exercises.append(nbformat.v4.new_markdown_cell(graded_help(cell.source)))
+            solutions.append(nbformat.v4.new_markdown_cell(graded_help(cell.source)))
             continue
         exercise, solution, has_solution = split_solution(cell.source)
         exercises.append(nbformat.v4.new_code_cell(exercise))
@@ -122,9 +163,22 @@ def generate() -> dict[Path, str]:
     return files
 
 
+def without_outputs(text: str) -> nbformat.NotebookNode:
+    """A notebook with its outputs and execution counts removed (what running it adds)."""
+    notebook = nbformat.reads(text, as_version=4)
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        cell.metadata = {}
+    notebook.metadata = {}
+    return notebook
+
+
 def stale(files: dict[Path, str]) -> list[Path]:
-    """Generated notebooks that are missing or differ from what the sources give, and extras."""
-    out_of_date = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+    """Generated notebooks that are missing or whose cells differ from what the sources give,
+    and extra notebooks (notebooks/work/, the learner's copies, is not looked at)."""
+    out_of_date = [p for p, text in files.items() if not p.exists()
+                   or without_outputs(p.read_text()) != without_outputs(text)]
     extra = [p for p in OUTPUT.glob("*.ipynb") if p not in files]
     return out_of_date + extra
 

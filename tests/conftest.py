@@ -18,19 +18,13 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
+from minirlhf.exercises.core import load_char_model
+from minirlhf.loading import load_tiny_model
 
-
-def build_printable_model(
-    seed: int = 0, n_layers: int = 1, d_model: int = 32, n_heads: int = 2
-) -> HookedTransformer:
-    """A tiny random GPT-2-shaped model over the 94 printable single-character tokens.
-
-    Prompts for it must be made of tokens below 94 (e.g. "A", "x?"), with prepend_bos=False:
-    GPT-2's BOS (and pad) token 50256 is outside its vocabulary.
-    """
-    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed,
-                           d_vocab=PRINTABLE_VOCAB)
+build_printable_model = load_char_model
+"""A tiny random GPT-2-shaped model over the 94 printable single-character tokens (the
+exercises' `load_char_model`). Prompts for it must be made of tokens below 94 (e.g. "A", "x?"),
+with prepend_bos=False: GPT-2's BOS (and pad) token 50256 is outside its vocabulary."""
 
 
 @pytest.fixture(scope="session", autouse=True)

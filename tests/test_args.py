@@ -185,6 +185,11 @@ def test_to_dict_holds_no_callables():
         assert value is None or isinstance(value, (bool, int, float, str))
 
 
+def test_a_negative_seed_is_refused_with_the_field_named():
+    with pytest.raises(ValueError, match="seed"):
+        RLHFArgs(seed=-1)
+
+
 # ---------------------------------------------------------------- critic-free options (issue 14)
 
 

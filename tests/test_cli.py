@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
+from rich.console import Console
 
 from minirlhf import cli
+from minirlhf.tracking import start_wandb
 from minirlhf.trainer import RLHFTrainer
 
 FAST = ["--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4", "--gen-len", "6"]
@@ -145,3 +148,35 @@ def test_sample_tables_print_model_text_literally():
     print_summary(console, history, (samples, [1.0, 0.0]), (samples, [0.5, 0.2]))
     text = console.export_text()
     assert text.count("[positive] This movie") == 3 and text.count("[/b]") == 3
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    cli.main(["train", *FAST, "--total-phases", "1", "--wandb", "--out", str(out)])
+    cli.main(["train", "--out", str(out), "--resume", "--total-phases", "2", "--table-every", "0"])
+    wandb_id = json.loads((out / "run.json").read_text())["wandb_id"]
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(wandb_id) for name in runs), (runs, wandb_id)
+
+
+def test_wandb_falls_back_to_offline_when_online_fails(monkeypatch):
+    """No network: wandb.init online raises; the run logs offline instead of stopping."""
+    calls = []
+
+    def init(**config):
+        calls.append(config["mode"])
+        if config["mode"] == "online":
+            raise ConnectionError("no network")
+        return "offline run"
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    console = Console(record=True, width=200)
+    assert start_wandb({"mode": "online", "project": "p"}, console) == "offline run"
+    assert calls == ["online", "offline"]
+    assert "logging offline instead" in console.export_text()
+    with pytest.raises(ConnectionError):  # offline itself failing is not hidden
+        monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+            init=lambda **config: (_ for _ in ()).throw(ConnectionError("disk"))))
+        start_wandb({"mode": "offline"}, console)

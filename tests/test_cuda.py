@@ -118,7 +118,7 @@ def test_a_checkpoint_saved_on_the_gpu_loads_and_continues_on_the_cpu(make_print
     for name, value in gpu.model.state_dict().items():
         assert torch.equal(cpu.model.state_dict()[name], value.cpu()), name
     assert tensors_off("cpu", cpu) == [] and cpu.phase == 1
-    metrics = cpu.train_one_phase()
+    metrics = cpu.train_one_phase().metrics
     assert math.isfinite(metrics["losses/objective"])
 
 

@@ -2,8 +2,9 @@
 
 Oracles: `torch.gather` for log-probs, `torch.distributions` for the KL and the entropy, and
 numbers worked by hand or naive loops for the value loss and the clipped surrogate. Every check
-is a `*_matches_oracle(fn)` helper that is asserted true for the library and false for a plausible
-wrong implementation written out here, so none of them can pass vacuously.
+is a `*_difference(fn)` helper that returns what differed (None when nothing did): it must find
+nothing in the library and something in every wrong implementation of the exercises' catalogue
+(`minirlhf.exercises.MISTAKES`, the one copy of them), so none of them can pass vacuously.
 """
 
 import math
@@ -14,6 +15,7 @@ import torch
 from jaxtyping import TypeCheckError
 from torch.distributions import Categorical, kl_divergence
 
+from minirlhf.exercises import MISTAKES
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -21,6 +23,11 @@ from minirlhf.losses import (
     calc_value_function_loss,
     get_logprobs,
 )
+
+
+def catalogue(exercise: str) -> list:
+    """The catalogue's wrong implementations of one exercise, as pytest parameters."""
+    return [pytest.param(m.imitate, id=m.hint[:40]) for m in MISTAKES[exercise]]
 
 
 def random_logits(seed: int, shape=(3, 5, 11), scale: float = 2.0) -> torch.Tensor:
@@ -38,37 +45,27 @@ def gather_oracle(logits: torch.Tensor, tokens: torch.Tensor, prefix_len: int | 
     return torch.gather(logprobs, dim=-1, index=next_tokens[..., None]).squeeze(-1)
 
 
-def logprobs_mismatch(fn: Callable) -> str | None:
-    """None if fn matches the gather oracle for every prefix_len, else the first difference."""
+def differ(expected: torch.Tensor, result, where: str, **tolerance) -> str | None:
+    """What differs between a result and the oracle's (shape, then values), or None."""
+    if not isinstance(result, torch.Tensor) or result.shape != expected.shape:
+        shape = tuple(result.shape) if isinstance(result, torch.Tensor) else type(result).__name__
+        return f"{where}: shape {shape}, expected {tuple(expected.shape)}"
+    if not torch.allclose(result, expected, **tolerance):
+        return f"{where}: {result.tolist()} != expected {expected.tolist()}"
+    return None
+
+
+def logprobs_difference(fn: Callable) -> str | None:
     batch, seq, d_vocab = 3, 8, 13
     logits = random_logits(0, (batch, seq, d_vocab))
     tokens = torch.randint(0, d_vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
     for prefix_len in [None, 1, 3, seq - 1]:
         expected = gather_oracle(logits, tokens, prefix_len)
-        result = fn(logits, tokens, prefix_len)
-        if result.shape != expected.shape or not torch.allclose(result, expected, atol=1e-6):
-            return f"prefix_len={prefix_len}: got {result}, expected {expected}"
+        problem = differ(expected, fn(logits, tokens, prefix_len), f"prefix_len={prefix_len}",
+                         atol=1e-6)
+        if problem:
+            return problem
     return None
-
-
-def logprobs_same_position(logits, tokens, prefix_len):
-    """Off by one: the log-prob of the token at s from logits[:, s] (which predict s + 1)."""
-    start = 0 if prefix_len is None else prefix_len
-    logprobs = logits[:, start:].log_softmax(dim=-1)
-    return torch.gather(logprobs, -1, tokens[:, start:, None]).squeeze(-1)
-
-
-def logprobs_prefix_not_shifted(logits, tokens, prefix_len):
-    """Forgets the -1: starts at the logits that predict the *second* generated token."""
-    start = 0 if prefix_len is None else prefix_len
-    logprobs = logits[:, start:-1].log_softmax(dim=-1)
-    return torch.gather(logprobs, -1, tokens[:, start + 1 :, None]).squeeze(-1)
-
-
-def logprobs_raw_logits(logits, tokens, prefix_len):
-    """Gathers the logits themselves, not log-probs (forgot the log_softmax)."""
-    start = 0 if prefix_len is None else prefix_len - 1
-    return torch.gather(logits[:, start:-1], -1, tokens[:, start + 1 :, None]).squeeze(-1)
 
 
 def test_get_logprobs_by_hand():
@@ -80,15 +77,12 @@ def test_get_logprobs_by_hand():
 
 
 def test_get_logprobs_matches_gather_oracle():
-    problem = logprobs_mismatch(get_logprobs)
-    assert problem is None, problem
+    assert (problem := logprobs_difference(get_logprobs)) is None, problem
 
 
-@pytest.mark.parametrize(
-    "wrong", [logprobs_same_position, logprobs_prefix_not_shifted, logprobs_raw_logits]
-)
+@pytest.mark.parametrize("wrong", catalogue("get_logprobs"))
 def test_logprobs_check_rejects_wrong_versions(wrong):
-    assert logprobs_mismatch(wrong) is not None
+    assert logprobs_difference(wrong) is not None
 
 
 # ---------------------------------------------------------------- KL penalty
@@ -100,48 +94,24 @@ def kl_oracle(logits: torch.Tensor, ref_logits: torch.Tensor, kl_coef: float) ->
     return kl_coef * kl.mean()
 
 
-def kl_mismatch(fn: Callable) -> str | None:
-    """None if fn matches the torch.distributions oracle, else the first difference."""
+def kl_difference(fn: Callable) -> str | None:
     for seed, kl_coef in [(0, 1.0), (1, 0.3), (2, 2.5)]:
         logits, ref_logits = random_logits(seed), random_logits(seed + 100)
-        result, expected = fn(logits, ref_logits, kl_coef), kl_oracle(logits, ref_logits, kl_coef)
-        if result.shape != () or not torch.allclose(result, expected, rtol=1e-5, atol=1e-6):
-            return f"kl_coef={kl_coef}: got {result}, expected {expected} (a scalar)"
+        problem = differ(kl_oracle(logits, ref_logits, kl_coef), fn(logits, ref_logits, kl_coef),
+                         f"seed {seed}, kl_coef {kl_coef}", rtol=1e-5, atol=1e-6)
+        if problem:
+            return problem
     return None
 
 
-def kl_no_coef(logits, ref_logits, kl_coef):
-    probs = logits.softmax(-1)
-    return (probs * (logits.log_softmax(-1) - ref_logits.log_softmax(-1))).sum(-1).mean()
-
-
-def kl_reversed(logits, ref_logits, kl_coef):
-    """KL(reference || policy): the wrong direction."""
-    ref_probs = ref_logits.softmax(-1)
-    return kl_coef * (ref_probs * (ref_logits.log_softmax(-1) - logits.log_softmax(-1))).sum(
-        -1).mean()
-
-
-def kl_sampled_token_only(logits, ref_logits, kl_coef):
-    """log p - log q summed without the probability weights (not an expectation)."""
-    return kl_coef * (logits.log_softmax(-1) - ref_logits.log_softmax(-1)).sum(-1).mean()
-
-
-def kl_summed_over_positions(logits, ref_logits, kl_coef):
-    probs = logits.softmax(-1)
-    return kl_coef * (probs * (logits.log_softmax(-1) - ref_logits.log_softmax(-1))).sum()
-
-
 def test_kl_penalty_matches_torch_distributions():
-    problem = kl_mismatch(calc_kl_penalty)
-    assert problem is None, problem
+    assert (problem := kl_difference(calc_kl_penalty)) is None, problem
 
 
-@pytest.mark.parametrize(
-    "wrong", [kl_no_coef, kl_reversed, kl_sampled_token_only, kl_summed_over_positions]
-)
-def test_kl_check_rejects_wrong_versions(wrong):
-    assert kl_mismatch(wrong) is not None
+@pytest.mark.parametrize("wrong", catalogue("calc_kl_penalty"))
+def test_kl_checks_reject_wrong_versions(wrong):
+    """Every catalogued mistake fails the oracle or, for the unsafe ones, the safety check."""
+    assert kl_difference(wrong) is not None or kl_safety_problem(wrong) is not None
 
 
 def test_kl_penalty_by_hand():
@@ -153,8 +123,7 @@ def test_kl_penalty_by_hand():
 
 
 def kl_safety_problem(fn: Callable) -> str | None:
-    """None if the KL is never negative or non-finite (identical logits give 0, huge opposite
-    logits the exact KL), else the first case that fails.
+    """Never negative or non-finite: identical logits give 0, huge opposite logits the exact KL.
 
     Policy logits (1e4, -1e4) put all mass on token 0, to which the reference (-1e4, 1e4) gives
     log-prob -2e4, so KL = 2e4 (to float precision). Probabilities underflow to 0 here; only a
@@ -163,42 +132,29 @@ def kl_safety_problem(fn: Callable) -> str | None:
     same = random_logits(3, scale=30.0)
     identical = fn(same, same.clone(), 1.0)
     if not torch.isfinite(identical) or identical.item() < 0 or identical.item() > 1e-6:
-        return f"identical logits: got {identical.item()}, expected 0"
+        return f"identical logits give {identical.item()}, not 0"
     huge = torch.tensor([[[1e4, -1e4]]])
     result = fn(huge, -huge, 0.5)
-    if not torch.isfinite(result) or result.item() < 0:
-        return f"huge opposite logits: got {result.item()}, expected finite and >= 0"
-    if result.item() != pytest.approx(0.5 * 2e4, rel=1e-4):
-        return f"huge opposite logits: got {result.item()}, expected {0.5 * 2e4}"
+    if not torch.isfinite(result) or result.item() != pytest.approx(0.5 * 2e4, rel=1e-4):
+        return f"huge opposite logits give {result.item()}, not 0.5 * 2e4"
     # Many random pairs, some close to each other (where rounding could make a KL negative).
     for seed in range(5):
         logits = random_logits(seed, scale=10.0)
-        near = logits + 1e-4 * random_logits(seed + 50)
-        if fn(logits, near, 1.0).item() < 0 or fn(logits, near, 1.0).isnan():
-            return f"nearby logits (seed {seed}): got {fn(logits, near, 1.0).item()}"
+        near = fn(logits, logits + 1e-4 * random_logits(seed + 50), 1.0)
+        if near.item() < 0 or near.isnan():
+            return f"nearby logits (seed {seed}) give {near.item()}"
     return None
 
 
-def kl_from_probs(logits, ref_logits, kl_coef):
-    """Textbook p * log(p / q) from probabilities: 0 * log 0 and division by 0 give NaN."""
-    probs, ref_probs = logits.softmax(-1), ref_logits.softmax(-1)
-    return kl_coef * (probs * torch.log(probs / ref_probs)).sum(-1).mean()
-
-
-def kl_sign_flipped(logits, ref_logits, kl_coef):
-    """sum p (log q - log p): log(q / p) where log(p / q) belongs, a KL with the wrong sign."""
-    probs = logits.softmax(-1)
-    return kl_coef * (probs * (ref_logits.log_softmax(-1) - logits.log_softmax(-1))).sum(-1).mean()
-
-
 def test_kl_penalty_is_never_negative_or_nan():
-    problem = kl_safety_problem(calc_kl_penalty)
-    assert problem is None, problem
+    assert (problem := kl_safety_problem(calc_kl_penalty)) is None, problem
 
 
-@pytest.mark.parametrize("wrong", [kl_from_probs, kl_sign_flipped])
-def test_kl_safety_check_rejects_wrong_versions(wrong):
-    assert kl_safety_problem(wrong) is not None
+def test_kl_safety_check_rejects_log_of_probabilities():
+    """log(softmax(x)) passes the oracle on moderate logits; only the safety check catches it."""
+    log_of_softmax = next(m.imitate for m in MISTAKES["calc_kl_penalty"] if "underflow" in m.hint)
+    assert kl_difference(log_of_softmax) is None
+    assert kl_safety_problem(log_of_softmax) is not None
 
 
 def test_kl_penalty_is_differentiable_and_scales_with_coef():
@@ -216,40 +172,24 @@ def test_kl_penalty_is_differentiable_and_scales_with_coef():
 # ---------------------------------------------------------------- entropy bonus
 
 
-def entropy_mismatch(fn: Callable) -> str | None:
-    """None if fn matches the torch.distributions oracle, else the first difference."""
+def entropy_difference(fn: Callable) -> str | None:
     for seed, ent_coef in [(0, 1.0), (1, 0.01), (2, 0.5)]:
         logits = random_logits(seed)
         expected = ent_coef * Categorical(logits=logits).entropy().mean()
-        result = fn(logits, ent_coef)
-        if result.shape != () or not torch.allclose(result, expected, rtol=1e-5, atol=1e-7):
-            return f"ent_coef={ent_coef}: got {result}, expected {expected} (a scalar)"
+        problem = differ(expected, fn(logits, ent_coef), f"seed {seed}, ent_coef {ent_coef}",
+                         rtol=1e-5, atol=1e-7)
+        if problem:
+            return problem
     return None
 
 
-def entropy_wrong_sign(logits, ent_coef):
-    logprobs = logits.log_softmax(-1)
-    return ent_coef * (logprobs.exp() * logprobs).sum(-1).mean()
-
-
-def entropy_no_coef(logits, ent_coef):
-    logprobs = logits.log_softmax(-1)
-    return -(logprobs.exp() * logprobs).sum(-1).mean()
-
-
-def entropy_mean_over_vocab(logits, ent_coef):
-    logprobs = logits.log_softmax(-1)
-    return -ent_coef * (logprobs.exp() * logprobs).mean()
-
-
 def test_entropy_bonus_matches_torch_distributions():
-    problem = entropy_mismatch(calc_entropy_bonus)
-    assert problem is None, problem
+    assert (problem := entropy_difference(calc_entropy_bonus)) is None, problem
 
 
-@pytest.mark.parametrize("wrong", [entropy_wrong_sign, entropy_no_coef, entropy_mean_over_vocab])
+@pytest.mark.parametrize("wrong", catalogue("calc_entropy_bonus"))
 def test_entropy_check_rejects_wrong_versions(wrong):
-    assert entropy_mismatch(wrong) is not None
+    assert entropy_difference(wrong) is not None
 
 
 def test_entropy_by_hand():
@@ -263,15 +203,13 @@ def test_entropy_by_hand():
 # ---------------------------------------------------------------- value function loss
 
 
-def value_loss_mismatch(fn: Callable) -> str | None:
-    """None if fn matches the oracles, else the first difference. By hand: errors 1, 2, 3, 4,
-    mean square 30 / 4 = 7.5, halved 3.75, times vf_coef."""
+def value_loss_difference(fn: Callable) -> str | None:
+    """Worked by hand: errors 1, 2, 3, 4, mean square 30 / 4 = 7.5, halved 3.75, times vf_coef."""
     values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     returns = torch.zeros(2, 2)
     for vf_coef in [1.0, 0.5, 0.15]:
-        if fn(values, returns, vf_coef).item() != pytest.approx(3.75 * vf_coef):
-            return (f"by hand, vf_coef={vf_coef}: got {fn(values, returns, vf_coef).item()}, "
-                    f"expected {3.75 * vf_coef}")
+        if (got := fn(values, returns, vf_coef).item()) != pytest.approx(3.75 * vf_coef):
+            return f"by hand, vf_coef {vf_coef}: {got} != {3.75 * vf_coef}"
     # And a naive loop on random numbers.
     generator = torch.Generator().manual_seed(0)
     values, returns = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
@@ -279,37 +217,25 @@ def value_loss_mismatch(fn: Callable) -> str | None:
         (values[b, s].item() - returns[b, s].item()) ** 2 for b in range(3) for s in range(4)
     ]
     expected = 0.5 * 0.3 * sum(squares) / len(squares)
-    if fn(values, returns, 0.3).item() != pytest.approx(expected):
-        return f"naive loop: got {fn(values, returns, 0.3).item()}, expected {expected}"
+    if (got := fn(values, returns, 0.3).item()) != pytest.approx(expected):
+        return f"naive loop: {got} != {expected}"
     return None
 
 
-def value_loss_no_half(values, mb_returns, vf_coef):
-    return vf_coef * (values - mb_returns).pow(2).mean()
-
-
-def value_loss_no_coef(values, mb_returns, vf_coef):
-    return 0.5 * (values - mb_returns).pow(2).mean()
-
-
-def value_loss_abs(values, mb_returns, vf_coef):
-    return 0.5 * vf_coef * (values - mb_returns).abs().mean()
-
-
 def test_value_function_loss_matches_oracle():
-    problem = value_loss_mismatch(calc_value_function_loss)
-    assert problem is None, problem
+    assert (problem := value_loss_difference(calc_value_function_loss)) is None, problem
 
 
-@pytest.mark.parametrize("wrong", [value_loss_no_half, value_loss_no_coef, value_loss_abs])
+@pytest.mark.parametrize("wrong", catalogue("calc_value_function_loss"))
 def test_value_loss_check_rejects_wrong_versions(wrong):
-    assert value_loss_mismatch(wrong) is not None
+    assert value_loss_difference(wrong) is not None
 
 
 def test_jaxtyping_checker_catches_broadcasting_returns():
     """returns of shape (batch, 1) broadcast silently to a wrong loss; the checker refuses them."""
     values, returns = torch.randn(4, 3), torch.randn(4, 1)
-    assert torch.isfinite(value_loss_no_half(values, returns, 1.0))  # unchecked: a silent number
+    unchecked = MISTAKES["calc_value_function_loss"][0].imitate  # any function without jaxtyping
+    assert torch.isfinite(unchecked(values, returns, 1.0))  # a silent, wrong number
     with pytest.raises(TypeCheckError):
         calc_value_function_loss(values, returns, 1.0)
 
@@ -332,92 +258,51 @@ def surrogate_oracle(logprobs, mb_logprobs, mb_advantages, clip_coef) -> float:
     return sum(terms) / len(terms)
 
 
-def surrogate_mismatch(fn: Callable) -> str | None:
-    """None if fn matches the worked example and the naive loop, else the first difference."""
+def surrogate_difference(fn: Callable) -> str | None:
     # By hand: advantages (1, -1) normalise to (1, -1); ratios 1.5 and 0.5, clip 0.2:
     # min(1.5, 1.2) = 1.2 and min(-0.5, -0.8) = -0.8, mean 0.2.
     logprobs = torch.log(torch.tensor([[1.5, 0.5]]))
     by_hand = fn(logprobs, torch.zeros(1, 2), torch.tensor([[1.0, -1.0]]), 0.2)
     if by_hand.item() != pytest.approx(0.2, abs=1e-6):
-        return f"by hand: got {by_hand.item()}, expected 0.2"
+        return f"by hand: {by_hand.item()} != 0.2"
     generator = torch.Generator().manual_seed(0)
     for clip_coef in [0.1, 0.2, 0.3]:
         mb_logprobs = -torch.rand(4, 6, generator=generator) * 3
         logprobs = mb_logprobs + torch.randn(4, 6, generator=generator) * 0.3
         advantages = torch.randn(4, 6, generator=generator) * 2 + 1
         expected = surrogate_oracle(logprobs, mb_logprobs, advantages, clip_coef)
-        result = fn(logprobs, mb_logprobs, advantages, clip_coef).item()
-        if result != pytest.approx(expected, abs=1e-5):
-            return f"naive loop, clip_coef={clip_coef}: got {result}, expected {expected}"
+        got = fn(logprobs, mb_logprobs, advantages, clip_coef).item()
+        if got != pytest.approx(expected, abs=1e-5):
+            return f"clip_coef {clip_coef}: {got} != naive loop's {expected}"
     return None
-
-
-def _normalise(advantages, correction=0):
-    return (advantages - advantages.mean()) / (advantages.std(correction=correction) + 1e-8)
-
-
-def surrogate_max(logprobs, mb_logprobs, mb_advantages, clip_coef):
-    ratio = (logprobs - mb_logprobs).exp()
-    advantages = _normalise(mb_advantages)
-    return torch.maximum(ratio * advantages, ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
-                         ).mean()
-
-
-def surrogate_sign_flipped(logprobs, mb_logprobs, mb_advantages, clip_coef):
-    return -calc_clipped_surrogate_objective(logprobs, mb_logprobs, mb_advantages, clip_coef)
-
-
-def surrogate_unclipped(logprobs, mb_logprobs, mb_advantages, clip_coef):
-    return ((logprobs - mb_logprobs).exp() * _normalise(mb_advantages)).mean()
-
-
-def surrogate_ratio_inverted(logprobs, mb_logprobs, mb_advantages, clip_coef):
-    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef)
-
-
-def surrogate_unnormalised(logprobs, mb_logprobs, mb_advantages, clip_coef):
-    ratio = (logprobs - mb_logprobs).exp()
-    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * mb_advantages
-    return torch.minimum(ratio * mb_advantages, clipped).mean()
 
 
 def test_clipped_surrogate_matches_oracle():
-    problem = surrogate_mismatch(calc_clipped_surrogate_objective)
-    assert problem is None, problem
+    assert (problem := surrogate_difference(calc_clipped_surrogate_objective)) is None, problem
 
 
-@pytest.mark.parametrize(
-    "wrong",
-    [surrogate_max, surrogate_sign_flipped, surrogate_unclipped, surrogate_ratio_inverted,
-     surrogate_unnormalised],
-)
-def test_surrogate_check_rejects_wrong_versions(wrong):
-    assert surrogate_mismatch(wrong) is not None
+@pytest.mark.filterwarnings("ignore:std")
+@pytest.mark.parametrize("wrong", catalogue("calc_clipped_surrogate_objective"))
+def test_surrogate_checks_reject_wrong_versions(wrong):
+    """Every catalogued mistake fails the oracle or gives NaN on a single token."""
+    assert surrogate_difference(wrong) is not None or surrogate_nan_problem(wrong) is not None
 
 
-def surrogate_one_token_problem(fn: Callable) -> str | None:
-    """One token (or equal advantages) has no signal to normalise: None if the result is finite
-    for both, else what it was."""
+def surrogate_nan_problem(fn: Callable) -> str | None:
+    """One token (or equal advantages) has no signal to normalise: the result is 0, not NaN."""
     one = fn(torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([[3.0]]), 0.2)
     equal = fn(torch.zeros(2, 3), torch.zeros(2, 3), torch.full((2, 3), 0.7), 0.2)
     if not (torch.isfinite(one) and torch.isfinite(equal)):
-        return f"one token gave {one.item()}, equal advantages gave {equal.item()}"
+        return f"one token gives {one.item()}, equal advantages {equal.item()}"
     return None
-
-
-def surrogate_unbiased_std(logprobs, mb_logprobs, mb_advantages, clip_coef):
-    """The seed's `std()` (correction 1): NaN for a single token."""
-    ratio = (logprobs - mb_logprobs).exp()
-    advantages = _normalise(mb_advantages, correction=1)
-    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
-    return torch.minimum(ratio * advantages, clipped).mean()
 
 
 @pytest.mark.filterwarnings("ignore:std")
 def test_surrogate_is_finite_for_a_single_token():
-    problem = surrogate_one_token_problem(calc_clipped_surrogate_objective)
-    assert problem is None, problem
-    assert surrogate_one_token_problem(surrogate_unbiased_std) is not None
+    assert (problem := surrogate_nan_problem(calc_clipped_surrogate_objective)) is None, problem
+    sample_std = next(m.imitate for m in MISTAKES["calc_clipped_surrogate_objective"]
+                      if "sample std" in m.hint)
+    assert surrogate_nan_problem(sample_std) is not None
 
 
 def test_surrogate_gradient_is_zero_once_clipped():

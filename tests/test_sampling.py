@@ -541,3 +541,17 @@ def test_without_the_check_nan_logits_give_tokens_silently(tiny_model, monkeypat
     monkeypatch.setattr(sampling, "check_logits", lambda logits, step: None)
     result = get_samples(nan_model(tiny_model), PROMPT, 2, gen_len=3, seed=0)
     assert result.sample_ids.shape == (2, result.prefix_len + 3)
+
+
+def test_a_prompt_and_gen_len_past_the_context_are_refused_before_sampling(printable_model):
+    """The printable model reads 64 positions: 1 prompt token + 64 new ones do not fit."""
+    with pytest.raises(ValueError, match="reads at most 64"):
+        get_samples(printable_model, "A", 2, gen_len=64, prepend_bos=False, seed=0)
+    assert get_samples(printable_model, "A", 2, gen_len=63, prepend_bos=False,
+                       seed=0).sample_ids.shape == (2, 64)
+
+
+def test_sampling_config_names_the_bad_field():
+    for bad in [dict(temperature=0.0), dict(top_k=0), dict(top_p=1.5)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingConfig(**bad)

@@ -9,8 +9,11 @@ my_solutions.py` runs every check whose function a Python file defines.
 
 Stages, in pipeline order (notebooks 1 to 4, then 6): the value head and the sampler; the
 char-count reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches,
-log-probs and the four objective terms; the optimiser, the LR schedule and one learning phase;
-the reward model's last-token index and pairwise loss.
+log-probs, the four objective terms and their signs; the optimiser, the LR schedule and one
+learning phase; the reward model's last-token index and pairwise loss.
+
+When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
+raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
 """
 
 import importlib.util
@@ -20,22 +23,30 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from minirlhf.exercises.core import ExerciseCheckError, ReferenceOracleMismatch, load_char_model
-from minirlhf.exercises.memory_and_objective import (
+from minirlhf.exercises import (
+    memory_and_logprobs,
+    objective,
+    optim_and_learning,
+    reward_model,
+    rewards_and_advantages,
+)
+from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
+from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
+from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
+from minirlhf.exercises.objective import (
     check_calc_clipped_surrogate_objective,
     check_calc_entropy_bonus,
     check_calc_kl_penalty,
+    check_calc_rlhf_objective,
     check_calc_value_function_loss,
-    check_get_logprobs,
-    check_replay_memory,
 )
-from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
 from minirlhf.exercises.optim_and_learning import (
     check_get_lr_scale,
     check_get_optimizer,
     check_get_optimizer_and_scheduler,
     check_learning_phase,
 )
+from minirlhf.exercises.reporting import ExerciseCheckError, Failure, last_failure
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
 from minirlhf.exercises.rewards_and_advantages import (
     check_compute_advantages,
@@ -43,6 +54,7 @@ from minirlhf.exercises.rewards_and_advantages import (
     check_normalize_reward,
     check_reward_fn_char_count,
 )
+from minirlhf.exercises.trainer_methods import check_compute_rlhf_objective
 
 CHECKS: dict[str, Callable[[Any], None]] = {
     "TransformerWithValueHead": check_value_head,
@@ -57,9 +69,11 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "calc_entropy_bonus": check_calc_entropy_bonus,
     "calc_value_function_loss": check_calc_value_function_loss,
     "calc_clipped_surrogate_objective": check_calc_clipped_surrogate_objective,
+    "calc_rlhf_objective": check_calc_rlhf_objective,
     "get_optimizer": check_get_optimizer,
     "get_lr_scale": check_get_lr_scale,
     "get_optimizer_and_scheduler": check_get_optimizer_and_scheduler,
+    "compute_rlhf_objective": check_compute_rlhf_objective,
     "learning_phase": check_learning_phase,
     "get_last_token_index": check_get_last_token_index,
     "calc_pairwise_loss": check_calc_pairwise_loss,
@@ -67,17 +81,44 @@ CHECKS: dict[str, Callable[[Any], None]] = {
 """The name a learner's function must have -> its check, in pipeline order."""
 
 
+MISTAKES: dict[str, list[Mistake]] = {
+    "reward_fn_char_count": rewards_and_advantages.CHAR_COUNT_MISTAKES,
+    "normalize_reward": rewards_and_advantages.NORMALIZE_MISTAKES,
+    "compute_advantages": rewards_and_advantages.ADVANTAGE_MISTAKES,
+    "compute_gae": rewards_and_advantages.GAE_MISTAKES,
+    "get_logprobs": memory_and_logprobs.LOGPROBS_MISTAKES,
+    "calc_kl_penalty": objective.KL_MISTAKES,
+    "calc_entropy_bonus": objective.ENTROPY_MISTAKES,
+    "calc_value_function_loss": objective.VALUE_LOSS_MISTAKES,
+    "calc_clipped_surrogate_objective": objective.SURROGATE_MISTAKES,
+    "calc_rlhf_objective": objective.OBJECTIVE_MISTAKES,
+    "get_lr_scale": optim_and_learning.LR_MISTAKES,
+    "learning_phase": optim_and_learning.LEARNING_MISTAKES,
+    "calc_pairwise_loss": reward_model.PAIRWISE_MISTAKES,
+    "get_last_token_index": reward_model.LAST_TOKEN_MISTAKES,
+}
+"""The catalogue of named mistakes, by exercise: each `imitate` makes one mistake, and the check
+shows its `hint` when the learner's result matches it. This is the one copy of these wrong
+implementations: tests/test_exercises feeds each to its check, tests/test_losses.py to the loss
+oracles. (Mistakes a check recognises by what it observes, such as a sampler that ignores top_k,
+are proven by the wrong implementations in tests/wrong_impls.)"""
+
+
 def get_reference(name: str) -> Any:
     """minirlhf's own solution for the exercise `name` (what the checks compare against)."""
     import minirlhf
     from minirlhf.trainer import RLHFTrainer
 
+    if name == "compute_rlhf_objective":
+        return RLHFTrainer.compute_rlhf_objective
     if name == "learning_phase":
         return RLHFTrainer.learning_phase
     if name == "get_samples":
         from minirlhf.exercises.model_and_sampling import reference_get_samples
 
         return reference_get_samples
+    if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
+        return objective.calc_rlhf_objective
     return getattr(minirlhf, name)
 
 
@@ -113,11 +154,15 @@ def check_file(path: str | Path) -> dict[str, str]:
 __all__ = [
     "CHECKS",
     "ExerciseCheckError",
+    "MISTAKES",
+    "Mistake",
+    "Failure",
     "ReferenceOracleMismatch",
     "check_calc_clipped_surrogate_objective",
     "check_calc_entropy_bonus",
     "check_calc_kl_penalty",
     "check_calc_pairwise_loss",
+    "check_calc_rlhf_objective",
     "check_calc_value_function_loss",
     "check_compute_advantages",
     "check_compute_gae",
@@ -128,12 +173,14 @@ __all__ = [
     "check_get_optimizer",
     "check_get_optimizer_and_scheduler",
     "check_get_samples",
+    "check_compute_rlhf_objective",
     "check_learning_phase",
     "check_normalize_reward",
     "check_replay_memory",
     "check_reward_fn_char_count",
     "check_value_head",
     "get_reference",
+    "last_failure",
     "load_char_model",
     "load_file",
 ]

@@ -6,6 +6,9 @@ oracle (a naive loop, `torch.distributions`, numbers worked by hand), and insist
 before it judges the learner. When the learner's answer differs, it says how (shapes, values, the
 first mismatching position) and replays each known `Mistake` on the same inputs: if one of them
 reproduces the learner's answer (or error), its hint is shown.
+
+How a failure is reported to the learner (their own traceback, the inputs as code, the case to
+re-run) lives in `reporting.py`.
 """
 
 import functools
@@ -18,14 +21,17 @@ import torch
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from minirlhf.exercises.reporting import (
+    call,
+    clone_inputs,
+    crash_hint,
+    describe_error,
+    fail,
+)
 from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 
 ATOL = 1e-5
 RTOL = 1e-4
-
-
-class ExerciseCheckError(AssertionError):
-    """The learner's implementation disagrees with the reference; the message says how."""
 
 
 class ReferenceOracleMismatch(RuntimeError):
@@ -46,38 +52,6 @@ class Mistake:
 
     hint: str
     imitate: Callable[..., Any]
-
-
-# ---------------------------------------------------------------- calling the learner's code
-
-
-def clone_inputs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Fresh copies of the tensors (gradients kept), so no call can change another call's input."""
-    return {
-        key: value.detach().clone().requires_grad_(value.requires_grad)
-        if isinstance(value, Tensor)
-        else value
-        for key, value in kwargs.items()
-    }
-
-
-def call(
-    fn: Callable[..., Any], kwargs: dict[str, Any], positional: bool = False
-) -> tuple[Any, BaseException | None]:
-    """`fn(**kwargs)` (or `fn(*kwargs.values())`) and the exception it raised, if any.
-
-    The learner's functions are called positionally, so their parameters may have other names.
-    """
-    try:
-        return (fn(*kwargs.values()) if positional else fn(**kwargs)), None
-    except Exception as error:  # the learner's code may raise anything; report it, don't crash
-        return None, error
-
-
-def describe_error(error: BaseException) -> str:
-    if isinstance(error, NotImplementedError):
-        return "It raised NotImplementedError: replace `raise NotImplementedError()` with code."
-    return f"It raised {type(error).__name__}: {error}"
 
 
 def changed_inputs(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
@@ -117,6 +91,9 @@ def describe_difference(
         return f"Expected shape {tuple(expected.shape)}{names}, got {tuple(got.shape)}."
     if expected.is_floating_point() and not got.is_floating_point():
         return f"Expected floats, got a {got.dtype} tensor: use a floating-point dtype."
+    if not expected.is_floating_point() and got.is_floating_point():
+        return (f"Expected integers ({expected.dtype}), got a {got.dtype} tensor: positions and "
+                "token ids index other tensors, so return integers (torch.long).")
     got, expected = got.detach().double().cpu(), expected.detach().double().cpu()
     if got.isnan().any() and not expected.isnan().any():
         where = tuple(got.isnan().nonzero()[0].tolist())
@@ -135,42 +112,54 @@ def describe_difference(
     )
 
 
-def same_outcome(
+def outcome_difference(
     got: Any, error: BaseException | None, other: Any, other_error: BaseException | None
-) -> bool:
-    """Whether two calls ended the same way: the same error, or results that match."""
+) -> str | None:
+    """None if two calls ended the same way (the same error, or results that match), else how
+    they differ."""
     if error is not None or other_error is not None:
-        return (
-            error is not None
-            and other_error is not None
-            and type(error) is type(other_error)
-            and str(error) == str(other_error)
-        )
+        if error is None or other_error is None:
+            return "one call raised and the other did not"
+        if type(error) is not type(other_error) or str(error) != str(other_error):
+            return f"different errors: {error!r} and {other_error!r}"
+        return None
     if isinstance(other, Tensor) and isinstance(got, Tensor):
-        return got.shape == other.shape and describe_difference(other, got) is None
-    return False
+        return describe_difference(other, got)
+    return f"not two tensors: {type(got).__name__} and {type(other).__name__}"
 
 
 def find_mistake(mistakes: list[Mistake], kwargs: dict[str, Any], got: Any,
                  error: BaseException | None) -> str | None:
-    """The hint of the first mistake that reproduces the learner's result (or error)."""
+    """The hint of the first mistake that reproduces the learner's result (or error), else a hint
+    for a crash whose message is a known one."""
     for mistake in mistakes:
-        imitated, imitated_error = call(mistake.imitate, clone_inputs(kwargs))
-        if same_outcome(got, error, imitated, imitated_error):
+        imitated, imitated_error = call(mistake.imitate, clone_inputs(kwargs), positional=True)
+        if outcome_difference(got, error, imitated, imitated_error) is None:
             return mistake.hint
+    return crash_hint(error)
+
+
+def explain_scalar(expected: Any, got: Any, inputs: dict[str, Any]) -> str | None:
+    """For a wrong scalar: whether it is off by a factor that is an axis length of an input (a
+    sum where a mean belongs, or a mean over the wrong axes), or by its sign."""
+    if not (isinstance(expected, Tensor) and isinstance(got, Tensor) and expected.dim() == 0
+            and got.dim() == 0 and expected.item() != 0 and math.isfinite(got.item())):
+        return None
+    ratio = got.item() / expected.item()
+    if abs(ratio + 1) < 1e-4:
+        return "your result is minus the expected one: is a sign flipped?"
+    for name, value in inputs.items():
+        if not isinstance(value, Tensor):
+            continue
+        for axis, size in enumerate(value.shape):
+            for factor, verb in ((size, "summed"), (1 / size, "divided by its length twice, or "
+                                                     "averaged where a sum belongs")):
+                if size > 1 and abs(ratio - factor) < 1e-4 * max(1.0, factor):
+                    return (f"your result is {ratio:.6g} times the expected one, and {size} is "
+                            f"the length of axis {axis} of `{name}` (shape "
+                            f"{tuple(value.shape)}): over that axis you {verb} where the "
+                            "expected result does the other.")
     return None
-
-
-# ---------------------------------------------------------------- reporting
-
-
-def fail(exercise: str, case: str, problem: str, hint: str | None = None) -> None:
-    """Raise the error a learner sees: what was tested, what differed, and the likely mistake."""
-    __tracebackhide__ = True  # pytest and IPython show the message, not this frame
-    lines = [f"{exercise} is not right yet.", f"  Test case: {case}.", f"  {problem}"]
-    if hint:
-        lines.append(f"  Likely mistake: {hint}")
-    raise ExerciseCheckError("\n".join(lines))
 
 
 def passed(exercise: str, detail: str) -> None:
@@ -212,20 +201,22 @@ def check_function(
         agree(exercise, case.name, ref, expected, atol=atol)
         inputs = clone_inputs(case.kwargs)
         got, error = call(fn, inputs, positional=True)
+        report = functools.partial(fail, exercise, case.name, inputs=case.kwargs,
+                                   expected=expected, got=got, error=error)
         if error is not None:
-            fail(exercise, case.name, describe_error(error),
-                 find_mistake(mistakes, case.kwargs, got, error))
+            report(describe_error(error), find_mistake(mistakes, case.kwargs, got, error))
         problem = describe_difference(expected, got, atol=atol, dims=dims)
         if problem is not None:
-            fail(exercise, case.name, problem, find_mistake(mistakes, case.kwargs, got, error))
+            hint = find_mistake(mistakes, case.kwargs, got, error)
+            report(problem, hint or explain_scalar(expected, got, case.kwargs))
         modified = changed_inputs(case.kwargs, inputs)
         if modified:
-            fail(exercise, case.name, f"Your function changed its input {modified[0]!r} in "
-                 "place; compute a new tensor instead (avoid +=, [:] = and *_ methods).")
+            report(f"Your function changed its input {modified[0]!r} in place; compute a new "
+                   "tensor instead (avoid +=, [:] = and *_ methods).")
         if isinstance(ref, Tensor) and ref.requires_grad and not got.requires_grad:
-            fail(exercise, case.name, "Your result has no gradient, so the optimiser could not "
-                 "learn from it: did you use .item(), .detach(), torch.no_grad(), or build a new "
-                 "tensor with torch.tensor(...)?")
+            report("Your result has no gradient, so the optimiser could not learn from it: did "
+                   "you use .item(), .detach(), torch.no_grad(), or build a new tensor with "
+                   "torch.tensor(...)?")
     names = "; ".join(case.name for case in cases)
     passed(exercise, f"{len(cases)} cases match the reference and an independent oracle ({names})")
 
@@ -258,18 +249,16 @@ def randn(*shape: int, seed: int, scale: float = 1.0, grad: bool = False) -> Ten
     return (torch.randn(*shape, generator=seeded(seed)) * scale).requires_grad_(grad)
 
 
-CHAR_VOCAB = PRINTABLE_VOCAB
-"""GPT-2's token ids 0..93 are the 94 printable one-character tokens '!'..'~' ('.' is 13)."""
-
-
 def load_char_model(
     n_layers: int = 1, d_model: int = 32, n_heads: int = 2, seed: int = 0
 ) -> HookedTransformer:
-    """A tiny random model whose vocabulary is the 94 printable one-character GPT-2 tokens.
+    """A tiny random model whose vocabulary is the 94 printable one-character GPT-2 tokens
+    (ids 0..93 are '!'..'~'; '.' is 13).
 
     It keeps GPT-2's tokenizer, so prompts must be made of characters that tokenize to single
     in-vocabulary tokens (such as "a"), with prepend_bos=False (BOS, 50256, is out of its
     vocabulary). Its softmaxes are over 94 tokens instead of 50,257, so it trains in a fraction of
     a second per phase on a CPU and a check can afford thousands of samples.
     """
-    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=CHAR_VOCAB)
+    return load_tiny_model(n_layers, d_model, n_heads, n_ctx=64, seed=seed, d_vocab=PRINTABLE_VOCAB)
+

@@ -13,15 +13,8 @@ import torch
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from minirlhf.exercises.core import (
-    call,
-    describe_difference,
-    describe_error,
-    fail,
-    load_char_model,
-    passed,
-    single_threaded,
-)
+from minirlhf.exercises.core import describe_difference, load_char_model, passed, single_threaded
+from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
 from minirlhf.loading import load_tiny_model
 from minirlhf.models import VALUE_HOOK, TransformerWithValueHead
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
@@ -29,6 +22,7 @@ from minirlhf.sampling import Samples, SamplingConfig, get_samples
 # ---------------------------------------------------------------- the value head
 
 
+@learner_facing
 @single_threaded
 def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> None:
     """Check a `TransformerWithValueHead`-like class: `model_class(base_model)` must have a
@@ -46,7 +40,8 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
         hint = None
         if "before Module.__init__() call" in str(error):
             hint = "call super().__init__() first in __init__, before assigning any module."
-        fail(exercise, case, f"Building it failed. {describe_error(error)}", hint)
+        fail(exercise, case, f"Building it failed. {describe_error(error)}", hint or
+             crash_hint(error), error=error, **_value_head_case(base_model, tokens))
     head = getattr(model, "value_head", None)
     if not isinstance(head, nn.Module):
         fail(exercise, case, "It has no `value_head` attribute that is an nn.Module.",
@@ -61,14 +56,26 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
 
     output, error = call(model, {"tokens": tokens}, positional=True)
     if error is not None:
-        fail(exercise, case, f"forward(tokens) failed. {describe_error(error)}")
+        fail(exercise, case, f"forward(tokens) failed. {describe_error(error)}", crash_hint(error),
+             error=error, **_value_head_case(base_model, tokens))
     if not isinstance(output, tuple) or len(output) != 2:
         fail(exercise, case, f"forward should return a tuple (logits, values), got "
              f"{type(output).__name__}.")
     logits, values = output
+    if values is None:
+        fail(exercise, case, "forward returned values = None.", "did you forget `nonlocal "
+             "values` in the hook function? Without it, the hook's assignment creates a local "
+             "variable and the outer `values` stays None.")
     _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, values)
     passed(exercise, "logits unchanged, values = value_head(ln_final.hook_normalized), "
            "gradients reach the head and the trunk")
+
+
+def _value_head_case(base_model: HookedTransformer, tokens: Tensor) -> dict:
+    """`fail`'s keywords that record a value-head case and say how to re-run it."""
+    inputs = "exercises.last_failure().inputs"
+    return {"inputs": {"base_model": base_model, "tokens": tokens},
+            "rerun": f'TransformerWithValueHead({inputs}["base_model"])({inputs}["tokens"])'}
 
 
 def _value_oracle(base_model: HookedTransformer, head: nn.Module, tokens: Tensor, hook: str):
@@ -96,7 +103,8 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
         else:
             hint = ("your hook changed the residual stream: a hook function that returns a "
                     "tensor replaces the activation. Store the values (nonlocal), return nothing.")
-        fail(exercise, case, f"The logits differ from the base model's. {problem}", hint)
+        fail(exercise, case, f"The logits differ from the base model's. {problem}", hint,
+             **_value_head_case(base_model, tokens))
     if isinstance(values, Tensor) and values.shape == (batch, seq, 1):
         fail(exercise, case, f"values has shape {tuple(values.shape)}, expected ({batch}, {seq}).",
              "did you forget .squeeze(-1) on the value head's output?")
@@ -110,7 +118,8 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
         if describe_difference(pre_ln, values) is None:
             hint = ("you read the residual stream before the final layernorm; hook "
                     f"{VALUE_HOOK!r}, the vector the unembedding reads.")
-        fail(exercise, case, f"The values are not value_head({VALUE_HOOK}). {problem}", hint)
+        fail(exercise, case, f"The values are not value_head({VALUE_HOOK}). {problem}", hint,
+             **_value_head_case(base_model, tokens))
     if not values.requires_grad:
         fail(exercise, case, "values has no gradient.",
              "did you compute the values under torch.no_grad() or .detach() them?")
@@ -142,13 +151,15 @@ def _sample(fn: SampleFn, model: HookedTransformer, **kwargs) -> tuple[Tensor, l
     """Call the learner's sampler (keywords as in minirlhf.get_samples); check what it returns."""
     exercise = "get_samples"
     case = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    where = _where(model, kwargs)
     with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's RNG
         torch.manual_seed(0)
-        result, error = call(lambda: fn(model, **kwargs), {})  # model first, whatever its name
+        result, error = call(lambda model, **kw: fn(model, **kw), {"model": model, **kwargs})
     if error is not None:
-        fail(exercise, case, describe_error(error))
+        fail(exercise, case, describe_error(error), crash_hint(error), error=error, **where)
     if not isinstance(result, tuple) or len(result) < 2:
-        fail(exercise, case, "Return a tuple (sample_ids, samples): token ids and their texts.")
+        fail(exercise, case, "Return a tuple (sample_ids, samples): token ids and their texts.",
+             **where)
     sample_ids, samples = result[0], result[1]
     batch_size, gen_len = kwargs["batch_size"], kwargs["gen_len"]
     prompt_len = model.to_tokens(kwargs["prompt"], prepend_bos=kwargs["prepend_bos"]).shape[1]
@@ -163,13 +174,28 @@ def _sample(fn: SampleFn, model: HookedTransformer, **kwargs) -> tuple[Tensor, l
         elif shape in [(prompt_len + gen_len,), (1, prompt_len + gen_len)]:
             hint = "did you tokenize the prompt once? Repeat the prompt batch_size times."
         fail(exercise, case, f"sample_ids should have shape {expected} = (batch, prompt tokens + "
-             f"gen_len), got {shape}.", hint)
+             f"gen_len), got {shape}.", hint, **where)
     if len(samples) != batch_size or not all(isinstance(s, str) for s in samples):
-        fail(exercise, case, f"samples should be a list of {batch_size} strings.")
+        fail(exercise, case, f"samples should be a list of {batch_size} strings.", **where)
     if not all(kwargs["prompt"] in s for s in samples):
         fail(exercise, case, "Every text in samples should contain the prompt.",
-             "decode the whole row (prompt + continuation), e.g. model.to_string(sample_ids).")
+             "decode the whole row (prompt + continuation), e.g. model.to_string(sample_ids).",
+             **where)
     return sample_ids, samples
+
+
+def _where(model: HookedTransformer, kwargs: dict) -> dict:
+    """`fail`'s keywords that record a sampler case: the model by position, the rest by name."""
+    return {"inputs": {"model": model, **kwargs}, "keywords": tuple(kwargs)}
+
+
+def _greedy(model: HookedTransformer, prompt: str, gen_len: int) -> Tensor:
+    """The greedy continuation (argmax at every step) of a prompt, without BOS."""
+    tokens = model.to_tokens(prompt, prepend_bos=False)
+    with torch.no_grad():
+        for _ in range(gen_len):
+            tokens = torch.cat([tokens, model(tokens)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return tokens[0]
 
 
 def _check_prompt_tokens(fn: SampleFn, model: HookedTransformer) -> None:
@@ -184,7 +210,7 @@ def _check_prompt_tokens(fn: SampleFn, model: HookedTransformer) -> None:
         if not (start == expected).all():
             fail("get_samples", f"prepend_bos={prepend_bos}", f"Rows should start with the "
                  f"prompt tokens {expected.tolist()}, got {start[0].tolist()}.",
-                 "did you pass prepend_bos to model.to_tokens?")
+                 "did you pass prepend_bos to model.to_tokens?", **_where(model, kwargs))
 
 
 def _check_rows(fn: SampleFn, model: HookedTransformer) -> None:
@@ -192,9 +218,13 @@ def _check_rows(fn: SampleFn, model: HookedTransformer) -> None:
                   prepend_bos=False)
     sample_ids, _ = _sample(fn, model, **kwargs)
     if (sample_ids == sample_ids[0]).all():
+        hint = ("did you sample one row and repeat it? Repeat the prompt batch_size times, then "
+                "sample every row.")
+        if torch.equal(sample_ids[0], _greedy(model, "a", kwargs["gen_len"])):
+            hint = ("every row is the greedy continuation: you took the most likely token "
+                    "(argmax). Draw it instead: torch.multinomial(probs, num_samples=1).")
         fail("get_samples", "batch_size=8, gen_len=8, temperature=1.0", "Every row is the same.",
-             "did you sample one row and repeat it? Repeat the prompt batch_size times, then "
-             "sample every row.")
+             hint, **_where(model, kwargs))
 
 
 def _check_top_k(fn: SampleFn, model: HookedTransformer) -> None:
@@ -211,10 +241,10 @@ def _check_top_k(fn: SampleFn, model: HookedTransformer) -> None:
             row, col = (int(i) for i in outside.nonzero()[0])
             fail("get_samples", f"top_k={top_k}", f"Generated token {col} of row {row} is not "
                  f"among the {top_k} most likely tokens.",
-                 "did you pass top_k on to the sampling step?")
+                 "did you pass top_k on to the sampling step?", **_where(model, kwargs))
         if top_k == 1 and not (sample_ids == sample_ids[0]).all():
             fail("get_samples", "top_k=1", "With top_k=1 every row should be the greedy "
-                 "continuation, but the rows differ.")
+                 "continuation, but the rows differ.", **_where(model, kwargs))
 
 
 def _check_temperature(fn: SampleFn, model: HookedTransformer, num_samples: int = 1000) -> None:
@@ -245,9 +275,10 @@ def _check_temperature(fn: SampleFn, model: HookedTransformer, num_samples: int 
     fail("get_samples", f"temperature={temperature}, {num_samples} samples of one token",
          f"The first tokens' frequencies are {distances[temperature]:.2f} (total variation) away "
          f"from softmax(logits / {temperature}), and {distances[best]:.2f} from "
-         f"softmax(logits / {best}).", hints.get(best))
+         f"softmax(logits / {best}).", hints.get(best), **_where(model, kwargs))
 
 
+@learner_facing
 @single_threaded
 def check_get_samples(fn: SampleFn) -> None:
     """Check a sampler `fn(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos)`

@@ -18,15 +18,8 @@ from rich.console import Console
 from torch import Tensor, nn
 
 from minirlhf.args import RLHFArgs
-from minirlhf.exercises.core import (
-    Mistake,
-    call,
-    describe_error,
-    fail,
-    load_char_model,
-    passed,
-    single_threaded,
-)
+from minirlhf.exercises.core import Mistake, load_char_model, passed, single_threaded
+from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
 from minirlhf.memory import ReplayMemory
 from minirlhf.optim import get_lr_scale, get_optimizer, get_optimizer_and_scheduler
 from minirlhf.rewards import reward_fn_char_count
@@ -77,6 +70,7 @@ def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module,
         fail(exercise, case, f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
 
 
+@learner_facing
 def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
     """Check `fn(model, base_lr, head_lr)`: AdamW, maximize=True, one group per learning rate."""
     exercise = "get_optimizer"
@@ -89,7 +83,7 @@ def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
         if "more than one parameter group" in str(error):
             hint = ("model.parameters() includes the value head: use "
                     "model.base_model.parameters() for the first group.")
-        fail(exercise, case, describe_error(error), hint)
+        fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
     _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4)
     passed(exercise, "AdamW with maximize=True, base_model at base_lr and value_head at head_lr")
 
@@ -105,8 +99,8 @@ LR_SCALE_TABLE = {
 }
 
 
-def _seed_lr_scale(phase, warmup_steps, total_phases, final_scale):
-    """The seed's schedule, with both of its bugs."""
+def _original_lr_scale(phase, warmup_steps, total_phases, final_scale):
+    """The original design's schedule, with both of its bugs (docs/seeds.md)."""
     if phase < warmup_steps:
         return phase / warmup_steps
     return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
@@ -119,11 +113,11 @@ def _from_warmup_end(phase, warmup_steps, total_phases, final_scale):
 
 
 LR_MISTAKES = [
-    Mistake("this is the seed's schedule: LR 0 in the first warmup phase (use (phase + 1) / "
-            "warmup_steps), and a decay that stops short of final_scale at the last phase "
-            "(divide by total_phases - 1 - warmup_steps).", _seed_lr_scale),
-    Mistake("the first warmup phase gets LR 0, so phase 0 learns nothing (the seed's "
-            "phase / warmup_steps): use (phase + 1) / warmup_steps.",
+    Mistake("two bugs at once: LR 0 in the first warmup phase (use (phase + 1) / warmup_steps), "
+            "and a decay that stops short of final_scale at the last phase (divide by "
+            "total_phases - 1 - warmup_steps).", _original_lr_scale),
+    Mistake("the first warmup phase gets LR 0, so phase 0 learns nothing (phase / "
+            "warmup_steps): use (phase + 1) / warmup_steps.",
             lambda phase, warmup_steps, total_phases, final_scale: phase / warmup_steps
             if phase < warmup_steps else get_lr_scale(phase, warmup_steps, total_phases,
                                                       final_scale)),
@@ -146,39 +140,51 @@ def _schedule(fn: Callable[..., float], warmup: int, total: int, final: float):
     return scales, None
 
 
+@learner_facing
 def check_get_lr_scale(fn: Callable[..., float]) -> None:
     """Check `fn(phase, warmup_steps, total_phases, final_scale)` against a hand-worked table."""
     exercise = "get_lr_scale"
     for (warmup, total, final), expected in LR_SCALE_TABLE.items():
         schedule = f"warmup_steps={warmup}, total_phases={total}, final_scale={final}"
         reference, _ = _schedule(get_lr_scale, warmup, total, final)
-        assert _same_schedule(reference, expected), f"reference {reference} != {expected}"
+        assert (problem := _schedule_difference(expected, reference)) is None, problem
         got, error = _schedule(fn, warmup, total, final)
         if error is not None:
             phase, error = error
             hint = None
             if isinstance(error, ZeroDivisionError) and warmup == 0:
                 hint = "warmup_steps=0 means no warmup: don't divide by it."
-            fail(exercise, f"phase={phase}, {schedule}", describe_error(error), hint)
+            inputs = {"phase": phase, "warmup_steps": warmup, "total_phases": total,
+                      "final_scale": final}
+            fail(exercise, f"phase={phase}, {schedule}", describe_error(error),
+                 hint or crash_hint(error), inputs=inputs, error=error)
         wrong = [p for p, (a, b) in enumerate(zip(got, expected, strict=True))
                  if not isinstance(a, int | float) or abs(a - b) > 1e-6]
         if wrong:
             phase = wrong[0]
-            hint = next((m.hint for m in LR_MISTAKES if _same_schedule(
-                _schedule(m.imitate, warmup, total, final)[0], got)), None)
+            hint = next((m.hint for m in LR_MISTAKES if _schedule_difference(
+                _schedule(m.imitate, warmup, total, final)[0], got) is None), None)
+            inputs = {"phase": phase, "warmup_steps": warmup, "total_phases": total,
+                      "final_scale": final}
             fail(exercise, f"phase={phase}, {schedule}", f"Expected {expected[phase]:.4g}, got "
                  f"{got[phase]!r} (expected schedule {expected}, got "
-                 f"{[round(g, 4) if isinstance(g, float) else g for g in got]}).", hint)
+                 f"{[round(g, 4) if isinstance(g, float) else g for g in got]}).", hint,
+                 inputs=inputs, expected=expected[phase], got=got[phase])
     passed(exercise, f"{sum(map(len, LR_SCALE_TABLE.values()))} phases of 4 schedules (with and "
            "without warmup) match a hand-worked table and the reference")
 
 
-def _same_schedule(a: list, b: list) -> bool:
-    return len(a) == len(b) and all(
-        isinstance(y, int | float) and abs(x - y) < 1e-6 for x, y in zip(a, b, strict=True)
-    )
+def _schedule_difference(expected: list, got: list) -> str | None:
+    """None if two lists of multipliers agree to 1e-6, else the first phase where they differ."""
+    if len(expected) != len(got):
+        return f"{len(got)} phases, expected {len(expected)}"
+    for phase, (a, b) in enumerate(zip(expected, got, strict=True)):
+        if not isinstance(b, int | float) or abs(a - b) >= 1e-6:
+            return f"phase {phase}: {b!r}, expected {a}"
+    return None
 
 
+@learner_facing
 def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
     """Check `fn(model, base_lr, head_lr, warmup_steps, total_phases, final_scale)`: the optimiser
     and a scheduler that, stepped once per phase, sets each group's LR to its base times the scale.
@@ -194,9 +200,9 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
         if error is not None:
             hint = None
             if "scheulder" in str(error) or "lamda" in str(error):
-                hint = ("check the spelling (the seed has these typos): "
+                hint = ("check the spelling (`lr_scheulder` and `lr_lamda` are easy typos): "
                         "torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=...).")
-            fail(exercise, case, describe_error(error), hint)
+            fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
         optimizer, scheduler = result
         _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2)
         for phase, scale in enumerate(scales):
@@ -218,15 +224,21 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
 LearningPhaseFn = Callable[[RLHFTrainer, ReplayMemory], dict[str, float]]
 
 
-def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
-    """A trainer on a tiny char model and one rollout's memory (about a tenth of a second)."""
-    args = RLHFArgs(total_phases=3, batch_size=8, num_minibatches=2, batches_per_learning_phase=2,
-                    gen_len=4, prefix="a", prepend_bos=False, warmup_steps=1, base_lr=1e-2,
-                    head_lr=1e-2, max_grad_norm=0.05, kl_coef=0.5, ent_coef=0.01, seed=0)
+def char_trainer(**overrides) -> RLHFTrainer:
+    """A quiet trainer on a tiny char model (batch 8, gen_len 4, prompt "a"), with `overrides`."""
+    args = RLHFArgs(**{**dict(total_phases=3, batch_size=8, num_minibatches=2, gen_len=4,
+                              prefix="a", prepend_bos=False, warmup_steps=0, kl_coef=0.5,
+                              seed=0), **overrides})
     model = load_char_model(n_layers=1, d_model=16, n_heads=2, seed=4)
     with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to"
-        trainer = RLHFTrainer(args, reward_fn_char_count, base_model=model,
-                              console=Console(quiet=True), table_every=0)
+        return RLHFTrainer(args, reward_fn_char_count, base_model=model,
+                           console=Console(quiet=True), table_every=0)
+
+
+def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
+    """A trainer on a tiny char model and one rollout's memory (about a tenth of a second)."""
+    trainer = char_trainer(batches_per_learning_phase=2, warmup_steps=1, base_lr=1e-2,
+                           head_lr=1e-2, max_grad_norm=0.05, ent_coef=0.01)
     return trainer, trainer.rollout_phase().memory
 
 
@@ -318,6 +330,19 @@ LEARNING_MISTAKES = [
 ]
 
 
+def _learning_hint(run, trainer: RLHFTrainer, memory: ReplayMemory, snapshot: dict) -> str | None:
+    """The named mistake whose weights the learner's run reproduces, if any."""
+    if not run.used_generator:
+        return ("did you pass self.shuffle_generator to memory.get_minibatches? Without it "
+                "the minibatches are not the seeded ones.")
+    for mistake in LEARNING_MISTAKES:
+        if not _differing_weights(_run(mistake.imitate, trainer, memory, snapshot).weights,
+                                  run.weights):
+            return mistake.hint
+    return None
+
+
+@learner_facing
 @single_threaded
 def check_learning_phase(fn: LearningPhaseFn) -> None:
     """Check `fn(self, memory)` (an `RLHFTrainer.learning_phase`): one PPO step per minibatch,
@@ -337,7 +362,8 @@ def check_learning_phase(fn: LearningPhaseFn) -> None:
     run = _run(fn, trainer, memory, snapshot)
     _restore(trainer, snapshot)
     if run.error is not None:
-        fail(exercise, case, describe_error(run.error))
+        fail(exercise, case, describe_error(run.error), crash_hint(run.error),
+             inputs={"self": trainer, "memory": memory}, error=run.error)
     if len(run.grad_norms) != steps:
         fail(exercise, case, f"It took {len(run.grad_norms)} optimiser steps; expected {steps}: "
              "one per minibatch, num_minibatches * batches_per_learning_phase.")
@@ -356,15 +382,7 @@ def check_learning_phase(fn: LearningPhaseFn) -> None:
         fail(exercise, case, f"Return a dict of metrics; got {type(run.result).__name__}.")
     differ = _differing_weights(reference.weights, run.weights)
     if differ:
-        hint = None
-        if not run.used_generator:
-            hint = ("did you pass self.shuffle_generator to memory.get_minibatches? Without it "
-                    "the minibatches are not the seeded ones.")
-        for mistake in [] if hint else LEARNING_MISTAKES:
-            if not _differing_weights(_run(mistake.imitate, trainer, memory, snapshot).weights,
-                                 run.weights):
-                hint = mistake.hint
-                break
+        hint = _learning_hint(run, trainer, memory, snapshot)
         _restore(trainer, snapshot)
         fail(exercise, case, f"After the phase the weights differ from the reference's (first "
              f"in {differ[0]!r}, {len(differ)} of {len(run.weights)} tensors).", hint)

@@ -5,6 +5,7 @@ the population standard deviation spelt out as a sum, and advantages computed po
 position with explicit indices (GAE as the discounted sum of deltas, not the backward recursion).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,15 +16,13 @@ from minirlhf.advantages import compute_advantages, compute_gae
 from minirlhf.exercises.core import (
     Case,
     Mistake,
-    call,
     check_function,
     describe_difference,
-    describe_error,
-    fail,
     find_mistake,
     passed,
     randn,
 )
+from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
 from minirlhf.rewards import normalize_reward, reward_fn_char_count
 
 # ---------------------------------------------------------------- the char-count reward
@@ -42,6 +41,7 @@ CHAR_COUNT_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_reward_fn_char_count(fn: Callable[..., Tensor]) -> None:
     """Check `fn(samples, char=".")`: how many times `char` occurs in each sample, as floats."""
     exercise = "reward_fn_char_count"
@@ -50,17 +50,19 @@ def check_reward_fn_char_count(fn: Callable[..., Tensor]) -> None:
         reference = reward_fn_char_count(**case.kwargs)
         assert describe_difference(expected, reference) is None, "reference != oracle"
         got, error = call(fn, case.kwargs, positional=True)
+        report = functools.partial(fail, exercise, case.name, inputs=case.kwargs,
+                                   expected=expected, got=got, error=error)
         if error is not None:
-            fail(exercise, case.name, describe_error(error))
+            report(describe_error(error), crash_hint(error))
         if isinstance(got, list | tuple):
-            fail(exercise, case.name, f"Expected a torch.Tensor, got a {type(got).__name__}.",
-                 "return torch.tensor([...], dtype=torch.float32), not a Python list.")
+            report(f"Expected a torch.Tensor, got a {type(got).__name__}.",
+                   "return torch.tensor([...], dtype=torch.float32), not a Python list.")
         problem = describe_difference(expected, got, dims="batch")
         if problem is not None:
             hint = find_mistake(CHAR_COUNT_MISTAKES, case.kwargs, got, error)
             if hint is None and isinstance(got, Tensor) and not got.is_floating_point():
                 hint = "rewards are floats: pass dtype=torch.float32 to torch.tensor."
-            fail(exercise, case.name, problem, hint)
+            report(problem, hint)
     passed(exercise, f"{len(CHAR_COUNT_CASES)} cases (other characters, empty strings, a batch "
            "of one) match the reference solution and str.count")
 
@@ -94,6 +96,7 @@ NORMALIZE_MISTAKES = [  # "forgot eps" first: at a batch of one, both it and the
 ]
 
 
+@learner_facing
 def check_normalize_reward(fn: Callable[..., Tensor]) -> None:
     """Check `fn(reward, eps=1e-5)`: mean 0 and population std 1 (zeros for a batch of one)."""
     cases = [
@@ -136,7 +139,7 @@ def _one_step_oracle(values: Float[Tensor, "batch seq"], rewards: Float[Tensor, 
 
 
 # The mistakes below are deliberately wrong, so they carry no shape annotations.
-def _seed_batch_slice(values, rewards, prefix_len):
+def _rows_slice(values, rewards, prefix_len):
     one_step = torch.cat([values[:, prefix_len:-1], rewards[:, None]], dim=-1)
     return one_step - values[prefix_len - 1 : -1]
 
@@ -150,7 +153,7 @@ def _shifted(values, rewards, prefix_len, shift):
 
 ADVANTAGE_MISTAKES = [
     Mistake("did you forget the batch dimension when slicing? `values[prefix_len - 1 : -1]` "
-            "slices samples (rows); write `values[:, prefix_len - 1 : -1]`.", _seed_batch_slice),
+            "slices samples (rows); write `values[:, prefix_len - 1 : -1]`.", _rows_slice),
     Mistake("the advantages are off by one position: generated token t was chosen in the state "
             "ending at position prefix_len - 1 + t, so V(s_t) is values[:, prefix_len - 1 + t].",
             lambda values, rewards, prefix_len: _shifted(values, rewards, prefix_len, 1)),
@@ -170,6 +173,7 @@ ADVANTAGE_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_compute_advantages(fn: Callable[..., Tensor]) -> None:
     """Check `fn(values, rewards, prefix_len)`: one-step advantages, shape (batch, gen_len)."""
     check_function("compute_advantages", fn, compute_advantages, _one_step_oracle,
@@ -236,6 +240,7 @@ GAE_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_compute_gae(fn: Callable[..., Tensor]) -> None:
     """Check `fn(values, rewards, prefix_len, gamma, gae_lambda)`: GAE, shape (batch, gen_len)."""
     settings = [(1.0, 0.95), (0.9, 0.8), (1.0, 0.0), (1.0, 1.0), (0.5, 0.5)]

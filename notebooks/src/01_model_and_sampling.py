@@ -17,6 +17,30 @@
 # tells you what differed and, often, the mistake you most likely made.
 #
 # Everything here runs on tiny random models on a CPU in seconds; nothing downloads.
+#
+# **What you will learn**
+#
+# - how a value head shares the policy's trunk, and why it reads the residual stream after the
+#   final layernorm;
+# - how TransformerLens hooks read an activation without changing it;
+# - how temperature and top-k reshape the next-token distribution a rollout samples from.
+#
+# **Reading**
+#
+# - Ziegler et al. 2019, *Fine-Tuning Language Models from Human Preferences*
+#   (arXiv:1909.08593), section 2: the policy, the reference and the value function.
+# - Holtzman et al. 2020, *The Curious Case of Neural Text Degeneration* (arXiv:1904.09751):
+#   temperature, top-k and top-p sampling.
+# - TransformerLens's *Main Demo* notebook, on hook points and `run_with_hooks`.
+# - The ARENA RLHF exercises, on the value head; and this repository's `docs/models.md` and
+#   `docs/sampling.md`.
+#
+# **How the help works.** Each exercise is labelled with its difficulty and importance (out of 5)
+# and the time to allow. Under its description are hints: open them one at a time, and only when
+# stuck. The full solution follows the check, collapsed. When a check fails it shows your own
+# traceback first, then what differed, the mistake you most likely made, and the inputs of the
+# failing case; `exercises.last_failure().rerun(your_function)` runs that case again, so you can
+# add prints and debug it by hand.
 
 # %%
 import matplotlib.pyplot as plt
@@ -59,6 +83,16 @@ print(tokens, base_model.to_str_tokens("This is"))
 # fn)])` and a `nonlocal` variable to get the values out of the hook.
 #
 # The head: `Linear(d_model, 4 * d_model)`, `ReLU`, `Linear(4 * d_model, 1)`.
+#
+# Labels: difficulty 2, importance 4, 20 minutes
+#
+# Hint: In `__init__`, build the head from `base_model.cfg.d_model` and store it as
+# `self.value_head` (after `super().__init__()`, so PyTorch registers its parameters).
+#
+# Hint: In `forward`, set `values = None`, then define `store(normalized, hook)` whose first line
+# is `nonlocal values`; it sets `values = self.value_head(normalized).squeeze(-1)` and returns
+# nothing. Pass `fwd_hooks=[("ln_final.hook_normalized", store)]` to `run_with_hooks`, which
+# returns the logits.
 
 
 # %%
@@ -122,6 +156,16 @@ print(f"logits {tuple(logits.shape)}, values {tuple(values.shape)}")
 #
 # *(minirlhf's own `get_samples` does the same with a key-value cache, so each step only runs the
 # new token through the model, and also supports top-p and several prompts.)*
+#
+# Labels: difficulty 2, importance 3, 20 minutes
+#
+# Hint: `model.to_tokens(prompt, prepend_bos=prepend_bos)` has shape `(1, prompt_len)`;
+# `.repeat(batch_size, 1)` makes the batch. Inside the loop, `model(tokens)[:, -1]` is the
+# `(batch, d_vocab)` logits of the next token.
+#
+# Hint: For top-k, the k-th largest logit of each row is `logits.topk(top_k, dim=-1).values[:,
+# -1:]`; `masked_fill` the smaller ones with `-inf`. `torch.multinomial(probs, num_samples=1)`
+# returns a `(batch, 1)` column to `torch.cat` onto the tokens along `dim=1`.
 
 
 # %%
@@ -171,6 +215,13 @@ rprint(make_sample_table(samples, [0.0] * len(samples), title="A random model's 
 # To see the effect, take a model whose vocabulary is GPT-2's 94 printable one-character tokens
 # (`exercises.load_char_model`, also used in notebook 4) and plot its next-token distribution after
 # the prompt "Q:" at three temperatures.
+#
+# Predict: At $T = 2$, does the likeliest character's probability go up or down? What
+# distribution does sampling approach as $T \to \infty$, and as $T \to 0$?
+#
+# Answer: Down: dividing the logits by $T > 1$ shrinks the gaps between them, so the
+# distribution flattens. As $T \to \infty$ it becomes uniform over the vocabulary; as
+# $T \to 0$ all the probability goes to the likeliest token (greedy decoding).
 
 # %%
 char_model = exercises.load_char_model(seed=3)

@@ -8,8 +8,30 @@
 #
 # 1. a reward function (count a character),
 # 2. reward normalisation (mean 0, standard deviation 1 within each batch),
-# 3. one-step advantages, the seeds' estimator,
+# 3. one-step advantages, the estimator of the original design (see `docs/seeds.md`),
 # 4. generalised advantage estimation (GAE), which learns much faster here.
+#
+# **What you will learn**
+#
+# - why rewards are normalised per batch, and why with the population standard deviation;
+# - which position of a sequence holds the value of the state each generated token was chosen in;
+# - how the one-step estimate and GAE assign a sequence's reward to its tokens.
+#
+# **Reading**
+#
+# - Schulman et al. 2016, *High-Dimensional Continuous Control Using Generalized Advantage
+#   Estimation* (arXiv:1506.02438), sections 2 and 3.
+# - Sutton and Barto, *Reinforcement Learning: An Introduction* (2nd ed.), chapter 12 on
+#   λ-returns, for where $\lambda$ comes from.
+# - OpenAI Spinning Up, *Part 3: Intro to Policy Optimization*, on advantage functions.
+# - This repository's `docs/advantages.md`.
+#
+# **How the help works.** Each exercise is labelled with its difficulty and importance (out of 5)
+# and the time to allow. Under its description are hints: open them one at a time, and only when
+# stuck. The full solution follows the check, collapsed. When a check fails it shows your own
+# traceback first, then what differed, the mistake you most likely made, and the inputs of the
+# failing case; `exercises.last_failure().rerun(your_function)` runs that case again, so you can
+# add prints and debug it by hand.
 
 # %%
 import matplotlib.pyplot as plt
@@ -24,6 +46,11 @@ torch.manual_seed(0)
 #
 # The classic first RLHF task (from the ARENA exercises) needs no model at all: reward each sample
 # by how many periods it contains. Return a float tensor, one reward per sample.
+#
+# Labels: difficulty 1, importance 2, 5 minutes
+#
+# Hint: `str.count` counts the occurrences of a substring; wrap the counts in
+# `torch.tensor(..., dtype=torch.float32)`.
 
 
 # %%
@@ -48,7 +75,17 @@ exercises.check_reward_fn_char_count(reward_fn_char_count)
 #   \sigma_r = \sqrt{\tfrac{1}{n}\textstyle\sum_i (r_i - \bar r)^2}$$
 #
 # Use the **population** standard deviation (divide by $n$, `correction=0`). PyTorch's default
-# `.std()` divides by $n - 1$, which is NaN for a batch of one; the seed's version had that bug.
+# `.std()` divides by $n - 1$, which is NaN for a batch of one (the original design had that bug).
+#
+# Labels: difficulty 1, importance 3, 5 minutes
+#
+# Hint: `reward.std(correction=0)` is the population standard deviation.
+#
+# Predict: What should your function return for a batch of a single reward?
+#
+# Answer: Zero: the reward minus its own mean is 0, the standard deviation is 0, and
+# $0 / (0 + \epsilon) = 0$. With `.std()` it would be $0/0$, NaN, and one NaN in a loss turns
+# every weight into NaN at the next step.
 
 
 # %%
@@ -83,13 +120,23 @@ exercises.check_normalize_reward(normalize_reward)
 #
 # ## Exercise 3: one-step advantages
 #
-# The seeds estimate the advantage of token $t$ as how much the value went up after choosing it:
+# The original design estimates the advantage of token $t$ as how much the value went up after
+# choosing it:
 #
 # $$A_t = V(s_{t+1}) - V(s_t) \quad (t < T - 1), \qquad A_{T-1} = r - V(s_{T-1})$$
 #
 # where $r$ is the (normalised) reward. Return one advantage per generated token:
-# shape `(batch, gen_len)`. Mind the batch dimension when slicing (the seed's version sliced the
-# rows by mistake).
+# shape `(batch, gen_len)`. Mind the batch dimension when slicing (the original design sliced
+# the rows by mistake).
+#
+# Labels: difficulty 2, importance 4, 15 minutes
+#
+# Hint: The baseline $V(s_t)$ of the `gen_len` generated tokens is `values[:, prefix_len - 1 :
+# -1]`, from the diagram above.
+#
+# Hint: The targets are the next state's value for every token but the last,
+# `values[:, prefix_len:-1]` (`gen_len - 1` columns), then the reward as one more column:
+# `torch.cat([..., rewards[:, None]], dim=-1)`.
 
 
 # %%
@@ -131,6 +178,15 @@ exercises.check_compute_advantages(compute_advantages)
 # Compute it with the recursion, looping backwards from the last generated token.
 # $\lambda = 0$ gives back the one-step estimate (with $\gamma = 1$); $\lambda = 1$ gives the
 # Monte-Carlo estimate $A_t = r - V(s_t)$, which sends the reward to every token at once.
+#
+# Labels: difficulty 3, importance 4, 20 minutes
+#
+# Hint: Compute every $\delta_t$ at once first: the next values are the state values shifted
+# left by one with a 0 appended; the step rewards are zeros except the last column, which holds
+# the reward.
+#
+# Hint: Then loop `for t in reversed(range(gen_len))` with a running sum per row:
+# `running = deltas[:, t] + gamma * gae_lambda * running`, stored into column `t`.
 
 
 # %%
@@ -168,6 +224,12 @@ exercises.check_compute_gae(compute_gae)
 # Take one sequence whose value head predicts 0 everywhere and whose reward is 1. The one-step
 # estimate gives all the credit to the last token; GAE spreads it backwards, decaying by
 # $\gamma\lambda$ per step.
+#
+# Predict: With $\gamma = 1$, $\lambda = 0.5$ and this value head, what advantage does the first
+# of the 12 generated tokens get?
+#
+# Answer: $0.5^{11} \approx 0.0005$: each step back multiplies by $\gamma\lambda = 0.5$. With
+# $\lambda = 1$ every token gets the whole reward, 1.
 
 # %%
 prefix_len, gen_len = 3, 12

@@ -13,7 +13,26 @@
 #
 # Every term below is written as a positive quantity; the sign in front of it is applied by the
 # trainer. Each function takes the logits at the **generated positions only**
-# (`logits[:, prefix_len - 1 : -1]`, one row per generated token).
+# (`logits[:, prefix_len - 1 : -1]`, one row per generated token). The last exercise puts the
+# four terms together with their signs.
+#
+# **What you will learn**
+#
+# - how PPO reuses one rollout for several shuffled passes without mixing up samples;
+# - how to pick the log-probability of each generated token, and why off-by-one matters;
+# - the four terms of the objective, what each one is for, and the sign each one takes.
+#
+# **Reading**
+#
+# - Schulman et al. 2017, *Proximal Policy Optimization Algorithms* (arXiv:1707.06347),
+#   sections 3 and 5.
+# - Huang et al. 2022, *The 37 Implementation Details of Proximal Policy Optimization* (ICLR
+#   blog track): advantage normalisation, the value loss, the entropy bonus.
+# - CleanRL's `ppo.py`, whose loss lines these functions mirror.
+# - This repository's `docs/objective.md`.
+#
+# As before: labels (difficulty and importance out of 5, minutes to allow), hints to open one at a
+# time, the solution collapsed after each check; `exercises.last_failure()` holds a failing case.
 
 # %%
 import matplotlib.pyplot as plt
@@ -28,10 +47,18 @@ torch.manual_seed(0)
 # ## Exercise 1: minibatches from the replay memory
 #
 # PPO reuses each rollout for several passes (`batches_per_learning_phase`, PPO's "epochs"). Each
-# pass draws a fresh random permutation of the samples (with the given `generator`, so a seed
-# reproduces it) and cuts it into `num_minibatches` equal minibatches. Every tensor of a
-# minibatch must be indexed with the same indices, so each row stays one sample. The value head's
-# targets, the **returns**, are advantages + values.
+# pass draws a fresh random permutation of the samples (with the given `generator`, so a seeded
+# generator reproduces it) and cuts it into `num_minibatches` equal minibatches. Every tensor of
+# a minibatch must be indexed with the same indices, so each row stays one sample. The value
+# head's targets, the **returns**, are advantages + values.
+#
+# Labels: difficulty 2, importance 3, 15 minutes
+#
+# Hint: `torch.randperm(batch_size, generator=generator)` is one pass's order, and
+# `.reshape(num_minibatches, -1)` cuts it into rows of indices, one row per minibatch.
+#
+# Hint: Compute `returns = self.advantages + self.values` once, then build each
+# `ReplayMinibatch` by indexing every tensor (returns included) with the same `indices`.
 
 
 # %%
@@ -85,6 +112,14 @@ exercises.check_replay_memory(ReplayMemory)
 # log-prob of token $s$ comes from `log_softmax(logits[:, s - 1])`. Return them for the generated
 # tokens only (positions `prefix_len` onwards), or for every next token when `prefix_len` is None.
 # `gather` (or `eindex`) picks one entry per position.
+#
+# Labels: difficulty 2, importance 5, 15 minutes
+#
+# Hint: `logits[:, start - 1 : -1]` are the logits that predicted `tokens[:, start:]`, where
+# `start` is `prefix_len`, or 1 when it is None.
+#
+# Hint: Take `log_softmax(dim=-1)` first, then `.gather(-1, tokens[:, start:, None])` picks one
+# log-prob per position; `.squeeze(-1)` drops the trailing axis.
 
 
 # %%
@@ -114,6 +149,16 @@ exercises.check_get_logprobs(get_logprobs)
 #
 # Use `log_softmax` (not `log(softmax(...))`, which gives $\log 0 = -\infty$ for large logits)
 # and remember the coefficient.
+#
+# Labels: difficulty 2, importance 4, 10 minutes
+#
+# Hint: Per position, `(logprobs.exp() * (logprobs - ref_logprobs)).sum(-1)`, both log-probs
+# from `log_softmax`. Then `.mean()` over positions and samples, times `kl_coef`.
+#
+# Predict: What is the penalty when the policy equals the reference? Can it ever be negative?
+#
+# Answer: 0 when they are equal (every log-ratio is 0), and never negative: a KL divergence is
+# at least 0 (Gibbs' inequality). A negative value means the sign or the direction is wrong.
 
 
 # %%
@@ -135,6 +180,11 @@ exercises.check_calc_kl_penalty(calc_kl_penalty)
 #
 # A small bonus for keeping the policy's distribution spread out, so it keeps exploring:
 # $H(\pi) = -\sum_v \pi(v) \log \pi(v)$, averaged over positions, times `ent_coef`.
+#
+# Labels: difficulty 1, importance 2, 5 minutes
+#
+# Hint: Sum $-p \log p$ over the vocabulary (`dim=-1`), with $p$ from `softmax` and $\log p$
+# from `log_softmax`; then the mean over positions and samples, times `ent_coef`.
 
 
 # %%
@@ -153,8 +203,13 @@ exercises.check_calc_entropy_bonus(calc_entropy_bonus)
 # ## Exercise 5: the value-function loss (subtracted)
 #
 # The value head regresses onto the returns: $L^\text{VF} = \tfrac12\,
-# \mathbb{E}\big[(V(s_t) - R_t)^2\big]$, times `vf_coef`. (The $\tfrac12$ is CleanRL's and the
-# seeds'; it makes the gradient $V - R$.)
+# \mathbb{E}\big[(V(s_t) - R_t)^2\big]$, times `vf_coef`. (The $\tfrac12$ is CleanRL's and
+# the ARENA exercises'; it makes the gradient $V - R$.)
+#
+# Labels: difficulty 1, importance 3, 5 minutes
+#
+# Hint: Half the mean of the squared differences, times the coefficient; the mean runs over every
+# token of every sample.
 
 
 # %%
@@ -182,6 +237,14 @@ exercises.check_calc_value_function_loss(calc_value_function_loss)
 #
 # The minimum is the pessimistic bound: once a good token's probability has risen by more than
 # $\epsilon$ (`clip_coef`), there is nothing more to gain from raising it in this phase.
+#
+# Labels: difficulty 3, importance 5, 20 minutes
+#
+# Hint: Normalise the advantages over the whole minibatch first (every token of every sample:
+# mean 0, `std(correction=0)`, plus `eps`). The ratio is `(logprobs - mb_logprobs).exp()`.
+#
+# Hint: `ratio.clamp(1 - clip_coef, 1 + clip_coef)` is the clipped ratio; take `torch.minimum`
+# of the two products, token by token, then the mean.
 
 
 # %%
@@ -211,6 +274,12 @@ exercises.check_calc_clipped_surrogate_objective(calc_clipped_surrogate_objectiv
 # For a single token, the surrogate as a function of the ratio: with a positive advantage it stops
 # rising at $1 + \epsilon$; with a negative one it stops falling at $1 - \epsilon$. Beyond those
 # points the gradient is zero, which is what keeps each update small.
+#
+# Predict: A token with a negative advantage already has ratio 0.7, below $1 - \epsilon = 0.8$.
+# Does this phase push its probability down further?
+#
+# Answer: No: the minimum picks the clipped term, $0.8\,A$, a constant, so its gradient is zero.
+# The token has already lost as much probability as one phase allows.
 
 # %%
 ratios = torch.linspace(0.5, 1.5, 201)
@@ -224,3 +293,32 @@ for ax, advantage in zip(axes, [1.0, -1.0], strict=True):
     ax.set_xlabel("ratio π_θ / π_old")
 axes[0].legend()
 plt.show()
+
+# %% [markdown]
+# ## Exercise 7: the objective, with its signs
+#
+# The trainer adds the four terms into the one number it maximises. Write that sum: each term's
+# heading above says whether it is added or subtracted. (Inside `RLHFTrainer` this is the last
+# line of `compute_rlhf_objective`, after the four functions you wrote.)
+#
+# Labels: difficulty 1, importance 5, 5 minutes
+#
+# Hint: The surrogate and the entropy bonus are rewards; the value loss and the KL penalty are
+# costs. The optimiser has `maximize=True`, so nothing is negated at the end.
+
+
+# %%
+def calc_rlhf_objective(
+    clipped_surrogate: torch.Tensor,
+    value_loss: torch.Tensor,
+    entropy_bonus: torch.Tensor,
+    kl_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """The objective the trainer maximises, from the four (positive) terms."""
+    # BEGIN SOLUTION
+    return clipped_surrogate - value_loss + entropy_bonus - kl_penalty
+    # END SOLUTION
+
+
+# %%
+exercises.check_calc_rlhf_objective(calc_rlhf_objective)

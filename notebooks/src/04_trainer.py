@@ -1,10 +1,10 @@
 # %% [markdown]
 # # 4. The trainer: count the periods
 #
-# The last pieces: an optimiser with two learning rates, a learning-rate schedule, and the
-# learning phase that takes one PPO step per minibatch. Then we plug your learning phase into
-# minirlhf's `RLHFTrainer` and train a tiny model to write periods, with and without the KL
-# penalty.
+# The last pieces: an optimiser with two learning rates, a learning-rate schedule, the objective
+# assembled from the trainer's models, and the learning phase that takes one PPO step per
+# minibatch. Then we plug your objective and learning phase into minirlhf's `RLHFTrainer` and
+# train a tiny model to write periods, with and without the KL penalty.
 #
 # One phase of training:
 #
@@ -15,6 +15,24 @@
 #                      zero_grad, backward, clip gradients, optimizer.step()
 #                  scheduler.step()   (once per phase)
 # ```
+#
+# **What you will learn**
+#
+# - why the transformer and the value head get different learning rates, and how a schedule
+#   warms up and decays them;
+# - the order of one PPO step (zero, forward, backward, clip, step) and what breaks when it
+#   changes;
+# - what the KL penalty buys: a policy that earns reward without leaving the reference behind.
+#
+# **Reading**
+#
+# - Loshchilov and Hutter 2019, *Decoupled Weight Decay Regularization* (arXiv:1711.05101): why
+#   AdamW rather than Adam with weight decay.
+# - Ziegler et al. 2019 (arXiv:1909.08593), section 2.2: the KL penalty.
+# - CleanRL's `ppo.py`, the training loop.
+# - This repository's `docs/trainer.md` and `docs/metrics.md`.
+#
+# As before: labels, hints one at a time, the solution collapsed after each check.
 
 # %%
 import matplotlib.pyplot as plt
@@ -24,7 +42,14 @@ from rich.console import Console
 from torch import nn
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises, get_samples, reward_fn_char_count
-from minirlhf.memory import ReplayMemory
+from minirlhf.losses import (
+    calc_clipped_surrogate_objective,
+    calc_entropy_bonus,
+    calc_kl_penalty,
+    calc_value_function_loss,
+    get_gen_logprobs,
+)
+from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.tracking import make_sample_table
 
 torch.set_num_threads(1)  # tiny models run faster on one thread than on many
@@ -35,6 +60,11 @@ torch.set_num_threads(1)  # tiny models run faster on one thread than on many
 # AdamW with two parameter groups: the transformer (`model.base_model`) at `base_lr` and the
 # freshly initialised value head (`model.value_head`) at the larger `head_lr`. The trainer
 # **maximises** the objective, so pass `maximize=True` (rather than negating the objective).
+#
+# Labels: difficulty 1, importance 3, 10 minutes
+#
+# Hint: AdamW takes a list of parameter groups, dicts `{"params": ..., "lr": ...}`: one for
+# `model.base_model.parameters()`, one for `model.value_head.parameters()`.
 
 
 # %%
@@ -65,8 +95,16 @@ exercises.check_get_optimizer(get_optimizer)
 #   1 - (1 - f)\,\dfrac{p - w}{\max(1,\; P - 1 - w)} & p \ge w
 # \end{cases}$$
 #
-# The seed used $p / w$ in the warmup, so its first phase had learning rate 0, and divided the
-# decay by $P - w$, so it never reached $f$.
+# The original design used $p / w$ in the warmup, so its first phase had learning rate 0, and
+# divided the decay by $P - w$, so it never reached $f$.
+#
+# Labels: difficulty 2, importance 2, 10 minutes
+#
+# Hint: Two branches. Below `warmup_steps`, a ramp that reaches 1 at phase `warmup_steps - 1`;
+# from there, a straight line from 1 down to `final_scale` at phase `total_phases - 1`.
+#
+# Hint: With `warmup_steps = 0` the first branch never runs, so nothing divides by it. The
+# `max(1, ...)` keeps the decay defined when a single phase follows the warmup.
 
 
 # %%
@@ -96,7 +134,13 @@ plt.show()
 # ## Exercise 3: optimiser and scheduler
 #
 # Wrap the schedule in `torch.optim.lr_scheduler.LambdaLR`, which multiplies each group's
-# learning rate by `lr_lambda(phase)`. (The seed spelt both `lr_scheulder` and `lr_lamda`.)
+# learning rate by `lr_lambda(phase)`. (Watch the spelling: `lr_scheulder` and `lr_lamda` are
+# easy typos; the original design had both.)
+#
+# Labels: difficulty 1, importance 2, 5 minutes
+#
+# Hint: `torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda phase: get_lr_scale(phase,
+# ...))`, reusing your `get_optimizer`.
 
 
 # %%
@@ -123,7 +167,62 @@ def get_optimizer_and_scheduler(
 exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
 
 # %% [markdown]
-# ## Exercise 4: one learning phase
+# ## Exercise 4: the objective, assembled
+#
+# Every piece of notebooks 1 to 3 meets in one method, `compute_rlhf_objective(self, mb)`, on a
+# minibatch `mb` of the replay memory. Write it as a method of the trainer:
+#
+# 1. `logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask, mb.prefix_len)`:
+#    the policy's logits, already divided by the temperature, and its values, in the states that
+#    chose the generated tokens (`gen_len` of each);
+# 2. `logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len:])`: the log-prob of each
+#    generated token under the logits that chose it;
+# 3. `ref_logits = self.reference.get_logits(mb.ref_outputs)`: the frozen reference's logits
+#    (the reference decides whether it kept them or recomputes them);
+# 4. the four terms with `args.clip_coef`, `args.vf_coef`, `args.ent_coef`, `args.kl_coef`, and
+#    the objective to maximise, with the signs of notebook 3's `calc_rlhf_objective`.
+#
+# Return `(objective, stats)`, `stats` a dict of floats for the logs (e.g. each term's
+# `.item()`). The check runs it on a policy one step away from the one that sampled, so the
+# ratio is not 1 and the KL not 0, and compares the value and the gradient with the trainer's.
+#
+# Labels: difficulty 2, importance 5, 15 minutes
+#
+# Hint: `calc_clipped_surrogate_objective(logprobs, mb.logprobs, mb.advantages, args.clip_coef)`:
+# `mb.logprobs` are the rollout's (old) log-probs. `calc_value_function_loss(values, mb.returns,
+# args.vf_coef)`; `calc_entropy_bonus(logits, args.ent_coef)`;
+# `calc_kl_penalty(logits, ref_logits, args.kl_coef)`.
+#
+# Hint: Keep the objective a tensor (no `.item()` on it): `learning_phase` calls `backward()` on
+# it. Only the stats are floats.
+
+
+# %%
+def compute_rlhf_objective(self: RLHFTrainer, mb: ReplayMinibatch) -> tuple[torch.Tensor, dict]:
+    """The objective to maximise on one minibatch, and its terms for the logs."""
+    # BEGIN SOLUTION
+    args = self.args
+    logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask, mb.prefix_len)
+    logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len :])
+    ref_logits = self.reference.get_logits(mb.ref_outputs)
+    terms = {
+        "losses/clipped_surrogate": calc_clipped_surrogate_objective(
+            logprobs, mb.logprobs, mb.advantages, args.clip_coef),
+        "losses/value_loss": calc_value_function_loss(values, mb.returns, args.vf_coef),
+        "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef),
+        "losses/kl_penalty": calc_kl_penalty(logits, ref_logits, args.kl_coef),
+    }
+    objective = (terms["losses/clipped_surrogate"] - terms["losses/value_loss"]
+                 + terms["losses/entropy_bonus"] - terms["losses/kl_penalty"])
+    return objective, {key: term.item() for key, term in terms.items()}
+    # END SOLUTION
+
+
+# %%
+exercises.check_compute_rlhf_objective(compute_rlhf_objective)
+
+# %% [markdown]
+# ## Exercise 5: one learning phase
 #
 # Write `learning_phase` as a method of the trainer (`self` is an `RLHFTrainer`). Draw the
 # minibatches with `memory.get_minibatches(args.num_minibatches,
@@ -132,6 +231,16 @@ exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
 # backpropagate the objective, clip the gradients' global norm to `args.max_grad_norm`, and step
 # the optimiser. After the loop, step the scheduler once. Return a dict of metrics (for example
 # the mean of each stat over the minibatches).
+#
+# Labels: difficulty 3, importance 5, 20 minutes
+#
+# Hint: The loop body is five lines: `self.optimizer.zero_grad()`, `objective, stats =
+# self.compute_rlhf_objective(mb)`, `objective.backward()`,
+# `nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)`,
+# `self.optimizer.step()`.
+#
+# Hint: `self.scheduler.step()` comes after the loop, once. For the metrics, collect each
+# minibatch's `stats` and return the mean of each key.
 
 
 # %%
@@ -169,11 +278,21 @@ exercises.check_learning_phase(learning_phase)
 # ('!' to '~'; '.' is one of them), from `exercises.load_char_model`, with a prompt of
 # in-vocabulary characters ("Q:") and no BOS. A phase takes a fraction of a second on a CPU.
 #
-# Your `learning_phase` drives the trainer: a subclass swaps it in.
+# Your `compute_rlhf_objective` and `learning_phase` drive the trainer: a subclass swaps them
+# in, so every step below runs your objective through your learning phase.
+#
+# Predict: Of the three runs below (no KL penalty, `kl_coef=0.2`, one-step advantages without a
+# penalty), which ends with the highest reward, which with the largest KL, and what will the
+# samples of the run without a penalty look like?
+#
+# Answer: The GAE run without a penalty wins on both counts: nothing holds it near the reference,
+# so its samples collapse into runs of periods. The penalty trades some reward for a KL that
+# levels off; one-step advantages learn slowest. The plots below show it.
 
 
 # %%
 class MyTrainer(RLHFTrainer):
+    compute_rlhf_objective = compute_rlhf_objective
     learning_phase = learning_phase
 
 

@@ -16,6 +16,27 @@
 #
 # You write the two pieces of the reward model where the classic bugs live: which position holds
 # a sequence's reward, and the pairwise loss.
+#
+# **What you will learn**
+#
+# - where a reward model reads a text's reward, for either padding side;
+# - the Bradley-Terry pairwise loss, with a margin, computed without underflow;
+# - why a learned reward is normalised on the initial policy, and how to tell whether PPO
+#   optimised what the labels meant.
+#
+# **Reading**
+#
+# - Stiennon et al. 2020, *Learning to summarize from human feedback* (arXiv:2009.01325),
+#   section 3.4: the reward model and its loss.
+# - Ouyang et al. 2022, *Training language models to follow instructions with human feedback*
+#   (arXiv:2203.02155), section 3.5.
+# - Bai et al. 2022, *Constitutional AI* (arXiv:2212.08073): preferences from an AI judge.
+# - Huang et al. 2024, *The N+ Implementation Details of RLHF with PPO* (arXiv:2403.17031):
+#   reward normalisation and where the reward is read.
+# - This repository's `docs/reward_model.md`.
+#
+# As before: labels, hints one at a time, the solution collapsed after each check. The bonus
+# exercises at the end close the sequence.
 
 # %%
 import tempfile
@@ -53,14 +74,19 @@ torch.set_num_threads(1)  # tiny models gain nothing from more threads
 # left padding:   [PAD  PAD   BOS  This  was  good  EOT]   mask 0 0 1 1 1 1 1  -> position 6
 # ```
 #
-# Reading the reward at the last column (`rewards[:, -1]`, as the seed does) is right for left
-# padding and wrong for right padding: the reward of a short text would then be read at a
-# padding position.
+# Reading the reward at the last column (`rewards[:, -1]`, as the original design does) is right
+# for left padding and wrong for right padding: the reward of a short text would then be read at
+# a padding position.
 #
 # ## Exercise 1: the last real token
 #
 # Return, for each row of the attention mask, the position of its last 1, for either padding side.
 # Return integers (`torch.long`): they index a tensor.
+#
+# Labels: difficulty 2, importance 4, 10 minutes
+#
+# Hint: Make a row of positions with `torch.arange(seq)`. Where the mask is 0, replace the
+# position by -1 (`torch.where`); the last real token is then each row's maximum.
 
 
 # %%
@@ -104,6 +130,17 @@ with torch.no_grad():
 # judged clearly different (no margin: $m = 0$). Mind the sign, and keep it finite when the
 # rewards are far apart: `torch.log(torch.sigmoid(x))` underflows to $-\infty$ for
 # $x \approx -200$; `F.logsigmoid(x)` does not (nor does `F.softplus(-x)`, the same function).
+#
+# Labels: difficulty 2, importance 4, 10 minutes
+#
+# Hint: Subtract the margin from the difference only when it is not None, then
+# `-F.logsigmoid(difference).mean()` (`F` is `torch.nn.functional`).
+#
+# Predict: What is the loss when the reward model cannot tell the texts apart
+# ($r_\text{chosen} = r_\text{rejected}$, no margin)?
+#
+# Answer: $\log 2 \approx 0.693$: $\sigma(0) = 1/2$. A fresh reward model starts near this; a
+# held-out loss that stays there means it learned nothing.
 
 
 # %%
@@ -243,3 +280,31 @@ print(last_samples[:4])
 # Replace `prefs.jsonl` with your own labels to train on human preferences.
 # `benchmarks/reward_model.py` runs all three and measures the held-out accuracy and how far the
 # policy's VADER score (the judge PPO never saw) rises; `docs/reward_model.md` has the figures.
+
+# %% [markdown]
+# ## Bonus: where to go from here
+#
+# The end of the sequence. Each of these builds on a piece you wrote; none has a check.
+#
+# 1. **Reward over-optimisation.** Run the PPO cell above for 60 phases and plot the learned
+#    reward against the judge's score. Does the judge keep rising with the learned reward? (Gao
+#    et al. 2022, *Scaling Laws for Reward Model Overoptimization*, arXiv:2210.10760.)
+# 2. **A sampled KL.** Replace the exact KL penalty of notebook 3 with the estimators that use only
+#    the sampled tokens, $k_1 = \log\frac{\pi_\theta}{\pi_\text{ref}}$ and
+#    $k_3 = \frac{\pi_\text{ref}}{\pi_\theta} - 1 - \log\frac{\pi_\text{ref}}{\pi_\theta}$
+#    (Schulman 2020, *Approximating KL Divergence*), and compare their noise with the exact one
+#    on notebook 4's runs.
+# 3. **Advantages without a value head.** Sample several texts per prompt and use each one's
+#    reward minus its group's mean, divided by the group's standard deviation, as every token's
+#    advantage (GRPO: Shao et al. 2024, *DeepSeekMath*, arXiv:2402.03300). What does it cost in
+#    samples, and what does it save?
+# 4. **No reward model at all.** Write the DPO loss,
+#    $-\log\sigma\big(\beta\,[\Delta(y_c) - \Delta(y_r)]\big)$ with
+#    $\Delta(y) = \log\pi_\theta(y) - \log\pi_\text{ref}(y)$, using your `get_logprobs`, and
+#    train the tiny policy on this notebook's preferences (Rafailov et al. 2023, *Direct
+#    Preference Optimization*, arXiv:2305.18290). Compare its judge score with PPO's.
+# 5. **A rollout of your own.** Write the rollout phase from your pieces: sample with your
+#    `get_samples`, score, `normalize_reward`, values from your `TransformerWithValueHead`,
+#    `compute_gae`, and fill your `ReplayMemory`. Compare its tensors with the trainer's on the
+#    same seed.
+

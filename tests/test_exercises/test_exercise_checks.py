@@ -17,10 +17,12 @@ import torch
 
 from minirlhf.exercises import (
     CHECKS,
+    MISTAKES,
     ExerciseCheckError,
     check_file,
     get_reference,
-    memory_and_objective,
+    memory_and_logprobs,
+    objective,
     optim_and_learning,
     reward_model,
     rewards_and_advantages,
@@ -73,18 +75,33 @@ def test_check_names_the_mistake(wrong, learner_module: ModuleType | None):
 
 
 def test_every_check_is_shown_catching_mistakes():
-    counts = {name: sum(w.exercise == name for w in WRONG_IMPLS) for name in CHECKS}
+    counts = {name: sum(w.exercise == name for w in WRONG_IMPLS) + len(MISTAKES.get(name, []))
+              for name in CHECKS}
     assert all(count >= 2 for count in counts.values()), counts
 
 
-def test_every_named_mistake_is_shown_recognised():
-    """Each Mistake a check can name has a wrong implementation whose test expects that hint."""
-    lists = [value for module in (rewards_and_advantages, memory_and_objective,
+CATALOGUE = [(name, mistake) for name, mistakes in MISTAKES.items() for mistake in mistakes]
+
+
+@pytest.mark.parametrize("name, mistake", CATALOGUE,
+                         ids=[f"{name}-{i}" for i, (name, _) in enumerate(CATALOGUE)])
+def test_every_catalogued_mistake_is_caught_and_named(name, mistake,
+                                                      learner_module: ModuleType | None):
+    """Each named mistake, fed to its own check, fails it with its own hint (no earlier one)."""
+    if learner_module is not None:
+        pytest.skip("--impl given: checking the learner's file, not the checks")
+    with pytest.raises(ExerciseCheckError) as caught:
+        CHECKS[name](mistake.imitate)
+    assert f"Likely mistake: {mistake.hint}" in str(caught.value), str(caught.value)
+
+
+def test_the_catalogue_covers_every_function_check():
+    """Every check built on check_function has a catalogue (modules whose lists are not in it
+    would name mistakes no test proves)."""
+    lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
                                   optim_and_learning, reward_model)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
-    assert len(lists) >= 10
-    for mistake in (m for mistakes in lists for m in mistakes):
-        assert any(w.expected in mistake.hint for w in WRONG_IMPLS), mistake.hint
+    assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
 
 def test_a_reference_that_disagrees_with_its_oracle_is_reported():
@@ -114,7 +131,7 @@ import torch
 from minirlhf import compute_advantages  # a correct solution, imported
 
 
-def normalize_reward(reward, eps=1e-5):  # the seed's version
+def normalize_reward(reward, eps=1e-5):  # the sample std, as the original design had it
     return (reward - reward.mean()) / (reward.std() + eps)
 '''
 
@@ -127,6 +144,8 @@ def test_check_file_and_main(tmp_path, capsys):
     assert "did you use the sample std" in results["normalize_reward"]
     assert set(results) == {"compute_advantages", "normalize_reward"}
     assert main([str(path)]) == 1
+    assert main([str(tmp_path / "missing.py")]) == 2  # a message, not a traceback
+    assert "No Python file at" in capsys.readouterr().err
 
 
 def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
@@ -141,3 +160,14 @@ def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
     skipped = len(CHECKS) - 2
     assert f"1 failed, 1 passed, {skipped} skipped" in out, out
     assert "did you use the sample std" in out
+
+
+def test_the_objective_is_the_one_the_trainer_maximises():
+    """The reference sum is the trainer's: a phase's logged terms add up to its objective."""
+    from minirlhf.exercises.optim_and_learning import _make_trainer
+
+    trainer, memory = _make_trainer()
+    mb = memory.get_minibatches(1, 1, torch.Generator().manual_seed(0))[0]
+    total, stats = trainer.compute_rlhf_objective(mb)
+    terms = [torch.tensor(stats[f"losses/{name}"]) for name in objective.TERMS]
+    assert objective.calc_rlhf_objective(*terms).item() == pytest.approx(total.item(), abs=1e-5)

@@ -105,12 +105,32 @@ class DetachedTrunk(_ValueHeadModel):
         return self.value_head(normalized.detach()).squeeze(-1)
 
 
+@wrong("TransformerWithValueHead", "did you forget `nonlocal values`")
+class HookWithoutNonlocal(_ValueHeadModel):
+    def forward(self, tokens):
+        values = None
+
+        def store(normalized, hook):
+            values = self.head_output(normalized)  # noqa: F841 - the mistake: a new local
+        logits = self.base_model.run_with_hooks(tokens, fwd_hooks=[(self.hook, store)])
+        return logits, values
+
+
+@wrong("TransformerWithValueHead", "(in general, `nonlocal name`)")
+class ValuesOnlyInsideTheHook(_ValueHeadModel):
+    def forward(self, tokens):
+        def store(normalized, hook):
+            values = self.head_output(normalized)  # noqa: F841 - never seen outside the hook
+        logits = self.base_model.run_with_hooks(tokens, fwd_hooks=[(self.hook, store)])
+        return logits, values  # noqa: F821 - the NameError is the point
+
+
 # ---------------------------------------------------------------- samplers
 
 
 def _sampler(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos, *,
              use_bos=True, repeat=True, keep_prompt=True, use_top_k=True, temperature_mode="/",
-             one_row=False, decode_all=True):
+             one_row=False, decode_all=True, greedy=False):
     """A plain sampling loop; each keyword switches on one mistake."""
     tokens = model.to_tokens(prompt, prepend_bos=prepend_bos) if use_bos else model.to_tokens(
         prompt)
@@ -127,7 +147,10 @@ def _sampler(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos
         if top_k is not None and use_top_k:
             kth = logits.topk(top_k, dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
-        next_token = torch.multinomial(logits.softmax(-1), 1)
+        if greedy:
+            next_token = logits.argmax(-1, keepdim=True)
+        else:
+            next_token = torch.multinomial(logits.softmax(-1), 1)
         tokens = torch.cat([tokens, next_token], dim=1)
     if one_row:
         tokens = tokens.repeat(batch_size, 1)
@@ -186,3 +209,18 @@ def sampler_decodes_only_new_tokens(model, prompt, batch_size, gen_len, temperat
                                     prepend_bos):
     return _sampler(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos,
                     decode_all=False)
+
+
+@wrong("get_samples", "you took the most likely token (argmax)")
+def sampler_greedy(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos):
+    return _sampler(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos,
+                    greedy=True)
+
+
+@wrong("get_samples", "take the logits at the last position only")
+def sampler_all_positions(model, prompt, batch_size, gen_len, temperature, top_k, prepend_bos):
+    tokens = model.to_tokens(prompt, prepend_bos=prepend_bos).repeat(batch_size, 1)
+    for _ in range(gen_len):
+        probs = (model(tokens) / temperature).softmax(-1)  # every position, not just the last
+        tokens = torch.cat([tokens, torch.multinomial(probs, 1)], dim=1)
+    return tokens, model.to_string(tokens)

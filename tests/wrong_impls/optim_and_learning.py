@@ -49,28 +49,6 @@ def learning_rates_swapped(model, base_lr, head_lr):
 # ---------------------------------------------------------------- LR schedules
 
 
-@wrong("get_lr_scale", "this is the seed's schedule")
-def seed_lr_scale(phase, warmup_steps, total_phases, final_scale):
-    if phase < warmup_steps:
-        return phase / warmup_steps
-    return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
-
-
-@wrong("get_lr_scale", "the first warmup phase gets LR 0")
-def lr_zero_at_start(phase, warmup_steps, total_phases, final_scale):
-    if phase < warmup_steps:
-        return phase / warmup_steps
-    progress = (phase - warmup_steps) / max(1, total_phases - 1 - warmup_steps)
-    return 1 - (1 - final_scale) * progress
-
-
-@wrong("get_lr_scale", "the decay does not reach final_scale")
-def decay_stops_short(phase, warmup_steps, total_phases, final_scale):
-    if phase < warmup_steps:
-        return (phase + 1) / warmup_steps
-    return 1 - (1 - final_scale) * (phase - warmup_steps) / (total_phases - warmup_steps)
-
-
 @wrong("get_lr_scale", "warmup_steps=0 means no warmup")
 def divides_by_warmup(phase, warmup_steps, total_phases, final_scale):
     warmup = (phase + 1) / warmup_steps
@@ -87,16 +65,16 @@ def _optimizer(model, base_lr, head_lr):
 
 
 @wrong("get_optimizer_and_scheduler", "check the spelling")
-def seed_scheduler(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
-    """The seed's typo in the module name."""
+def misspelt_scheduler_module(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
+    """`lr_scheulder`: a typo in the module name (the original design had it)."""
     optimizer = _optimizer(model, base_lr, head_lr)
     scheduler = torch.optim.lr_scheulder.LambdaLR(optimizer, lr_lambda=lambda step: 1.0)
     return optimizer, scheduler
 
 
 @wrong("get_optimizer_and_scheduler", "check the spelling")
-def seed_lambda_keyword(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
-    """The seed's other typo, in the keyword."""
+def misspelt_lambda_keyword(model, base_lr, head_lr, warmup_steps, total_phases, final_scale):
+    """`lr_lamda`: a typo in the keyword (the original design had this one too)."""
     optimizer = _optimizer(model, base_lr, head_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lamda=lambda step: 1.0)
     return optimizer, scheduler
@@ -145,16 +123,6 @@ def _learning_phase(self, memory, *, sign=1.0, zero_grad=True, generator=True, c
     if scheduler == "once":
         self.scheduler.step()
     return {"losses/objective": objective.item()} if result else None
-
-
-@wrong("learning_phase", "you minimised the objective instead of maximising it")
-def minimises(self, memory):
-    return _learning_phase(self, memory, sign=-1.0)
-
-
-@wrong("learning_phase", "did you forget optimizer.zero_grad()")
-def no_zero_grad(self, memory):
-    return _learning_phase(self, memory, zero_grad=False)
 
 
 @wrong("learning_phase", "did you pass self.shuffle_generator")

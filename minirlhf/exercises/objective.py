@@ -1,191 +1,34 @@
-"""Checks for notebook 3: replay-memory minibatches, log-probs and the four objective terms.
+"""Checks for notebook 3, second half: the four terms of the objective, then their signed sum.
 
-Oracles: an explicit loop over positions for the log-probs, `torch.distributions.Categorical`
-for the KL penalty and the entropy, `torch.nn.functional.mse_loss` for the value loss, and a
+Oracles: `torch.distributions.Categorical` for the KL penalty and the entropy (in float64, so
+probabilities of 1e-60 do not underflow), `torch.nn.functional.mse_loss` for the value loss, a
 per-token loop that applies the clipping rule case by case (advantage positive or negative) for
-the clipped surrogate. The replay memory shuffles, so it is checked on what any correct shuffle
-satisfies: every sample exactly once per pass, rows kept together, returns = advantages + values.
+the clipped surrogate, and a table worked by hand for the sum. The trainer maximises
+`clipped_surrogate - value_loss + entropy_bonus - kl_penalty`; the sum's first case uses the
+powers of two 1, 2, 4 and 8, so that every flipped sign and every missing term gives a different
+number, and the check can name it.
 """
 
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from torch import Tensor
 from torch.distributions import Categorical, kl_divergence
 
-from minirlhf.exercises.core import (
-    Case,
-    Mistake,
-    call,
-    check_function,
-    describe_error,
-    fail,
-    passed,
-    randn,
-)
+from minirlhf.exercises.core import Case, Mistake, check_function, randn
+from minirlhf.exercises.reporting import learner_facing
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
     calc_kl_penalty,
     calc_value_function_loss,
-    get_logprobs,
 )
-from minirlhf.memory import ReplayMemory
 
 GenLogits = Float[Tensor, "minibatch gen_len d_vocab"]
 PerToken = Float[Tensor, "minibatch gen_len"]
 Scalar = Float[Tensor, ""]
-
-# ---------------------------------------------------------------- replay memory minibatches
-
-
-def _memory_inputs(batch: int = 8, prefix_len: int = 2, gen_len: int = 3, d_vocab: int = 5):
-    """Tensors where every row is recognisable: sample_ids[:, 0] is the row's index."""
-    seq = prefix_len + gen_len
-    sample_ids = torch.randint(0, 100, (batch, seq), generator=torch.Generator().manual_seed(0))
-    sample_ids[:, 0] = torch.arange(batch)
-    return {
-        "sample_ids": sample_ids,
-        "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-        "logprobs": -randn(batch, gen_len, seed=1).abs(),
-        "advantages": randn(batch, gen_len, seed=2),
-        "values": randn(batch, gen_len, seed=3),
-        "ref_outputs": randn(batch, gen_len, d_vocab, seed=4),
-    }
-
-
-def check_replay_memory(memory_class: Callable[..., ReplayMemory]) -> None:
-    """Check `memory_class(sample_ids, attention_mask, logprobs, advantages, values, ref_outputs)
-    .get_minibatches(num_minibatches, batches_per_learning_phase, generator)`."""
-    exercise = "ReplayMemory.get_minibatches"
-    inputs = _memory_inputs()
-    for num_minibatches, passes in [(4, 2), (2, 3), (1, 1)]:
-        case = f"batch 8, num_minibatches={num_minibatches}, batches_per_learning_phase={passes}"
-        args = (num_minibatches, passes, torch.Generator().manual_seed(0))
-        _check_minibatches(exercise, case, ReplayMemory(**inputs).get_minibatches(*args),
-                           inputs, num_minibatches, passes)  # the reference passes first
-        memory, error = call(memory_class, inputs, positional=True)
-        if error is not None:
-            fail(exercise, case, f"Building the memory failed. {describe_error(error)}")
-        minibatches, error = call(memory.get_minibatches, {
-            "num_minibatches": num_minibatches, "batches_per_learning_phase": passes,
-            "generator": args[2]}, positional=True)
-        if error is not None:
-            fail(exercise, case, describe_error(error))
-        _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, passes)
-    _check_shuffling(exercise, memory_class, inputs)
-    passed(exercise, "every sample once per pass, rows kept together, returns = advantages + "
-           "values, a fresh shuffle per pass that follows the generator")
-
-
-def _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, passes) -> None:
-    batch = inputs["sample_ids"].shape[0]
-    if len(minibatches) != num_minibatches * passes:
-        fail(exercise, case, f"Expected {num_minibatches * passes} minibatches "
-             f"(num_minibatches * batches_per_learning_phase), got {len(minibatches)}.")
-    for i, mb in enumerate(minibatches):
-        rows = mb.sample_ids[:, 0]
-        if len(rows) != batch // num_minibatches:
-            fail(exercise, case, f"Minibatch {i} has {len(rows)} samples; expected "
-                 f"{batch // num_minibatches} (batch_size // num_minibatches).")
-        expected_returns = inputs["advantages"][rows] + inputs["values"][rows]
-        for name in ["attention_mask", "logprobs", "advantages", "ref_outputs"]:
-            if not torch.equal(getattr(mb, name), inputs[name][rows]):
-                fail(exercise, case, f"In minibatch {i}, {name} does not come from the same "
-                     "samples as sample_ids.",
-                     "index every tensor with the same indices, so each row stays one sample.")
-        if not torch.allclose(mb.returns, expected_returns):
-            hint = "returns are the value head's targets: advantages + values."
-            if torch.allclose(mb.returns, inputs["advantages"][rows]):
-                hint = "you stored the advantages as returns; returns = advantages + values."
-            fail(exercise, case, f"In minibatch {i}, returns != advantages + values.", hint)
-    for p in range(passes):
-        rows = torch.cat([mb.sample_ids[:, 0] for mb in
-                          minibatches[p * num_minibatches : (p + 1) * num_minibatches]])
-        if sorted(rows.tolist()) != list(range(batch)):
-            fail(exercise, case, f"Pass {p} does not contain every sample exactly once (sample "
-                 f"rows seen: {sorted(rows.tolist())}).",
-                 "use a permutation (torch.randperm), not indices drawn with replacement.")
-
-
-def _check_shuffling(exercise: str, memory_class, inputs: dict) -> None:
-    def order(seed: int) -> list[list[int]]:
-        memory = memory_class(*inputs.values())
-        minibatches = memory.get_minibatches(4, 3, torch.Generator().manual_seed(seed))
-        return [mb.sample_ids[:, 0].tolist() for mb in minibatches]
-
-    case = "batch 8, num_minibatches=4, batches_per_learning_phase=3"
-    first = order(0)
-    passes = [sum(first[p * 4 : (p + 1) * 4], []) for p in range(3)]
-    if all(p == list(range(8)) for p in passes):
-        fail(exercise, case, "The samples come out in their original order.",
-             "you did not shuffle: index with torch.randperm(batch_size, generator=generator).")
-    if passes[0] == passes[1] == passes[2]:
-        fail(exercise, case, "Every pass uses the same order.",
-             "you shuffled once and reused the order; draw a new permutation for each pass.")
-    if order(0) != first:
-        fail(exercise, case, "Two calls with generators of the same seed gave different "
-             "minibatches.", "pass the generator to torch.randperm(..., generator=generator).")
-
-
-# ---------------------------------------------------------------- log-probs
-
-
-def _logprobs_oracle(logits: Float[Tensor, "batch seq d_vocab"], tokens: Int[Tensor, "batch seq"],
-                     prefix_len: int | None = None) -> Float[Tensor, "batch gen_len"]:
-    batch, seq = tokens.shape
-    start = 1 if prefix_len is None else prefix_len
-    result = torch.zeros(batch, seq - start)
-    for b in range(batch):
-        for s in range(start, seq):  # the token at s is predicted by the logits at s - 1
-            result[b, s - start] = torch.log_softmax(logits[b, s - 1], dim=0)[tokens[b, s]]
-    return result
-
-
-def _picked(logits, tokens, prefix_len, transform=lambda x: x.log_softmax(-1)):
-    """transform(logits) at each generated token, the slicing done right."""
-    start = 1 if prefix_len is None else prefix_len
-    picked = transform(logits[:, start - 1 : -1])
-    return picked.gather(-1, tokens[:, start:, None]).squeeze(-1)
-
-
-LOGPROBS_MISTAKES = [
-    Mistake("off by one: the logits at position s predict the token at s + 1, so slice "
-            "logits[:, prefix_len - 1 : -1] against tokens[:, prefix_len:].",
-            lambda logits, tokens, prefix_len: _same_position(logits, tokens, prefix_len)),
-    Mistake("did you forget log_softmax? You picked the raw logits of the tokens.",
-            lambda logits, tokens, prefix_len: _picked(logits, tokens, prefix_len, lambda x: x)),
-    Mistake("you returned probabilities (softmax); use log_softmax for log-probs.",
-            lambda logits, tokens, prefix_len: _picked(logits, tokens, prefix_len,
-                                                       lambda x: x.softmax(-1))),
-    Mistake("did you ignore prefix_len? Return only the generated tokens' log-probs.",
-            lambda logits, tokens, prefix_len: _picked(logits, tokens, None)),
-]
-
-
-def check_get_logprobs(fn: Callable[..., Tensor]) -> None:
-    """Check `fn(logits, tokens, prefix_len)`: log-probs of tokens[:, prefix_len:]."""
-    def case(name: str, batch: int, seq: int, prefix_len: int | None, seed: int) -> Case:
-        tokens = torch.randint(0, 11, (batch, seq), generator=torch.Generator().manual_seed(seed))
-        return Case(name, {"logits": randn(batch, seq, 11, seed=seed, scale=2.0),
-                           "tokens": tokens, "prefix_len": prefix_len})
-
-    cases = [case("batch 2, seq 6, prefix_len 3", 2, 6, 3, 0),
-             case("prefix_len 1", 3, 5, 1, 1),
-             case("one generated token", 2, 4, 3, 2),
-             case("prefix_len None (every next token)", 2, 5, None, 3)]
-
-    check_function("get_logprobs", fn, get_logprobs, _logprobs_oracle, cases, LOGPROBS_MISTAKES,
-                   dims="batch, seq - prefix_len")
-
-
-def _same_position(logits, tokens, prefix_len):
-    start = 1 if prefix_len is None else prefix_len
-    picked = logits[:, start:].log_softmax(-1)
-    return picked.gather(-1, tokens[:, start:, None]).squeeze(-1)
-
 
 # ---------------------------------------------------------------- KL penalty and entropy bonus
 
@@ -209,9 +52,9 @@ def _kl_oracle(logits: GenLogits, ref_logits: GenLogits, kl_coef: float) -> Scal
     return kl_coef * kl.mean().float()
 
 
-def _kl(logits, ref_logits, kl_coef, reduce=torch.mean, log_fn=None):
+def _kl(logits, ref_logits, kl_coef, reduce=torch.mean, log_fn=None, weigh=True):
     log_fn = log_fn or (lambda x: x.log_softmax(-1))
-    probs = logits.softmax(-1)
+    probs = logits.softmax(-1) if weigh else 1.0
     return kl_coef * reduce((probs * (log_fn(logits) - log_fn(ref_logits))).sum(-1))
 
 
@@ -223,6 +66,14 @@ KL_MISTAKES = [
             lambda logits, ref_logits, kl_coef: _kl(ref_logits, logits, kl_coef)),
     Mistake("you summed the KL over positions and samples; take the mean.",
             lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, torch.sum)),
+    Mistake("you summed the KL over positions and averaged over samples only (what F.kl_div's "
+            "reduction='batchmean' does): take the mean over positions too.",
+            lambda logits, ref_logits, kl_coef: kl_coef * F.kl_div(
+                ref_logits.log_softmax(-1), logits.log_softmax(-1), log_target=True,
+                reduction="batchmean")),
+    Mistake("weight each token's log-ratio by the policy's probability: KL = sum over the "
+            "vocabulary of p (log p - log q), not the plain sum of log p - log q.",
+            lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, weigh=False)),
     Mistake("the sign is flipped: the penalty is a positive number, subtracted from the objective.",
             lambda logits, ref_logits, kl_coef: -_kl(logits, ref_logits, kl_coef)),
     Mistake("did you use the raw logits as log-probs? Take log_softmax first.",
@@ -234,6 +85,7 @@ KL_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_calc_kl_penalty(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, ref_logits, kl_coef)`: kl_coef * mean KL(policy || reference)."""
     check_function("calc_kl_penalty", fn, calc_kl_penalty, _kl_oracle, _logit_cases("kl_coef"),
@@ -257,9 +109,14 @@ ENTROPY_MISTAKES = [
             lambda logits, ent_coef: _entropy(logits, ent_coef, torch.sum)),
     Mistake("softmax over the wrong dimension: the distribution is over the vocabulary (dim=-1).",
             lambda logits, ent_coef: _entropy(logits, ent_coef, dim=1)),
+    Mistake("you averaged -p log p over the vocabulary too: sum it over the vocabulary (dim=-1), "
+            "then take the mean over positions and samples.",
+            lambda logits, ent_coef: -ent_coef * (logits.softmax(-1) * logits.log_softmax(-1))
+            .mean()),
 ]
 
 
+@learner_facing
 def check_calc_entropy_bonus(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, ent_coef)`: ent_coef * mean entropy of the policy."""
     cases = [Case(c.name, {"logits": c.kwargs["logits"], "ent_coef": c.kwargs["kl_coef"]})
@@ -297,6 +154,7 @@ VALUE_LOSS_MISTAKES = [
 ]
 
 
+@learner_facing
 def check_calc_value_function_loss(fn: Callable[..., Tensor]) -> None:
     """Check `fn(values, mb_returns, vf_coef)`: vf_coef * 1/2 * mean squared error."""
     cases = [Case(name, {"values": randn(*shape, seed=i, grad=True),
@@ -337,6 +195,10 @@ def _surrogate(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8, *, pic
                                                                   + eps)
     elif normalize == "sample":
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + eps)
+    elif normalize == "per row":
+        mean, std = mb_advantages.mean(-1, keepdim=True), mb_advantages.std(-1, correction=0,
+                                                                            keepdim=True)
+        mb_advantages = (mb_advantages - mean) / (std + eps)
     if clip_advantages:
         clipped = ratio * mb_advantages.clamp(1 - clip_coef, 1 + clip_coef)
     else:
@@ -371,9 +233,18 @@ SURROGATE_MISTAKES = [
             "clip(ratio) * A.",
             lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
                 logprobs, mb_logprobs, mb_advantages, clip_coef, eps, pick=lambda a, b: a)),
+    Mistake("you normalised the advantages of each sample (row) separately: normalise over the "
+            "whole minibatch, every token of every sample together.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, normalize="per row")),
+    Mistake("the sign is flipped: return the surrogate itself (the trainer adds it to the "
+            "objective it maximises), not its negative.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: -_surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, eps)),
 ]
 
 
+@learner_facing
 def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8)`: PPO's objective."""
     def case(name, shape, seed, clip_coef, spread=0.5, advantages=None):
@@ -390,3 +261,68 @@ def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
              case("equal advantages", (2, 3), 30, 0.2, advantages=torch.full((2, 3), 1.5))]
     check_function("calc_clipped_surrogate_objective", fn, calc_clipped_surrogate_objective,
                    _surrogate_oracle, cases, SURROGATE_MISTAKES, dims="a scalar")
+
+
+# ---------------------------------------------------------------- the objective, with its signs
+
+TERMS = ("clipped_surrogate", "value_loss", "entropy_bonus", "kl_penalty")
+SIGNS = (+1.0, -1.0, +1.0, -1.0)
+
+# (clipped_surrogate, value_loss, entropy_bonus, kl_penalty) -> the objective, worked by hand.
+OBJECTIVE_TABLE = {
+    (1.0, 2.0, 4.0, 8.0): -5.0,  # 1 - 2 + 4 - 8
+    (0.25, 0.5, 0.125, 0.0625): -0.1875,  # 0.25 - 0.5 + 0.125 - 0.0625
+    (-0.5, 0.0, 0.0, 0.75): -1.25,  # a negative surrogate, no value loss or entropy
+}
+
+
+def _objective_cases() -> list[Case]:
+    return [Case(f"clipped_surrogate={s}, value_loss={v}, entropy_bonus={e}, kl_penalty={k}",
+                 {name: torch.tensor(x, requires_grad=True)
+                  for name, x in zip(TERMS, (s, v, e, k), strict=True)})
+            for (s, v, e, k) in OBJECTIVE_TABLE]
+
+
+def _table_oracle(clipped_surrogate: Float[Tensor, ""], value_loss: Float[Tensor, ""],
+                  entropy_bonus: Float[Tensor, ""], kl_penalty: Float[Tensor, ""]
+                  ) -> Float[Tensor, ""]:
+    key = tuple(t.item() for t in (clipped_surrogate, value_loss, entropy_bonus, kl_penalty))
+    return torch.tensor(OBJECTIVE_TABLE[key])
+
+
+def _weighted(signs: tuple[float, ...]) -> Callable[..., Tensor]:
+    """The sum of the four terms with the given signs (0 leaves a term out)."""
+    def objective(clipped_surrogate, value_loss, entropy_bonus, kl_penalty):
+        terms = (clipped_surrogate, value_loss, entropy_bonus, kl_penalty)
+        return sum(sign * term for sign, term in zip(signs, terms, strict=True))
+
+    return objective
+
+
+def _changed(index: int, sign: float) -> tuple[float, ...]:
+    return tuple(sign if i == index else s for i, s in enumerate(SIGNS))
+
+
+OBJECTIVE_MISTAKES = [
+    Mistake("you returned a loss to minimise (every sign flipped): the trainer maximises the "
+            "objective, clipped_surrogate - value_loss + entropy_bonus - kl_penalty.",
+            _weighted(tuple(-s for s in SIGNS))),
+    *[Mistake(f"the sign of {name} is flipped: it is {'added' if sign > 0 else 'subtracted'} "
+              f"({'a reward to maximise' if sign > 0 else 'a cost'}).",
+              _weighted(_changed(i, -sign)))
+      for i, (name, sign) in enumerate(zip(TERMS, SIGNS, strict=True))],
+    *[Mistake(f"you left out {name}: the objective has all four terms.",
+              _weighted(_changed(i, 0.0))) for i, name in enumerate(TERMS)],
+]
+
+
+calc_rlhf_objective = _weighted(SIGNS)
+"""The reference: what `RLHFTrainer.compute_rlhf_objective` adds up from the four terms."""
+
+
+@learner_facing
+def check_calc_rlhf_objective(fn: Callable[..., Tensor]) -> None:
+    """Check `fn(clipped_surrogate, value_loss, entropy_bonus, kl_penalty)`: the objective the
+    trainer maximises, with its gradient kept."""
+    check_function("calc_rlhf_objective", fn, calc_rlhf_objective, _table_oracle,
+                   _objective_cases(), OBJECTIVE_MISTAKES, dims="a scalar")
