@@ -1,12 +1,12 @@
 """The trainer with the critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++), the sampled
 KL estimators and the adaptive KL controller, on the tiny end-to-end task of test_trainer.py.
 
-Measured by benchmarks/critic_free_tiny.py (E2E_ARGS, group_size 4: 8 prompts x 4 samples): gain
-of the last 3 phases' mean reward over the first 3's, seeds 1 / 2 / 3 (gae 3.41 / 2.79 / 3.19): grpo 2.52 / 2.17 / 2.85, rloo 3.03 / 2.20 / 2.84,
-dr_grpo 3.25 / 3.16 / 2.99; reinforce_pp with the k3 KL in the reward 4.15 / 5.80 / 4.60 (2.45
-for seed 1 with the exact KL in the loss). The margin
-(test_trainer.MARGIN = 1.0, over 20 standard deviations of an untrained policy's phase means) is
-the same; a trainer with the advantages' sign flipped fails it.
+Measured by benchmarks/critic_free_tiny.py (E2E_ARGS, group_size 4: 8 prompts x 4 samples):
+gain of the last 3 phases' mean reward over the first 3's, seeds 1 / 2 / 3: gae 3.41 / 2.79 /
+3.19, grpo 2.52 / 2.17 / 2.85, rloo 3.03 / 2.20 / 2.84, dr_grpo 3.25 / 3.16 / 2.99; reinforce_pp
+with the k3 KL in the reward 4.15 / 5.80 / 4.60 (2.45 for seed 1 with the exact KL in the loss).
+The margin (test_trainer.MARGIN = 1.0, over 20 standard deviations of an untrained policy's
+phase means) is the same; a trainer with the advantages' sign flipped fails it.
 """
 
 import pytest
