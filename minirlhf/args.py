@@ -17,6 +17,9 @@ from minirlhf.validation import (
     check_weights,
 )
 
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+"""Advantage estimators without a value head."""
+
 
 @dataclass
 class RLHFArgs:
@@ -36,7 +39,9 @@ class RLHFArgs:
     total_phases: int = 100
     """Number of rollout + learning phases."""
     batch_size: int = 32
-    """Samples generated per rollout phase."""
+    """Samples generated per rollout phase: prompts_per_phase x group_size."""
+    group_size: int = 1
+    """Samples per prompt, adjacent in the batch (GRPO's G; at least 2 for grpo, dr_grpo, rloo)."""
     num_minibatches: int = 4
     """Minibatches the batch is split into on each pass of a learning phase."""
     batches_per_learning_phase: int = 2
@@ -62,12 +67,28 @@ class RLHFArgs:
     ent_coef: float = 0.001
     """Weight of the entropy bonus (added to the objective)."""
     kl_coef: float = 2.5
-    """Weight of the KL penalty against the reference model (subtracted from the objective)."""
+    """Weight of the KL penalty against the reference model (subtracted from the objective); with
+    kl_target, only its starting value."""
+
+    # --- KL ---
+    kl_estimator: Literal["exact", "k1", "k2", "k3"] = "exact"
+    """"exact" (summed over the vocabulary) or a sampled estimator of Schulman 2020 (from the
+    sampled tokens' log-probs only). The exact KL is logged as charts/kl whichever is used."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL penalty goes: a term of the objective, or the per-token reward (REINFORCE++,
+    advantage_estimator="reinforce_pp", only)."""
+    kl_target: float | None = None
+    """Target KL per sample (summed over its gen_len tokens) of the adaptive controller (Ziegler
+    et al. 2019); None keeps kl_coef fixed."""
+    kl_horizon: int = 10000
+    """The adaptive controller's horizon, in samples: a smaller one adapts faster."""
 
     # --- advantages ---
-    advantage_estimator: Literal["one_step", "gae"] = "one_step"
-    """"one_step" (A_t = V(s_{t+1}) - V(s_t), as in the ARENA exercises) or "gae" (Schulman et
-    al. 2016)."""
+    advantage_estimator: Literal["one_step", "gae", "grpo", "dr_grpo", "rloo",
+                                 "reinforce_pp"] = "one_step"
+    """With a value head: "one_step" (A_t = V(s_{t+1}) - V(s_t), as in the ARENA exercises) or
+    "gae" (Schulman et al. 2016). Critic-free (no value head): "grpo", "dr_grpo", "rloo",
+    "reinforce_pp" (docs/critic_free.md)."""
     gamma: float = 1.0
     """Discount factor for GAE (1.0: an episode is one short completion)."""
     gae_lambda: float = 0.95
@@ -85,7 +106,14 @@ class RLHFArgs:
     top_p: float | None = None
     """Nucleus sampling threshold (None: off)."""
     prefix: str = "This is"
-    """The prompt every sample continues."""
+    """The prompt every sample continues (when no `prompts` file is given)."""
+    prompts: str | None = None
+    """A prompt file (text, one per line, or JSONL with "prompt"), or "reviews" for the shipped
+    film-review openings; each phase draws prompts_per_phase of its training prompts."""
+    held_out_fraction: float = 0.1
+    """Share of the `prompts` file held out from training, to measure over-fitting."""
+    eval_every: int = 5
+    """Score one sample of every held-out prompt every this many phases (and at the last)."""
     prepend_bos: bool = True
     """Put the model's BOS token before the prompt."""
 
@@ -108,6 +136,8 @@ class RLHFArgs:
     # --- derived (set in __post_init__) ---
     minibatch_size: int = field(init=False)
     """batch_size // num_minibatches."""
+    prompts_per_phase: int = field(init=False)
+    """batch_size // group_size: prompts drawn per phase."""
 
     def __post_init__(self):
         check_at_least(self, ["total_phases", "batch_size", "num_minibatches",
@@ -132,7 +162,33 @@ class RLHFArgs:
         check_weights(self, ["vf_coef", "ent_coef", "kl_coef"])
         check_choice(self, "advantage_estimator")
         check_choice(self, "precision")
+        self.check_critic_free()
         self.minibatch_size = self.batch_size // self.num_minibatches
+        self.prompts_per_phase = self.batch_size // self.group_size
+
+    @property
+    def critic_free(self) -> bool:
+        """True when the advantage estimator needs no value head."""
+        return self.advantage_estimator in CRITIC_FREE
+
+    def check_critic_free(self):
+        """group_size, the KL options and the critic-free estimators agree."""
+        check_at_least(self, ["group_size", "kl_horizon", "eval_every"])
+        check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_high=True)
+        check_choice(self, "kl_estimator")
+        check_choice(self, "kl_in")
+        check_positive(self, [] if self.kl_target is None else ["kl_target"])
+        if self.batch_size % self.group_size != 0:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size "
+                             f"({self.group_size}): prompts_per_phase x group_size samples.")
+        if self.advantage_estimator in ("grpo", "dr_grpo", "rloo") and self.group_size < 2:
+            raise ValueError(
+                f'advantage_estimator="{self.advantage_estimator}" compares the samples of one '
+                f"prompt with each other, so it needs group_size >= 2 (got {self.group_size}); "
+                "a group of one would be its own baseline and have advantage 0.")
+        if self.kl_in == "reward" and self.advantage_estimator != "reinforce_pp":
+            raise ValueError('kl_in="reward" puts the KL into the per-token reward, which only '
+                             'advantage_estimator="reinforce_pp" reads; use kl_in="loss".')
 
     def to_dict(self) -> dict:
         """Every field, derived ones included, as plain JSON-serialisable data."""

@@ -11,8 +11,9 @@ position `prefix_len - 1 + t` predict generated token t, so callers slice
 before these functions, so the terms describe the distribution the tokens were sampled from.
 
 References: Schulman et al. 2017 (PPO), Ziegler et al. 2019 and Stiennon et al. 2020 (the KL
-penalty against a reference model), Huang et al. 2024 "The N Implementation Details of RLHF with
-PPO" (temperature, advantage normalisation).
+penalty against a reference model), Schulman 2020 "Approximating KL Divergence" (the sampled
+estimators k1, k2, k3), Huang et al. 2024 "The N Implementation Details of RLHF with PPO"
+(temperature, advantage normalisation).
 """
 
 import warnings
@@ -51,16 +52,14 @@ def get_gen_logprobs(
     return eindex(gen_logits.log_softmax(dim=-1), gen_tokens, "b s [b s]")
 
 
-def calc_kl_penalty(
-    logits: Float[Tensor, "minibatch gen_len d_vocab"],
-    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],
-    kl_coef: float,
-) -> Float[Tensor, ""]:
-    """kl_coef times the mean exact KL(policy || reference) over the vocabulary. Subtracted.
+def calc_exact_kl(
+    logits: Float[Tensor, "batch gen_len d_vocab"],
+    ref_logits: Float[Tensor, "batch gen_len d_vocab"],
+) -> Float[Tensor, "batch gen_len"]:
+    """The exact KL(policy || reference) at each generated position, summed over the vocabulary.
 
-    The KL is summed over the whole vocabulary at each generated position (not estimated from the
-    sampled token), from log-softmaxes so large logits cannot overflow. Each position's KL is
-    clamped at 0 to remove negative rounding error; a KL is never negative.
+    From log-softmaxes, so large logits cannot overflow; clamped at 0 to remove negative rounding
+    error (a KL is never negative).
     """
     logprobs = logits.float().log_softmax(dim=-1)
     ref_logprobs = ref_logits.float().log_softmax(dim=-1)
@@ -70,8 +69,49 @@ def calc_kl_penalty(
     # keeps the gradient finite: 0 * (-inf) would make it NaN.
     impossible = probs == 0
     log_ratio = logprobs.masked_fill(impossible, 0.0) - ref_logprobs.masked_fill(impossible, 0.0)
-    kl_per_position = (probs * log_ratio).sum(dim=-1).clamp(min=0.0)
-    return kl_coef * kl_per_position.mean()
+    return (probs * log_ratio).sum(dim=-1).clamp(min=0.0)
+
+
+def calc_kl_penalty(
+    logits: Float[Tensor, "minibatch gen_len d_vocab"],
+    ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],
+    kl_coef: float,
+) -> Float[Tensor, ""]:
+    """kl_coef times the mean exact KL(policy || reference) over the vocabulary (`calc_exact_kl`),
+    not estimated from the sampled token. Subtracted."""
+    return kl_coef * calc_exact_kl(logits, ref_logits).mean()
+
+
+# Sampled KL estimators (Schulman 2020, "Approximating KL Divergence"). Each reads only the
+# log-probs of the sampled tokens x ~ policy, with r = p_ref(x) / p(x). Their *values* average to
+# (k1, k3) the KL or (k2) E[(log r)^2] / 2; as losses their *gradients* are not the KL's gradient
+# (docs/critic_free.md shows it).
+
+
+def calc_kl_k1(
+    logprobs: Float[Tensor, "batch gen_len"], ref_logprobs: Float[Tensor, "batch gen_len"]
+) -> Float[Tensor, "batch gen_len"]:
+    """k1 = -log r = log p(x) - log p_ref(x): unbiased, high variance, negative for some x."""
+    return logprobs - ref_logprobs
+
+
+def calc_kl_k2(
+    logprobs: Float[Tensor, "batch gen_len"], ref_logprobs: Float[Tensor, "batch gen_len"]
+) -> Float[Tensor, "batch gen_len"]:
+    """k2 = (log r)^2 / 2: never negative, low variance, biased (close to the KL when p ~ p_ref)."""
+    return 0.5 * (ref_logprobs - logprobs).pow(2)
+
+
+def calc_kl_k3(
+    logprobs: Float[Tensor, "batch gen_len"], ref_logprobs: Float[Tensor, "batch gen_len"]
+) -> Float[Tensor, "batch gen_len"]:
+    """k3 = (r - 1) - log r: unbiased and never negative (log r <= r - 1)."""
+    log_ratio = ref_logprobs - logprobs
+    return log_ratio.exp() - 1 - log_ratio
+
+
+KL_ESTIMATORS = {"k1": calc_kl_k1, "k2": calc_kl_k2, "k3": calc_kl_k3}
+"""The sampled estimators by the name `RLHFArgs.kl_estimator` gives them."""
 
 
 def calc_entropy_bonus(
@@ -100,14 +140,31 @@ def calc_clipped_surrogate_objective(
     mb_advantages: Float[Tensor, "minibatch gen_len"],
     clip_coef: float,
     eps: float = 1e-8,
+    normalize: bool = True,
 ) -> Float[Tensor, ""]:
-    """PPO's clipped surrogate objective, mean over the minibatch. Added.
+    """PPO's clipped surrogate objective, mean over the minibatch (every sample has gen_len
+    tokens, so token-mean, sequence-mean and Dr. GRPO's constant normaliser agree). Added.
 
-    The advantages are normalised first, to mean 0 and (population) std 1 over the whole
-    minibatch, as in CleanRL; a minibatch of one token therefore has no signal, not NaN.
+    With `normalize` the advantages are normalised first, to mean 0 and (population) std 1 over
+    the whole minibatch, as in CleanRL; a minibatch of one token therefore has no signal, not NaN.
+    The critic-free estimators pass False: their advantages are already scaled as their papers
+    say (per group, or over the whole batch), and Dr. GRPO must not be divided by a std.
     """
     ratio = (logprobs - mb_logprobs).exp()
-    advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(correction=0) + eps)
+    advantages = mb_advantages
+    if normalize:
+        advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + eps)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
     return torch.minimum(unclipped, clipped).mean()
+
+
+def calc_sampled_kl_penalty(
+    logprobs: Float[Tensor, "minibatch gen_len"],
+    ref_logprobs: Float[Tensor, "minibatch gen_len"],
+    kl_coef: float,
+    estimator: str,
+) -> Float[Tensor, ""]:
+    """kl_coef times the mean of a sampled estimator ("k1", "k2" or "k3") over the minibatch's
+    tokens. Subtracted. Its gradient is not the exact KL's (docs/critic_free.md)."""
+    return kl_coef * KL_ESTIMATORS[estimator](logprobs, ref_logprobs).mean()

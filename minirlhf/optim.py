@@ -10,13 +10,16 @@ import torch
 from torch import nn
 
 
-def get_optimizer(model: nn.Module, base_lr: float, head_lr: float) -> torch.optim.Optimizer:
-    """AdamW over `model.base_model` (at base_lr) and `model.value_head` (at head_lr)."""
+def get_optimizer(
+    model: nn.Module, base_lr: float, head_lr: float, value_head: bool = True
+) -> torch.optim.Optimizer:
+    """AdamW over `model.base_model` (at base_lr) and `model.value_head` (at head_lr); without
+    `value_head` (a critic-free estimator) the head is not trained and has no group."""
+    groups = [{"params": model.base_model.parameters(), "lr": base_lr}]
+    if value_head:
+        groups.append({"params": model.value_head.parameters(), "lr": head_lr})
     return torch.optim.AdamW(
-        [
-            {"params": model.base_model.parameters(), "lr": base_lr},
-            {"params": model.value_head.parameters(), "lr": head_lr},
-        ],
+        groups,
         maximize=True,
         # One fused kernel over all parameters instead of a loop of small ops: on SmolLM2 on the
         # CPU an optimiser step takes about a third of the time (benchmarks/phase_time.py).
@@ -45,9 +48,10 @@ def get_optimizer_and_scheduler(
     warmup_steps: int,
     total_phases: int,
     final_scale: float,
+    value_head: bool = True,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimiser and a LambdaLR applying `get_lr_scale` (call `scheduler.step()` per phase)."""
-    optimizer = get_optimizer(model, base_lr, head_lr)
+    optimizer = get_optimizer(model, base_lr, head_lr, value_head)
 
     def lr_lambda(phase: int) -> float:
         return get_lr_scale(phase, warmup_steps, total_phases, final_scale)

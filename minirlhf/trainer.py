@@ -28,19 +28,29 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from minirlhf import loading
-from minirlhf.advantages import compute_advantages, compute_gae
+from minirlhf.advantages import (
+    compute_advantages,
+    compute_critic_free_advantages,
+    compute_gae,
+    get_zero_std_fraction,
+)
 from minirlhf.args import RLHFArgs
 from minirlhf.device import autocast, pick_device, pick_precision
+from minirlhf.kl_control import get_kl_controller
 from minirlhf.losses import (
+    KL_ESTIMATORS,
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
+    calc_exact_kl,
     calc_kl_penalty,
+    calc_sampled_kl_penalty,
     calc_value_function_loss,
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.models import ReferenceModel, TransformerWithValueHead
 from minirlhf.optim import get_optimizer_and_scheduler
+from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
 from minirlhf.tracking import PhaseLogger
@@ -50,9 +60,11 @@ class Evaluation(NamedTuple):
     """The samples seen by the policy and the reference model (rollout, no gradients)."""
 
     logprobs: Float[Tensor, "batch gen_len"]
+    ref_logprobs: Float[Tensor, "batch gen_len"]
     values: Float[Tensor, "batch gen_len"]
     ref_outputs: Float[Tensor, "batch gen_len d_ref"]
-    kl: float
+    kl: Float[Tensor, "batch gen_len"]
+    """The exact KL(policy || reference) at each generated position."""
     entropy: float
 
 
@@ -98,7 +110,7 @@ class RLHFTrainer:
         reward_fn: maps the decoded samples (prompt + continuation) to one reward each.
         base_model: the policy to train; None loads `args.base_model`.
         prompts: one prompt per sample (length batch_size), e.g. control-token prompts;
-            None repeats `args.prefix`.
+            None draws from the `args.prompts` file if there is one, else repeats `args.prefix`.
         console: where progress and tables go (a quiet `Console(quiet=True)` in tests).
         table_every: print a table of samples every this many phases (0: never).
     """
@@ -114,6 +126,8 @@ class RLHFTrainer:
     ):
         if prompts is not None and len(prompts) != args.batch_size:
             raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
+        if prompts is not None and args.prompts is not None:
+            raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
         self.args, self.reward_fn = args, reward_fn
         self.prompts = prompts if prompts is not None else args.prefix
         set_seed(args.seed)
@@ -129,10 +143,18 @@ class RLHFTrainer:
         self.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         self.optimizer, self.scheduler = get_optimizer_and_scheduler(
             self.model, args.base_lr, args.head_lr, args.warmup_steps, args.total_phases,
-            args.final_scale,
+            args.final_scale, value_head=not args.critic_free,
         )
+        self.kl_controller = get_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
         self.sample_generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
+        self.train_prompts, self.held_out_prompts = [], []
+        if args.prompts is not None:
+            self.train_prompts, self.held_out_prompts = split_prompts(
+                load_prompts(resolve_prompt_file(args.prompts)), args.held_out_fraction, args.seed)
+        self.prompt_generator = torch.Generator().manual_seed(args.seed + 2)
+        # Held-out samples draw from their own generator, so evaluating changes no training curve.
+        self.eval_generator = torch.Generator(device=self.device).manual_seed(args.seed + 3)
         self.phase = 0
         self.global_step = 0
         """Optimiser steps taken so far (a checkpoint is consistent while this does not move)."""
@@ -147,7 +169,7 @@ class RLHFTrainer:
         """Sample from the policy, score and evaluate the samples, estimate advantages."""
         args, times = self.args, {}
         with timed(times, "charts/sample_time"), self.autocast():
-            samples = get_samples(self.model.base_model, self.prompts, args.batch_size,
+            samples = get_samples(self.model.base_model, self.get_phase_prompts(), args.batch_size,
                                   args.gen_len, self.sampling, args.prepend_bos,
                                   seed=self.sample_generator, fast_path=args.fast_path,
                                   return_final_residual=True)
@@ -155,20 +177,54 @@ class RLHFTrainer:
             rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
         with timed(times, "charts/forward_time"):
             evaluation = self.evaluate_samples(samples)
-        advantages = self.compute_advantages(evaluation.values, rewards, samples.prefix_len)
+        advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
+        # Critic-free: no value head, so returns = advantages and no value is ever fitted.
+        values = torch.zeros_like(advantages) if args.critic_free else evaluation.values
         memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                              advantages, evaluation.values, evaluation.ref_outputs)
+                              advantages, values, evaluation.ref_outputs)
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
             "charts/reward_std": rewards.std(correction=0).item(),
-            "charts/kl": evaluation.kl,
+            "charts/kl": evaluation.kl.mean().item(),
+            **self.get_kl_estimate_metric(evaluation),
+            "charts/kl_coef": self.kl_controller.value,
             "charts/entropy": evaluation.entropy,
-            "losses/explained_variance": explained_variance(evaluation.values,
-                                                            advantages + evaluation.values),
             **times,
             "charts/rollout_time": sum(times.values()),
         }
+        if args.group_size > 1:
+            metrics["charts/frac_reward_zero_std"] = get_zero_std_fraction(rewards, args.group_size)
+        if not args.critic_free:
+            metrics["losses/explained_variance"] = explained_variance(
+                evaluation.values, advantages + evaluation.values)
         return Rollout(memory, samples.samples, rewards, metrics)
+
+    def get_kl_estimate_metric(self, evaluation: Evaluation) -> dict[str, float]:
+        """The rollout's mean of the sampled KL estimator in use (none for the exact KL)."""
+        estimator = self.args.kl_estimator
+        if estimator == "exact":
+            return {}
+        estimates = KL_ESTIMATORS[estimator](evaluation.logprobs, evaluation.ref_logprobs)
+        return {f"charts/kl_{estimator}": estimates.mean().item()}
+
+    def get_phase_prompts(self) -> str | list[str]:
+        """This phase's prompts: drawn from the training prompts of the `args.prompts` file
+        (each repeated group_size times), else the prompts given to the trainer."""
+        if not self.train_prompts:
+            return self.prompts
+        return get_phase_prompts(self.train_prompts, self.args.prompts_per_phase,
+                                 self.args.group_size, self.prompt_generator)
+
+    @torch.no_grad()
+    def evaluate_held_out(self) -> dict[str, float]:
+        """The mean reward of one sample of every held-out prompt (the policy as it is now)."""
+        args = self.args
+        with self.autocast():
+            samples = get_samples(self.model.base_model, self.held_out_prompts, None,
+                                  args.gen_len, self.sampling, args.prepend_bos,
+                                  seed=self.eval_generator, fast_path=args.fast_path)
+        rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
+        return {"eval/held_out_reward": rewards.mean().item()}
 
     @torch.no_grad()
     def evaluate_samples(self, samples: Samples) -> Evaluation:
@@ -184,28 +240,38 @@ class RLHFTrainer:
                 ref_logits, ref_outputs = self.reference.evaluate(ids[rows], mask[rows],
                                                                   prefix_len)
             parts.append(Evaluation(
-                get_gen_logprobs(logits, ids[rows, prefix_len:]), values, ref_outputs,
-                calc_kl_penalty(logits, ref_logits, kl_coef=1.0).item(),
-                calc_entropy_bonus(logits, ent_coef=1.0).item(),
+                get_gen_logprobs(logits, ids[rows, prefix_len:]),
+                get_gen_logprobs(ref_logits, ids[rows, prefix_len:]), values, ref_outputs,
+                calc_exact_kl(logits, ref_logits), calc_entropy_bonus(logits, ent_coef=1.0).item(),
             ))
-        logprobs, values, ref_outputs, kl, entropy = zip(*parts)
-        return Evaluation(torch.cat(logprobs), torch.cat(values), torch.cat(ref_outputs),
-                          float(np.mean(kl)), float(np.mean(entropy)))
+        *tensors, entropy = zip(*parts)
+        return Evaluation(*(torch.cat(part) for part in tensors), float(np.mean(entropy)))
 
     def compute_advantages(
-        self, values: Float[Tensor, "batch gen_len"], rewards: Float[Tensor, " batch"],
-        prefix_len: int,
+        self, evaluation: Evaluation, rewards: Float[Tensor, " batch"], prefix_len: int,
     ) -> Float[Tensor, "batch gen_len"]:
         """The advantages of `args.advantage_estimator`, from the (normalised) rewards."""
         args = self.args
         if args.normalize_reward:
             rewards = normalize_reward(rewards)
+        if args.critic_free:
+            kl = self.get_kl_per_token(evaluation) if args.kl_in == "reward" else \
+                torch.zeros_like(evaluation.logprobs)
+            return compute_critic_free_advantages(args.advantage_estimator, rewards, kl,
+                                                  args.group_size, self.kl_controller.value,
+                                                  args.gamma)
         # The estimators index values by position; only the generated states are read (NaN
         # elsewhere proves it).
-        values = F.pad(values, (prefix_len - 1, 1), value=float("nan"))
+        values = F.pad(evaluation.values, (prefix_len - 1, 1), value=float("nan"))
         if args.advantage_estimator == "gae":
             return compute_gae(values, rewards, prefix_len, args.gamma, args.gae_lambda)
         return compute_advantages(values, rewards, prefix_len)
+
+    def get_kl_per_token(self, evaluation: Evaluation) -> Float[Tensor, "batch gen_len"]:
+        """The KL of each generated token by `args.kl_estimator` (exact, or sampled)."""
+        if self.args.kl_estimator == "exact":
+            return evaluation.kl
+        return KL_ESTIMATORS[self.args.kl_estimator](evaluation.logprobs, evaluation.ref_logprobs)
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
 
@@ -221,11 +287,13 @@ class RLHFTrainer:
         ref_logits = self.reference.get_logits(mb.ref_outputs)
 
         clipped_surrogate = calc_clipped_surrogate_objective(
-            logprobs, mb.logprobs, mb.advantages, args.clip_coef
+            logprobs, mb.logprobs, mb.advantages, args.clip_coef, normalize=not args.critic_free
         )
-        value_loss = calc_value_function_loss(values, mb.returns, args.vf_coef)
+        # Critic-free: no value loss (0 leaves the objective exactly as it is).
+        value_loss = (torch.zeros(()) if args.critic_free
+                      else calc_value_function_loss(values, mb.returns, args.vf_coef))
         entropy_bonus = calc_entropy_bonus(logits, args.ent_coef)
-        kl_penalty = calc_kl_penalty(logits, ref_logits, args.kl_coef)
+        kl_penalty = self.calc_kl_penalty(logits, ref_logits, logprobs, mb)
         objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
 
         with torch.no_grad():
@@ -241,7 +309,24 @@ class RLHFTrainer:
                 "losses/approx_kl": ((ratio - 1) - log_ratio).mean().item(),
                 "losses/clip_fraction": ((ratio - 1).abs() > args.clip_coef).float().mean().item(),
             }
+            if args.critic_free:
+                del stats["losses/value_loss"]
         return objective, stats
+
+    def calc_kl_penalty(
+        self, logits: Float[Tensor, "minibatch gen_len d_vocab"],
+        ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],
+        logprobs: Float[Tensor, "minibatch gen_len"], mb: ReplayMinibatch,
+    ) -> Float[Tensor, ""]:
+        """The KL term of the objective: exact or sampled (`args.kl_estimator`), times the
+        controller's coefficient; 0 when the KL is in the reward instead (`args.kl_in`)."""
+        args, kl_coef = self.args, self.kl_controller.value
+        if args.kl_in == "reward":
+            return torch.zeros((), device=logits.device)
+        if args.kl_estimator == "exact":
+            return calc_kl_penalty(logits, ref_logits, kl_coef)
+        ref_logprobs = get_gen_logprobs(ref_logits, mb.sample_ids[:, mb.prefix_len :])
+        return calc_sampled_kl_penalty(logprobs, ref_logprobs, kl_coef, args.kl_estimator)
 
     def learning_phase(self, memory: ReplayMemory) -> dict[str, float]:
         """PPO steps over shuffled minibatches of the memory; returns the mean diagnostics."""
@@ -260,10 +345,11 @@ class RLHFTrainer:
             self.optimizer.step()
             self.global_step += 1
             all_stats.append(stats)
-        base_lr, head_lr = (group["lr"] for group in self.optimizer.param_groups)
+        lrs = dict(zip(["charts/lr_base", "charts/lr_head"],
+                       [group["lr"] for group in self.optimizer.param_groups]))  # no head: one
         self.scheduler.step()
         means = {key: float(np.mean([s[key] for s in all_stats])) for key in all_stats[0]}
-        return {**means, "charts/lr_base": base_lr, "charts/lr_head": head_lr}
+        return {**means, **lrs}
 
     # ---- the loop ----
 
@@ -274,6 +360,9 @@ class RLHFTrainer:
         start, rng_state = time.perf_counter(), self.get_rng_state()
         try:
             rollout = self.rollout_phase()
+            last = self.phase == self.args.total_phases - 1
+            if self.held_out_prompts and (self.phase % self.args.eval_every == 0 or last):
+                rollout.metrics.update(self.evaluate_held_out())
         except BaseException:
             self.set_rng_state(rng_state)
             raise
@@ -282,6 +371,8 @@ class RLHFTrainer:
         metrics["charts/learning_time"] = time.perf_counter() - learn_start
         metrics["charts/phase_time"] = time.perf_counter() - start
         metrics["charts/phase"] = self.phase
+        # Ziegler et al.'s KL is the whole continuation's: the per-token mean times gen_len.
+        self.kl_controller.update(metrics["charts/kl"] * self.args.gen_len, self.args.batch_size)
         self.history.append(metrics)
         self.phase += 1
         return rollout._replace(metrics=metrics)
@@ -331,6 +422,8 @@ class RLHFTrainer:
             "torch": torch.get_rng_state(),
             "sample_generator": self.sample_generator.get_state(),
             "shuffle_generator": self.shuffle_generator.get_state(),
+            "prompt_generator": self.prompt_generator.get_state(),
+            "eval_generator": self.eval_generator.get_state(),
         }
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
@@ -345,6 +438,11 @@ class RLHFTrainer:
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"].cpu())
         self.shuffle_generator.set_state(state["shuffle_generator"].cpu())
+        if "prompt_generator" in state:  # checkpoints from before prompt files have neither
+            self.prompt_generator.set_state(state["prompt_generator"].cpu())
+            eval_state = state["eval_generator"].cpu()  # on the device, like the sampler's
+            if eval_state.numel() == self.eval_generator.get_state().numel():
+                self.eval_generator.set_state(eval_state)
         sample_state = state["sample_generator"].cpu()
         if sample_state.numel() == self.sample_generator.get_state().numel():
             self.sample_generator.set_state(sample_state)
@@ -357,7 +455,8 @@ class RLHFTrainer:
             torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
     def state_dict(self) -> dict:
-        """Policy, value head, optimiser, scheduler, random states, phase and metrics so far."""
+        """Policy, value head, optimiser, scheduler, random states, phase, the KL coefficient
+        and metrics so far."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -365,6 +464,7 @@ class RLHFTrainer:
             "rng": self.get_rng_state(),
             "phase": self.phase,
             "global_step": self.global_step,
+            "kl_controller": self.kl_controller.state_dict(),
             "history": self.history,
             "args": self.args.to_dict(),
         }
@@ -378,6 +478,8 @@ class RLHFTrainer:
         self.set_rng_state(state["rng"])
         self.phase = state["phase"]
         self.global_step = state.get("global_step", 0)
+        if "kl_controller" in state:  # checkpoints from before the adaptive controller have none
+            self.kl_controller.load_state_dict(state["kl_controller"])
         self.history = list(state["history"])
 
 

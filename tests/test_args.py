@@ -188,3 +188,30 @@ def test_to_dict_holds_no_callables():
 def test_a_negative_seed_is_refused_with_the_field_named():
     with pytest.raises(ValueError, match="seed"):
         RLHFArgs(seed=-1)
+
+
+# ---------------------------------------------------------------- critic-free options (issue 14)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+def test_a_group_estimator_refuses_groups_of_one(estimator):
+    with pytest.raises(ValueError, match=f'"{estimator}" compares the samples of one prompt'):
+        RLHFArgs(advantage_estimator=estimator, group_size=1)
+    args = RLHFArgs(advantage_estimator=estimator, group_size=4, batch_size=32)
+    assert (args.prompts_per_phase, args.critic_free) == (8, True)
+
+
+def test_reinforce_pp_needs_no_groups_and_ppo_keeps_its_critic():
+    assert RLHFArgs(advantage_estimator="reinforce_pp", kl_in="reward").critic_free
+    assert not RLHFArgs(advantage_estimator="gae").critic_free
+
+
+def test_critic_free_options_are_checked():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        RLHFArgs(batch_size=32, group_size=5)
+    with pytest.raises(ValueError, match='only advantage_estimator="reinforce_pp"'):
+        RLHFArgs(advantage_estimator="gae", kl_in="reward")
+    with pytest.raises(ValueError, match="kl_target must be > 0"):
+        RLHFArgs(kl_target=0.0)
+    args = RLHFArgs(kl_estimator="k3", kl_target=6.0, group_size=4, advantage_estimator="rloo")
+    assert RLHFArgs.from_dict(args.to_dict()) == args

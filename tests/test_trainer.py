@@ -87,9 +87,10 @@ def test_end_to_end_learns_to_emit_periods(make_printable_model):
     assert last.metrics == trainer.history[-1]
 
 
-def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef):
+def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef, **options):
     """old / new instead of new / old: every update pushes against the advantage."""
-    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef)
+    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef,
+                                            **options)
 
 
 def test_learning_check_rejects_a_wrong_trainer(make_printable_model, monkeypatch):
