@@ -281,6 +281,21 @@ class TrainedRewardModel:
         return {k: v for k, v in self.history[-1].items() if k.startswith("heldout/")}
 
 
+def check_pairs_fit(reward_model: RewardModel, pairs: list[Preference]):
+    """Refuse, before any training step, a pair whose text is longer than the model reads (it
+    would otherwise stop training at the first minibatch holding it)."""
+    n_ctx, tokenizer = reward_model.base_model.cfg.n_ctx, reward_model.base_model.tokenizer
+    extra = int(reward_model.prepend_bos) + int(reward_model.append_end_token)
+    for i, pair in enumerate(pairs):
+        for side, text in [("chosen", pair.chosen_text), ("rejected", pair.rejected_text)]:
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + extra
+            if length > n_ctx:
+                raise ValueError(
+                    f"Preference pair {i + 1} ({side}; prompt {pair.prompt[:40]!r}) is {length} "
+                    f"tokens as the reward model reads it, but the model reads at most {n_ctx}. "
+                    "Shorten or drop that pair in the preference file.")
+
+
 def fit_reward_model(
     train: list[Preference],
     heldout: list[Preference],
@@ -299,6 +314,7 @@ def fit_reward_model(
         on_step: called with each step's metrics (to write them as they come).
     """
     reward_model = make_reward_model(args, device)
+    check_pairs_fit(reward_model, train + heldout)
     history = train_reward_model(reward_model, train, heldout, args, console, on_step)
     normalization = {}
     if args.normalize_samples:

@@ -11,7 +11,7 @@ from rich.console import Console
 from minirlhf.loading import load_tiny_model
 from minirlhf.preferences import Preference, read_preferences
 from minirlhf.reward_model import RewardModel
-from minirlhf.reward_training import RewardModelArgs, train_reward_model
+from minirlhf.reward_training import RewardModelArgs, check_pairs_fit, train_reward_model
 from minirlhf.rewards import get_rewards
 
 GOOD_LINE = '{"prompt": "", "chosen": "fine", "rejected": "also fine"}\n'
@@ -70,3 +70,13 @@ def test_a_non_finite_pairwise_loss_stops_training_before_the_step():
         train_reward_model(model, pairs, pairs[:1], args, console=Console(quiet=True))
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name
+
+
+def test_an_over_long_preference_is_refused_before_training(printable_model):
+    """A text longer than the model's context names its pair before any training step."""
+    reward_model = RewardModel(printable_model, prepend_bos=False)
+    fine = Preference("A", "B" * 10, "C" * 10)
+    too_long = Preference("A", " B" * 100, "C")  # 101 tokens (" B" is one) + the end token
+    check_pairs_fit(reward_model, [fine])
+    with pytest.raises(ValueError, match=r"Preference pair 2 \(chosen.*reads at most 64"):
+        check_pairs_fit(reward_model, [fine, too_long])
