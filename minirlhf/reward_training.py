@@ -190,8 +190,14 @@ def train_reward_model(
     args: RewardModelArgs,
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    loss_fn: Callable[..., Tensor] | None = None,
 ) -> list[dict[str, float]]:
-    """Train on the pairwise loss for `args.epochs`; return one metrics dict per step."""
+    """Train on the pairwise loss for `args.epochs`; return one metrics dict per step.
+
+    Args:
+        loss_fn: `(chosen_rewards, rejected_rewards, margins) -> loss`, the pairwise loss each
+            step minimises (notebook 6 passes the learner's own); None: `calc_pairwise_loss`.
+    """
     frozen_layers = set_trainable_layers(reward_model, args.trainable_layers)
     score = TrunkCache(reward_model, frozen_layers)
     optimizer = get_reward_optimizer(reward_model, args)
@@ -207,7 +213,7 @@ def train_reward_model(
                 order = torch.randperm(len(train), generator=generator).tolist()
             start = (step % steps_per_epoch) * args.batch_size
             mb_pairs = [train[i] for i in order[start : start + args.batch_size]]
-            metrics = train_step(reward_model, score, optimizer, mb_pairs, args)
+            metrics = train_step(reward_model, score, optimizer, mb_pairs, args, loss_fn)
             metrics |= {"charts/step": step, "charts/epoch": step / steps_per_epoch}
             if (step + 1) % args.eval_every == 0 or step == total - 1:
                 reward_model.eval()
@@ -225,12 +231,13 @@ def train_reward_model(
 def train_step(
     reward_model: RewardModel, score: TrunkCache, optimizer: torch.optim.Optimizer,
     mb_pairs: list[Preference], args: RewardModelArgs,
+    loss_fn: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
-    """One AdamW step on the pairwise loss of a minibatch of pairs."""
+    """One AdamW step on the pairwise loss (`loss_fn`) of a minibatch of pairs."""
     reward_model.train()
     chosen, rejected = score_pairs(score, mb_pairs)
-    loss = calc_pairwise_loss(chosen, rejected, get_margins(mb_pairs, args.use_margin,
-                                                            chosen.device))
+    loss = (loss_fn or calc_pairwise_loss)(chosen, rejected,
+                                           get_margins(mb_pairs, args.use_margin, chosen.device))
     if not torch.isfinite(loss):  # stop before the step writes NaN into every weight
         raise FloatingPointError(
             f"The pairwise loss is {loss.item()} on a minibatch of {len(mb_pairs)} pairs (first: "

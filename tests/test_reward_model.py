@@ -284,3 +284,15 @@ def test_save_and_load_keeps_trained_weights_and_normalisation(tmp_path):
     torch.testing.assert_close(score_texts(loaded, TEXTS), score_texts(model, TEXTS))
     with pytest.raises(FileNotFoundError, match="minirlhf reward-model"):
         load_reward_model(tmp_path / "missing")
+
+
+def test_the_loss_given_drives_the_training():
+    """`loss_fn` is what each step minimises (notebook 6 passes the learner's loss): a loss with
+    chosen and rejected swapped learns the opposite preference."""
+    args = RewardModelArgs(epochs=3, batch_size=8, lr=3e-3, head_lr=1e-2, eval_every=5)
+    train, heldout = word_pairs(48, seed=0), word_pairs(16, seed=1)
+    swapped = make_rm(seed=5)
+    train_reward_model(swapped, train, heldout, args, console=Console(quiet=True),
+                       loss_fn=lambda chosen, rejected, margin=None:
+                       calc_pairwise_loss(rejected, chosen))
+    assert evaluate(TrunkCache(swapped, 0), heldout, args)["accuracy"] == 0.0

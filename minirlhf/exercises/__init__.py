@@ -54,7 +54,7 @@ from minirlhf.exercises.rewards_and_advantages import (
     check_normalize_reward,
     check_reward_fn_char_count,
 )
-from minirlhf.exercises.trainer_methods import check_compute_rlhf_objective
+from minirlhf.exercises.trainer_methods import check_compute_rlhf_objective, check_rollout_phase
 
 CHECKS: dict[str, Callable[[Any], None]] = {
     "TransformerWithValueHead": check_value_head,
@@ -74,6 +74,7 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "get_lr_scale": check_get_lr_scale,
     "get_optimizer_and_scheduler": check_get_optimizer_and_scheduler,
     "compute_rlhf_objective": check_compute_rlhf_objective,
+    "rollout_phase": check_rollout_phase,
     "learning_phase": check_learning_phase,
     "get_last_token_index": check_get_last_token_index,
     "calc_pairwise_loss": check_calc_pairwise_loss,
@@ -111,6 +112,8 @@ def get_reference(name: str) -> Any:
 
     if name == "compute_rlhf_objective":
         return RLHFTrainer.compute_rlhf_objective
+    if name == "rollout_phase":
+        return RLHFTrainer.rollout_phase
     if name == "learning_phase":
         return RLHFTrainer.learning_phase
     if name == "get_samples":
@@ -175,6 +178,7 @@ __all__ = [
     "check_get_samples",
     "check_compute_rlhf_objective",
     "check_learning_phase",
+    "check_rollout_phase",
     "check_normalize_reward",
     "check_replay_memory",
     "check_reward_fn_char_count",

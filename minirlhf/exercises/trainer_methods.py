@@ -16,7 +16,7 @@ from minirlhf.exercises.core import passed, single_threaded
 from minirlhf.exercises.optim_and_learning import char_trainer
 from minirlhf.exercises.reporting import crash_hint, describe_error, fail, learner_facing
 from minirlhf.memory import ReplayMinibatch
-from minirlhf.trainer import RLHFTrainer
+from minirlhf.trainer import RLHFTrainer, Rollout
 
 ObjectiveFn = Callable[[RLHFTrainer, ReplayMinibatch], tuple[torch.Tensor, dict[str, float]]]
 TERMS = {"losses/clipped_surrogate": +1, "losses/value_loss": -1, "losses/entropy_bonus": +1,
@@ -99,3 +99,66 @@ def check_compute_rlhf_objective(fn: ObjectiveFn) -> None:
              f"{len(wrong)} parameter tensors.", "compute every term from tensors that carry "
              "gradients back to the model (the reference's logits need none).")
     passed(exercise, "value and gradient match the trainer's on a moved policy at temperature 1.5")
+
+
+# ---------------------------------------------------------------- the rollout phase
+
+RolloutFn = Callable[[RLHFTrainer], Rollout]
+MEMORY_FIELDS = ["sample_ids", "attention_mask", "logprobs", "advantages", "values",
+                 "ref_outputs"]
+MEMORY_HINTS = {
+    "sample_ids": "sample with seed=self.sample_generator (the trainer's own stream) and "
+                  "self.sampling, from self.model.base_model.",
+    "logprobs": "take the log-probs from self.evaluate_samples(samples).",
+    "advantages": "self.compute_advantages(evaluation, rewards, samples.prefix_len) normalises "
+                  "the rewards and runs the estimator of args.advantage_estimator.",
+    "values": "ReplayMemory's order is (sample_ids, attention_mask, logprobs, advantages, "
+              "values, ref_outputs).",
+}
+
+
+def _rollout_mismatch(expected: Rollout, got: object) -> tuple[str, str | None] | None:
+    """(what differs, the hint) between two rollouts, or None."""
+    if not isinstance(got, Rollout):
+        return (f"Return a Rollout(memory, samples, rewards, metrics); got "
+                f"{type(got).__name__}.", None)
+    swapped = (got.memory.advantages.shape == expected.memory.values.shape
+               and torch.allclose(got.memory.advantages, expected.memory.values)
+               and torch.allclose(got.memory.values, expected.memory.advantages))
+    if swapped:
+        return "The memory's advantages and values are swapped.", MEMORY_HINTS["values"]
+    for name in MEMORY_FIELDS:
+        a, b = getattr(expected.memory, name), getattr(got.memory, name)
+        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5):
+            return (f"The memory's {name} differs from the reference rollout's.",
+                    MEMORY_HINTS.get(name, MEMORY_HINTS["values"]))
+    if got.samples != expected.samples or not torch.equal(got.rewards, expected.rewards):
+        return "The samples or rewards differ.", "return samples.samples and the rewards."
+    missing = [key for key in ("charts/reward_mean", "charts/kl") if key not in got.metrics]
+    if missing:
+        return f"The metrics lack {missing}.", ("the plots read charts/reward_mean "
+                                                "(rewards.mean()) and charts/kl "
+                                                "(evaluation.kl.mean()).")
+    return None
+
+
+@learner_facing
+@single_threaded
+def check_rollout_phase(fn: RolloutFn) -> None:
+    """Check `fn(self)` (an `RLHFTrainer.rollout_phase`) against the trainer's own, from the
+    same random state: the same memory, samples, rewards, and the metrics the plots read."""
+    exercise = "rollout_phase"
+    trainer = char_trainer(batches_per_learning_phase=1, temperature=1.5)
+    case = "a tiny trainer at temperature 1.5, batch 8, gen_len 4"
+    state = trainer.get_rng_state()
+    expected = RLHFTrainer.rollout_phase(trainer)
+    trainer.set_rng_state(state)
+    try:
+        got = fn(trainer)
+    except Exception as error:  # the learner's crash, shown with their own line
+        fail(exercise, case, describe_error(error), crash_hint(error), error=error)
+    mismatch = _rollout_mismatch(expected, got)
+    if mismatch is not None:
+        fail(exercise, case, *mismatch)
+    passed(exercise, "the same memory, samples and rewards as the trainer's rollout, from the "
+           "same random state")

@@ -42,7 +42,14 @@ from rich import print as rprint
 from rich.console import Console
 from torch import Tensor, nn
 
-from minirlhf import RLHFArgs, RLHFTrainer, exercises, get_samples, reward_fn_char_count
+from minirlhf import (
+    RLHFArgs,
+    RLHFTrainer,
+    exercises,
+    get_rewards,
+    get_samples,
+    reward_fn_char_count,
+)
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -52,6 +59,7 @@ from minirlhf.losses import (
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.tracking import make_sample_table
+from minirlhf.trainer import Rollout
 
 torch.set_num_threads(1)  # tiny models run faster on one thread than on many
 
@@ -225,7 +233,56 @@ def compute_rlhf_objective(
 exercises.check_compute_rlhf_objective(compute_rlhf_objective)
 
 # %% [markdown]
-# ## Exercise 5: one learning phase
+# ## Exercise 5: the rollout phase
+#
+# The other half of a phase, also a method of the trainer: sample, score, evaluate, estimate
+# advantages, store. With no gradients (`@torch.no_grad()`):
+#
+# 1. `samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
+#    self.sampling, args.prepend_bos, seed=self.sample_generator, return_final_residual=True)`;
+# 2. `rewards = get_rewards(self.reward_fn, samples.samples)`;
+# 3. `evaluation = self.evaluate_samples(samples)`: the policy's log-probs and values, what the
+#    reference keeps, and the KL (per token) and entropy;
+# 4. `advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)`;
+# 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.samples, rewards, metrics)`
+#    with at least `charts/reward_mean` and `charts/kl` in the metrics (the plots read them).
+#
+# The check runs yours and the trainer's from the same random state: the memories must agree.
+#
+# Labels: difficulty 2, importance 4, 15 minutes
+#
+# Hint: `ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
+# advantages, evaluation.values, evaluation.ref_outputs)`.
+#
+# Hint: `seed=self.sample_generator` keeps the trainer's own random stream: without it every run
+# draws different samples and a resumed run cannot repeat them.
+
+
+# %%
+@torch.no_grad()
+def rollout_phase(self: RLHFTrainer) -> Rollout:
+    """Sample, score, evaluate, estimate advantages: the phase's memory and metrics."""
+    # BEGIN SOLUTION
+    args = self.args
+    samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
+                          self.sampling, args.prepend_bos, seed=self.sample_generator,
+                          return_final_residual=True)
+    rewards = get_rewards(self.reward_fn, samples.samples)
+    evaluation = self.evaluate_samples(samples)
+    advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
+    memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
+                          advantages, evaluation.values, evaluation.ref_outputs)
+    metrics = {"charts/reward_mean": rewards.mean().item(),
+               "charts/kl": evaluation.kl.mean().item()}
+    return Rollout(memory, samples.samples, rewards, metrics)
+    # END SOLUTION
+
+
+# %%
+exercises.check_rollout_phase(rollout_phase)
+
+# %% [markdown]
+# ## Exercise 6: one learning phase
 #
 # Write `learning_phase` as a method of the trainer (`self` is an `RLHFTrainer`). Draw the
 # minibatches with `memory.get_minibatches(args.num_minibatches,
@@ -281,8 +338,8 @@ exercises.check_learning_phase(learning_phase)
 # ('!' to '~'; '.' is one of them), from `exercises.load_char_model`, with a prompt of
 # in-vocabulary characters ("Q:") and no BOS. A phase takes a fraction of a second on a CPU.
 #
-# Your `compute_rlhf_objective` and `learning_phase` drive the trainer: a subclass swaps them
-# in, so every step below runs your objective through your learning phase.
+# Your `rollout_phase`, `compute_rlhf_objective` and `learning_phase` drive the trainer: a
+# subclass swaps them in, so every phase below is your rollout, your objective and your steps.
 #
 # Predict: Of the three runs below (no KL penalty, `kl_coef=0.2`, one-step advantages without a
 # penalty), which ends with the highest reward, which with the largest KL, and what will the
@@ -295,6 +352,7 @@ exercises.check_learning_phase(learning_phase)
 
 # %%
 class MyTrainer(RLHFTrainer):
+    rollout_phase = rollout_phase
     compute_rlhf_objective = compute_rlhf_objective
     learning_phase = learning_phase
 

@@ -199,7 +199,8 @@ print(f"{len(train)} pairs to train on, {len(heldout)} held out")
 # character strings into multi-character tokens outside the 94-token vocabulary. So the trunk is
 # a tiny model with GPT-2's full vocabulary (its head never computes the 50,257 logits, so it is
 # cheap). Each step scores the chosen and rejected texts of a minibatch in one forward pass and
-# takes an AdamW step on your loss. **Accuracy** is the share of held-out pairs in which the
+# takes an AdamW step on your loss: `loss_fn=calc_pairwise_loss` below is the function you wrote
+# above. **Accuracy** is the share of held-out pairs in which the
 # chosen text scores higher: the figure to watch.
 
 # %%
@@ -207,7 +208,8 @@ rm_args = RewardModelArgs(epochs=3, batch_size=16, lr=1e-2, head_lr=1e-2, eval_e
                           normalize_samples=64, normalize_prompt="A", normalize_gen_len=16)
 torch.manual_seed(0)
 reward_model = RewardModel(load_tiny_model(n_layers=1, d_model=32, n_heads=2, n_ctx=64, seed=0))
-history = train_reward_model(reward_model, train, heldout, rm_args, console=Console(quiet=True))
+history = train_reward_model(reward_model, train, heldout, rm_args, console=Console(quiet=True),
+                             loss_fn=calc_pairwise_loss)
 evals = [m for m in history if "heldout/accuracy" in m]
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot([m["charts/step"] for m in history], [m["train/accuracy"] for m in history], alpha=0.4,

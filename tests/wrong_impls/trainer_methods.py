@@ -1,4 +1,6 @@
-"""Wrong `compute_rlhf_objective` methods (notebook 4): the terms assembled with a mistake."""
+"""Wrong `compute_rlhf_objective` and `rollout_phase` methods (notebook 4)."""
+
+import torch
 
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
@@ -7,6 +9,10 @@ from minirlhf.losses import (
     calc_value_function_loss,
     get_gen_logprobs,
 )
+from minirlhf.memory import ReplayMemory
+from minirlhf.rewards import get_rewards
+from minirlhf.sampling import get_samples
+from minirlhf.trainer import Rollout
 
 from . import wrong
 
@@ -55,3 +61,49 @@ def untempered_logits(self, mb):
 @wrong("compute_rlhf_objective", "carries no gradient")
 def detached_objective(self, mb):
     return _objective(self, mb, detach=True)
+
+
+# ---------------------------------------------------------------- rollout phases
+
+
+def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True):
+    """A rollout phase written out; each keyword switches on one mistake."""
+    args = self.args
+    samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
+                          self.sampling, args.prepend_bos,
+                          seed=self.sample_generator if seeded else None,
+                          return_final_residual=True)
+    rewards = get_rewards(self.reward_fn, samples.samples)
+    evaluation = self.evaluate_samples(samples)
+    if estimator:
+        advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
+    else:  # the raw reward at the last token, no value baseline, no normalisation
+        advantages = torch.zeros_like(evaluation.values)
+        advantages[:, -1] = rewards
+    first, second = (evaluation.values, advantages) if swap else (advantages, evaluation.values)
+    memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
+                          first, second, evaluation.ref_outputs)
+    metrics = {"charts/reward_mean": rewards.mean().item()}
+    if kl:
+        metrics["charts/kl"] = evaluation.kl.mean().item()
+    return Rollout(memory, samples.samples, rewards, metrics)
+
+
+@wrong("rollout_phase", "seed=self.sample_generator")
+def unseeded_rollout(self):
+    return _rollout(self, seeded=False)
+
+
+@wrong("rollout_phase", "self.compute_advantages(evaluation, rewards, samples.prefix_len)")
+def raw_rewards_as_advantages(self):
+    return _rollout(self, estimator=False)
+
+
+@wrong("rollout_phase", "ReplayMemory's order is")
+def values_and_advantages_swapped(self):
+    return _rollout(self, swap=True)
+
+
+@wrong("rollout_phase", "charts/kl")
+def no_kl_metric(self):
+    return _rollout(self, kl=False)
