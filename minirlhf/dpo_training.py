@@ -191,6 +191,15 @@ def train_step(
             "train/grad_norm": grad_norm.item()}
 
 
+def get_reference_logprobs(
+    policy: HookedTransformer, splits: list[list[Preference]], args: DPOArgs
+) -> list[tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]]:
+    """(chosen, rejected) log-probs of every pair of each split under a frozen copy of `policy`
+    as it is now; the copy is dropped on return."""
+    reference = ReferenceModel(policy, fast_path=args.fast_path).model
+    return [get_all_logprobs(reference, pairs, args) for pairs in splits]
+
+
 def train_dpo(
     policy: HookedTransformer,
     train: list[Preference],
@@ -201,13 +210,9 @@ def train_dpo(
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
 
-    The reference log-probs of every pair are computed first, from a frozen copy of `policy` as
-    it is now; the copy is dropped before the first step.
+    The reference log-probs of every pair are computed first (`get_reference_logprobs`).
     """
-    reference = ReferenceModel(policy, fast_path=args.fast_path).model
-    ref_train = get_all_logprobs(reference, train, args)
-    ref_heldout = get_all_logprobs(reference, heldout, args)
-    del reference
+    ref_train, ref_heldout = get_reference_logprobs(policy, [train, heldout], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     shuffler = random.Random(args.seed)
     steps_per_epoch = -(-len(train) // args.batch_size)

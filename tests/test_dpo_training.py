@@ -1,6 +1,7 @@
 """DPO training end to end on tiny models, and `minirlhf dpo` -> `minirlhf sample`."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,10 @@ def test_dpo_command_writes_a_run_that_sample_reads(tmp_path, capsys):
     assert run["args"]["prefix"] == "This is" and run["dpo"]["args"]["epochs"] == 1
     assert run["args"]["gen_len"] == 11  # " the" and ten " e": one token each
     assert load_checkpoint(out).trainer["phase"] == 2
+    page = (Path(__file__).resolve().parents[1] / "docs" / "dpo.md").read_text()
+    undocumented = [key for key in json.loads(lines[-1]) if f"`{key}`" not in page
+                    and f"`.../{key.split('/')[1]}`" not in page]
+    assert not undocumented, f"metrics missing from docs/dpo.md: {undocumented}"
     capsys.readouterr()
     cli.main(["sample", "--run", str(out), "-n", "2", "--gen-len", "4", "--compare"])
     assert "after 2 phases" in capsys.readouterr().out
