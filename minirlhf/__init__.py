@@ -19,10 +19,17 @@ the weights laid out once); and the step before PPO, learning the reward from pr
     preferences     -> (prompt, chosen, rejected) records, JSONL, RLAIF pairs from a judge
     reward_model    -> RewardModel (scalar head), get_last_token_index, calc_pairwise_loss
     reward_training -> train_reward_model, normalize_on_policy
+
+or, instead of the reward model and PPO, DPO on the same pairs:
+
+    dpo             -> get_sequence_logprobs, calc_dpo_loss (DPO, conservative DPO, IPO)
+    dpo_training    -> DPOArgs, train_dpo
 """
 
 from minirlhf.advantages import compute_advantages, compute_gae
 from minirlhf.args import RLHFArgs
+from minirlhf.dpo import calc_dpo_loss, get_sequence_logprobs
+from minirlhf.dpo_training import DPOArgs, train_dpo
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -40,6 +47,7 @@ from minirlhf.sampling import Samples, SamplingConfig, get_samples
 from minirlhf.trainer import RLHFTrainer
 
 __all__ = [
+    "DPOArgs",
     "RLHFArgs",
     "RLHFTrainer",
     "ReplayMemory",
@@ -50,6 +58,7 @@ __all__ = [
     "SamplingConfig",
     "TransformerWithValueHead",
     "calc_clipped_surrogate_objective",
+    "calc_dpo_loss",
     "calc_entropy_bonus",
     "calc_kl_penalty",
     "calc_pairwise_loss",
@@ -64,6 +73,8 @@ __all__ = [
     "get_optimizer_and_scheduler",
     "get_rewards",
     "get_samples",
+    "get_sequence_logprobs",
     "normalize_reward",
     "reward_fn_char_count",
+    "train_dpo",
 ]

@@ -1,4 +1,4 @@
-"""The command line: `minirlhf train`, `sample`, `preferences` and `reward-model`.
+"""The command line: `minirlhf train`, `sample`, `preferences`, `reward-model` and `dpo`.
 
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
 reward function, runs the trainer with checkpoints, and writes the run's folder:
@@ -11,7 +11,8 @@ reward function, runs the trainer with checkpoints, and writes the run's folder:
     run.lock         held while a command writes the folder
 
 The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
-reward model on such a file, and `train --reward-model FOLDER` runs PPO against it.
+reward model on such a file, and `train --reward-model FOLDER` runs PPO against it. `dpo`
+trains the policy on the preference file directly (minirlhf.dpo_run).
 """
 
 import argparse
@@ -33,6 +34,7 @@ from minirlhf import loading
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, load_checkpoint
 from minirlhf.device import pick_device
+from minirlhf.dpo_run import add_dpo_parser, cmd_dpo
 from minirlhf.models import TransformerWithValueHead
 from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.report import append_metrics, plot_metrics, plot_reward_model_metrics, print_summary
@@ -142,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--compare", action="store_true",
                         help="also sample the model as it was before training")
     add_preference_parsers(commands)
+    add_dpo_parser(commands, add_args_flags)
     return parser
 
 
@@ -405,7 +408,7 @@ def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, t
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "preferences": cmd_preferences,
-            "reward-model": cmd_reward_model}
+            "reward-model": cmd_reward_model, "dpo": cmd_dpo}
 
 
 def main(argv: list[str] | None = None):
