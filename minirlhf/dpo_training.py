@@ -244,18 +244,11 @@ def train_dpo(
 def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
     """A PNG: preference accuracy (train and held-out), and the held-out implicit rewards of the
     chosen and rejected responses, against step."""
-    from minirlhf.report import two_panel_figure
+    from minirlhf.report import plot_accuracy, two_panel_figure
 
-    steps = [m["charts/step"] for m in history]
-    evals = [m for m in history if "heldout/accuracy" in m]
-    eval_steps = [m["charts/step"] for m in evals]
     with two_panel_figure(path) as (ax_acc, ax_reward):
-        ax_acc.plot(steps, [m["train/accuracy"] for m in history], alpha=0.4,
-                    label="train (step)")
-        ax_acc.plot(eval_steps, [m["heldout/accuracy"] for m in evals], marker="o",
-                    label="held-out")
-        ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02),
-                   title="Chosen's implicit reward above rejected's")
+        evals = plot_accuracy(ax_acc, history, "Chosen's implicit reward above rejected's")
+        eval_steps = [m["charts/step"] for m in evals]
         for key, label in [("chosen_reward", "chosen"), ("rejected_reward", "rejected"),
                            ("margin", "margin")]:
             ax_reward.plot(eval_steps, [m[f"heldout/{key}"] for m in evals], marker="o",

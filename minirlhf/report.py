@@ -58,18 +58,24 @@ def plot_metrics(history: list[dict[str, float]], path: str | Path, title: str =
     return Path(path)
 
 
+def plot_accuracy(ax, history: list[dict[str, float]], title: str) -> list[dict[str, float]]:
+    """Preference accuracy against step on `ax` (train per step, held-out where evaluated);
+    returns the held-out evaluations, for the other panel."""
+    evals = [m for m in history if "heldout/accuracy" in m]
+    ax.plot([m["charts/step"] for m in history], [m["train/accuracy"] for m in history],
+            alpha=0.4, label="train (step)")
+    ax.plot([m["charts/step"] for m in evals], [m["heldout/accuracy"] for m in evals],
+            marker="o", label="held-out")
+    ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=title)
+    return evals
+
+
 def plot_reward_model_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
     """A PNG: accuracy (train and held-out) and loss against step, from `train_reward_model`."""
     steps = [m["charts/step"] for m in history]
-    evals = [m for m in history if "heldout/accuracy" in m]
-    eval_steps = [m["charts/step"] for m in evals]
     with two_panel_figure(path) as (ax_acc, ax_loss):
-        ax_acc.plot(steps, [m["train/accuracy"] for m in history], alpha=0.4,
-                    label="train (step)")
-        ax_acc.plot(eval_steps, [m["heldout/accuracy"] for m in evals], marker="o",
-                    label="held-out")
-        ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02),
-                   title="Chosen scored above rejected")
+        evals = plot_accuracy(ax_acc, history, "Chosen scored above rejected")
+        eval_steps = [m["charts/step"] for m in evals]
         ax_loss.plot(steps, [m["train/loss"] for m in history], alpha=0.4, label="train (step)")
         ax_loss.plot(eval_steps, [m["heldout/loss"] for m in evals], marker="o", label="held-out")
         ax_loss.set(xlabel="step", ylabel="-log sigmoid(r_c - r_r - m)", title="Pairwise loss")
