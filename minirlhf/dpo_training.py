@@ -31,7 +31,7 @@ from transformer_lens import HookedTransformer
 from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 from minirlhf.models import ReferenceModel, run_model
 from minirlhf.preferences import Preference
-from minirlhf.tracking import make_progress
+from minirlhf.reward_training import run_pair_epochs
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
 
 
@@ -215,28 +215,13 @@ def train_dpo(
     ref_train, ref_heldout = get_reference_logprobs(policy, [train, heldout], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     shuffler = random.Random(args.seed)
-    steps_per_epoch = -(-len(train) // args.batch_size)
-    total = args.epochs * steps_per_epoch
-    history: list[dict[str, float]] = []
-    progress = make_progress("DPO", console or Console())
-    task = progress.add_task("", total=total)
-    with progress:
-        for step in range(total):
-            if step % steps_per_epoch == 0:
-                order = shuffler.sample(range(len(train)), len(train))
-            mb = order[(step % steps_per_epoch) * args.batch_size :][: args.batch_size]
-            metrics = train_step(policy, optimizer, [train[i] for i in mb],
-                                 (ref_train[0][mb], ref_train[1][mb]), args)
-            metrics |= {"charts/step": step, "charts/epoch": step / steps_per_epoch}
-            if (step + 1) % args.eval_every == 0 or step == total - 1:
-                metrics |= {f"heldout/{k}": v for k, v in
-                            evaluate(policy, heldout, ref_heldout, args).items()}
-            history.append(metrics)
-            if on_step is not None:
-                on_step(metrics)
-            shown = metrics.get("heldout/accuracy", metrics["train/accuracy"])
-            progress.update(task, advance=1, description=(
-                f"loss {metrics['train/loss']:.3f}  accuracy {shown:.2f}"))
+    history = run_pair_epochs(
+        len(train), (args.epochs, args.batch_size, args.eval_every),
+        lambda: shuffler.sample(range(len(train)), len(train)),
+        lambda rows: train_step(policy, optimizer, [train[i] for i in rows],
+                                (ref_train[0][rows], ref_train[1][rows]), args),
+        lambda: evaluate(policy, heldout, ref_heldout, args), "DPO", console, on_step,
+    )
     policy.eval()
     return history
 

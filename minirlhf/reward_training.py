@@ -202,29 +202,57 @@ def train_reward_model(
     score = TrunkCache(reward_model, frozen_layers)
     optimizer = get_reward_optimizer(reward_model, args)
     generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = -(-len(train) // args.batch_size)
-    total = args.epochs * steps_per_epoch
+
+    def evaluate_heldout() -> dict[str, float]:
+        reward_model.eval()
+        return evaluate(score, heldout, args)
+
+    history = run_pair_epochs(
+        len(train), (args.epochs, args.batch_size, args.eval_every),
+        lambda: torch.randperm(len(train), generator=generator).tolist(),
+        lambda rows: train_step(reward_model, score, optimizer, [train[i] for i in rows], args,
+                                loss_fn),
+        evaluate_heldout, "reward model", console, on_step,
+    )
+    reward_model.eval()
+    return history
+
+
+def run_pair_epochs(
+    num_pairs: int,
+    schedule: tuple[int, int, int],
+    shuffle: Callable[[], list[int]],
+    step_fn: Callable[[list[int]], dict[str, float]],
+    evaluate_fn: Callable[[], dict[str, float]],
+    label: str,
+    console: Console | None = None,
+    on_step: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """The loop of every trainer on preference pairs (the reward model's, DPO's): with
+    `schedule = (epochs, batch_size, eval_every)`, `epochs` shuffled passes in minibatches of
+    `batch_size` pair indices, `step_fn` on each, held-out metrics (`evaluate_fn`) every
+    `eval_every` steps and at the end, and a progress bar."""
+    epochs, batch_size, eval_every = schedule
+    steps_per_epoch = -(-num_pairs // batch_size)
+    total = epochs * steps_per_epoch
     history: list[dict[str, float]] = []
-    progress = make_progress("reward model", console or Console())
+    progress = make_progress(label, console or Console())
     task = progress.add_task("", total=total)
     with progress:
         for step in range(total):
             if step % steps_per_epoch == 0:
-                order = torch.randperm(len(train), generator=generator).tolist()
-            start = (step % steps_per_epoch) * args.batch_size
-            mb_pairs = [train[i] for i in order[start : start + args.batch_size]]
-            metrics = train_step(reward_model, score, optimizer, mb_pairs, args, loss_fn)
+                order = shuffle()
+            start = (step % steps_per_epoch) * batch_size
+            metrics = step_fn(order[start : start + batch_size])
             metrics |= {"charts/step": step, "charts/epoch": step / steps_per_epoch}
-            if (step + 1) % args.eval_every == 0 or step == total - 1:
-                reward_model.eval()
-                metrics |= {f"heldout/{k}": v for k, v in evaluate(score, heldout, args).items()}
+            if (step + 1) % eval_every == 0 or step == total - 1:
+                metrics |= {f"heldout/{k}": v for k, v in evaluate_fn().items()}
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
             shown = metrics.get("heldout/accuracy", metrics["train/accuracy"])
             progress.update(task, advance=1, description=(
                 f"loss {metrics['train/loss']:.3f}  accuracy {shown:.2f}"))
-    reward_model.eval()
     return history
 
 
