@@ -43,7 +43,8 @@ from minirlhf.rewards import get_rewards
 from minirlhf.run_folder import (
     CheckpointKeeper,
     RunFolderError,
-    claim_folder,
+    args_and_pairs,
+    claimed,
     locked,
     resume_trainer,
     resumed_config,
@@ -362,23 +363,9 @@ def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
-    from minirlhf.preferences import read_preferences, split_preferences
-
-    names = {f.name for f in dataclasses.fields(RewardModelArgs)}
-    try:
-        args = RewardModelArgs(**{k: v for k, v in vars(ns).items() if k in names})
-        train, heldout = split_preferences(read_preferences(ns.data), args.heldout_fraction,
-                                           seed=args.seed)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+    args, train, heldout = args_and_pairs(ns, parser, RewardModelArgs)
     console = Console()
-    with locked(ns.out, "reward-model") as stale:
-        if stale:
-            console.print(f"[yellow]{stale}", soft_wrap=True)
-        removed = claim_folder(ns.out, "reward-model", ns.force)
-        if removed:
-            console.print(f"[yellow]--force: deleted {', '.join(removed)} from {ns.out}.",
-                          soft_wrap=True)
+    with claimed(ns.out, "reward-model", ns.force, console):
         train_and_save_reward_model(ns, args, train, heldout, console)
 
 

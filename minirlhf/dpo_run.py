@@ -14,7 +14,6 @@ A DPO run cannot be resumed yet: `--force` starts it again.
 
 import argparse
 import collections
-import dataclasses
 from pathlib import Path
 
 from rich.console import Console
@@ -27,9 +26,9 @@ from minirlhf.checkpoint import save_checkpoint
 from minirlhf.device import pick_device
 from minirlhf.dpo_training import DPOArgs, plot_dpo_metrics, train_dpo
 from minirlhf.models import TransformerWithValueHead
-from minirlhf.preferences import Preference, read_preferences, split_preferences
+from minirlhf.preferences import Preference
 from minirlhf.report import append_metrics
-from minirlhf.run_folder import claim_folder, locked, write_json
+from minirlhf.run_folder import args_and_pairs, claimed, write_json
 
 PLOT_NAME = "dpo.png"
 
@@ -50,21 +49,9 @@ def add_dpo_parser(commands, add_args_flags):
 
 
 def cmd_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
-    names = {f.name for f in dataclasses.fields(DPOArgs)}
-    try:
-        args = DPOArgs(**{k: v for k, v in vars(ns).items() if k in names})
-        train, heldout = split_preferences(read_preferences(ns.data), args.heldout_fraction,
-                                           seed=args.seed)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
+    args, train, heldout = args_and_pairs(ns, parser, DPOArgs)
     console = Console()
-    with locked(ns.out, "dpo") as stale:
-        if stale:
-            console.print(f"[yellow]{stale}", soft_wrap=True)
-        removed = claim_folder(ns.out, "dpo", ns.force)
-        if removed:
-            console.print(f"[yellow]--force: deleted {', '.join(removed)} from {ns.out}.",
-                          soft_wrap=True)
+    with claimed(ns.out, "dpo", ns.force, console):
         run_dpo(ns, args, train, heldout, console)
 
 

@@ -9,6 +9,8 @@ another run's files unless told to delete them; `resume_changes` sorts the flags
 boundary if no weight has moved since; `stop_on_sigterm` makes SIGTERM take Ctrl-C's path.
 """
 
+import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -24,6 +26,7 @@ from rich.console import Console
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from minirlhf.optim import get_lr_scale
+from minirlhf.preferences import read_preferences, split_preferences
 
 try:
     import fcntl
@@ -105,6 +108,33 @@ def describe_holder(path: Path) -> str:
                 f"{holder['started']})")
     except (OSError, ValueError, KeyError, TypeError):
         return "another process"
+
+
+@contextmanager
+def claimed(folder: Path, command: str, force: bool, console: Console) -> Iterator[None]:
+    """Hold `folder` for `command` while the block runs: locked (saying so when a dead process's
+    lock is taken over) and claimed (a previous run's files deleted only with `force`, listed)."""
+    with locked(folder, command) as stale:
+        if stale:
+            console.print(f"[yellow]{stale}", soft_wrap=True)
+        removed = claim_folder(folder, command, force)
+        if removed:
+            console.print(f"[yellow]--force: deleted {', '.join(removed)} from {folder}.",
+                          soft_wrap=True)
+        yield
+
+
+def args_and_pairs(ns: argparse.Namespace, parser: argparse.ArgumentParser, cls: type) -> tuple:
+    """`cls` (RewardModelArgs, DPOArgs) from the flags, and the preference file `ns.data` split
+    into (train, held-out) pairs; a bad flag or file ends the command with its message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        args = cls(**{k: v for k, v in vars(ns).items() if k in names})
+        train, heldout = split_preferences(read_preferences(ns.data), args.heldout_fraction,
+                                           seed=args.seed)
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    return args, train, heldout
 
 
 # ---- a new run never lands on an old one ----
