@@ -48,7 +48,13 @@ from minirlhf.losses import (
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
-from minirlhf.models import ReferenceModel, TransformerWithValueHead
+from minirlhf.models import (
+    ReferenceModel,
+    TransformerWithValueHead,
+    Trunk,
+    get_trunk,
+    prepare_policy,
+)
 from minirlhf.optim import get_optimizer_and_scheduler
 from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
@@ -66,6 +72,8 @@ class Evaluation(NamedTuple):
     kl: Float[Tensor, "batch gen_len"]
     """The exact KL(policy || reference) at each generated position."""
     entropy: float
+    trunk_residual: Float[Tensor, "batch seq d_model"] | None = None
+    """The frozen trunk's output at every position (None: no frozen trunk)."""
 
 
 class Rollout(NamedTuple):
@@ -136,6 +144,9 @@ class RLHFTrainer:
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
         base_model = base_model.to(self.device, print_details=False)
+        self.frozen_layers = prepare_policy(base_model, args.trainable_layers, args.lora_rank,
+                                            args.lora_alpha, args.lora_targets)
+        """Blocks at the bottom that do not train: their output is computed once per phase."""
         self.model = TransformerWithValueHead(base_model, args.temperature, args.fast_path)
         self.model.to(self.device)
         self.reference = ReferenceModel(base_model, args.temperature, args.fast_path,
@@ -181,7 +192,8 @@ class RLHFTrainer:
         # Critic-free: no value head, so returns = advantages and no value is ever fitted.
         values = torch.zeros_like(advantages) if args.critic_free else evaluation.values
         memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                              advantages, values, evaluation.ref_outputs)
+                              advantages, values, evaluation.ref_outputs,
+                              evaluation.trunk_residual)
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
             "charts/reward_std": rewards.std(correction=0).item(),
@@ -230,22 +242,33 @@ class RLHFTrainer:
     def evaluate_samples(self, samples: Samples) -> Evaluation:
         """The policy's log-probs and values, what the reference model keeps, and the mean KL
         and entropy: one minibatch of rows at a time, so no batch x gen_len x d_vocab logits
-        are held at once. The sampler's final residual stream spares the policy's forward."""
+        are held at once. The sampler's final residual stream spares the policy's forward; a
+        frozen trunk runs once, for the reference model and every learning step."""
         ids, mask, prefix_len = samples.sample_ids, samples.attention_mask, samples.prefix_len
-        parts = []
+        parts, trunks = [], []
         for rows in torch.arange(len(ids), device=ids.device).split(self.args.minibatch_size):
             residual = None if samples.final_residual is None else samples.final_residual[rows]
             with self.autocast():
-                logits, values = self.model.evaluate(ids[rows], mask[rows], prefix_len, residual)
+                trunk = self.get_trunk(ids[rows], mask[rows])
+                logits, values = self.model.evaluate(ids[rows], mask[rows], prefix_len, residual,
+                                                     trunk)
                 ref_logits, ref_outputs = self.reference.evaluate(ids[rows], mask[rows],
-                                                                  prefix_len)
+                                                                  prefix_len, trunk)
+            trunks.append(None if trunk is None else trunk.residual)
             parts.append(Evaluation(
                 get_gen_logprobs(logits, ids[rows, prefix_len:]),
                 get_gen_logprobs(ref_logits, ids[rows, prefix_len:]), values, ref_outputs,
                 calc_exact_kl(logits, ref_logits), calc_entropy_bonus(logits, ent_coef=1.0).item(),
             ))
-        *tensors, entropy = zip(*parts)
-        return Evaluation(*(torch.cat(part) for part in tensors), float(np.mean(entropy)))
+        *tensors, entropy, _ = zip(*parts)
+        return Evaluation(*(torch.cat(part) for part in tensors), float(np.mean(entropy)),
+                          None if trunks[0] is None else torch.cat(trunks))
+
+    def get_trunk(self, ids: Tensor, mask: Tensor) -> Trunk | None:
+        """The frozen trunk's output on these samples (None when every block trains)."""
+        if not self.frozen_layers:
+            return None
+        return get_trunk(self.model.base_model, ids, mask, self.frozen_layers, self.args.fast_path)
 
     def compute_advantages(
         self, evaluation: Evaluation, rewards: Float[Tensor, " batch"], prefix_len: int,
@@ -280,9 +303,10 @@ class RLHFTrainer:
     ) -> tuple[Float[Tensor, ""], dict[str, float]]:
         """The objective to maximise on one minibatch, and diagnostics for logging."""
         args = self.args
+        trunk = None if mb.trunk_residual is None else Trunk(self.frozen_layers, mb.trunk_residual)
         with self.autocast():
             logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask,
-                                                 mb.prefix_len)
+                                                 mb.prefix_len, trunk=trunk)
         logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len :])
         ref_logits = self.reference.get_logits(mb.ref_outputs)
 
