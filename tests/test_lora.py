@@ -321,3 +321,19 @@ def test_bad_lora_settings_are_refused():
         RLHFArgs(lora_rank=-1)
     with pytest.raises(ValueError, match="at most 2"):
         prepare_policy(tiny_gpt2(), trainable_layers=5)
+
+
+@pytest.mark.parametrize("overrides", [dict(lora_rank=2), dict(trainable_layers=1, lora_rank=2),
+                                       dict(trainable_layers=1)])
+def test_a_resumed_run_continues_the_same_curve(overrides, make_printable_model):
+    """Two phases straight, or one phase, a checkpoint, a new trainer and one more phase."""
+    straight = make_trainer(make_printable_model(n_layers=2), **overrides)
+    straight.train_one_phase()
+    straight.train_one_phase()
+    first = make_trainer(make_printable_model(n_layers=2), **overrides)
+    first.train_one_phase()
+    resumed = make_trainer(make_printable_model(n_layers=2), **overrides)
+    resumed.load_state_dict(first.state_dict())
+    resumed.train_one_phase()
+    for key in ("charts/reward_mean", "losses/objective", "charts/kl"):
+        assert resumed.history[1][key] == pytest.approx(straight.history[1][key], abs=1e-6)
