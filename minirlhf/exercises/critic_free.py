@@ -255,7 +255,8 @@ def _k3(log_r):
 
 K3_MISTAKES = [
     Mistake("the ratio is inverted: r = p_ref(x) / p(x) (reference over policy), so log r = "
-            "ref_logprobs - logprobs. With p / p_ref the estimate is biased: its mean exceeds the KL.",
+            "ref_logprobs - logprobs. With p / p_ref the estimate is biased: its mean exceeds "
+            "the KL.",
             lambda logprobs, ref_logprobs: _k3(logprobs - ref_logprobs)),
     Mistake("the sign of the log is flipped: k3 = (r - 1) - log r, which is never negative "
             "because log r <= r - 1.",
