@@ -255,9 +255,9 @@ exercises.check_calc_kl_k3(calc_kl_k3)
 
 # %%
 policy_logits = torch.randn(20, generator=torch.Generator().manual_seed(0))
-settings = {"close": policy_logits + 0.2 * torch.randn(20, generator=torch.Generator()
+settings = {"close to": policy_logits + 0.2 * torch.randn(20, generator=torch.Generator()
                                                           .manual_seed(1)),
-            "far": policy_logits + 1.5 * torch.randn(20, generator=torch.Generator()
+            "far from": policy_logits + 1.5 * torch.randn(20, generator=torch.Generator()
                                                         .manual_seed(2))}
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
 for ax, (name, ref_logits) in zip(axes, settings.items()):
@@ -266,14 +266,14 @@ for ax, (name, ref_logits) in zip(axes, settings.items()):
     tokens = policy.sample((100_000,))  # x ~ the policy
     logprobs, ref_logprobs = policy.log_prob(tokens)[None], reference.log_prob(tokens)[None]
     exact = kl_divergence(policy, reference).item()
-    print(f"{name}: exact KL(policy || reference) = {exact:.4f}")
+    print(f"reference {name} the policy: exact KL(policy || reference) = {exact:.4f}")
     for label, estimator in [("k1", calc_kl_k1), ("k2", calc_kl_k2), ("k3", calc_kl_k3)]:
         estimates = estimator(logprobs, ref_logprobs)[0]
         print(f"  {label}: mean {estimates.mean():.4f}  std {estimates.std():.4f}  "
               f"negative for {(estimates < 0).float().mean():.0%} of tokens")
         ax.hist(estimates.numpy(), bins=60, range=(-2, 3), alpha=0.5, label=label)
     ax.axvline(exact, color="black", linestyle="--", label="exact KL")
-    ax.set(title=f"reference {name} to the policy", xlabel="one token's estimate")
+    ax.set(title=f"reference {name} the policy", xlabel="one token's estimate")
     ax.legend()
 fig.tight_layout()
 plt.show()
