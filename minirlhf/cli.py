@@ -35,7 +35,7 @@ from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, load_checkpoint
 from minirlhf.device import pick_device
 from minirlhf.dpo_run import add_dpo_parser, cmd_dpo
-from minirlhf.models import TransformerWithValueHead, prepare_policy
+from minirlhf.models import TransformerWithValueHead, load_trained_state, prepare_policy
 from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.report import append_metrics, plot_metrics, plot_reward_model_metrics, print_summary
 from minirlhf.reward_training import RewardModelArgs
@@ -323,7 +323,7 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     columns = {}
     if ns.compare:
         columns["before training"] = get_samples(model.base_model, prompt, **settings).samples
-    model.load_state_dict(checkpoint.trainer["model"])
+    load_trained_state(model, checkpoint.trainer["model"])
     columns[f"after {checkpoint.trainer['phase']} phases"] = get_samples(
         model.base_model, prompt, **settings).samples
     # Control-token rewards need the control token, which a free prompt may not have.

@@ -246,6 +246,27 @@ class ReferenceModel:
         return apply_temperature(logits, self.temperature)
 
 
+def get_trained_state(module: nn.Module) -> dict[str, Tensor]:
+    """The module's `state_dict` without its frozen parameters: a LoRA or frozen-trunk run's
+    checkpoint holds what trained (and the buffers), not a copy of the base model."""
+    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
+    return {name: value for name, value in module.state_dict().items() if name not in frozen}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, Tensor]):
+    """Load `get_trained_state`'s output (or a whole `state_dict`) into a module built the same
+    way (the same base model, trainable layers and adapters): only frozen parameters, which the
+    base model already holds, may be missing."""
+    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - frozen:
+        raise ValueError(
+            f"The saved policy does not fit this model (unexpected {sorted(unexpected)[:4]}, "
+            f"missing {sorted(set(missing) - frozen)[:4]}): build it with the run's own "
+            "base_model, trainable_layers and LoRA settings (its run.json)."
+        )
+
+
 def frozen_copy(model: HookedTransformer) -> HookedTransformer:
     """A frozen copy of the model that shares its frozen weights (`requires_grad` False) and
     copies only the ones that train."""

@@ -52,7 +52,9 @@ from minirlhf.models import (
     ReferenceModel,
     TransformerWithValueHead,
     Trunk,
+    get_trained_state,
     get_trunk,
+    load_trained_state,
     prepare_policy,
 )
 from minirlhf.optim import get_optimizer_and_scheduler
@@ -482,7 +484,7 @@ class RLHFTrainer:
         """Policy, value head, optimiser, scheduler, random states, phase, the KL coefficient
         and metrics so far."""
         return {
-            "model": self.model.state_dict(),
+            "model": get_trained_state(self.model),  # frozen weights come from base_model
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": self.get_rng_state(),
@@ -496,7 +498,7 @@ class RLHFTrainer:
     def load_state_dict(self, state: dict):
         """Continue from `state_dict()`. The reference model is not in it: it is the base model
         as loaded at the start, so load the trainer from the same `args.base_model`."""
-        self.model.load_state_dict(state["model"])
+        load_trained_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.set_rng_state(state["rng"])

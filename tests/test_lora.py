@@ -337,3 +337,13 @@ def test_a_resumed_run_continues_the_same_curve(overrides, make_printable_model)
     resumed.train_one_phase()
     for key in ("charts/reward_mean", "losses/objective", "charts/kl"):
         assert resumed.history[1][key] == pytest.approx(straight.history[1][key], abs=1e-6)
+
+
+def test_checkpoints_hold_what_trains_not_the_base_model(make_printable_model):
+    trainer = make_trainer(make_printable_model(n_layers=2), lora_rank=2)
+    saved = trainer.state_dict()["model"]
+    params = dict(trainer.model.named_parameters())
+    assert {k for k in saved if k in params} == {n for n, p in params.items() if p.requires_grad}
+    other = make_trainer(make_printable_model(n_layers=2), trainable_layers=1)  # not LoRA
+    with pytest.raises(ValueError, match="run.json"):
+        other.load_state_dict(trainer.state_dict())
