@@ -37,8 +37,9 @@ def start_wandb(config: dict[str, Any], console: Console):
     try:
         import wandb  # imported only when asked for: it is slow and optional
     except ImportError as error:
-        raise ImportError("--wandb needs the wandb package: `.venv/bin/pip install wandb` (or "
-                          "set up with `bash scripts/setup.sh --test`), or drop --wandb.") from error
+        raise ImportError("--wandb needs the wandb package: `.venv/bin/pip install wandb` "
+                          "(or set up with `bash scripts/setup.sh --test`), or drop --wandb."
+                          ) from error
 
     try:
         return wandb.init(**config)
