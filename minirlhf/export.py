@@ -23,11 +23,13 @@ What TransformerLens may have changed on loading keeps the same log-probs:
 - GPT-J-style rotary (`rotary_adjacent_pairs`): Q and K dimensions are reordered into Llama's
   half-and-half pairing, which leaves every q.k unchanged.
 
-Neither architecture has an output bias, so `unembed.b_U` can be dropped exactly only while it is
-the same for every token; otherwise the export refuses unless told to drop it (see
-`check_unembed_bias`).
+Neither architecture has an output bias (`unembed.b_U`, which training moves). GPT-2 exports
+keep it exactly in the final LayerNorm (`carry_unembed_bias_in_norm`); Llama exports drop it when
+it is the same for every token (no probability changes), and otherwise refuse unless told to
+drop it (`check_unembed_bias`).
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,7 +134,8 @@ def _llama_checks(cfg) -> list[tuple[bool, str]]:
 
 
 def check_unembed_bias(b_U: Float[Tensor, " d_vocab"], drop: bool) -> float:
-    """How much dropping `unembed.b_U` changes log-probs at most: its spread, max - min.
+    """How much dropping `unembed.b_U` from a Llama export changes log-probs at most: its
+    spread, max - min.
 
     Adding b to every logit changes log p_i by b_i - (logsumexp(z + b) - logsumexp(z)), and the
     bracket lies between min(b) and max(b); so a constant b_U changes nothing.
@@ -143,8 +146,8 @@ def check_unembed_bias(b_U: Float[Tensor, " d_vocab"], drop: bool) -> float:
     spread = float(b_U.max() - b_U.min())
     if spread > UNEMBED_BIAS_TOLERANCE and not drop:
         raise ExportError(
-            f"unembed.b_U differs between tokens (spread {spread:.3g}), and GPT-2 and Llama have "
-            f"no output bias: dropping it would change log-probs by up to {spread:.3g}. Pass "
+            f"unembed.b_U differs between tokens (spread {spread:.3g}), and Llama has no output "
+            f"bias: dropping it would change log-probs by up to {spread:.3g}. Pass "
             "drop_unembed_bias=True (--drop-unembed-bias) to export without it.")
     return spread
 
@@ -180,16 +183,45 @@ def flatten_heads(bias: Float[Tensor, "head d_head"]) -> Float[Tensor, " head_d_
 # ---------------------------------------------------------------- GPT-2
 
 
-def get_gpt2_weights(state: StateDict, cfg) -> StateDict:
-    """`GPT2LMHeadModel`'s state dict from a GPT-2-shaped HookedTransformer's."""
+def get_gpt2_weights(state: StateDict, cfg, carry_unembed_bias: bool) -> StateDict:
+    """`GPT2LMHeadModel`'s state dict from a GPT-2-shaped HookedTransformer's.
+
+    Args:
+        carry_unembed_bias: keep `unembed.b_U` exactly, in the final LayerNorm
+            (`carry_unembed_bias`); otherwise it is dropped.
+    """
     weights = {"transformer.wte.weight": state["embed.W_E"],
                "transformer.wpe.weight": state["pos_embed.W_pos"]}
     for layer in range(cfg.n_layers):
         weights |= get_gpt2_block(state, cfg, layer)
-    weights |= get_norm_weights(state, "ln_final", "transformer.ln_f", cfg.d_model, True)
+    ln_f = get_norm_weights(state, "ln_final", "transformer.ln_f", cfg.d_model, True)
+    W_U = state["unembed.W_U"]
+    if carry_unembed_bias:
+        ln_f, W_U = carry_unembed_bias_in_norm(ln_f, W_U, state["unembed.b_U"])
     # GPT-2 ties lm_head to wte; a trained or centred W_U no longer equals W_E.T, so it is kept.
-    weights["lm_head.weight"] = state["unembed.W_U"].T
-    return weights
+    return weights | ln_f | {"lm_head.weight": W_U.T}
+
+
+def carry_unembed_bias_in_norm(
+    ln_f: StateDict, W_U: Float[Tensor, "d_model d_vocab"], b_U: Float[Tensor, " d_vocab"]
+) -> tuple[StateDict, Float[Tensor, "d_model d_vocab"]]:
+    """GPT-2's final LayerNorm and unembedding rewritten to compute logits n w W_U + b W_U + b_U
+    exactly, although `lm_head` has no bias (n: the normalised vector, w, b: the norm's scale and
+    bias).
+
+    LayerNorm's n sums to zero, so its last coordinate is minus the sum of the others and needs
+    no row of its own: n_last w_last W_U[last] = -sum_{j < last} n_j w_last W_U[last]. The other
+    rows take it in (W_U[j] w_j - W_U[last] w_last), which frees the last coordinate to be the
+    constant 1 (weight 0, bias 1) with the constant part of the logits, b W_U + b_U, as its row.
+    TransformerLens puts a folded final LayerNorm's bias into b_U, and training moves b_U, so
+    GPT-2 exports need this; Llama's RMSNorm has no such coordinate.
+    """
+    w, b = ln_f["transformer.ln_f.weight"], ln_f["transformer.ln_f.bias"]
+    rows = W_U * w[:, None] - w[-1] * W_U[-1]
+    rows[-1] = b @ W_U + b_U
+    weight, bias = torch.ones_like(w), torch.zeros_like(b)
+    weight[-1], bias[-1] = 0.0, 1.0
+    return {"transformer.ln_f.weight": weight, "transformer.ln_f.bias": bias}, rows
 
 
 def get_gpt2_block(state: StateDict, cfg, layer: int) -> StateDict:
@@ -328,21 +360,24 @@ class Exported:
     folder: Path
     architecture: str
     """"gpt2" (GPT2LMHeadModel) or "llama" (LlamaForCausalLM)."""
-    unembed_bias_spread: float
-    """max - min of the dropped `unembed.b_U`: the most any log-prob moved (0: none did)."""
+    unembed_bias_dropped: float
+    """The spread (max - min) of an `unembed.b_U` dropped from a Llama export: the most any
+    log-prob moved. 0 when none moved (GPT-2 exports keep b_U exactly)."""
     notes: list[str]
     """What a user of the folder should know (no tokenizer, a tokenizer larger than the model)."""
 
 
-def export_hf(model: HookedTransformer, out_dir: str | Path,
-              drop_unembed_bias: bool = False) -> Exported:
+def export_hf(model: HookedTransformer, out_dir: str | Path, drop_unembed_bias: bool = False,
+              prepend_bos: bool | None = None) -> Exported:
     """Write `model` to `out_dir` as a Hugging Face model folder: config.json, the weights as
     model.safetensors, and the tokenizer's files.
 
     Args:
         model: a GPT-2- or Llama-shaped HookedTransformer (adapters, if any, merged in).
-        drop_unembed_bias: export even when `unembed.b_U` differs between tokens (neither
-            architecture can hold it), which changes log-probs by up to its spread.
+        drop_unembed_bias: export a Llama-shaped model even when `unembed.b_U` differs between
+            tokens (Llama cannot hold it), which changes log-probs by up to its spread.
+        prepend_bos: whether the saved tokenizer puts BOS first, as the policy was fed (a run's
+            `prepend_bos`); None: `model.cfg.default_prepend_bos`.
 
     Raises:
         ExportError: the model's config has a feature the architecture lacks (the field is
@@ -351,11 +386,13 @@ def export_hf(model: HookedTransformer, out_dir: str | Path,
     cfg = model.cfg
     architecture = get_architecture(cfg)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    spread = check_unembed_bias(state["unembed.b_U"], drop_unembed_bias)
+    b_U, dropped = state["unembed.b_U"], 0.0
     token_ids, notes = describe_tokenizer(model.tokenizer, cfg.d_vocab)
     if architecture == "gpt2":
-        config, weights = get_gpt2_config(cfg, token_ids), get_gpt2_weights(state, cfg)
+        carry = float(b_U.max() - b_U.min()) > UNEMBED_BIAS_TOLERANCE
+        config, weights = get_gpt2_config(cfg, token_ids), get_gpt2_weights(state, cfg, carry)
     else:
+        dropped = check_unembed_bias(b_U, drop_unembed_bias)
         weights, attention_bias, mlp_bias = drop_zero_biases(get_llama_weights(state, cfg))
         config = get_llama_config(cfg, token_ids, attention_bias, mlp_bias)
     hf_model = AutoModelForCausalLM.from_config(config, dtype=cfg.dtype)
@@ -363,8 +400,17 @@ def export_hf(model: HookedTransformer, out_dir: str | Path,
     hf_model.load_state_dict(weights, strict=True)
     hf_model.save_pretrained(out_dir, safe_serialization=True)
     if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(out_dir)
-    return Exported(Path(out_dir), architecture, spread, notes)
+        save_tokenizer(model.tokenizer, out_dir,
+                       cfg.default_prepend_bos if prepend_bos is None else prepend_bos)
+    return Exported(Path(out_dir), architecture, dropped, notes)
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path, prepend_bos: bool):
+    """The tokenizer's files, set to add BOS as the policy saw it. TransformerLens attaches a
+    copy that always adds BOS (its `to_tokens` decides), unlike GPT-2's own tokenizer."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_bos_token = prepend_bos
+    tokenizer.save_pretrained(out_dir)
 
 
 def describe_tokenizer(tokenizer, d_vocab: int) -> tuple[dict, list[str]]:
