@@ -358,9 +358,10 @@ def cmd_export(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     trained = load_run_policy(ns.run, pick_device(ns.device))
     if trained.note:
         console.print(f"[yellow]{trained.note}", soft_wrap=True)
+    prepend_bos = RLHFArgs.from_dict(trained.run["args"]).prepend_bos
     with new_folder(ns.out, ns.force) as scratch:
         try:
-            exported = export_hf(trained.policy, scratch, ns.drop_unembed_bias)
+            exported = export_hf(trained.policy, scratch, ns.drop_unembed_bias, prepend_bos)
         except ExportError as error:
             parser.exit(1, f"minirlhf export: error: {error}\n")
         difference = compare_logprobs(trained.policy, scratch)

@@ -16,9 +16,9 @@ from einops import rearrange
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minirlhf import export
+from minirlhf import cli, export
 from minirlhf.export import ExportError, export_hf
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
+from minirlhf.loading import PRINTABLE_VOCAB, load_policy, load_tiny_model
 
 ATOL = 1e-4
 WRONG = 1e-3
@@ -260,3 +260,93 @@ def test_unsupported_configs_are_refused_by_field(overrides: dict, field: str, t
     with pytest.raises(ExportError, match=field.replace(".", r"\.")):
         export_hf(HookedTransformer(cfg), tmp_path)
     assert not tmp_path.joinpath("config.json").exists()
+
+
+# ---------------------------------------------------------------- minirlhf export
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory) -> Path:
+    """One phase of the tiny-smoke preset (a GPT-2-shaped policy; its b_U has moved)."""
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    cli.main(["train", "--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4",
+              "--gen-len", "6", "--total-phases", "1", "--out", str(out)])
+    return out
+
+
+def get_trained_tiny(run: Path) -> HookedTransformer:
+    """The run's policy, rebuilt by hand: the tiny model with the checkpoint's weights."""
+    model = load_tiny_model()
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    model.load_state_dict({name.removeprefix("base_model."): value for name, value
+                           in state.items() if name.startswith("base_model.")})
+    return model
+
+
+def test_export_command_writes_the_trained_policy(ppo_run: Path, tmp_path: Path, capsys):
+    out = tmp_path / "hf"
+    cli.main(["export", "--run", str(ppo_run), "--out", str(out)])
+    assert "a gpt2 model" in capsys.readouterr().out
+    trained = get_trained_tiny(ppo_run)
+    assert max_logit_diff(trained, out) < ATOL
+    # Not the untrained model: the checkpoint's weights were exported.
+    assert max_logit_diff(load_tiny_model(), out) > WRONG
+    assert AutoTokenizer.from_pretrained(out)("Hi")["input_ids"][0] == 50256  # prepend_bos
+
+
+def test_export_command_guards_its_folder(ppo_run: Path, tmp_path: Path, capsys):
+    out = tmp_path / "hf"
+    cli.main(["export", "--run", str(ppo_run), "--out", str(out)])
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--run", str(ppo_run), "--out", str(out)])
+    assert "--force" in capsys.readouterr().err
+    (out / "stale.bin").write_text("from an older export")
+    cli.main(["export", "--run", str(ppo_run), "--out", str(out), "--force"])
+    assert not (out / "stale.bin").exists() and (out / "config.json").is_file()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--run", str(ppo_run), "--out", str(notes), "--force"])
+    assert "does not look like a model folder" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert "no run.json" in capsys.readouterr().err
+
+
+def test_a_dpo_run_exports(tmp_path: Path):
+    pairs = [{"prompt": "This is", "chosen": f" the{' e' * k}", "rejected": " a cat"}
+             for k in range(1, 11)]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run = tmp_path / "dpo"
+    cli.main(["dpo", "--data", str(tmp_path / "prefs.jsonl"), "--out", str(run), "--base-model",
+              "tiny", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"])
+    cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf")])
+    assert max_logit_diff(get_trained_tiny(run), tmp_path / "hf") < ATOL
+    assert max_logit_diff(load_tiny_model(), tmp_path / "hf") > WRONG
+
+
+# ---------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.slow
+def test_smollm2_exports_to_a_llama_with_the_same_logits(tmp_path: Path):
+    pytest.importorskip("gguf")
+    try:
+        model = load_policy("smollm2")
+    except ImportError as error:
+        pytest.skip(str(error))
+    exported = export_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert exported.architecture == "llama" and config["num_key_value_heads"] == 3
+    assert not config["attention_bias"]  # as loaded: TransformerLens's zero biases left out
+    tokens = model.to_tokens("This movie was a huge disappointment, and yet")
+    # In float64: in float32, 30 layers summed in different orders leave logits (up to 31) 1e-4
+    # apart (log-probs 7e-5), which hides nothing but leaves no margin under 1e-4.
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        ours, theirs = model.to(torch.float64)(tokens), hf_model(tokens).logits
+    assert (ours - theirs).abs().max() < ATOL
+    # The exported tokenizer reads text as the policy did: <|endoftext|> (0) first.
+    assert AutoTokenizer.from_pretrained(tmp_path)("This movie")["input_ids"] == [0, 1348, 7704]
