@@ -164,19 +164,19 @@ def get_norm_weights(state: StateDict, tl_name: str, hf_name: str, d_model: int,
 
 def heads_to_columns(
     weight: Float[Tensor, "head d_model d_head"],
-) -> Float[Tensor, "d_model head_d_head"]:
+) -> Float[Tensor, "d_model hd"]:
     """Per-head input weights as one [in, out] matrix, head after head (`Conv1D`'s layout)."""
     return rearrange(weight, "head d_model d_head -> d_model (head d_head)")
 
 
 def heads_to_rows(
     weight: Float[Tensor, "head d_head d_model"],
-) -> Float[Tensor, "head_d_head d_model"]:
+) -> Float[Tensor, "hd d_model"]:
     """Per-head output weights (W_O) as one [in, out] matrix, head after head."""
     return rearrange(weight, "head d_head d_model -> (head d_head) d_model")
 
 
-def flatten_heads(bias: Float[Tensor, "head d_head"]) -> Float[Tensor, " head_d_head"]:
+def flatten_heads(bias: Float[Tensor, "head d_head"]) -> Float[Tensor, " hd"]:
     return rearrange(bias, "head d_head -> (head d_head)")
 
 

@@ -195,7 +195,8 @@ def new_folder(out: Path, force: bool) -> Iterator[Path]:
                              "replace the model folder there.")
     if contents and (not (out / "config.json").is_file() or any(p.is_dir() for p in contents)):
         raise RunFolderError(f"{out} does not look like a model folder (config.json and files "
-                             "only), so --force leaves it alone: delete it yourself if you mean to.")
+                             "only), so --force leaves it alone: delete it yourself, or pick "
+                             "another --out.")
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
