@@ -10,6 +10,8 @@ Metric keys, as in the reward-model training, are namespaced:
     train/loss, train/accuracy, train/margin,          the step's minibatch
     train/chosen_reward, train/rejected_reward
     heldout/...                                         the same over every held-out pair
+    heldout/kl                                          KL(policy || reference) per response
+                                                        token on the held-out pairs
 
 The rewards are DPO's implicit rewards beta * (log pi - log pi_ref) (0 for every response before
 the first step, so accuracy, which counts ties as wrong, starts at 0).
@@ -29,6 +31,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
+from minirlhf.losses import calc_exact_kl
 from minirlhf.models import ReferenceModel, run_model
 from minirlhf.preferences import Preference
 from minirlhf.reward_training import run_pair_epochs
@@ -131,16 +134,45 @@ def tokenize_responses(
     return ResponseTokens(tokens.to(device), attention_mask.to(device), response_mask.to(device))
 
 
-def get_pair_logprobs(
+def run_pairs(
     model: HookedTransformer, pairs: list[Preference], args: DPOArgs
-) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
-    """log pi(chosen | prompt) and log pi(rejected | prompt), from one forward pass over both."""
+) -> tuple[Float[Tensor, "batch seq d_vocab"], ResponseTokens]:
+    """One forward pass over the chosen responses, then the rejected ones: logits and tokens."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = tokenize_responses(model, prompts, responses, args.prepend_bos)
     logits, _ = run_model(model, batch.tokens, batch.attention_mask, args.fast_path)
+    return logits, batch
+
+
+def get_pair_logprobs(
+    model: HookedTransformer, pairs: list[Preference], args: DPOArgs
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """log pi(chosen | prompt) and log pi(rejected | prompt), from one forward pass over both."""
+    logits, batch = run_pairs(model, pairs, args)
     logps = get_sequence_logprobs(logits, batch.tokens, batch.attention_mask, batch.response_mask)
     return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@torch.no_grad()
+def get_response_kl(
+    policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
+    args: DPOArgs,
+) -> float:
+    """KL(policy || reference) in nats per response token: the exact KL of the next-token
+    distributions (`calc_exact_kl`) at every position that predicts a response token, chosen and
+    rejected alike, averaged over all those positions of `pairs`. The contexts are the pairs' own
+    texts, not the policy's samples: how far the policy has moved on the data it learns from."""
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), args.batch_size):
+        logits, batch = run_pairs(policy, pairs[start : start + args.batch_size], args)
+        ref_logits, _ = run_model(reference, batch.tokens, batch.attention_mask, args.fast_path)
+        # logits[:, s] predicts tokens[:, s+1], as in get_sequence_logprobs.
+        counted = (batch.response_mask * batch.attention_mask)[:, 1:].bool()
+        kl = calc_exact_kl(logits[:, :-1], ref_logits[:, :-1])
+        total += float(kl[counted].sum())
+        count += int(counted.sum())
+    return total / count
 
 
 @torch.no_grad()
@@ -157,16 +189,18 @@ def get_all_logprobs(
 
 
 def evaluate(
-    policy: HookedTransformer, pairs: list[Preference],
+    policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
     ref_logps: tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]], args: DPOArgs,
 ) -> dict[str, float]:
-    """Loss, accuracy, margin and mean implicit rewards over every pair (no gradient)."""
+    """Loss, accuracy, margin, mean implicit rewards and the KL to the reference
+    (`get_response_kl`) over every pair (no gradient)."""
     policy.eval()
     chosen, rejected = get_all_logprobs(policy, pairs, args)
     out = calc_dpo_loss(chosen, rejected, *ref_logps, args.beta, args.loss_type,
                         args.label_smoothing)
     return {"loss": out.loss.item(), **calc_preference_metrics(out.chosen_rewards,
-                                                               out.rejected_rewards)}
+                                                               out.rejected_rewards),
+            "kl": get_response_kl(policy, reference, pairs, args)}
 
 
 def train_step(
@@ -193,11 +227,9 @@ def train_step(
 
 
 def get_reference_logprobs(
-    policy: HookedTransformer, splits: list[list[Preference]], args: DPOArgs
+    reference: HookedTransformer, splits: list[list[Preference]], args: DPOArgs
 ) -> list[tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]]:
-    """(chosen, rejected) log-probs of every pair of each split under a frozen copy of `policy`
-    as it is now; the copy is dropped on return."""
-    reference = ReferenceModel(policy, fast_path=args.fast_path).model
+    """(chosen, rejected) log-probs of every pair of each split under the reference."""
     return [get_all_logprobs(reference, pairs, args) for pairs in splits]
 
 
@@ -212,7 +244,8 @@ def train_dpo(
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
 
-    The reference log-probs of every pair are computed first (`get_reference_logprobs`).
+    The reference, a frozen copy of `policy` as given, scores every pair first
+    (`get_reference_logprobs`), and is kept for the held-out KL.
 
     Args:
         loss_fn: `(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -221,7 +254,8 @@ def train_dpo(
             `args.label_smoothing`. The logged implicit rewards and the held-out loss are
             `calc_dpo_loss`'s either way.
     """
-    ref_train, ref_heldout = get_reference_logprobs(policy, [train, heldout], args)
+    reference = ReferenceModel(policy, fast_path=args.fast_path).model
+    ref_train, ref_heldout = get_reference_logprobs(reference, [train, heldout], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     shuffler = random.Random(args.seed)
     history = run_pair_epochs(
@@ -229,7 +263,7 @@ def train_dpo(
         lambda: shuffler.sample(range(len(train)), len(train)),
         lambda rows: train_step(policy, optimizer, [train[i] for i in rows],
                                 (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
-        lambda: evaluate(policy, heldout, ref_heldout, args), "DPO", console, on_step,
+        lambda: evaluate(policy, reference, heldout, ref_heldout, args), "DPO", console, on_step,
     )
     policy.eval()
     return history

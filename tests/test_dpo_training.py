@@ -10,7 +10,13 @@ from rich.console import Console
 from minirlhf import cli
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.dpo import calc_dpo_loss
-from minirlhf.dpo_training import DPOArgs, get_all_logprobs, tokenize_responses, train_dpo
+from minirlhf.dpo_training import (
+    DPOArgs,
+    get_all_logprobs,
+    get_response_kl,
+    tokenize_responses,
+    train_dpo,
+)
 from minirlhf.preferences import Preference, make_preferences, split_preferences
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.sampling import get_samples
@@ -26,6 +32,7 @@ class CharTokenizer:
     def __init__(self, gpt2_tokenizer):
         self.gpt2 = gpt2_tokenizer
         self.bos_token_id, self.pad_token_id = None, 0
+        self.padding_side = "right"  # read by HookedTransformer's forward on a token tensor
         self.eos_token_id = gpt2_tokenizer.eos_token_id
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
@@ -112,6 +119,40 @@ def test_get_all_logprobs_batches_like_one_call(char_model):
     one = get_all_logprobs(char_model, pairs, DPOArgs(prepend_bos=False, batch_size=8))
     many = get_all_logprobs(char_model, pairs, DPOArgs(prepend_bos=False, batch_size=2))
     torch.testing.assert_close(one, many)
+
+
+def naive_response_kl(policy, reference, pairs, reverse=False, with_prompt=False,
+                      per_sequence=False) -> float:
+    """KL(policy || reference) per response token, one response at a time, each next-token KL
+    from torch.distributions. The flags make the known-wrong variants: KL(reference || policy),
+    prompt positions counted too, a mean of per-sequence means."""
+    values = []
+    for prompt, response in [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]:
+        tokens = torch.tensor([[ord(c) - 33 for c in prompt + response]])
+        with torch.no_grad():
+            p, q = policy(tokens)[0, :-1], reference(tokens)[0, :-1]
+        if reverse:
+            p, q = q, p
+        kls = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                                torch.distributions.Categorical(logits=q))
+        kls = kls if with_prompt else kls[len(prompt) - 1 :]  # positions predicting the response
+        values.append(kls.mean().reshape(1) if per_sequence else kls)
+    return torch.cat(values).mean().item()
+
+
+def test_response_kl_is_the_exact_kl_per_response_token(char_model, make_printable_model):
+    reference = make_printable_model(seed=0)
+    with torch.no_grad():
+        for param in char_model.parameters():
+            param.add_(torch.randn_like(param) * 0.3)  # far enough for KL to be asymmetric
+    pairs = [Preference("AB", ".x.", "y"), Preference("C", "zz", "q.q.q")]
+    args = DPOArgs(prepend_bos=False, batch_size=1)
+    kl = get_response_kl(char_model, reference, pairs, args)
+    assert kl == pytest.approx(naive_response_kl(char_model, reference, pairs), rel=1e-4)
+    for wrong in [dict(reverse=True), dict(with_prompt=True), dict(per_sequence=True)]:
+        assert kl != pytest.approx(naive_response_kl(char_model, reference, pairs, **wrong),
+                                   rel=1e-2), wrong
+    assert get_response_kl(char_model, char_model, pairs, args) == 0.0
 
 
 @pytest.mark.parametrize("bad, message", [({"beta": 0.0}, "beta"),
