@@ -241,6 +241,9 @@ def train_dpo(
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     loss_fn: Callable[..., Tensor] | None = None,
+    saved: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+    save_every: int = 20,
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
 
@@ -253,20 +256,53 @@ def train_dpo(
             learner's own); None: `calc_dpo_loss` with `args.loss_type` and
             `args.label_smoothing`. The logged implicit rewards and the held-out loss are
             `calc_dpo_loss`'s either way.
+        saved: a `get_dpo_state` to continue from (a resumed run; `policy` is then the starting
+            policy, which the reference copies, and gets the saved weights after).
+        save: called with `get_dpo_state` every `save_every` steps and after the last.
     """
     reference = ReferenceModel(policy, fast_path=args.fast_path).model
     ref_train, ref_heldout = get_reference_logprobs(reference, [train, heldout], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    history = load_dpo_state(policy, optimizer, saved) if saved is not None else []
+    total = args.epochs * -(-len(train) // args.batch_size)
+
+    def after_step(metrics: dict[str, float]):
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+        if save is not None and (len(history) % save_every == 0 or len(history) == total):
+            save(get_dpo_state(policy, optimizer, history))
+
     shuffler = random.Random(args.seed)
-    history = run_pair_epochs(
+    run_pair_epochs(
         len(train), (args.epochs, args.batch_size, args.eval_every),
         lambda: shuffler.sample(range(len(train)), len(train)),
         lambda rows: train_step(policy, optimizer, [train[i] for i in rows],
                                 (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
-        lambda: evaluate(policy, reference, heldout, ref_heldout, args), "DPO", console, on_step,
+        lambda: evaluate(policy, reference, heldout, ref_heldout, args), "DPO", console,
+        after_step, start_step=len(history),
     )
     policy.eval()
     return history
+
+
+def get_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
+                  history: list[dict[str, float]]) -> dict:
+    """What continues a DPO run: the weights (under "model", named as in a PPO checkpoint, so
+    `minirlhf sample` and `export` read them alike), AdamW's state, and the metrics so far. The
+    shuffles need no state: they are drawn again from the seed."""
+    return {"model": {f"base_model.{name}": value for name, value in policy.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "history": list(history),
+            "phase": len(history), "global_step": len(history)}
+
+
+def load_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
+                   saved: dict) -> list[dict[str, float]]:
+    """Put a `get_dpo_state` back into `policy` and `optimizer`; returns its metrics so far."""
+    policy.load_state_dict({name.removeprefix("base_model."): value
+                            for name, value in saved["model"].items()})
+    optimizer.load_state_dict(saved["optimizer"])
+    return list(saved["history"])
 
 
 def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:

@@ -243,6 +243,9 @@ def describe_existing_run(folder: Path, found: list[str], command: str) -> str:
     files = ", ".join(found)
     force = "add --force to delete those files and start again"
     if any(name in found for name in PPO_FILES):
+        if command == "dpo":
+            return (f"{folder} already holds a run ({files}). Continue a DPO run with `minirlhf "
+                    f"dpo --out {folder} --resume`, pick another --out, or {force}.")
         if command != "train":
             return f"{folder} holds a PPO run ({files}): pick another --out, or {force}."
         restart = ("" if any(name.startswith("checkpoint") for name in found)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import cli
+from minirlhf import cli, dpo_training
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.dpo import calc_dpo_loss
 from minirlhf.dpo_training import (
@@ -224,3 +224,84 @@ def test_the_loss_given_drives_the_training(make_printable_model):
                             loss_fn=loss_fn)
         margins[swap] = history[-1]["heldout/margin"]
     assert margins[False] > 0 > margins[True], margins
+
+
+RESUMABLE = ["--base-model", "tiny", "--epochs", "2", "--batch-size", "2", "--eval-every", "3",
+             "--lr", "1e-3", "--checkpoint-every", "3", "--judge", "char_count"]
+"""8 train pairs in steps of 2: 4 steps an epoch, 8 in all; checkpoints after steps 3, 6, 8."""
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_dpo(tmp_path_factory):
+    """One uninterrupted DPO run, and its preference file."""
+    folder = tmp_path_factory.mktemp("dpo")
+    write_prefs(folder / "prefs.jsonl")
+    cli.main(["dpo", "--data", str(folder / "prefs.jsonl"), "--out", str(folder / "run"),
+              *RESUMABLE])
+    return folder
+
+
+def interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=None):
+    """Run the same command, stopped (as by Ctrl-C) in step 5, mid-epoch; then --resume it."""
+    real_step, calls = dpo_training.train_step, []
+
+    def stop_in_fifth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo_training, "train_step", stop_in_fifth_step)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["dpo", "--data", str(straight_dpo / "prefs.jsonl"), "--out", str(out),
+                      *RESUMABLE])
+    assert load_checkpoint(out).trainer["phase"] == 3  # steps 4 and 5 are run again
+    with monkeypatch.context() as patch:
+        if load_dpo_state is not None:
+            patch.setattr(dpo_training, "load_dpo_state", load_dpo_state)
+        cli.main(["dpo", "--out", str(out), "--resume"])
+
+
+def test_a_resumed_dpo_run_equals_an_uninterrupted_one(straight_dpo, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    interrupt_and_resume(straight_dpo, out, monkeypatch)
+    straight = straight_dpo / "run"
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(straight / "metrics.jsonl")
+    resumed, uninterrupted = load_checkpoint(out).trainer, load_checkpoint(straight).trainer
+    assert resumed["phase"] == uninterrupted["phase"] == 8
+    for name, weight in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], weight), name
+
+
+def test_resuming_without_the_optimizer_state_would_diverge(straight_dpo, tmp_path,
+                                                            monkeypatch):
+    """The check above can fail: a resume that restores the weights but not AdamW's moments."""
+    def weights_only(policy, optimizer, saved):
+        policy.load_state_dict({name.removeprefix("base_model."): value
+                                for name, value in saved["model"].items()})
+        return list(saved["history"])
+
+    out = tmp_path / "resumed"
+    interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=weights_only)
+    resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(straight_dpo / "run" /
+                                                                      "metrics.jsonl")
+    assert resumed[:3] == straight[:3] and resumed[3:] != straight[3:]
+
+
+def test_dpo_resume_refuses_changed_flags_and_other_folders(straight_dpo, tmp_path, capsys):
+    run = str(straight_dpo / "run")
+    for command in (["--out", run, "--resume", "--lr", "1"],
+                    ["--out", run, "--resume", "--force"],
+                    ["--out", str(tmp_path), "--resume"]):
+        with pytest.raises(SystemExit):
+            cli.main(["dpo", *command])
+    errors = capsys.readouterr().err
+    assert "drop --lr" in errors and "give one of them" in errors
+    assert "earlier `minirlhf dpo`" in errors
+    cli.main(["dpo", "--out", run, "--resume"])  # a finished run: nothing to do
+    assert "Nothing to do" in capsys.readouterr().out
