@@ -305,3 +305,12 @@ def test_dpo_resume_refuses_changed_flags_and_other_folders(straight_dpo, tmp_pa
     assert "earlier `minirlhf dpo`" in errors
     cli.main(["dpo", "--out", run, "--resume"])  # a finished run: nothing to do
     assert "Nothing to do" in capsys.readouterr().out
+    # A preference file edited since the run started is refused (its SHA-256 is in run.json).
+    config = json.loads((straight_dpo / "run" / "run.json").read_text())
+    edited = tmp_path / "prefs.jsonl"
+    edited.write_text((straight_dpo / "prefs.jsonl").read_text().replace("cat", "dog"))
+    config["dpo"]["data"] = str(edited)
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        cli.main(["dpo", "--out", str(tmp_path), "--resume"])
+    assert "has changed since the run started" in capsys.readouterr().err
