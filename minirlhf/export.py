@@ -177,6 +177,7 @@ def heads_to_rows(
 
 
 def flatten_heads(bias: Float[Tensor, "head d_head"]) -> Float[Tensor, " hd"]:
+    """Per-head biases side by side, head after head."""
     return rearrange(bias, "head d_head -> (head d_head)")
 
 
@@ -188,7 +189,8 @@ def get_gpt2_weights(state: StateDict, cfg, carry_unembed_bias: bool) -> StateDi
 
     Args:
         carry_unembed_bias: keep `unembed.b_U` exactly, in the final LayerNorm
-            (`carry_unembed_bias`); otherwise it is dropped.
+            (`carry_unembed_bias_in_norm`); otherwise it is dropped (the caller found it the
+            same for every token).
     """
     weights = {"transformer.wte.weight": state["embed.W_E"],
                "transformer.wpe.weight": state["pos_embed.W_pos"]}
