@@ -365,7 +365,8 @@ def cmd_export(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         except ExportError as error:
             parser.exit(1, f"minirlhf export: error: {error}\n")
         difference = compare_logprobs(trained.policy, scratch)
-    console.print(f"[bold]minirlhf export[/]: {ns.run} (after {trained.phase} phases) -> "
+    unit = "steps" if "dpo" in trained.run else "phases"
+    console.print(f"[bold]minirlhf export[/]: {ns.run} (after {trained.phase} {unit}) -> "
                   f"{ns.out}, a {exported.architecture} model. Largest log-prob difference "
                   f"in transformers: {difference:.2g}.", soft_wrap=True)
     for note in exported.notes:
