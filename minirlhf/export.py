@@ -41,6 +41,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
+from minirlhf.lora import get_adapters
+
 StateDict = dict[str, Tensor]
 
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "gelu_fast", "relu", "silu")
@@ -383,8 +385,11 @@ def export_hf(model: HookedTransformer, out_dir: str | Path, drop_unembed_bias: 
 
     Raises:
         ExportError: the model's config has a feature the architecture lacks (the field is
-            named), or b_U would be dropped unasked.
+            named), b_U would be dropped unasked, or LoRA adapters are not merged yet.
     """
+    if get_adapters(model) is not None:
+        raise ExportError("The model has LoRA adapters: merge them into its weights first "
+                          "(minirlhf.lora.merge_lora(model)).")
     cfg = model.cfg
     architecture = get_architecture(cfg)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}

@@ -29,6 +29,8 @@ from transformer_lens import HookedTransformer
 from minirlhf import loading
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
+from minirlhf.lora import merge_lora
+from minirlhf.models import prepare_policy
 from minirlhf.optim import get_lr_scale
 from minirlhf.preferences import read_preferences, split_preferences
 
@@ -158,7 +160,8 @@ class RunPolicy:
 
 
 def load_run_policy(run_dir: Path, device="cpu") -> RunPolicy:
-    """The policy a `minirlhf train` or `minirlhf dpo` run trained (its value head left out).
+    """The policy a `minirlhf train` or `minirlhf dpo` run trained, as a plain HookedTransformer:
+    a LoRA run's adapters merged into the weights, the value head left out.
 
     Raises:
         RunFolderError: `run_dir` holds no run.json.
@@ -168,14 +171,19 @@ def load_run_policy(run_dir: Path, device="cpu") -> RunPolicy:
         raise RunFolderError(f"{run_dir} is not a run folder (no run.json): pass the --out of "
                              "`minirlhf train` or `minirlhf dpo`.")
     run = json.loads((run_dir / "run.json").read_text())
+    args = RLHFArgs.from_dict(run["args"])
     checkpoint = load_checkpoint(run_dir, map_location=device)
-    policy = loading.load_policy(RLHFArgs.from_dict(run["args"]).base_model, device)
+    policy = loading.load_policy(args.base_model, device)
+    # A LoRA run's checkpoint holds its adapters: the policy needs them before loading it.
+    prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
+                   args.lora_targets)
     # The checkpoint holds a TransformerWithValueHead: the policy's weights under "base_model.".
     prefix = "base_model."
     policy.load_state_dict({name.removeprefix(prefix): value
                             for name, value in checkpoint.trainer["model"].items()
                             if name.startswith(prefix)})
-    return RunPolicy(policy.eval(), run, checkpoint.trainer["phase"], checkpoint.note)
+    return RunPolicy(merge_lora(policy).eval(), run, checkpoint.trainer["phase"],
+                     checkpoint.note)
 
 
 @contextmanager

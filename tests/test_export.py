@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from minirlhf import cli, export
 from minirlhf.export import ExportError, export_hf
 from minirlhf.loading import PRINTABLE_VOCAB, load_policy, load_tiny_model
+from minirlhf.lora import adapters_off
+from minirlhf.models import prepare_policy
 
 ATOL = 1e-4
 WRONG = 1e-3
@@ -313,6 +315,25 @@ def test_export_command_guards_its_folder(ppo_run: Path, tmp_path: Path, capsys)
     with pytest.raises(SystemExit):
         cli.main(["export", "--run", str(tmp_path), "--out", str(tmp_path / "x")])
     assert "no run.json" in capsys.readouterr().err
+
+
+def test_a_lora_run_exports_with_its_adapters_merged(tmp_path: Path):
+    run = tmp_path / "lora"
+    cli.main(["train", "--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4",
+              "--gen-len", "6", "--total-phases", "1", "--lora-rank", "2", "--lora-alpha", "64",
+              "--out", str(run)])
+    # The oracle: the tiny model with the run's adapters, running them through its hooks.
+    trained = load_tiny_model()
+    prepare_policy(trained, lora_rank=2, lora_alpha=64.0)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    trained.load_state_dict({name.removeprefix("base_model."): value for name, value
+                             in state.items() if name.startswith("base_model.")})
+    with pytest.raises(ExportError, match="merge_lora"):
+        export_hf(trained, tmp_path / "unmerged")
+    cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf")])
+    assert max_logit_diff(trained, tmp_path / "hf") < ATOL
+    with adapters_off(trained):  # the adapters did move the logits: they were merged in
+        assert max_logit_diff(trained, tmp_path / "hf") > WRONG
 
 
 def test_a_dpo_run_exports(tmp_path: Path):
