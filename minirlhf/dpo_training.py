@@ -247,8 +247,7 @@ def train_dpo(
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
 
-    The reference, a frozen copy of `policy` as given, scores every pair first
-    (`get_reference_logprobs`), and is kept for the held-out KL.
+    The reference (a frozen copy of `policy` as given) scores every pair first, then the KL.
 
     Args:
         loss_fn: `(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -256,8 +255,8 @@ def train_dpo(
             learner's own); None: `calc_dpo_loss` with `args.loss_type` and
             `args.label_smoothing`. The logged implicit rewards and the held-out loss are
             `calc_dpo_loss`'s either way.
-        saved: a `get_dpo_state` to continue from (a resumed run; `policy` is then the starting
-            policy, which the reference copies, and gets the saved weights after).
+        saved: a `get_dpo_state` to resume from (`policy` is still the starting policy, which
+            the reference copies; it gets the saved weights after).
         save: called with `get_dpo_state` every `save_every` steps and after the last.
     """
     reference = ReferenceModel(policy, fast_path=args.fast_path).model
