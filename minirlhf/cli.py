@@ -1,4 +1,4 @@
-"""The command line: `minirlhf train`, `sample`, `preferences`, `reward-model` and `dpo`.
+"""The command line: `minirlhf train`, `sample`, `export`, `preferences`, `reward-model`, `dpo`.
 
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
 reward function, runs the trainer with checkpoints, and writes the run's folder:
@@ -12,7 +12,8 @@ reward function, runs the trainer with checkpoints, and writes the run's folder:
 
 The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
 reward model on such a file, and `train --reward-model FOLDER` runs PPO against it. `dpo`
-trains the policy on the preference file directly (minirlhf.dpo_run).
+trains the policy on the preference file directly (minirlhf.dpo_run). `export` writes a run's
+trained policy as a Hugging Face model folder (minirlhf.export).
 """
 
 import argparse
@@ -32,10 +33,10 @@ from rich.text import Text
 
 from minirlhf import loading
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import CheckpointError, load_checkpoint
+from minirlhf.checkpoint import CheckpointError
 from minirlhf.device import pick_device
 from minirlhf.dpo_run import add_dpo_parser, cmd_dpo
-from minirlhf.models import TransformerWithValueHead, load_trained_state, prepare_policy
+from minirlhf.export import ExportError, compare_logprobs, export_hf
 from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.report import append_metrics, plot_metrics, plot_reward_model_metrics, print_summary
 from minirlhf.reward_training import RewardModelArgs
@@ -45,7 +46,9 @@ from minirlhf.run_folder import (
     RunFolderError,
     args_and_pairs,
     claimed,
+    load_run_policy,
     locked,
+    new_folder,
     resume_trainer,
     resumed_config,
     start_run_folder,
@@ -146,7 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also sample the model as it was before training")
     add_preference_parsers(commands)
     add_dpo_parser(commands, add_args_flags)
+    add_export_parser(commands)
     return parser
+
+
+def add_export_parser(commands):
+    export = commands.add_parser("export", help="write a run's trained policy as a Hugging Face "
+                                 "model folder (AutoModelForCausalLM.from_pretrained loads it)")
+    export.add_argument("--run", type=Path, required=True,
+                        help="the folder of a `minirlhf train` or `minirlhf dpo` run")
+    export.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    export.add_argument("--force", action="store_true",
+                        help="replace a model folder already in --out")
+    export.add_argument("--drop-unembed-bias", action="store_true",
+                        help="export even when the policy's unembedding bias differs between "
+                        "tokens (GPT-2 and Llama have none): log-probs change by up to its spread")
+    export.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
 
 
 def add_preference_parsers(commands):
@@ -304,28 +322,21 @@ def finish_run(trainer: RLHFTrainer, out: Path, extra: dict, console: Console):
 # ---- sample ----
 
 def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
-    if not (ns.run / "run.json").exists():
-        parser.error(f"{ns.run} is not a run folder (no run.json): pass the --out of a training.")
-    run = json.loads((ns.run / "run.json").read_text())
-    args = RLHFArgs.from_dict(run["args"])
     device = pick_device(ns.device)
-    checkpoint = load_checkpoint(ns.run, map_location=device)
-    if checkpoint.note:
-        Console(stderr=True).print(f"[yellow]{checkpoint.note}", soft_wrap=True)
-    base_model = loading.load_policy(args.base_model, device)
-    prepare_policy(base_model, args.trainable_layers, args.lora_rank, args.lora_alpha,
-                   args.lora_targets)  # a LoRA run's checkpoint holds its adapters
-    model = TransformerWithValueHead(base_model)
+    trained = load_run_policy(ns.run, device)
+    if trained.note:
+        Console(stderr=True).print(f"[yellow]{trained.note}", soft_wrap=True)
+    run, args = trained.run, RLHFArgs.from_dict(trained.run["args"])
     prompt = ns.prompt or args.prefix
     settings = dict(batch_size=ns.num_samples, gen_len=ns.gen_len or args.gen_len,
                     sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
                     prepend_bos=args.prepend_bos, seed=ns.seed)
     columns = {}
     if ns.compare:
-        columns["before training"] = get_samples(model.base_model, prompt, **settings).samples
-    load_trained_state(model, checkpoint.trainer["model"])
-    columns[f"after {checkpoint.trainer['phase']} phases"] = get_samples(
-        model.base_model, prompt, **settings).samples
+        base_model = loading.load_policy(args.base_model, device)
+        columns["before training"] = get_samples(base_model, prompt, **settings).samples
+    columns[f"after {trained.phase} phases"] = get_samples(
+        trained.policy, prompt, **settings).samples
     # Control-token rewards need the control token, which a free prompt may not have.
     scored = run["reward"]["kind"] != "control"
     reward_fn = make_reward_fn(run["reward"], device) if scored else None
@@ -336,6 +347,32 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
             row = [f"[{r:+.2f}] {text}" for r, text in zip(rewards.tolist(), row)]
         table.add_row(*map(Text, row))  # Text: model output is not rich markup
     Console().print(table)
+
+
+# ---- export ----
+
+def cmd_export(ns: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Load the run's policy, write it to a scratch folder beside --out, check transformers
+    reads the same log-probs from it, then move it into place."""
+    console = Console()
+    trained = load_run_policy(ns.run, pick_device(ns.device))
+    if trained.note:
+        console.print(f"[yellow]{trained.note}", soft_wrap=True)
+    prepend_bos = RLHFArgs.from_dict(trained.run["args"]).prepend_bos
+    with new_folder(ns.out, ns.force) as scratch:
+        try:
+            exported = export_hf(trained.policy, scratch, ns.drop_unembed_bias, prepend_bos)
+        except ExportError as error:
+            parser.exit(1, f"minirlhf export: error: {error}\n")
+        difference = compare_logprobs(trained.policy, scratch)
+    unit = "steps" if "dpo" in trained.run else "phases"
+    console.print(f"[bold]minirlhf export[/]: {ns.run} (after {trained.phase} {unit}) -> "
+                  f"{ns.out}, a {exported.architecture} model. Largest log-prob difference "
+                  f"in transformers: {difference:.2g}.", soft_wrap=True)
+    for note in exported.notes:
+        console.print(f"[yellow]{note}", soft_wrap=True)
+    console.print(f"Load it: AutoModelForCausalLM.from_pretrained({str(ns.out)!r})",
+                  soft_wrap=True)
 
 
 # ---- preferences and the reward model ----
@@ -398,7 +435,7 @@ def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, t
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "preferences": cmd_preferences,
-            "reward-model": cmd_reward_model, "dpo": cmd_dpo}
+            "reward-model": cmd_reward_model, "dpo": cmd_dpo, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None):

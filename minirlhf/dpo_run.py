@@ -6,14 +6,15 @@ The command-line layer over `dpo_training` (cli.py registers the subcommand). Th
                     `minirlhf sample --run FOLDER` reads (base model, prompt, length, judge)
     metrics.jsonl   one line of metrics per step
     dpo.png         preference accuracy and held-out implicit rewards against step
-    checkpoint.pt   the trained policy, in the layout `minirlhf sample` loads (see `save_policy`)
+    checkpoint.pt   the policy, AdamW's state and the metrics, every --checkpoint-every steps and
+                    after the last (`dpo_training.get_dpo_state`); `--resume` continues from it
     run.lock        held while the command writes the folder
-
-A DPO run cannot be resumed yet: `--force` starts it again.
 """
 
 import argparse
 import collections
+import dataclasses
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -22,13 +23,12 @@ from transformer_lens import HookedTransformer
 
 from minirlhf import loading
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import save_checkpoint
+from minirlhf.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from minirlhf.device import pick_device
 from minirlhf.dpo_training import DPOArgs, plot_dpo_metrics, train_dpo
-from minirlhf.models import TransformerWithValueHead
-from minirlhf.preferences import Preference
+from minirlhf.preferences import Preference, read_preferences, split_preferences
 from minirlhf.report import append_metrics
-from minirlhf.run_folder import args_and_pairs, claimed, write_json
+from minirlhf.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
 
 PLOT_NAME = "dpo.png"
 
@@ -36,10 +36,15 @@ PLOT_NAME = "dpo.png"
 def add_dpo_parser(commands, add_args_flags):
     """The `dpo` subcommand: its own flags, then one per `DPOArgs` field."""
     dpo = commands.add_parser("dpo", help="train a policy with DPO on preference pairs")
-    dpo.add_argument("--data", type=Path, required=True, help="preference JSONL file")
+    dpo.add_argument("--data", type=Path,
+                     help="preference JSONL file (a resumed run reads the one it started with)")
     dpo.add_argument("--out", type=Path, required=True, help="the run folder")
     dpo.add_argument("--force", action="store_true",
                      help="delete the files of a run already in --out and start again")
+    dpo.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its last checkpoint")
+    dpo.add_argument("--checkpoint-every", type=int, default=20,
+                     help="steps between saves (the last step is always saved)")
     dpo.add_argument("--judge", choices=["vader", "char_count"], default="vader",
                      help="what `minirlhf sample --run OUT` scores samples with")
     dpo.add_argument("--direction", choices=["pos", "neg"], default="pos",
@@ -49,10 +54,68 @@ def add_dpo_parser(commands, add_args_flags):
 
 
 def cmd_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
+    if ns.checkpoint_every < 1:
+        parser.error(f"--checkpoint-every must be at least 1, got {ns.checkpoint_every}.")
+    if ns.resume:
+        resume_dpo(ns, parser)
+        return
+    if ns.data is None:
+        parser.error("--data is needed to start a DPO run (a resumed one reads its own).")
     args, train, heldout = args_and_pairs(ns, parser, DPOArgs)
     console = Console()
     with claimed(ns.out, "dpo", ns.force, console):
-        run_dpo(ns, args, train, heldout, console)
+        policy = loading.load_policy(args.base_model, pick_device(args.device))
+        write_json(ns.out / "run.json", make_run_config(ns, args, policy, train + heldout))
+        (ns.out / "metrics.jsonl").write_text("")
+        console.print(f"[bold]minirlhf dpo[/]: {len(train)} train / {len(heldout)} held-out "
+                      f"pairs from {ns.data} -> {ns.out}", soft_wrap=True)
+        run_dpo(ns, policy, args, (train, heldout), None, console)
+
+
+def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Continue the DPO run in --out with its saved configuration, from its last checkpoint
+    (none yet: from step 0)."""
+    if ns.force:
+        parser.error("--force starts a new run and --resume continues one: give one of them.")
+    run_file = ns.out / "run.json"
+    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    if "dpo" not in run:
+        parser.error("--resume needs --out pointing at the folder of an earlier `minirlhf dpo`.")
+    given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(DPOArgs)
+             if f.name in vars(ns)] + (["--data"] if ns.data is not None else [])
+    if given:
+        parser.error(f"--resume continues a DPO run with its saved configuration: drop "
+                     f"{', '.join(given)}, or start a new run with another --out.")
+    args, data = DPOArgs(**run["dpo"]["args"]), Path(run["dpo"]["data"])
+    if run["dpo"].get("data_sha256") not in (None, sha256_of(data)):
+        raise RunFolderError(f"{data} has changed since the run started: its pairs, and the "
+                             "held-out split, would not be the ones it trained on.")
+    pairs = split_preferences(read_preferences(data), args.heldout_fraction, seed=args.seed)
+    console, device = Console(), pick_device(args.device)
+    with locked(ns.out, "dpo") as stale:
+        if stale:
+            console.print(f"[yellow]{stale}", soft_wrap=True)
+        saved = load_dpo_checkpoint(ns.out, device, console)
+        history = saved["history"] if saved else []
+        # Steps after the checkpoint are run again, so their old metric lines go.
+        (ns.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        console.print(f"[bold]minirlhf dpo --resume[/]: {ns.out} at step {len(history)}",
+                      soft_wrap=True)
+        run_dpo(ns, loading.load_policy(args.base_model, device), args, pairs, saved, console)
+
+
+def load_dpo_checkpoint(out: Path, device, console: Console) -> dict | None:
+    """The DPO state saved in `out` (None: no checkpoint yet)."""
+    if not has_checkpoint(out):
+        console.print("[yellow]No checkpoint yet: the run starts again from step 0.")
+        return None
+    checkpoint = load_checkpoint(out, map_location=device)
+    if checkpoint.note:
+        console.print(f"[yellow]{checkpoint.note}", soft_wrap=True)
+    if "optimizer" not in checkpoint.trainer:
+        raise RunFolderError(f"{out}'s checkpoint holds the policy only (written before DPO "
+                             "runs could resume): start the run again with --force.")
+    return checkpoint.trainer
 
 
 def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransformer,
@@ -66,35 +129,25 @@ def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransfo
                            prepend_bos=args.prepend_bos, device=args.device)
     reward = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
     return {"preset": "dpo", "args": sample_args.to_dict(), "reward": reward,
-            "dpo": {"args": args.to_dict(), "data": str(ns.data)}}
+            "dpo": {"args": args.to_dict(), "data": str(ns.data.resolve()),
+                    "data_sha256": sha256_of(ns.data)}}
 
 
-def save_policy(policy: HookedTransformer, out: Path, steps: int) -> Path:
-    """The policy as a checkpoint `minirlhf sample` loads: a `TransformerWithValueHead` state.
-
-    DPO trains no value head; the one saved is freshly initialised and unused by sampling. There
-    is no optimiser state, so the checkpoint cannot resume a run.
-    """
-    model = TransformerWithValueHead(policy)
-    return save_checkpoint({"model": model.state_dict(), "phase": steps, "global_step": steps},
-                           out, {"algorithm": "dpo"})
-
-
-def run_dpo(ns: argparse.Namespace, args: DPOArgs, train: list[Preference],
-            heldout: list[Preference], console: Console):
-    policy = loading.load_policy(args.base_model, pick_device(args.device))
-    write_json(ns.out / "run.json", make_run_config(ns, args, policy, train + heldout))
-    (ns.out / "metrics.jsonl").write_text("")
-    console.print(f"[bold]minirlhf dpo[/]: {len(train)} train / {len(heldout)} held-out pairs "
-                  f"from {ns.data} -> {ns.out}", soft_wrap=True)
-    history = train_dpo(policy, train, heldout, args, console,
-                        on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
-    checkpoint = save_policy(policy, ns.out, len(history))
+def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, args: DPOArgs,
+            pairs: tuple[list[Preference], list[Preference]], saved: dict | None,
+            console: Console):
+    """Train (from `saved` when resuming), saving checkpoints into --out, then plot and sum up."""
+    history = train_dpo(policy, *pairs, args, console,
+                        on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m),
+                        saved=saved, save_every=ns.checkpoint_every,
+                        save=lambda state: save_checkpoint(state, ns.out, {"algorithm": "dpo"}))
+    if saved is not None and len(history) == len(saved["history"]):
+        console.print(f"Nothing to do: the run already did its {len(history)} steps.")
     plot = plot_dpo_metrics(history, ns.out / PLOT_NAME)
     summary = Table("held-out", "value", title="DPO")
     for key, value in history[-1].items():
         if key.startswith("heldout/"):
             summary.add_row(key, f"{value:+.4f}")
     console.print(summary)
-    console.print(f"Plot:       {plot}\nCheckpoint: {checkpoint}\n"
+    console.print(f"Plot:       {plot}\nCheckpoint: {ns.out / 'checkpoint.pt'}\n"
                   f"Samples:    minirlhf sample --run {ns.out} --compare", soft_wrap=True)

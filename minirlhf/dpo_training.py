@@ -10,6 +10,8 @@ Metric keys, as in the reward-model training, are namespaced:
     train/loss, train/accuracy, train/margin,          the step's minibatch
     train/chosen_reward, train/rejected_reward
     heldout/...                                         the same over every held-out pair
+    heldout/kl                                          KL(policy || reference) per response
+                                                        token on the held-out pairs
 
 The rewards are DPO's implicit rewards beta * (log pi - log pi_ref) (0 for every response before
 the first step, so accuracy, which counts ties as wrong, starts at 0).
@@ -29,7 +31,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
-from minirlhf.models import ReferenceModel, run_model
+from minirlhf.losses import calc_exact_kl
+from minirlhf.models import ReferenceModel, freeze_absent_unembed_bias, run_model
 from minirlhf.preferences import Preference
 from minirlhf.reward_training import run_pair_epochs
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
@@ -131,16 +134,45 @@ def tokenize_responses(
     return ResponseTokens(tokens.to(device), attention_mask.to(device), response_mask.to(device))
 
 
-def get_pair_logprobs(
+def run_pairs(
     model: HookedTransformer, pairs: list[Preference], args: DPOArgs
-) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
-    """log pi(chosen | prompt) and log pi(rejected | prompt), from one forward pass over both."""
+) -> tuple[Float[Tensor, "batch seq d_vocab"], ResponseTokens]:
+    """One forward pass over the chosen responses, then the rejected ones: logits and tokens."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = tokenize_responses(model, prompts, responses, args.prepend_bos)
     logits, _ = run_model(model, batch.tokens, batch.attention_mask, args.fast_path)
+    return logits, batch
+
+
+def get_pair_logprobs(
+    model: HookedTransformer, pairs: list[Preference], args: DPOArgs
+) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
+    """log pi(chosen | prompt) and log pi(rejected | prompt), from one forward pass over both."""
+    logits, batch = run_pairs(model, pairs, args)
     logps = get_sequence_logprobs(logits, batch.tokens, batch.attention_mask, batch.response_mask)
     return logps[: len(pairs)], logps[len(pairs) :]
+
+
+@torch.no_grad()
+def get_response_kl(
+    policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
+    args: DPOArgs,
+) -> float:
+    """KL(policy || reference) in nats per response token: the exact KL of the next-token
+    distributions (`calc_exact_kl`) at every position that predicts a response token, chosen and
+    rejected alike, averaged over all those positions of `pairs`. The contexts are the pairs' own
+    texts, not the policy's samples: how far the policy has moved on the data it learns from."""
+    total, count = 0.0, 0
+    for start in range(0, len(pairs), args.batch_size):
+        logits, batch = run_pairs(policy, pairs[start : start + args.batch_size], args)
+        ref_logits, _ = run_model(reference, batch.tokens, batch.attention_mask, args.fast_path)
+        # logits[:, s] predicts tokens[:, s+1], as in get_sequence_logprobs.
+        counted = (batch.response_mask * batch.attention_mask)[:, 1:].bool()
+        kl = calc_exact_kl(logits[:, :-1], ref_logits[:, :-1])
+        total += float(kl[counted].sum())
+        count += int(counted.sum())
+    return total / count
 
 
 @torch.no_grad()
@@ -157,16 +189,18 @@ def get_all_logprobs(
 
 
 def evaluate(
-    policy: HookedTransformer, pairs: list[Preference],
+    policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
     ref_logps: tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]], args: DPOArgs,
 ) -> dict[str, float]:
-    """Loss, accuracy, margin and mean implicit rewards over every pair (no gradient)."""
+    """Loss, accuracy, margin, mean implicit rewards and the KL to the reference
+    (`get_response_kl`) over every pair (no gradient)."""
     policy.eval()
     chosen, rejected = get_all_logprobs(policy, pairs, args)
     out = calc_dpo_loss(chosen, rejected, *ref_logps, args.beta, args.loss_type,
                         args.label_smoothing)
     return {"loss": out.loss.item(), **calc_preference_metrics(out.chosen_rewards,
-                                                               out.rejected_rewards)}
+                                                               out.rejected_rewards),
+            "kl": get_response_kl(policy, reference, pairs, args)}
 
 
 def train_step(
@@ -193,11 +227,9 @@ def train_step(
 
 
 def get_reference_logprobs(
-    policy: HookedTransformer, splits: list[list[Preference]], args: DPOArgs
+    reference: HookedTransformer, splits: list[list[Preference]], args: DPOArgs
 ) -> list[tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]]:
-    """(chosen, rejected) log-probs of every pair of each split under a frozen copy of `policy`
-    as it is now; the copy is dropped on return."""
-    reference = ReferenceModel(policy, fast_path=args.fast_path).model
+    """(chosen, rejected) log-probs of every pair of each split under the reference."""
     return [get_all_logprobs(reference, pairs, args) for pairs in splits]
 
 
@@ -209,10 +241,13 @@ def train_dpo(
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     loss_fn: Callable[..., Tensor] | None = None,
+    saved: dict | None = None,
+    save: Callable[[dict], None] | None = None,
+    save_every: int = 20,
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
 
-    The reference log-probs of every pair are computed first (`get_reference_logprobs`).
+    The reference (a frozen copy of `policy` as given) scores every pair first, then the KL.
 
     Args:
         loss_fn: `(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -220,19 +255,55 @@ def train_dpo(
             learner's own); None: `calc_dpo_loss` with `args.loss_type` and
             `args.label_smoothing`. The logged implicit rewards and the held-out loss are
             `calc_dpo_loss`'s either way.
+        saved: a `get_dpo_state` to resume from (`policy` is still the starting policy, which
+            the reference copies; it gets the saved weights after).
+        save: called with `get_dpo_state` every `save_every` steps and after the last.
     """
-    ref_train, ref_heldout = get_reference_logprobs(policy, [train, heldout], args)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    freeze_absent_unembed_bias(policy)
+    reference = ReferenceModel(policy, fast_path=args.fast_path).model
+    ref_train, ref_heldout = get_reference_logprobs(reference, [train, heldout], args)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    history = load_dpo_state(policy, optimizer, saved) if saved is not None else []
+    total = args.epochs * -(-len(train) // args.batch_size)
+
+    def after_step(metrics: dict[str, float]):
+        history.append(metrics)
+        if on_step is not None:
+            on_step(metrics)
+        if save is not None and (len(history) % save_every == 0 or len(history) == total):
+            save(get_dpo_state(policy, optimizer, history))
+
     shuffler = random.Random(args.seed)
-    history = run_pair_epochs(
+    run_pair_epochs(
         len(train), (args.epochs, args.batch_size, args.eval_every),
         lambda: shuffler.sample(range(len(train)), len(train)),
         lambda rows: train_step(policy, optimizer, [train[i] for i in rows],
                                 (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
-        lambda: evaluate(policy, heldout, ref_heldout, args), "DPO", console, on_step,
+        lambda: evaluate(policy, reference, heldout, ref_heldout, args), "DPO", console,
+        after_step, start_step=len(history),
     )
     policy.eval()
     return history
+
+
+def get_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
+                  history: list[dict[str, float]]) -> dict:
+    """What continues a DPO run: the weights (under "model", named as in a PPO checkpoint, so
+    `minirlhf sample` and `export` read them alike), AdamW's state, and the metrics so far. The
+    shuffles need no state: they are drawn again from the seed."""
+    return {"model": {f"base_model.{name}": value for name, value in policy.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "history": list(history),
+            "phase": len(history), "global_step": len(history)}
+
+
+def load_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
+                   saved: dict) -> list[dict[str, float]]:
+    """Put a `get_dpo_state` back into `policy` and `optimizer`; returns its metrics so far."""
+    policy.load_state_dict({name.removeprefix("base_model."): value
+                            for name, value in saved["model"].items()})
+    optimizer.load_state_dict(saved["optimizer"])
+    return list(saved["history"])
 
 
 def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:

@@ -110,6 +110,14 @@ def freeze_trunk(model: HookedTransformer, trainable_layers: int | None) -> int:
     return n_frozen
 
 
+def freeze_absent_unembed_bias(model: HookedTransformer):
+    """Keep the unembedding's bias at zero where the model has none (TransformerLens gives GPT-2
+    and Llama models a zero `b_U`): training it would make a model that their architectures
+    cannot hold, so `minirlhf export` could not write it exactly."""
+    if not model.unembed.b_U.detach().any():
+        model.unembed.b_U.requires_grad_(False)
+
+
 def prepare_policy(
     model: HookedTransformer, trainable_layers: int | None = None, lora_rank: int = 0,
     lora_alpha: float = 16.0, lora_targets: str = ",".join(lora.LORA_TARGETS),
@@ -122,6 +130,7 @@ def prepare_policy(
         raise ValueError(f"trainable_layers is {trainable_layers} but the model has only "
                          f"{n_layers} blocks: give at most {n_layers}, or None to train all.")
     n_frozen = freeze_trunk(model, trainable_layers)
+    freeze_absent_unembed_bias(model)
     if lora_rank:
         targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
         lora.add_lora(model, lora_rank, lora_alpha, targets, list(range(n_frozen, n_layers)))

@@ -227,19 +227,27 @@ def run_pair_epochs(
     label: str,
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    start_step: int = 0,
 ) -> list[dict[str, float]]:
     """The loop of every trainer on preference pairs (the reward model's, DPO's): with
     `schedule = (epochs, batch_size, eval_every)`, `epochs` shuffled passes in minibatches of
     `batch_size` pair indices, `step_fn` on each, held-out metrics (`evaluate_fn`) every
-    `eval_every` steps and at the end, and a progress bar."""
+    `eval_every` steps and at the end, and a progress bar.
+
+    A resumed run gives `start_step`: the shuffles of the epochs before it are drawn again and
+    thrown away, so `shuffle` (seeded) gives each epoch the order it had, and the metrics of the
+    steps from `start_step` on are returned."""
     epochs, batch_size, eval_every = schedule
     steps_per_epoch = -(-num_pairs // batch_size)
     total = epochs * steps_per_epoch
     history: list[dict[str, float]] = []
+    for _ in range(start_step // steps_per_epoch):
+        shuffle()
+    order = shuffle() if start_step % steps_per_epoch else []
     progress = make_progress(label, console or Console())
-    task = progress.add_task("", total=total)
+    task = progress.add_task("", total=total, completed=start_step)
     with progress:
-        for step in range(total):
+        for step in range(start_step, total):
             if step % steps_per_epoch == 0:
                 order = shuffle()
             start = (step % steps_per_epoch) * batch_size

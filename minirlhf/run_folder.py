@@ -7,12 +7,14 @@ another run's files unless told to delete them; `resume_changes` sorts the flags
 `--resume` into those applied and those refused, and `resume_trainer` loads the checkpoint;
 `CheckpointKeeper` saves at phase boundaries, and after a crash or a signal saves the last
 boundary if no weight has moved since; `stop_on_sigterm` makes SIGTERM take Ctrl-C's path.
+`load_run_policy` reads a finished run's trained policy back (for `sample` and `export`).
 """
 
 import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -22,9 +24,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from transformer_lens import HookedTransformer
 
+from minirlhf import loading
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
+from minirlhf.lora import merge_lora
+from minirlhf.models import load_trained_state, prepare_policy
 from minirlhf.optim import get_lr_scale
 from minirlhf.preferences import read_preferences, split_preferences
 
@@ -137,6 +143,80 @@ def args_and_pairs(ns: argparse.Namespace, parser: argparse.ArgumentParser, cls:
     return args, train, heldout
 
 
+# ---- a finished run's policy ----
+
+@dataclasses.dataclass
+class RunPolicy:
+    """The trained policy of a run folder, and where it came from."""
+
+    policy: HookedTransformer
+    """The base model of run.json with the checkpoint's weights, in eval mode."""
+    run: dict
+    """The run's run.json."""
+    phase: int
+    """The phase (PPO) or step (DPO) the checkpoint was saved at."""
+    note: str | None
+    """Why the latest checkpoint was passed over for the previous one, if it was."""
+
+
+def load_run_policy(run_dir: Path, device="cpu") -> RunPolicy:
+    """The policy a `minirlhf train` or `minirlhf dpo` run trained, as a plain HookedTransformer:
+    a LoRA run's adapters merged into the weights, the value head left out.
+
+    Raises:
+        RunFolderError: `run_dir` holds no run.json.
+        CheckpointError: it holds no usable checkpoint.
+    """
+    if not (run_dir / "run.json").is_file():
+        raise RunFolderError(f"{run_dir} is not a run folder (no run.json): pass the --out of "
+                             "`minirlhf train` or `minirlhf dpo`.")
+    run = json.loads((run_dir / "run.json").read_text())
+    args = RLHFArgs.from_dict(run["args"])
+    checkpoint = load_checkpoint(run_dir, map_location=device)
+    policy = loading.load_policy(args.base_model, device)
+    # A LoRA run's checkpoint holds its adapters: the policy needs them before loading it.
+    prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
+                   args.lora_targets)
+    # The checkpoint holds a TransformerWithValueHead: the policy's weights under "base_model.".
+    prefix = "base_model."
+    # Frozen weights (a frozen trunk, LoRA's base) are not saved: the base model holds them.
+    load_trained_state(policy, {name.removeprefix(prefix): value
+                                for name, value in checkpoint.trainer["model"].items()
+                                if name.startswith(prefix)})
+    return RunPolicy(merge_lora(policy).eval(), run, checkpoint.trainer["phase"],
+                     checkpoint.note)
+
+
+@contextmanager
+def new_folder(out: Path, force: bool) -> Iterator[Path]:
+    """A scratch folder beside `out` to write into; when the block ends without an error it
+    becomes `out` (replacing, with `force`, the model folder there), otherwise it is deleted.
+
+    Raises:
+        RunFolderError: `out` is a file, or a non-empty folder without `force`, or (with `force`)
+            not a model folder: --force replaces only a folder holding config.json and files.
+    """
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"{out} is a file: pick a folder for --out.")
+    contents = list(out.iterdir()) if out.is_dir() else []
+    if contents and not force:
+        raise RunFolderError(f"{out} is not empty: pick another --out, or add --force to "
+                             "replace the model folder there.")
+    if contents and (not (out / "config.json").is_file() or any(p.is_dir() for p in contents)):
+        raise RunFolderError(f"{out} does not look like a model folder (config.json and files "
+                             "only), so --force leaves it alone: delete it yourself, or pick "
+                             "another --out.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        yield scratch
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 # ---- a new run never lands on an old one ----
 
 def claim_folder(folder: Path, command: str, force: bool) -> list[str]:
@@ -172,6 +252,9 @@ def describe_existing_run(folder: Path, found: list[str], command: str) -> str:
     files = ", ".join(found)
     force = "add --force to delete those files and start again"
     if any(name in found for name in PPO_FILES):
+        if command == "dpo":
+            return (f"{folder} already holds a run ({files}). Continue a DPO run with `minirlhf "
+                    f"dpo --out {folder} --resume`, pick another --out, or {force}.")
         if command != "train":
             return f"{folder} holds a PPO run ({files}): pick another --out, or {force}."
         restart = ("" if any(name.startswith("checkpoint") for name in found)

@@ -7,10 +7,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import cli
+from minirlhf import cli, dpo_training
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.dpo import calc_dpo_loss
-from minirlhf.dpo_training import DPOArgs, get_all_logprobs, tokenize_responses, train_dpo
+from minirlhf.dpo_training import (
+    DPOArgs,
+    get_all_logprobs,
+    get_response_kl,
+    tokenize_responses,
+    train_dpo,
+)
 from minirlhf.preferences import Preference, make_preferences, split_preferences
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.sampling import get_samples
@@ -26,6 +32,7 @@ class CharTokenizer:
     def __init__(self, gpt2_tokenizer):
         self.gpt2 = gpt2_tokenizer
         self.bos_token_id, self.pad_token_id = None, 0
+        self.padding_side = "right"  # read by HookedTransformer's forward on a token tensor
         self.eos_token_id = gpt2_tokenizer.eos_token_id
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
@@ -114,6 +121,40 @@ def test_get_all_logprobs_batches_like_one_call(char_model):
     torch.testing.assert_close(one, many)
 
 
+def naive_response_kl(policy, reference, pairs, reverse=False, with_prompt=False,
+                      per_sequence=False) -> float:
+    """KL(policy || reference) per response token, one response at a time, each next-token KL
+    from torch.distributions. The flags make the known-wrong variants: KL(reference || policy),
+    prompt positions counted too, a mean of per-sequence means."""
+    values = []
+    for prompt, response in [(p.prompt, r) for p in pairs for r in (p.chosen, p.rejected)]:
+        tokens = torch.tensor([[ord(c) - 33 for c in prompt + response]])
+        with torch.no_grad():
+            p, q = policy(tokens)[0, :-1], reference(tokens)[0, :-1]
+        if reverse:
+            p, q = q, p
+        kls = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                                torch.distributions.Categorical(logits=q))
+        kls = kls if with_prompt else kls[len(prompt) - 1 :]  # positions predicting the response
+        values.append(kls.mean().reshape(1) if per_sequence else kls)
+    return torch.cat(values).mean().item()
+
+
+def test_response_kl_is_the_exact_kl_per_response_token(char_model, make_printable_model):
+    reference = make_printable_model(seed=0)
+    with torch.no_grad():
+        for param in char_model.parameters():
+            param.add_(torch.randn_like(param) * 0.3)  # far enough for KL to be asymmetric
+    pairs = [Preference("AB", ".x.", "y"), Preference("C", "zz", "q.q.q")]
+    args = DPOArgs(prepend_bos=False, batch_size=1)
+    kl = get_response_kl(char_model, reference, pairs, args)
+    assert kl == pytest.approx(naive_response_kl(char_model, reference, pairs), rel=1e-4)
+    for wrong in [dict(reverse=True), dict(with_prompt=True), dict(per_sequence=True)]:
+        assert kl != pytest.approx(naive_response_kl(char_model, reference, pairs, **wrong),
+                                   rel=1e-2), wrong
+    assert get_response_kl(char_model, char_model, pairs, args) == 0.0
+
+
 @pytest.mark.parametrize("bad, message", [({"beta": 0.0}, "beta"),
                                           ({"label_smoothing": 0.5}, "label_smoothing"),
                                           ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid"),
@@ -183,3 +224,93 @@ def test_the_loss_given_drives_the_training(make_printable_model):
                             loss_fn=loss_fn)
         margins[swap] = history[-1]["heldout/margin"]
     assert margins[False] > 0 > margins[True], margins
+
+
+RESUMABLE = ["--base-model", "tiny", "--epochs", "2", "--batch-size", "2", "--eval-every", "3",
+             "--lr", "1e-3", "--checkpoint-every", "3", "--judge", "char_count"]
+"""8 train pairs in steps of 2: 4 steps an epoch, 8 in all; checkpoints after steps 3, 6, 8."""
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight_dpo(tmp_path_factory):
+    """One uninterrupted DPO run, and its preference file."""
+    folder = tmp_path_factory.mktemp("dpo")
+    write_prefs(folder / "prefs.jsonl")
+    cli.main(["dpo", "--data", str(folder / "prefs.jsonl"), "--out", str(folder / "run"),
+              *RESUMABLE])
+    return folder
+
+
+def interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=None):
+    """Run the same command, stopped (as by Ctrl-C) in step 5, mid-epoch; then --resume it."""
+    real_step, calls = dpo_training.train_step, []
+
+    def stop_in_fifth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(dpo_training, "train_step", stop_in_fifth_step)
+        with pytest.raises(KeyboardInterrupt):
+            cli.main(["dpo", "--data", str(straight_dpo / "prefs.jsonl"), "--out", str(out),
+                      *RESUMABLE])
+    assert load_checkpoint(out).trainer["phase"] == 3  # steps 4 and 5 are run again
+    with monkeypatch.context() as patch:
+        if load_dpo_state is not None:
+            patch.setattr(dpo_training, "load_dpo_state", load_dpo_state)
+        cli.main(["dpo", "--out", str(out), "--resume"])
+
+
+def test_a_resumed_dpo_run_equals_an_uninterrupted_one(straight_dpo, tmp_path, monkeypatch):
+    out = tmp_path / "resumed"
+    interrupt_and_resume(straight_dpo, out, monkeypatch)
+    straight = straight_dpo / "run"
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(straight / "metrics.jsonl")
+    resumed, uninterrupted = load_checkpoint(out).trainer, load_checkpoint(straight).trainer
+    assert resumed["phase"] == uninterrupted["phase"] == 8
+    for name, weight in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][name], weight), name
+
+
+def test_resuming_without_the_optimizer_state_would_diverge(straight_dpo, tmp_path,
+                                                            monkeypatch):
+    """The check above can fail: a resume that restores the weights but not AdamW's moments."""
+    def weights_only(policy, optimizer, saved):
+        policy.load_state_dict({name.removeprefix("base_model."): value
+                                for name, value in saved["model"].items()})
+        return list(saved["history"])
+
+    out = tmp_path / "resumed"
+    interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=weights_only)
+    resumed, straight = read_jsonl(out / "metrics.jsonl"), read_jsonl(straight_dpo / "run" /
+                                                                      "metrics.jsonl")
+    assert resumed[:3] == straight[:3] and resumed[3:] != straight[3:]
+
+
+def test_dpo_resume_refuses_changed_flags_and_other_folders(straight_dpo, tmp_path, capsys):
+    run = str(straight_dpo / "run")
+    for command in (["--out", run, "--resume", "--lr", "1"],
+                    ["--out", run, "--resume", "--force"],
+                    ["--out", str(tmp_path), "--resume"]):
+        with pytest.raises(SystemExit):
+            cli.main(["dpo", *command])
+    errors = capsys.readouterr().err
+    assert "drop --lr" in errors and "give one of them" in errors
+    assert "earlier `minirlhf dpo`" in errors
+    cli.main(["dpo", "--out", run, "--resume"])  # a finished run: nothing to do
+    assert "Nothing to do" in capsys.readouterr().out
+    # A preference file edited since the run started is refused (its SHA-256 is in run.json).
+    config = json.loads((straight_dpo / "run" / "run.json").read_text())
+    edited = tmp_path / "prefs.jsonl"
+    edited.write_text((straight_dpo / "prefs.jsonl").read_text().replace("cat", "dog"))
+    config["dpo"]["data"] = str(edited)
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        cli.main(["dpo", "--out", str(tmp_path), "--resume"])
+    assert "has changed since the run started" in capsys.readouterr().err
