@@ -246,7 +246,6 @@ def train_dpo(
     save_every: int = 20,
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
-
     The reference (a frozen copy of `policy` as given) scores every pair first, then the KL.
 
     Args:
@@ -259,11 +258,9 @@ def train_dpo(
             the reference copies; it gets the saved weights after).
         save: called with `get_dpo_state` every `save_every` steps and after the last.
     """
-    freeze_absent_unembed_bias(policy)
+    optimizer = get_dpo_optimizer(policy, args)
     reference = ReferenceModel(policy, fast_path=args.fast_path).model
     ref_train, ref_heldout = get_reference_logprobs(reference, [train, heldout], args)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad],
-                                  lr=args.lr, weight_decay=args.weight_decay)
     history = load_dpo_state(policy, optimizer, saved) if saved is not None else []
     total = args.epochs * -(-len(train) // args.batch_size)
 
@@ -285,6 +282,14 @@ def train_dpo(
     )
     policy.eval()
     return history
+
+
+def get_dpo_optimizer(policy: HookedTransformer, args: DPOArgs) -> torch.optim.AdamW:
+    """AdamW over every weight of the policy but an unembedding bias the model does not have
+    (kept at zero, so the policy still exports exactly)."""
+    freeze_absent_unembed_bias(policy)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
 
 
 def get_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
