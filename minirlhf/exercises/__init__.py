@@ -10,7 +10,8 @@ my_solutions.py` runs every check whose function a Python file defines.
 Stages, in pipeline order (notebooks 1 to 4, then 6): the value head and the sampler; the
 char-count reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches,
 log-probs, the four objective terms and their signs; the optimiser, the LR schedule and one
-learning phase; the reward model's last-token index and pairwise loss.
+learning phase; the reward model's last-token index and pairwise loss; a LoRA adapter, attaching
+it to a model, and the reference with it off (notebook 9).
 
 When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
 raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
@@ -24,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from minirlhf.exercises import (
+    lora,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -31,6 +33,7 @@ from minirlhf.exercises import (
     rewards_and_advantages,
 )
 from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
+from minirlhf.exercises.lora import check_attach_lora, check_get_ref_logits, check_lora
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
 from minirlhf.exercises.objective import (
@@ -78,6 +81,9 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "learning_phase": check_learning_phase,
     "get_last_token_index": check_get_last_token_index,
     "calc_pairwise_loss": check_calc_pairwise_loss,
+    "Lora": check_lora,
+    "attach_lora": check_attach_lora,
+    "get_ref_logits": check_get_ref_logits,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -120,6 +126,8 @@ def get_reference(name: str) -> Any:
         from minirlhf.exercises.model_and_sampling import reference_get_samples
 
         return reference_get_samples
+    if name in lora.REFERENCES:
+        return lora.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     return getattr(minirlhf, name)
@@ -167,6 +175,9 @@ __all__ = [
     "check_calc_pairwise_loss",
     "check_calc_rlhf_objective",
     "check_calc_value_function_loss",
+    "check_attach_lora",
+    "check_get_ref_logits",
+    "check_lora",
     "check_compute_advantages",
     "check_compute_gae",
     "check_file",
