@@ -55,7 +55,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises
-from minirlhf.lora import add_lora, adapters_off, merge_lora
+from minirlhf.lora import adapters_off, merge_lora
 from minirlhf.models import prepare_policy
 from minirlhf.rewards import reward_fn_char_count
 
@@ -289,8 +289,9 @@ runs = {"every weight trains": make_trainer(lora_rank=0, base_lr=1e-3),
 for name, trainer in runs.items():
     policy = trainer.model.base_model
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    print(f"{name}: {trained:,} of the transformer's {sum(p.numel() for p in policy.parameters()):,}"
-          f" parameters train; the reference is a copy: {trainer.reference.model is not policy}")
+    total = sum(p.numel() for p in policy.parameters())
+    print(f"{name}: {trained:,} of the transformer's {total:,} parameters train; the reference "
+          f"is a copy: {trainer.reference.model is not policy}")
     trainer.train()
 
 # %%
@@ -318,7 +319,8 @@ for name, trainer in runs.items():
 # %%
 lora_policy = runs["LoRA, rank 4"].model.base_model
 untrained = exercises.load_char_model(n_layers=1, d_model=32, n_heads=2, seed=0)
-tokens = torch.randint(0, untrained.cfg.d_vocab, (4, 12), generator=torch.Generator().manual_seed(1))
+gen = torch.Generator().manual_seed(1)
+tokens = torch.randint(0, untrained.cfg.d_vocab, (4, 12), generator=gen)
 with torch.no_grad():
     with adapters_off(lora_policy):
         reference = lora_policy(tokens)
