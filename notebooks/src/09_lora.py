@@ -147,8 +147,8 @@ exercises.check_lora(Lora)
 # %% [markdown]
 # ## Exercise 2: attach it to a model with hooks
 #
-# A `HookedTransformer`'s MLP computes `hook_mlp_out` $= W_\text{out}\,
-# \text{post} + b_\text{out}$, where `mlp.hook_post` holds the hidden activation (after the
+# A `HookedTransformer`'s MLP writes $W_\text{out}\,\text{post} + b_\text{out}$ to
+# `hook_mlp_out`, where `mlp.hook_post` holds the hidden activation "post" (after the
 # nonlinearity), the input of $W_\text{out}$. To put an adapter on $W_\text{out}$ of block `layer`,
 # without touching TransformerLens's code:
 #
