@@ -187,39 +187,40 @@ def replaced_logits(oracle: HookedTransformer, tokens: Tensor, layer: int, A: Te
     return functional_call(oracle, {name: weight + (scale * B @ A).T}, (tokens,))
 
 
+def _hooked_adapter(oracle: HookedTransformer, tokens: Tensor, A: Tensor, B: Tensor,
+                    scale: float, read: str, replace: bool) -> Tensor:
+    """The oracle's logits with an adapter hooked on W_out of block `layer` that reads
+    `mlp.hook_{read}` and adds its term to `hook_mlp_out` (or, with `replace`, returns the term
+    alone): how two usual wrong attachments compute."""
+    block, inputs = f"blocks.{ATTACH['layer']}", {}
+
+    def store(activation: Tensor, hook: Any) -> None:
+        inputs["x"] = activation
+
+    def add_term(mlp_out: Tensor, hook: Any) -> Tensor:
+        term = F.linear(F.linear(inputs["x"], A), B) * scale
+        return term if replace else mlp_out + term
+
+    return oracle.run_with_hooks(tokens, fwd_hooks=[(f"{block}.mlp.hook_{read}", store),
+                                                    (f"{block}.hook_mlp_out", add_term)])
+
+
 def _wrong_attachments(oracle: HookedTransformer, tokens: Tensor, A: Tensor, B: Tensor,
                        scale: float) -> list[tuple[Tensor, str]]:
     """The logits of the usual wrong attachments, each with its hint."""
     layer = ATTACH["layer"]
-
-    def from_hook_pre(activation: Tensor, hook: Any) -> None:
-        captured["pre"] = activation
-
-    def add_to_out(activation: Tensor, hook: Any, replace: bool = False) -> Tensor:
-        term = F.linear(F.linear(captured.get("pre", captured.get("post")), A), B) * scale
-        return term if replace else activation + term
-
-    def capture_post(activation: Tensor, hook: Any) -> None:
-        captured["post"] = activation
-
-    captured: dict[str, Tensor] = {}
-    out = f"blocks.{layer}.hook_mlp_out"
     with torch.no_grad():
-        pre = oracle.run_with_hooks(tokens, fwd_hooks=[
-            (f"blocks.{layer}.mlp.hook_pre", from_hook_pre), (out, add_to_out)])
-        captured.clear()
-        replaced = oracle.run_with_hooks(tokens, fwd_hooks=[
-            (f"blocks.{layer}.mlp.hook_post", capture_post),
-            (out, lambda a, hook: add_to_out(a, hook, replace=True))])
         return [
             (oracle(tokens), "the adapter changes nothing: hook f'blocks.{layer}.hook_mlp_out' and "
              "return activation + term (a hook that returns None leaves the activation as it is)."),
             (replaced_logits(oracle, tokens, 0, A, B, scale), "the adapter sits in block 0: use "
              "the `layer` argument in the hook names."),
-            (pre, "the adapter read mlp.hook_pre, before the activation function; W_out's input "
-             "is the MLP's hidden activation after it, mlp.hook_post."),
-            (replaced, "the hook returned the adapter's term alone, which replaced the MLP's "
-             "output: return activation + term."),
+            (_hooked_adapter(oracle, tokens, A, B, scale, read="pre", replace=False), "the adapter "
+             "read mlp.hook_pre, before the activation function; W_out's input is the MLP's "
+             "hidden activation after it, mlp.hook_post."),
+            (_hooked_adapter(oracle, tokens, A, B, scale, read="post", replace=True), "the hook "
+             "returned the adapter's term alone, which replaced the MLP's output: return "
+             "activation + term."),
             (replaced_logits(oracle, tokens, layer, A, B, 1.0), "the scale alpha / rank is "
              "missing (is your Lora's forward right? Exercise 1's check says)."),
         ]
