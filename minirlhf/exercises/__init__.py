@@ -7,12 +7,13 @@ recognises it, the mistake you most likely made. The notebooks in `notebooks/` c
 each exercise; `pytest tests --impl=my_solutions.py` or `python -m minirlhf.exercises
 my_solutions.py` runs every check whose function a Python file defines.
 
-Stages, in pipeline order (notebooks 1 to 4, then 6 to 8): the value head and the sampler; the
+Stages, in pipeline order (notebooks 1 to 4, then 6 to 9): the value head and the sampler; the
 char-count reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches,
 log-probs, the four objective terms and their signs; the optimiser, the LR schedule and one
 learning phase; the reward model's last-token index and pairwise loss; the critic-free
 advantages (GRPO, Dr. GRPO, RLOO) and the sampled KL estimators k1, k2, k3; DPO's sequence
-log-probs and its loss (with IPO's).
+log-probs and its loss (with IPO's); a LoRA adapter, attaching it to a model, and the reference
+with it off (notebook 9).
 
 When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
 raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
@@ -28,6 +29,7 @@ from typing import Any
 from minirlhf.exercises import (
     critic_free,
     dpo,
+    lora,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -43,6 +45,7 @@ from minirlhf.exercises.critic_free import (
     check_compute_rloo_advantages,
 )
 from minirlhf.exercises.dpo import check_calc_dpo_loss, check_get_sequence_logprobs
+from minirlhf.exercises.lora import check_attach_lora, check_get_ref_logits, check_lora
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
 from minirlhf.exercises.objective import (
@@ -97,6 +100,9 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "calc_kl_k3": check_calc_kl_k3,
     "get_sequence_logprobs": check_get_sequence_logprobs,
     "calc_dpo_loss": check_calc_dpo_loss,
+    "Lora": check_lora,
+    "attach_lora": check_attach_lora,
+    "get_ref_logits": check_get_ref_logits,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -147,6 +153,8 @@ def get_reference(name: str) -> Any:
         from minirlhf.exercises.model_and_sampling import reference_get_samples
 
         return reference_get_samples
+    if name in lora.REFERENCES:
+        return lora.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards
@@ -203,6 +211,9 @@ __all__ = [
     "check_calc_pairwise_loss",
     "check_calc_rlhf_objective",
     "check_calc_value_function_loss",
+    "check_attach_lora",
+    "check_get_ref_logits",
+    "check_lora",
     "check_compute_advantages",
     "check_compute_gae",
     "check_compute_group_advantages",

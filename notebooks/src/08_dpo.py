@@ -300,23 +300,3 @@ for name, (_, policy) in runs.items():
 # The command line runs the same training on SmolLM2 with the pairs of notebook 6:
 # `minirlhf dpo --data prefs.jsonl --base-model smollm2 --out runs/dpo` (`--loss-type ipo`,
 # `--label-smoothing` for conservative DPO); `docs/dpo.md` has the results.
-
-# %% [markdown]
-# ## Bonus: where to go from here
-#
-# The end of the sequence. None of these has a check.
-#
-# 1. **Noisy labels.** Flip a fifth of the training pairs (swap chosen and rejected) and train
-#    again, then with `DPOArgs(label_smoothing=0.2)` (conservative DPO, which assumes that share
-#    of labels is wrong; the library's loss, so leave `loss_fn` out). Which keeps the held-out
-#    accuracy up?
-# 2. **$\beta$.** Train with $\beta$ = 0.03, 0.1 and 0.5, and plot the KL from the reference of
-#    what each samples (notebook 3's exact KL, on `get_samples`' texts). What does $\beta$ trade?
-# 3. **Mean instead of sum.** Give the chosen answers more letters than the rejected ones and
-#    train with a loss whose log-probs are averaged over the answer's tokens (the mistake the
-#    first check names). What does a summed log-prob prefer about length, and what does the mean?
-# 4. **DPO against PPO.** Train notebook 6's policy with DPO on notebook 6's preferences and
-#    compare the judge's digit count with PPO's against the reward model.
-# 5. **No groups at all.** REINFORCE++ (`advantage_estimator="reinforce_pp"`, `kl_in="reward"`)
-#    puts the KL into the per-token reward and takes one baseline over the batch. Run it on
-#    notebook 7's generous judge: does a batch-wide baseline fail here as it did there?
