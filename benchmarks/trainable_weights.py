@@ -9,7 +9,7 @@ phase and read against the RSS at that moment), the mean VADER per phase, the fi
 mean reached the target, and samples from the last phase.
 
     python benchmarks/trainable_weights.py                          # every variant, 25 phases
-    python benchmarks/trainable_weights.py --variants full trunk6 --phases 4
+    python benchmarks/trainable_weights.py --phases 4 --out benchmarks/results/trainable_weights/timing
     python benchmarks/trainable_weights.py --report                 # the table of saved runs
 
 Times are only comparable between variants measured on a quiet machine in one invocation; the
@@ -86,8 +86,8 @@ def run_variant(ns: argparse.Namespace):
               "phase_peak_over_start_mib": (peak - start_rss) / 1024 if start_rss else None,
               "phases": phases, "last_samples": rollout.samples[:4],
               "load_average": Path("/proc/loadavg").read_text().split()[:3]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{ns.child}.json").write_text(json.dumps(result, indent=1))
+    ns.out.mkdir(parents=True, exist_ok=True)
+    (ns.out / f"{ns.child}.json").write_text(json.dumps(result, indent=1))
 
 
 def first_phase_reaching(rewards: list[float], target: float, window: int = 3) -> int | None:
@@ -98,7 +98,7 @@ def first_phase_reaching(rewards: list[float], target: float, window: int = 3) -
     return None
 
 
-def report(variants: list[str], target: float):
+def report(variants: list[str], target: float, folder: Path):
     """The side-by-side table of the saved runs."""
     from rich.console import Console
     from rich.table import Table
@@ -108,8 +108,8 @@ def report(variants: list[str], target: float):
                   "phase s", "vs full", "peak MiB", "learning peak MiB",
                   f"mean VADER: first / last 3 / phase reaching {target} (mean of 3)",
                   title="What to train (median phase time over phases 2..; fresh process each)")
-    rows = {v: json.loads((RESULTS / f"{v}.json").read_text()) for v in variants
-            if (RESULTS / f"{v}.json").exists()}
+    rows = {v: json.loads((folder / f"{v}.json").read_text()) for v in variants
+            if (folder / f"{v}.json").exists()}
     full_time = None
     if "full" in rows:
         full_time = statistics.median(p["charts/phase_time"] for p in rows["full"]["phases"][1:])
@@ -133,11 +133,13 @@ def report(variants: list[str], target: float):
 
 
 def describe_machine() -> str:
+    import torch
+
     from minirlhf.device import pick_precision
 
     model = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
                            text=True).stdout.split(":")[-1].strip()
-    fast = pick_precision("auto", "cpu") == "bf16"
+    fast = pick_precision("auto", torch.device("cpu")) == "bf16"
     return f"CPU: {model}; bf16 {'fast (AVX512-BF16/AMX)' if fast else 'slow (no AVX512-BF16)'}"
 
 
@@ -149,6 +151,8 @@ def main():
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--target", type=float, default=0.9)
     parser.add_argument("--report", action="store_true", help="only print the saved runs")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="folder of the runs' JSON (e.g. a separate one for timing runs)")
     parser.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.child:
@@ -157,10 +161,10 @@ def main():
     if not ns.report:
         for variant in ns.variants:
             command = [sys.executable, __file__, "--child", variant, "--phases", str(ns.phases),
-                       "--precision", ns.precision]
+                       "--precision", ns.precision, "--out", str(ns.out)]
             command += ["--threads", str(ns.threads)] if ns.threads else []
             subprocess.run(command, check=True)
-    report(ns.variants, ns.target)
+    report(ns.variants, ns.target, ns.out)
 
 
 if __name__ == "__main__":
