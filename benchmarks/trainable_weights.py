@@ -9,7 +9,7 @@ phase and read against the RSS at that moment), the mean VADER per phase, the fi
 mean reached the target, and samples from the last phase.
 
     python benchmarks/trainable_weights.py                          # every variant, 25 phases
-    python benchmarks/trainable_weights.py --phases 4 --out benchmarks/results/trainable_weights/timing
+    python benchmarks/trainable_weights.py --phases 4 --out /tmp/timing      # times only
     python benchmarks/trainable_weights.py --report                 # the table of saved runs
 
 Times are only comparable between variants measured on a quiet machine in one invocation; the
