@@ -27,17 +27,20 @@ import sys
 import time
 from pathlib import Path
 
+FULL = {"trainable_layers": None, "lora_rank": 0, "base_lr": 1e-4}
+"""Every weight trains: the preset as it was before it adopted LoRA on a frozen trunk."""
 VARIANTS: dict[str, dict] = {
-    "full": {},
-    "lora8": {"lora_rank": 8, "lora_alpha": 16.0, "base_lr": 1e-3},
-    "lora32": {"lora_rank": 32, "lora_alpha": 64.0, "base_lr": 1e-3},
-    "trunk4": {"trainable_layers": 4, "base_lr": 2e-4},
-    "trunk6": {"trainable_layers": 6, "base_lr": 2e-4},
-    "trunk8-lora16": {"trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0,
+    "full": FULL,
+    "lora8": {**FULL, "lora_rank": 8, "lora_alpha": 16.0, "base_lr": 1e-3},
+    "lora32": {**FULL, "lora_rank": 32, "lora_alpha": 64.0, "base_lr": 1e-3},
+    "trunk4": {**FULL, "trainable_layers": 4, "base_lr": 2e-4},
+    "trunk6": {**FULL, "trainable_layers": 6, "base_lr": 2e-4},
+    "trunk8-lora16": {**FULL, "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0,
                       "base_lr": 1e-3},
 }
-"""Each variant's RLHFArgs changes to the preset. LoRA's adapters start at B = 0 and take a
-larger learning rate than full fine-tuning (their updates are scaled by alpha / rank)."""
+"""Each variant's RLHFArgs changes to the `smollm2-vader` preset (whose own settings are
+trunk8-lora16's). LoRA's adapters start at B = 0 and take a larger learning rate than full
+fine-tuning (their updates are scaled by alpha / rank)."""
 PARTS = ["charts/sample_time", "charts/forward_time", "charts/learning_time",
          "charts/phase_time"]
 RESULTS = Path("benchmarks/results/trainable_weights")

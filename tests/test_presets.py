@@ -21,10 +21,11 @@ def test_the_offline_preset_is_what_it_was():
     so a change to the base or to an RLHFArgs default cannot move the README's run silently."""
     expected = dict(
         base_model="smollm2", prefix="This movie was", total_phases=25, batch_size=32,
-        num_minibatches=4, batches_per_learning_phase=2, gen_len=20, base_lr=1e-4,
+        num_minibatches=4, batches_per_learning_phase=2, gen_len=20, base_lr=1e-3,
         head_lr=5e-4, warmup_steps=2, final_scale=0.8, kl_coef=0.05, vf_coef=0.15,
         ent_coef=0.001, advantage_estimator="gae", gamma=1.0, gae_lambda=1.0,
         temperature=1.0, top_k=None, prepend_bos=True, precision="auto",
+        trainable_layers=8, lora_rank=16, lora_alpha=32.0,
     )
     assert DEFAULT_PRESET == "smollm2-vader"
     args = RLHFArgs(**PRESETS["smollm2-vader"]["args"])
