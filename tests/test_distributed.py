@@ -1,0 +1,217 @@
+"""Data-parallel training (minirlhf.distributed): two CPU processes over gloo give the weights and
+metrics of one process trained on the same global batch.
+
+The oracle is the one-process trainer, whose every stage the rest of the suite checks against
+naive loops and hand-worked numbers. "The same global batch": each process of a data-parallel run
+samples with its own random stream, so the processes here get their rows of one fixed batch in
+place of sampling (process r: rows r * B / 2 ..), and the one-process run gets the whole of it.
+With one minibatch per pass the global minibatch is the whole batch in both runs, so the runs
+must agree to rounding; with several, the minibatches of one and of two processes are different
+(each process shuffles its own rows), which docs/distributed.md describes.
+
+Each check is also run against a known-wrong data-parallel trainer (gradients not averaged;
+rewards normalised and advantages whitened per process; only process 0's random states in the
+checkpoint) and must fail there.
+"""
+
+import socket
+from contextlib import ExitStack
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from rich.console import Console
+
+from minirlhf import distributed
+from minirlhf.args import RLHFArgs
+from minirlhf.exercises.core import load_char_model
+from minirlhf.sampling import Samples, get_samples
+from minirlhf.trainer import RLHFTrainer
+
+ARGS = dict(total_phases=3, batch_size=8, num_minibatches=1, batches_per_learning_phase=2,
+            gen_len=6, warmup_steps=0, base_lr=3e-3, head_lr=3e-3, kl_coef=0.05, prefix="A",
+            prepend_bos=False, device="cpu", advantage_estimator="gae")
+"""Tiny and fast: 8 samples of 6 tokens, 2 optimiser steps a phase."""
+
+
+def reward_fn_char_codes(samples: list[str]) -> list[float]:
+    """A deterministic reward that varies a lot between random samples (the sum of the character
+    codes modulo 7), so the normalised rewards and advantages are far from zero."""
+    return [float(sum(map(ord, sample)) % 7) for sample in samples]
+
+
+def get_fixed_batch(args: RLHFArgs) -> Samples:
+    """The global batch every run of the equality test trains on (seeded, so every process makes
+    the same one)."""
+    return get_samples(load_char_model(), args.prefix, args.batch_size, args.gen_len,
+                       prepend_bos=False, seed=0)
+
+
+def serve_rows(batch: Samples):
+    """A stand-in for `get_samples` that gives this process its rows of `batch`."""
+
+    def sample(model, prompts, batch_size, *args, **kwargs) -> Samples:
+        share = len(batch.samples) // distributed.get_world_size()
+        assert batch_size == share, "the trainer asked for another share"
+        rows = slice(distributed.get_rank() * share, (distributed.get_rank() + 1) * share)
+        return Samples(batch.sample_ids[rows], batch.samples[rows], batch.attention_mask[rows],
+                       batch.prefix_len)
+
+    return sample
+
+
+# ---- known-wrong data-parallel trainers ----
+
+def patch_no_gradient_averaging() -> list:
+    """Each process steps on its own share's gradient."""
+    return [mock.patch.object(distributed, "average_gradients", lambda parameters: None)]
+
+
+def patch_per_process_statistics() -> list:
+    """Reward normalisation, advantages, whitening and metrics over this process's rows only."""
+    return [mock.patch.object(distributed, "gather_rows", lambda rows: rows),
+            mock.patch.object(distributed, "local_rows", lambda n: slice(0, n)),
+            mock.patch.object(distributed, "global_moments", lambda values: None)]
+
+
+def patch_main_process_rng_only() -> list:
+    """Every process resumes process 0's random states, as if the checkpoint kept only those
+    (as a one-process checkpoint does)."""
+    return [mock.patch.object(distributed, "own_part", lambda saved: saved[0])]
+
+
+WRONG = {None: list, "no_grad_average": patch_no_gradient_averaging,
+         "per_process_stats": patch_per_process_statistics,
+         "main_rng_only": patch_main_process_rng_only}
+
+
+# ---- running processes ----
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_trainer() -> RLHFTrainer:
+    return RLHFTrainer(RLHFArgs(**ARGS), reward_fn_char_codes, base_model=load_char_model(),
+                       console=Console(quiet=True), table_every=0)
+
+
+def run_task(task: dict) -> dict:
+    """Train `task["phases"]` phases (after loading `task["load"]`, a state file, if given) and
+    return the weights, the metrics and the samples; after the first phase save the state to
+    `task["save"]` if given."""
+    with ExitStack() as patches:
+        for patch in WRONG[task.get("wrong")]():
+            patches.enter_context(patch)
+        if task.get("fixed_batch"):
+            batch = get_fixed_batch(RLHFArgs(**ARGS))
+            patches.enter_context(mock.patch("minirlhf.trainer.get_samples", serve_rows(batch)))
+        trainer = make_trainer()
+        if task.get("load"):
+            trainer.load_state_dict(torch.load(task["load"], weights_only=False))
+        samples = []
+        for phase in range(task["phases"]):
+            samples.append(trainer.train_one_phase().samples)
+            if phase == 0 and task.get("save"):
+                state = trainer.state_dict()  # every process: it gathers their random states
+                if distributed.is_main():
+                    torch.save(state, task["save"])
+    return {"weights": trainer.model.state_dict(), "history": trainer.history, "samples": samples}
+
+
+def worker(rank: int, world_size: int, port: int, task: dict, out: Path):
+    """One process of a data-parallel run, as torchrun would start it (its environment)."""
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with mock.patch.dict("os.environ", env):
+        try:
+            torch.save(run_task(task), out / f"rank{rank}.pt")
+        finally:
+            distributed.shutdown()
+
+
+def run_processes(task: dict, out: Path, world_size: int = 2) -> list[dict]:
+    """Run `task` in `world_size` fresh processes over gloo; each process's result."""
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(worker, args=(world_size, free_port(), task, out), nprocs=world_size,
+                       start_method="fork")
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+# ---- comparisons ----
+
+NOISE_ONLY = "attn.b_K"
+"""The key bias, whose true gradient is exactly 0: it adds q . b_K to every score of a query's
+row, which the softmax ignores. What backward computes for it is rounding noise (3e-9 here), and
+AdamW's first step, g / (|g| + eps), turns that noise into steps of +-lr whose sign depends on
+the order of the sums, so it differs between any two ways of summing; it is left out."""
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a
+               if a[name].numel() and not name.endswith(NOISE_ONLY))
+
+
+def metric_differences(a: dict, b: dict) -> dict[str, float]:
+    """The metrics that differ by more than rounding (times are each process's own)."""
+    assert a.keys() == b.keys()
+    return {key: abs(a[key] - b[key]) for key in a
+            if not key.endswith("_time") and abs(a[key] - b[key]) > 1e-5 * max(1, abs(a[key]))}
+
+
+@pytest.fixture(scope="module")
+def one_process_run() -> dict:
+    """The oracle: one process, the whole fixed batch."""
+    return run_task({"phases": 1, "fixed_batch": True})
+
+
+@pytest.mark.parametrize("wrong", [None, "no_grad_average", "per_process_stats"])
+def test_two_processes_train_like_one(one_process_run: dict, wrong: str | None,
+                                      tmp_path: Path):
+    ranks = run_processes({"phases": 1, "fixed_batch": True, "wrong": wrong}, tmp_path)
+    expected = one_process_run
+    weight_gap = max_weight_difference(ranks[0]["weights"], expected["weights"])
+    metric_gaps = metric_differences(ranks[0]["history"][0], expected["history"][0])
+    reward_gaps = {k: v for k, v in metric_gaps.items() if k.startswith("charts/reward")}
+    if wrong is None:
+        assert weight_gap < 1e-5, weight_gap
+        assert not metric_gaps, metric_gaps
+        assert max_weight_difference(ranks[1]["weights"], ranks[0]["weights"]) == 0
+        assert ranks[0]["samples"] == expected["samples"]  # both hold the global batch's texts
+    elif wrong == "no_grad_average":
+        assert weight_gap > 1e-4, "the check missed gradients that were not averaged"
+    else:
+        assert weight_gap > 1e-4 and reward_gaps, "the check missed per-process statistics"
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[list[dict], Path]:
+    """Two processes, two phases; the state after the first saved to a file."""
+    out = tmp_path_factory.mktemp("straight")
+    return run_processes({"phases": 2, "save": out / "state.pt"}, out), out / "state.pt"
+
+
+@pytest.mark.parametrize("wrong", [None, "main_rng_only"])
+def test_a_resumed_two_process_run_continues_the_same_curve(straight_run, wrong: str | None,
+                                                             tmp_path: Path):
+    straight, state = straight_run
+    resumed = run_processes({"phases": 1, "load": state, "wrong": wrong}, tmp_path)
+    weight_gap = max(max_weight_difference(resumed[rank]["weights"], straight[rank]["weights"])
+                     for rank in range(2))
+    metric_gaps = metric_differences(resumed[0]["history"][1], straight[0]["history"][1])
+    if wrong is None:
+        assert weight_gap == 0 and not metric_gaps, (weight_gap, metric_gaps)
+        texts = straight[0]["samples"][1]  # each process sampled its own rows: they differ
+        assert resumed[0]["samples"][0] == texts and texts[:4] != texts[4:]
+    else:
+        assert weight_gap > 1e-4 and metric_gaps, "the check missed the wrong random states"
+
+
+def test_a_checkpoint_of_two_processes_is_refused_by_one(straight_run):
+    trainer = make_trainer()
+    with pytest.raises(distributed.WorldSizeError, match="2 process.*--nproc-per-node 2"):
+        trainer.load_state_dict(torch.load(straight_run[1], weights_only=False))
