@@ -110,7 +110,7 @@ def local_rows(global_batch: int) -> slice:
 
 # ---- statistics over the global batch ----
 
-def gather_rows(rows: Float[Tensor, "batch *rest"]) -> Float[Tensor, "global_batch *rest"]:
+def gather_rows(rows: Float[Tensor, "batch ..."]) -> Float[Tensor, "global_batch ..."]:
     """Every process's rows, in process order (every process passes the same shape), so each
     process holds the global batch. One process: `rows` itself."""
     world_size = get_world_size()
@@ -131,7 +131,7 @@ def gather_objects(items: list) -> list:
 
 
 def global_moments(
-    values: Float[Tensor, "*shape"],
+    values: Float[Tensor, "*batch"],
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""]] | None:
     """The mean and population std of `values` joined over every process (each passes the same
     shape), in two passes as a one-process mean and std would be. One process: None, for "use
@@ -193,9 +193,11 @@ def broadcast_module(module: torch.nn.Module):
 
 # ---- checkpoints ----
 
-def per_process(state: dict) -> dict | list[dict]:
+def per_process(state: dict) -> dict | list:
     """What a checkpoint keeps of state that differs between processes (random streams): one
-    process's `state` as it is; with several, every process's, in process order."""
+    process's `state` as it is; with several, every process's, in process order. (A bare `list`
+    hint: a runtime checker that samples an item of a `list[dict]` draws from Python's random
+    stream, the very state being saved.)"""
     if get_world_size() == 1:
         return state
     parts = [None] * get_world_size()
@@ -203,7 +205,7 @@ def per_process(state: dict) -> dict | list[dict]:
     return parts
 
 
-def own_part(saved: dict | list[dict]) -> dict:
+def own_part(saved: dict | list) -> dict:
     """This process's part of what `per_process` saved."""
     return saved[get_rank()] if isinstance(saved, list) else saved
 

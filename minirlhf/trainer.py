@@ -175,9 +175,9 @@ class RLHFTrainer:
         args, times = self.args, {}
         with timed(times, "charts/sample_time"), self.autocast():
             samples = get_samples(self.model.base_model, self.get_phase_prompts(),
-                                  self.local_batch_size, args.gen_len, self.sampling, args.prepend_bos,
-                                  seed=self.sample_generator, fast_path=args.fast_path,
-                                  return_final_residual=True)
+                                  self.local_batch_size, args.gen_len, self.sampling,
+                                  args.prepend_bos, seed=self.sample_generator,
+                                  fast_path=args.fast_path, return_final_residual=True)
         with timed(times, "charts/reward_time"):
             rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
         with timed(times, "charts/forward_time"):

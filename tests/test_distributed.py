@@ -14,7 +14,11 @@ rewards normalised and advantages whitened per process; only process 0's random 
 checkpoint) and must fail there.
 """
 
+import json
+import os
 import socket
+import subprocess
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
@@ -215,3 +219,32 @@ def test_a_checkpoint_of_two_processes_is_refused_by_one(straight_run):
     trainer = make_trainer()
     with pytest.raises(distributed.WorldSizeError, match="2 process.*--nproc-per-node 2"):
         trainer.load_state_dict(torch.load(straight_run[1], weights_only=False))
+
+
+# ---- the command line under torchrun ----
+
+def torchrun_train(*flags: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "minirlhf", "train", *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow  # three launches of two processes (about 40 s on two cores)
+def test_torchrun_trains_resumes_and_refuses_another_process_count(tmp_path: Path):
+    out = tmp_path / "run"
+    flags = ["--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4",
+             "--num-minibatches", "1", "--gen-len", "6", "--device", "cpu", "--out", str(out)]
+    first = torchrun_train(*flags, "--total-phases", "2", "--checkpoint-every", "1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.count("minirlhf train") == 1, "only process 0 prints"
+    assert "2 processes, 2 of the 4 samples" in first.stdout
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["charts/phase"] for m in metrics] == [0, 1], "only process 0 writes the metrics"
+    resumed = torchrun_train("--out", str(out), "--resume", "--total-phases", "3")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["charts/phase"] for m in metrics] == [0, 1, 2]
+    alone = torchrun_train("--out", str(out), "--resume", "--total-phases", "4", nproc=1)
+    assert alone.returncode == 1
+    assert "saved by a run of 2 process(es), and this run has 1" in alone.stderr
