@@ -111,7 +111,8 @@ class RLHFTrainer:
         base_model: the policy to train; None loads `args.base_model`.
         prompts: one prompt per sample (length batch_size), e.g. control-token prompts;
             None draws from the `args.prompts` file if there is one, else repeats `args.prefix`.
-        console: where progress and tables go (a quiet `Console(quiet=True)` in tests).
+        console: where progress and tables go (a quiet `Console(quiet=True)` in tests; in
+            data-parallel training only process 0 prints, the others get a quiet one).
         table_every: print a table of samples every this many phases (0: never).
     """
 
@@ -163,7 +164,6 @@ class RLHFTrainer:
         self.global_step = 0
         """Optimiser steps taken so far (a checkpoint is consistent while this does not move)."""
         self.history: list[dict[str, float]] = []
-        # Process 0 alone prints.
         self.console = (console or Console()) if distributed.is_main() else Console(quiet=True)
         self.table_every = table_every
 

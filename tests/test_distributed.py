@@ -74,10 +74,14 @@ def patch_no_gradient_averaging() -> list:
 
 
 def patch_per_process_statistics() -> list:
-    """Reward normalisation, advantages, whitening and metrics over this process's rows only."""
+    """Reward normalisation, advantages and metrics over this process's rows only."""
     return [mock.patch.object(distributed, "gather_rows", lambda rows: rows),
-            mock.patch.object(distributed, "local_rows", lambda n: slice(0, n)),
-            mock.patch.object(distributed, "global_moments", lambda values: None)]
+            mock.patch.object(distributed, "local_rows", lambda n: slice(0, n))]
+
+
+def patch_per_process_whitening() -> list:
+    """Each minibatch's advantages whitened with this process's share's mean and std."""
+    return [mock.patch.object(distributed, "global_moments", lambda values: None)]
 
 
 def patch_main_process_rng_only() -> list:
@@ -88,6 +92,7 @@ def patch_main_process_rng_only() -> list:
 
 WRONG = {None: list, "no_grad_average": patch_no_gradient_averaging,
          "per_process_stats": patch_per_process_statistics,
+         "per_process_whitening": patch_per_process_whitening,
          "main_rng_only": patch_main_process_rng_only}
 
 
@@ -173,7 +178,8 @@ def one_process_run() -> dict:
     return run_task({"phases": 1, "fixed_batch": True})
 
 
-@pytest.mark.parametrize("wrong", [None, "no_grad_average", "per_process_stats"])
+@pytest.mark.parametrize("wrong", [None, "no_grad_average", "per_process_stats",
+                                   "per_process_whitening"])
 def test_two_processes_train_like_one(one_process_run: dict, wrong: str | None,
                                       tmp_path: Path):
     ranks = run_processes({"phases": 1, "fixed_batch": True, "wrong": wrong}, tmp_path)
@@ -186,10 +192,10 @@ def test_two_processes_train_like_one(one_process_run: dict, wrong: str | None,
         assert not metric_gaps, metric_gaps
         assert max_weight_difference(ranks[1]["weights"], ranks[0]["weights"]) == 0
         assert ranks[0]["samples"] == expected["samples"]  # both hold the global batch's texts
-    elif wrong == "no_grad_average":
-        assert weight_gap > 1e-4, "the check missed gradients that were not averaged"
-    else:
+    elif wrong == "per_process_stats":
         assert weight_gap > 1e-4 and reward_gaps, "the check missed per-process statistics"
+    else:
+        assert weight_gap > 1e-4, f"the check missed the wrong trainer ({wrong})"
 
 
 @pytest.fixture(scope="module")
