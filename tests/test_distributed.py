@@ -31,6 +31,7 @@ from rich.console import Console
 from minirlhf import distributed
 from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import load_char_model
+from minirlhf.losses import calc_clipped_surrogate_objective
 from minirlhf.sampling import Samples, get_samples
 from minirlhf.trainer import RLHFTrainer
 
@@ -254,3 +255,21 @@ def test_torchrun_trains_resumes_and_refuses_another_process_count(tmp_path: Pat
     alone = torchrun_train("--out", str(out), "--resume", "--total-phases", "4", nproc=1)
     assert alone.returncode == 1
     assert "saved by a run of 2 process(es), and this run has 1" in alone.stderr
+
+
+def test_whitening_with_the_global_moments_splits_the_objective_exactly():
+    """Two halves of a minibatch whitened with the whole's mean and std give, averaged, the
+    objective of the whole (the oracle: one call on all of it); with their own, they do not."""
+    generator = torch.Generator().manual_seed(0)
+    logprobs, old_logprobs = torch.randn(2, 8, 5, generator=generator) * 0.3
+    advantages = torch.randn(8, 5, generator=generator) * 2 + 1
+    whole = calc_clipped_surrogate_objective(logprobs, old_logprobs, advantages, 0.2)
+    moments = (advantages.mean(), advantages.std(correction=0))
+    halves = [calc_clipped_surrogate_objective(logprobs[rows], old_logprobs[rows],
+                                               advantages[rows], 0.2, moments=moments)
+              for rows in (slice(0, 4), slice(4, 8))]
+    assert torch.allclose((halves[0] + halves[1]) / 2, whole, atol=1e-6)
+    own = [calc_clipped_surrogate_objective(logprobs[rows], old_logprobs[rows],
+                                            advantages[rows], 0.2)
+           for rows in (slice(0, 4), slice(4, 8))]
+    assert not torch.allclose((own[0] + own[1]) / 2, whole, atol=1e-3)
