@@ -33,7 +33,7 @@ from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import load_char_model
 from minirlhf.losses import calc_clipped_surrogate_objective
 from minirlhf.sampling import Samples, get_samples
-from minirlhf.trainer import RLHFTrainer
+from minirlhf.trainer import RLHFTrainer, get_local_batch_size
 
 ARGS = dict(total_phases=3, batch_size=8, num_minibatches=1, batches_per_learning_phase=2,
             gen_len=6, warmup_steps=0, base_lr=3e-3, head_lr=3e-3, kl_coef=0.05, prefix="A",
@@ -273,3 +273,34 @@ def test_whitening_with_the_global_moments_splits_the_objective_exactly():
                                             advantages[rows], 0.2)
            for rows in (slice(0, 4), slice(4, 8))]
     assert not torch.allclose((own[0] + own[1]) / 2, whole, atol=1e-3)
+
+
+# ---- one process, and bad settings ----
+
+def test_one_process_creates_no_process_group(one_process_run):
+    assert not torch.distributed.is_initialized()
+    assert distributed.setup(torch.device("cpu")) == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("device, backend, message", [
+    ("cpu", "nccl", "NCCL moves CUDA tensors only"),
+    ("cpu", "mpi", "Unknown backend 'mpi'"),
+    ("meta", None, "CPU \\(gloo\\) or CUDA GPUs \\(NCCL\\), not on meta"),
+])
+def test_a_backend_that_cannot_work_is_refused(monkeypatch, device, backend, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=message):
+        distributed.setup(torch.device(device), backend)
+    assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=6, num_minibatches=2), "divisible by the number of processes \\(2\\) times"),
+    (dict(batch_size=12, num_minibatches=2, group_size=4, advantage_estimator="grpo"),
+     "6 rows, which must be whole groups of group_size \\(4\\)"),
+])
+def test_a_batch_that_does_not_split_says_why(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=2)
+    assert get_local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=1) > 0
