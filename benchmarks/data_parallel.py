@@ -12,7 +12,7 @@ machine may be shared) and the median is reported.
     python benchmarks/data_parallel.py --base-model smollm2 --batch-size 16 --gen-len 20
 
 Prints the CPU model (lscpu), whether bfloat16 is fast on it, and samples per second side by
-side; figures go to `benchmarks/results/data_parallel.json`.
+side; figures go to `benchmarks/results/data_parallel_<base model>.json`.
 """
 
 import argparse
@@ -37,7 +37,7 @@ from minirlhf.presets import PRESETS
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.trainer import RLHFTrainer
 
-RESULTS = Path(__file__).parent / "results" / "data_parallel.json"
+RESULTS = Path(__file__).parent / "results"
 
 
 def cpu_model() -> str:
@@ -107,7 +107,7 @@ def main():
         table.add_row(str(n), str(threads), f"{seconds:.3f}", f"{ns.batch_size / seconds:.1f}",
                       f"{best_one / seconds:.2f}x")
     Console().print(table)
-    RESULTS.write_text(json.dumps({
+    (RESULTS / f"data_parallel_{ns.base_model}.json").write_text(json.dumps({
         "cpu": cpu_model(), "cores": cores, "fast_bf16": has_fast_bf16(torch.device("cpu")),
         "options": options, "repeats": ns.repeats,
         "seconds_per_phase": {f"{n}x{threads}": t for (n, threads), t in times.items()},
