@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from minirlhf.lora import LORA_TARGETS
 from minirlhf.validation import (
     check_at_least,
     check_choice,
@@ -117,6 +118,20 @@ class RLHFArgs:
     prepend_bos: bool = True
     """Put the model's BOS token before the prompt."""
 
+    # --- what trains ---
+    trainable_layers: int | None = None
+    """Train only the top this many blocks (and the final norm): the blocks below, the embedding
+    and the unembedding are frozen, their output is computed once per phase and reused by every
+    learning step, and the reference model shares them. None: every weight trains."""
+    lora_rank: int = 0
+    """With a rank >= 1, train LoRA adapters (Hu et al. 2021) on `lora_targets` instead of the
+    weights themselves (only in the top `trainable_layers` blocks when that is set); the
+    reference model is the policy with its adapters off. 0: no LoRA."""
+    lora_alpha: float = 16.0
+    """LoRA's scale is lora_alpha / lora_rank."""
+    lora_targets: str = "q,k,v,o,in,gate,out"
+    """Comma-separated matrices that get adapters: attention q, k, v, o; MLP in, gate, out."""
+
     # --- speed and memory ---
     fast_path: bool = True
     """Sample and train on minirlhf's fast path (`minirlhf.fast_path`: the same logits, weights
@@ -163,6 +178,7 @@ class RLHFArgs:
         check_choice(self, "advantage_estimator")
         check_choice(self, "precision")
         self.check_critic_free()
+        self.check_trainable()
         self.minibatch_size = self.batch_size // self.num_minibatches
         self.prompts_per_phase = self.batch_size // self.group_size
 
@@ -189,6 +205,17 @@ class RLHFArgs:
         if self.kl_in == "reward" and self.advantage_estimator != "reinforce_pp":
             raise ValueError('kl_in="reward" puts the KL into the per-token reward, which only '
                              'advantage_estimator="reinforce_pp" reads; use kl_in="loss".')
+
+    def check_trainable(self):
+        """trainable_layers and the LoRA fields make sense."""
+        check_at_least(self, ["trainable_layers"], optional=True)
+        check_at_least(self, ["lora_rank"], minimum=0)
+        check_positive(self, ["lora_alpha"])
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        unknown = sorted(set(targets) - set(LORA_TARGETS))
+        if unknown or not targets:
+            raise ValueError(f"lora_targets {self.lora_targets!r}: unknown {unknown or 'none'}; "
+                             f"give a comma-separated subset of {','.join(LORA_TARGETS)}.")
 
     def to_dict(self) -> dict:
         """Every field, derived ones included, as plain JSON-serialisable data."""

@@ -35,7 +35,7 @@ from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, load_checkpoint
 from minirlhf.device import pick_device
 from minirlhf.dpo_run import add_dpo_parser, cmd_dpo
-from minirlhf.models import TransformerWithValueHead
+from minirlhf.models import TransformerWithValueHead, load_trained_state, prepare_policy
 from minirlhf.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.report import append_metrics, plot_metrics, plot_reward_model_metrics, print_summary
 from minirlhf.reward_training import RewardModelArgs
@@ -341,7 +341,10 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     checkpoint = load_checkpoint(ns.run, map_location=device)
     if checkpoint.note:
         Console(stderr=True).print(f"[yellow]{checkpoint.note}", soft_wrap=True)
-    model = TransformerWithValueHead(loading.load_policy(args.base_model, device))
+    base_model = loading.load_policy(args.base_model, device)
+    prepare_policy(base_model, args.trainable_layers, args.lora_rank, args.lora_alpha,
+                   args.lora_targets)  # a LoRA run's checkpoint holds its adapters
+    model = TransformerWithValueHead(base_model)
     prompt = ns.prompt or args.prefix
     settings = dict(batch_size=ns.num_samples, gen_len=ns.gen_len or args.gen_len,
                     sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
@@ -349,7 +352,7 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     columns = {}
     if ns.compare:
         columns["before training"] = get_samples(model.base_model, prompt, **settings).samples
-    model.load_state_dict(checkpoint.trainer["model"])
+    load_trained_state(model, checkpoint.trainer["model"])
     columns[f"after {checkpoint.trainer['phase']} phases"] = get_samples(
         model.base_model, prompt, **settings).samples
     # Control-token rewards need the control token, which a free prompt may not have.

@@ -172,22 +172,23 @@ def evaluate(
 def train_step(
     policy: HookedTransformer, optimizer: torch.optim.Optimizer, mb_pairs: list[Preference],
     mb_ref_logps: tuple[Float[Tensor, " minibatch"], Float[Tensor, " minibatch"]],
-    args: DPOArgs,
+    args: DPOArgs, loss_fn: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
-    """One AdamW step on the DPO loss of a minibatch of pairs."""
+    """One AdamW step on the DPO loss (or `loss_fn`'s, see `train_dpo`) of a minibatch of pairs."""
     policy.train()
     chosen, rejected = get_pair_logprobs(policy, mb_pairs, args)
     out = calc_dpo_loss(chosen, rejected, *mb_ref_logps, args.beta, args.loss_type,
                         args.label_smoothing)
-    if not torch.isfinite(out.loss):  # stop before the step writes NaN into every weight
-        raise FloatingPointError(f"The DPO loss is {out.loss.item()} on a minibatch of "
+    loss = out.loss if loss_fn is None else loss_fn(chosen, rejected, *mb_ref_logps, args.beta)
+    if not torch.isfinite(loss):  # stop before the step writes NaN into every weight
+        raise FloatingPointError(f"The DPO loss is {loss.item()} on a minibatch of "
                                  f"{len(mb_pairs)} pairs: lower --lr.")
     optimizer.zero_grad()
-    out.loss.backward()
+    loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
     optimizer.step()
     metrics = calc_preference_metrics(out.chosen_rewards, out.rejected_rewards)
-    return {"train/loss": out.loss.item(), **{f"train/{k}": v for k, v in metrics.items()},
+    return {"train/loss": loss.item(), **{f"train/{k}": v for k, v in metrics.items()},
             "train/grad_norm": grad_norm.item()}
 
 
@@ -207,10 +208,18 @@ def train_dpo(
     args: DPOArgs,
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    loss_fn: Callable[..., Tensor] | None = None,
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
 
     The reference log-probs of every pair are computed first (`get_reference_logprobs`).
+
+    Args:
+        loss_fn: `(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+            ref_rejected_logps, beta) -> loss`, what each step minimises (notebook 8 passes the
+            learner's own); None: `calc_dpo_loss` with `args.loss_type` and
+            `args.label_smoothing`. The logged implicit rewards and the held-out loss are
+            `calc_dpo_loss`'s either way.
     """
     ref_train, ref_heldout = get_reference_logprobs(policy, [train, heldout], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -219,7 +228,7 @@ def train_dpo(
         len(train), (args.epochs, args.batch_size, args.eval_every),
         lambda: shuffler.sample(range(len(train)), len(train)),
         lambda rows: train_step(policy, optimizer, [train[i] for i in rows],
-                                (ref_train[0][rows], ref_train[1][rows]), args),
+                                (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
         lambda: evaluate(policy, heldout, ref_heldout, args), "DPO", console, on_step,
     )
     policy.eval()

@@ -32,6 +32,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from minirlhf.lora import LORA_HOOKS, LoraAdapters, get_adapters
+
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -42,12 +44,18 @@ _ACTIVATIONS = {
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 KeyValues = Float[Tensor, "batch kv_head max_len d_head"]
 """One layer's cached keys (or values), preallocated for `max_len` positions."""
+LowRank = tuple[Float[Tensor, "rank d_in"], Float[Tensor, "d_out rank"]]
+"""A LoRA term in `F.linear` layout: x -> (x @ down.T) @ up.T, the scale folded into `up`."""
 
 
 def has_hooks(model: HookedTransformer) -> bool:
-    """Whether any hook is attached to the model's hook points (`model.add_hook(...)`)."""
-    return any(point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
-               for point in model.hook_dict.values())
+    """Whether a user's hook is attached to the model's hook points (`model.add_hook(...)`).
+    LoRA's own hooks (`minirlhf.lora`) do not count: the fast path computes their adapters."""
+    for point in model.hook_dict.values():
+        own = sum(isinstance(handle.user_hook, LORA_HOOKS) for handle in point.fwd_hooks)
+        if len(point._forward_hooks) > own or point._forward_pre_hooks or point._backward_hooks:
+            return True
+    return False
 
 
 def unsupported_reason(model: HookedTransformer) -> str | None:
@@ -110,6 +118,9 @@ class LayerWeights:
     """A gated MLP's gate (None for a plain MLP)."""
     w_out: Float[Tensor, "d_model d_mlp"]
     b_out: Float[Tensor, " d_model"]
+    lora: dict[str, LowRank]
+    """LoRA terms added to the matrices "qkv", "o", "in", "gate", "out" (training; empty when
+    the adapters are merged into the matrices, off, or absent)."""
 
 
 @dataclass
@@ -128,7 +139,8 @@ class FastWeights:
 
     embed: Float[Tensor, "d_vocab d_model"]
     pos_embed: Float[Tensor, "n_ctx d_model"] | None
-    layers: list[LayerWeights]
+    layers: list[LayerWeights | None]
+    """Per block; None for the blocks below `get_fast_weights`'s `from_layer` (not laid out)."""
     output: OutputWeights
     rotary_cos: Float[Tensor, "rot_ctx rotary_dim"] | None
     rotary_sin: Float[Tensor, "rot_ctx rotary_dim"] | None
@@ -148,23 +160,53 @@ def _heads_to_linear(weight: Float[Tensor, "head d_model d_head"]) -> Float[Tens
     return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
 
 
-def _layer_weights(block, gated: bool) -> LayerWeights:
+def _layer_weights(block, gated: bool, adapters: LoraAdapters | None, layer: int) -> LayerWeights:
     attn, mlp = block.attn, block.mlp
     # Grouped-query attention keeps the unrepeated K and V heads in _W_K / _W_V.
-    w_k = getattr(attn, "_W_K", attn.W_K)
-    w_v = getattr(attn, "_W_V", attn.W_V)
+    matrices = {
+        "q": _heads_to_linear(attn.W_Q),
+        "k": _heads_to_linear(getattr(attn, "_W_K", attn.W_K)),
+        "v": _heads_to_linear(getattr(attn, "_W_V", attn.W_V)),
+        "o": attn.W_O.reshape(-1, attn.W_O.shape[-1]).T,  # x @ W_O without a copy
+        "in": mlp.W_in.T, "gate": mlp.W_gate.T if gated else None, "out": mlp.W_out.T,
+    }
+    matrices, lora = _apply_lora(matrices, adapters, layer)
     b_k = getattr(attn, "_b_K", attn.b_K)
     b_v = getattr(attn, "_b_V", attn.b_V)
-    w_qkv = torch.cat([_heads_to_linear(w) for w in (attn.W_Q, w_k, w_v)])
-    b_qkv = torch.cat([attn.b_Q.flatten(), b_k.flatten(), b_v.flatten()])
-    w_o = attn.W_O.reshape(-1, attn.W_O.shape[-1]).T  # x @ W_O without a copy
     return LayerWeights(
         ln1_w=getattr(block.ln1, "w", None), ln1_b=getattr(block.ln1, "b", None),
-        w_qkv=w_qkv, b_qkv=b_qkv, w_o=w_o, b_o=attn.b_O,
+        w_qkv=torch.cat([matrices["q"], matrices["k"], matrices["v"]]),
+        b_qkv=torch.cat([attn.b_Q.flatten(), b_k.flatten(), b_v.flatten()]),
+        w_o=matrices["o"], b_o=attn.b_O,
         ln2_w=getattr(block.ln2, "w", None), ln2_b=getattr(block.ln2, "b", None),
-        w_in=mlp.W_in.T, b_in=mlp.b_in, w_gate=mlp.W_gate.T if gated else None,
-        w_out=mlp.W_out.T, b_out=mlp.b_out,
+        w_in=matrices["in"], b_in=mlp.b_in, w_gate=matrices["gate"],
+        w_out=matrices["out"], b_out=mlp.b_out, lora=lora,
     )
+
+
+def _apply_lora(
+    matrices: dict[str, Tensor | None], adapters: LoraAdapters | None, layer: int
+) -> tuple[dict[str, Tensor | None], dict[str, LowRank]]:
+    """A layer's matrices with its adapters: merged into them (W + scale * B @ A) when no
+    gradient is wanted (sampling, evaluation), else kept apart as low-rank terms, whose
+    gradients are cheap. Adapters that are off (`lora.adapters_off`) or absent change nothing."""
+    if adapters is None or not adapters.enabled:
+        return matrices, {}
+    present = {t: a for t in matrices if (a := adapters.get(layer, t)) is not None}
+    if not torch.is_grad_enabled():
+        merged = {t: w + present[t].delta().to(w.dtype) if t in present else w
+                  for t, w in matrices.items()}
+        return merged, {}
+    lora = {t: (a.A, a.B * a.scale) for t, a in present.items() if t in ("o", "in", "gate", "out")}
+    if any(t in present for t in "qkv"):  # one term for the fused QKV matrix
+        downs, ups = [], []
+        for t in "qkv":
+            d_out, d_in = matrices[t].shape
+            a = present.get(t)
+            downs.append(a.A if a is not None else matrices[t].new_zeros(0, d_in))
+            ups.append(a.B * a.scale if a is not None else matrices[t].new_zeros(d_out, 0))
+        lora["qkv"] = (torch.cat(downs), torch.block_diag(*ups))
+    return matrices, lora
 
 
 def get_output_weights(model: HookedTransformer) -> OutputWeights:
@@ -177,9 +219,13 @@ def get_output_weights(model: HookedTransformer) -> OutputWeights:
     )
 
 
-def get_fast_weights(model: HookedTransformer) -> FastWeights:
+def get_fast_weights(model: HookedTransformer, from_layer: int = 0) -> FastWeights:
     """Lay out the model's weights for `forward` (differentiable: call it under `no_grad` to lay
-    them out once for many inference calls, or with gradients on for a training step)."""
+    them out once for many inference calls, or with gradients on for a training step).
+
+    LoRA adapters (`minirlhf.lora`) that are on are merged into the matrices under `no_grad` and
+    kept as low-rank terms otherwise. Blocks below `from_layer` are not laid out (for a forward
+    that starts from a cached residual stream there)."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise NotImplementedError(
@@ -188,11 +234,12 @@ def get_fast_weights(model: HookedTransformer) -> FastWeights:
         )
     cfg = model.cfg
     rotary = cfg.positional_embedding_type == "rotary"
-    attn = model.blocks[0].attn
+    attn, adapters = model.blocks[0].attn, get_adapters(model)
     return FastWeights(
         embed=model.embed.W_E,
         pos_embed=None if rotary else model.pos_embed.W_pos,
-        layers=[_layer_weights(block, cfg.gated_mlp) for block in model.blocks],
+        layers=[_layer_weights(block, cfg.gated_mlp, adapters, i) if i >= from_layer else None
+                for i, block in enumerate(model.blocks)],
         output=get_output_weights(model),
         rotary_cos=attn.rotary_cos if rotary else None,
         rotary_sin=attn.rotary_sin if rotary else None,
@@ -261,7 +308,7 @@ def _attention(
     """Multi-head (or grouped-query) causal self-attention; writes new keys/values to `cache`."""
     batch, pos, _ = x.shape
     h, kv, d = weights.n_heads, weights.n_kv_heads, weights.d_head
-    qkv = F.linear(x, layer.w_qkv, layer.b_qkv)
+    qkv = _linear(x, layer.w_qkv, layer.b_qkv, layer.lora.get("qkv"))
     q, k, v = qkv.split([h * d, kv * d, kv * d], dim=-1)
     q = q.view(batch, pos, h, d).transpose(1, 2)
     k = k.view(batch, pos, kv, d).transpose(1, 2)
@@ -278,18 +325,30 @@ def _attention(
         q, k, v, attn_mask=attn_mask, is_causal=causal,
         scale=1.0 / weights.attn_scale, enable_gqa=kv != h,
     )
-    return F.linear(z.transpose(1, 2).reshape(batch, pos, h * d), layer.w_o, layer.b_o)
+    return _linear(z.transpose(1, 2).reshape(batch, pos, h * d), layer.w_o, layer.b_o,
+                   layer.lora.get("o"))
+
+
+def _linear(
+    x: Float[Tensor, "*batch d_in"], weight: Float[Tensor, "d_out d_in"],
+    bias: Float[Tensor, " d_out"] | None, low_rank: LowRank | None = None,
+) -> Float[Tensor, "*batch d_out"]:
+    """F.linear, plus a LoRA term when there is one."""
+    out = F.linear(x, weight, bias)
+    return out if low_rank is None else out + F.linear(F.linear(x, low_rank[0]), low_rank[1])
 
 
 def _mlp(
     x: Float[Tensor, "batch new_seq d_model"], layer: LayerWeights, weights: FastWeights
 ) -> Float[Tensor, "batch new_seq d_model"]:
     act = _ACTIVATIONS[weights.act_fn]
+    lora = layer.lora
     if layer.w_gate is not None:  # TransformerLens adds b_in after the product
-        hidden = act(F.linear(x, layer.w_gate)) * F.linear(x, layer.w_in) + layer.b_in
+        hidden = (act(_linear(x, layer.w_gate, None, lora.get("gate")))
+                  * _linear(x, layer.w_in, None, lora.get("in")) + layer.b_in)
     else:
-        hidden = act(F.linear(x, layer.w_in, layer.b_in))
-    return F.linear(hidden, layer.w_out, layer.b_out)
+        hidden = act(_linear(x, layer.w_in, layer.b_in, lora.get("in")))
+    return _linear(hidden, layer.w_out, layer.b_out, lora.get("out"))
 
 
 # ---------------------------------------------------------------- whole forward passes
@@ -316,6 +375,8 @@ def forward(
     attention_mask: Int[Tensor, "batch seq"] | None = None,
     cache: list[tuple[KeyValues, KeyValues]] | None = None,
     start: int = 0,
+    layers: slice = slice(None),
+    residual: Float[Tensor, "batch new_seq d_model"] | None = None,
 ) -> Float[Tensor, "batch new_seq d_model"]:
     """The final normalised residual stream, as `ln_final.hook_normalized` holds it: before the
     final norm's gain and bias (what the value head reads; `unembed` applies the gain and bias).
@@ -326,9 +387,11 @@ def forward(
             (None: no padding, plain causal attention).
         cache: per layer, preallocated (keys, values) of shape [batch, kv_heads, max_len, d_head];
             positions before `start` must already hold the earlier tokens' keys and values.
+        layers: run only these blocks. `slice(None, k)` stops before block k and returns the
+            residual stream entering it (not normalised): a frozen trunk's output.
+            `slice(k, None)` starts at block k from `residual`, that output.
     """
     batch, pos = tokens.shape
-    residual = F.embedding(tokens, weights.embed)
     if attention_mask is None:
         position_ids = torch.arange(start, start + pos, device=tokens.device).expand(batch, pos)
         attention_mask = torch.ones(batch, start + pos, dtype=torch.long, device=tokens.device)
@@ -339,27 +402,48 @@ def forward(
     causal, attn_mask = pos > 1, None
     if (pos > 1 and start > 0) or not bool(attention_mask.all()):
         causal, attn_mask = False, _causal_padding_mask(attention_mask, start, pos)
-    if weights.pos_embed is not None:
-        residual = residual + weights.pos_embed[position_ids]
-    rotary = None
-    if weights.rotary_cos is not None:
-        if int(position_ids.max()) >= weights.rotary_cos.shape[0]:
-            raise ValueError(
-                f"Position {int(position_ids.max())} is past the model's rotary table "
-                f"({weights.rotary_cos.shape[0]} positions): use a shorter prompt or gen_len."
-            )
-        rotary = (weights.rotary_cos[position_ids][:, None],
-                  weights.rotary_sin[position_ids][:, None])
-    for i, layer in enumerate(weights.layers):
-        layer_cache = None if cache is None else (*cache[i], start)
+    if residual is None:
+        residual = _embed(weights, tokens, position_ids)
+    rotary = _get_rotary(weights, position_ids)
+    first, stop, _ = layers.indices(len(weights.layers))
+    for i in range(first, stop):
+        layer, layer_cache = weights.layers[i], None if cache is None else (*cache[i], start)
         normed = _normalize(residual, weights, layer.ln1_w, layer.ln1_b)
         residual = residual + _attention(
             normed, layer, weights, rotary, attn_mask, causal, layer_cache
         )
         normed = _normalize(residual, weights, layer.ln2_w, layer.ln2_b)
         residual = residual + _mlp(normed, layer, weights)
+    if stop < len(weights.layers):
+        return residual
     # Before the final norm's gain and bias: what ln_final.hook_normalized holds.
     return _normalize(residual, weights, None, None)
+
+
+def _embed(
+    weights: FastWeights, tokens: Int[Tensor, "batch new_seq"],
+    position_ids: Int[Tensor, "batch new_seq"],
+) -> Float[Tensor, "batch new_seq d_model"]:
+    """The residual stream entering block 0: token embeddings (plus learned positions)."""
+    residual = F.embedding(tokens, weights.embed)
+    if weights.pos_embed is not None:
+        residual = residual + weights.pos_embed[position_ids]
+    return residual
+
+
+def _get_rotary(
+    weights: FastWeights, position_ids: Int[Tensor, "batch new_seq"]
+) -> tuple[Float[Tensor, "batch 1 new_seq rotary_dim"],
+           Float[Tensor, "batch 1 new_seq rotary_dim"]] | None:
+    """The rotary cos and sin at each position (None for learned positions)."""
+    if weights.rotary_cos is None:
+        return None
+    if int(position_ids.max()) >= weights.rotary_cos.shape[0]:
+        raise ValueError(
+            f"Position {int(position_ids.max())} is past the model's rotary table "
+            f"({weights.rotary_cos.shape[0]} positions): use a shorter prompt or gen_len."
+        )
+    return weights.rotary_cos[position_ids][:, None], weights.rotary_sin[position_ids][:, None]
 
 
 def unembed(

@@ -27,6 +27,9 @@ class ReplayMinibatch:
     ref_outputs: Float[Tensor, "minibatch gen_len d_ref"]
     """What the reference model kept: its logits, or its final residual stream
     (`ReferenceModel.get_logits` turns either into its logits)."""
+    trunk_residual: Float[Tensor, "minibatch seq d_model"] | None = None
+    """The residual stream entering the first trainable block (a frozen trunk's output), or
+    None when every block trains."""
 
     @property
     def prefix_len(self) -> int:
@@ -45,6 +48,8 @@ class ReplayMemory:
         values: V(s_t) for each generated token, i.e. `values[:, prefix_len - 1 : -1]`.
         ref_outputs: what the reference model keeps for each generated token: its logits
             (d_ref = d_vocab), or its final residual stream (d_ref = d_model).
+        trunk_residual: with a frozen trunk, its output at every position, computed once in the
+            rollout and reused by every learning step (None: no frozen trunk).
     """
 
     def __init__(
@@ -55,6 +60,7 @@ class ReplayMemory:
         advantages: Float[Tensor, "batch gen_len"],
         values: Float[Tensor, "batch gen_len"],
         ref_outputs: Float[Tensor, "batch gen_len d_ref"],
+        trunk_residual: Float[Tensor, "batch seq d_model"] | None = None,
     ):
         batch, gen_len = logprobs.shape
         for name, tensor in [("advantages", advantages), ("values", values)]:
@@ -76,6 +82,7 @@ class ReplayMemory:
         self.advantages = advantages
         self.values = values
         self.ref_outputs = ref_outputs
+        self.trunk_residual = trunk_residual
 
     def get_minibatches(
         self,
@@ -101,6 +108,8 @@ class ReplayMemory:
                         advantages=self.advantages[indices],
                         returns=returns[indices],
                         ref_outputs=self.ref_outputs[indices],
+                        trunk_residual=None if self.trunk_residual is None
+                        else self.trunk_residual[indices],
                     )
                 )
         return minibatches

@@ -11,6 +11,7 @@ where hooks a user attached (steering, ablations) take effect.
 """
 
 import copy
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -19,6 +20,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from minirlhf import fast_path as fast
+from minirlhf import lora
 from minirlhf.sampling import apply_temperature
 
 VALUE_HOOK = "ln_final.hook_normalized"
@@ -43,22 +45,87 @@ def run_model(
     attention_mask: Int[Tensor, "batch seq"] | None,
     fast_path: bool,
     positions: slice = slice(None),
+    trunk: "Trunk | None" = None,
 ) -> tuple[Float[Tensor, "batch out_seq d_vocab"], Float[Tensor, "batch out_seq d_model"]]:
     """One forward pass: the logits and the final normalised residual stream at `positions`
-    (only those are unembedded on the fast path)."""
+    (only those are unembedded on the fast path). With `trunk`, the blocks below `trunk.layer`
+    are not run: their output, `trunk.residual`, is read instead."""
     attention_mask = mask_or_none(attention_mask)
     if fast.use_fast_path(model, fast_path):
-        weights = fast.get_fast_weights(model)
-        residual = fast.forward(weights, tokens, attention_mask)[:, positions]
+        start = 0 if trunk is None else trunk.layer
+        weights = fast.get_fast_weights(model, from_layer=start)
+        residual = fast.forward(weights, tokens, attention_mask, layers=slice(start, None),
+                                residual=None if trunk is None else trunk.residual)
+        residual = residual[:, positions]
         return fast.unembed(weights.output, residual), residual
     captured: list[Float[Tensor, "batch seq d_model"]] = []
 
     def capture(residual: Float[Tensor, "batch seq d_model"], hook: HookPoint):
         captured.append(residual)
 
-    logits = model.run_with_hooks(tokens, return_type="logits", attention_mask=attention_mask,
-                                  fwd_hooks=[(VALUE_HOOK, capture)])
+    model_input = tokens if trunk is None else trunk.residual
+    logits = model.run_with_hooks(model_input, return_type="logits", attention_mask=attention_mask,
+                                  fwd_hooks=[(VALUE_HOOK, capture)],
+                                  start_at_layer=None if trunk is None else trunk.layer)
     return logits[:, positions], captured[0][:, positions]
+
+
+class Trunk(NamedTuple):
+    """A frozen trunk's output: the residual stream entering block `layer`, at every position."""
+
+    layer: int
+    residual: Float[Tensor, "batch seq d_model"]
+
+
+@torch.no_grad()
+def get_trunk(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch seq"],
+    attention_mask: Int[Tensor, "batch seq"] | None,
+    layer: int,
+    fast_path: bool,
+) -> Trunk:
+    """What the blocks below `layer` compute (once per phase when they are frozen)."""
+    attention_mask = mask_or_none(attention_mask)
+    if fast.use_fast_path(model, fast_path):
+        weights = fast.get_fast_weights(model)
+        residual = fast.forward(weights, tokens, attention_mask, layers=slice(None, layer))
+    else:
+        residual = model(tokens, attention_mask=attention_mask, stop_at_layer=layer)
+    return Trunk(layer, residual)
+
+
+def freeze_trunk(model: HookedTransformer, trainable_layers: int | None) -> int:
+    """Freeze every weight but the top `trainable_layers` blocks and the final norm (None: freeze
+    nothing). Returns how many blocks are frozen: the trunk, whose output can be computed once
+    and reused. Frozen weights get no gradient, so a backward pass stops at the lowest
+    trainable block."""
+    if trainable_layers is None:
+        return 0
+    n_frozen = max(0, model.cfg.n_layers - trainable_layers)
+    trainable = {id(p) for block in model.blocks[n_frozen:] for p in block.parameters()}
+    trainable |= {id(p) for p in model.ln_final.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
+    return n_frozen
+
+
+def prepare_policy(
+    model: HookedTransformer, trainable_layers: int | None = None, lora_rank: int = 0,
+    lora_alpha: float = 16.0, lora_targets: str = ",".join(lora.LORA_TARGETS),
+) -> int:
+    """Decide what of the policy trains (the `RLHFArgs` fields of the same names): every weight,
+    the top `trainable_layers` blocks, or LoRA adapters (on those blocks, else on all).
+    Returns the number of frozen blocks at the bottom: the trunk, computed once per phase."""
+    n_layers = model.cfg.n_layers
+    if trainable_layers is not None and trainable_layers > n_layers:
+        raise ValueError(f"trainable_layers is {trainable_layers} but the model has only "
+                         f"{n_layers} blocks: give at most {n_layers}, or None to train all.")
+    n_frozen = freeze_trunk(model, trainable_layers)
+    if lora_rank:
+        targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+        lora.add_lora(model, lora_rank, lora_alpha, targets, list(range(n_frozen, n_layers)))
+    return n_frozen
 
 
 class TransformerWithValueHead(nn.Module):
@@ -98,15 +165,17 @@ class TransformerWithValueHead(nn.Module):
         attention_mask: Int[Tensor, "batch seq"],
         prefix_len: int,
         final_residual: Float[Tensor, "batch gen_len d_model"] | None = None,
+        trunk: Trunk | None = None,
     ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len"]]:
         """Logits / temperature (float32) and values (float32) in the states that chose the
         generated tokens (positions `prefix_len - 1 .. seq - 2`).
 
         `final_residual` (the sampler's, `Samples.final_residual`) spares the forward pass:
-        only the unembedding and the value head run."""
+        only the unembedding and the value head run. `trunk` (a frozen trunk's output) spares
+        the blocks below it."""
         if final_residual is None:
             logits, residual = run_model(self.base_model, sample_ids, attention_mask,
-                                         self.fast_path, generated_states(prefix_len))
+                                         self.fast_path, generated_states(prefix_len), trunk)
         else:
             residual = final_residual
             logits = fast.unembed(fast.get_output_weights(self.base_model), residual)
@@ -123,13 +192,18 @@ class TransformerWithValueHead(nn.Module):
 class ReferenceModel:
     """The policy as it was at the start of training, frozen: the anchor of the KL penalty.
 
+    What is copied: only the weights that train. A LoRA policy (`minirlhf.lora`) is its own
+    reference with the adapters off, so nothing is copied; a policy with a frozen trunk shares
+    the trunk's weights with its reference and copies only the top blocks.
+
     The learning phase asks it for its logits on each minibatch; how they get there is its own
     business. By default `evaluate` returns the logits themselves for the replay memory to keep.
     With `keep_residual`, it returns its final residual stream instead (d_model floats per token
     instead of d_vocab: 85x less for SmolLM2), and `get_logits` reruns only the unembedding.
 
     Args:
-        base_model: the policy's HookedTransformer; a frozen copy is taken.
+        base_model: the policy's HookedTransformer, with its trainable weights marked
+            (`requires_grad`) and its adapters attached, if any.
         temperature: the sampling temperature (logits are divided by it, as the policy's are).
         fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
         keep_residual: keep the final residual stream rather than the logits (only where the
@@ -138,9 +212,8 @@ class ReferenceModel:
 
     def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
                  fast_path: bool = True, keep_residual: bool = False):
-        self.model = copy.deepcopy(base_model).eval()
-        for param in self.model.parameters():
-            param.requires_grad_(False)
+        self.shares_policy = lora.get_adapters(base_model) is not None
+        self.model = base_model if self.shares_policy else frozen_copy(base_model)
         self.temperature = temperature
         self.fast_path = fast_path
         self.keep_residual = keep_residual and fast.unsupported_reason(self.model) is None
@@ -151,11 +224,14 @@ class ReferenceModel:
         sample_ids: Int[Tensor, "batch seq"],
         attention_mask: Int[Tensor, "batch seq"],
         prefix_len: int,
+        trunk: Trunk | None = None,
     ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len d_ref"]]:
         """Logits / temperature in the states that chose the generated tokens, and what the
-        replay memory keeps for `get_logits` (those logits, or the final residual stream)."""
-        logits, residual = run_model(self.model, sample_ids, attention_mask, self.fast_path,
-                                     generated_states(prefix_len))
+        replay memory keeps for `get_logits` (those logits, or the final residual stream).
+        `trunk`: the frozen trunk's output, which policy and reference share."""
+        with lora.adapters_off(self.model):
+            logits, residual = run_model(self.model, sample_ids, attention_mask, self.fast_path,
+                                         generated_states(prefix_len), trunk)
         logits = apply_temperature(logits, self.temperature)
         return logits, residual.contiguous() if self.keep_residual else logits
 
@@ -168,3 +244,34 @@ class ReferenceModel:
             return kept
         logits = fast.unembed(fast.get_output_weights(self.model), kept)
         return apply_temperature(logits, self.temperature)
+
+
+def get_trained_state(module: nn.Module) -> dict[str, Tensor]:
+    """The module's `state_dict` without its frozen parameters: a LoRA or frozen-trunk run's
+    checkpoint holds what trained (and the buffers), not a copy of the base model."""
+    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
+    return {name: value for name, value in module.state_dict().items() if name not in frozen}
+
+
+def load_trained_state(module: nn.Module, state: dict[str, Tensor]):
+    """Load `get_trained_state`'s output (or a whole `state_dict`) into a module built the same
+    way (the same base model, trainable layers and adapters): only frozen parameters, which the
+    base model already holds, may be missing."""
+    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - frozen:
+        raise ValueError(
+            f"The saved policy does not fit this model (unexpected {sorted(unexpected)[:4]}, "
+            f"missing {sorted(set(missing) - frozen)[:4]}): build it with the run's own "
+            "base_model, trainable_layers and LoRA settings (its run.json)."
+        )
+
+
+def frozen_copy(model: HookedTransformer) -> HookedTransformer:
+    """A frozen copy of the model that shares its frozen weights (`requires_grad` False) and
+    copies only the ones that train."""
+    shared = {id(param): param for param in model.parameters() if not param.requires_grad}
+    copied = copy.deepcopy(model, memo=shared).eval()
+    for param in copied.parameters():
+        param.requires_grad_(False)
+    return copied

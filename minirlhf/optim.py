@@ -13,9 +13,12 @@ from torch import nn
 def get_optimizer(
     model: nn.Module, base_lr: float, head_lr: float, value_head: bool = True
 ) -> torch.optim.Optimizer:
-    """AdamW over `model.base_model` (at base_lr) and `model.value_head` (at head_lr); without
-    `value_head` (a critic-free estimator) the head is not trained and has no group."""
-    groups = [{"params": model.base_model.parameters(), "lr": base_lr}]
+    """AdamW over the trainable weights of `model.base_model` (at base_lr: all of them, the top
+    blocks of a frozen trunk, or LoRA adapters) and `model.value_head` (at head_lr); without
+    `value_head` (a critic-free estimator) the head is not trained and has no group. Frozen
+    weights are not handed to the optimiser, so it keeps no state for them."""
+    trainable = [p for p in model.base_model.parameters() if p.requires_grad]
+    groups = [{"params": trainable, "lr": base_lr}]
     if value_head:
         groups.append({"params": model.value_head.parameters(), "lr": head_lr})
     return torch.optim.AdamW(

@@ -26,6 +26,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from minirlhf import loading
+from minirlhf.models import freeze_trunk, get_trunk
 from minirlhf.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
@@ -158,8 +159,9 @@ class RewardModel(nn.Module):
         self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"],
         layer: int,
     ) -> Float[Tensor, "batch seq d_model"]:
-        """The residual stream entering block `layer`: what frozen layers below it compute."""
-        return self.base_model(tokens, attention_mask=attention_mask, stop_at_layer=layer)
+        """The residual stream entering block `layer`: what frozen layers below it compute
+        (`models.get_trunk`, as the policy's frozen trunk)."""
+        return get_trunk(self.base_model, tokens, attention_mask, layer, fast_path=False).residual
 
     def set_normalization(self, gain: float, bias: float):
         self.gain.fill_(gain)
@@ -177,18 +179,14 @@ def set_trainable_layers(reward_model: RewardModel, n_layers: int | None) -> int
     """Freeze all but the top `n_layers` blocks (None: train everything); return how many blocks
     are frozen (the ones `TrunkCache` runs once per text).
 
-    The final layernorm and the reward head always train. Frozen layers get no gradient, so a
-    backward pass stops at the lowest trainable block.
-    """
-    blocks = reward_model.base_model.blocks
-    n_frozen = 0 if n_layers is None else max(0, len(blocks) - n_layers)
-    frozen = {id(p) for block in blocks[:n_frozen] for p in block.parameters()}
-    if n_frozen:
-        frozen |= {id(p) for name, module in reward_model.base_model.named_children()
-                   if name in ("embed", "pos_embed") for p in module.parameters()}
+    The final layernorm and the reward head always train (`models.freeze_trunk`, as for the
+    policy). Frozen layers get no gradient, so a backward pass stops at the lowest trainable
+    block."""
     for param in reward_model.parameters():
-        param.requires_grad_(id(param) not in frozen)
-    return n_frozen
+        param.requires_grad_(True)
+    if n_layers is None or n_layers >= reward_model.base_model.cfg.n_layers:
+        return 0  # every block trains, and the embedding with them
+    return freeze_trunk(reward_model.base_model, n_layers)
 
 
 # ---------------------------------------------------------------- texts in, rewards out

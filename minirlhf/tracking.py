@@ -34,7 +34,11 @@ def make_progress(label: str, console: Console) -> Progress:
 def start_wandb(config: dict[str, Any], console: Console):
     """`wandb.init(**config)`; if an online start fails (no network, no login), the run goes on
     logging offline into wandb's folder, to `wandb sync` later, instead of stopping training."""
-    import wandb  # imported only when asked for: it is slow and optional
+    try:
+        import wandb  # imported only when asked for: it is slow and optional
+    except ImportError as error:
+        raise ImportError("--wandb needs the wandb package: `.venv/bin/pip install wandb` (or "
+                          "set up with `bash scripts/setup.sh --test`), or drop --wandb.") from error
 
     try:
         return wandb.init(**config)

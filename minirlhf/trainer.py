@@ -48,7 +48,15 @@ from minirlhf.losses import (
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
-from minirlhf.models import ReferenceModel, TransformerWithValueHead
+from minirlhf.models import (
+    ReferenceModel,
+    TransformerWithValueHead,
+    Trunk,
+    get_trained_state,
+    get_trunk,
+    load_trained_state,
+    prepare_policy,
+)
 from minirlhf.optim import get_optimizer_and_scheduler
 from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
@@ -66,6 +74,8 @@ class Evaluation(NamedTuple):
     kl: Float[Tensor, "batch gen_len"]
     """The exact KL(policy || reference) at each generated position."""
     entropy: float
+    trunk_residual: Float[Tensor, "batch seq d_model"] | None = None
+    """The frozen trunk's output at every position (None: no frozen trunk)."""
 
 
 class Rollout(NamedTuple):
@@ -125,20 +135,19 @@ class RLHFTrainer:
         console: Console | None = None,
         table_every: int = 1,
     ):
-        if prompts is not None and len(prompts) != args.batch_size:
-            raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
-        if prompts is not None and args.prompts is not None:
-            raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
+        check_prompts(args, prompts)
         self.args, self.reward_fn = args, reward_fn
         self.prompts = prompts if prompts is not None else args.prefix
         set_seed(args.seed)
         self.device = distributed.setup(pick_device(args.device))  # torchrun: join the others
         self.local_batch_size = get_local_batch_size(args, distributed.get_world_size())
-        """This process's share of the batch (all of it with one process)."""
         self.precision = pick_precision(args.precision, self.device)
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
         base_model = base_model.to(self.device, print_details=False)
+        self.frozen_layers = prepare_policy(base_model, args.trainable_layers, args.lora_rank,
+                                            args.lora_alpha, args.lora_targets)
+        """Blocks at the bottom that do not train: their output is computed once per phase."""
         self.model = TransformerWithValueHead(base_model, args.temperature, args.fast_path)
         self.model.to(self.device)
         distributed.broadcast_module(self.model)  # every process starts from process 0's weights
@@ -189,7 +198,8 @@ class RLHFTrainer:
         values = torch.zeros_like(advantages) if args.critic_free else everyone.values
         mine = distributed.local_rows(len(rewards))
         memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                              advantages[mine], values[mine], evaluation.ref_outputs)
+                              advantages[mine], values[mine], evaluation.ref_outputs,
+                              evaluation.trunk_residual)
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
             "charts/reward_std": rewards.std(correction=0).item(),
@@ -242,23 +252,34 @@ class RLHFTrainer:
     def evaluate_samples(self, samples: Samples) -> Evaluation:
         """The policy's log-probs and values, what the reference model keeps, and the mean KL
         and entropy: one minibatch of rows at a time, so no batch x gen_len x d_vocab logits
-        are held at once. The sampler's final residual stream spares the policy's forward."""
+        are held at once. The sampler's final residual stream spares the policy's forward; a
+        frozen trunk runs once, for the reference model and every learning step."""
         ids, mask, prefix_len = samples.sample_ids, samples.attention_mask, samples.prefix_len
-        parts = []
+        parts, trunks = [], []
         chunk = len(ids) // self.args.num_minibatches  # minibatch_size with one process
         for rows in torch.arange(len(ids), device=ids.device).split(chunk):
             residual = None if samples.final_residual is None else samples.final_residual[rows]
             with self.autocast():
-                logits, values = self.model.evaluate(ids[rows], mask[rows], prefix_len, residual)
+                trunk = self.get_trunk(ids[rows], mask[rows])
+                logits, values = self.model.evaluate(ids[rows], mask[rows], prefix_len, residual,
+                                                     trunk)
                 ref_logits, ref_outputs = self.reference.evaluate(ids[rows], mask[rows],
-                                                                  prefix_len)
+                                                                  prefix_len, trunk)
+            trunks.append(None if trunk is None else trunk.residual)
             parts.append(Evaluation(
                 get_gen_logprobs(logits, ids[rows, prefix_len:]),
                 get_gen_logprobs(ref_logits, ids[rows, prefix_len:]), values, ref_outputs,
                 calc_exact_kl(logits, ref_logits), calc_entropy_bonus(logits, ent_coef=1.0).item(),
             ))
-        *tensors, entropy = zip(*parts)
-        return Evaluation(*(torch.cat(part) for part in tensors), float(np.mean(entropy)))
+        *tensors, entropy, _ = zip(*parts)
+        return Evaluation(*(torch.cat(part) for part in tensors), float(np.mean(entropy)),
+                          None if trunks[0] is None else torch.cat(trunks))
+
+    def get_trunk(self, ids: Tensor, mask: Tensor) -> Trunk | None:
+        """The frozen trunk's output on these samples (None when every block trains)."""
+        if not self.frozen_layers:
+            return None
+        return get_trunk(self.model.base_model, ids, mask, self.frozen_layers, self.args.fast_path)
 
     def compute_advantages(
         self, evaluation: Evaluation, rewards: Float[Tensor, " batch"], prefix_len: int,
@@ -293,9 +314,10 @@ class RLHFTrainer:
     ) -> tuple[Float[Tensor, ""], dict[str, float]]:
         """The objective to maximise on one minibatch, and diagnostics for logging."""
         args = self.args
+        trunk = None if mb.trunk_residual is None else Trunk(self.frozen_layers, mb.trunk_residual)
         with self.autocast():
             logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask,
-                                                 mb.prefix_len)
+                                                 mb.prefix_len, trunk=trunk)
         logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len :])
         ref_logits = self.reference.get_logits(mb.ref_outputs)
 
@@ -474,7 +496,7 @@ class RLHFTrainer:
         with several processes every process's, so every process must call this), phase, the KL
         coefficient, metrics so far and the number of processes."""
         return {
-            "model": self.model.state_dict(),
+            "model": get_trained_state(self.model),  # frozen weights come from base_model
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": distributed.per_process(rng_state or self.get_rng_state()),
@@ -491,7 +513,7 @@ class RLHFTrainer:
         as loaded at the start, so load the trainer from the same `args.base_model`. A state
         saved by another number of processes is refused (`distributed.WorldSizeError`)."""
         distributed.check_world_size(state.get("world_size", 1))
-        self.model.load_state_dict(state["model"])
+        load_trained_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.set_rng_state(distributed.own_part(state["rng"]))
@@ -514,8 +536,16 @@ def check_finite(objective: Float[Tensor, ""], stats: dict[str, float]):
     )
 
 
+def check_prompts(args: RLHFArgs, prompts: list[str] | None):
+    """Prompts given to the trainer: one per sample, and not as well as a prompt file."""
+    if prompts is not None and len(prompts) != args.batch_size:
+        raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
+    if prompts is not None and args.prompts is not None:
+        raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
+
+
 def get_local_batch_size(args: RLHFArgs, world_size: int) -> int:
-    """batch_size / world_size, after checking that every process gets whole minibatches and
+    """This process's share of the batch, batch_size / world_size, after checking that every process gets whole minibatches and
     whole groups of samples."""
     if args.batch_size % (world_size * args.num_minibatches):
         raise ValueError(
@@ -533,10 +563,11 @@ def get_local_batch_size(args: RLHFArgs, world_size: int) -> int:
 def gather_evaluation(evaluation: Evaluation) -> Evaluation:
     """The evaluation of the global batch: every process's rows of the per-token tensors and the
     mean entropy over the processes. `ref_outputs` (large, and read only by this process's own
-    minibatches) is left out (None). One process: `evaluation` itself."""
+    minibatches, like the frozen trunk's `trunk_residual`) is left out (None). One process:
+    `evaluation` itself."""
     if distributed.get_world_size() == 1:
         return evaluation
     rows = {name: distributed.gather_rows(getattr(evaluation, name))
             for name in ["logprobs", "ref_logprobs", "values", "kl"]}
     entropy = distributed.mean_over_processes({"entropy": evaluation.entropy})["entropy"]
-    return evaluation._replace(**rows, ref_outputs=None, entropy=entropy)
+    return evaluation._replace(**rows, ref_outputs=None, entropy=entropy, trunk_residual=None)

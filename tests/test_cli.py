@@ -180,3 +180,13 @@ def test_wandb_falls_back_to_offline_when_online_fails(monkeypatch):
         monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
             init=lambda **config: (_ for _ in ()).throw(ConnectionError("disk"))))
         start_wandb({"mode": "offline"}, console)
+
+
+def test_a_lora_run_with_a_frozen_trunk_trains_and_samples(tmp_path, capsys):
+    out = tmp_path / "lora"
+    cli.main(["train", *FAST, "--total-phases", "2", "--lora-rank", "2",
+              "--trainable-layers", "1", "--out", str(out)])
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    assert any(".lora." in key for key in saved)
+    cli.main(["sample", "--run", str(out), "-n", "2", "--prompt", "Once upon"])
+    assert "after 2 phases" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from minirlhf import cli
 from minirlhf.checkpoint import load_checkpoint
+from minirlhf.dpo import calc_dpo_loss
 from minirlhf.dpo_training import DPOArgs, get_all_logprobs, tokenize_responses, train_dpo
 from minirlhf.preferences import Preference, make_preferences, split_preferences
 from minirlhf.rewards import reward_fn_char_count
@@ -165,3 +166,20 @@ def test_dpo_command_guards_its_folder(tmp_path, capsys):
     cli.main([*command, "--force"])
     with pytest.raises(SystemExit):
         cli.main(["dpo", "--data", str(tmp_path / "missing.jsonl"), "--out", str(out)])
+
+
+def test_the_loss_given_drives_the_training(make_printable_model):
+    """`loss_fn` is what each step minimises (notebook 8 passes the learner's loss): the same run
+    with chosen and rejected swapped in the loss learns the opposite preference."""
+    pairs = [Preference(prompt, "." * k, "xyz"[:k]) for prompt in "ABCD" for k in (1, 2, 3)]
+    args = DPOArgs(prepend_bos=False, epochs=3, batch_size=4, lr=3e-3, eval_every=3)
+    margins = {}
+    for swap in (False, True):
+        model = make_printable_model(seed=0)
+        model.tokenizer = CharTokenizer(model.tokenizer)
+        loss_fn = (lambda pc, pr, rc, rr, beta: calc_dpo_loss(pr, pc, rr, rc, beta).loss) \
+            if swap else (lambda pc, pr, rc, rr, beta: calc_dpo_loss(pc, pr, rc, rr, beta).loss)
+        history = train_dpo(model, pairs, pairs, args, console=Console(quiet=True),
+                            loss_fn=loss_fn)
+        margins[swap] = history[-1]["heldout/margin"]
+    assert margins[False] > 0 > margins[True], margins

@@ -124,7 +124,8 @@ def test_graded_help_markup():
 
 
 def test_the_last_notebook_ends_with_bonus_exercises():
-    assert "## Bonus" in markdown(NOTEBOOKS / "06_reward_model_exercises.ipynb")[-1]
+    assert "## Bonus" in markdown(EXERCISES[-1])[-1] and "end of the sequence" in \
+        markdown(EXERCISES[-1])[-1]
 
 
 def test_split_solution_keeps_indentation():

@@ -7,10 +7,12 @@ recognises it, the mistake you most likely made. The notebooks in `notebooks/` c
 each exercise; `pytest tests --impl=my_solutions.py` or `python -m minirlhf.exercises
 my_solutions.py` runs every check whose function a Python file defines.
 
-Stages, in pipeline order (notebooks 1 to 4, then 6): the value head and the sampler; the
+Stages, in pipeline order (notebooks 1 to 4, then 6 to 8): the value head and the sampler; the
 char-count reward, reward normalisation, one-step advantages and GAE; replay-memory minibatches,
 log-probs, the four objective terms and their signs; the optimiser, the LR schedule and one
-learning phase; the reward model's last-token index and pairwise loss.
+learning phase; the reward model's last-token index and pairwise loss; the critic-free
+advantages (GRPO, Dr. GRPO, RLOO) and the sampled KL estimators k1, k2, k3; DPO's sequence
+log-probs and its loss (with IPO's).
 
 When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
 raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
@@ -24,6 +26,8 @@ from types import ModuleType
 from typing import Any
 
 from minirlhf.exercises import (
+    critic_free,
+    dpo,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -31,6 +35,14 @@ from minirlhf.exercises import (
     rewards_and_advantages,
 )
 from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
+from minirlhf.exercises.critic_free import (
+    check_calc_kl_k1,
+    check_calc_kl_k2,
+    check_calc_kl_k3,
+    check_compute_group_advantages,
+    check_compute_rloo_advantages,
+)
+from minirlhf.exercises.dpo import check_calc_dpo_loss, check_get_sequence_logprobs
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
 from minirlhf.exercises.objective import (
@@ -78,6 +90,13 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "learning_phase": check_learning_phase,
     "get_last_token_index": check_get_last_token_index,
     "calc_pairwise_loss": check_calc_pairwise_loss,
+    "compute_group_advantages": check_compute_group_advantages,
+    "compute_rloo_advantages": check_compute_rloo_advantages,
+    "calc_kl_k1": check_calc_kl_k1,
+    "calc_kl_k2": check_calc_kl_k2,
+    "calc_kl_k3": check_calc_kl_k3,
+    "get_sequence_logprobs": check_get_sequence_logprobs,
+    "calc_dpo_loss": check_calc_dpo_loss,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -97,6 +116,13 @@ MISTAKES: dict[str, list[Mistake]] = {
     "learning_phase": optim_and_learning.LEARNING_MISTAKES,
     "calc_pairwise_loss": reward_model.PAIRWISE_MISTAKES,
     "get_last_token_index": reward_model.LAST_TOKEN_MISTAKES,
+    "compute_group_advantages": critic_free.GROUP_MISTAKES,
+    "compute_rloo_advantages": critic_free.RLOO_MISTAKES,
+    "calc_kl_k1": critic_free.K1_MISTAKES,
+    "calc_kl_k2": critic_free.K2_MISTAKES,
+    "calc_kl_k3": critic_free.K3_MISTAKES,
+    "get_sequence_logprobs": dpo.SEQUENCE_MISTAKES,
+    "calc_dpo_loss": dpo.DPO_MISTAKES,
 }
 """The catalogue of named mistakes, by exercise: each `imitate` makes one mistake, and the check
 shows its `hint` when the learner's result matches it. This is the one copy of these wrong
@@ -108,6 +134,7 @@ are proven by the wrong implementations in tests/wrong_impls.)"""
 def get_reference(name: str) -> Any:
     """minirlhf's own solution for the exercise `name` (what the checks compare against)."""
     import minirlhf
+    from minirlhf import advantages, losses
     from minirlhf.trainer import RLHFTrainer
 
     if name == "compute_rlhf_objective":
@@ -122,7 +149,12 @@ def get_reference(name: str) -> Any:
         return reference_get_samples
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
-    return getattr(minirlhf, name)
+    if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards
+        return dpo.reference_dpo_loss
+    for module in (minirlhf, advantages, losses):  # the critic-free pieces are not top-level
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise KeyError(f"no reference solution named {name!r}")
 
 
 def load_file(path: str | Path) -> ModuleType:
@@ -162,13 +194,19 @@ __all__ = [
     "Failure",
     "ReferenceOracleMismatch",
     "check_calc_clipped_surrogate_objective",
+    "check_calc_dpo_loss",
     "check_calc_entropy_bonus",
+    "check_calc_kl_k1",
+    "check_calc_kl_k2",
+    "check_calc_kl_k3",
     "check_calc_kl_penalty",
     "check_calc_pairwise_loss",
     "check_calc_rlhf_objective",
     "check_calc_value_function_loss",
     "check_compute_advantages",
     "check_compute_gae",
+    "check_compute_group_advantages",
+    "check_compute_rloo_advantages",
     "check_file",
     "check_get_last_token_index",
     "check_get_logprobs",
@@ -176,6 +214,7 @@ __all__ = [
     "check_get_optimizer",
     "check_get_optimizer_and_scheduler",
     "check_get_samples",
+    "check_get_sequence_logprobs",
     "check_compute_rlhf_objective",
     "check_learning_phase",
     "check_rollout_phase",

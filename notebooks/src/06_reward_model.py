@@ -288,27 +288,14 @@ print(last_samples[:4])
 # %% [markdown]
 # ## Bonus: where to go from here
 #
-# The end of the sequence. Each of these builds on a piece you wrote; none has a check.
+# Each of these builds on a piece you wrote; neither has a check. Notebooks 7 and 8 then take the
+# two other roads from here: PPO without its value head (GRPO, RLOO, and a KL estimated from the
+# sampled tokens), and preferences without a reward model (DPO).
 #
 # 1. **Reward over-optimisation.** Run the PPO cell above for 60 phases and plot the learned
 #    reward against the judge's score. Does the judge keep rising with the learned reward? (Gao
 #    et al. 2022, *Scaling Laws for Reward Model Overoptimization*, arXiv:2210.10760.)
-# 2. **A sampled KL.** Replace the exact KL penalty of notebook 3 with the estimators that use only
-#    the sampled tokens, $k_1 = \log\frac{\pi_\theta}{\pi_\text{ref}}$ and
-#    $k_3 = \frac{\pi_\text{ref}}{\pi_\theta} - 1 - \log\frac{\pi_\text{ref}}{\pi_\theta}$
-#    (Schulman 2020, *Approximating KL Divergence*), and compare their noise with the exact one
-#    on notebook 4's runs.
-# 3. **Advantages without a value head.** Sample several texts per prompt and use each one's
-#    reward minus its group's mean, divided by the group's standard deviation, as every token's
-#    advantage (GRPO: Shao et al. 2024, *DeepSeekMath*, arXiv:2402.03300). What does it cost in
-#    samples, and what does it save?
-# 4. **No reward model at all.** Write the DPO loss,
-#    $-\log\sigma\big(\beta\,[\Delta(y_c) - \Delta(y_r)]\big)$ with
-#    $\Delta(y) = \log\pi_\theta(y) - \log\pi_\text{ref}(y)$, using your `get_logprobs`, and
-#    train the tiny policy on this notebook's preferences (Rafailov et al. 2023, *Direct
-#    Preference Optimization*, arXiv:2305.18290). Compare its judge score with PPO's.
-# 5. **A rollout of your own.** Write the rollout phase from your pieces: sample with your
+# 2. **A rollout of your own.** Write the rollout phase from your pieces: sample with your
 #    `get_samples`, score, `normalize_reward`, values from your `TransformerWithValueHead`,
 #    `compute_gae`, and fill your `ReplayMemory`. Compare its tensors with the trainer's on the
 #    same seed.
-
