@@ -105,9 +105,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def make_trainer() -> RLHFTrainer:
-    return RLHFTrainer(RLHFArgs(**ARGS), reward_fn_char_codes, base_model=load_char_model(),
-                       console=Console(quiet=True), table_every=0)
+def make_trainer(**overrides) -> RLHFTrainer:
+    return RLHFTrainer(RLHFArgs(**{**ARGS, **overrides}), reward_fn_char_codes,
+                       base_model=load_char_model(), console=Console(quiet=True), table_every=0)
 
 
 def run_task(task: dict) -> dict:
@@ -120,7 +120,7 @@ def run_task(task: dict) -> dict:
         if task.get("fixed_batch"):
             batch = get_fixed_batch(RLHFArgs(**ARGS))
             patches.enter_context(mock.patch("minirlhf.trainer.get_samples", serve_rows(batch)))
-        trainer = make_trainer()
+        trainer = make_trainer(**task.get("args", {}))
         if task.get("load"):
             trainer.load_state_dict(torch.load(task["load"], weights_only=False))
         samples = []
@@ -197,6 +197,19 @@ def test_two_processes_train_like_one(one_process_run: dict, wrong: str | None,
         assert weight_gap > 1e-4 and reward_gaps, "the check missed per-process statistics"
     else:
         assert weight_gap > 1e-4, f"the check missed the wrong trainer ({wrong})"
+
+
+@pytest.mark.parametrize("wrong", [None, "no_grad_average"])
+def test_two_processes_train_lora_adapters_like_one(wrong: str | None, tmp_path: Path):
+    """The same with LoRA adapters (most weights frozen, without gradients)."""
+    task = {"phases": 1, "fixed_batch": True, "args": {"lora_rank": 4}}
+    expected, ranks = run_task(task), run_processes({**task, "wrong": wrong}, tmp_path)
+    weight_gap = max_weight_difference(ranks[0]["weights"], expected["weights"])
+    if wrong is None:
+        assert weight_gap < 1e-5
+        assert not metric_differences(ranks[0]["history"][0], expected["history"][0])
+    else:
+        assert weight_gap > 1e-4, "the check missed gradients that were not averaged"
 
 
 @pytest.fixture(scope="module")
