@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from minirlhf import loading
+from minirlhf import distributed, loading
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError
 from minirlhf.device import pick_device
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--classifier", help="HF sequence classifier (hub name or folder)")
     train.add_argument("--wandb", action="store_true", dest="use_wandb",
                        default=argparse.SUPPRESS, help="log to Weights & Biases")
+    train.add_argument("--backend", choices=distributed.BACKENDS,
+                       help="under torchrun with several processes: how they communicate "
+                       "(default NCCL on CUDA, gloo on the CPU)")
     train.add_argument("--wandb-mode", choices=["online", "offline"],
                        help="offline (default) writes to the run folder; `wandb sync` later")
     add_args_flags(train)
@@ -253,6 +256,11 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error("--resume needs --out pointing at the folder of an earlier run.")
     run = None if ns.resume else make_run(ns, parser)
     out = ns.out or Path("runs") / f"{run['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if distributed.launched_world_size() > 1:
+        run, changes = join_processes(ns, parser, out, run)
+        if not distributed.is_main():  # process 0 alone locks, prints and writes the folder
+            train_run(ns, out, run, changes, Console(quiet=True))
+            return
     console = Console()
     with locked(out, "train") as stale:
         if stale:
@@ -266,6 +274,20 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         train_run(ns, out, run, changes, console)
 
 
+def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out: Path,
+                   run: dict | None) -> tuple[dict, dict]:
+    """Under torchrun with several processes: join the others, on the run's device. Returns the
+    run's config and what --resume changes (read before process 0 may rewrite run.json)."""
+    if ns.out is None:
+        parser.error("With several processes give --out: they must all use the same folder.")
+    changes = {}
+    if ns.resume:
+        run, changes = resumed_config(json.loads((out / "run.json").read_text()),
+                                      given_flags(ns))
+    distributed.setup(pick_device(run["args"]["device"]), ns.backend)
+    return run, changes
+
+
 def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, console: Console):
     """Build the trainer, resume it if asked, and train with checkpoints in `out`."""
     args = RLHFArgs.from_dict(run["args"])
@@ -277,6 +299,9 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
                           console=console, table_every=table_every)
     console.print(f"Device {trainer.device}, precision {trainer.precision} "
                   f"(--precision {args.precision})")
+    if distributed.get_world_size() > 1:
+        console.print(f"{distributed.get_world_size()} processes, {trainer.local_batch_size} "
+                      f"of the {args.batch_size} samples of a phase each")
     extra, saved_phase = {}, None
     if ns.resume:
         extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
@@ -285,13 +310,16 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         keeper.mark_boundary(trainer)
-        append_metrics(out / "metrics.jsonl", rollout.metrics)
+        main = distributed.is_main()  # process 0 alone writes; every process saves (it gathers)
+        if main:
+            append_metrics(out / "metrics.jsonl", rollout.metrics)
         samples = (rollout.samples, rollout.rewards.tolist())
         extra.setdefault("before", samples)
         extra["after"] = samples
         if keeper.is_due(trainer.phase):
             keeper.save(trainer)
-            plot_metrics(trainer.history, out / PLOT_NAME, title=run["preset"])
+            if main:
+                plot_metrics(trainer.history, out / PLOT_NAME, title=run["preset"])
         keeper.stop_if_asked()
 
     try:
@@ -305,7 +333,8 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
             console.print(f"{keeper.save_after_crash(trainer)} Continue with: minirlhf train "
                           f"--out {out} --resume", soft_wrap=True)
         raise
-    finish_run(trainer, out, extra, console)
+    if distributed.is_main():
+        finish_run(trainer, out, extra, console)
 
 
 def finish_run(trainer: RLHFTrainer, out: Path, extra: dict, console: Console):
@@ -443,8 +472,10 @@ def main(argv: list[str] | None = None):
     ns = parser.parse_args(argv)
     try:
         COMMANDS[ns.command](ns, parser)
-    except (CheckpointError, RunFolderError) as error:
+    except (CheckpointError, RunFolderError, distributed.WorldSizeError) as error:
         parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def calc_clipped_surrogate_objective(
     clip_coef: float,
     eps: float = 1e-8,
     normalize: bool = True,
+    moments: tuple[Float[Tensor, ""], Float[Tensor, ""]] | None = None,
 ) -> Float[Tensor, ""]:
     """PPO's clipped surrogate objective, mean over the minibatch (every sample has gen_len
     tokens, so token-mean, sequence-mean and Dr. GRPO's constant normaliser agree). Added.
@@ -149,11 +150,14 @@ def calc_clipped_surrogate_objective(
     the whole minibatch, as in CleanRL; a minibatch of one token therefore has no signal, not NaN.
     The critic-free estimators pass False: their advantages are already scaled as their papers
     say (per group, or over the whole batch), and Dr. GRPO must not be divided by a std.
+    `moments` (mean, std) replace the minibatch's own: data-parallel training passes those of
+    the global minibatch, of which `mb_advantages` is one process's share.
     """
     ratio = (logprobs - mb_logprobs).exp()
     advantages = mb_advantages
     if normalize:
-        advantages = (advantages - advantages.mean()) / (advantages.std(correction=0) + eps)
+        mean, std = moments or (advantages.mean(), advantages.std(correction=0))
+        advantages = (advantages - mean) / (std + eps)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
     return torch.minimum(unclipped, clipped).mean()

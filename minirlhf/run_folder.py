@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from transformer_lens import HookedTransformer
 
-from minirlhf import loading
+from minirlhf import distributed, loading
 from minirlhf.args import RLHFArgs
 from minirlhf.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
 from minirlhf.lora import merge_lora
@@ -355,6 +355,8 @@ def resume_trainer(trainer, out: Path, run: dict, changes: dict,
     if trainer.phase > trainer.args.total_phases:
         raise RunFolderError(f"--total-phases {trainer.args.total_phases} is below the "
                              f"{trainer.phase} phases this run has done: give at least that.")
+    if not distributed.is_main():  # process 0 alone writes the folder
+        return extra, saved_phase
     # Phases after the checkpoint are re-run, so their old metric lines go.
     (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in trainer.history))
     console.print(f"Resumed at phase {trainer.phase} of {trainer.args.total_phases}.")
@@ -405,7 +407,9 @@ class CheckpointKeeper:
         return phase % self.every == 0 or phase == self.total_phases
 
     def save(self, trainer):
-        save_checkpoint({**trainer.state_dict(), "rng": self.rng}, self.out, self.extra)
+        state = trainer.state_dict(self.rng)  # every process: it gathers their random states
+        if distributed.is_main():
+            save_checkpoint(state, self.out, self.extra)
         self.saved_phase = trainer.phase
 
     def save_after_crash(self, trainer) -> str:
@@ -414,6 +418,8 @@ class CheckpointKeeper:
                 if self.saved_phase is not None else "no checkpoint was saved")
         if self.is_mid_update(trainer):
             return f"[red]Stopped mid-update: {kept}."
+        if distributed.get_world_size() > 1:  # saving gathers from processes that may be gone
+            return f"[yellow]Stopped: {kept} (several processes save only at checkpoints)."
         if trainer.phase == 0 or trainer.phase == self.saved_phase:
             return f"[yellow]Stopped at phase {trainer.phase}: {kept}."
         try:

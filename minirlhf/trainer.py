@@ -27,7 +27,7 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import loading
+from minirlhf import distributed, loading
 from minirlhf.advantages import (
     compute_advantages,
     compute_critic_free_advantages,
@@ -121,7 +121,8 @@ class RLHFTrainer:
         base_model: the policy to train; None loads `args.base_model`.
         prompts: one prompt per sample (length batch_size), e.g. control-token prompts;
             None draws from the `args.prompts` file if there is one, else repeats `args.prefix`.
-        console: where progress and tables go (a quiet `Console(quiet=True)` in tests).
+        console: where progress and tables go (a quiet `Console(quiet=True)` in tests; in
+            data-parallel training only process 0 prints, the others get a quiet one).
         table_every: print a table of samples every this many phases (0: never).
     """
 
@@ -134,14 +135,12 @@ class RLHFTrainer:
         console: Console | None = None,
         table_every: int = 1,
     ):
-        if prompts is not None and len(prompts) != args.batch_size:
-            raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
-        if prompts is not None and args.prompts is not None:
-            raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
+        check_prompts(args, prompts)
         self.args, self.reward_fn = args, reward_fn
         self.prompts = prompts if prompts is not None else args.prefix
         set_seed(args.seed)
-        self.device = pick_device(args.device)
+        self.device = distributed.setup(pick_device(args.device))  # torchrun: join the others
+        self.local_batch_size = get_local_batch_size(args, distributed.get_world_size())
         self.precision = pick_precision(args.precision, self.device)
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
@@ -151,6 +150,7 @@ class RLHFTrainer:
         """Blocks at the bottom that do not train: their output is computed once per phase."""
         self.model = TransformerWithValueHead(base_model, args.temperature, args.fast_path)
         self.model.to(self.device)
+        distributed.broadcast_module(self.model)  # every process starts from process 0's weights
         self.reference = ReferenceModel(base_model, args.temperature, args.fast_path,
                                         keep_residual=args.recompute_ref_logits)
         self.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
@@ -159,7 +159,8 @@ class RLHFTrainer:
             args.final_scale, value_head=not args.critic_free,
         )
         self.kl_controller = get_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
-        self.sample_generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        self.sample_generator = torch.Generator(device=self.device).manual_seed(
+            distributed.process_seed(args.seed))  # each process its own stream
         self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
         self.train_prompts, self.held_out_prompts = [], []
         if args.prompts is not None:
@@ -172,7 +173,7 @@ class RLHFTrainer:
         self.global_step = 0
         """Optimiser steps taken so far (a checkpoint is consistent while this does not move)."""
         self.history: list[dict[str, float]] = []
-        self.console = console or Console()
+        self.console = (console or Console()) if distributed.is_main() else Console(quiet=True)
         self.table_every = table_every
 
     # ---- the rollout phase: sample -> score -> evaluate -> advantages -> memory ----
@@ -182,27 +183,30 @@ class RLHFTrainer:
         """Sample from the policy, score and evaluate the samples, estimate advantages."""
         args, times = self.args, {}
         with timed(times, "charts/sample_time"), self.autocast():
-            samples = get_samples(self.model.base_model, self.get_phase_prompts(), args.batch_size,
-                                  args.gen_len, self.sampling, args.prepend_bos,
-                                  seed=self.sample_generator, fast_path=args.fast_path,
-                                  return_final_residual=True)
+            samples = get_samples(self.model.base_model, self.get_phase_prompts(),
+                                  self.local_batch_size, args.gen_len, self.sampling,
+                                  args.prepend_bos, seed=self.sample_generator,
+                                  fast_path=args.fast_path, return_final_residual=True)
         with timed(times, "charts/reward_time"):
             rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
         with timed(times, "charts/forward_time"):
             evaluation = self.evaluate_samples(samples)
-        advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
+        # Statistics are over the global batch: every process's rows (one process: its own).
+        rewards, everyone = distributed.gather_rows(rewards), gather_evaluation(evaluation)
+        advantages = self.compute_advantages(everyone, rewards, samples.prefix_len)
         # Critic-free: no value head, so returns = advantages and no value is ever fitted.
-        values = torch.zeros_like(advantages) if args.critic_free else evaluation.values
+        values = torch.zeros_like(advantages) if args.critic_free else everyone.values
+        mine = distributed.local_rows(len(rewards))
         memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                              advantages, values, evaluation.ref_outputs,
+                              advantages[mine], values[mine], evaluation.ref_outputs,
                               evaluation.trunk_residual)
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
             "charts/reward_std": rewards.std(correction=0).item(),
-            "charts/kl": evaluation.kl.mean().item(),
-            **self.get_kl_estimate_metric(evaluation),
+            "charts/kl": everyone.kl.mean().item(),
+            **self.get_kl_estimate_metric(everyone),
             "charts/kl_coef": self.kl_controller.value,
-            "charts/entropy": evaluation.entropy,
+            "charts/entropy": everyone.entropy,
             **times,
             "charts/rollout_time": sum(times.values()),
         }
@@ -210,8 +214,8 @@ class RLHFTrainer:
             metrics["charts/frac_reward_zero_std"] = get_zero_std_fraction(rewards, args.group_size)
         if not args.critic_free:
             metrics["losses/explained_variance"] = explained_variance(
-                evaluation.values, advantages + evaluation.values)
-        return Rollout(memory, samples.samples, rewards, metrics)
+                everyone.values, advantages + everyone.values)
+        return Rollout(memory, distributed.gather_objects(samples.samples), rewards, metrics)
 
     def get_kl_estimate_metric(self, evaluation: Evaluation) -> dict[str, float]:
         """The rollout's mean of the sampled KL estimator in use (none for the exact KL)."""
@@ -222,12 +226,16 @@ class RLHFTrainer:
         return {f"charts/kl_{estimator}": estimates.mean().item()}
 
     def get_phase_prompts(self) -> str | list[str]:
-        """This phase's prompts: drawn from the training prompts of the `args.prompts` file
-        (each repeated group_size times), else the prompts given to the trainer."""
+        """This process's rows of this phase's prompts: drawn from the training prompts of the
+        `args.prompts` file (each repeated group_size times), else the prompts given to the
+        trainer. Every process draws the same global list, then keeps its rows."""
         if not self.train_prompts:
-            return self.prompts
-        return get_phase_prompts(self.train_prompts, self.args.prompts_per_phase,
-                                 self.args.group_size, self.prompt_generator)
+            prompts = self.prompts
+        else:
+            prompts = get_phase_prompts(self.train_prompts, self.args.prompts_per_phase,
+                                        self.args.group_size, self.prompt_generator)
+        return prompts if isinstance(prompts, str) else prompts[
+            distributed.local_rows(len(prompts))]
 
     @torch.no_grad()
     def evaluate_held_out(self) -> dict[str, float]:
@@ -248,7 +256,8 @@ class RLHFTrainer:
         frozen trunk runs once, for the reference model and every learning step."""
         ids, mask, prefix_len = samples.sample_ids, samples.attention_mask, samples.prefix_len
         parts, trunks = [], []
-        for rows in torch.arange(len(ids), device=ids.device).split(self.args.minibatch_size):
+        chunk = len(ids) // self.args.num_minibatches  # minibatch_size with one process
+        for rows in torch.arange(len(ids), device=ids.device).split(chunk):
             residual = None if samples.final_residual is None else samples.final_residual[rows]
             with self.autocast():
                 trunk = self.get_trunk(ids[rows], mask[rows])
@@ -313,7 +322,8 @@ class RLHFTrainer:
         ref_logits = self.reference.get_logits(mb.ref_outputs)
 
         clipped_surrogate = calc_clipped_surrogate_objective(
-            logprobs, mb.logprobs, mb.advantages, args.clip_coef, normalize=not args.critic_free
+            logprobs, mb.logprobs, mb.advantages, args.clip_coef, normalize=not args.critic_free,
+            moments=distributed.global_moments(mb.advantages),  # the global minibatch's
         )
         # Critic-free: no value loss (0 leaves the objective exactly as it is).
         value_loss = (torch.zeros(()) if args.critic_free
@@ -366,6 +376,7 @@ class RLHFTrainer:
             objective, stats = self.compute_rlhf_objective(mb)
             check_finite(objective, stats)
             objective.backward()
+            distributed.average_gradients(self.model.parameters())  # no-op with one process
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
             stats["losses/grad_norm"] = grad_norm.item()
             self.optimizer.step()
@@ -375,7 +386,7 @@ class RLHFTrainer:
                        [group["lr"] for group in self.optimizer.param_groups]))  # no head: one
         self.scheduler.step()
         means = {key: float(np.mean([s[key] for s in all_stats])) for key in all_stats[0]}
-        return {**means, **lrs}
+        return {**distributed.mean_over_processes(means), **lrs}
 
     # ---- the loop ----
 
@@ -417,7 +428,7 @@ class RLHFTrainer:
         """
         args = self.args
         wandb_config = None
-        if args.use_wandb:
+        if args.use_wandb and distributed.is_main():
             wandb_config = {"project": args.wandb_project_name, "entity": args.wandb_entity,
                             "config": args.to_dict(), **(wandb_kwargs or {})}
         logger = PhaseLogger(args.total_phases, self.table_every, wandb_config, self.console)
@@ -480,14 +491,16 @@ class RLHFTrainer:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 
-    def state_dict(self) -> dict:
-        """Policy, value head, optimiser, scheduler, random states, phase, the KL coefficient
-        and metrics so far."""
+    def state_dict(self, rng_state: dict | None = None) -> dict:
+        """Policy, value head, optimiser, scheduler, random states (`rng_state`, default: now's;
+        with several processes every process's, so every process must call this), phase, the KL
+        coefficient, metrics so far and the number of processes."""
         return {
             "model": get_trained_state(self.model),  # frozen weights come from base_model
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": self.get_rng_state(),
+            "rng": distributed.per_process(rng_state or self.get_rng_state()),
+            "world_size": distributed.get_world_size(),
             "phase": self.phase,
             "global_step": self.global_step,
             "kl_controller": self.kl_controller.state_dict(),
@@ -497,11 +510,13 @@ class RLHFTrainer:
 
     def load_state_dict(self, state: dict):
         """Continue from `state_dict()`. The reference model is not in it: it is the base model
-        as loaded at the start, so load the trainer from the same `args.base_model`."""
+        as loaded at the start, so load the trainer from the same `args.base_model`. A state
+        saved by another number of processes is refused (`distributed.WorldSizeError`)."""
+        distributed.check_world_size(state.get("world_size", 1))
         load_trained_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.set_rng_state(state["rng"])
+        self.set_rng_state(distributed.own_part(state["rng"]))
         self.phase = state["phase"]
         self.global_step = state.get("global_step", 0)
         if "kl_controller" in state:  # checkpoints from before the adaptive controller have none
@@ -519,3 +534,40 @@ def check_finite(objective: Float[Tensor, ""], stats: dict[str, float]):
         "would put NaN into the weights. Usual causes: rewards far from order 1 without "
         "normalize_reward, or a learning rate too high for this model."
     )
+
+
+def check_prompts(args: RLHFArgs, prompts: list[str] | None):
+    """Prompts given to the trainer: one per sample, and not as well as a prompt file."""
+    if prompts is not None and len(prompts) != args.batch_size:
+        raise ValueError(f"Got {len(prompts)} prompts for batch_size {args.batch_size}.")
+    if prompts is not None and args.prompts is not None:
+        raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
+
+
+def get_local_batch_size(args: RLHFArgs, world_size: int) -> int:
+    """This process's share of the batch, batch_size / world_size, after checking that every process gets whole minibatches and
+    whole groups of samples."""
+    if args.batch_size % (world_size * args.num_minibatches):
+        raise ValueError(
+            f"batch_size ({args.batch_size}) must be divisible by the number of processes "
+            f"({world_size}) times num_minibatches ({args.num_minibatches}), so every process "
+            "holds an equal share of every minibatch.")
+    if (args.batch_size // world_size) % args.group_size:
+        raise ValueError(
+            f"Each of the {world_size} processes samples batch_size / {world_size} = "
+            f"{args.batch_size // world_size} rows, which must be whole groups of group_size "
+            f"({args.group_size}): a prompt's samples stay in one process.")
+    return args.batch_size // world_size
+
+
+def gather_evaluation(evaluation: Evaluation) -> Evaluation:
+    """The evaluation of the global batch: every process's rows of the per-token tensors and the
+    mean entropy over the processes. `ref_outputs` (large, and read only by this process's own
+    minibatches, like the frozen trunk's `trunk_residual`) is left out (None). One process:
+    `evaluation` itself."""
+    if distributed.get_world_size() == 1:
+        return evaluation
+    rows = {name: distributed.gather_rows(getattr(evaluation, name))
+            for name in ["logprobs", "ref_logprobs", "values", "kl"]}
+    entropy = distributed.mean_over_processes({"entropy": evaluation.entropy})["entropy"]
+    return evaluation._replace(**rows, ref_outputs=None, entropy=entropy, trunk_residual=None)

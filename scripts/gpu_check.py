@@ -109,7 +109,20 @@ def step_nccl(ns, out: Path) -> tuple[bool | None, str]:
 
     if torch.cuda.device_count() < 2:
         return None, f"skipped: {torch.cuda.device_count()} GPU (needs 2)"
-    return None, "skipped: data-parallel training is not built yet (issue 17)"
+    folder = out / "nccl-run"
+    shutil.rmtree(folder, ignore_errors=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "minirlhf", "train", "--preset", "tiny-smoke", "--device", "cuda",
+               "--backend", "nccl", "--total-phases", "3", "--out", str(folder),
+               "--table-every", "0", "--checkpoint-every", "3"]
+    passed, seconds, log = run("nccl", command, 300, out)
+    metrics_file = folder / "metrics.jsonl"
+    if not metrics_file.exists():
+        return False, "no metrics were written"
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    rewards = [round(m["charts/reward_mean"], 3) for m in metrics]
+    ran = passed and len(metrics) == 3 and "2 processes" in log
+    return ran, f"2 processes, NCCL: {len(metrics)} phases in {seconds:.1f} s; rewards {rewards}"
 
 
 def step_suite(ns, out: Path) -> tuple[bool, str]:

@@ -1,0 +1,223 @@
+"""Data-parallel training: several processes, one global batch, the result of one process.
+
+Below the trainer (it knows only torch.distributed). Launched by torchrun, every process holds a
+copy of the model and works on its share of each phase's global batch of `batch_size` samples:
+
+- it samples its `batch_size / world_size` rows with its own random stream (`process_seed`);
+- every statistic over the batch (reward normalisation, group statistics, advantages, the logged
+  metrics) is taken over the global batch: each process gathers every process's rewards and a few
+  per-token tensors (`gather_rows`; never logits), so each computes the same numbers;
+- the per-minibatch advantage whitening uses the global minibatch's mean and std
+  (`global_moments`);
+- before each optimiser step the gradients are averaged over the processes (`average_gradients`:
+  an explicit all-reduce rather than DistributedDataParallel; docs/distributed.md says why).
+
+With one process (no torchrun, or `--nproc-per-node 1`) no process group is created and every
+function here returns its input or does nothing: the trainer runs exactly its one-process code.
+"""
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from jaxtyping import Float
+from torch import Tensor
+
+BACKENDS = ("gloo", "nccl")
+"""gloo runs on CPU tensors, NCCL on CUDA tensors (the fast one between GPUs)."""
+
+SEED_STRIDE = 1_000_003
+"""Process r samples from seed + r * SEED_STRIDE: far from the trainer's other seeds (seed + 1,
++ 2, + 3), and process 0 keeps the seed a one-process run samples from."""
+
+
+class WorldSizeError(ValueError):
+    """A checkpoint saved with another number of processes than this run has."""
+
+
+# ---- who am I ----
+
+def get_world_size() -> int:
+    """The number of processes training together (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank() -> int:
+    """This process's number, 0 .. world_size - 1 (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Whether this process is the one that prints, writes metrics, plots and checkpoints."""
+    return get_rank() == 0
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started (its WORLD_SIZE), before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pick_backend(device: torch.device) -> str:
+    """NCCL for CUDA devices, gloo for the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def setup(device: torch.device, backend: str | None = None) -> torch.device:
+    """Join torchrun's process group when it started several processes, and return this process's
+    device: its own GPU (cuda:LOCAL_RANK) on CUDA. Without torchrun, or with one process, it does
+    nothing and returns `device`. Calling it again (the trainer does) changes nothing.
+
+    Args:
+        backend: "gloo" or "nccl"; None picks NCCL on CUDA, gloo on the CPU.
+    """
+    if launched_world_size() <= 1:
+        return device
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Data-parallel training runs on the CPU (gloo) or CUDA GPUs (NCCL), "
+                         f"not on {device.type}: pass --device cpu or cuda.")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = backend or pick_backend(device)
+        if backend not in BACKENDS:
+            raise ValueError(f"Unknown backend {backend!r}: choose one of {BACKENDS}.")
+        if backend == "nccl" and device.type != "cuda":
+            raise ValueError("NCCL moves CUDA tensors only: on the CPU use the gloo backend.")
+        dist.init_process_group(backend)
+    return device
+
+
+def shutdown():
+    """Leave the process group (a no-op without one)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def process_seed(seed: int) -> int:
+    """The seed of this process's own sampling stream (process 0: `seed` itself)."""
+    return seed + SEED_STRIDE * get_rank()
+
+
+def local_rows(global_batch: int) -> slice:
+    """This process's rows of a global batch: process r holds rows r * B / N .. (r + 1) * B / N.
+    One process: all of them."""
+    share = global_batch // get_world_size()
+    return slice(get_rank() * share, (get_rank() + 1) * share)
+
+
+# ---- statistics over the global batch ----
+
+def gather_rows(rows: Float[Tensor, "batch ..."]) -> Float[Tensor, "global_batch ..."]:
+    """Every process's rows, in process order (every process passes the same shape), so each
+    process holds the global batch. One process: `rows` itself."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return rows
+    parts = [torch.empty_like(rows) for _ in range(world_size)]
+    dist.all_gather(parts, rows.contiguous())
+    return torch.cat(parts)
+
+
+def gather_objects(items: list) -> list:
+    """Every process's list (of strings, say) joined in process order. One process: `items`."""
+    if get_world_size() == 1:
+        return items
+    parts = [None] * get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def global_moments(
+    values: Float[Tensor, "*batch"],
+) -> tuple[Float[Tensor, ""], Float[Tensor, ""]] | None:
+    """The mean and population std of `values` joined over every process (each passes the same
+    shape), in two passes as a one-process mean and std would be. One process: None, for "use
+    your own"."""
+    if get_world_size() == 1:
+        return None
+    sums = torch.stack([values.sum(), torch.tensor(values.numel(), dtype=values.dtype,
+                                                   device=values.device)])
+    dist.all_reduce(sums)
+    mean = sums[0] / sums[1]
+    squares = (values - mean).pow(2).sum()
+    dist.all_reduce(squares)
+    return mean, (squares / sums[1]).sqrt()
+
+
+def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the processes: a mean over equal-sized shares is the global
+    mean. One process: `metrics` itself."""
+    if get_world_size() == 1:
+        return metrics
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=collective_device())
+    dist.all_reduce(values)
+    return dict(zip(metrics, (values / get_world_size()).tolist()))
+
+
+def collective_device() -> torch.device:
+    """Where small tensors made for a collective must live: this GPU for NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ---- gradients and weights ----
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]):
+    """Replace each gradient by its mean over the processes: the gradient of the global
+    minibatch's loss, since each process's loss is a mean over an equal share of it. Parameters
+    without a gradient (frozen ones) are skipped, alike in every process. One process: nothing."""
+    world_size = get_world_size()
+    if world_size == 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([grad.flatten() for grad in grads])  # one message, not one per tensor
+    dist.all_reduce(flat)
+    flat /= world_size
+    for grad, averaged in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(averaged.view_as(grad))
+
+
+def broadcast_module(module: torch.nn.Module):
+    """Give every process process 0's weights and buffers, so all start from the same model
+    whatever each loaded. One process: nothing."""
+    if get_world_size() == 1:
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+# ---- checkpoints ----
+
+def per_process(state: dict) -> dict | list:
+    """What a checkpoint keeps of state that differs between processes (random streams): one
+    process's `state` as it is; with several, every process's, in process order. (A bare `list`
+    hint: a runtime checker that samples an item of a `list[dict]` draws from Python's random
+    stream, the very state being saved.)"""
+    if get_world_size() == 1:
+        return state
+    parts = [None] * get_world_size()
+    dist.all_gather_object(parts, state)
+    return parts
+
+
+def own_part(saved: dict | list) -> dict:
+    """This process's part of what `per_process` saved."""
+    return saved[get_rank()] if isinstance(saved, list) else saved
+
+
+def check_world_size(saved_world_size: int):
+    """Refuse a checkpoint saved by another number of processes: the split of each batch, the
+    minibatches and every process's random stream depend on it, so the curve could not go on."""
+    world_size = get_world_size()
+    if saved_world_size == world_size:
+        return
+    raise WorldSizeError(
+        f"This checkpoint was saved by a run of {saved_world_size} process(es), and this run has "
+        f"{world_size}: resume it with the same number, e.g. `torchrun --nproc-per-node "
+        f"{saved_world_size} -m minirlhf train ... --resume` "
+        f"({'or without torchrun' if saved_world_size == 1 else 'on as many processes'}).")
