@@ -545,8 +545,8 @@ def check_prompts(args: RLHFArgs, prompts: list[str] | None):
 
 
 def get_local_batch_size(args: RLHFArgs, world_size: int) -> int:
-    """This process's share of the batch, batch_size / world_size, after checking that every process gets whole minibatches and
-    whole groups of samples."""
+    """This process's share of the batch, batch_size / world_size, after checking that every
+    process gets whole minibatches and whole groups of samples."""
     if args.batch_size % (world_size * args.num_minibatches):
         raise ValueError(
             f"batch_size ({args.batch_size}) must be divisible by the number of processes "
