@@ -72,6 +72,10 @@ def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Con
         "overrides": overrides,
         "seed": seed, "wall_time_s": wall, "vader_mean_per_phase": vader,
         "kl_per_phase": [m["charts/kl"] for m in history],
+        # With a prompt file (--set prompts=reviews): one sample of every held-out prompt, every
+        # eval_every phases (None in the others).
+        "held_out_per_phase": [None if "eval/held_out_reward" not in m
+                               else sign * m["eval/held_out_reward"] for m in history],
         "phase_time_s": [m["charts/phase_time"] for m in history],
         "sample_time_s": [m["charts/sample_time"] for m in history],
         "learning_time_s": [m["charts/learning_time"] for m in history],
