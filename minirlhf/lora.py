@@ -60,7 +60,8 @@ class Lora(nn.Module):
 
 
 class LoraAdapters(nn.Module):
-    """The adapters of a model, keyed "{layer}.{target}", and whether they are on."""
+    """The adapters of a model, keyed "{layer}_{target}" (ModuleDict keys cannot hold dots),
+    and whether they are on."""
 
     def __init__(self):
         super().__init__()
