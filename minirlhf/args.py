@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from minirlhf.lora import LORA_TARGETS
+from minirlhf.lora import parse_targets
 from minirlhf.validation import (
     check_at_least,
     check_choice,
@@ -211,11 +211,7 @@ class RLHFArgs:
         check_at_least(self, ["trainable_layers"], optional=True)
         check_at_least(self, ["lora_rank"], minimum=0)
         check_positive(self, ["lora_alpha"])
-        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-        unknown = sorted(set(targets) - set(LORA_TARGETS))
-        if unknown or not targets:
-            raise ValueError(f"lora_targets {self.lora_targets!r}: unknown {unknown or 'none'}; "
-                             f"give a comma-separated subset of {','.join(LORA_TARGETS)}.")
+        parse_targets(self.lora_targets)
 
     def to_dict(self) -> dict:
         """Every field, derived ones included, as plain JSON-serialisable data."""

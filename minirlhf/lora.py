@@ -109,12 +109,24 @@ def _adapted_shapes(model: HookedTransformer) -> dict[str, tuple[int, int]]:
             "out": (cfg.d_mlp, cfg.d_model)}
 
 
-def check_targets(model: HookedTransformer, targets: list[str]) -> list[str]:
-    """The targets, checked against what the model has."""
+def parse_targets(text: str) -> list[str]:
+    """"q, v" -> ["q", "v"] (`RLHFArgs.lora_targets`), refusing names not in `LORA_TARGETS`."""
+    targets = [t.strip() for t in text.split(",") if t.strip()]
+    check_known(targets, text)
+    return targets
+
+
+def check_known(targets: list[str], given: object):
+    """Every target is one of `LORA_TARGETS`, and there is at least one."""
     unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown or not targets:
-        raise ValueError(f"Unknown LoRA targets {unknown or targets}: choose from "
-                         f"{', '.join(LORA_TARGETS)} (comma-separated, e.g. 'q,v').")
+        raise ValueError(f"lora_targets {given!r}: unknown {unknown or 'none'}; give a "
+                         f"comma-separated subset of {','.join(LORA_TARGETS)} (e.g. 'q,v').")
+
+
+def check_targets(model: HookedTransformer, targets: list[str]) -> list[str]:
+    """The targets, checked against what the model has."""
+    check_known(targets, targets)
     if "gate" in targets and not model.cfg.gated_mlp:
         targets = [t for t in targets if t != "gate"]  # a plain MLP has no gate: nothing to adapt
     cfg = model.cfg

@@ -132,8 +132,8 @@ def prepare_policy(
     n_frozen = freeze_trunk(model, trainable_layers)
     freeze_absent_unembed_bias(model)
     if lora_rank:
-        targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
-        lora.add_lora(model, lora_rank, lora_alpha, targets, list(range(n_frozen, n_layers)))
+        lora.add_lora(model, lora_rank, lora_alpha, lora.parse_targets(lora_targets),
+                      list(range(n_frozen, n_layers)))
     return n_frozen
 
 
