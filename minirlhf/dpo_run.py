@@ -120,13 +120,16 @@ def load_dpo_checkpoint(out: Path, device, console: Console) -> dict | None:
 
 def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransformer,
                     pairs: list[Preference]) -> dict:
-    """run.json: "args" and "reward" as a PPO run has them, so `minirlhf sample` reads them
-    (prefix: the commonest prompt; gen_len: the longest response in tokens), and "dpo"."""
+    """run.json: "args" and "reward" as a PPO run has them, so `minirlhf sample` and `export`
+    read them (prefix: the commonest prompt; gen_len: the longest response in tokens; what
+    trained, to rebuild the adapters), and "dpo"."""
     prefix = collections.Counter(p.prompt for p in pairs).most_common(1)[0][0]
     gen_len = max(len(policy.tokenizer(text, add_special_tokens=False)["input_ids"])
                   for p in pairs for text in (p.chosen, p.rejected))
     sample_args = RLHFArgs(base_model=args.base_model, prefix=prefix, gen_len=gen_len,
-                           prepend_bos=args.prepend_bos, device=args.device)
+                           prepend_bos=args.prepend_bos, device=args.device,
+                           trainable_layers=args.trainable_layers, lora_rank=args.lora_rank,
+                           lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     reward = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
     return {"preset": "dpo", "args": sample_args.to_dict(), "reward": reward,
             "dpo": {"args": args.to_dict(), "data": str(ns.data.resolve()),

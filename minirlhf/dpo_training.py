@@ -30,9 +30,19 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from minirlhf import lora
+from minirlhf.args import RLHFArgs
 from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 from minirlhf.losses import calc_exact_kl
-from minirlhf.models import ReferenceModel, freeze_absent_unembed_bias, run_model
+from minirlhf.models import (
+    ReferenceModel,
+    Trunk,
+    get_trained_state,
+    get_trunk,
+    load_trained_state,
+    prepare_policy,
+    run_model,
+)
 from minirlhf.preferences import Preference
 from minirlhf.reward_training import run_pair_epochs
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
@@ -54,6 +64,18 @@ class DPOArgs:
     fast_path: bool = True
     """Run forward passes on minirlhf.fast_path where it can run the model."""
 
+    # --- what trains (as in RLHFArgs) ---
+    trainable_layers: int | None = None
+    """Train only the top this many blocks (and the final norm): the blocks below are frozen,
+    run once per response and shared with the reference. None: every weight trains."""
+    lora_rank: int = 0
+    """With a rank >= 1, train LoRA adapters on `lora_targets` (in the top `trainable_layers`
+    blocks when that is set); the reference is the policy with its adapters off. 0: no LoRA."""
+    lora_alpha: float = 16.0
+    """LoRA's scale is lora_alpha / lora_rank."""
+    lora_targets: str = "q,k,v,o,in,gate,out"
+    """Comma-separated matrices that get adapters: attention q, k, v, o; MLP in, gate, out."""
+
     # --- data ---
     heldout_fraction: float = 0.2
     """Share of the pairs kept out of training to measure accuracy."""
@@ -72,7 +94,8 @@ class DPOArgs:
     batch_size: int = 8
     """Pairs per step (each pair is two sequences in the forward pass)."""
     lr: float = 1e-5
-    """AdamW learning rate (every weight of the policy is trained)."""
+    """AdamW learning rate of what trains (every weight: about 1e-5; LoRA adapters: about 1e-4
+    to 1e-3)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
@@ -88,6 +111,7 @@ class DPOArgs:
         check_choice(self, "loss_type")
         if self.label_smoothing and self.loss_type == "ipo":
             raise ValueError("label_smoothing applies to loss_type 'sigmoid' only.")
+        RLHFArgs.check_trainable(self)  # the same four fields, checked the same way
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,22 +158,58 @@ def tokenize_responses(
     return ResponseTokens(tokens.to(device), attention_mask.to(device), response_mask.to(device))
 
 
+class PairTrunks:
+    """The frozen trunk's output for each response, computed the first time it is asked for.
+
+    With the lower blocks frozen (`trainable_layers`), they compute the same residual stream for
+    a pair's text at every step, so it is kept per token sequence (about 2.3 KB per token for
+    SmolLM2: some 50 MB for 320 pairs) and each forward pass runs only the blocks above. The
+    policy and its reference share those blocks, so one cache serves both.
+    """
+
+    def __init__(self, layer: int, fast_path: bool):
+        self.layer, self.fast_path = layer, fast_path
+        self.residuals: dict[tuple[int, ...], Float[Tensor, "seq d_model"]] = {}
+
+    def __call__(self, model: HookedTransformer, batch: ResponseTokens) -> Trunk:
+        lengths = batch.attention_mask.sum(-1).tolist()
+        keys = [self.key(row[:n]) for row, n in zip(batch.tokens, lengths)]
+        missing = [i for i, key in enumerate(keys) if key not in self.residuals]
+        if missing:  # right-padded, so row i's residual is [0, lengths[i]) whatever the padding
+            rows = torch.tensor(missing, device=batch.tokens.device)
+            trunk = get_trunk(model, batch.tokens[rows], batch.attention_mask[rows], self.layer,
+                              self.fast_path)
+            for i, residual in zip(missing, trunk.residual):
+                self.residuals[keys[i]] = residual[: lengths[i]].clone()
+        rows = [self.residuals[key] for key in keys]
+        return Trunk(self.layer, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True))
+
+    @staticmethod
+    def key(tokens: Int[Tensor, " seq"]) -> tuple[int, ...]:
+        """What a cached output is found by: the whole unpadded token sequence."""
+        return tuple(tokens.tolist())
+
+
 def run_pairs(
-    model: HookedTransformer, pairs: list[Preference], args: DPOArgs
+    model: HookedTransformer, pairs: list[Preference], args: DPOArgs,
+    trunks: PairTrunks | None = None,
 ) -> tuple[Float[Tensor, "batch seq d_vocab"], ResponseTokens]:
-    """One forward pass over the chosen responses, then the rejected ones: logits and tokens."""
+    """One forward pass over the chosen responses, then the rejected ones: logits and tokens.
+    With `trunks`, only the blocks above the frozen trunk run."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = tokenize_responses(model, prompts, responses, args.prepend_bos)
-    logits, _ = run_model(model, batch.tokens, batch.attention_mask, args.fast_path)
+    trunk = None if trunks is None else trunks(model, batch)
+    logits, _ = run_model(model, batch.tokens, batch.attention_mask, args.fast_path, trunk=trunk)
     return logits, batch
 
 
 def get_pair_logprobs(
-    model: HookedTransformer, pairs: list[Preference], args: DPOArgs
+    model: HookedTransformer, pairs: list[Preference], args: DPOArgs,
+    trunks: PairTrunks | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
     """log pi(chosen | prompt) and log pi(rejected | prompt), from one forward pass over both."""
-    logits, batch = run_pairs(model, pairs, args)
+    logits, batch = run_pairs(model, pairs, args, trunks)
     logps = get_sequence_logprobs(logits, batch.tokens, batch.attention_mask, batch.response_mask)
     return logps[: len(pairs)], logps[len(pairs) :]
 
@@ -157,16 +217,20 @@ def get_pair_logprobs(
 @torch.no_grad()
 def get_response_kl(
     policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
-    args: DPOArgs,
+    args: DPOArgs, trunks: PairTrunks | None = None,
 ) -> float:
     """KL(policy || reference) in nats per response token: the exact KL of the next-token
     distributions (`calc_exact_kl`) at every position that predicts a response token, chosen and
     rejected alike, averaged over all those positions of `pairs`. The contexts are the pairs' own
-    texts, not the policy's samples: how far the policy has moved on the data it learns from."""
+    texts, not the policy's samples: how far the policy has moved on the data it learns from.
+    `reference` may be `policy` itself with LoRA adapters: it is run with them off."""
     total, count = 0.0, 0
     for start in range(0, len(pairs), args.batch_size):
-        logits, batch = run_pairs(policy, pairs[start : start + args.batch_size], args)
-        ref_logits, _ = run_model(reference, batch.tokens, batch.attention_mask, args.fast_path)
+        logits, batch = run_pairs(policy, pairs[start : start + args.batch_size], args, trunks)
+        trunk = None if trunks is None else trunks(reference, batch)
+        with lora.adapters_off(reference):
+            ref_logits, _ = run_model(reference, batch.tokens, batch.attention_mask,
+                                      args.fast_path, trunk=trunk)
         # logits[:, s] predicts tokens[:, s+1], as in get_sequence_logprobs.
         counted = (batch.response_mask * batch.attention_mask)[:, 1:].bool()
         kl = calc_exact_kl(logits[:, :-1], ref_logits[:, :-1])
@@ -177,60 +241,87 @@ def get_response_kl(
 
 @torch.no_grad()
 def get_all_logprobs(
-    model: HookedTransformer, pairs: list[Preference], args: DPOArgs
+    model: HookedTransformer, pairs: list[Preference], args: DPOArgs,
+    trunks: PairTrunks | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
     """`get_pair_logprobs` of every pair, in minibatches, without gradient."""
     chosen, rejected = [], []
     for start in range(0, len(pairs), args.batch_size):
-        c, r = get_pair_logprobs(model, pairs[start : start + args.batch_size], args)
+        c, r = get_pair_logprobs(model, pairs[start : start + args.batch_size], args, trunks)
         chosen.append(c)
         rejected.append(r)
     return torch.cat(chosen), torch.cat(rejected)
 
 
+@dataclass
+class DPOSetup:
+    """What `train_dpo` builds around the policy before the first step."""
+
+    optimizer: torch.optim.AdamW
+    reference: HookedTransformer
+    """The starting policy, frozen: a copy sharing the frozen weights, or, with LoRA, the policy
+    itself (always run under `lora.adapters_off`)."""
+    trunks: PairTrunks | None
+    """The frozen trunk's cached outputs (None: every block trains)."""
+
+
+def set_up_dpo(policy: HookedTransformer, args: DPOArgs) -> DPOSetup:
+    """Decide what trains (`models.prepare_policy`: every weight, the top blocks, or LoRA
+    adapters), then the optimiser over exactly that, the reference, and the trunk cache."""
+    n_frozen = prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
+                              args.lora_targets)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    reference = ReferenceModel(policy, fast_path=args.fast_path).model
+    return DPOSetup(optimizer, reference,
+                    PairTrunks(n_frozen, args.fast_path) if n_frozen else None)
+
+
 def evaluate(
-    policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
+    policy: HookedTransformer, setup: DPOSetup, pairs: list[Preference],
     ref_logps: tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]], args: DPOArgs,
 ) -> dict[str, float]:
     """Loss, accuracy, margin, mean implicit rewards and the KL to the reference
     (`get_response_kl`) over every pair (no gradient)."""
     policy.eval()
-    chosen, rejected = get_all_logprobs(policy, pairs, args)
+    chosen, rejected = get_all_logprobs(policy, pairs, args, setup.trunks)
     out = calc_dpo_loss(chosen, rejected, *ref_logps, args.beta, args.loss_type,
                         args.label_smoothing)
     return {"loss": out.loss.item(), **calc_preference_metrics(out.chosen_rewards,
                                                                out.rejected_rewards),
-            "kl": get_response_kl(policy, reference, pairs, args)}
+            "kl": get_response_kl(policy, setup.reference, pairs, args, setup.trunks)}
 
 
 def train_step(
-    policy: HookedTransformer, optimizer: torch.optim.Optimizer, mb_pairs: list[Preference],
+    policy: HookedTransformer, setup: DPOSetup, mb_pairs: list[Preference],
     mb_ref_logps: tuple[Float[Tensor, " minibatch"], Float[Tensor, " minibatch"]],
     args: DPOArgs, loss_fn: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
     """One AdamW step on the DPO loss (or `loss_fn`'s, see `train_dpo`) of a minibatch of pairs."""
     policy.train()
-    chosen, rejected = get_pair_logprobs(policy, mb_pairs, args)
+    chosen, rejected = get_pair_logprobs(policy, mb_pairs, args, setup.trunks)
     out = calc_dpo_loss(chosen, rejected, *mb_ref_logps, args.beta, args.loss_type,
                         args.label_smoothing)
     loss = out.loss if loss_fn is None else loss_fn(chosen, rejected, *mb_ref_logps, args.beta)
     if not torch.isfinite(loss):  # stop before the step writes NaN into every weight
         raise FloatingPointError(f"The DPO loss is {loss.item()} on a minibatch of "
                                  f"{len(mb_pairs)} pairs: lower --lr.")
-    optimizer.zero_grad()
+    setup.optimizer.zero_grad()
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-    optimizer.step()
+    trainable = [p for group in setup.optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+    setup.optimizer.step()
     metrics = calc_preference_metrics(out.chosen_rewards, out.rejected_rewards)
     return {"train/loss": loss.item(), **{f"train/{k}": v for k, v in metrics.items()},
             "train/grad_norm": grad_norm.item()}
 
 
 def get_reference_logprobs(
-    reference: HookedTransformer, splits: list[list[Preference]], args: DPOArgs
+    setup: DPOSetup, splits: list[list[Preference]], args: DPOArgs
 ) -> list[tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]]:
     """(chosen, rejected) log-probs of every pair of each split under the reference."""
-    return [get_all_logprobs(reference, pairs, args) for pairs in splits]
+    with lora.adapters_off(setup.reference):
+        return [get_all_logprobs(setup.reference, pairs, args, setup.trunks) for pairs in splits]
 
 
 def train_dpo(
@@ -246,7 +337,8 @@ def train_dpo(
     save_every: int = 20,
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
-    The reference (a frozen copy of `policy` as given) scores every pair first, then the KL.
+    What trains is `args`' choice (`set_up_dpo`: LoRA adapters stay attached to `policy`). The
+    reference (the starting policy, frozen) scores every pair first, then the KL.
 
     Args:
         loss_fn: `(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -258,10 +350,9 @@ def train_dpo(
             the reference copies; it gets the saved weights after).
         save: called with `get_dpo_state` every `save_every` steps and after the last.
     """
-    optimizer = get_dpo_optimizer(policy, args)
-    reference = ReferenceModel(policy, fast_path=args.fast_path).model
-    ref_train, ref_heldout = get_reference_logprobs(reference, [train, heldout], args)
-    history = load_dpo_state(policy, optimizer, saved) if saved is not None else []
+    setup = set_up_dpo(policy, args)
+    ref_train, ref_heldout = get_reference_logprobs(setup, [train, heldout], args)
+    history = load_dpo_state(policy, setup.optimizer, saved) if saved is not None else []
     total = args.epochs * -(-len(train) // args.batch_size)
 
     def after_step(metrics: dict[str, float]):
@@ -269,44 +360,39 @@ def train_dpo(
         if on_step is not None:
             on_step(metrics)
         if save is not None and (len(history) % save_every == 0 or len(history) == total):
-            save(get_dpo_state(policy, optimizer, history))
+            save(get_dpo_state(policy, setup.optimizer, history))
 
     shuffler = random.Random(args.seed)
     run_pair_epochs(
         len(train), (args.epochs, args.batch_size, args.eval_every),
         lambda: shuffler.sample(range(len(train)), len(train)),
-        lambda rows: train_step(policy, optimizer, [train[i] for i in rows],
+        lambda rows: train_step(policy, setup, [train[i] for i in rows],
                                 (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
-        lambda: evaluate(policy, reference, heldout, ref_heldout, args), "DPO", console,
+        lambda: evaluate(policy, setup, heldout, ref_heldout, args), "DPO", console,
         after_step, start_step=len(history),
     )
     policy.eval()
     return history
 
 
-def get_dpo_optimizer(policy: HookedTransformer, args: DPOArgs) -> torch.optim.AdamW:
-    """AdamW over every weight of the policy but an unembedding bias the model does not have
-    (kept at zero, so the policy still exports exactly)."""
-    freeze_absent_unembed_bias(policy)
-    trainable = [p for p in policy.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-
-
 def get_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
                   history: list[dict[str, float]]) -> dict:
-    """What continues a DPO run: the weights (under "model", named as in a PPO checkpoint, so
-    `minirlhf sample` and `export` read them alike), AdamW's state, and the metrics so far. The
+    """What continues a DPO run: what trained (under "model", named as in a PPO checkpoint, so
+    `minirlhf sample` and `export` read them alike; frozen weights, which the base model holds,
+    are left out: `models.get_trained_state`), AdamW's state, and the metrics so far. The
     shuffles need no state: they are drawn again from the seed."""
-    return {"model": {f"base_model.{name}": value for name, value in policy.state_dict().items()},
+    return {"model": {f"base_model.{name}": value
+                      for name, value in get_trained_state(policy).items()},
             "optimizer": optimizer.state_dict(), "history": list(history),
             "phase": len(history), "global_step": len(history)}
 
 
 def load_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
                    saved: dict) -> list[dict[str, float]]:
-    """Put a `get_dpo_state` back into `policy` and `optimizer`; returns its metrics so far."""
-    policy.load_state_dict({name.removeprefix("base_model."): value
-                            for name, value in saved["model"].items()})
+    """Put a `get_dpo_state` back into `policy` (prepared as the run's was) and `optimizer`;
+    returns its metrics so far."""
+    load_trained_state(policy, {name.removeprefix("base_model."): value
+                                for name, value in saved["model"].items()})
     optimizer.load_state_dict(saved["optimizer"])
     return list(saved["history"])
 

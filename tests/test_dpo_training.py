@@ -1,5 +1,7 @@
 """DPO training end to end on tiny models, and `minirlhf dpo` -> `minirlhf sample`."""
 
+import contextlib
+import copy
 import json
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import cli, dpo_training
+from minirlhf import cli, dpo_training, lora
 from minirlhf.checkpoint import load_checkpoint
 from minirlhf.dpo import calc_dpo_loss
 from minirlhf.dpo_training import (
@@ -17,8 +19,11 @@ from minirlhf.dpo_training import (
     tokenize_responses,
     train_dpo,
 )
+from minirlhf.loading import load_policy
+from minirlhf.models import load_trained_state, prepare_policy
 from minirlhf.preferences import Preference, make_preferences, split_preferences
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.run_folder import load_run_policy
 from minirlhf.sampling import get_samples
 
 PERIOD = 13  # '.' in the printable vocabulary
@@ -245,7 +250,7 @@ def straight_dpo(tmp_path_factory):
     return folder
 
 
-def interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=None):
+def interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=None, flags=()):
     """Run the same command, stopped (as by Ctrl-C) in step 5, mid-epoch; then --resume it."""
     real_step, calls = dpo_training.train_step, []
 
@@ -259,7 +264,7 @@ def interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=None):
         patch.setattr(dpo_training, "train_step", stop_in_fifth_step)
         with pytest.raises(KeyboardInterrupt):
             cli.main(["dpo", "--data", str(straight_dpo / "prefs.jsonl"), "--out", str(out),
-                      *RESUMABLE])
+                      *RESUMABLE, *flags])
     assert load_checkpoint(out).trainer["phase"] == 3  # steps 4 and 5 are run again
     with monkeypatch.context() as patch:
         if load_dpo_state is not None:
@@ -283,7 +288,7 @@ def test_resuming_without_the_optimizer_state_would_diverge(straight_dpo, tmp_pa
     """The check above can fail: a resume that restores the weights but not AdamW's moments."""
     def weights_only(policy, optimizer, saved):
         policy.load_state_dict({name.removeprefix("base_model."): value
-                                for name, value in saved["model"].items()})
+                                for name, value in saved["model"].items()}, strict=False)
         return list(saved["history"])
 
     out = tmp_path / "resumed"
@@ -314,3 +319,110 @@ def test_dpo_resume_refuses_changed_flags_and_other_folders(straight_dpo, tmp_pa
     with pytest.raises(SystemExit):
         cli.main(["dpo", "--out", str(tmp_path), "--resume"])
     assert "has changed since the run started" in capsys.readouterr().err
+
+
+# ---- what trains: a frozen trunk, LoRA ----
+
+def naive_sequence_logprob(model, prompt: str, response: str) -> float:
+    """log pi(response | prompt) summed token by token over one unpadded sequence."""
+    tokens = torch.tensor([[ord(c) - 33 for c in prompt + response]])
+    with torch.no_grad():
+        logprobs = model(tokens)[0].log_softmax(-1)
+    return sum(logprobs[s - 1, tokens[0, s]].item() for s in range(len(prompt), tokens.shape[1]))
+
+
+class LengthKeyedTrunks(dpo_training.PairTrunks):
+    """Known wrong: finds a cached output by the sequence's length alone, so texts of the same
+    length (".x" and "yz" after one prompt) read each other's."""
+
+    @staticmethod
+    def key(tokens):
+        return (len(tokens),)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_cached_trunks_give_the_full_forward_logprobs(make_printable_model, fast_path):
+    """The trunk cache (filled in one batching, read in another) against a full forward pass per
+    sequence; a cache that finds outputs by length alone fails the same check."""
+    model = make_printable_model(n_layers=3, seed=0)
+    model.tokenizer = CharTokenizer(model.tokenizer)
+    pairs = [Preference("AB", ".x" * k, "yz."[: 1 + k % 3]) for k in range(1, 6)]
+    args = DPOArgs(prepend_bos=False, batch_size=2, fast_path=fast_path)
+    expected = torch.tensor([[naive_sequence_logprob(model, p.prompt, getattr(p, side))
+                              for p in pairs] for side in ("chosen", "rejected")])
+    trunks = dpo_training.PairTrunks(1, fast_path)
+    get_all_logprobs(model, pairs[::-1], DPOArgs(prepend_bos=False, batch_size=5), trunks)
+    cached = get_all_logprobs(model, pairs, args, trunks)
+    torch.testing.assert_close(torch.stack(cached), expected, atol=1e-4, rtol=1e-4)
+    texts = {p.prompt + text for p in pairs for text in (p.chosen, p.rejected)}
+    assert len(trunks.residuals) == len(texts)  # one per distinct text, kept from the first fill
+    wrong = get_all_logprobs(model, pairs, args, LengthKeyedTrunks(1, fast_path))
+    assert not torch.allclose(torch.stack(wrong), expected, atol=1e-2)
+
+
+def train_lora_on_period_pairs(model, args: DPOArgs) -> tuple[list[dict], float, float]:
+    """`train_on_period_pairs` with `args` (what trains): history, period rate before, after."""
+    judge = lambda texts: reward_fn_char_count(texts, ".")  # noqa: E731
+    prefs = make_preferences(model, judge, ["A", "B", "C", "D"], num_pairs=128, gen_len=12,
+                             batch_size=64, prepend_bos=False, seed=0)
+    train, heldout = split_preferences(prefs, 0.25, seed=0)
+    before = period_rate(model)
+    history = train_dpo(model, train, heldout, args, console=Console(quiet=True))
+    return history, before, period_rate(model)
+
+
+@pytest.mark.parametrize("trainable_layers", [None, 1])
+def test_lora_dpo_learns_with_the_base_weights_untouched(make_printable_model, trainable_layers,
+                                                         monkeypatch):
+    """LoRA adapters (on every block, or the top one above a cached trunk) learn the periods;
+    every base weight stays as it was; the held-out KL is the exact KL to the base model (a copy
+    kept before training: the oracle of "adapters off"); with the adapters left on for the
+    reference (`adapters_off` a no-op) that KL reads 0 and the check fails. Measured (model
+    seeds 0, 1): held-out accuracy 0.84, 0.81 (top block only: 0.84, 0.84), period rate x18,
+    x12 (x40, x17); required as in `test_dpo_learns_to_prefer_periods`."""
+    model = make_printable_model(n_layers=2, seed=0)
+    model.tokenizer = CharTokenizer(model.tokenizer)
+    base = copy.deepcopy(model)
+    args = DPOArgs(prepend_bos=False, lr=1e-2, beta=0.1, epochs=4, batch_size=16, eval_every=10,
+                   lora_rank=4, lora_alpha=8.0, trainable_layers=trainable_layers)
+    history, before, after = train_lora_on_period_pairs(model, args)
+    assert history[-1]["heldout/accuracy"] >= 0.75 and after >= 3 * before, (history[-1], after)
+    weights = dict(model.named_parameters())
+    for name, original in base.named_parameters():
+        assert torch.equal(weights[name], original), name
+    assert any(name.startswith("lora.") for name in weights)
+    pairs = [Preference("AB", ".x.", "y"), Preference("C", "zz", "q.q.q")]
+    kl = get_response_kl(model, model, pairs, DPOArgs(prepend_bos=False))
+    assert kl == pytest.approx(naive_response_kl(model, base, pairs), rel=1e-4) and kl > 1e-3
+    monkeypatch.setattr(lora, "adapters_off", contextlib.nullcontext)
+    assert get_response_kl(model, model, pairs, DPOArgs(prepend_bos=False)) == 0.0
+
+
+LORA = ["--lora-rank", "4", "--lora-alpha", "8", "--trainable-layers", "1"]
+
+
+def test_a_lora_dpo_run_resumes_exactly_and_exports_its_adapters(straight_dpo, tmp_path,
+                                                                  monkeypatch):
+    """LoRA on the top block: the checkpoint holds the adapters only (the base model holds the
+    rest), a resumed run equals an uninterrupted one, and the run's policy, read back for
+    `sample` and `export` (adapters merged), gives the trained policy's logits."""
+    straight = tmp_path / "straight"
+    cli.main(["dpo", "--data", str(straight_dpo / "prefs.jsonl"), "--out", str(straight),
+              *RESUMABLE, *LORA])
+    resumed = tmp_path / "resumed"
+    interrupt_and_resume(straight_dpo, resumed, monkeypatch, flags=LORA)
+    assert read_jsonl(resumed / "metrics.jsonl") == read_jsonl(straight / "metrics.jsonl")
+    saved = load_checkpoint(straight).trainer["model"]
+    assert any(".lora." in name for name in saved)
+    assert not any(name.endswith(("W_Q", "W_K", "W_V", "W_O", "W_in", "W_out", "W_E", "W_U"))
+                   for name in saved), sorted(saved)[:5]
+    for name, value in load_checkpoint(resumed).trainer["model"].items():
+        assert torch.equal(value, saved[name]), name
+    merged = load_run_policy(straight).policy
+    policy = load_policy("tiny")
+    prepare_policy(policy, 1, 4, 8.0)
+    load_trained_state(policy, {k.removeprefix("base_model."): v for k, v in saved.items()})
+    tokens = torch.tensor([[50256, 1212, 318, 257, 3797]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), policy(tokens), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(policy(tokens), load_policy("tiny")(tokens), atol=1e-4)
