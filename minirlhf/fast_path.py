@@ -219,13 +219,16 @@ def get_output_weights(model: HookedTransformer) -> OutputWeights:
     )
 
 
-def get_fast_weights(model: HookedTransformer, from_layer: int = 0) -> FastWeights:
+def get_fast_weights(
+    model: HookedTransformer, from_layer: int = 0, to_layer: int | None = None
+) -> FastWeights:
     """Lay out the model's weights for `forward` (differentiable: call it under `no_grad` to lay
     them out once for many inference calls, or with gradients on for a training step).
 
     LoRA adapters (`minirlhf.lora`) that are on are merged into the matrices under `no_grad` and
-    kept as low-rank terms otherwise. Blocks below `from_layer` are not laid out (for a forward
-    that starts from a cached residual stream there)."""
+    kept as low-rank terms otherwise. Only blocks `from_layer` to `to_layer` (exclusive; None:
+    the last) are laid out: a forward that starts from a cached residual stream, or stops early
+    to compute a frozen trunk, needs no others."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise NotImplementedError(
@@ -238,7 +241,8 @@ def get_fast_weights(model: HookedTransformer, from_layer: int = 0) -> FastWeigh
     return FastWeights(
         embed=model.embed.W_E,
         pos_embed=None if rotary else model.pos_embed.W_pos,
-        layers=[_layer_weights(block, cfg.gated_mlp, adapters, i) if i >= from_layer else None
+        layers=[_layer_weights(block, cfg.gated_mlp, adapters, i)
+                if from_layer <= i < (cfg.n_layers if to_layer is None else to_layer) else None
                 for i, block in enumerate(model.blocks)],
         output=get_output_weights(model),
         rotary_cos=attn.rotary_cos if rotary else None,

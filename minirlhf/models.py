@@ -88,7 +88,7 @@ def get_trunk(
     """What the blocks below `layer` compute (once per phase when they are frozen)."""
     attention_mask = mask_or_none(attention_mask)
     if fast.use_fast_path(model, fast_path):
-        weights = fast.get_fast_weights(model)
+        weights = fast.get_fast_weights(model, to_layer=layer)
         residual = fast.forward(weights, tokens, attention_mask, layers=slice(None, layer))
     else:
         residual = model(tokens, attention_mask=attention_mask, stop_at_layer=layer)
