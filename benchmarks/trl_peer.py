@@ -52,6 +52,7 @@ CHECK_SENTENCES = ["This movie was a huge disappointment.",
                    "The acting is wonderful, and the score stays with you for days.",
                    "I went in expecting nothing; I came out wanting to see it again."]
 LOGPROB_TOLERANCE = 1e-4
+TRAINED = {"full": "every weight trained", "lora": "LoRA r16 on the top 8 blocks"}
 
 JOB_ARGS = dict(
     base_model="smollm2", prompts="reviews", held_out_fraction=0.0, group_size=4, batch_size=32,
@@ -267,7 +268,7 @@ def run(ns: argparse.Namespace, console: Console) -> dict:
     result = {"scope": scope, "phases": ns.phases, "seed": ns.seed, "threads": ns.threads,
               "batch_size": args.batch_size, "args": args.to_dict(), "machine": get_machine(),
               "logprob_max_diff": check_same_weights(python, folder, work_dir, ns.threads),
-              "title": f"GRPO on SmolLM2-135M, {scope} weights, batch 32, gen_len 20, fp32"}
+              "title": f"GRPO on SmolLM2-135M, {TRAINED[scope]}, batch 32, gen_len 20, fp32"}
     if ns.side in ("both", "minirlhf"):
         result["minirlhf"] = run_minirlhf(args, phase_prompts, console)
     if ns.side in ("both", "trl"):
