@@ -1,8 +1,11 @@
 """Training a policy with DPO on preference pairs: the reward model and PPO in one loss.
 
 Sits on the model, the preferences and the DPO math (`minirlhf.dpo`); the command line calls
-`train_dpo`. The reference is a frozen copy of the starting policy, asked once, before the first
-step, for the log-probs of every response (they never change); then each step takes a minibatch
+`train_dpo`. What trains is `DPOArgs`' choice, as in PPO: every weight, the top blocks (the
+frozen ones below run once per text, `PairTrunks`), or LoRA adapters. The reference is the
+starting policy, frozen (a copy sharing the frozen weights, or the adapters switched off), asked
+once, before the first step, for the log-probs of every response (they never change); then each
+step takes a minibatch
 of pairs, runs chosen and rejected through the policy in one forward pass, and takes an AdamW
 step on the DPO loss (minimised). Every `eval_every` steps the held-out pairs are scored.
 Metric keys, as in the reward-model training, are namespaced:
@@ -162,8 +165,9 @@ class PairTrunks:
     """The frozen trunk's output for each response, computed the first time it is asked for.
 
     With the lower blocks frozen (`trainable_layers`), they compute the same residual stream for
-    a pair's text at every step, so it is kept per token sequence (about 2.3 KB per token for
-    SmolLM2: some 50 MB for 320 pairs) and each forward pass runs only the blocks above. The
+    a pair's text at every step, so it is kept per token sequence (576 floats, 2.3 KB, per token
+    for SmolLM2: about 90 MB for 640 pairs of 30-token texts) and each forward pass runs only the
+    blocks above. The
     policy and its reference share those blocks, so one cache serves both.
     """
 
