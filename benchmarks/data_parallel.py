@@ -20,7 +20,6 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -32,18 +31,12 @@ from rich.table import Table
 
 from minirlhf import distributed
 from minirlhf.args import RLHFArgs
-from minirlhf.device import has_fast_bf16
+from minirlhf.device import describe_cpu
 from minirlhf.presets import PRESETS
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.trainer import RLHFTrainer
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def cpu_model() -> str:
-    """The "Model name" line of lscpu."""
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if "Model name" in line), "?")
 
 
 def free_port() -> int:
@@ -100,15 +93,16 @@ def main():
             times[world_size, threads].append(time_run(world_size, threads, options))
     medians = {setting: statistics.median(t) for setting, t in times.items()}
     best_one = min(s for (n, _), s in medians.items() if n == 1)
+    machine = describe_cpu()
     table = Table("processes", "threads each", "s / phase", "samples / s",
-                  "vs the best 1-process", title=f"{cpu_model()}, {cores} cores; fast bf16: "
-                  f"{has_fast_bf16(torch.device('cpu'))}")
+                  "vs the best 1-process", title=f"{machine['cpu']}, {cores} cores; fast bf16: "
+                  f"{machine['fast_bf16']}")
     for (n, threads), seconds in medians.items():
         table.add_row(str(n), str(threads), f"{seconds:.3f}", f"{ns.batch_size / seconds:.1f}",
                       f"{best_one / seconds:.2f}x")
     Console().print(table)
     (RESULTS / f"data_parallel_{ns.base_model}.json").write_text(json.dumps({
-        "cpu": cpu_model(), "cores": cores, "fast_bf16": has_fast_bf16(torch.device("cpu")),
+        "cpu": machine["cpu"], "cores": cores, "fast_bf16": machine["fast_bf16"],
         "options": options, "repeats": ns.repeats,
         "seconds_per_phase": {f"{n}x{threads}": t for (n, threads), t in times.items()},
         "median_seconds_per_phase": {f"{n}x{threads}": s for (n, threads), s in medians.items()},

@@ -25,8 +25,6 @@ Target (issue 16): DPO lifts held-out mean VADER from the base model's (about 0.
 
 import argparse
 import json
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from rich.table import Table
 
 from minirlhf import lora
 from minirlhf.args import RLHFArgs
+from minirlhf.device import describe_cpu
 from minirlhf.dpo import get_sequence_logprobs
 from minirlhf.dpo_training import DPOArgs, train_dpo
 from minirlhf.loading import load_policy
@@ -61,16 +60,6 @@ RM_ARGS = dict(base_model="smollm2", trainable_layers=10, epochs=2, batch_size=1
                head_lr=1e-2, eval_every=40, normalize_samples=64,
                normalize_prompt="This movie was")
 TARGET = 0.6
-
-
-def describe_cpu() -> dict:
-    """lscpu's model name, and whether bfloat16 matmuls are fast here (AVX512-BF16 or AMX)."""
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        if line.startswith("Model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": model, "bf16_fast": "avx512_bf16" in flags or "amx_bf16" in flags,
-            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def held_out_split(seed: int) -> tuple[list[str], list[str]]:
@@ -225,8 +214,8 @@ def main():
         return
     ns.dpo_set, ns.rm_set, ns.ppo_set = map(parse_sets, (ns.dpo_set, ns.rm_set, ns.ppo_set))
     ns.work.mkdir(parents=True, exist_ok=True)
-    result = {"machine": describe_cpu(), "command": vars(ns) | {"work": str(ns.work),
-                                                                 "out": str(ns.out)}}
+    machine = {**describe_cpu(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    result = {"machine": machine, "command": vars(ns) | {"work": str(ns.work), "out": str(ns.out)}}
     console.print(result["machine"])
     train_prompts, held_out = held_out_split(ns.seed)
     pairs, result["pairs"] = get_pairs(ns, train_prompts, console)

@@ -136,14 +136,11 @@ def report(variants: list[str], target: float, folder: Path):
 
 
 def describe_machine() -> str:
-    import torch
+    from minirlhf.device import describe_cpu
 
-    from minirlhf.device import pick_precision
-
-    model = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
-                           text=True).stdout.split(":")[-1].strip()
-    fast = pick_precision("auto", torch.device("cpu")) == "bf16"
-    return f"CPU: {model}; bf16 {'fast (AVX512-BF16/AMX)' if fast else 'slow (no AVX512-BF16)'}"
+    machine = describe_cpu()
+    speed = "fast (AVX512-BF16/AMX)" if machine["fast_bf16"] else "slow (no AVX512-BF16)"
+    return f"CPU: {machine['cpu']}; bf16 {speed}"
 
 
 def main():

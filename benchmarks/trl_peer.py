@@ -21,7 +21,6 @@ What is matched and what differs: docs/critic_free.md, "Against TRL's GRPOTraine
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from minirlhf.args import RLHFArgs
-from minirlhf.device import has_fast_bf16
+from minirlhf.device import describe_cpu
 from minirlhf.loading import load_policy
 from minirlhf.presets import MOVIE_ARGS, PRESETS
 from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
@@ -206,14 +205,6 @@ def summarise(side: dict, batch_size: int) -> dict:
     }
 
 
-def get_machine() -> dict:
-    """The CPU (lscpu's model name), its cores and whether it multiplies bf16 fast."""
-    lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if "Model name" in line), "?")
-    return {"cpu": model, "cores": len(os.sched_getaffinity(0)),
-            "fast_bf16": has_fast_bf16(torch.device("cpu"))}
-
-
 def plot(result: dict, path: Path):
     """Mean reward per phase against samples seen and against wall seconds, both sides."""
     with two_panel_figure(path, title=result["title"], figsize=(11, 4)) as (by_samples, by_time):
@@ -266,7 +257,7 @@ def run(ns: argparse.Namespace, console: Console) -> dict:
     prepare_hf_folder(folder, console)
     phase_prompts = draw_phase_prompts(args)
     result = {"scope": scope, "phases": ns.phases, "seed": ns.seed, "threads": ns.threads,
-              "batch_size": args.batch_size, "args": args.to_dict(), "machine": get_machine(),
+              "batch_size": args.batch_size, "args": args.to_dict(), "machine": describe_cpu(),
               "logprob_max_diff": check_same_weights(python, folder, work_dir, ns.threads),
               "title": f"GRPO on SmolLM2-135M, {TRAINED[scope]}, batch 32, gen_len 20, fp32"}
     if ns.side in ("both", "minirlhf"):

@@ -5,6 +5,10 @@ choice (CUDA, else Apple's MPS, else the CPU; bf16 only where the hardware is fa
 in one place.
 """
 
+import os
+import platform
+import subprocess
+
 import torch
 
 
@@ -34,6 +38,19 @@ def has_fast_bf16(device: torch.device) -> bool:
     if device.type == "cpu":
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return False
+
+
+def describe_cpu() -> dict:
+    """What a benchmark prints beside its figures: the CPU (lscpu's model name), the cores this
+    process may use, and whether bf16 is fast on it (`has_fast_bf16`)."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+    except FileNotFoundError:  # no lscpu (macOS)
+        lines = []
+    model = next((line.split(":", 1)[1].strip() for line in lines
+                  if line.startswith("Model name")), platform.processor() or "?")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": model, "cores": cores, "fast_bf16": has_fast_bf16(torch.device("cpu"))}
 
 
 def pick_precision(requested: str, device: torch.device) -> str:

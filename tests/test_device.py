@@ -1,9 +1,13 @@
 """Tests for minirlhf.device: which device and precision a run gets, and autocast."""
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
-from minirlhf.device import autocast, pick_device, pick_precision
+from minirlhf.device import autocast, describe_cpu, pick_device, pick_precision
 
 
 def test_pick_device() -> None:
@@ -34,3 +38,29 @@ def test_autocast_runs_matmuls_in_bf16_only_when_asked() -> None:
         assert (a @ a).dtype == torch.bfloat16
     with autocast(cpu, "fp32"):
         assert (a @ a).dtype == torch.float32
+
+
+def cpuinfo_oracle() -> dict:
+    """The CPU's model name and whether it has AVX512-BF16 or AMX, read from /proc/cpuinfo."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = next(line.split(":", 1)[1].strip() for line in text.splitlines()
+                 if line.startswith("model name"))
+    flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+    return {"cpu": model, "fast_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+
+
+def first_lscpu_line() -> dict:
+    """Known wrong: the value of lscpu's first line (the architecture, not the model)."""
+    line = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()[0]
+    return {"cpu": line.split(":", 1)[1].strip(), "fast_bf16": False}
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists() or shutil.which("lscpu") is None,
+                    reason="needs Linux's /proc/cpuinfo and lscpu")
+def test_describe_cpu_names_the_model_and_its_bf16():
+    """What every benchmark prints, against /proc/cpuinfo; reading lscpu's first line fails."""
+    oracle = cpuinfo_oracle()
+    for describe, right in [(describe_cpu, True), (first_lscpu_line, False)]:
+        described = describe()
+        assert ({k: described[k] for k in oracle} == oracle) == right, described
+    assert describe_cpu()["cores"] >= 1
