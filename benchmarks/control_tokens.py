@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
-from minirlhf.presets import PRESETS
+from minirlhf.cli.presets import PRESETS
 from minirlhf.sentiment import (
     CONTROL_TOKENS,
     make_control_prompts,

@@ -30,17 +30,21 @@ from rich.table import Table
 from rich.text import Text
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_policy
-from minirlhf.preferences import (
+from minirlhf.cli.presets import PRESETS
+from minirlhf.cli.report import two_panel_figure
+from minirlhf.pairs.preferences import (
     make_preferences,
     read_preferences,
     split_preferences,
     write_preferences,
 )
-from minirlhf.presets import PRESETS
-from minirlhf.report import two_panel_figure
-from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn, save_reward_model
-from minirlhf.reward_training import RewardModelArgs, fit_reward_model
+from minirlhf.pairs.reward_model import (
+    load_reward_model,
+    make_reward_model_reward_fn,
+    save_reward_model,
+)
+from minirlhf.pairs.reward_training import RewardModelArgs, fit_reward_model
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.trainer import RLHFTrainer, Rollout

@@ -29,9 +29,9 @@ from rich.table import Table
 from rich.text import Text
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_policy
-from minirlhf.presets import PRESETS
-from minirlhf.report import two_panel_figure
+from minirlhf.cli.presets import PRESETS
+from minirlhf.cli.report import two_panel_figure
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer, Rollout
 

@@ -58,7 +58,7 @@ def run_variant(ns: argparse.Namespace):
     from rich.console import Console
 
     from minirlhf.args import RLHFArgs
-    from minirlhf.presets import PRESETS
+    from minirlhf.cli.presets import PRESETS
     from minirlhf.sentiment import make_vader_reward
     from minirlhf.trainer import RLHFTrainer
 
@@ -136,7 +136,7 @@ def report(variants: list[str], target: float, folder: Path):
 
 
 def describe_machine() -> str:
-    from minirlhf.device import describe_cpu
+    from minirlhf.runtime.device import describe_cpu
 
     machine = describe_cpu()
     speed = "fast (AVX512-BF16/AMX)" if machine["fast_bf16"] else "slow (no AVX512-BF16)"

@@ -5,7 +5,7 @@ Stage 1 of the pipeline. The value head reads the residual stream after the fina
 both the next-token logits and a value estimate V(s_t) at every position. This is the ARENA RLHF
 design; sharing the trunk between policy and value follows Ziegler et al. (2019).
 
-How a forward pass runs is decided here and nowhere above: on `minirlhf.fast_path` when it can run
+How a forward pass runs is decided here and nowhere above: on `minirlhf.runtime.fast_path` when it can run
 the model (the same logits, weights laid out once), else through `HookedTransformer.forward`,
 where hooks a user attached (steering, ablations) take effect.
 """
@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from minirlhf import fast_path as fast
-from minirlhf import lora
+from minirlhf.runtime import fast_path as fast
+from minirlhf.runtime import lora
 from minirlhf.sampling import apply_temperature
 
 VALUE_HOOK = "ln_final.hook_normalized"
@@ -143,7 +143,7 @@ class TransformerWithValueHead(nn.Module):
     Args:
         base_model: any HookedTransformer (pretrained, converted, or tiny and random).
         temperature: the sampling temperature; `evaluate`'s logits are divided by it.
-        fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
+        fast_path: run forward passes on `minirlhf.runtime.fast_path` where it can run the model.
     """
 
     def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
@@ -201,7 +201,7 @@ class TransformerWithValueHead(nn.Module):
 class ReferenceModel:
     """The policy as it was at the start of training, frozen: the anchor of the KL penalty.
 
-    What is copied: only the weights that train. A LoRA policy (`minirlhf.lora`) is its own
+    What is copied: only the weights that train. A LoRA policy (`minirlhf.runtime.lora`) is its own
     reference with the adapters off, so nothing is copied; a policy with a frozen trunk shares
     the trunk's weights with its reference and copies only the top blocks.
 
@@ -214,7 +214,7 @@ class ReferenceModel:
         base_model: the policy's HookedTransformer, with its trainable weights marked
             (`requires_grad`) and its adapters attached, if any.
         temperature: the sampling temperature (logits are divided by it, as the policy's are).
-        fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
+        fast_path: run forward passes on `minirlhf.runtime.fast_path` where it can run the model.
         keep_residual: keep the final residual stream rather than the logits (only where the
             fast path supports the model, whose unembedding `get_logits` then reruns).
     """

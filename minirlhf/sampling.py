@@ -18,8 +18,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from minirlhf import fast_path as fast
-from minirlhf.tokens import tokenize_texts
+from minirlhf.runtime import fast_path as fast
+from minirlhf.runtime.tokens import tokenize_texts
 from minirlhf.validation import check_at_least, check_interval, check_positive
 
 
@@ -143,7 +143,7 @@ def get_samples(
         seed: an int (the same seed gives the same samples), or a `torch.Generator` on the
             model's device to draw from (the trainer keeps one across phases).
         stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length).
-        fast_path: decode on `minirlhf.fast_path` (weights laid out once; the same logits,
+        fast_path: decode on `minirlhf.runtime.fast_path` (weights laid out once; the same logits,
             1.4-2.3x faster on CPU in benchmarks/rollout_speed.py) where it can run the model;
             else, or with False, on `HookedTransformer.forward` with its own cache.
         return_final_residual: also return `Samples.final_residual` (on the fast path only,

@@ -27,7 +27,6 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import distributed, loading
 from minirlhf.advantages import (
     compute_advantages,
     compute_critic_free_advantages,
@@ -35,7 +34,6 @@ from minirlhf.advantages import (
     get_zero_std_fraction,
 )
 from minirlhf.args import RLHFArgs
-from minirlhf.device import autocast, pick_device, pick_precision
 from minirlhf.kl_control import get_kl_controller
 from minirlhf.losses import (
     KL_ESTIMATORS,
@@ -60,6 +58,8 @@ from minirlhf.models import (
 from minirlhf.optim import get_optimizer_and_scheduler
 from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
+from minirlhf.runtime import distributed, loading
+from minirlhf.runtime.device import autocast, pick_device, pick_precision
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
 from minirlhf.tracking import PhaseLogger
 

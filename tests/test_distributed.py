@@ -1,4 +1,4 @@
-"""Data-parallel training (minirlhf.distributed): two CPU processes over gloo give the weights and
+"""Data-parallel training (minirlhf.runtime.distributed): two CPU processes over gloo give the weights and
 metrics of one process trained on the same global batch.
 
 The oracle is the one-process trainer, whose every stage the rest of the suite checks against
@@ -28,10 +28,10 @@ import torch
 import torch.multiprocessing as mp
 from rich.console import Console
 
-from minirlhf import distributed
 from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import load_char_model
 from minirlhf.losses import calc_clipped_surrogate_objective
+from minirlhf.runtime import distributed
 from minirlhf.sampling import Samples, get_samples
 from minirlhf.trainer import RLHFTrainer, get_local_batch_size
 

@@ -9,21 +9,23 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import cli, dpo_training, lora
-from minirlhf.checkpoint import load_checkpoint
-from minirlhf.dpo import calc_dpo_loss
-from minirlhf.dpo_training import (
+from minirlhf import cli
+from minirlhf.cli.checkpoint import load_checkpoint
+from minirlhf.cli.run_folder import load_run_policy
+from minirlhf.models import load_trained_state, prepare_policy
+from minirlhf.pairs import dpo_training
+from minirlhf.pairs.dpo import calc_dpo_loss
+from minirlhf.pairs.dpo_training import (
     DPOArgs,
     get_all_logprobs,
     get_response_kl,
     tokenize_responses,
     train_dpo,
 )
-from minirlhf.loading import load_policy
-from minirlhf.models import load_trained_state, prepare_policy
-from minirlhf.preferences import Preference, make_preferences, split_preferences
+from minirlhf.pairs.preferences import Preference, make_preferences, split_preferences
 from minirlhf.rewards import reward_fn_char_count
-from minirlhf.run_folder import load_run_policy
+from minirlhf.runtime import lora
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sampling import get_samples
 
 PERIOD = 13  # '.' in the printable vocabulary

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from minirlhf import reward_model as rm_module
-from minirlhf.loading import load_tiny_model
-from minirlhf.preferences import Preference
-from minirlhf.reward_model import (
+from minirlhf.pairs import reward_model as rm_module
+from minirlhf.pairs.preferences import Preference
+from minirlhf.pairs.reward_model import (
     RewardModel,
     calc_pairwise_loss,
     calc_pairwise_metrics,
@@ -29,8 +28,9 @@ from minirlhf.reward_model import (
     set_trainable_layers,
     tokenize_texts,
 )
-from minirlhf.reward_training import RewardModelArgs, TrunkCache, evaluate, train_reward_model
+from minirlhf.pairs.reward_training import RewardModelArgs, TrunkCache, evaluate, train_reward_model
 from minirlhf.rewards import get_rewards
+from minirlhf.runtime.loading import load_tiny_model
 
 TEXTS = ["This movie was fine", "Great", "This movie was a long and rather dull affair, sadly",
          "I loved it"]
@@ -237,7 +237,7 @@ def test_training_learns_preferences_and_a_flipped_sign_unlearns_them(monkeypatc
     assert history[-1]["heldout/loss"] < history[0]["train/loss"]
     # The same training with the sign flipped learns the opposite preference: accuracy 0.
     flipped = make_rm(seed=5)
-    monkeypatch.setattr("minirlhf.reward_training.calc_pairwise_loss",
+    monkeypatch.setattr("minirlhf.pairs.reward_training.calc_pairwise_loss",
                         lambda chosen, rejected, margin=None: calc_pairwise_loss(rejected, chosen))
     train_reward_model(flipped, train, heldout, args, console=Console(quiet=True))
     assert evaluate(TrunkCache(flipped, 0), heldout, args)["accuracy"] == 0.0

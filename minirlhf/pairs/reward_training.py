@@ -24,9 +24,8 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import loading
-from minirlhf.preferences import Preference
-from minirlhf.reward_model import (
+from minirlhf.pairs.preferences import Preference
+from minirlhf.pairs.reward_model import (
     RewardModel,
     calc_pairwise_loss,
     calc_pairwise_metrics,
@@ -34,6 +33,7 @@ from minirlhf.reward_model import (
     score_texts,
     set_trainable_layers,
 )
+from minirlhf.runtime import loading
 from minirlhf.sampling import get_samples
 from minirlhf.tracking import make_progress
 from minirlhf.validation import check_at_least, check_interval, check_positive

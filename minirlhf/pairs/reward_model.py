@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from minirlhf import loading
 from minirlhf.models import freeze_trunk, get_trunk
-from minirlhf.tokens import tokenize_texts
+from minirlhf.runtime import loading
+from minirlhf.runtime.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
 CHECKPOINT_NAME = "reward_model.pt"

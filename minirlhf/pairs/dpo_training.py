@@ -1,6 +1,6 @@
 """Training a policy with DPO on preference pairs: the reward model and PPO in one loss.
 
-Sits on the model, the preferences and the DPO math (`minirlhf.dpo`); the command line calls
+Sits on the model, the preferences and the DPO math (`minirlhf.pairs.dpo`); the command line calls
 `train_dpo`. What trains is `DPOArgs`' choice, as in PPO: every weight, the top blocks (the
 frozen ones below run once per text, `PairTrunks`), or LoRA adapters. The reference is the
 starting policy, frozen (a copy sharing the frozen weights, or the adapters switched off), asked
@@ -33,9 +33,7 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import lora
 from minirlhf.args import RLHFArgs
-from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 from minirlhf.losses import calc_exact_kl
 from minirlhf.models import (
     ReferenceModel,
@@ -46,8 +44,10 @@ from minirlhf.models import (
     prepare_policy,
     run_model,
 )
-from minirlhf.preferences import Preference
-from minirlhf.reward_training import run_pair_epochs
+from minirlhf.pairs.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
+from minirlhf.pairs.preferences import Preference
+from minirlhf.pairs.reward_training import run_pair_epochs
+from minirlhf.runtime import lora
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
 
 
@@ -65,7 +65,7 @@ class DPOArgs:
     prepend_bos: bool = True
     """Put the model's BOS token before each prompt (as the sampler that made the pairs did)."""
     fast_path: bool = True
-    """Run forward passes on minirlhf.fast_path where it can run the model."""
+    """Run forward passes on minirlhf.runtime.fast_path where it can run the model."""
 
     # --- what trains (as in RLHFArgs) ---
     trainable_layers: int | None = None
@@ -404,7 +404,7 @@ def load_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
 def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
     """A PNG: preference accuracy (train and held-out), and the held-out implicit rewards of the
     chosen and rejected responses, against step."""
-    from minirlhf.report import plot_accuracy, two_panel_figure
+    from minirlhf.cli.report import plot_accuracy, two_panel_figure
 
     with two_panel_figure(path) as (ax_acc, ax_reward):
         evals = plot_accuracy(ax_acc, history, "Chosen's implicit reward above rejected's")
