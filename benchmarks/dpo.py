@@ -84,9 +84,9 @@ def measure(policy, prompts: list[str], n: int, gen_len: int) -> dict:
             ref_logits, _ = run_model(policy, out.sample_ids, out.attention_mask, True)
         logps = [get_sequence_logprobs(x, out.sample_ids, out.attention_mask, response)
                  for x in (logits, ref_logits)]
-        vader.append(vader_compound(out.samples))
+        vader.append(vader_compound(out.texts))
         kl.append(logps[0] - logps[1])
-        texts += out.samples
+        texts += out.texts
     vader_all = torch.cat(vader)
     return {"vader": vader_all.mean().item(), "kl_per_sequence": torch.cat(kl).mean().item(),
             "samples": [[t, v] for t, v in zip(texts[::n][:8], vader_all[::n][:8].tolist())]}

@@ -112,7 +112,7 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
 
 def sample_and_score(model, reward_fn, ns) -> dict:
     """64 fresh samples (seed 1234): VADER and reward-model scores."""
-    samples = get_samples(model, ns.prompt, batch_size=64, gen_len=ns.gen_len, seed=1234).samples
+    samples = get_samples(model, ns.prompt, batch_size=64, gen_len=ns.gen_len, seed=1234).texts
     vader = vader_compound(samples)
     return {"vader_mean": vader.mean().item(), "rm_mean": reward_fn(samples).mean().item(),
             "samples": [[s, v] for s, v in zip(samples[:6], vader.tolist())]}
@@ -129,7 +129,7 @@ def phase_ppo(ns, policy, reward_model, console: Console) -> dict:
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         metrics = rollout.metrics
-        vader_per_phase.append(vader_compound(rollout.samples).mean().item())
+        vader_per_phase.append(vader_compound(rollout.texts).mean().item())
         console.print(f"PPO phase {metrics['charts/phase']:2d}: reward-model reward "
                       f"{metrics['charts/reward_mean']:+.3f}  VADER {vader_per_phase[-1]:+.3f}  "
                       f"kl {metrics['charts/kl']:.3f}  {metrics['charts/phase_time']:.0f} s",

@@ -54,7 +54,7 @@ def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Con
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         metrics = rollout.metrics
-        last_samples[:] = zip(rollout.samples, rollout.rewards.tolist())
+        last_samples[:] = zip(rollout.texts, rollout.rewards.tolist())
         if not first_samples:
             first_samples.extend(last_samples)
         console.print(f"{name} phase {metrics['charts/phase']:2d}: reward "

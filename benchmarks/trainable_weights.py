@@ -87,7 +87,7 @@ def run_variant(ns: argparse.Namespace):
               "threads": torch.get_num_threads(), "trainable_params": trainable,
               "setup_s": setup_s, "peak_rss_mib": peak / 1024,
               "phase_peak_over_start_mib": (peak - start_rss) / 1024 if start_rss else None,
-              "phases": phases, "last_samples": rollout.samples[:4],
+              "phases": phases, "last_samples": rollout.texts[:4],
               "load_average": Path("/proc/loadavg").read_text().split()[:3]}
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / f"{ns.child}.json").write_text(json.dumps(result, indent=1))

@@ -92,7 +92,7 @@ def run_minirlhf(args: RLHFArgs, phase_prompts: list[list[str]], console: Consol
         last[0] = now
         expected = phase_prompts[len(times) - 1]
         assert all(s.startswith(expected[i // args.group_size])
-                   for i, s in enumerate(rollout.samples)), "prompt draws differ from TRL's"
+                   for i, s in enumerate(rollout.texts)), "prompt draws differ from TRL's"
         console.print(f"minirlhf phase {len(times) - 1}: {times[-1]:.1f} s, reward "
                       f"{rollout.metrics['charts/reward_mean']:+.3f}", soft_wrap=True)
 

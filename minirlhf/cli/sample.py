@@ -41,9 +41,9 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     columns = {}
     if ns.compare:
         base_model = loading.load_policy(args.base_model, device)
-        columns["before training"] = get_samples(base_model, prompt, **settings).samples
+        columns["before training"] = get_samples(base_model, prompt, **settings).texts
     columns[f"after {trained.phase} phases"] = get_samples(
-        trained.policy, prompt, **settings).samples
+        trained.policy, prompt, **settings).texts
     # Control-token rewards need the control token, which a free prompt may not have.
     scored = run["reward"]["kind"] != "control"
     reward_fn = make_reward_fn(run["reward"], device) if scored else None

@@ -172,7 +172,7 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         main = distributed.is_main()  # process 0 alone writes; every process saves (it gathers)
         if main:
             append_metrics(out / "metrics.jsonl", rollout.metrics)
-        samples = (rollout.samples, rollout.rewards.tolist())
+        samples = (rollout.texts, rollout.rewards.tolist())
         extra.setdefault("before", samples)
         extra["after"] = samples
         if keeper.is_due(trainer.phase):

@@ -252,8 +252,8 @@ judge_per_phase, last_samples = [], []
 
 def on_phase_end(trainer, rollout):
     """The judge's score of each phase's samples (the policy never sees it)."""
-    judge_per_phase.append(digit_count(rollout.samples).mean().item())
-    last_samples[:] = rollout.samples
+    judge_per_phase.append(digit_count(rollout.texts).mean().item())
+    last_samples[:] = rollout.texts
 
 
 history = trainer.train(on_phase_end=on_phase_end)

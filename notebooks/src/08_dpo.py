@@ -272,7 +272,7 @@ for name, (history, _) in runs.items():
 # %%
 def punctuation_rates(model: HookedTransformer) -> str:
     texts = get_samples(model, "A", batch_size=256, gen_len=12, prepend_bos=False,
-                        seed=123).samples
+                        seed=123).texts
     written = [text[1:] for text in texts]  # without the prompt
     total = sum(len(text) for text in written)
     return (f"'.' {sum(t.count('.') for t in written) / total:.3f}, "
