@@ -170,7 +170,7 @@ class RLHFTrainer:
             outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
                                           self.local_batch_size // args.num_minibatches)
         batch = gather_global_batch(samples.texts, rewards, outputs)  # every process's rows
-        advantages = self.compute_advantages(batch)
+        advantages = self.compute_advantages(batch.rewards, batch.outputs)
         memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
                               advantages[batch.local], outputs.values, outputs.kept)
         metrics = get_rollout_metrics(batch.rewards, batch.outputs, advantages,
@@ -179,13 +179,15 @@ class RLHFTrainer:
                     "charts/rollout_time": sum(times.values())}
         return Rollout(memory, batch.texts, batch.rewards, metrics["charts/kl"], metrics)
 
-    def compute_advantages(self, batch: GlobalBatch) -> Float[Tensor, "batch gen_len"]:
-        """The advantages of `args.advantage_estimator`, from the batch's (normalised) rewards."""
+    def compute_advantages(
+        self, rewards: Float[Tensor, " batch"], outputs: RolloutOutputs
+    ) -> Float[Tensor, "batch gen_len"]:
+        """The advantages of `args.advantage_estimator` from the (normalised) rewards."""
         args = self.args
-        rewards = normalize_reward(batch.rewards) if args.normalize_reward else batch.rewards
-        return compute_advantages(args.advantage_estimator, rewards, batch.outputs.values,
-                                  batch.outputs.kl, self.get_kl_coefs().reward, args.group_size,
-                                  args.gamma, args.gae_lambda)
+        rewards = normalize_reward(rewards) if args.normalize_reward else rewards
+        return compute_advantages(args.advantage_estimator, rewards, outputs.values, outputs.kl,
+                                  self.get_kl_coefs().reward, args.group_size, args.gamma,
+                                  args.gae_lambda)
 
     def get_kl_coefs(self) -> KLCoefs:
         """The controller's KL coefficient where `args.kl_in` puts it, and 0 in the other place."""

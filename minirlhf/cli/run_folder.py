@@ -396,7 +396,7 @@ class CheckpointKeeper:
     def mark_boundary(self, trainer):
         """Remember the trainer's state now, at a phase boundary."""
         self.phase, self.global_step = trainer.phase, trainer.global_step
-        self.rng = trainer.get_rng_state()
+        self.rng = trainer.streams.state_dict()
 
     def is_mid_update(self, trainer) -> bool:
         """Whether the trainer has moved past the last boundary (an optimiser step, a phase)."""

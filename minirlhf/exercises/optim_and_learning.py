@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from torch import Tensor, nn
 
+from minirlhf.advantages import whiten
 from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import Mistake, load_char_model, passed, single_threaded
 from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
@@ -247,7 +248,7 @@ def _snapshot(trainer: RLHFTrainer) -> dict:
         "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
         "optimizer": (trainer.optimizer, trainer.optimizer.state_dict()),
         "scheduler": (trainer.scheduler, trainer.scheduler.state_dict()),
-        "generator": trainer.shuffle_generator.get_state(),
+        "generator": trainer.streams.shuffle.get_state(),
     }
 
 
@@ -258,7 +259,7 @@ def _restore(trainer: RLHFTrainer, snapshot: dict) -> None:
     trainer.optimizer.load_state_dict(optimizer_state)
     trainer.scheduler, scheduler_state = snapshot["scheduler"]
     trainer.scheduler.load_state_dict(scheduler_state)
-    trainer.shuffle_generator.set_state(snapshot["generator"])
+    trainer.streams.shuffle.set_state(snapshot["generator"])
 
 
 @dataclass
@@ -292,7 +293,7 @@ def _run(fn: LearningPhaseFn, trainer: RLHFTrainer, memory: ReplayMemory, snapsh
     finally:
         handle.remove()
     weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    used_generator = not torch.equal(trainer.shuffle_generator.get_state(), snapshot["generator"])
+    used_generator = not torch.equal(trainer.streams.shuffle.get_state(), snapshot["generator"])
     return PhaseRun(result, error, weights, grad_norms, trainer.scheduler.last_epoch - epoch,
                     used_generator)
 
@@ -302,13 +303,16 @@ def _differing_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> list[str]:
     return [k for k in a if not torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-3)]
 
 
-def _variant(sign: float = 1.0, zero_grad: bool = True) -> LearningPhaseFn:
+def _variant(sign: float = 1.0, zero_grad: bool = True, whitened: bool = True
+             ) -> LearningPhaseFn:
     """The reference learning phase with one thing changed (to recognise the learner's)."""
 
     def learning_phase(self: RLHFTrainer, memory: ReplayMemory) -> dict[str, float]:
         args = self.args
         for mb in memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
-                                         self.shuffle_generator):
+                                         self.streams.shuffle):
+            if whitened:
+                mb.advantages = whiten(mb.advantages)
             if zero_grad:
                 self.optimizer.zero_grad()
             objective, _ = self.compute_rlhf_objective(mb)
@@ -327,13 +331,16 @@ LEARNING_MISTAKES = [
             _variant(sign=-1.0)),
     Mistake("did you forget optimizer.zero_grad()? Gradients then pile up across minibatches.",
             _variant(zero_grad=False)),
+    Mistake("did you whiten the advantages? With a value head's estimator "
+            "(ESTIMATORS[args.advantage_estimator].whitened), set mb.advantages = "
+            "whiten(mb.advantages) before the objective.", _variant(whitened=False)),
 ]
 
 
 def _learning_hint(run, trainer: RLHFTrainer, memory: ReplayMemory, snapshot: dict) -> str | None:
     """The named mistake whose weights the learner's run reproduces, if any."""
     if not run.used_generator:
-        return ("did you pass self.shuffle_generator to memory.get_minibatches? Without it "
+        return ("did you pass self.streams.shuffle to memory.get_minibatches? Without it "
                 "the minibatches are not the seeded ones.")
     for mistake in LEARNING_MISTAKES:
         if not _differing_weights(_run(mistake.imitate, trainer, memory, snapshot).weights,

@@ -1,7 +1,7 @@
 """Checks for assembling the objective inside the trainer (notebook 4).
 
 `compute_rlhf_objective(self, mb)` is where every earlier piece meets: the policy's logits and
-values from `self.model.evaluate`, the log-probs of the generated tokens, the reference's logits
+values from `self.model.forward_generated`, the log-probs of the generated tokens, the reference's logits
 from `self.reference`, the four terms and their signs. The check runs the learner's method and
 `RLHFTrainer.compute_rlhf_objective` on the same minibatch of a trainer whose policy has already
 moved from the one that sampled (so the ratio is not 1 and the KL not 0), and compares the
@@ -83,9 +83,10 @@ def check_compute_rlhf_objective(fn: ObjectiveFn) -> None:
         fail(exercise, case, f"The objective should be a scalar tensor; got {objective!r}.")
     gap = objective.item() - expected.item()
     if abs(gap) > 1e-5 * max(1.0, abs(expected.item())):
-        hint = _term_hint(gap, stats) or ("use self.model.evaluate (it divides the logits by "
-                                          "the temperature) and get_gen_logprobs on the "
-                                          "generated tokens, mb.sample_ids[:, mb.prefix_len:].")
+        hint = _term_hint(gap, stats) or ("use self.model.forward_generated (it divides the "
+                                          "logits by the temperature) and get_gen_logprobs on "
+                                          "the generated tokens, mb.sample_ids[:, "
+                                          "mb.prefix_len:].")
         fail(exercise, case, f"The objective is {objective.item():.6f}; expected "
              f"{expected.item():.6f}.", hint)
     if not objective.requires_grad:
@@ -104,41 +105,45 @@ def check_compute_rlhf_objective(fn: ObjectiveFn) -> None:
 # ---------------------------------------------------------------- the rollout phase
 
 RolloutFn = Callable[[RLHFTrainer], Rollout]
-MEMORY_FIELDS = ["sample_ids", "attention_mask", "logprobs", "advantages", "values",
-                 "ref_outputs"]
+MEMORY_FIELDS = ["sample_ids", "attention_mask", "logprobs", "advantages", "values"]
 MEMORY_HINTS = {
-    "sample_ids": "sample with seed=self.sample_generator (the trainer's own stream) and "
+    "sample_ids": "sample with generator=self.streams.sample (the trainer's own stream) and "
                   "self.sampling, from self.model.base_model.",
-    "logprobs": "take the log-probs from self.evaluate_samples(samples).",
-    "advantages": "self.compute_advantages(evaluation, rewards, samples.prefix_len) normalises "
-                  "the rewards and runs the estimator of args.advantage_estimator.",
+    "logprobs": "take the log-probs from get_rollout_outputs(...).logprobs.",
+    "advantages": "self.compute_advantages(rewards, outputs) normalises the rewards and runs "
+                  "the estimator of args.advantage_estimator.",
     "values": "ReplayMemory's order is (sample_ids, attention_mask, logprobs, advantages, "
-              "values, ref_outputs).",
+              "values, kept).",
+    "kept": "give the memory outputs.kept, what the models keep for the learning steps.",
 }
 
 
 def _rollout_mismatch(expected: Rollout, got: object) -> tuple[str, str | None] | None:
     """(what differs, the hint) between two rollouts, or None."""
     if not isinstance(got, Rollout):
-        return (f"Return a Rollout(memory, samples, rewards, metrics); got "
+        return (f"Return a Rollout(memory, texts, rewards, kl, metrics); got "
                 f"{type(got).__name__}.", None)
     swapped = (got.memory.advantages.shape == expected.memory.values.shape
                and torch.allclose(got.memory.advantages, expected.memory.values)
                and torch.allclose(got.memory.values, expected.memory.advantages))
     if swapped:
         return "The memory's advantages and values are swapped.", MEMORY_HINTS["values"]
-    for name in MEMORY_FIELDS:
-        a, b = getattr(expected.memory, name), getattr(got.memory, name)
-        if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5):
+    pairs = [(name, getattr(expected.memory, name), getattr(got.memory, name))
+             for name in MEMORY_FIELDS]
+    pairs += [(f"kept[{key!r}]", value, getattr(got.memory, "kept", {}).get(key))
+              for key, value in expected.memory.kept.items()]
+    for name, a, b in pairs:
+        if b is None or a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5):
+            hint_key = "kept" if name.startswith("kept") else name
             return (f"The memory's {name} differs from the reference rollout's.",
-                    MEMORY_HINTS.get(name, MEMORY_HINTS["values"]))
+                    MEMORY_HINTS.get(hint_key, MEMORY_HINTS["values"]))
     if got.texts != expected.texts or not torch.equal(got.rewards, expected.rewards):
         return "The samples or rewards differ.", "return samples.texts and the rewards."
     missing = [key for key in ("charts/reward_mean", "charts/kl") if key not in got.metrics]
     if missing:
         return f"The metrics lack {missing}.", ("the plots read charts/reward_mean "
                                                 "(rewards.mean()) and charts/kl "
-                                                "(evaluation.kl.mean()).")
+                                                "(outputs.exact_kl.mean()).")
     return None
 
 
@@ -150,9 +155,9 @@ def check_rollout_phase(fn: RolloutFn) -> None:
     exercise = "rollout_phase"
     trainer = char_trainer(batches_per_learning_phase=1, temperature=1.5)
     case = "a tiny trainer at temperature 1.5, batch 8, gen_len 4"
-    state = trainer.get_rng_state()
+    state = trainer.streams.state_dict()
     expected = RLHFTrainer.rollout_phase(trainer)
-    trainer.set_rng_state(state)
+    trainer.streams.load_state_dict(state)
     try:
         got = fn(trainer)
     except Exception as error:  # the learner's crash, shown with their own line

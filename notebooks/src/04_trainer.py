@@ -50,6 +50,7 @@ from minirlhf import (
     get_samples,
     reward_fn_char_count,
 )
+from minirlhf.advantages import ESTIMATORS, whiten
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -58,6 +59,7 @@ from minirlhf.losses import (
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
+from minirlhf.models import get_rollout_outputs
 from minirlhf.tracking import make_sample_table
 from minirlhf.trainer import Rollout
 
@@ -181,12 +183,13 @@ exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
 # Every piece of notebooks 1 to 3 meets in one method, `compute_rlhf_objective(self, mb)`, on a
 # minibatch `mb` of the replay memory. Write it as a method of the trainer:
 #
-# 1. `logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask, mb.prefix_len)`:
+# 1. `logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
+#    mb.prefix_len, mb.kept)`:
 #    the policy's logits, already divided by the temperature, and its values, in the states that
 #    chose the generated tokens (`gen_len` of each);
 # 2. `logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len:])`: the log-prob of each
 #    generated token under the logits that chose it;
-# 3. `ref_logits = self.reference.get_logits(mb.ref_outputs)`: the frozen reference's logits
+# 3. `ref_logits = self.reference.get_logits(mb.kept)`: the frozen reference's logits
 #    (the reference decides whether it kept them or recomputes them);
 # 4. the four terms with `args.clip_coef`, `args.vf_coef`, `args.ent_coef`, `args.kl_coef`, and
 #    the objective to maximise, with the signs of notebook 3's `calc_rlhf_objective`.
@@ -213,9 +216,10 @@ def compute_rlhf_objective(
     """The objective to maximise on one minibatch, and its terms for the logs."""
     # BEGIN SOLUTION
     args = self.args
-    logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask, mb.prefix_len)
+    logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
+                                                  mb.prefix_len, mb.kept)
     logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len :])
-    ref_logits = self.reference.get_logits(mb.ref_outputs)
+    ref_logits = self.reference.get_logits(mb.kept)
     terms = {
         "losses/clipped_surrogate": calc_clipped_surrogate_objective(
             logprobs, mb.logprobs, mb.advantages, args.clip_coef),
@@ -239,22 +243,28 @@ exercises.check_compute_rlhf_objective(compute_rlhf_objective)
 # advantages, store. With no gradients (`@torch.no_grad()`):
 #
 # 1. `samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
-#    self.sampling, args.prepend_bos, seed=self.sample_generator, return_final_residual=True)`;
+#    self.sampling, args.prepend_bos, generator=self.streams.sample,
+#    return_final_residual=True)`;
 # 2. `rewards = get_rewards(self.reward_fn, samples.texts)`;
-# 3. `evaluation = self.evaluate_samples(samples)`: the policy's log-probs and values, what the
-#    reference keeps, and the KL (per token) and entropy;
-# 4. `advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)`;
-# 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.texts, rewards, metrics)`
-#    with at least `charts/reward_mean` and `charts/kl` in the metrics (the plots read them).
+# 3. `outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
+#    args.minibatch_size)`: the policy's log-probs and values, the KL (per token), the entropy
+#    and what the models keep for the learning steps (`outputs.kept`: here the reference's
+#    logits), a minibatch of rows at a time;
+# 4. `advantages = self.compute_advantages(rewards, outputs)`: the rewards normalised, then the
+#    estimator of `args.advantage_estimator`;
+# 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.texts, rewards, kl, metrics)`
+#    with `kl` the mean exact KL per token (`outputs.exact_kl.mean().item()`, which the adaptive
+#    KL controller reads) and at least `charts/reward_mean` and `charts/kl` in the metrics (the
+#    plots read them).
 #
 # The check runs yours and the trainer's from the same random state: the memories must agree.
 #
 # Labels: difficulty 2, importance 4, 15 minutes
 #
-# Hint: `ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-# advantages, evaluation.values, evaluation.ref_outputs)`.
+# Hint: `ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
+# advantages, outputs.values, outputs.kept)`.
 #
-# Hint: `seed=self.sample_generator` keeps the trainer's own random stream: without it every run
+# Hint: `generator=self.streams.sample` keeps the trainer's own random stream: without it every run
 # draws different samples and a resumed run cannot repeat them.
 
 
@@ -265,16 +275,17 @@ def rollout_phase(self: RLHFTrainer) -> Rollout:
     # BEGIN SOLUTION
     args = self.args
     samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
-                          self.sampling, args.prepend_bos, seed=self.sample_generator,
+                          self.sampling, args.prepend_bos, generator=self.streams.sample,
                           return_final_residual=True)
     rewards = get_rewards(self.reward_fn, samples.texts)
-    evaluation = self.evaluate_samples(samples)
-    advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
-    memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                          advantages, evaluation.values, evaluation.ref_outputs)
-    metrics = {"charts/reward_mean": rewards.mean().item(),
-               "charts/kl": evaluation.kl.mean().item()}
-    return Rollout(memory, samples.texts, rewards, metrics)
+    outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
+                                  args.minibatch_size)
+    advantages = self.compute_advantages(rewards, outputs)
+    memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
+                          advantages, outputs.values, outputs.kept)
+    kl = outputs.exact_kl.mean().item()
+    metrics = {"charts/reward_mean": rewards.mean().item(), "charts/kl": kl}
+    return Rollout(memory, samples.texts, rewards, kl, metrics)
     # END SOLUTION
 
 
@@ -286,7 +297,10 @@ exercises.check_rollout_phase(rollout_phase)
 #
 # Write `learning_phase` as a method of the trainer (`self` is an `RLHFTrainer`). Draw the
 # minibatches with `memory.get_minibatches(args.num_minibatches,
-# args.batches_per_learning_phase, self.shuffle_generator)`. For each one: zero the gradients,
+# args.batches_per_learning_phase, self.streams.shuffle)`. For each one: whiten its advantages
+# when the estimator asks for it (`ESTIMATORS[args.advantage_estimator].whitened`, true for the
+# one-step and GAE estimators: `mb.advantages = whiten(mb.advantages)`, notebook 3), zero the
+# gradients,
 # compute `objective, stats = self.compute_rlhf_objective(mb)` (the four terms of notebook 3),
 # backpropagate the objective, clip the gradients' global norm to `args.max_grad_norm`, and step
 # the optimiser. After the loop, step the scheduler once. Return a dict of metrics (for example
@@ -294,7 +308,8 @@ exercises.check_rollout_phase(rollout_phase)
 #
 # Labels: difficulty 3, importance 5, 20 minutes
 #
-# Hint: The loop body is five lines: `self.optimizer.zero_grad()`, `objective, stats =
+# Hint: After the whitening, the loop body is five lines: `self.optimizer.zero_grad()`,
+# `objective, stats =
 # self.compute_rlhf_objective(mb)`, `objective.backward()`,
 # `nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)`,
 # `self.optimizer.step()`.
@@ -310,9 +325,11 @@ def learning_phase(self: RLHFTrainer, memory: ReplayMemory) -> dict[str, float]:
     args = self.args
     all_stats = []
     minibatches = memory.get_minibatches(
-        args.num_minibatches, args.batches_per_learning_phase, self.shuffle_generator
+        args.num_minibatches, args.batches_per_learning_phase, self.streams.shuffle
     )
     for mb in minibatches:
+        if ESTIMATORS[args.advantage_estimator].whitened:
+            mb.advantages = whiten(mb.advantages)
         self.optimizer.zero_grad()
         objective, stats = self.compute_rlhf_objective(mb)
         objective.backward()

@@ -2,6 +2,8 @@
 
 import torch
 
+from minirlhf.advantages import whiten
+
 from . import wrong
 
 # ---------------------------------------------------------------- optimisers
@@ -97,15 +99,17 @@ def scheduler_from_zero(model, base_lr, head_lr, warmup_steps, total_phases, fin
 
 
 def _learning_phase(self, memory, *, sign=1.0, zero_grad=True, generator=True, clip="before",
-                    scheduler="once", step_every_minibatch=True, result=True):
+                    scheduler="once", step_every_minibatch=True, result=True, whitened=True):
     """A learning phase written out; each keyword switches on one mistake."""
     args = self.args
-    shuffle = self.shuffle_generator if generator else None
+    shuffle = self.streams.shuffle if generator else None
     minibatches = memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
                                          shuffle)
     if not step_every_minibatch:
         self.optimizer.zero_grad()
     for mb in minibatches:
+        if whitened:
+            mb.advantages = whiten(mb.advantages)
         if zero_grad and step_every_minibatch:
             self.optimizer.zero_grad()
         objective, _ = self.compute_rlhf_objective(mb)
@@ -125,7 +129,12 @@ def _learning_phase(self, memory, *, sign=1.0, zero_grad=True, generator=True, c
     return {"losses/objective": objective.item()} if result else None
 
 
-@wrong("learning_phase", "did you pass self.shuffle_generator")
+@wrong("learning_phase", "did you whiten the advantages?")
+def advantages_not_whitened(self, memory):
+    return _learning_phase(self, memory, whitened=False)
+
+
+@wrong("learning_phase", "did you pass self.streams.shuffle")
 def unseeded_minibatches(self, memory):
     return _learning_phase(self, memory, generator=False)
 

@@ -10,6 +10,7 @@ from minirlhf.losses import (
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory
+from minirlhf.models import get_rollout_outputs
 from minirlhf.rewards import get_rewards
 from minirlhf.sampling import get_samples
 from minirlhf.trainer import Rollout
@@ -22,13 +23,14 @@ def _objective(self, mb, *, value_sign=-1.0, kl=True, entropy_sign=1.0, tempered
     """The objective written out; each keyword switches on one mistake."""
     args = self.args
     if tempered:
-        logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask, mb.prefix_len)
+        logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
+                                                      mb.prefix_len, mb.kept)
     else:  # the raw logits of a forward pass, not divided by the temperature
         all_logits, all_values = self.model(mb.sample_ids, mb.attention_mask)
         logits = all_logits[:, mb.prefix_len - 1 : -1].float()
         values = all_values[:, mb.prefix_len - 1 : -1].float()
     logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len :])
-    ref_logits = self.reference.get_logits(mb.ref_outputs)
+    ref_logits = self.reference.get_logits(mb.kept)
     objective = (calc_clipped_surrogate_objective(logprobs, mb.logprobs, mb.advantages,
                                                   args.clip_coef)
                  + value_sign * calc_value_function_loss(values, mb.returns, args.vf_coef)
@@ -71,30 +73,31 @@ def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True):
     args = self.args
     samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
                           self.sampling, args.prepend_bos,
-                          seed=self.sample_generator if seeded else None,
+                          generator=self.streams.sample if seeded else None,
                           return_final_residual=True)
     rewards = get_rewards(self.reward_fn, samples.texts)
-    evaluation = self.evaluate_samples(samples)
+    outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
+                                  args.minibatch_size)
     if estimator:
-        advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
+        advantages = self.compute_advantages(rewards, outputs)
     else:  # the raw reward at the last token, no value baseline, no normalisation
-        advantages = torch.zeros_like(evaluation.values)
+        advantages = torch.zeros_like(outputs.values)
         advantages[:, -1] = rewards
-    first, second = (evaluation.values, advantages) if swap else (advantages, evaluation.values)
-    memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                          first, second, evaluation.ref_outputs)
+    first, second = (outputs.values, advantages) if swap else (advantages, outputs.values)
+    memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
+                          first, second, outputs.kept)
     metrics = {"charts/reward_mean": rewards.mean().item()}
     if kl:
-        metrics["charts/kl"] = evaluation.kl.mean().item()
-    return Rollout(memory, samples.texts, rewards, metrics)
+        metrics["charts/kl"] = outputs.exact_kl.mean().item()
+    return Rollout(memory, samples.texts, rewards, outputs.exact_kl.mean().item(), metrics)
 
 
-@wrong("rollout_phase", "seed=self.sample_generator")
+@wrong("rollout_phase", "generator=self.streams.sample")
 def unseeded_rollout(self):
     return _rollout(self, seeded=False)
 
 
-@wrong("rollout_phase", "self.compute_advantages(evaluation, rewards, samples.prefix_len)")
+@wrong("rollout_phase", "self.compute_advantages(rewards, outputs)")
 def raw_rewards_as_advantages(self):
     return _rollout(self, estimator=False)
 
