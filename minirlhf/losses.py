@@ -18,6 +18,7 @@ estimators k1, k2, k3), Huang et al. 2024 "The N Implementation Details of RLHF 
 
 import warnings
 
+import numpy as np
 import torch
 from eindex import eindex
 from jaxtyping import Float, Int
@@ -175,3 +176,14 @@ def calc_clipped_surrogate_objective(
     clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * mb_advantages
     return torch.minimum(unclipped, clipped).mean()
 
+
+def check_finite(objective: Float[Tensor, ""], stats: dict[str, float]):
+    """Stop before a non-finite objective reaches the weights, naming the term that broke."""
+    if torch.isfinite(objective):
+        return
+    broken = [key for key, value in stats.items() if not np.isfinite(value)]
+    raise FloatingPointError(
+        f"The objective is {objective.item()} ({', '.join(broken)} not finite), so this step "
+        "would put NaN into the weights. Usual causes: rewards far from order 1 without "
+        "normalize_reward, or a learning rate too high for this model."
+    )

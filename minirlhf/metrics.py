@@ -25,14 +25,16 @@ def explained_variance(
 def get_rollout_metrics(
     rewards: Float[Tensor, " batch"], outputs: RolloutOutputs,
     advantages: Float[Tensor, "batch gen_len"], kl_estimator: str, group_size: int,
+    kl_coef: float,
 ) -> dict[str, float]:
-    """The reward, the KL (exact, and the sampled estimate that trains, if one does), the
-    entropy, the share of groups with one reward for all (group_size > 1) and how well the
-    value head predicts the returns (with a value head)."""
+    """The reward, the KL (exact, and the sampled estimate that trains, if one does) and its
+    coefficient, the entropy, the share of groups with one reward for all (group_size > 1) and
+    how well the value head predicts the returns (with a value head)."""
     metrics = {
         "charts/reward_mean": rewards.mean().item(),
         "charts/reward_std": rewards.std(correction=0).item(),
         "charts/kl": outputs.exact_kl.mean().item(),
+        "charts/kl_coef": kl_coef,
         "charts/entropy": outputs.entropy.mean().item(),
     }
     if kl_estimator != "exact":

@@ -62,3 +62,21 @@ def get_phase_prompts(
     else:
         chosen = torch.randint(len(prompts), (prompts_per_phase,), generator=generator)
     return [prompts[i] for i in chosen.tolist() for _ in range(group_size)]
+
+
+def check_prompts(prompts: list[str] | None, batch_size: int, prompt_file: str | None):
+    """Prompts given to the trainer: one per sample, and not as well as a prompt file."""
+    if prompts is not None and len(prompts) != batch_size:
+        raise ValueError(f"Got {len(prompts)} prompts for batch_size {batch_size}.")
+    if prompts is not None and prompt_file is not None:
+        raise ValueError("RLHFTrainer got prompts= and a prompt file (--prompts): give one.")
+
+
+def load_prompt_split(
+    prompt_file: str | None, held_out_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """The training and held-out prompts of `RLHFArgs.prompts` ("reviews" or a path); none
+    without a file."""
+    if prompt_file is None:
+        return [], []
+    return split_prompts(load_prompts(resolve_prompt_file(prompt_file)), held_out_fraction, seed)

@@ -221,3 +221,20 @@ def check_world_size(saved_world_size: int):
         f"{world_size}: resume it with the same number, e.g. `torchrun --nproc-per-node "
         f"{saved_world_size} -m minirlhf train ... --resume` "
         f"({'or without torchrun' if saved_world_size == 1 else 'on as many processes'}).")
+
+
+def get_local_batch_size(batch_size: int, num_minibatches: int, group_size: int,
+                         world_size: int) -> int:
+    """This process's share of the batch, batch_size / world_size, after checking that every
+    process gets whole minibatches and whole groups of samples."""
+    if batch_size % (world_size * num_minibatches):
+        raise ValueError(
+            f"batch_size ({batch_size}) must be divisible by the number of processes "
+            f"({world_size}) times num_minibatches ({num_minibatches}), so every process "
+            "holds an equal share of every minibatch.")
+    if (batch_size // world_size) % group_size:
+        raise ValueError(
+            f"Each of the {world_size} processes samples batch_size / {world_size} = "
+            f"{batch_size // world_size} rows, which must be whole groups of group_size "
+            f"({group_size}): a prompt's samples stay in one process.")
+    return batch_size // world_size
