@@ -134,7 +134,7 @@ class RLHFArgs:
 
     # --- speed and memory ---
     fast_path: bool = True
-    """Sample and train on minirlhf's fast path (`minirlhf.runtime.fast_path`: the same logits, weights
+    """Sample and train on minirlhf's fast path (`runtime.fast_path`: the same logits, weights
     laid out once); False, or a model with hooks attached, runs TransformerLens's own forward."""
     recompute_ref_logits: bool = False
     """Keep the reference model's final residual stream instead of its logits, and recompute the
@@ -221,11 +221,6 @@ class RLHFArgs:
     def from_dict(cls, values: dict) -> "RLHFArgs":
         """The inverse of `to_dict` (derived fields are recomputed, not read)."""
         init_names = {f.name for f in dataclasses.fields(cls) if f.init}
-        values = dict(values)
-        if "autocast" in values:  # configs saved before `precision` replaced `autocast: bool`
-            values["precision"] = "bf16" if values.pop("autocast") else "fp32"
-        if "fast_forward" in values:  # configs saved before the fast path got its one name
-            values["fast_path"] = values.pop("fast_forward")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown RLHFArgs fields: {sorted(unknown)}.")
