@@ -148,6 +148,31 @@ class RLHFArgs:
     normalize_reward: bool = True
     """Scale each phase's rewards to mean 0, std 1 before computing advantages."""
 
+    # --- answers that end (docs/answers.md) ---
+    stop_at_eos: bool = False
+    """End each answer at the model's EOS token (or `stop_string`); False: every answer has
+    exactly gen_len tokens (fixed-length continuations)."""
+    stop_string: str | None = None
+    """With stop_at_eos, also end an answer once its text contains this string (e.g. "\n\n")."""
+    prompt_template: str | None = None
+    """Wrap each prompt in a template with "{prompt}", e.g. "Question: {prompt}\n\nAnswer:"."""
+    chat_template: bool = False
+    """Render each prompt as a user message with the tokenizer's own chat template."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """How a per-token loss is averaged over answers of different lengths: over every real token
+    (DAPO), per answer then over answers (GRPO), or summed and divided by a constant (Dr. GRPO)."""
+    clip_coef_high: float | None = None
+    """The upper clip of the ratio, 1 + clip_coef_high (DAPO's clip-higher); None: clip_coef."""
+    truncation: Literal["keep", "mask", "penalty"] = "keep"
+    """Answers that reach gen_len without ending: kept as they are, masked out of the loss
+    (DAPO), or a soft length penalty over the last `overlong_buffer` tokens (DAPO)."""
+    overlong_buffer: int = 4
+    """With truncation="penalty": answers longer than gen_len - overlong_buffer lose up to 1
+    reward, linearly, and a truncated answer loses 1."""
+    drop_zero_spread: bool = False
+    """Leave groups whose samples all got the same reward out of the loss (they are counted in
+    charts/frac_reward_zero_std either way)."""
+
     # --- derived (set in __post_init__) ---
     minibatch_size: int = field(init=False)
     """batch_size // num_minibatches."""
@@ -179,6 +204,7 @@ class RLHFArgs:
         check_choice(self, "precision")
         self.check_critic_free()
         self.check_trainable()
+        self.check_answers()
         self.minibatch_size = self.batch_size // self.num_minibatches
         self.prompts_per_phase = self.batch_size // self.group_size
 
@@ -205,6 +231,25 @@ class RLHFArgs:
         if self.kl_in == "reward" and self.advantage_estimator != "reinforce_pp":
             raise ValueError('kl_in="reward" puts the KL into the per-token reward, which only '
                              'advantage_estimator="reinforce_pp" reads; use kl_in="loss".')
+
+    def check_answers(self):
+        """The options of answers that end agree with each other."""
+        check_choice(self, "loss_aggregation")
+        check_choice(self, "truncation")
+        check_positive(self, [] if self.clip_coef_high is None else ["clip_coef_high"])
+        check_at_least(self, ["overlong_buffer"])
+        if self.truncation != "keep" and not self.stop_at_eos:
+            raise ValueError(f'truncation="{self.truncation}" acts on answers that never ended, '
+                             "which needs answers that can end: set stop_at_eos=True.")
+        if self.truncation == "penalty" and self.overlong_buffer >= self.gen_len:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be less than gen_len "
+                             f"({self.gen_len}).")
+        if self.stop_string is not None and not (self.stop_string and self.stop_at_eos):
+            raise ValueError("stop_string needs stop_at_eos=True and must not be empty.")
+        if self.drop_zero_spread and self.group_size < 2:
+            raise ValueError("drop_zero_spread compares the samples of a prompt: group_size >= 2.")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError('prompt_template must contain "{prompt}", where the prompt goes.')
 
     def check_trainable(self):
         """trainable_layers and the LoRA fields make sense."""

@@ -14,7 +14,7 @@ import copy
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
@@ -348,22 +348,30 @@ def frozen_copy(model: HookedTransformer) -> HookedTransformer:
 
 class GlobalBatch(NamedTuple):
     """A rollout as batch-wide statistics see it: every data-parallel process's rows (one
-    process: its own), their per-token outputs (`kept` stays with its process), and which rows
-    are this process's."""
+    process: its own), their per-token outputs (`kept` stays with its process), where each
+    answer ends, and which rows are this process's."""
 
     texts: list[str]
     rewards: Float[Tensor, " batch"]
     outputs: RolloutOutputs
+    response_mask: Int[Tensor, "batch gen_len"] | None
+    ended: Bool[Tensor, " batch"] | None
+    sampler_logprobs: Float[Tensor, "batch gen_len"] | None
+    """The log-probs the sampler drew each token from (to compare with `outputs.logprobs`)."""
     local: slice
 
 
 def gather_rollout(
-    texts: list[str], rewards: Float[Tensor, " batch"], outputs: RolloutOutputs
+    samples: Samples, rewards: Float[Tensor, " batch"], outputs: RolloutOutputs
 ) -> GlobalBatch:
-    """Every process's texts, rewards and per-token outputs, in process order (one process:
-    its own, as they are); never logits."""
-    rows = {name: None if value is None else distributed.gather_rows(value)
-            for name, value in outputs._asdict().items() if name != "kept"}
+    """Every process's texts, rewards, answer ends and per-token outputs, in process order (one
+    process: its own, as they are); never logits."""
+    def gather(value: Tensor | None) -> Tensor | None:
+        return None if value is None else distributed.gather_rows(value)
+
+    rows = {name: gather(value) for name, value in outputs._asdict().items() if name != "kept"}
     rewards = distributed.gather_rows(rewards)
-    return GlobalBatch(distributed.gather_objects(texts), rewards,
-                       RolloutOutputs(**rows, kept={}), distributed.local_rows(len(rewards)))
+    return GlobalBatch(distributed.gather_objects(samples.texts), rewards,
+                       RolloutOutputs(**rows, kept={}), gather(samples.response_mask),
+                       gather(samples.ended), gather(samples.logprobs),
+                       distributed.local_rows(len(rewards)))

@@ -15,15 +15,17 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from minirlhf.advantages import ESTIMATORS, compute_advantages, whiten
+from minirlhf.answers import apply_answer_options
 from minirlhf.args import RLHFArgs
 from minirlhf.kl_control import get_kl_coefs, get_kl_controller
 from minirlhf.losses import (
+    aggregate,
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
     calc_kl,
@@ -34,8 +36,8 @@ from minirlhf.losses import (
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.metrics import get_ratio_metrics, get_rollout_metrics
 from minirlhf.models import (
+    GlobalBatch,
     ReferenceModel,
-    RolloutOutputs,
     build_policy,
     gather_rollout,
     get_rollout_outputs,
@@ -43,7 +45,13 @@ from minirlhf.models import (
     load_trained_state,
 )
 from minirlhf.optim import get_optimizer_and_scheduler
-from minirlhf.prompts import check_prompts, get_phase_prompts, load_prompt_split
+from minirlhf.prompts import (
+    Prompt,
+    check_prompts,
+    get_phase_prompts,
+    load_prompt_split,
+    render_prompts,
+)
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
 from minirlhf.runtime import distributed, loading
 from minirlhf.runtime.device import autocast, pick_device, pick_precision
@@ -58,7 +66,7 @@ class Rollout(NamedTuple):
     memory: ReplayMemory
     texts: list[str]
     rewards: Float[Tensor, " batch"]
-    kl: float  # the mean exact KL per generated token, which the adaptive KL controller reads
+    kl: float  # the mean exact KL per answer (summed over its tokens): the KL controller's input
     metrics: dict[str, float]
 
 
@@ -86,7 +94,7 @@ class RLHFTrainer:
     ):
         check_prompts(prompts, args.batch_size, args.prompts)
         self.args, self.reward_fn = args, reward_fn
-        self.prompts = prompts if prompts is not None else args.prefix
+        self.prompts = [{"prompt": p} for p in prompts or [args.prefix] * args.batch_size]
         set_seed(args.seed)
         self.device = distributed.setup(pick_device(args.device))  # torchrun: join the others
         self.local_batch_size = distributed.get_local_batch_size(
@@ -117,64 +125,76 @@ class RLHFTrainer:
     def rollout_phase(self) -> Rollout:
         """Sample, score, run the samples through the policy and the reference, estimate
         advantages: the phase's memory and metrics."""
-        args, times = self.args, {}
+        args, times, prompts = self.args, {}, self.get_phase_prompts()
         with timed(times, "charts/sample_time"):
-            samples = self.sample(self.get_phase_prompts(), self.local_batch_size,
-                                  self.streams.sample, return_final_residual=True)
+            samples = self.sample(prompts, self.streams.sample, for_training=True)
         with timed(times, "charts/reward_time"):
-            rewards = get_rewards(self.reward_fn, samples.texts, device=self.device)
+            rewards, loss_mask = self.score(samples, prompts)
         with timed(times, "charts/forward_time"), self.autocast():
             outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
                                           self.local_batch_size // args.num_minibatches)
-        batch = gather_rollout(samples.texts, rewards, outputs)  # every process's rows
-        advantages = self.compute_advantages(batch.rewards, batch.outputs)
+        batch = gather_rollout(samples, rewards, outputs)  # every process's rows
+        advantages = self.compute_advantages(batch)
         memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
-                              advantages[batch.local], outputs.values, outputs.kept)
-        metrics = get_rollout_metrics(batch.rewards, batch.outputs, advantages,
-                                      args.kl_estimator, args.group_size, self.kl_controller.value)
+                              advantages[batch.local], outputs.values, outputs.kept, loss_mask)
+        metrics = get_rollout_metrics(batch, advantages, args.kl_estimator, args.group_size,
+                                      self.kl_controller.value)
         times["charts/rollout_time"] = sum(times.values())
-        return Rollout(memory, batch.texts, batch.rewards, metrics["charts/kl"], metrics | times)
+        return Rollout(memory, batch.texts, batch.rewards, metrics["charts/kl_per_answer"],
+                       metrics | times)
 
-    def compute_advantages(
-        self, rewards: Float[Tensor, " batch"], outputs: RolloutOutputs
-    ) -> Float[Tensor, "batch gen_len"]:
-        """The advantages of `args.advantage_estimator` from the (normalised) rewards."""
+    def score(
+        self, samples: Samples, prompts: list[Prompt]
+    ) -> tuple[Float[Tensor, " batch"], Int[Tensor, "batch gen_len"] | None]:
+        """The rewards (the reward function sees what it asks for: texts, prompts, responses,
+        the records' fields) and the loss mask, once the options of answers that end apply."""
         args = self.args
-        rewards = normalize_reward(rewards) if args.normalize_reward else rewards
+        rewards = get_rewards(self.reward_fn, samples.texts, self.device, samples.prompts,
+                              samples.responses, prompts)
+        return apply_answer_options(rewards, samples.response_mask, samples.ended, args.gen_len,
+                                    args.truncation, args.overlong_buffer, args.drop_zero_spread,
+                                    args.group_size)
+
+    def compute_advantages(self, batch: GlobalBatch) -> Float[Tensor, "batch gen_len"]:
+        """The advantages of `args.advantage_estimator` from the (normalised) rewards."""
+        args, outputs = self.args, batch.outputs
+        rewards = normalize_reward(batch.rewards) if args.normalize_reward else batch.rewards
         kl_coef = get_kl_coefs(self.kl_controller.value, args.kl_in).reward
         return compute_advantages(args.advantage_estimator, rewards, outputs.values, outputs.kl,
-                                  kl_coef, args.group_size, args.gamma, args.gae_lambda)
+                                  kl_coef, args.group_size, args.gamma, args.gae_lambda,
+                                  batch.response_mask)
 
-    def get_phase_prompts(self) -> str | list[str]:
-        """This process's rows of this phase's prompts: drawn from the training prompts of the
-        `args.prompts` file (each repeated group_size times), else the prompts given to the
+    def get_phase_prompts(self) -> list[Prompt]:
+        """This process's rows of this phase's prompt records: drawn from the training prompts of
+        the `args.prompts` file (each repeated group_size times), else the prompts given to the
         trainer. Every process draws the same global list, then keeps its rows."""
-        if not self.train_prompts:
-            prompts = self.prompts
-        else:
-            prompts = get_phase_prompts(self.train_prompts, self.args.prompts_per_phase,
-                                        self.args.group_size, self.streams.prompt)
-        return prompts if isinstance(prompts, str) else prompts[
-            distributed.local_rows(len(prompts))]
+        prompts = self.prompts if not self.train_prompts else get_phase_prompts(
+            self.train_prompts, self.args.prompts_per_phase, self.args.group_size,
+            self.streams.prompt)
+        return prompts[distributed.local_rows(len(prompts))]
 
     @torch.no_grad()
     def sample(
-        self, prompts: str | list[str], batch_size: int | None, generator: torch.Generator,
-        return_final_residual: bool = False,
+        self, prompts: list[Prompt], generator: torch.Generator, for_training: bool = False
     ) -> Samples:
-        """Samples of the policy as it is now, with the run's length and sampling settings."""
+        """Samples of the policy as it is now, one per prompt record (rendered with the run's
+        template), with the run's length and sampling settings; `for_training` also keeps the
+        sampler's final residual stream and log-probs."""
         args = self.args
+        texts = render_prompts(prompts, args.prompt_template, args.chat_template,
+                               self.model.base_model.tokenizer)
         with self.autocast():
-            return get_samples(self.model.base_model, prompts, batch_size, args.gen_len,
-                               self.sampling, args.prepend_bos, generator=generator,
-                               fast_path=args.fast_path,
-                               return_final_residual=return_final_residual)
+            return get_samples(self.model.base_model, texts, None, args.gen_len, self.sampling,
+                               args.prepend_bos, generator=generator, stop_at_eos=args.stop_at_eos,
+                               fast_path=args.fast_path, return_final_residual=for_training,
+                               stop_string=args.stop_string, return_logprobs=for_training)
 
     @torch.no_grad()
     def evaluate_held_out(self) -> dict[str, float]:
         """The mean reward of one sample of every held-out prompt (the policy as it is now)."""
-        samples = self.sample(self.held_out_prompts, None, self.streams.eval)
-        rewards = get_rewards(self.reward_fn, samples.texts, device=self.device)
+        samples = self.sample(self.held_out_prompts, self.streams.eval)
+        rewards = get_rewards(self.reward_fn, samples.texts, self.device, samples.prompts,
+                              samples.responses, self.held_out_prompts)
         return {"eval/held_out_reward": rewards.mean().item()}
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
@@ -184,26 +204,29 @@ class RLHFTrainer:
     ) -> tuple[Float[Tensor, ""], dict[str, float]]:
         """The objective to maximise on one minibatch, and its terms for the logs."""
         args, gen_tokens = self.args, mb.sample_ids[:, mb.prefix_len :]
+        mask, how = mb.response_mask, args.loss_aggregation  # the tokens the loss reads
         with self.autocast():
             logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
                                                           mb.prefix_len, mb.kept)
         logprobs = get_gen_logprobs(logits, gen_tokens)
-        ref_logits = self.reference.get_logits(mb.kept)
-        kl = calc_kl(args.kl_estimator, logprobs, logits, ref_logits, gen_tokens)
-        kl_coef = get_kl_coefs(self.kl_controller.value, args.kl_in).loss
+        kl = calc_kl(args.kl_estimator, logprobs, logits, self.reference.get_logits(mb.kept),
+                     gen_tokens)
         terms = {
             "losses/clipped_surrogate": calc_clipped_surrogate_objective(
-                logprobs, mb.logprobs, mb.advantages, args.clip_coef),
-            "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef),
-            "losses/kl_penalty": kl_coef * kl.mean(),
+                logprobs, mb.logprobs, mb.advantages, args.clip_coef, args.clip_coef_high, mask,
+                how),
+            "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef, mask, how),
+            "losses/kl_penalty": get_kl_coefs(self.kl_controller.value, args.kl_in).loss
+            * aggregate(kl, mask, how),
         }
         if values is not None:  # a critic-free policy has no value head, so no value term
-            terms["losses/value_loss"] = calc_value_function_loss(values, mb.returns, args.vf_coef)
+            terms["losses/value_loss"] = calc_value_function_loss(values, mb.returns,
+                                                                  args.vf_coef, mask, how)
         objective = (terms["losses/clipped_surrogate"] - terms.get("losses/value_loss", 0.0)
                      + terms["losses/entropy_bonus"] - terms["losses/kl_penalty"])
         stats = {key: term.item() for key, term in terms.items()}
         stats["losses/objective"] = objective.item()
-        return objective, stats | get_ratio_metrics(logprobs, mb.logprobs, args.clip_coef)
+        return objective, stats | get_ratio_metrics(logprobs, mb.logprobs, args.clip_coef, mask)
 
     def learning_phase(self, memory: ReplayMemory) -> dict[str, float]:
         """PPO steps over shuffled minibatches of the memory; returns the mean diagnostics."""
@@ -211,8 +234,9 @@ class RLHFTrainer:
         whitened = ESTIMATORS[args.advantage_estimator].whitened
         for mb in memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
                                          self.streams.shuffle):
-            if whitened:  # over the global minibatch under torchrun
-                mb.advantages = whiten(mb.advantages, distributed.global_moments(mb.advantages))
+            if whitened:  # over the real tokens of the global minibatch under torchrun
+                moments = distributed.global_moments(mb.advantages, mb.response_mask)
+                mb.advantages = whiten(mb.advantages, moments, response_mask=mb.response_mask)
             self.optimizer.zero_grad()
             objective, stats = self.compute_rlhf_objective(mb)
             check_finite(objective, stats)
@@ -248,8 +272,8 @@ class RLHFTrainer:
         metrics["charts/learning_time"] = time.perf_counter() - learn_start
         metrics["charts/phase_time"] = time.perf_counter() - start
         metrics["charts/phase"] = self.phase
-        # Ziegler et al.'s KL is the whole continuation's: the per-token mean times gen_len.
-        self.kl_controller.update(rollout.kl * self.args.gen_len, self.args.batch_size)
+        # Ziegler et al.'s KL is the whole answer's: summed over its tokens.
+        self.kl_controller.update(rollout.kl, self.args.batch_size)
         self.history.append(metrics)
         self.phase += 1
         return rollout._replace(metrics=metrics)

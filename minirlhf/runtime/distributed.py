@@ -131,13 +131,15 @@ def gather_objects(items: list) -> list:
 
 
 def global_moments(
-    values: Float[Tensor, "*batch"],
+    values: Float[Tensor, "*batch"], mask: Tensor | None = None,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""]] | None:
-    """The mean and population std of `values` joined over every process (each passes the same
-    shape), in two passes as a one-process mean and std would be. One process: None, for "use
-    your own"."""
+    """The mean and population std of `values` (those where `mask` is 1, if given) joined over
+    every process, in two passes as a one-process mean and std would be. One process: None, for
+    "use your own"."""
     if get_world_size() == 1:
         return None
+    if mask is not None:
+        values = values[mask.bool()]
     sums = torch.stack([values.sum(), torch.tensor(values.numel(), dtype=values.dtype,
                                                    device=values.device)])
     dist.all_reduce(sums)
