@@ -22,13 +22,14 @@ The pipeline, one module per stage, in the order data flows:
 
 Beside the pipeline, three wings:
 
-    runtime/    what runs the model: device, loading, tokens, fast_path, trunk (a frozen trunk
-                run once), lora, distributed (torchrun), random_streams, export (to HF folders)
+    runtime/    what runs the model: device, loading (hf_checkpoints), tokens, fast_path
+                (fast_weights, fast_blocks), trunk (a frozen trunk run once), lora, distributed
+                (torchrun), random_streams, export (to HF folders; export_checks)
     pairs/      learning from pairs of answers: preferences, reward_model + reward_training,
                 dpo + dpo_training
     cli/        the command line, one module per subcommand (train, sample, export,
                 preferences, reward_model, dpo) and the run folder's machinery (run_folder,
-                checkpoint, report, presets, flags)
+                resume, keeper, checkpoint, report, presets, flags)
 
 and exercises/, the checks the notebooks run on a learner's code. Imports point down: the wings
 below the pipeline know nothing of it, and nothing imports the command line.

@@ -151,24 +151,18 @@ def get_samples(
     stop_string: str | None = None,
     return_logprobs: bool = False,
 ) -> Samples:
-    """Sample `gen_len` tokens after each prompt.
+    """Sample `gen_len` tokens after each prompt (a string repeated `batch_size` times, or a
+    list: one row each), from `sampling`'s distribution.
 
     Args:
-        prompt: one prompt repeated `batch_size` times, or a list of prompts (one row each).
-        sampling: temperature, top-k and top-p.
-        seed: the same seed gives the same samples (None, and no generator: torch's global
-            random state).
-        generator: a `torch.Generator` on the model's device to draw from instead of a seed
-            (the trainer keeps one across phases).
-        stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length)
-            and `Samples.response_mask` marks where each answer ends.
-        stop_string: with stop_at_eos, an answer also ends once its text contains this.
-        fast_path: decode on `minirlhf.runtime.fast_path` (weights laid out once; the same logits,
-            1.4-2.3x faster on CPU in benchmarks/rollout_speed.py) where it can run the model;
-            else, or with False, on `HookedTransformer.forward` with its own cache.
-        return_final_residual: also return `Samples.final_residual` (on the fast path only;
-            else it stays None).
-        return_logprobs: also return `Samples.logprobs`, the sampler's own log-probs.
+        seed: the same seed gives the same samples; or `generator`, a `torch.Generator` on the
+            model's device (the trainer keeps one across phases). Neither: torch's global state.
+        stop_at_eos: an answer ends at its first EOS (or `stop_string`); the row's later tokens
+            are EOS and `Samples.response_mask` marks the end.
+        fast_path: decode on `runtime.fast_path` (the same logits, weights laid out once;
+            1.4-2.3x faster on CPU) where it can run the model, else `HookedTransformer.forward`.
+        return_final_residual, return_logprobs: also return `Samples.final_residual` (on the
+            fast path only) and `Samples.logprobs`.
     """
     prompts = _check_arguments(prompt, batch_size, gen_len, seed, generator)
     generator = generator or _make_generator(seed, model)
@@ -179,16 +173,23 @@ def get_samples(
     eos = _eos_id(model) if stop_at_eos else None
     new_tokens, logprobs = _sampling_loop(decoder, prompt_ids, prompt_mask, gen_len, sampling,
                                           generator, eos, return_logprobs)
+    final_residual = _get_final_residual(decoder, gen_len) if return_final_residual else None
+    samples = _join_samples(prompt_ids, prompt_mask, new_tokens, prompts, final_residual)
+    return _add_answers(model, samples._replace(logprobs=logprobs), eos, stop_string, stop_at_eos)
+
+
+def _add_answers(model: HookedTransformer, samples: Samples, eos: int | None,
+                 stop_string: str | None, can_end: bool) -> Samples:
+    """The samples with each answer's text, and where each ends (when answers can end)."""
+    new_tokens = samples.sample_ids[:, samples.prefix_len :]
     lengths, ended = find_answer_ends(model, new_tokens, eos, stop_string)
     responses = [_decode(model, row[:n], eos, stop_string) for row, n in zip(new_tokens, lengths)]
-    final_residual = _get_final_residual(decoder, gen_len) if return_final_residual else None
-    samples = _join_samples(prompt_ids, prompt_mask, new_tokens,
-                            [p + r for p, r in zip(prompts, responses)], final_residual)
-    if not stop_at_eos:
-        return samples._replace(logprobs=logprobs, responses=responses, prompts=prompts)
-    response_mask = (torch.arange(gen_len, device=new_tokens.device) < lengths[:, None]).long()
-    return samples._replace(response_mask=response_mask, ended=ended, logprobs=logprobs,
-                            responses=responses, prompts=prompts)
+    samples = samples._replace(texts=[p + r for p, r in zip(samples.prompts, responses)],
+                               responses=responses)
+    if not can_end:
+        return samples
+    positions = torch.arange(new_tokens.shape[1], device=new_tokens.device)
+    return samples._replace(response_mask=(positions < lengths[:, None]).long(), ended=ended)
 
 
 def _check_arguments(prompt: str | list[str], batch_size: int | None, gen_len: int,
@@ -226,13 +227,15 @@ def _join_samples(
     prompt_ids: Int[Tensor, "batch prefix_len"],
     prompt_mask: Int[Tensor, "batch prefix_len"],
     new_tokens: Int[Tensor, "batch gen_len"],
-    texts: list[str],
+    prompts: list[str],
     final_residual: Float[Tensor, "batch gen_len d_model"] | None,
 ) -> Samples:
-    """The rollout: each row's prompt tokens followed by its generated ones, and their mask."""
+    """The rollout: each row's prompt tokens followed by its generated ones, and their mask
+    (the texts come with the answers, `_add_answers`)."""
     sample_ids = torch.cat([prompt_ids, new_tokens], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)
-    return Samples(sample_ids, texts, attention_mask, prompt_ids.shape[1], final_residual)
+    return Samples(sample_ids, [], attention_mask, prompt_ids.shape[1], final_residual,
+                   prompts=prompts)
 
 
 def check_context(prefix_len: int, gen_len: int, n_ctx: int):

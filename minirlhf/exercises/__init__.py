@@ -65,8 +65,8 @@ from minirlhf.exercises.optim_and_learning import (
 from minirlhf.exercises.reporting import ExerciseCheckError, Failure, last_failure
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
 from minirlhf.exercises.rewards_and_advantages import (
-    check_compute_one_step_advantages,
     check_compute_gae,
+    check_compute_one_step_advantages,
     check_normalize_reward,
     check_reward_fn_char_count,
 )

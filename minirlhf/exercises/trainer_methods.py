@@ -1,8 +1,9 @@
 """Checks for assembling the objective inside the trainer (notebook 4).
 
 `compute_rlhf_objective(self, mb)` is where every earlier piece meets: the policy's logits and
-values from `self.model.forward_generated`, the log-probs of the generated tokens, the reference's logits
-from `self.reference`, the four terms and their signs. The check runs the learner's method and
+values from `self.model.forward_generated`, the log-probs of the generated tokens, the
+reference's logits from `self.reference`, the four terms and their signs. The check runs the
+learner's method and
 `RLHFTrainer.compute_rlhf_objective` on the same minibatch of a trainer whose policy has already
 moved from the one that sampled (so the ratio is not 1 and the KL not 0), and compares the
 objective and its gradient. A wrong objective is explained by which term it is off by.
