@@ -7,13 +7,13 @@ those applied and those refused, `resumed_config` applies them or names every re
 `resume_trainer` loads the checkpoint and records the changes in run.json.
 """
 
-import json
 from pathlib import Path
 
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint
+from minirlhf.cli.report import write_metrics
 from minirlhf.cli.run_folder import RunFolderError, write_json
 from minirlhf.optim import get_lr_scale
 from minirlhf.runtime import distributed
@@ -100,7 +100,8 @@ def resume_trainer(trainer, out: Path, run: dict, changes: dict,
     """
     extra, saved_phase = {}, None
     if has_checkpoint(out):
-        checkpoint = load_checkpoint(out, map_location=trainer.device)
+        checkpoint = load_checkpoint(out, map_location=trainer.device,
+                                     set_aside_damaged=distributed.is_main())
         if checkpoint.note:
             console.print(f"[yellow]{checkpoint.note}", soft_wrap=True)
         trainer.load_state_dict(checkpoint.trainer)
@@ -114,7 +115,7 @@ def resume_trainer(trainer, out: Path, run: dict, changes: dict,
     if not distributed.is_main():  # process 0 alone writes the folder
         return extra, saved_phase
     # Phases after the checkpoint are re-run, so their old metric lines go.
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in trainer.history))
+    write_metrics(out / "metrics.jsonl", trainer.history)
     console.print(f"Resumed at phase {trainer.phase} of {trainer.args.total_phases}.")
     for name, (saved, new) in changes.items():
         console.print(f"[yellow]--resume applies {name}: {saved} -> {new}.", soft_wrap=True)

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from minirlhf.cli.flags import add_args_flags
-from minirlhf.cli.report import append_metrics, plot_reward_model_metrics
+from minirlhf.cli.report import append_metrics, plot_reward_model_metrics, write_metrics
 from minirlhf.cli.run_folder import args_and_pairs, claimed
 from minirlhf.pairs.reward_training import RewardModelArgs
 from minirlhf.runtime.device import pick_device
@@ -36,7 +36,7 @@ def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, t
     from minirlhf.pairs.reward_model import save_reward_model
     from minirlhf.pairs.reward_training import fit_reward_model
 
-    (ns.out / "metrics.jsonl").write_text("")
+    write_metrics(ns.out / "metrics.jsonl", [])
     console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(heldout)} "
                   f"held-out pairs from {ns.data} -> {ns.out}", soft_wrap=True)
     trained = fit_reward_model(train, heldout, args, pick_device(args.device),

@@ -22,6 +22,7 @@ from rich.console import Console
 from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
+from minirlhf.cli import safe_files
 from minirlhf.cli.checkpoint import load_checkpoint
 from minirlhf.models import load_trained_state, prepare_policy
 from minirlhf.pairs.preferences import read_preferences, split_preferences
@@ -38,7 +39,7 @@ PPO_FILES = ("run.json", "checkpoint.pt", "checkpoint.prev.pt")
 REWARD_MODEL_FILES = ("reward_model.pt", "reward_model.json")
 # Everything a run writes, deleted by --force (sidecars and plots included).
 RUN_FILES = (*PPO_FILES, "checkpoint.json", "checkpoint.prev.json", "metrics.jsonl",
-             "reward_kl.png", *REWARD_MODEL_FILES, "accuracy.png")
+             "reward_kl.png", *REWARD_MODEL_FILES, "accuracy.png", "dpo.png")
 
 
 class RunFolderError(Exception):
@@ -46,10 +47,9 @@ class RunFolderError(Exception):
 
 
 def write_json(path: Path, value):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, and a
+    symbolic link at `path` is refused, not written through."""
+    safe_files.write_text(path, json.dumps(value, indent=2))
 
 
 # ---- one process per folder ----
@@ -61,8 +61,10 @@ def locked(folder: Path, command: str) -> Iterator[str | None]:
 
     Raises:
         RunFolderError: another live process holds the folder (its PID is named).
+        UnsafeFileError: run.lock or a file the run writes is a symbolic link (named).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    safe_files.refuse_symlinks(folder, [LOCK_NAME, *RUN_FILES])
     if fcntl is None:
         yield None
         return
@@ -81,7 +83,7 @@ def locked(folder: Path, command: str) -> Iterator[str | None]:
 def take_lock(path: Path):
     """The open, flock-ed lock file, emptied, and who held it before (None: no one)."""
     while True:
-        file = open(path, "a+")
+        file = os.fdopen(safe_files.open_nofollow(path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -218,7 +220,7 @@ def claim_folder(folder: Path, command: str, force: bool) -> list[str]:
     Raises:
         RunFolderError: naming the run found and what to do instead.
     """
-    found = [name for name in RUN_FILES if (folder / name).exists()]
+    found = [name for name in RUN_FILES if os.path.lexists(folder / name)]
     if not found:
         return []
     if not force:
@@ -235,7 +237,7 @@ def start_run_folder(out: Path, run: dict, force: bool, console: Console):
         console.print(f"[yellow]--force: deleted {', '.join(removed)} from {out}.",
                       soft_wrap=True)
     write_json(out / "run.json", run)
-    (out / "metrics.jsonl").write_text("")
+    safe_files.write_text(out / "metrics.jsonl", "")
 
 
 def describe_existing_run(folder: Path, found: list[str], command: str) -> str:

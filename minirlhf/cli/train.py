@@ -170,9 +170,8 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
 
     try:
         with stop_on_sigterm(keeper, trainer):
-            wandb_kwargs = {"mode": ns.wandb_mode or "offline", "dir": str(out)}
-            if "wandb_id" in run:  # runs started before wandb_id existed get a new wandb run
-                wandb_kwargs |= {"id": run["wandb_id"], "resume": "allow"}
+            wandb_kwargs = {"mode": ns.wandb_mode or "offline", "dir": str(out),
+                            "id": run["wandb_id"], "resume": "allow"}
             trainer.train(on_phase_end, wandb_kwargs=wandb_kwargs)
     except BaseException as error:
         if not isinstance(error, CheckpointError):  # a failed save: main says why, once
