@@ -2,7 +2,6 @@
 accuracy and its normalisation on the initial policy."""
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
@@ -33,7 +32,7 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, train: list,
                                 heldout: list, console: Console):
-    from minirlhf.pairs.reward_model import save_reward_model
+    from minirlhf.pairs.reward_model import save_reward_model, sha256_of
     from minirlhf.pairs.reward_training import fit_reward_model
 
     write_metrics(ns.out / "metrics.jsonl", [])
@@ -43,10 +42,9 @@ def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, t
                                console=console,
                                on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
     info = {"base_model": args.base_model, "args": args.to_dict(), "data": str(ns.data),
+            "data_sha256": sha256_of(ns.data),
             "heldout": trained.final_heldout, "normalization": trained.normalization}
-    save_reward_model(trained.reward_model, ns.out, info)
-    info |= {"prepend_bos": args.prepend_bos, "append_end_token": args.append_end_token}
-    (ns.out / "reward_model.json").write_text(json.dumps(info, indent=2))
+    save_reward_model(trained.reward_model, ns.out, info)  # and reward_model.json, its record
     plot = plot_reward_model_metrics(trained.history, ns.out / "accuracy.png")
     summary = Table("held-out", "value", title="Reward model")
     for key, value in {**trained.final_heldout, **trained.normalization}.items():
