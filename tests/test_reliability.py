@@ -174,3 +174,27 @@ def test_an_older_format_is_refused_naming_both_versions(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint.json") as caught:
         load_checkpoint(tmp_path)
     assert "python -m" not in str(caught.value)
+
+
+# ---- 10. preferences --out: guarded and atomic ----
+
+PREFS = ["preferences", "--base-model", "tiny", "--prompt", "This is", "--num-pairs", "2",
+         "--gen-len", "4", "--batch-size", "8", "--judge", "char_count", "--char", "e",
+         "--min-gap", "0.0"]
+
+
+def test_preferences_keeps_an_existing_file_unless_forced(tmp_path, capsys):
+    """The old command overwrote --out (60 records became 2) in place, with no --force."""
+    out, target = tmp_path / "prefs.jsonl", tmp_path / "elsewhere.jsonl"
+    out.write_text("60 records\n")
+    with pytest.raises(SystemExit):
+        cli.main([*PREFS, "--out", str(out)])
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "60 records\n"
+    target.write_text("keep\n")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    with pytest.raises(SystemExit):
+        cli.main([*PREFS, "--out", str(tmp_path / "link.jsonl"), "--force"])
+    assert "symbolic link" in capsys.readouterr().err and target.read_text() == "keep\n"
+    cli.main([*PREFS, "--out", str(out), "--force"])
+    assert len(out.read_text().splitlines()) == 2
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
