@@ -21,6 +21,7 @@ import sys
 
 from minirlhf.cli import dpo, export, preferences, reward_model, sample, train
 from minirlhf.cli.checkpoint import CheckpointError
+from minirlhf.cli.provenance import ChangedInputError
 from minirlhf.cli.run_folder import RunFolderError
 from minirlhf.cli.safe_files import UnsafeFileError
 from minirlhf.pairs.reward_model import RewardModelError
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None):
     try:
         COMMANDS[ns.command](ns, parser)
     except (CheckpointError, RunFolderError, UnsafeFileError, RewardModelError,
-            distributed.WorldSizeError) as error:
+            ChangedInputError, distributed.WorldSizeError) as error:
         parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
     finally:
         distributed.shutdown()

@@ -24,6 +24,7 @@ from transformer_lens import HookedTransformer
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from minirlhf.cli.flags import add_args_flags
+from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_dpo_metrics, write_metrics
 from minirlhf.cli.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
 from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
@@ -51,6 +52,7 @@ def add_dpo_parser(commands):
     dpo.add_argument("--direction", choices=["pos", "neg"], default="pos",
                      help="VADER: the sentiment the judge prefers")
     dpo.add_argument("--char", default=".", help="char_count: the character counted")
+    add_accept_flag(dpo)
     add_args_flags(dpo, DPOArgs, "DPOArgs")
 
 
@@ -93,6 +95,7 @@ def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
                              "held-out split, would not be the ones it trained on.")
     pairs = split_preferences(read_preferences(data), args.heldout_fraction, seed=args.seed)
     console, device = Console(), pick_device(args.device)
+    check_inputs(run, ns.accept_changed_inputs, console)
     with locked(ns.out, "dpo") as stale:
         if stale:
             console.print(f"[yellow]{stale}", soft_wrap=True)
@@ -129,9 +132,10 @@ def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransfo
                            trainable_layers=args.trainable_layers, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     reward = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
-    return {"preset": "dpo", "args": sample_args.to_dict(), "reward": reward,
-            "dpo": {"args": args.to_dict(), "data": str(ns.data.resolve()),
-                    "data_sha256": sha256_of(ns.data)}}
+    run = {"preset": "dpo", "args": sample_args.to_dict(), "reward": reward,
+           "dpo": {"args": args.to_dict(), "data": str(ns.data.resolve()),
+                   "data_sha256": sha256_of(ns.data)}}
+    return run | {"inputs": get_inputs(run)}
 
 
 def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, args: DPOArgs,

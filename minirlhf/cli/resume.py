@@ -7,6 +7,7 @@ those applied and those refused, `resumed_config` applies them or names every re
 `resume_trainer` loads the checkpoint and records the changes in run.json.
 """
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -81,6 +82,26 @@ def refused_message(refused: list[str]) -> str:
             "--wandb-mode.")
 
 
+def check_run_json(run: dict, saved_args: dict, saved_reward: dict | None):
+    """Refuse a run.json edited by hand since the checkpoint: every field a resume may not
+    change (all but `RESUMABLE`) must equal the args saved in the checkpoint, and the reward its
+    spec saved beside them.
+
+    Raises:
+        RunFolderError: naming each edited field with both values.
+    """
+    plain = json.loads(json.dumps({"args": saved_args, "reward": saved_reward}))
+    edited = [f"{name} is {plain['args'].get(name)!r} in the checkpoint, {value!r} in run.json"
+              for name, value in json.loads(json.dumps(run["args"])).items()
+              if name not in RESUMABLE and plain["args"].get(name) != value]
+    if saved_reward is not None and plain["reward"] != run["reward"]:
+        edited.append(f"reward is {plain['reward']} in the checkpoint, {run['reward']} in run.json")
+    if edited:
+        raise RunFolderError(f"run.json was edited since the last checkpoint ({'; '.join(edited)})"
+                             ": put those values back (flags a resume may change are given on "
+                             "the command line), or start a new run with another --out.")
+
+
 def describe_lr_change(args, old_total: int, phase: int) -> str:
     """What stretching the learning-rate schedule to a new total_phases does at `phase`."""
     old = get_lr_scale(phase, args.warmup_steps, old_total, args.final_scale)
@@ -104,6 +125,7 @@ def resume_trainer(trainer, out: Path, run: dict, changes: dict,
                                      set_aside_damaged=distributed.is_main())
         if checkpoint.note:
             console.print(f"[yellow]{checkpoint.note}", soft_wrap=True)
+        check_run_json(run, checkpoint.trainer["args"], checkpoint.extra.get("reward"))
         trainer.load_state_dict(checkpoint.trainer)
         extra, saved_phase = checkpoint.extra, trainer.phase
     else:

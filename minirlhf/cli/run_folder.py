@@ -22,8 +22,9 @@ from rich.console import Console
 from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
-from minirlhf.cli import safe_files
 from minirlhf.cli.checkpoint import load_checkpoint
+from minirlhf.cli.provenance import check_inputs
+from minirlhf.cli.safe_files import open_nofollow, refuse_symlinks, write_text
 from minirlhf.models import load_trained_state, prepare_policy
 from minirlhf.pairs.preferences import read_preferences, split_preferences
 from minirlhf.runtime import loading
@@ -49,7 +50,7 @@ class RunFolderError(Exception):
 def write_json(path: Path, value):
     """Write JSON to a temporary name, then rename: a reader never sees half a file, and a
     symbolic link at `path` is refused, not written through."""
-    safe_files.write_text(path, json.dumps(value, indent=2))
+    write_text(path, json.dumps(value, indent=2))
 
 
 # ---- one process per folder ----
@@ -64,7 +65,7 @@ def locked(folder: Path, command: str) -> Iterator[str | None]:
         UnsafeFileError: run.lock or a file the run writes is a symbolic link (named).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    safe_files.refuse_symlinks(folder, [LOCK_NAME, *RUN_FILES])
+    refuse_symlinks(folder, [LOCK_NAME, *RUN_FILES])
     if fcntl is None:
         yield None
         return
@@ -83,7 +84,7 @@ def locked(folder: Path, command: str) -> Iterator[str | None]:
 def take_lock(path: Path):
     """The open, flock-ed lock file, emptied, and who held it before (None: no one)."""
     while True:
-        file = os.fdopen(safe_files.open_nofollow(path, os.O_RDWR | os.O_CREAT), "r+")
+        file = os.fdopen(open_nofollow(path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -151,18 +152,21 @@ class RunPolicy:
     """Why the latest checkpoint was passed over for the previous one, if it was."""
 
 
-def load_run_policy(run_dir: Path, device="cpu") -> RunPolicy:
+def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -> RunPolicy:
     """The policy a `minirlhf train` or `minirlhf dpo` run trained, as a plain HookedTransformer:
     a LoRA run's adapters merged into the weights, the value head left out.
 
     Raises:
         RunFolderError: `run_dir` holds no run.json.
         CheckpointError: it holds no usable checkpoint.
+        ChangedInputError: the base model's folder changed since the run (unless
+            `accept_changed`).
     """
     if not (run_dir / "run.json").is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no run.json): pass the --out of "
                              "`minirlhf train` or `minirlhf dpo`.")
     run = json.loads((run_dir / "run.json").read_text())
+    check_inputs(run, accept_changed)
     args = RLHFArgs.from_dict(run["args"])
     checkpoint = load_checkpoint(run_dir, map_location=device)
     policy = loading.load_policy(args.base_model, device)
@@ -237,7 +241,7 @@ def start_run_folder(out: Path, run: dict, force: bool, console: Console):
         console.print(f"[yellow]--force: deleted {', '.join(removed)} from {out}.",
                       soft_wrap=True)
     write_json(out / "run.json", run)
-    safe_files.write_text(out / "metrics.jsonl", "")
+    write_text(out / "metrics.jsonl", "")
 
 
 def describe_existing_run(folder: Path, found: list[str], command: str) -> str:
