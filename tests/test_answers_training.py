@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-from jaxtyping import TypeCheckError
 from rich.console import Console
 
 from minirlhf import RLHFArgs, RLHFTrainer
@@ -21,9 +20,6 @@ PERIOD = 13
 # Float[Tensor, "batch ..."], but gather_rollout passes it the response mask (int64) and `ended`
 # (bool), so under the runtime type checker every run with stop_at_eos=True stops in its first
 # rollout. Fix: annotate gather_rows (and its return) Shaped[Tensor, ...]. Remove this mark then.
-GATHER_BUG = pytest.mark.xfail(
-    strict=True, raises=TypeCheckError,
-    reason="distributed.gather_rows is typed Float, and gather_rollout gives it the int mask")
 ANSWER_KEYS = {"charts/response_length", "charts/response_length_max", "charts/frac_truncated",
                "charts/logprob_gap_mean", "charts/logprob_gap_max"}
 
@@ -75,7 +71,6 @@ def never_ending_pair(make_printable_model, estimator):
     return [(comparable(a), comparable(b)) for a, b in zip(fixed, ending)]
 
 
-@GATHER_BUG
 @pytest.mark.parametrize("estimator", ["one_step", "gae", "grpo"])
 def test_answers_that_never_end_train_bit_identically(make_printable_model, estimator):
     """Every shared metric equal (==) phase after phase, plus the answers' own keys (all but
@@ -93,14 +88,11 @@ def test_answers_that_never_end_train_bit_identically(make_printable_model, esti
 # float32 (3.1362398e-07 vs 3.1362396e-07 here), and it is the KL controller's input
 # (Rollout.kl), so with kl_target the coefficient drifts too. Fix: one formula for both, e.g.
 # torch.where(mask, exact_kl, 0).sum(-1).mean() with an all-ones mask when there is none.
-@pytest.mark.xfail(strict=True, raises=(TypeCheckError, AssertionError),
-                   reason="kl_per_answer is computed two ways (and the gather_rows bug above)")
 def test_kl_per_answer_is_bit_identical_too(make_printable_model):
     for before, after in never_ending_pair(make_printable_model, "one_step"):
         assert after["charts/kl_per_answer"] == before["charts/kl_per_answer"]
 
 
-@GATHER_BUG
 def test_the_identity_check_can_fail(make_printable_model):
     """The comparison above sees a change: the same run with a period as EOS (answers end) does
     not match the fixed-length one."""
@@ -120,7 +112,6 @@ def pay_for_short_answers(responses: list[str]) -> list[float]:
     return [-len(response) / 8 for response in responses]
 
 
-@GATHER_BUG
 def test_a_reward_for_ending_early_shortens_the_answers(make_printable_model):
     model = with_period_eos(make_printable_model(seed=1))
     trainer = make_trainer(model, pay_for_short_answers, total_phases=10, batch_size=32,
@@ -136,7 +127,6 @@ def test_a_reward_for_ending_early_shortens_the_answers(make_printable_model):
 # ---------------------------------------------------------------- sampler and rollout agree
 
 
-@GATHER_BUG
 def test_the_sampler_and_the_rollout_log_probs_agree_exactly(make_printable_model):
     """fp32 on the fast path: the log-prob each token was drawn with is the one the loss
     reads, bit for bit, on every real token of a whole phase (answers ending or not)."""
@@ -147,7 +137,6 @@ def test_the_sampler_and_the_rollout_log_probs_agree_exactly(make_printable_mode
         assert phase["charts/logprob_gap_max"] == 0.0 and phase["charts/logprob_gap_mean"] == 0.0
 
 
-@GATHER_BUG
 def test_a_gap_shows_where_the_two_forwards_differ(make_printable_model):
     """The gap metric can see a difference: TransformerLens's forward with its own KV cache
     (fast_path=False) rounds differently from the full forward of the rollout."""
@@ -158,7 +147,6 @@ def test_a_gap_shows_where_the_two_forwards_differ(make_printable_model):
     assert metrics["charts/logprob_gap_mean"] <= metrics["charts/logprob_gap_max"]
 
 
-@GATHER_BUG
 def test_the_gap_counts_only_real_tokens(make_printable_model, monkeypatch):
     """Padding after an answer's end (log-prob 0 in the sampler, whatever in the rollout) never
     enters the gap: a sampler that got its padding wrong still shows 0."""
