@@ -16,7 +16,7 @@ sequence, estimated as the mean over those samples of log pi(y|x) - log pi_ref(y
 the samples are the policy's own). Times are wall seconds of each method's training alone.
 
     python benchmarks/dpo.py                                   # pairs, DPO, RM + PPO
-    python benchmarks/dpo.py --skip-ppo --dpo-set lr=5e-4      # DPO alone, another setting
+    python benchmarks/dpo.py --skip-ppo --dpo-set base_lr=5e-4      # DPO alone, another setting
     python benchmarks/dpo.py --report-only                     # the saved table
 
 Target (issue 16): DPO lifts held-out mean VADER from the base model's (about 0.15) to at least
@@ -55,8 +55,8 @@ from minirlhf.trainer import RLHFTrainer
 
 PPO_ARGS = {**PRESETS["smollm2-vader"]["args"], "prompts": "reviews", "total_phases": 25}
 DPO_ARGS = dict(base_model="smollm2", trainable_layers=8, lora_rank=16, lora_alpha=32.0,
-                lr=5e-4, beta=0.1, epochs=2, batch_size=8, eval_every=40)
-RM_ARGS = dict(base_model="smollm2", trainable_layers=10, epochs=2, batch_size=16, lr=1e-4,
+                base_lr=5e-4, beta=0.1, epochs=2, batch_size=8, eval_every=40)
+RM_ARGS = dict(base_model="smollm2", trainable_layers=10, epochs=2, batch_size=16, base_lr=1e-4,
                head_lr=1e-2, eval_every=40, normalize_samples=64,
                normalize_prompt="This movie was")
 TARGET = 0.6
@@ -117,24 +117,24 @@ def get_pairs(ns, train_prompts: list[str], console: Console) -> tuple[list, dic
 def run_dpo(ns, pairs: list, held_out: list[str], console: Console) -> dict:
     """DPO from the base model on the pairs; its training time and measurements."""
     args = DPOArgs(**{**DPO_ARGS, **ns.dpo_set})
-    train, heldout_pairs = split_preferences(pairs, args.heldout_fraction, args.seed)
+    train, held_out_pairs = split_preferences(pairs, args.held_out_fraction, args.seed)
     policy = load_policy("smollm2")
     start = time.perf_counter()
-    history = train_dpo(policy, train, heldout_pairs, args, console)
+    history = train_dpo(policy, train, held_out_pairs, args, console)
     seconds = time.perf_counter() - start
-    final = {k: v for k, v in history[-1].items() if k.startswith("heldout/")}
+    final = {k: v for k, v in history[-1].items() if k.startswith("held_out/")}
     return {"args": args.to_dict(), "train_seconds": seconds, "steps": len(history),
-            "pairs": [len(train), len(heldout_pairs)], "final": final,
+            "pairs": [len(train), len(held_out_pairs)], "final": final,
             "after": measure(policy, held_out, ns.samples, ns.gen_len)}
 
 
 def run_rm_ppo(ns, pairs: list, held_out: list[str], console: Console) -> dict:
     """A reward model on the pairs, then PPO against it; times and measurements."""
     rm_args = RewardModelArgs(**{**RM_ARGS, **ns.rm_set})
-    train, heldout_pairs = split_preferences(pairs, rm_args.heldout_fraction, rm_args.seed)
+    train, held_out_pairs = split_preferences(pairs, rm_args.held_out_fraction, rm_args.seed)
     policy = load_policy("smollm2")
     start = time.perf_counter()
-    trained = fit_reward_model(train, heldout_pairs, rm_args, policy=policy, console=console)
+    trained = fit_reward_model(train, held_out_pairs, rm_args, policy=policy, console=console)
     rm_seconds = time.perf_counter() - start
     args = RLHFArgs(**{**PPO_ARGS, **ns.ppo_set})
     trainer = RLHFTrainer(args, make_reward_model_reward_fn(trained.reward_model),
@@ -145,7 +145,7 @@ def run_rm_ppo(ns, pairs: list, held_out: list[str], console: Console) -> dict:
     return {"rm_args": rm_args.to_dict(), "ppo_args": args.to_dict(),
             "rm_seconds": rm_seconds, "ppo_seconds": ppo_seconds,
             "train_seconds": rm_seconds + ppo_seconds,
-            "rm_heldout_accuracy": trained.final_heldout["heldout/accuracy"],
+            "rm_held_out_accuracy": trained.final_held_out["held_out/accuracy"],
             "ppo_kl_per_token": history[-1]["charts/kl"],
             "held_out_reward_per_phase": [m.get("eval/held_out_reward") for m in history],
             "after": measure(trainer.model.base_model, held_out, ns.samples, ns.gen_len)}
@@ -164,14 +164,15 @@ def report(result: dict, console: Console):
         table.add_row("DPO", f"{dpo['after']['vader']:+.3f}",
                       f"{dpo['after']['kl_per_sequence']:.2f}",
                       f"{dpo['train_seconds'] / 60:.1f} min",
-                      f"{dpo['steps']} steps; pair accuracy {dpo['final']['heldout/accuracy']:.2f}")
+                      f"{dpo['steps']} steps; pair accuracy "
+                      f"{dpo['final']['held_out/accuracy']:.2f}")
     if "rm_ppo" in result:
         rm = result["rm_ppo"]
         table.add_row("reward model + PPO", f"{rm['after']['vader']:+.3f}",
                       f"{rm['after']['kl_per_sequence']:.2f}",
                       f"{rm['train_seconds'] / 60:.1f} min",
                       f"RM {rm['rm_seconds'] / 60:.1f} min (accuracy "
-                      f"{rm['rm_heldout_accuracy']:.2f}), PPO {rm['ppo_seconds'] / 60:.1f} min")
+                      f"{rm['rm_held_out_accuracy']:.2f}), PPO {rm['ppo_seconds'] / 60:.1f} min")
     console.print(table)
     for name in ("base", "dpo", "rm_ppo"):
         if name in result:

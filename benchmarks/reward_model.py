@@ -49,7 +49,7 @@ from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.trainer import RLHFTrainer, Rollout
 
-TARGETS = {"heldout_accuracy": 0.85, "vader_after": 0.6}
+TARGETS = {"held_out_accuracy": 0.85, "vader_after": 0.6}
 
 
 def phase_preferences(ns, policy, console: Console) -> dict:
@@ -73,7 +73,7 @@ def phase_preferences(ns, policy, console: Console) -> dict:
 def phase_reward_model(ns, policy, console: Console) -> tuple:
     args = RewardModelArgs(
         seed=ns.seed, base_model="smollm2", trainable_layers=ns.rm_layers, epochs=ns.rm_epochs,
-        batch_size=16, lr=ns.rm_lr, head_lr=ns.rm_head_lr, eval_every=ns.rm_eval_every,
+        batch_size=16, base_lr=ns.rm_lr, head_lr=ns.rm_head_lr, eval_every=ns.rm_eval_every,
         normalize_samples=64, normalize_prompt=ns.prompt, normalize_gen_len=ns.gen_len,
     )
     start = time.perf_counter()
@@ -81,32 +81,32 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
     if ns.reuse and (folder / "reward_model.pt").is_file():
         reward_model, info = load_reward_model(folder)
         return reward_model, info["benchmark"]
-    train, heldout = split_preferences(read_preferences(ns.work / "preferences.jsonl"),
-                                       args.heldout_fraction, seed=args.seed)
+    train, held_out = split_preferences(read_preferences(ns.work / "preferences.jsonl"),
+                                       args.held_out_fraction, seed=args.seed)
 
     def on_step(metrics: dict):
-        if "heldout/accuracy" in metrics:
+        if "held_out/accuracy" in metrics:
             console.print(f"reward model step {metrics['charts/step']:3d}: train loss "
                           f"{metrics['train/loss']:.3f}  held-out accuracy "
-                          f"{metrics['heldout/accuracy']:.3f}  loss {metrics['heldout/loss']:.3f}"
+                          f"{metrics['held_out/accuracy']:.3f}  loss {metrics['held_out/loss']:.3f}"
                           f"  ({time.perf_counter() - start:.0f} s)", soft_wrap=True)
 
-    trained = fit_reward_model(train, heldout, args, policy=policy, console=console,
+    trained = fit_reward_model(train, held_out, args, policy=policy, console=console,
                                on_step=on_step)
-    evals = [m for m in trained.history if "heldout/accuracy" in m]
+    evals = [m for m in trained.history if "held_out/accuracy" in m]
     result = {
-        "args": args.to_dict(), "train_pairs": len(train), "heldout_pairs": len(heldout),
+        "args": args.to_dict(), "train_pairs": len(train), "held_out_pairs": len(held_out),
         "steps": [m["charts/step"] for m in evals],
-        "heldout_accuracy": [m["heldout/accuracy"] for m in evals],
-        "heldout_loss": [m["heldout/loss"] for m in evals],
-        "final_heldout_accuracy": trained.final_heldout["heldout/accuracy"],
-        "final_heldout_margin": trained.final_heldout["heldout/margin"],
+        "held_out_accuracy": [m["held_out/accuracy"] for m in evals],
+        "held_out_loss": [m["held_out/loss"] for m in evals],
+        "final_held_out_accuracy": trained.final_held_out["held_out/accuracy"],
+        "final_held_out_margin": trained.final_held_out["held_out/margin"],
         "normalization": trained.normalization, "time_s": time.perf_counter() - start,
     }
     reward_model = trained.reward_model
     save_reward_model(reward_model, folder, {"base_model": "smollm2", "benchmark": result})
-    console.print(f"reward model: held-out accuracy {result['final_heldout_accuracy']:.3f} on "
-                  f"{len(heldout)} pairs ({result['time_s']:.0f} s)", soft_wrap=True)
+    console.print(f"reward model: held-out accuracy {result['final_held_out_accuracy']:.3f} on "
+                  f"{len(held_out)} pairs ({result['time_s']:.0f} s)", soft_wrap=True)
     return reward_model, result
 
 
@@ -150,10 +150,10 @@ def phase_ppo(ns, policy, reward_model, console: Console) -> dict:
 def plot(result: dict, path: Path):
     rm, ppo = result["reward_model"], result["ppo"]
     with two_panel_figure(path, figsize=(11, 4)) as (ax_rm, ax_ppo):
-        ax_rm.plot(rm["steps"], rm["heldout_accuracy"], marker="o")
-        ax_rm.axhline(TARGETS["heldout_accuracy"], color="grey", ls="--", lw=0.8)
+        ax_rm.plot(rm["steps"], rm["held_out_accuracy"], marker="o")
+        ax_rm.axhline(TARGETS["held_out_accuracy"], color="grey", ls="--", lw=0.8)
         ax_rm.set(xlabel="step", ylabel="held-out accuracy", ylim=(0.4, 1.0),
-                  title=f"Reward model ({rm['train_pairs']} train / {rm['heldout_pairs']} "
+                  title=f"Reward model ({rm['train_pairs']} train / {rm['held_out_pairs']} "
                   "held-out)")
         ax_ppo.plot(ppo["vader_per_phase"], marker="o",
                     label="VADER (the judge, never seen by PPO)")
@@ -173,8 +173,8 @@ def report(result: dict, console: Console):
     table = Table("phase", "figure", "value", "time", title="Preferences -> reward model -> PPO")
     table.add_row("1 preferences", f"pairs (VADER gap > {prefs['min_gap']})",
                   str(prefs["pairs"]), f"{prefs['time_s'] / 60:.1f} min")
-    table.add_row("2 reward model", f"held-out accuracy ({rm['heldout_pairs']} pairs)",
-                  f"{rm['final_heldout_accuracy']:.3f}", f"{rm['time_s'] / 60:.1f} min")
+    table.add_row("2 reward model", f"held-out accuracy ({rm['held_out_pairs']} pairs)",
+                  f"{rm['final_held_out_accuracy']:.3f}", f"{rm['time_s'] / 60:.1f} min")
     table.add_row("3 PPO", "VADER, first -> last phase",
                   f"{ppo['vader_per_phase'][0]:+.3f} -> {ppo['vader_per_phase'][-1]:+.3f}",
                   f"{ppo['time_s'] / 60:.1f} min")

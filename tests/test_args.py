@@ -51,8 +51,8 @@ BAD_REWARD_MODEL_CONFIGS = [
     (dict(epochs=0), ["epochs", "at least 1", "0"]),
     (dict(eval_every=0), ["eval_every", "at least 1"]),
     (dict(trainable_layers=-1), ["trainable_layers", "at least 0", "-1"]),
-    (dict(heldout_fraction=1.0), ["heldout_fraction", "(0, 1)"]),
-    (dict(lr=0.0), ["lr", "> 0"]),
+    (dict(held_out_fraction=1.0), ["held_out_fraction", "(0, 1)"]),
+    (dict(base_lr=0.0), ["base_lr", "> 0"]),
     (dict(head_lr=-1.0), ["head_lr", "> 0"]),
     (dict(normalize_samples=1), ["normalize_samples", "at least 2"]),
 ]

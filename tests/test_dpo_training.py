@@ -81,12 +81,12 @@ def test_tokenize_responses_masks_only_the_response(char_model, tiny_model):
 def test_the_reference_is_the_starting_policy(char_model):
     """At the first step the policy is still the reference: every implicit reward is 0."""
     pairs = [Preference("A", "..", "xy"), Preference("B", "z.", "qq")]
-    args = DPOArgs(prepend_bos=False, epochs=1, batch_size=2, lr=1e-3)
+    args = DPOArgs(prepend_bos=False, epochs=1, batch_size=2, base_lr=1e-3)
     history = train_dpo(char_model, pairs, pairs, args, console=Console(quiet=True))
     assert history[0]["train/chosen_reward"] == 0.0
     assert history[0]["train/rejected_reward"] == 0.0
     assert history[0]["train/loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item())
-    assert history[-1]["heldout/margin"] != 0.0  # and the step moved the policy
+    assert history[-1]["held_out/margin"] != 0.0  # and the step moved the policy
 
 
 def train_on_period_pairs(model, swap: bool = False) -> tuple[float, float, float]:
@@ -97,11 +97,12 @@ def train_on_period_pairs(model, swap: bool = False) -> tuple[float, float, floa
                              batch_size=64, prepend_bos=False, seed=0)
     if swap:
         prefs = [Preference(p.prompt, p.rejected, p.chosen) for p in prefs]
-    train, heldout = split_preferences(prefs, 0.25, seed=0)
+    train, held_out = split_preferences(prefs, 0.25, seed=0)
     before = period_rate(model)
-    args = DPOArgs(prepend_bos=False, lr=1e-3, beta=0.1, epochs=4, batch_size=16, eval_every=10)
-    history = train_dpo(model, train, heldout, args, console=Console(quiet=True))
-    return history[-1]["heldout/accuracy"], before, period_rate(model)
+    args = DPOArgs(prepend_bos=False, base_lr=1e-3, beta=0.1, epochs=4, batch_size=16,
+                   eval_every=10)
+    history = train_dpo(model, train, held_out, args, console=Console(quiet=True))
+    return history[-1]["held_out/accuracy"], before, period_rate(model)
 
 
 def test_dpo_learns_to_prefer_periods(char_model):
@@ -166,7 +167,7 @@ def test_response_kl_is_the_exact_kl_per_response_token(char_model, make_printab
 @pytest.mark.parametrize("bad, message", [({"beta": 0.0}, "beta"),
                                           ({"label_smoothing": 0.5}, "label_smoothing"),
                                           ({"loss_type": "ipo", "label_smoothing": 0.1}, "sigmoid"),
-                                          ({"heldout_fraction": 1.0}, "heldout_fraction")])
+                                          ({"held_out_fraction": 1.0}, "held_out_fraction")])
 def test_bad_args_say_what_is_wrong(bad, message):
     with pytest.raises(ValueError, match=message):
         DPOArgs(**bad)
@@ -175,7 +176,7 @@ def test_bad_args_say_what_is_wrong(bad, message):
 # ---- the command line ----
 
 DPO = ["--base-model", "tiny", "--epochs", "1", "--batch-size", "4", "--eval-every", "2",
-       "--lr", "1e-4", "--judge", "char_count", "--char", "e"]
+       "--base-lr", "1e-4", "--judge", "char_count", "--char", "e"]
 
 
 def write_prefs(path):
@@ -189,7 +190,7 @@ def test_dpo_command_writes_a_run_that_sample_reads(tmp_path, capsys):
     cli.main(["dpo", "--data", str(tmp_path / "prefs.jsonl"), "--out", str(out), *DPO])
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # 8 train pairs / 4 per step
-    assert "heldout/accuracy" in json.loads(lines[-1])
+    assert "held_out/accuracy" in json.loads(lines[-1])
     assert (out / "dpo.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "run.json").read_text())
     assert run["args"]["prefix"] == "This is" and run["dpo"]["args"]["epochs"] == 1
@@ -221,7 +222,7 @@ def test_the_loss_given_drives_the_training(make_printable_model):
     """`loss_fn` is what each step minimises (notebook 8 passes the learner's loss): the same run
     with chosen and rejected swapped in the loss learns the opposite preference."""
     pairs = [Preference(prompt, "." * k, "xyz"[:k]) for prompt in "ABCD" for k in (1, 2, 3)]
-    args = DPOArgs(prepend_bos=False, epochs=3, batch_size=4, lr=3e-3, eval_every=3)
+    args = DPOArgs(prepend_bos=False, epochs=3, batch_size=4, base_lr=3e-3, eval_every=3)
     margins = {}
     for swap in (False, True):
         model = make_printable_model(seed=0)
@@ -230,12 +231,12 @@ def test_the_loss_given_drives_the_training(make_printable_model):
             if swap else (lambda pc, pr, rc, rr, beta: calc_dpo_loss(pc, pr, rc, rr, beta).loss)
         history = train_dpo(model, pairs, pairs, args, console=Console(quiet=True),
                             loss_fn=loss_fn)
-        margins[swap] = history[-1]["heldout/margin"]
+        margins[swap] = history[-1]["held_out/margin"]
     assert margins[False] > 0 > margins[True], margins
 
 
 RESUMABLE = ["--base-model", "tiny", "--epochs", "2", "--batch-size", "2", "--eval-every", "3",
-             "--lr", "1e-3", "--checkpoint-every", "3", "--judge", "char_count"]
+             "--base-lr", "1e-3", "--checkpoint-every", "3", "--judge", "char_count"]
 """8 train pairs in steps of 2: 4 steps an epoch, 8 in all; checkpoints after steps 3, 6, 8."""
 
 
@@ -265,7 +266,7 @@ def interrupt_and_resume(straight_dpo, out, monkeypatch, load_dpo_state=None, fl
 
     with monkeypatch.context() as patch:
         patch.setattr(dpo_training, "train_step", stop_in_fifth_step)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit):  # Ctrl-C: one line and exit code 130
             cli.main(["dpo", "--data", str(straight_dpo / "prefs.jsonl"), "--out", str(out),
                       *RESUMABLE, *flags])
     assert load_checkpoint(out).trainer["phase"] == 3  # steps 4 and 5 are run again
@@ -303,13 +304,13 @@ def test_resuming_without_the_optimizer_state_would_diverge(straight_dpo, tmp_pa
 
 def test_dpo_resume_refuses_changed_flags_and_other_folders(straight_dpo, tmp_path, capsys):
     run = str(straight_dpo / "run")
-    for command in (["--out", run, "--resume", "--lr", "1"],
+    for command in (["--out", run, "--resume", "--base-lr", "1"],
                     ["--out", run, "--resume", "--force"],
                     ["--out", str(tmp_path), "--resume"]):
         with pytest.raises(SystemExit):
             cli.main(["dpo", *command])
     errors = capsys.readouterr().err
-    assert "drop --lr" in errors and "give one of them" in errors
+    assert "drop --base-lr" in errors and "give one of them" in errors
     assert "earlier `minirlhf dpo`" in errors
     cli.main(["dpo", "--out", run, "--resume"])  # a finished run: nothing to do
     assert "Nothing to do" in capsys.readouterr().out
@@ -368,9 +369,9 @@ def train_lora_on_period_pairs(model, args: DPOArgs) -> tuple[list[dict], float,
     judge = lambda texts: reward_fn_char_count(texts, ".")  # noqa: E731
     prefs = make_preferences(model, judge, ["A", "B", "C", "D"], num_pairs=128, gen_len=12,
                              batch_size=64, prepend_bos=False, seed=0)
-    train, heldout = split_preferences(prefs, 0.25, seed=0)
+    train, held_out = split_preferences(prefs, 0.25, seed=0)
     before = period_rate(model)
-    history = train_dpo(model, train, heldout, args, console=Console(quiet=True))
+    history = train_dpo(model, train, held_out, args, console=Console(quiet=True))
     return history, before, period_rate(model)
 
 
@@ -386,10 +387,11 @@ def test_lora_dpo_learns_with_the_base_weights_untouched(make_printable_model, t
     model = make_printable_model(n_layers=2, seed=0)
     model.tokenizer = CharTokenizer(model.tokenizer)
     base = copy.deepcopy(model)
-    args = DPOArgs(prepend_bos=False, lr=1e-2, beta=0.1, epochs=4, batch_size=16, eval_every=10,
+    args = DPOArgs(prepend_bos=False, base_lr=1e-2, beta=0.1, epochs=4, batch_size=16,
+                   eval_every=10,
                    lora_rank=4, lora_alpha=8.0, trainable_layers=trainable_layers)
     history, before, after = train_lora_on_period_pairs(model, args)
-    assert history[-1]["heldout/accuracy"] >= 0.75 and after >= 3 * before, (history[-1], after)
+    assert history[-1]["held_out/accuracy"] >= 0.75 and after >= 3 * before, (history[-1], after)
     weights = dict(model.named_parameters())
     for name, original in base.named_parameters():
         assert torch.equal(weights[name], original), name

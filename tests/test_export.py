@@ -351,7 +351,7 @@ def test_a_dpo_run_exports(tmp_path: Path):
     (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     run = tmp_path / "dpo"
     cli.main(["dpo", "--data", str(tmp_path / "prefs.jsonl"), "--out", str(run), "--base-model",
-              "tiny", "--epochs", "1", "--batch-size", "4", "--lr", "1e-3"])
+              "tiny", "--epochs", "1", "--batch-size", "4", "--base-lr", "1e-3"])
     cli.main(["export", "--run", str(run), "--out", str(tmp_path / "hf")])
     assert max_logit_diff(get_trained_tiny(run), tmp_path / "hf") < ATOL
     assert max_logit_diff(load_tiny_model(), tmp_path / "hf") > WRONG

@@ -67,13 +67,13 @@ def test_an_empty_or_missing_file_says_so(tmp_path):
 
 def test_split_is_seeded_disjoint_and_complete():
     records = [Preference("", f"c{i}", f"r{i}") for i in range(10)]
-    train, heldout = split_preferences(records, 0.2, seed=3)
-    assert len(train) == 8 and len(heldout) == 2
-    assert sorted(train + heldout, key=lambda p: int(p.chosen[1:])) == records
-    assert split_preferences(records, 0.2, seed=3) == (train, heldout)
-    assert split_preferences(records, 0.2, seed=4) != (train, heldout)
+    train, held_out = split_preferences(records, 0.2, seed=3)
+    assert len(train) == 8 and len(held_out) == 2
+    assert sorted(train + held_out, key=lambda p: int(p.chosen[1:])) == records
+    assert split_preferences(records, 0.2, seed=3) == (train, held_out)
+    assert split_preferences(records, 0.2, seed=4) != (train, held_out)
     assert len(split_preferences(records[:2], 0.01)[1]) == 1  # never an empty side
-    with pytest.raises(ValueError, match="heldout_fraction"):
+    with pytest.raises(ValueError, match="held_out_fraction"):
         split_preferences(records, 1.0)
 
 

@@ -229,18 +229,18 @@ def word_pairs(n: int, seed: int) -> list[Preference]:
 
 
 def test_training_learns_preferences_and_a_flipped_sign_unlearns_them(monkeypatch):
-    args = RewardModelArgs(epochs=3, batch_size=8, lr=3e-3, head_lr=1e-2, eval_every=5)
-    train, heldout = word_pairs(48, seed=0), word_pairs(16, seed=1)
+    args = RewardModelArgs(epochs=3, batch_size=8, base_lr=3e-3, head_lr=1e-2, eval_every=5)
+    train, held_out = word_pairs(48, seed=0), word_pairs(16, seed=1)
     model = make_rm(seed=5)
-    history = train_reward_model(model, train, heldout, args, console=Console(quiet=True))
-    assert history[-1]["heldout/accuracy"] == 1.0
-    assert history[-1]["heldout/loss"] < history[0]["train/loss"]
+    history = train_reward_model(model, train, held_out, args, console=Console(quiet=True))
+    assert history[-1]["held_out/accuracy"] == 1.0
+    assert history[-1]["held_out/loss"] < history[0]["train/loss"]
     # The same training with the sign flipped learns the opposite preference: accuracy 0.
     flipped = make_rm(seed=5)
     monkeypatch.setattr("minirlhf.pairs.reward_training.calc_pairwise_loss",
                         lambda chosen, rejected, margin=None: calc_pairwise_loss(rejected, chosen))
-    train_reward_model(flipped, train, heldout, args, console=Console(quiet=True))
-    assert evaluate(TextScorer(flipped, 0), heldout, args)["accuracy"] == 0.0
+    train_reward_model(flipped, train, held_out, args, console=Console(quiet=True))
+    assert evaluate(TextScorer(flipped, 0), held_out, args)["accuracy"] == 0.0
 
 
 def test_trunk_cache_runs_frozen_layers_once_and_scores_like_the_whole_model(monkeypatch):
@@ -259,13 +259,13 @@ def test_trunk_cache_runs_frozen_layers_once_and_scores_like_the_whole_model(mon
 
 
 def test_training_only_the_top_layer_uses_the_cache_and_learns():
-    args = RewardModelArgs(epochs=3, batch_size=8, lr=3e-3, head_lr=1e-2, eval_every=5,
+    args = RewardModelArgs(epochs=3, batch_size=8, base_lr=3e-3, head_lr=1e-2, eval_every=5,
                            trainable_layers=1)
     model = make_rm(seed=5)
     frozen = model.base_model.blocks[0].attn.W_Q.detach().clone()
     history = train_reward_model(model, word_pairs(48, seed=0), word_pairs(16, seed=1), args,
                                  console=Console(quiet=True))
-    assert history[-1]["heldout/accuracy"] == 1.0
+    assert history[-1]["held_out/accuracy"] == 1.0
     torch.testing.assert_close(model.base_model.blocks[0].attn.W_Q, frozen, atol=0, rtol=0)
 
 
@@ -290,10 +290,10 @@ def test_save_and_load_keeps_trained_weights_and_normalisation(tmp_path):
 def test_the_loss_given_drives_the_training():
     """`loss_fn` is what each step minimises (notebook 6 passes the learner's loss): a loss with
     chosen and rejected swapped learns the opposite preference."""
-    args = RewardModelArgs(epochs=3, batch_size=8, lr=3e-3, head_lr=1e-2, eval_every=5)
-    train, heldout = word_pairs(48, seed=0), word_pairs(16, seed=1)
+    args = RewardModelArgs(epochs=3, batch_size=8, base_lr=3e-3, head_lr=1e-2, eval_every=5)
+    train, held_out = word_pairs(48, seed=0), word_pairs(16, seed=1)
     swapped = make_rm(seed=5)
-    train_reward_model(swapped, train, heldout, args, console=Console(quiet=True),
+    train_reward_model(swapped, train, held_out, args, console=Console(quiet=True),
                        loss_fn=lambda chosen, rejected, margin=None:
                        calc_pairwise_loss(rejected, chosen))
-    assert evaluate(TextScorer(swapped, 0), heldout, args)["accuracy"] == 0.0
+    assert evaluate(TextScorer(swapped, 0), held_out, args)["accuracy"] == 0.0

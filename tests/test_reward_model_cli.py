@@ -40,7 +40,7 @@ def test_reward_model_writes_checkpoint_metrics_plot_and_summary(pipeline):
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["charts/step"] for m in metrics] == [0, 1, 2]  # 19 train pairs, 8 a step
-    assert "heldout/accuracy" in metrics[-1] and "train/loss" in metrics[0]
+    assert "held_out/accuracy" in metrics[-1] and "train/loss" in metrics[0]
     info = json.loads((out / "reward_model.json").read_text())
     assert info["base_model"] == "tiny" and info["args"]["use_margin"] is True
     assert set(info["normalization"]) == {"raw_mean", "raw_std", "gain", "bias"}

@@ -68,10 +68,10 @@ def plot_metrics(history: list[dict[str, float]], path: str | Path, title: str =
 def plot_accuracy(ax, history: list[dict[str, float]], title: str) -> list[dict[str, float]]:
     """Preference accuracy against step on `ax` (train per step, held-out where evaluated);
     returns the held-out evaluations, for the other panel."""
-    evals = [m for m in history if "heldout/accuracy" in m]
+    evals = [m for m in history if "held_out/accuracy" in m]
     ax.plot([m["charts/step"] for m in history], [m["train/accuracy"] for m in history],
             alpha=0.4, label="train (step)")
-    ax.plot([m["charts/step"] for m in evals], [m["heldout/accuracy"] for m in evals],
+    ax.plot([m["charts/step"] for m in evals], [m["held_out/accuracy"] for m in evals],
             marker="o", label="held-out")
     ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title=title)
     return evals
@@ -84,7 +84,7 @@ def plot_reward_model_metrics(history: list[dict[str, float]], path: str | Path)
         evals = plot_accuracy(ax_acc, history, "Chosen scored above rejected")
         eval_steps = [m["charts/step"] for m in evals]
         ax_loss.plot(steps, [m["train/loss"] for m in history], alpha=0.4, label="train (step)")
-        ax_loss.plot(eval_steps, [m["heldout/loss"] for m in evals], marker="o", label="held-out")
+        ax_loss.plot(eval_steps, [m["held_out/loss"] for m in evals], marker="o", label="held-out")
         ax_loss.set(xlabel="step", ylabel="-log sigmoid(r_c - r_r - m)", title="Pairwise loss")
         ax_acc.legend()
         ax_loss.legend()
@@ -99,7 +99,7 @@ def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
         eval_steps = [m["charts/step"] for m in evals]
         for key, label in [("chosen_reward", "chosen"), ("rejected_reward", "rejected"),
                            ("margin", "margin")]:
-            ax_reward.plot(eval_steps, [m[f"heldout/{key}"] for m in evals], marker="o",
+            ax_reward.plot(eval_steps, [m[f"held_out/{key}"] for m in evals], marker="o",
                            label=label)
         ax_reward.axhline(0.0, color="grey", linewidth=0.5)
         ax_reward.set(xlabel="step", ylabel="beta * (log pi - log pi_ref)",

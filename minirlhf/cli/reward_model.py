@@ -24,30 +24,30 @@ def add_reward_model_parser(commands):
 
 
 def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
-    args, train, heldout = args_and_pairs(ns, parser, RewardModelArgs)
+    args, train, held_out = args_and_pairs(ns, parser, RewardModelArgs)
     console = Console()
     with claimed(ns.out, "reward-model", ns.force, console):
-        train_and_save_reward_model(ns, args, train, heldout, console)
+        train_and_save_reward_model(ns, args, train, held_out, console)
 
 
 def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, train: list,
-                                heldout: list, console: Console):
+                                held_out: list, console: Console):
     from minirlhf.pairs.reward_model import save_reward_model, sha256_of
     from minirlhf.pairs.reward_training import fit_reward_model
 
     write_metrics(ns.out / "metrics.jsonl", [])
-    console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(heldout)} "
+    console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(held_out)} "
                   f"held-out pairs from {ns.data} -> {ns.out}", soft_wrap=True)
-    trained = fit_reward_model(train, heldout, args, pick_device(args.device),
+    trained = fit_reward_model(train, held_out, args, pick_device(args.device),
                                console=console,
                                on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
     info = {"base_model": args.base_model, "args": args.to_dict(), "data": str(ns.data),
             "data_sha256": sha256_of(ns.data),
-            "heldout": trained.final_heldout, "normalization": trained.normalization}
+            "held_out": trained.final_held_out, "normalization": trained.normalization}
     save_reward_model(trained.reward_model, ns.out, info)  # and reward_model.json, its record
     plot = plot_reward_model_metrics(trained.history, ns.out / "accuracy.png")
     summary = Table("held-out", "value", title="Reward model")
-    for key, value in {**trained.final_heldout, **trained.normalization}.items():
+    for key, value in {**trained.final_held_out, **trained.normalization}.items():
         summary.add_row(key, f"{value:+.4f}")
     console.print(summary)
     console.print(f"Plot:  {plot}\nModel: {ns.out / 'reward_model.pt'}\n"

@@ -129,11 +129,11 @@ def args_and_pairs(ns: argparse.Namespace, parser: argparse.ArgumentParser, cls:
     names = {f.name for f in dataclasses.fields(cls)}
     try:
         args = cls(**{k: v for k, v in vars(ns).items() if k in names})
-        train, heldout = split_preferences(read_preferences(ns.data), args.heldout_fraction,
+        train, held_out = split_preferences(read_preferences(ns.data), args.held_out_fraction,
                                            seed=args.seed)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    return args, train, heldout
+    return args, train, held_out
 
 
 # ---- a finished run's policy ----

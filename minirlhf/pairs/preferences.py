@@ -135,17 +135,17 @@ def write_preferences(preferences: Iterable[Preference], path: str | Path) -> Pa
 
 
 def split_preferences(
-    preferences: list[Preference], heldout_fraction: float, seed: int = 0
+    preferences: list[Preference], held_out_fraction: float, seed: int = 0
 ) -> tuple[list[Preference], list[Preference]]:
     """A seeded shuffle cut into (train, held-out); each side gets at least one record."""
-    if not 0 < heldout_fraction < 1:
-        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}.")
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must lie in (0, 1), got {held_out_fraction}.")
     if len(preferences) < 2:
         raise ValueError("A held-out split needs at least two preference records.")
     order = torch.randperm(len(preferences), generator=torch.Generator().manual_seed(seed))
-    n_heldout = min(len(preferences) - 1, max(1, round(heldout_fraction * len(preferences))))
+    n_held_out = min(len(preferences) - 1, max(1, round(held_out_fraction * len(preferences))))
     shuffled = [preferences[i] for i in order.tolist()]
-    return shuffled[n_heldout:], shuffled[:n_heldout]
+    return shuffled[n_held_out:], shuffled[:n_held_out]
 
 
 # ---------------------------------------------------------------- RLAIF: an AI judge labels pairs

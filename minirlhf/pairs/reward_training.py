@@ -7,7 +7,7 @@ pairwise loss (minimised). Every `eval_every` steps the held-out pairs are score
 in the PPO trainer, are namespaced:
 
     train/loss, train/accuracy, train/margin      the step's minibatch
-    heldout/loss, heldout/accuracy, heldout/margin  every held-out pair (on evaluation steps)
+    held_out/loss, held_out/accuracy, held_out/margin  every held-out pair (on evaluation steps)
 
 Accuracy is the share of pairs where the chosen text scores above the rejected one; margin is
 the mean of r_chosen - r_rejected. After training, `normalize_on_policy` fits the gain and bias
@@ -59,7 +59,7 @@ class RewardModelArgs:
     """Put the end-of-text token after each text: the reward is read there."""
 
     # --- data ---
-    heldout_fraction: float = 0.2
+    held_out_fraction: float = 0.2
     """Share of the pairs kept out of training to measure accuracy."""
     use_margin: bool = True
     """Use the records' margins in the loss (records without one get none)."""
@@ -69,7 +69,7 @@ class RewardModelArgs:
     """Passes over the training pairs."""
     batch_size: int = 16
     """Pairs per step (each pair is two texts in the forward pass)."""
-    lr: float = 1e-4
+    base_lr: float = 1e-4
     """Learning rate of the trunk's trainable weights (1e-5 barely fit SmolLM2's top layers)."""
     head_lr: float = 1e-2
     """Learning rate of the freshly initialised reward head."""
@@ -91,7 +91,7 @@ class RewardModelArgs:
     def __post_init__(self):
         check_at_least(self, ["epochs", "batch_size", "eval_every"])
         check_at_least(self, ["trainable_layers"], minimum=0, optional=True)
-        check_interval(self, ["heldout_fraction"], 0.0, 1.0, open_low=True, open_high=True)
+        check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_low=True, open_high=True)
         check_positive(self, ["lr", "head_lr"])
         if self.normalize_samples == 1 or self.normalize_samples < 0:
             raise ValueError("normalize_samples must be 0 (off) or at least 2 (a std needs two), "
@@ -165,18 +165,19 @@ def evaluate(
 
 
 def get_reward_optimizer(reward_model: RewardModel, args: RewardModelArgs) -> torch.optim.AdamW:
-    """AdamW (minimising) with two groups: the trainable trunk at `lr`, the head at `head_lr`."""
+    """AdamW (minimising) with two groups: the trainable trunk at `base_lr`, the head at
+    `head_lr`."""
     head = list(reward_model.reward_head.parameters())
     head_ids = {id(p) for p in head}
     trunk = [p for p in reward_model.parameters() if p.requires_grad and id(p) not in head_ids]
-    return torch.optim.AdamW([{"params": trunk, "lr": args.lr}, {"params": head,
+    return torch.optim.AdamW([{"params": trunk, "lr": args.base_lr}, {"params": head,
                               "lr": args.head_lr}], weight_decay=args.weight_decay)
 
 
 def train_reward_model(
     reward_model: RewardModel,
     train: list[Preference],
-    heldout: list[Preference],
+    held_out: list[Preference],
     args: RewardModelArgs,
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
@@ -193,16 +194,16 @@ def train_reward_model(
     optimizer = get_reward_optimizer(reward_model, args)
     generator = torch.Generator().manual_seed(args.seed)
 
-    def evaluate_heldout() -> dict[str, float]:
+    def evaluate_held_out() -> dict[str, float]:
         reward_model.eval()
-        return evaluate(score, heldout, args)
+        return evaluate(score, held_out, args)
 
     history = run_pair_epochs(
         len(train), (args.epochs, args.batch_size, args.eval_every),
         lambda: torch.randperm(len(train), generator=generator).tolist(),
         lambda rows: train_step(reward_model, score, optimizer, [train[i] for i in rows], args,
                                 loss_fn),
-        evaluate_heldout, "reward model", console, on_step,
+        evaluate_held_out, "reward model", console, on_step,
     )
     reward_model.eval()
     return history
@@ -242,7 +243,7 @@ def run_pair_epochs(
             metrics = step_fn(order[start : start + batch_size])
             metrics |= {"charts/step": step, "charts/epoch": step / steps_per_epoch}
             if (step + 1) % eval_every == 0 or step == total - 1:
-                metrics |= {f"heldout/{k}": v for k, v in evaluate_fn().items()}
+                metrics |= {f"held_out/{k}": v for k, v in evaluate_fn().items()}
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
@@ -261,7 +262,7 @@ def replay_shuffles(shuffle: Callable[[], list[int]], start_step: int,
 
 def describe_step(metrics: dict[str, float]) -> str:
     """The progress bar's line: the step's loss, and the held-out accuracy when measured."""
-    shown = metrics.get("heldout/accuracy", metrics["train/accuracy"])
+    shown = metrics.get("held_out/accuracy", metrics["train/accuracy"])
     return f"loss {metrics['train/loss']:.3f}  accuracy {shown:.2f}"
 
 
@@ -279,7 +280,7 @@ def train_step(
         raise FloatingPointError(
             f"The pairwise loss is {loss.item()} on a minibatch of {len(mb_pairs)} pairs (first: "
             f"{mb_pairs[0].chosen_text!r}): look for margins beyond float32's range (3.4e38) in "
-            "the data, or lower --lr and --head-lr.")
+            "the data, or lower --base-lr and --head-lr.")
     optimizer.zero_grad()
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -320,9 +321,9 @@ class TrainedRewardModel:
     """`normalize_on_policy`'s raw mean and std, gain and bias (empty: not normalised)."""
 
     @property
-    def final_heldout(self) -> dict[str, float]:
-        """The `heldout/...` metrics of the last step (which is always evaluated)."""
-        return {k: v for k, v in self.history[-1].items() if k.startswith("heldout/")}
+    def final_held_out(self) -> dict[str, float]:
+        """The `held_out/...` metrics of the last step (which is always evaluated)."""
+        return {k: v for k, v in self.history[-1].items() if k.startswith("held_out/")}
 
 
 def check_pairs_fit(reward_model: RewardModel, pairs: list[Preference]):
@@ -342,7 +343,7 @@ def check_pairs_fit(reward_model: RewardModel, pairs: list[Preference]):
 
 def fit_reward_model(
     train: list[Preference],
-    heldout: list[Preference],
+    held_out: list[Preference],
     args: RewardModelArgs,
     device: loading.Device = "cpu",
     policy: HookedTransformer | None = None,
@@ -350,7 +351,7 @@ def fit_reward_model(
     on_step: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainedRewardModel:
     """The reward-model pipeline: a fresh model on `args.base_model`, trained on the `train`
-    pairs and evaluated on the `heldout` ones, then normalised on the initial policy's samples.
+    pairs and evaluated on the `held_out` ones, then normalised on the initial policy's samples.
 
     Args:
         policy: the initial policy to normalise on; None loads `args.base_model` (not loaded at
@@ -358,8 +359,8 @@ def fit_reward_model(
         on_step: called with each step's metrics (to write them as they come).
     """
     reward_model = make_reward_model(args, device)
-    check_pairs_fit(reward_model, train + heldout)
-    history = train_reward_model(reward_model, train, heldout, args, console, on_step)
+    check_pairs_fit(reward_model, train + held_out)
+    history = train_reward_model(reward_model, train, held_out, args, console, on_step)
     normalization = {}
     if args.normalize_samples:
         policy = policy if policy is not None else loading.load_policy(args.base_model, device)

@@ -188,8 +188,8 @@ print(f"{len(preferences)} pairs written to {path}")
 for p in preferences[:3]:
     print(f"chosen {p.chosen!r} ({p.chosen_score:.0f})   rejected {p.rejected!r} "
           f"({p.rejected_score:.0f})")
-train, heldout = split_preferences(preferences, heldout_fraction=0.2, seed=0)
-print(f"{len(train)} pairs to train on, {len(heldout)} held out")
+train, held_out = split_preferences(preferences, held_out_fraction=0.2, seed=0)
+print(f"{len(train)} pairs to train on, {len(held_out)} held out")
 
 # %% [markdown]
 # ## Training the reward model
@@ -204,23 +204,23 @@ print(f"{len(train)} pairs to train on, {len(heldout)} held out")
 # chosen text scores higher: the figure to watch.
 
 # %%
-rm_args = RewardModelArgs(epochs=3, batch_size=16, lr=1e-2, head_lr=1e-2, eval_every=5,
+rm_args = RewardModelArgs(epochs=3, batch_size=16, base_lr=1e-2, head_lr=1e-2, eval_every=5,
                           normalize_samples=64, normalize_prompt="A", normalize_gen_len=16)
 torch.manual_seed(0)
 reward_model = RewardModel(load_tiny_model(n_layers=1, d_model=32, n_heads=2, n_ctx=64, seed=0))
-history = train_reward_model(reward_model, train, heldout, rm_args, console=Console(quiet=True),
+history = train_reward_model(reward_model, train, held_out, rm_args, console=Console(quiet=True),
                              loss_fn=calc_pairwise_loss)
-evals = [m for m in history if "heldout/accuracy" in m]
+evals = [m for m in history if "held_out/accuracy" in m]
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.plot([m["charts/step"] for m in history], [m["train/accuracy"] for m in history], alpha=0.4,
         label="train minibatch")
-ax.plot([m["charts/step"] for m in evals], [m["heldout/accuracy"] for m in evals], "o-",
+ax.plot([m["charts/step"] for m in evals], [m["held_out/accuracy"] for m in evals], "o-",
         label="held-out")
 ax.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="Chosen scored above rejected")
 ax.legend()
 plt.show()
-print(f"held-out accuracy {evals[-1]['heldout/accuracy']:.2f}, "
-      f"mean margin r_c - r_r {evals[-1]['heldout/margin']:+.2f}")
+print(f"held-out accuracy {evals[-1]['held_out/accuracy']:.2f}, "
+      f"mean margin r_c - r_r {evals[-1]['held_out/margin']:+.2f}")
 
 # %% [markdown]
 # ## Normalising the reward

@@ -191,8 +191,8 @@ while len(pairs) < 128:
     if first.count(".") != second.count("."):  # a tie says nothing
         chosen, rejected = sorted([first, second], key=lambda a: a.count("."), reverse=True)
         pairs.append(Preference(rng.choice("ABCD"), chosen, rejected))
-train, heldout = split_preferences(pairs, heldout_fraction=0.25, seed=0)
-print(f"{len(train)} pairs to train on, {len(heldout)} held out; for example:")
+train, held_out = split_preferences(pairs, held_out_fraction=0.25, seed=0)
+print(f"{len(train)} pairs to train on, {len(held_out)} held out; for example:")
 for p in train[:3]:
     print(f"  after {p.prompt!r}: chosen {p.chosen!r}, rejected {p.rejected!r}")
 
@@ -238,9 +238,9 @@ print("library's:", library_sequence_logprobs(logits, batch.tokens, batch.attent
 def train_with(loss_type: str) -> tuple[list[dict], HookedTransformer]:
     """A fresh policy trained on the pairs with your loss; the history and the policy."""
     policy = load_policy()
-    args = DPOArgs(beta=0.1, loss_type=loss_type, lr=3e-3, epochs=4, batch_size=16,
+    args = DPOArgs(beta=0.1, loss_type=loss_type, base_lr=3e-3, epochs=4, batch_size=16,
                    eval_every=4, prepend_bos=False)
-    history = train_dpo(policy, train, heldout, args, console=Console(quiet=True),
+    history = train_dpo(policy, train, held_out, args, console=Console(quiet=True),
                         loss_fn=functools.partial(calc_dpo_loss, loss_type=loss_type))
     return history, policy
 
@@ -248,11 +248,11 @@ def train_with(loss_type: str) -> tuple[list[dict], HookedTransformer]:
 runs = {"DPO (yours)": train_with("sigmoid"), "IPO (yours)": train_with("ipo")}
 fig, (ax_margin, ax_rewards) = plt.subplots(1, 2, figsize=(11, 3.5))
 for color, (name, (history, _)) in zip(["tab:blue", "tab:orange"], runs.items()):
-    evals = [m for m in history if "heldout/margin" in m]
+    evals = [m for m in history if "held_out/margin" in m]
     steps = [m["charts/step"] for m in evals]
-    ax_margin.plot(steps, [m["heldout/margin"] for m in evals], "o-", color=color, label=name)
+    ax_margin.plot(steps, [m["held_out/margin"] for m in evals], "o-", color=color, label=name)
     for key, style in [("chosen_reward", "o-"), ("rejected_reward", "s--")]:
-        ax_rewards.plot(steps, [m[f"heldout/{key}"] for m in evals], style, color=color,
+        ax_rewards.plot(steps, [m[f"held_out/{key}"] for m in evals], style, color=color,
                         label=f"{name}: {key.split('_')[0]}")
 ax_margin.axhline(0.5, color="gray", linestyle=":", label="IPO's target, 1/2")
 ax_margin.set(xlabel="step", title="held-out margin (beta h)")
@@ -262,8 +262,8 @@ ax_rewards.legend(fontsize=7)
 fig.tight_layout()
 plt.show()
 for name, (history, _) in runs.items():
-    print(f"{name}: held-out accuracy {history[-1]['heldout/accuracy']:.2f}, "
-          f"margin {history[-1]['heldout/margin']:+.2f}")
+    print(f"{name}: held-out accuracy {history[-1]['held_out/accuracy']:.2f}, "
+          f"margin {history[-1]['held_out/margin']:+.2f}")
 
 # %% [markdown]
 # The pairs only ever showed answers; did the policy learn to *write* periods? Sample 256 texts
