@@ -1,4 +1,5 @@
-"""The command line: `minirlhf train`, `sample`, `export`, `preferences`, `reward-model`, `dpo`.
+"""The command line: `minirlhf train`, `sample`, `export`, `inspect`, `preferences`,
+`reward-model`, `dpo`.
 
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
 reward function, runs the trainer with checkpoints, and writes the run's folder:
@@ -13,13 +14,14 @@ reward function, runs the trainer with checkpoints, and writes the run's folder:
 The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
 reward model on such a file, and `train --reward-model FOLDER` runs PPO against it. `dpo`
 trains the policy on the preference file directly (minirlhf.cli.dpo). `export` writes a run's
-trained policy as a Hugging Face model folder (minirlhf.runtime.export).
+trained policy as a Hugging Face model folder (minirlhf.runtime.export); `inspect` writes a
+report of what training changed inside the policy (minirlhf.inspection).
 """
 
 import argparse
 import sys
 
-from minirlhf.cli import dpo, export, preferences, reward_model, sample, train
+from minirlhf.cli import dpo, export, inspect, preferences, reward_model, sample, train
 from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.provenance import ChangedInputError
 from minirlhf.cli.run_folder import RunFolderError
@@ -30,7 +32,7 @@ from minirlhf.runtime import distributed
 COMMANDS = {"train": train.cmd_train, "sample": sample.cmd_sample,
             "preferences": preferences.cmd_preferences,
             "reward-model": reward_model.cmd_reward_model, "dpo": dpo.cmd_dpo,
-            "export": export.cmd_export}
+            "export": export.cmd_export, "inspect": inspect.cmd_inspect}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     reward_model.add_reward_model_parser(commands)
     dpo.add_dpo_parser(commands)
     export.add_export_parser(commands)
+    inspect.add_inspect_parser(commands)
     return parser
 
 
