@@ -13,7 +13,8 @@ log-probs, the four objective terms and their signs; the optimiser, the LR sched
 learning phase; the reward model's last-token index and pairwise loss; the critic-free
 advantages (GRPO, Dr. GRPO, RLOO) and the sampled KL estimators k1, k2, k3; DPO's sequence
 log-probs and its loss (with IPO's); a LoRA adapter, attaching it to a model, and the reference
-with it off (notebook 9).
+with it off (notebook 9); answers that end (notebook 10); what RL changed: the share of weights
+that moved, the per-token KL, the logit lens and steering (notebook 11).
 
 When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
 raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
@@ -30,6 +31,7 @@ from minirlhf.exercises import (
     answers,
     critic_free,
     dpo,
+    inspection,
     lora,
     memory_and_logprobs,
     objective,
@@ -53,6 +55,12 @@ from minirlhf.exercises.critic_free import (
     check_compute_rloo_advantages,
 )
 from minirlhf.exercises.dpo import check_calc_dpo_loss, check_get_sequence_logprobs
+from minirlhf.exercises.inspection import (
+    check_apply_logit_lens,
+    check_calc_changed_share,
+    check_calc_per_token_kl,
+    check_get_steered_logits,
+)
 from minirlhf.exercises.lora import check_attach_lora, check_get_ref_logits, check_lora
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
@@ -118,6 +126,10 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "compute_gae_with_ends": check_compute_gae_with_ends,
     "aggregate": check_aggregate,
     "get_token_weights": check_get_token_weights,
+    "calc_changed_share": check_calc_changed_share,
+    "calc_per_token_kl": check_calc_per_token_kl,
+    "apply_logit_lens": check_apply_logit_lens,
+    "get_steered_logits": check_get_steered_logits,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -150,6 +162,9 @@ MISTAKES: dict[str, list[Mistake]] = {
     "compute_gae_with_ends": answers.GAE_MISTAKES,
     "aggregate": answers.AGGREGATE_MISTAKES,
     "get_token_weights": answers.WEIGHT_MISTAKES,
+    "calc_changed_share": inspection.CHANGED_SHARE_MISTAKES,
+    "calc_per_token_kl": inspection.KL_MISTAKES,
+    "apply_logit_lens": inspection.LENS_MISTAKES,
 }
 """The catalogue of named mistakes, by exercise: each `imitate` makes one mistake, and the check
 shows its `hint` when the learner's result matches it. This is the one copy of these wrong
@@ -178,6 +193,8 @@ def get_reference(name: str) -> Any:
         return lora.REFERENCES[name]
     if name in answers.REFERENCES:
         return answers.REFERENCES[name]
+    if name in inspection.REFERENCES:
+        return inspection.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards
@@ -225,6 +242,10 @@ __all__ = [
     "Failure",
     "ReferenceOracleMismatch",
     "check_aggregate",
+    "check_apply_logit_lens",
+    "check_calc_changed_share",
+    "check_calc_per_token_kl",
+    "check_get_steered_logits",
     "check_calc_clipped_surrogate_objective",
     "check_whiten",
     "check_calc_dpo_loss",

@@ -24,6 +24,7 @@ from minirlhf.exercises import (
     critic_free,
     dpo,
     get_reference,
+    inspection,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -102,7 +103,8 @@ def test_the_catalogue_covers_every_function_check():
     """Every check built on check_function has a catalogue (modules whose lists are not in it
     would name mistakes no test proves)."""
     lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
-                                  optim_and_learning, reward_model, critic_free, dpo, answers)
+                                  optim_and_learning, reward_model, critic_free, dpo, answers,
+                                  inspection)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
