@@ -198,3 +198,26 @@ def test_preferences_keeps_an_existing_file_unless_forced(tmp_path, capsys):
     cli.main([*PREFS, "--out", str(out), "--force"])
     assert len(out.read_text().splitlines()) == 2
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+# ---- 9. Ctrl-C: one line, no traceback ----
+
+def test_ctrl_c_after_the_save_exits_with_one_line(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the second rollout: phase 1 is saved and the command says so. The old command
+    then re-raised KeyboardInterrupt, and Python printed a 30-line traceback under that line."""
+    from minirlhf.trainer import RLHFTrainer
+
+    real_phase = RLHFTrainer.train_one_phase
+
+    def interrupted(self):
+        if self.phase == 1:
+            raise KeyboardInterrupt
+        return real_phase(self)
+
+    monkeypatch.setattr(RLHFTrainer, "train_one_phase", interrupted)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train", *TWO_PHASES, "--checkpoint-every", "5", "--out", str(tmp_path)])
+    assert caught.value.code == 130
+    printed = capsys.readouterr()
+    assert "Stopped: saved phase 1" in printed.out and printed.err == ""  # that line alone
+    assert load_checkpoint(tmp_path).trainer["phase"] == 1

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None):
     except (CheckpointError, RunFolderError, UnsafeFileError, RewardModelError,
             ChangedInputError, distributed.WorldSizeError) as error:
         parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
+    except KeyboardInterrupt:  # before a command's own stop handling (loading a model, ...)
+        parser.exit(130, f"minirlhf {ns.command}: interrupted (Ctrl-C).\n")
     finally:
         distributed.shutdown()
 

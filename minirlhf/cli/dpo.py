@@ -15,6 +15,7 @@ import argparse
 import collections
 import dataclasses
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -24,6 +25,7 @@ from transformer_lens import HookedTransformer
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from minirlhf.cli.flags import add_args_flags
+from minirlhf.cli.keeper import stop_between_steps
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_dpo_metrics, write_metrics
 from minirlhf.cli.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
@@ -64,15 +66,15 @@ def cmd_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         return
     if ns.data is None:
         parser.error("--data is needed to start a DPO run (a resumed one reads its own).")
-    args, train, heldout = args_and_pairs(ns, parser, DPOArgs)
+    args, train, held_out = args_and_pairs(ns, parser, DPOArgs)
     console = Console()
     with claimed(ns.out, "dpo", ns.force, console):
         policy = loading.load_policy(args.base_model, pick_device(args.device))
-        write_json(ns.out / "run.json", make_run_config(ns, args, policy, train + heldout))
+        write_json(ns.out / "run.json", make_run_config(ns, args, policy, train + held_out))
         write_metrics(ns.out / "metrics.jsonl", [])
-        console.print(f"[bold]minirlhf dpo[/]: {len(train)} train / {len(heldout)} held-out "
+        console.print(f"[bold]minirlhf dpo[/]: {len(train)} train / {len(held_out)} held-out "
                       f"pairs from {ns.data} -> {ns.out}", soft_wrap=True)
-        run_dpo(ns, policy, args, (train, heldout), None, console)
+        run_dpo(ns, policy, args, (train, held_out), None, console)
 
 
 def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -93,7 +95,7 @@ def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     if run["dpo"]["data_sha256"] != sha256_of(data):
         raise RunFolderError(f"{data} has changed since the run started: its pairs, and the "
                              "held-out split, would not be the ones it trained on.")
-    pairs = split_preferences(read_preferences(data), args.heldout_fraction, seed=args.seed)
+    pairs = split_preferences(read_preferences(data), args.held_out_fraction, seed=args.seed)
     console, device = Console(), pick_device(args.device)
     check_inputs(run, ns.accept_changed_inputs, console)
     with locked(ns.out, "dpo") as stale:
@@ -141,18 +143,43 @@ def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransfo
 def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, args: DPOArgs,
             pairs: tuple[list[Preference], list[Preference]], saved: dict | None,
             console: Console):
-    """Train (from `saved` when resuming), saving checkpoints into --out, then plot and sum up."""
-    history = train_dpo(policy, *pairs, args, console,
-                        on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m),
-                        saved=saved, save_every=ns.checkpoint_every,
-                        save=lambda state: save_checkpoint(state, ns.out, {"algorithm": "dpo"}))
+    """Train (from `saved` when resuming), saving checkpoints into --out, then plot and sum up.
+    SIGTERM or Ctrl-C saves the step in progress and stops (`keeper.stop_between_steps`)."""
+    saved_steps = [len(saved["history"])] if saved else []
+
+    def save(state: dict):
+        save_checkpoint(state, ns.out, {"algorithm": "dpo"})
+        saved_steps.append(state["phase"])
+
+    with reporting_stops(ns.out, saved_steps, console), stop_between_steps() as stop:
+        history = train_dpo(policy, *pairs, args, console,
+                            on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m),
+                            saved=saved, save_every=ns.checkpoint_every, save=save, stop=stop)
     if saved is not None and len(history) == len(saved["history"]):
         console.print(f"Nothing to do: the run already did its {len(history)} steps.")
     plot = plot_dpo_metrics(history, ns.out / PLOT_NAME)
     summary = Table("held-out", "value", title="DPO")
     for key, value in history[-1].items():
-        if key.startswith("heldout/"):
+        if key.startswith("held_out/"):
             summary.add_row(key, f"{value:+.4f}")
     console.print(summary)
     console.print(f"Plot:       {plot}\nCheckpoint: {ns.out / 'checkpoint.pt'}\n"
                   f"Samples:    minirlhf sample --run {ns.out} --compare", soft_wrap=True)
+
+
+@contextmanager
+def reporting_stops(out: Path, saved_steps: list[int], console: Console):
+    """Say in one line what a stop kept and how to continue; Ctrl-C mid-step (a second signal)
+    exits with code 130 instead of a traceback."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as error:
+        step = saved_steps[-1] if saved_steps else None
+        resume = f"Continue with: minirlhf dpo --out {out} --resume"
+        if isinstance(error, SystemExit):  # train_dpo saved the step, then stopped
+            console.print(f"[yellow]Stopped: saved step {step} to {out / 'checkpoint.pt'}. "
+                          f"{resume}", soft_wrap=True)
+            raise
+        kept = f"the checkpoint of step {step} stands" if step else "no checkpoint was saved"
+        console.print(f"[red]Stopped mid-step: {kept}. {resume}", soft_wrap=True)
+        raise SystemExit(130) from None

@@ -3,7 +3,8 @@
 Part of the run folder's machinery (`cli.run_folder`), above the checkpoints (`cli.checkpoint`).
 `CheckpointKeeper` saves at phase boundaries, and after a crash or a signal saves the last
 boundary if no weight has moved since; `stop_on_sigterm` makes SIGTERM take Ctrl-C's path, so a
-job scheduler's stop keeps the phases already done.
+job scheduler's stop keeps the phases already done. `stop_between_steps` does the same for
+`minirlhf dpo`, whose steps are short: SIGTERM and Ctrl-C both wait for the step to end.
 """
 
 import signal
@@ -92,3 +93,27 @@ def stop_on_sigterm(keeper: CheckpointKeeper, trainer):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def stop_between_steps(signals=(signal.SIGTERM, signal.SIGINT)):
+    """While the block runs, the first SIGTERM or Ctrl-C asks the run to stop after the step in
+    progress (`minirlhf dpo`: `train_dpo(stop=...)` saves that step, then raises
+    SystemExit(128 + signal)); a second one stops at once (KeyboardInterrupt). Yields `stop`:
+    the signal number received, or None."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in signals}
+    try:
+        yield lambda: received[0] if received else None
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)

@@ -183,6 +183,8 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         if not isinstance(error, CheckpointError):  # a failed save: main says why, once
             console.print(f"{keeper.save_after_crash(trainer)} Continue with: minirlhf train "
                           f"--out {out} --resume", soft_wrap=True)
+        if isinstance(error, KeyboardInterrupt):  # that line says it all: no traceback
+            raise SystemExit(130) from None
         raise
     if distributed.is_main():
         finish_run(trainer, out, extra, console)

@@ -12,8 +12,8 @@ Metric keys, as in the reward-model training, are namespaced:
 
     train/loss, train/accuracy, train/margin,          the step's minibatch
     train/chosen_reward, train/rejected_reward
-    heldout/...                                         the same over every held-out pair
-    heldout/kl                                          KL(policy || reference) per response
+    held_out/...                                         the same over every held-out pair
+    held_out/kl                                          KL(policy || reference) per response
                                                         token on the held-out pairs
 
 The rewards are DPO's implicit rewards beta * (log pi - log pi_ref) (0 for every response before
@@ -78,7 +78,7 @@ class DPOArgs:
     """Comma-separated matrices that get adapters: attention q, k, v, o; MLP in, gate, out."""
 
     # --- data ---
-    heldout_fraction: float = 0.2
+    held_out_fraction: float = 0.2
     """Share of the pairs kept out of training to measure accuracy."""
 
     # --- loss ---
@@ -94,7 +94,7 @@ class DPOArgs:
     """Passes over the training pairs."""
     batch_size: int = 8
     """Pairs per step (each pair is two sequences in the forward pass)."""
-    lr: float = 1e-5
+    base_lr: float = 1e-5
     """AdamW learning rate of what trains (every weight: about 1e-5; LoRA adapters: about 1e-4
     to 1e-3)."""
     weight_decay: float = 0.0
@@ -106,9 +106,9 @@ class DPOArgs:
 
     def __post_init__(self):
         check_at_least(self, ["epochs", "batch_size", "eval_every"])
-        check_interval(self, ["heldout_fraction"], 0.0, 1.0, open_low=True, open_high=True)
+        check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_low=True, open_high=True)
         check_interval(self, ["label_smoothing"], 0.0, 0.5, open_high=True)
-        check_positive(self, ["beta", "lr"])
+        check_positive(self, ["beta", "base_lr"])
         check_choice(self, "loss_type")
         if self.label_smoothing and self.loss_type == "ipo":
             raise ValueError("label_smoothing applies to loss_type 'sigmoid' only.")
@@ -240,7 +240,7 @@ def set_up_dpo(policy: HookedTransformer, args: DPOArgs) -> DPOSetup:
     n_frozen = prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
                               args.lora_targets)
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=args.base_lr, weight_decay=args.weight_decay)
     reference = ReferenceModel(policy, fast_path=args.fast_path).model
     return DPOSetup(optimizer, reference,
                     TrunkCache(n_frozen, args.fast_path) if n_frozen else None)
@@ -274,7 +274,7 @@ def train_step(
     loss = out.loss if loss_fn is None else loss_fn(chosen, rejected, *mb_ref_logps, args.beta)
     if not torch.isfinite(loss):  # stop before the step writes NaN into every weight
         raise FloatingPointError(f"The DPO loss is {loss.item()} on a minibatch of "
-                                 f"{len(mb_pairs)} pairs: lower --lr.")
+                                 f"{len(mb_pairs)} pairs: lower --base-lr.")
     setup.optimizer.zero_grad()
     loss.backward()
     trainable = [p for group in setup.optimizer.param_groups for p in group["params"]]
@@ -296,7 +296,7 @@ def get_reference_logprobs(
 def train_dpo(
     policy: HookedTransformer,
     train: list[Preference],
-    heldout: list[Preference],
+    held_out: list[Preference],
     args: DPOArgs,
     console: Console | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
@@ -304,6 +304,7 @@ def train_dpo(
     saved: dict | None = None,
     save: Callable[[dict], None] | None = None,
     save_every: int = 20,
+    stop: Callable[[], int | None] | None = None,
 ) -> list[dict[str, float]]:
     """Train `policy` (in place) with DPO for `args.epochs`; return one metrics dict per step.
     What trains is `args`' choice (`set_up_dpo`: LoRA adapters stay attached to `policy`). The
@@ -318,14 +319,15 @@ def train_dpo(
         saved: a `get_dpo_state` to resume from (`policy` is still the starting policy, which
             the reference copies; it gets the saved weights after).
         save: called with `get_dpo_state` every `save_every` steps and after the last.
+        stop: asked after each step; a signal number (see `record_steps`) stops the run.
     """
     setup = set_up_dpo(policy, args)
-    refs = get_reference_logprobs(setup, [train, heldout], args)
+    refs = get_reference_logprobs(setup, [train, held_out], args)
     history = load_dpo_state(policy, setup.optimizer, saved) if saved is not None else []
     total = args.epochs * -(-len(train) // args.batch_size)
     after_step = record_steps(history, total, on_step, save, save_every,
-                              lambda: get_dpo_state(policy, setup.optimizer, history))
-    run_dpo_epochs(policy, setup, (train, heldout), refs, args, loss_fn, console, after_step,
+                              lambda: get_dpo_state(policy, setup.optimizer, history), stop)
+    run_dpo_epochs(policy, setup, (train, held_out), refs, args, loss_fn, console, after_step,
                    start_step=len(history))
     policy.eval()
     return history
@@ -335,16 +337,23 @@ def record_steps(
     history: list[dict[str, float]], total: int,
     on_step: Callable[[dict[str, float]], None] | None, save: Callable[[dict], None] | None,
     save_every: int, get_state: Callable[[], dict],
+    stop: Callable[[], int | None] | None = None,
 ) -> Callable[[dict[str, float]], None]:
     """What runs after each step: its metrics appended to `history` and passed to `on_step`,
-    and `save(get_state())` every `save_every` steps and after the last of `total`."""
+    and `save(get_state())` every `save_every` steps and after the last of `total`. When
+    `stop()` returns a signal number (a SIGTERM or Ctrl-C the command line caught), the step is
+    saved and the run ends with SystemExit(128 + signal), as a shell reports a signal."""
 
     def after_step(metrics: dict[str, float]):
         history.append(metrics)
         if on_step is not None:
             on_step(metrics)
-        if save is not None and (len(history) % save_every == 0 or len(history) == total):
+        due = len(history) % save_every == 0 or len(history) == total
+        signum = stop() if stop is not None else None
+        if save is not None and (due or signum is not None):
             save(get_state())
+        if signum is not None:
+            raise SystemExit(128 + signum)
 
     return after_step
 
@@ -357,14 +366,14 @@ def run_dpo_epochs(
     """`run_pair_epochs` with DPO's pieces: a `train_step` on each minibatch of the training
     pairs (shuffled from `args.seed`), `evaluate` on the held-out pairs with their reference
     log-probs `refs` (training's, then held-out's)."""
-    (train, heldout), (ref_train, ref_heldout) = splits, refs
+    (train, held_out), (ref_train, ref_held_out) = splits, refs
     shuffler = random.Random(args.seed)
     run_pair_epochs(
         len(train), (args.epochs, args.batch_size, args.eval_every),
         lambda: shuffler.sample(range(len(train)), len(train)),
         lambda rows: train_step(policy, setup, [train[i] for i in rows],
                                 (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
-        lambda: evaluate(policy, setup, heldout, ref_heldout, args), "DPO", console,
+        lambda: evaluate(policy, setup, held_out, ref_held_out, args), "DPO", console,
         after_step, start_step=start_step,
     )
 
