@@ -1,12 +1,10 @@
 """`RLHFTrainer`: the whole PPO loop, composed from the stages of the pipeline.
 
-Each phase: sample from the policy, score the samples, run them through the policy and the
-reference model, estimate advantages, store it all in a `ReplayMemory` (`rollout_phase`); then
-take PPO steps on shuffled minibatches of it (`learning_phase`). docs/trainer.md prints the same
-loop as pseudocode. The variants are not branches here: the advantage estimator is chosen in
-`advantages.compute_advantages`, the KL estimator in `losses.calc_kl`, and how the models run
-(fast path, frozen trunk, LoRA, what the reference keeps) inside `models`. Every log-prob and KL
-uses logits / temperature, the distribution the tokens were drawn from (Huang et al. 2024).
+Each phase: sample, score, run the samples through the policy and the reference model, estimate
+advantages, store it all in a `ReplayMemory` (`rollout_phase`); then PPO steps on shuffled
+minibatches of it (`learning_phase`), as docs/trainer.md's pseudocode. The variants are not
+branches here: the estimator is chosen in `advantages.compute_advantages`, the KL estimator in
+`losses.calc_kl`, how the models run (fast path, frozen trunk, LoRA) inside `models`.
 """
 
 import time
@@ -74,13 +72,11 @@ class RLHFTrainer:
     """PPO (or a critic-free relative) on a language model against a reward function.
 
     Args:
-        args: the hyperparameters.
-        reward_fn: maps the decoded samples (prompt + continuation) to one reward each.
+        reward_fn: one reward per sample (`rewards.get_rewards` says what it may ask for).
         base_model: the policy to train; None loads `args.base_model`.
-        prompts: one prompt per sample (length batch_size), e.g. control-token prompts; None
-            draws from the `args.prompts` file if there is one, else repeats `args.prefix`.
-        console: where progress and tables go (only data-parallel process 0 prints).
-        table_every: print a table of samples every this many phases (0: never).
+        prompts: one prompt per sample, e.g. control-token prompts; None draws from the
+            `args.prompts` file if there is one, else repeats `args.prefix`.
+        console, table_every: where progress goes (process 0's), a sample table every N phases.
     """
 
     def __init__(
@@ -146,8 +142,7 @@ class RLHFTrainer:
     def score(
         self, samples: Samples, prompts: list[Prompt]
     ) -> tuple[Float[Tensor, " batch"], Int[Tensor, "batch gen_len"] | None]:
-        """The rewards (the reward function sees what it asks for: texts, prompts, responses,
-        the records' fields) and the loss mask, once the options of answers that end apply."""
+        """The rewards and the loss mask, once the options of answers that end apply."""
         args = self.args
         rewards = get_rewards(self.reward_fn, samples.texts, self.device, samples.prompts,
                               samples.responses, prompts)
@@ -165,21 +160,19 @@ class RLHFTrainer:
                                   batch.response_mask)
 
     def get_phase_prompts(self) -> list[Prompt]:
-        """This process's rows of this phase's prompt records: drawn from the training prompts of
-        the `args.prompts` file (each repeated group_size times), else the prompts given to the
-        trainer. Every process draws the same global list, then keeps its rows."""
-        prompts = self.prompts if not self.train_prompts else get_phase_prompts(
-            self.train_prompts, self.args.prompts_per_phase, self.args.group_size,
-            self.streams.prompt)
+        """This process's rows of this phase's prompt records (every process draws the same):
+        training prompts of the file, each group_size times, else the prompts given."""
+        args, train = self.args, self.train_prompts
+        prompts = get_phase_prompts(train, args.prompts_per_phase, args.group_size,
+                                    self.streams.prompt) if train else self.prompts
         return prompts[distributed.local_rows(len(prompts))]
 
     @torch.no_grad()
     def sample(
         self, prompts: list[Prompt], generator: torch.Generator, for_training: bool = False
     ) -> Samples:
-        """Samples of the policy as it is now, one per prompt record (rendered with the run's
-        template), with the run's length and sampling settings; `for_training` also keeps the
-        sampler's final residual stream and log-probs."""
+        """The policy's answers to the prompt records (rendered by the run's template), with the
+        run's settings; `for_training` also keeps the sampler's final residuals and log-probs."""
         args = self.args
         texts = render_prompts(prompts, args.prompt_template, args.chat_template,
                                self.model.base_model.tokenizer)
@@ -191,8 +184,7 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def evaluate_held_out(self) -> dict[str, float]:
-        """The mean reward of one sample of each held-out prompt (the first `held_out_max`), by
-        the policy as it is now, `batch_size` prompts at a time."""
+        """The mean reward of an answer to each of the first `held_out_max` held-out prompts."""
         prompts, rewards = self.held_out_prompts[: self.args.held_out_max], []
         for start in range(0, len(prompts), self.args.batch_size):
             chunk = prompts[start : start + self.args.batch_size]
@@ -203,9 +195,7 @@ class RLHFTrainer:
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
 
-    def compute_rlhf_objective(
-        self, mb: ReplayMinibatch
-    ) -> tuple[Float[Tensor, ""], dict[str, float]]:
+    def compute_rlhf_objective(self, mb: ReplayMinibatch) -> tuple[Float[Tensor, ""], dict]:
         """The objective to maximise on one minibatch, and its terms for the logs."""
         args, gen_tokens = self.args, mb.sample_ids[:, mb.prefix_len :]
         mask, how = mb.response_mask, args.loss_aggregation  # the tokens the loss reads
@@ -215,14 +205,12 @@ class RLHFTrainer:
         logprobs = get_gen_logprobs(logits, gen_tokens)
         kl = calc_kl(args.kl_estimator, logprobs, logits, self.reference.get_logits(mb.kept),
                      gen_tokens)
-        terms = {
-            "losses/clipped_surrogate": calc_clipped_surrogate_objective(
-                logprobs, mb.logprobs, mb.advantages, args.clip_coef, args.clip_coef_high, mask,
-                how),
-            "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef, mask, how),
-            "losses/kl_penalty": get_kl_coefs(self.kl_controller.value, args.kl_in).loss
-            * aggregate(kl, mask, how),
-        }
+        kl_coef = get_kl_coefs(self.kl_controller.value, args.kl_in).loss
+        terms = {"losses/clipped_surrogate": calc_clipped_surrogate_objective(
+                     logprobs, mb.logprobs, mb.advantages, args.clip_coef, args.clip_coef_high,
+                     mask, how),
+                 "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef, mask, how),
+                 "losses/kl_penalty": kl_coef * aggregate(kl, mask, how)}
         if values is not None:  # a critic-free policy has no value head, so no value term
             terms["losses/value_loss"] = calc_value_function_loss(values, mb.returns,
                                                                   args.vf_coef, mask, how)
@@ -256,12 +244,9 @@ class RLHFTrainer:
         means = {key: float(np.mean([s[key] for s in all_stats])) for key in all_stats[0]}
         return {**distributed.mean_over_processes(means), **lrs}
 
-    # ---- the loop ----
-
     def train_one_phase(self) -> Rollout:
-        """One rollout phase and one learning phase. Returns the rollout, its metrics completed
-        with the learning phase's (also appended to `history`). If the rollout fails (a reward
-        function raising, say), the random states are put back, so calling again repeats it."""
+        """One rollout phase and one learning phase: the rollout, its metrics completed (and in
+        `history`). A failed rollout puts the random states back, so a new call repeats it."""
         start, random_state = time.perf_counter(), self.streams.state_dict()
         try:
             rollout = self.rollout_phase()
@@ -273,9 +258,8 @@ class RLHFTrainer:
             raise
         learn_start = time.perf_counter()
         metrics = {**rollout.metrics, **self.learning_phase(rollout.memory)}
-        metrics["charts/learning_time"] = time.perf_counter() - learn_start
-        metrics["charts/phase_time"] = time.perf_counter() - start
-        metrics["charts/phase"] = self.phase
+        metrics |= {"charts/learning_time": time.perf_counter() - learn_start,
+                    "charts/phase_time": time.perf_counter() - start, "charts/phase": self.phase}
         # Ziegler et al.'s KL is the whole answer's: summed over its tokens.
         self.kl_controller.update(rollout.kl, self.args.batch_size)
         self.history.append(metrics)
@@ -287,13 +271,8 @@ class RLHFTrainer:
         on_phase_end: Callable[["RLHFTrainer", Rollout], None] | None = None,
         wandb_kwargs: dict | None = None,
     ) -> list[dict[str, float]]:
-        """Run phases until `args.total_phases` (continuing from `self.phase` after a resume).
-
-        Args:
-            on_phase_end: called after every phase with the trainer and the phase's `Rollout`
-                (its samples, rewards and complete metrics).
-            wandb_kwargs: extra arguments for `wandb.init` (e.g. mode, dir) when args.use_wandb.
-        """
+        """Run phases until `args.total_phases` (from `self.phase` after a resume), calling
+        `on_phase_end(trainer, rollout)` after each; `wandb_kwargs` go to `wandb.init`."""
         args = self.args
         wandb = args.use_wandb and distributed.is_main()
         wandb_config = get_wandb_config(args.to_dict(), wandb_kwargs) if wandb else None
@@ -317,26 +296,19 @@ class RLHFTrainer:
         return autocast(self.device, self.precision)
 
     def state_dict(self, random_state: dict | None = None) -> dict:
-        """Policy (and value head, if any), optimiser, scheduler, random states (`random_state`,
-        default: now's; with several processes every process's, so every process must call
-        this), phase, the KL coefficient, metrics so far and the number of processes."""
-        return {
-            "model": get_trained_state(self.model),  # frozen weights come from base_model
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": distributed.per_process(random_state or self.streams.state_dict()),
-            "world_size": distributed.get_world_size(),
-            "phase": self.phase,
-            "global_step": self.global_step,
-            "kl_controller": self.kl_controller.state_dict(),
-            "history": self.history,
-            "args": self.args.to_dict(),
-        }
+        """What trained (frozen weights come from base_model), the optimiser and schedule, the
+        random states (`random_state`, default now's; every process's, so every process calls
+        this), phase and step, the KL coefficient, the metrics, the args, the process count."""
+        return {"model": get_trained_state(self.model), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": distributed.per_process(random_state or self.streams.state_dict()),
+                "world_size": distributed.get_world_size(), "phase": self.phase,
+                "global_step": self.global_step, "kl_controller": self.kl_controller.state_dict(),
+                "history": self.history, "args": self.args.to_dict()}
 
     def load_state_dict(self, state: dict):
-        """Continue from `state_dict()`. The reference model is not in it: it is the base model
-        as loaded at the start, so load the trainer from the same `args.base_model`. A state
-        saved by another number of processes is refused (`distributed.WorldSizeError`)."""
+        """Continue from `state_dict()` (the reference is the base model as loaded: build the
+        trainer from the same one). Another process count is refused (`WorldSizeError`)."""
         distributed.check_world_size(state["world_size"])
         load_trained_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
