@@ -31,7 +31,9 @@ Beside the pipeline, three wings:
                 preferences, reward_model, dpo) and the run folder's machinery (run_folder,
                 resume, keeper, checkpoint, report, presets, flags)
 
-and exercises/, the checks the notebooks run on a learner's code. Imports point down: the wings
+inspection (what training changed inside a policy: weights, tokens, the direction learnt, the
+reward's sources; `minirlhf inspect`), and exercises/, the checks the notebooks run on a
+learner's code. Imports point down: the wings
 below the pipeline know nothing of it, and nothing imports the command line.
 """
 

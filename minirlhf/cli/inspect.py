@@ -15,8 +15,8 @@ from transformer_lens import HookedTransformer
 
 from minirlhf import inspection
 from minirlhf.args import RLHFArgs
-from minirlhf.cli import inspect_report
 from minirlhf.cli.checkpoint import load_checkpoint
+from minirlhf.cli.inspect_report import Findings, print_summary, write_report
 from minirlhf.cli.presets import make_reward_fn
 from minirlhf.cli.provenance import add_accept_flag
 from minirlhf.cli.run_folder import load_run_policy
@@ -73,8 +73,8 @@ def cmd_inspect(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     findings.notes += [trained.note] if trained.note else []
     findings.seconds = time.perf_counter() - start
     out = ns.out or ns.run / "inspect"
-    inspect_report.write_report(out, findings)
-    inspect_report.print_summary(findings, out)
+    write_report(out, findings)
+    print_summary(findings, out)
 
 
 def steering_layers(text: str | None, n_layers: int) -> list[int]:
@@ -98,7 +98,7 @@ def get_prompts(args: RLHFArgs, model: HookedTransformer, n: int) -> list[str]:
 
 
 def inspect_run(ns, policy: HookedTransformer, reference: HookedTransformer, args: RLHFArgs,
-                run: dict, layers: list[int], scales: list[float]) -> inspect_report.Findings:
+                run: dict, layers: list[int], scales: list[float]) -> Findings:
     """Every analysis of `minirlhf.inspection`, on the run's held-out prompts and neutral text."""
     checkpoint = load_checkpoint(ns.run, map_location=policy.W_U.device).trainer["model"]
     prompts = get_prompts(args, reference, ns.prompts)
@@ -107,7 +107,7 @@ def inspect_run(ns, policy: HookedTransformer, reference: HookedTransformer, arg
     neutral = policy.to_tokens(NEUTRAL_TEXT, prepend_bos=args.prepend_bos)[:, :policy.cfg.n_ctx]
     difference = inspection.get_mean_activation_difference(policy, reference, neutral,
                                                            skip=int(args.prepend_bos))
-    findings = inspect_report.Findings(
+    findings = Findings(
         run=str(ns.run), base_model=args.base_model, kind=describe_run(run, args),
         changes=inspection.get_weight_changes(reference, policy),
         lora=get_lora_spectra(checkpoint, args.lora_alpha / max(args.lora_rank, 1)),
