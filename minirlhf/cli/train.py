@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.flags import add_args_flags
 from minirlhf.cli.keeper import CheckpointKeeper, stop_on_sigterm
+from minirlhf.cli.preflight import ConfigError, check_new_run
 from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
@@ -113,11 +115,12 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     if ns.resume and (ns.out is None or not (ns.out / "run.json").exists()):
         parser.error("--resume needs --out pointing at the folder of an earlier run.")
     run = None if ns.resume else make_run(ns, parser)
+    policy = None if ns.resume else check_before_writing(run, parser)
     out = ns.out or Path("runs") / f"{run['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     if distributed.launched_world_size() > 1:
         run, changes = join_processes(ns, parser, out, run)
         if not distributed.is_main():  # process 0 alone locks, prints and writes the folder
-            train_run(ns, out, run, changes, Console(quiet=True))
+            train_run(ns, out, run, changes, Console(quiet=True), policy)
             return
     console = Console()
     with locked(out, "train") as stale:
@@ -130,7 +133,16 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
             check_inputs(run, ns.accept_changed_inputs, console)
         else:
             start_run_folder(out, run, ns.force, console)
-        train_run(ns, out, run, changes, console)
+        train_run(ns, out, run, changes, console, policy)
+
+
+def check_before_writing(run: dict, parser: argparse.ArgumentParser) -> HookedTransformer:
+    """A new run's policy, once its prompts are known to fit it (`cli.preflight`); a mistake
+    exits with one line before the run folder exists."""
+    try:
+        return check_new_run(run)
+    except ConfigError as error:
+        parser.exit(2, f"minirlhf train: error: {error}\n")
 
 
 def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out: Path,
@@ -148,11 +160,13 @@ def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out:
     return run, changes
 
 
-def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, console: Console):
-    """Build the trainer, resume it if asked, and train with checkpoints in `out`."""
+def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, console: Console,
+              policy: HookedTransformer | None = None):
+    """Build the trainer (on `policy`, already loaded; None: load it), resume it if asked, and
+    train with checkpoints in `out`."""
     args = RLHFArgs.from_dict(run["args"])
     console.print(f"[bold]minirlhf train[/]: {run['preset']} -> {out}", soft_wrap=True)
-    trainer = make_trainer(ns, run, args, console)
+    trainer = make_trainer(ns, run, args, console, policy)
     extra, saved_phase = {}, None
     if ns.resume:
         extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
@@ -190,14 +204,15 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         finish_run(trainer, out, extra, console)
 
 
-def make_trainer(ns: argparse.Namespace, run: dict, args: RLHFArgs,
-                 console: Console) -> RLHFTrainer:
+def make_trainer(ns: argparse.Namespace, run: dict, args: RLHFArgs, console: Console,
+                 policy: HookedTransformer | None = None) -> RLHFTrainer:
     """The trainer with the run's reward and prompts, saying where and how it computes."""
     device = pick_device(args.device)
     reward_fn = make_reward_fn(run["reward"], device)
     table_every = 5 if ns.table_every is None else ns.table_every
-    trainer = RLHFTrainer(args, reward_fn, prompts=make_prompts(run["reward"], args),
-                          console=console, table_every=table_every)
+    trainer = RLHFTrainer(args, reward_fn, base_model=policy,
+                          prompts=make_prompts(run["reward"], args), console=console,
+                          table_every=table_every)
     console.print(f"Device {trainer.device}, precision {trainer.precision} "
                   f"(--precision {args.precision})")
     if distributed.get_world_size() > 1:
