@@ -162,14 +162,12 @@ def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out:
 
 def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, console: Console,
               policy: HookedTransformer | None = None):
-    """Build the trainer (on `policy`, already loaded; None: load it), resume it if asked, and
-    train with checkpoints in `out`."""
+    """Build the trainer (on `policy` if loaded), resume it if asked, train into `out`."""
     args = RLHFArgs.from_dict(run["args"])
     console.print(f"[bold]minirlhf train[/]: {run['preset']} -> {out}", soft_wrap=True)
     trainer = make_trainer(ns, run, args, console, policy)
-    extra, saved_phase = {}, None
-    if ns.resume:
-        extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
+    extra, saved_phase = (resume_trainer(trainer, out, run, changes, console) if ns.resume
+                          else ({}, None))
     extra["reward"] = run["reward"]  # saved beside the args: a resume compares run.json with both
     keeper = CheckpointKeeper(trainer, out, ns.checkpoint_every or 5, args.total_phases, extra,
                               saved_phase)
