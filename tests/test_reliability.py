@@ -6,6 +6,7 @@ usable checkpoint is left, or not), and a file planted to run code (a marker fil
 create). Each check names the known-wrong behaviour it replaces.
 """
 
+import errno
 import json
 import os
 import subprocess
@@ -221,3 +222,43 @@ def test_ctrl_c_after_the_save_exits_with_one_line(tmp_path, monkeypatch, capsys
     printed = capsys.readouterr()
     assert "Stopped: saved phase 1" in printed.out and printed.err == ""  # that line alone
     assert load_checkpoint(tmp_path).trainer["phase"] == 1
+
+
+# ---- 12. one line for the errors of the file system, the parser and run.json ----
+
+def test_a_negative_number_in_scientific_notation_is_a_value(capsys):
+    """argparse's own pattern (-1, -0.5) took -1e-3 for an option: "expected one argument"."""
+    ns = cli.build_parser().parse_args(["train", "--base-lr", "-1e-3", "--kl-coef", "-2.5E+1"])
+    assert ns.base_lr == -1e-3 and ns.kl_coef == -25.0
+    with pytest.raises(SystemExit):
+        cli.main(["train", *FAST, "--base-lr", "-1e-3"])
+    error = capsys.readouterr().err
+    assert "base_lr" in error and "expected one argument" not in error
+
+
+def test_a_read_only_out_is_one_line(tmp_path, monkeypatch, capsys):
+    from minirlhf.cli import train as train_command
+
+    def read_only(out, *args):
+        raise OSError(errno.EROFS, "Read-only file system", str(out / "run.json"))
+
+    monkeypatch.setattr(train_command, "start_run_folder", read_only)
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train", *FAST, "--total-phases", "1", "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err
+    assert caught.value.code == 1 and error.count("\n") == 1
+    assert "run.json: Read-only file system (the disk is read-only: pick another --out)" in error
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "dpo"])
+def test_a_truncated_run_json_is_named_in_one_line(finished_run, tmp_path, capsys, command):
+    """json's own error ("Expecting value: line 1 column 1") named no file, under a traceback."""
+    out = copy_run(finished_run, tmp_path)
+    text = (out / "run.json").read_text()
+    (out / "run.json").write_text(text[: len(text) // 2])
+    argv = {"train": ["train", "--out", str(out), "--resume"],
+            "sample": ["sample", "--run", str(out)], "dpo": ["dpo", "--out", str(out), "--resume"]}
+    with pytest.raises(SystemExit):
+        cli.main(argv[command])
+    error = capsys.readouterr().err
+    assert f"{out / 'run.json'} is not valid JSON" in error and error.count("\n") == 1

@@ -19,6 +19,8 @@ report of what training changed inside the policy (minirlhf.inspection).
 """
 
 import argparse
+import errno
+import re
 import sys
 
 from minirlhf.cli import dpo, export, inspect, preferences, reward_model, sample, train
@@ -35,6 +37,11 @@ COMMANDS = {"train": train.cmd_train, "sample": sample.cmd_sample,
             "export": export.cmd_export, "inspect": inspect.cmd_inspect}
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+"""What argparse takes for a negative number, not an option: its own pattern misses scientific
+notation, so `--base-lr -1e-3` failed with "expected one argument"."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minirlhf", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_dpo_parser(commands)
     export.add_export_parser(commands)
     inspect.add_inspect_parser(commands)
+    for each in [parser, *commands.choices.values()]:
+        each._negative_number_matcher = NEGATIVE_NUMBER
     return parser
 
 
@@ -56,10 +65,24 @@ def main(argv: list[str] | None = None):
     except (CheckpointError, RunFolderError, UnsafeFileError, RewardModelError,
             ChangedInputError, distributed.WorldSizeError) as error:
         parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
+    except OSError as error:  # a read-only or full disk, a missing file: what and where
+        parser.exit(1, f"minirlhf {ns.command}: error: {describe_os_error(error)}\n")
     except KeyboardInterrupt:  # before a command's own stop handling (loading a model, ...)
         parser.exit(130, f"minirlhf {ns.command}: interrupted (Ctrl-C).\n")
     finally:
         distributed.shutdown()
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: the file, the system's words, and what to do for the common
+    ones (the disk-full save already printed its own line: CheckpointError)."""
+    where = f"{error.filename}: " if error.filename else ""
+    text = f"{where}{error.strerror or error}"
+    hints = {errno.EROFS: "the disk is read-only: pick another --out",
+             errno.EACCES: "no permission to write there: pick another --out",
+             errno.ENOSPC: "the disk is full: free space or pick another --out",
+             errno.ENOENT: "check the path"}
+    return f"{text} ({hints[error.errno]})." if error.errno in hints else f"{text}."
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ The command-line layer over `pairs.dpo_training`. The folder holds:
 import argparse
 import collections
 import dataclasses
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +27,14 @@ from minirlhf.cli.flags import add_args_flags
 from minirlhf.cli.keeper import stop_between_steps
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_dpo_metrics, write_metrics
-from minirlhf.cli.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
+from minirlhf.cli.run_folder import (
+    RunFolderError,
+    args_and_pairs,
+    claimed,
+    locked,
+    read_run_json,
+    write_json,
+)
 from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
 from minirlhf.pairs.preferences import Preference, read_preferences, split_preferences
 from minirlhf.runtime import loading
@@ -83,7 +89,7 @@ def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     if ns.force:
         parser.error("--force starts a new run and --resume continues one: give one of them.")
     run_file = ns.out / "run.json"
-    run = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    run = read_run_json(run_file) if run_file.is_file() else {}
     if "dpo" not in run:
         parser.error("--resume needs --out pointing at the folder of an earlier `minirlhf dpo`.")
     given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(DPOArgs)

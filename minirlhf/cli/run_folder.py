@@ -100,6 +100,17 @@ def take_lock(path: Path):
         file.close()  # its holder deleted the file just as we locked it: lock the new one
 
 
+def read_run_json(path: Path) -> dict:
+    """A run's run.json; one that is not JSON (cut short by a full disk, a bad edit) is a
+    RunFolderError naming it, not json's bare message."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, "
+                             f"column {error.colno}): it was cut short or mis-edited. Repair "
+                             "it, or start a new run with another --out.") from None
+
+
 def describe_holder(path: Path) -> str:
     try:
         holder = json.loads(path.read_text())
@@ -165,7 +176,7 @@ def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -
     if not (run_dir / "run.json").is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no run.json): pass the --out of "
                              "`minirlhf train` or `minirlhf dpo`.")
-    run = json.loads((run_dir / "run.json").read_text())
+    run = read_run_json(run_dir / "run.json")
     check_inputs(run, accept_changed)
     args = RLHFArgs.from_dict(run["args"])
     checkpoint = load_checkpoint(run_dir, map_location=device)

@@ -4,7 +4,6 @@ checkpoints in its run folder (metrics.jsonl, reward_kl.png, checkpoint.pt, run.
 
 import argparse
 import dataclasses
-import json
 import secrets
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_rew
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
 from minirlhf.cli.resume import resume_trainer, resumed_config
-from minirlhf.cli.run_folder import locked, start_run_folder
+from minirlhf.cli.run_folder import locked, read_run_json, start_run_folder
 from minirlhf.runtime import distributed
 from minirlhf.runtime.device import pick_device
 from minirlhf.trainer import RLHFTrainer, Rollout
@@ -128,8 +127,7 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
             console.print(f"[yellow]{stale}", soft_wrap=True)
         changes = {}
         if ns.resume:
-            run, changes = resumed_config(json.loads((out / "run.json").read_text()),
-                                          given_flags(ns))
+            run, changes = resumed_config(read_run_json(out / "run.json"), given_flags(ns))
             check_inputs(run, ns.accept_changed_inputs, console)
         else:
             start_run_folder(out, run, ns.force, console)
@@ -153,8 +151,7 @@ def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out:
         parser.error("With several processes give --out: they must all use the same folder.")
     changes = {}
     if ns.resume:
-        run, changes = resumed_config(json.loads((out / "run.json").read_text()),
-                                      given_flags(ns))
+        run, changes = resumed_config(read_run_json(out / "run.json"), given_flags(ns))
         check_inputs(run, ns.accept_changed_inputs, Console(quiet=True))
     distributed.setup(pick_device(run["args"]["device"]), ns.backend)
     return run, changes
