@@ -262,3 +262,19 @@ def test_a_truncated_run_json_is_named_in_one_line(finished_run, tmp_path, capsy
         cli.main(argv[command])
     error = capsys.readouterr().err
     assert f"{out / 'run.json'} is not valid JSON" in error and error.count("\n") == 1
+
+
+def test_held_out_copies_of_training_pairs_are_reported(tmp_path, capsys):
+    """The old split said nothing: held-out accuracy then measured memorised pairs."""
+    from minirlhf.cli.run_folder import args_and_pairs
+    from minirlhf.pairs.dpo_training import DPOArgs
+
+    rows = [{"prompt": "This is", "chosen": f" a{' e' * (k % 3)}", "rejected": " b"}
+            for k in range(12)]  # 3 distinct pairs, 4 copies each
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    parser = cli.build_parser()
+    ns = parser.parse_args(["dpo", "--data", str(tmp_path / "prefs.jsonl"), "--out", "x"])
+    _, train, held_out = args_and_pairs(ns, parser, DPOArgs)
+    printed = capsys.readouterr().out
+    assert f"{len(held_out)} of the {len(held_out)} held-out pairs" in printed
+    assert "remove the duplicates" in printed

@@ -144,7 +144,19 @@ def args_and_pairs(ns: argparse.Namespace, parser: argparse.ArgumentParser, cls:
                                            seed=args.seed)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
+    copies = count_copies(train, held_out)
+    if copies:
+        Console().print(f"[yellow]Warning: {copies} of the {len(held_out)} held-out pairs of "
+                        f"{ns.data} are copies of training pairs, so held-out accuracy overstates "
+                        "what the model learned: remove the duplicates from the file.",
+                        soft_wrap=True)
     return args, train, held_out
+
+
+def count_copies(train: list, held_out: list) -> int:
+    """How many held-out pairs equal a training pair (prompt, chosen and rejected)."""
+    seen = {(p.prompt, p.chosen, p.rejected) for p in train}
+    return sum((p.prompt, p.chosen, p.rejected) in seen for p in held_out)
 
 
 # ---- a finished run's policy ----
