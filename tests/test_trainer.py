@@ -90,9 +90,9 @@ def test_end_to_end_learns_to_emit_periods(make_printable_model):
     assert last.metrics == trainer.history[-1]
 
 
-def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef):
+def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef, *rest):
     """old / new instead of new / old: every update pushes against the advantage."""
-    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef)
+    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef, *rest)
 
 
 def test_learning_check_rejects_a_wrong_trainer(make_printable_model, monkeypatch):
@@ -254,9 +254,9 @@ def surrogate_advantages(model, monkeypatch, **overrides) -> tuple[list, Rollout
     rollout (whose memory holds them as the estimator made them)."""
     seen, real = [], calc_clipped_surrogate_objective
 
-    def recording(logprobs, mb_logprobs, mb_advantages, clip_coef):
+    def recording(logprobs, mb_logprobs, mb_advantages, clip_coef, *rest):
         seen.append(mb_advantages.detach().clone())
-        return real(logprobs, mb_logprobs, mb_advantages, clip_coef)
+        return real(logprobs, mb_logprobs, mb_advantages, clip_coef, *rest)
 
     args = RLHFArgs(**{**E2E_ARGS, "total_phases": 2, "batch_size": 8, "num_minibatches": 2,
                        "gen_len": 6, **overrides})
@@ -303,7 +303,7 @@ def test_the_learning_loop_whitens_what_the_estimator_asks(make_printable_model,
 def test_the_whitening_check_sees_a_loop_that_whitens_wrongly(make_printable_model, monkeypatch):
     """Known-wrong loops: one that never whitens (PPO's advantages reach the loss raw), one that
     always does (GRPO's per-group scale is undone)."""
-    monkeypatch.setattr(trainer_module, "whiten", lambda advantages, moments=None: advantages)
+    monkeypatch.setattr(trainer_module, "whiten", lambda advantages, moments=None, **_: advantages)
     assert whitening_problem(make_printable_model(seed=3), monkeypatch, "gae", True) is not None
     monkeypatch.undo()
     monkeypatch.setattr(trainer_module, "ESTIMATORS",
