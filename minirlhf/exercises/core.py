@@ -44,6 +44,9 @@ class Case:
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    stability: str = ""
+    """For a case whose inputs make a formula that is right in exact arithmetic overflow in
+    float32: the stable form, shown when the learner's result is inf or NaN there."""
 
 
 @dataclass
@@ -128,38 +131,102 @@ def outcome_difference(
     return f"not two tensors: {type(got).__name__} and {type(other).__name__}"
 
 
-def find_mistake(mistakes: list[Mistake], kwargs: dict[str, Any], got: Any,
-                 error: BaseException | None) -> str | None:
-    """The hint of the first mistake that reproduces the learner's result (or error), else a hint
-    for a crash whose message is a known one."""
-    for mistake in mistakes:
-        imitated, imitated_error = call(mistake.imitate, clone_inputs(kwargs), positional=True)
-        if outcome_difference(got, error, imitated, imitated_error) is None:
-            return mistake.hint
-    return crash_hint(error)
+@dataclass
+class Outcome:
+    """What a function did on one case: its result (or error) and the gradient of its result."""
+
+    value: Any
+    error: BaseException | None
+    inputs: dict[str, Any]
+    """The copies of the inputs it was called on (to see whether it changed them in place)."""
+    grads: dict[str, Tensor] | None = None
+    """d(weighted sum of the result)/d(each input that requires grad); None without a gradient."""
 
 
-def explain_scalar(expected: Any, got: Any, inputs: dict[str, Any]) -> str | None:
-    """For a wrong scalar: whether it is off by a factor that is an axis length of an input (a
-    sum where a mean belongs, or a mean over the wrong axes), or by its sign."""
+def gradients(result: Any, inputs: dict[str, Any]) -> dict[str, Tensor] | None:
+    """The gradient of `(result * weights).sum()` with respect to each input that requires grad,
+    the weights seeded and fixed (1 for a scalar), so every element of the result counts."""
+    leaves = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.requires_grad}
+    if not (leaves and isinstance(result, Tensor) and result.requires_grad):
+        return None
+    weights = torch.randn(result.shape, generator=seeded(0)) if result.dim() else torch.ones(())
+    total = (result * weights.to(result.dtype)).sum()
+    grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+    # the gradient with respect to an input that is NaN (padding) means nothing: left out
+    return {name: torch.zeros_like(leaf) if grad is None else grad.detach().where(
+        leaf.isfinite(), 0.0) for (name, leaf), grad in zip(leaves.items(), grads, strict=True)}
+
+
+def run_case(fn: Callable[..., Any], kwargs: dict[str, Any]) -> Outcome:
+    """Call `fn` positionally on fresh copies of a case's inputs; keep its gradient too."""
+    inputs = clone_inputs(kwargs)
+    value, error = call(fn, inputs, positional=True)
+    try:
+        grads = None if error is not None else gradients(value, inputs)
+    except RuntimeError:  # a result that looks differentiable but is not (an in-place edit)
+        grads = None
+    return Outcome(value, error, inputs, grads)
+
+
+def same_outcome(a: Outcome, b: Outcome, with_grads: bool) -> bool:
+    if outcome_difference(a.value, a.error, b.value, b.error) is not None:
+        return False
+    if not with_grads or a.grads is None or b.grads is None:
+        return not with_grads or (a.grads is None) == (b.grads is None)
+    return all(describe_difference(a.grads[k], b.grads[k]) is None for k in a.grads)
+
+
+def find_mistake(mistakes: list[Mistake], cases: list[Case], outcomes: list[Outcome],
+                 with_grads: bool = False) -> str | None:
+    """The hint of the one known mistake that reproduces the learner's outcomes on every case
+    (results, and gradients when `with_grads`); None when none does, or more than one.
+
+    The cases are chosen so that no two mistakes coincide on all of them: a hint is shown only
+    when the evidence points to one mistake and nothing else.
+    """
+    matching = [mistake for mistake in mistakes
+                if all(same_outcome(outcome, run_case(mistake.imitate, case.kwargs), with_grads)
+                       for case, outcome in zip(cases, outcomes, strict=True))]
+    return matching[0].hint if len(matching) == 1 else None
+
+
+def scalar_reasons(expected: Any, got: Any, inputs: dict[str, Any]) -> dict[tuple, str]:
+    """For a wrong scalar, every explanation that fits, by a key that does not depend on sizes:
+    off by its sign, or by a factor that is the length of an axis of an input (a sum where a mean
+    belongs, or a mean over the wrong axes)."""
     if not (isinstance(expected, Tensor) and isinstance(got, Tensor) and expected.dim() == 0
             and got.dim() == 0 and expected.item() != 0 and math.isfinite(got.item())):
-        return None
+        return {}
     ratio = got.item() / expected.item()
     if abs(ratio + 1) < 1e-4:
-        return "your result is minus the expected one: is a sign flipped?"
+        return {("sign",): "your result is minus the expected one: is a sign flipped?"}
+    reasons = {}
     for name, value in inputs.items():
-        if not isinstance(value, Tensor):
-            continue
-        for axis, size in enumerate(value.shape):
+        for axis, size in enumerate(value.shape if isinstance(value, Tensor) else ()):
             for factor, verb in ((size, "summed"), (1 / size, "divided by its length twice, or "
                                                      "averaged where a sum belongs")):
                 if size > 1 and abs(ratio - factor) < 1e-4 * max(1.0, factor):
-                    return (f"your result is {ratio:.6g} times the expected one, and {size} is "
-                            f"the length of axis {axis} of `{name}` (shape "
-                            f"{tuple(value.shape)}): over that axis you {verb} where the "
-                            "expected result does the other.")
-    return None
+                    reasons[name, axis, factor > 1] = (
+                        f"your result is {ratio:.6g} times the expected one, and {size} is the "
+                        f"length of axis {axis} of `{name}` (shape {tuple(value.shape)}): over "
+                        f"that axis you {verb} where the expected result does the other.")
+    return reasons
+
+
+def explain_scalar(expected: Any, got: Any, inputs: dict[str, Any]) -> str | None:
+    """The first explanation of a wrong scalar on one case (see `scalar_reasons`)."""
+    return next(iter(scalar_reasons(expected, got, inputs).values()), None)
+
+
+def explain_everywhere(cases: list[Case], expected: list[Any], outcomes: list[Outcome]
+                       ) -> str | None:
+    """An explanation of a wrong scalar that holds on every case the learner gets wrong (a sign, a
+    sum over one named axis), worded for the first; None if it fits only some of them."""
+    reasons = [scalar_reasons(want, outcome.value, case.kwargs)
+               for case, want, outcome in zip(cases, expected, outcomes, strict=True)
+               if outcome.error is not None or describe_difference(want, outcome.value)]
+    common = set.intersection(*(set(r) for r in reasons)) if reasons else set()
+    return next((text for key, text in reasons[0].items() if key in common), None)
 
 
 def passed(exercise: str, detail: str) -> None:
@@ -188,37 +255,87 @@ def check_function(
     mistakes: list[Mistake],
     dims: str = "",
     atol: float = ATOL,
+    grad_oracle: Callable[..., Any] | None = None,
 ) -> None:
-    """Check a pure function of tensors on every case against the reference and the oracle.
+    """Check a pure function of tensors on every case, by value and by gradient, against the
+    reference and the oracle (`grad_oracle`, a differentiable independent formula, gives the
+    gradient when `oracle` computes in plain floats).
 
     Also fails when the function changes its inputs in place, or when the reference's result
     carries a gradient and the learner's does not (a loss that cannot be backpropagated).
     """
     __tracebackhide__ = True
-    for case in cases:
-        expected = oracle(**clone_inputs(case.kwargs))
-        ref = reference(**clone_inputs(case.kwargs))
-        agree(exercise, case.name, ref, expected, atol=atol)
-        inputs = clone_inputs(case.kwargs)
-        got, error = call(fn, inputs, positional=True)
-        report = functools.partial(fail, exercise, case.name, inputs=case.kwargs,
-                                   expected=expected, got=got, error=error)
-        if error is not None:
-            report(describe_error(error), find_mistake(mistakes, case.kwargs, got, error))
-        problem = describe_difference(expected, got, atol=atol, dims=dims)
+    expected = [expect(exercise, case, reference, oracle, grad_oracle, atol) for case in cases]
+    outcomes = [run_case(fn, case.kwargs) for case in cases]
+    for i, (case, (want, want_grads), got) in enumerate(zip(cases, expected, outcomes)):
+        later = [*range(i, len(cases)), *range(i)]  # the failing case first: it rules out most
+        hint = functools.partial(find_mistake, mistakes, [cases[j] for j in later],
+                                 [outcomes[j] for j in later])
+        report = functools.partial(fail, exercise, case.name, inputs=case.kwargs, expected=want,
+                                   got=got.value, error=got.error)
+        if got.error is not None:
+            report(describe_error(got.error), hint() or crash_hint(got.error))
+        problem = describe_difference(want, got.value, atol=atol, dims=dims)
         if problem is not None:
-            hint = find_mistake(mistakes, case.kwargs, got, error)
-            report(problem, hint or explain_scalar(expected, got, case.kwargs))
-        modified = changed_inputs(case.kwargs, inputs)
+            report(problem, unstable(case, want, got.value) or hint() or explain_everywhere(
+                cases, [w for w, _ in expected], outcomes))
+        modified = changed_inputs(case.kwargs, got.inputs)
         if modified:
             report(f"Your function changed its input {modified[0]!r} in place; compute a new "
                    "tensor instead (avoid +=, [:] = and *_ methods).")
-        if isinstance(ref, Tensor) and ref.requires_grad and not got.requires_grad:
+        if want_grads is not None and got.grads is None:
             report("Your result has no gradient, so the optimiser could not learn from it: did "
                    "you use .item(), .detach(), torch.no_grad(), or build a new tensor with "
                    "torch.tensor(...)?")
+        problem = gradient_difference(want_grads, got.grads, atol)
+        if problem is not None:
+            report(problem, hint(with_grads=True) or DETACHED_HINT)
     names = "; ".join(case.name for case in cases)
-    passed(exercise, f"{len(cases)} cases match the reference and an independent oracle ({names})")
+    passed(exercise, f"{len(cases)} cases match the reference and an independent oracle, by "
+           f"value{' and gradient' if expected[0][1] is not None else ''} ({names})")
+
+
+def expect(exercise: str, case: Case, reference: Callable[..., Any], oracle: Callable[..., Any],
+           grad_oracle: Callable[..., Any] | None, atol: float) -> tuple[Any, Any]:
+    """The oracle's answer and gradient on one case, after checking that the reference agrees."""
+    answer = oracle(**clone_inputs(case.kwargs))
+    ref = run_case(reference, case.kwargs)
+    agree(exercise, case.name, ref.value, answer, atol=atol)
+    if ref.grads is None:
+        return answer, None
+    grads = run_case(grad_oracle or oracle, case.kwargs).grads
+    if grads is None:
+        raise ReferenceOracleMismatch(f"the check of {exercise} has no differentiable oracle")
+    agree(exercise, f"{case.name} (gradient)", torch.cat([g.flatten() for g in ref.grads.values()]),
+          torch.cat([g.flatten() for g in grads.values()]), atol=atol)
+    return answer, grads
+
+
+DETACHED_HINT = ("a factor that carries gradient in the formula is detached in yours, or computed "
+                 "from a detached copy (look for .detach(), .data, .item() or torch.no_grad()).")
+
+
+def gradient_difference(expected: dict[str, Tensor] | None, got: dict[str, Tensor] | None,
+                        atol: float) -> str | None:
+    """None if the gradients match (or there are none to compare); otherwise how they differ."""
+    for name, want in (expected or {}).items():
+        problem = describe_difference(want, (got or {}).get(name), atol=atol)
+        if problem is not None:
+            zero = " It is zero everywhere." if not got[name].any() else ""
+            return (f"Your result's value is right, but its gradient with respect to `{name}` is "
+                    f"not, and training follows the gradient. {problem}{zero}")
+    return None
+
+
+def unstable(case: Case, expected: Any, got: Any) -> str | None:
+    """The stable form, when a numerical-stability case made the learner's result inf or NaN."""
+    if not (case.stability and isinstance(got, Tensor) and got.is_floating_point()):
+        return None
+    if got.isfinite().all() or not torch.as_tensor(expected).isfinite().all():
+        return None
+    return ("this is a numerical-stability case: your formula may be right in exact arithmetic, "
+            f"but with these inputs a step of it overflows or underflows in float32. "
+            f"{case.stability}")
 
 
 # ---------------------------------------------------------------- inputs

@@ -223,6 +223,15 @@ def _per_token(estimate: Callable[[float], float]) -> Callable[..., PerToken]:
     return oracle
 
 
+def _differentiable(estimate: Callable[[Tensor], Tensor]) -> Callable[..., PerToken]:
+    """`estimate(log r)` on float64 tensors: the oracle of the gradient (the token-by-token oracle
+    computes in plain floats, which carry none)."""
+    def oracle(logprobs: PerToken, ref_logprobs: PerToken) -> PerToken:
+        return estimate(ref_logprobs.double() - logprobs.double())
+
+    return oracle
+
+
 def _log_r(logprobs, ref_logprobs):
     return ref_logprobs - logprobs
 
@@ -278,14 +287,15 @@ K3_MISTAKES = [
 def check_calc_kl_k1(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, ref_logprobs)`: k1 = log p(x) - log p_ref(x), per token."""
     check_function("calc_kl_k1", fn, calc_kl_k1, _per_token(lambda log_r: -log_r), _kl_cases(),
-                   K1_MISTAKES, dims="batch, gen_len")
+                   K1_MISTAKES, dims="batch, gen_len", grad_oracle=_differentiable(torch.neg))
 
 
 @learner_facing
 def check_calc_kl_k2(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, ref_logprobs)`: k2 = (log r)^2 / 2, per token."""
     check_function("calc_kl_k2", fn, calc_kl_k2, _per_token(lambda log_r: log_r * log_r / 2),
-                   _kl_cases(), K2_MISTAKES, dims="batch, gen_len")
+                   _kl_cases(), K2_MISTAKES, dims="batch, gen_len",
+                   grad_oracle=_differentiable(lambda log_r: log_r.square() / 2))
 
 
 @learner_facing
@@ -293,4 +303,5 @@ def check_calc_kl_k3(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, ref_logprobs)`: k3 = (r - 1) - log r, r = p_ref(x) / p(x), per token."""
     check_function("calc_kl_k3", fn, calc_kl_k3,
                    _per_token(lambda log_r: math.exp(log_r) - 1 - log_r), _kl_cases(),
-                   K3_MISTAKES, dims="batch, gen_len")
+                   K3_MISTAKES, dims="batch, gen_len",
+                   grad_oracle=_differentiable(lambda log_r: torch.expm1(log_r) - log_r))

@@ -4,9 +4,9 @@ Oracles: `torch.distributions.Categorical` for the KL penalty and the entropy (i
 probabilities of 1e-60 do not underflow), `torch.nn.functional.mse_loss` for the value loss, a
 per-token loop that applies the clipping rule case by case (advantage positive or negative) for
 the clipped surrogate, and a table worked by hand for the sum. The trainer maximises
-`clipped_surrogate - value_loss + entropy_bonus - kl_penalty`; the sum's first case uses the
-powers of two 1, 2, 4 and 8, so that every flipped sign and every missing term gives a different
-number, and the check can name it.
+`clipped_surrogate - value_loss + entropy_bonus - kl_penalty`; the sum's first case uses 1, 3, 9
+and 27, so that every set of flipped signs and missing terms gives a different number, and the
+check can name it. Every term is checked by its gradient too (what training follows).
 """
 
 from collections.abc import Callable
@@ -269,10 +269,13 @@ TERMS = ("clipped_surrogate", "value_loss", "entropy_bonus", "kl_penalty")
 SIGNS = (+1.0, -1.0, +1.0, -1.0)
 
 # (clipped_surrogate, value_loss, entropy_bonus, kl_penalty) -> the objective, worked by hand.
+# 1, 3, 9, 27: each sum of the terms with signs +1, -1 or 0 is a different number (balanced
+# ternary), so two flipped signs cannot pass for a missing term (as 1 - 2 - 4 + 8 = 1 - 2 + 4 did
+# with powers of two); the other rows have unrelated magnitudes to confirm the mistake named.
 OBJECTIVE_TABLE = {
-    (1.0, 2.0, 4.0, 8.0): -5.0,  # 1 - 2 + 4 - 8
-    (0.25, 0.5, 0.125, 0.0625): -0.1875,  # 0.25 - 0.5 + 0.125 - 0.0625
-    (-0.5, 0.0, 0.0, 0.75): -1.25,  # a negative surrogate, no value loss or entropy
+    (1.0, 3.0, 9.0, 27.0): -20.0,  # 1 - 3 + 9 - 27
+    (-0.5, 0.25, 2.0, 0.75): 0.5,  # -0.5 - 0.25 + 2 - 0.75
+    (0.2, 1.7, 0.05, 3.1): -4.55,  # 0.2 - 1.7 + 0.05 - 3.1
 }
 
 
@@ -286,8 +289,10 @@ def _objective_cases() -> list[Case]:
 def _table_oracle(clipped_surrogate: Float[Tensor, ""], value_loss: Float[Tensor, ""],
                   entropy_bonus: Float[Tensor, ""], kl_penalty: Float[Tensor, ""]
                   ) -> Float[Tensor, ""]:
-    key = tuple(t.item() for t in (clipped_surrogate, value_loss, entropy_bonus, kl_penalty))
-    return torch.tensor(OBJECTIVE_TABLE[key])
+    terms = [t.item() for t in (clipped_surrogate, value_loss, entropy_bonus, kl_penalty)]
+    row = next(key for key in OBJECTIVE_TABLE
+               if all(abs(a - b) < 1e-6 for a, b in zip(key, terms, strict=True)))
+    return torch.tensor(OBJECTIVE_TABLE[row])
 
 
 def _weighted(signs: tuple[float, ...]) -> Callable[..., Tensor]:
@@ -325,4 +330,6 @@ def check_calc_rlhf_objective(fn: Callable[..., Tensor]) -> None:
     """Check `fn(clipped_surrogate, value_loss, entropy_bonus, kl_penalty)`: the objective the
     trainer maximises, with its gradient kept."""
     check_function("calc_rlhf_objective", fn, calc_rlhf_objective, _table_oracle,
-                   _objective_cases(), OBJECTIVE_MISTAKES, dims="a scalar")
+                   _objective_cases(), OBJECTIVE_MISTAKES, dims="a scalar",
+                   grad_oracle=lambda surrogate, value, entropy, kl: surrogate - value + entropy
+                   - kl)

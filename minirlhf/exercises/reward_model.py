@@ -36,6 +36,13 @@ def _pairwise_oracle(
     return torch.tensor(sum(losses) / len(losses))
 
 
+def _pairwise_gradient_oracle(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None
+                              ) -> Float[Tensor, ""]:
+    """The same loss in float64 tensors, for its gradient: -log σ(x) = log(e^0 + e^-x)."""
+    x = chosen.double() - rejected.double() - (0.0 if margin is None else margin.double())
+    return torch.logaddexp(torch.zeros_like(x), -x).mean()
+
+
 def _pairwise_cases() -> list[Case]:
     margin = randn(6, seed=3).abs()
     return [
@@ -92,7 +99,7 @@ PAIRWISE_MISTAKES = [
 def check_calc_pairwise_loss(fn: Callable[..., Tensor]) -> None:
     """Check `fn(chosen_rewards, rejected_rewards, margin=None)`: mean -log σ(r_c - r_r - m)."""
     check_function("calc_pairwise_loss", fn, calc_pairwise_loss, _pairwise_oracle,
-                   _pairwise_cases(), PAIRWISE_MISTAKES)
+                   _pairwise_cases(), PAIRWISE_MISTAKES, grad_oracle=_pairwise_gradient_oracle)
 
 
 # ---------------------------------------------------------------- the last real token
