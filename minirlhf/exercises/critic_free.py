@@ -280,7 +280,22 @@ K3_MISTAKES = [
             - _log_r(logprobs, ref_logprobs)),
     Mistake(MEAN_HINT,
             lambda logprobs, ref_logprobs: _k3(_log_r(logprobs, ref_logprobs)).mean()),
+    Mistake("the ratio r is detached: the value is right, but the gradient of k3 with respect to "
+            "logprobs, 1 - r per token, becomes 1 (k1's), so the pull towards the reference no "
+            "longer grows with the distance from it. Compute r = log_r.exp() without .detach().",
+            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=True)),
+    Mistake("log r is detached in the `- log r` term: the value is right, but the gradient with "
+            "respect to logprobs is -r per token instead of 1 - r, so it pushes every log-prob "
+            "down, even where the policy equals the reference. Keep log r attached.",
+            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=False)),
 ]
+
+
+def _k3_detached(logprobs, ref_logprobs, ratio: bool):
+    log_r = _log_r(logprobs, ref_logprobs)
+    if ratio:
+        return log_r.detach().exp() - 1 - log_r
+    return log_r.exp() - 1 - log_r.detach()
 
 
 @learner_facing
