@@ -45,7 +45,8 @@ from minirlhf.exercises.critic_free import (
     check_compute_rloo_advantages,
 )
 from minirlhf.exercises.dpo import check_calc_dpo_loss, check_get_sequence_logprobs
-from minirlhf.exercises.lora import check_attach_lora, check_get_ref_logits, check_lora
+from minirlhf.exercises.lora import check_get_ref_logits, check_lora
+from minirlhf.exercises.lora_attach import check_attach_lora, reference_attach_lora
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
 from minirlhf.exercises.objective import (
@@ -153,6 +154,8 @@ def get_reference(name: str) -> Any:
         from minirlhf.exercises.model_and_sampling import reference_get_samples
 
         return reference_get_samples
+    if name == "attach_lora":
+        return reference_attach_lora
     if name in lora.REFERENCES:
         return lora.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective

@@ -45,14 +45,17 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
     head = getattr(model, "value_head", None)
     if not isinstance(head, nn.Module):
         fail(exercise, case, "It has no `value_head` attribute that is an nn.Module.",
-             "store the head as `self.value_head = nn.Sequential(...)` in __init__.")
+             "store the head as `self.value_head = nn.Sequential(...)` in __init__.",
+             **_value_head_case(base_model, tokens))
+    _check_head_layers(exercise, case, head, base_model, tokens)
     registered = {id(p) for p in model.parameters()}
     head_params = list(head.parameters())
     if not head_params or not all(id(p) in registered for p in head_params):
         fail(exercise, case, "The value head's parameters are not among model.parameters(), so "
              "the optimiser would never train them.",
              "the value head is not registered: assign the nn.Module to self.value_head "
-             "(after super().__init__()), not to a list, dict or global.")
+             "(after super().__init__()), not to a list, dict or global.",
+             **_value_head_case(base_model, tokens))
 
     output, error = call(model, {"tokens": tokens}, positional=True)
     if error is not None:
@@ -60,15 +63,35 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
              error=error, **_value_head_case(base_model, tokens))
     if not isinstance(output, tuple) or len(output) != 2:
         fail(exercise, case, f"forward should return a tuple (logits, values), got "
-             f"{type(output).__name__}.")
+             f"{type(output).__name__}.",
+             **_value_head_case(base_model, tokens))
     logits, values = output
     if values is None:
         fail(exercise, case, "forward returned values = None.", "did you forget `nonlocal "
              "values` in the hook function? Without it, the hook's assignment creates a local "
-             "variable and the outer `values` stays None.")
+             "variable and the outer `values` stays None.",
+             **_value_head_case(base_model, tokens))
     _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, values)
     passed(exercise, "logits unchanged, values = value_head(ln_final.hook_normalized), "
            "gradients reach the head and the trunk")
+
+
+def _check_head_layers(exercise: str, case: str, head: nn.Module, base_model: HookedTransformer,
+                       tokens: Tensor) -> None:
+    """The head is the MLP the notebook prescribes: Linear(d_model, 4 d_model), ReLU, Linear(4
+    d_model, 1). (A single linear layer passes every other test, but fits values less well.)"""
+    d_model = base_model.cfg.d_model
+    shapes = [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, nn.Linear)]
+    if shapes != [(d_model, 4 * d_model), (4 * d_model, 1)]:
+        fail(exercise, case, f"The value head's linear layers map {shapes} (in, out); expected "
+             f"[({d_model}, {4 * d_model}), ({4 * d_model}, 1)].", "the head is an MLP: "
+             "nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.ReLU(), nn.Linear(4 * d_model, "
+             "1)). One linear layer can only fit values that are linear in the residual stream.",
+             **_value_head_case(base_model, tokens))
+    if not any(isinstance(m, nn.ReLU) for m in head.modules()):
+        fail(exercise, case, "The value head has no ReLU between its linear layers.", "without "
+             "a nonlinearity two linear layers are one: nn.Sequential(Linear, nn.ReLU(), Linear).",
+             **_value_head_case(base_model, tokens))
 
 
 def _value_head_case(base_model: HookedTransformer, tokens: Tensor) -> dict:
@@ -107,7 +130,8 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
              **_value_head_case(base_model, tokens))
     if isinstance(values, Tensor) and values.shape == (batch, seq, 1):
         fail(exercise, case, f"values has shape {tuple(values.shape)}, expected ({batch}, {seq}).",
-             "did you forget .squeeze(-1) on the value head's output?")
+             "did you forget .squeeze(-1) on the value head's output?",
+             **_value_head_case(base_model, tokens))
     with torch.no_grad():
         expected = _value_oracle(base_model, head, tokens, VALUE_HOOK)
         pre_ln = _value_oracle(base_model, head, tokens, f"blocks.{base_model.cfg.n_layers - 1}"
@@ -122,13 +146,16 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
              **_value_head_case(base_model, tokens))
     if not values.requires_grad:
         fail(exercise, case, "values has no gradient.",
-             "did you compute the values under torch.no_grad() or .detach() them?")
+             "did you compute the values under torch.no_grad() or .detach() them?",
+             **_value_head_case(base_model, tokens))
     values.sum().backward()
     if any(p.grad is None for p in head.parameters()):
-        fail(exercise, case, "The loss on the values sends no gradient to the value head.")
+        fail(exercise, case, "The loss on the values sends no gradient to the value head.",
+             **_value_head_case(base_model, tokens))
     if all(p.grad is None for p in base_model.parameters()):
         fail(exercise, case, "The loss on the values sends no gradient to the transformer.",
-             "the trunk is shared: don't detach the residual stream before the value head.")
+             "the trunk is shared: don't detach the residual stream before the value head.",
+             **_value_head_case(base_model, tokens))
     base_model.zero_grad()
 
 

@@ -8,6 +8,7 @@ measures the gradient norm each step is taken with.
 """
 
 import contextlib
+import functools
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,36 +39,39 @@ class _TinyPolicy(nn.Module):
 
 
 def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module, base_lr: float,
-                     head_lr: float) -> None:
+                       head_lr: float, inputs: dict[str, Any]) -> None:
+    """The optimiser's class, groups, their order and learning rates; `inputs` (what built it)
+    is the case a failure records."""
+    report = functools.partial(fail, exercise, case, inputs=inputs)
     if not isinstance(optimizer, torch.optim.AdamW):
         hint = "torch.optim.Adam's weight_decay is L2 in the gradient; use AdamW."
-        fail(exercise, case, f"Expected a torch.optim.AdamW, got {type(optimizer).__name__}.",
-             hint if isinstance(optimizer, torch.optim.Adam) else None)
+        report(f"Expected a torch.optim.AdamW, got {type(optimizer).__name__}.",
+               hint if isinstance(optimizer, torch.optim.Adam) else None)
     groups = optimizer.param_groups
     if len(groups) != 2:
-        fail(exercise, case, f"Expected 2 parameter groups (transformer, value head), got "
-             f"{len(groups)}.", "give the transformer and the value head a group each, with "
-             "their own learning rates.")
+        report(f"Expected 2 parameter groups (transformer, value head), got "
+               f"{len(groups)}.", "give the transformer and the value head a group each, with "
+               "their own learning rates.")
     if not all(group["maximize"] for group in groups):
-        fail(exercise, case, "The optimiser minimises.", "the trainer maximises the RLHF "
-             "objective: pass maximize=True to AdamW.")
+        report("The optimiser minimises.", "the trainer maximises the RLHF "
+               "objective: pass maximize=True to AdamW.")
     base_ids = {id(p) for p in model.base_model.parameters()}
     head_ids = {id(p) for p in model.value_head.parameters()}
     got = [{id(p) for p in group["params"]} for group in groups]
     if got == [head_ids, base_ids]:
-        fail(exercise, case, "The groups are in the wrong order.", "put the transformer's "
-             "parameters (base_lr) first and the value head's (head_lr) second.")
+        report("The groups are in the wrong order.", "put the transformer's "
+               "parameters (base_lr) first and the value head's (head_lr) second.")
     if got[0] != base_ids or got[1] != head_ids:
         hint = None
         if got[0] == base_ids | head_ids:
             hint = ("model.parameters() includes the value head: use model.base_model.parameters() "
-                    "for the first group, so no parameter appears twice.")
-        fail(exercise, case, "The first group should hold exactly model.base_model's parameters "
-             "and the second exactly model.value_head's.", hint)
+                      "for the first group, so no parameter appears twice.")
+        report("The first group should hold exactly model.base_model's parameters "
+               "and the second exactly model.value_head's.", hint)
     lrs = [group.get("initial_lr", group["lr"]) for group in groups]  # before any scheduling
     if lrs != [base_lr, head_lr]:
         hint = "base_lr and head_lr are swapped." if lrs == [head_lr, base_lr] else None
-        fail(exercise, case, f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
+        report(f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
 
 
 @learner_facing
@@ -76,15 +80,17 @@ def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
     exercise = "get_optimizer"
     case = "base_lr=2e-5, head_lr=5e-4"
     model = _TinyPolicy()
-    _check_optimizer(exercise, case, get_optimizer(model, 2e-5, 5e-4), model, 2e-5, 5e-4)
-    optimizer, error = call(fn, {"model": model, "base_lr": 2e-5, "head_lr": 5e-4}, True)
+    inputs = {"model": model, "base_lr": 2e-5, "head_lr": 5e-4}
+    _check_optimizer(exercise, case, get_optimizer(model, 2e-5, 5e-4), model, 2e-5, 5e-4, inputs)
+    optimizer, error = call(fn, inputs, True)
     if error is not None:
         hint = None
         if "more than one parameter group" in str(error):
             hint = ("model.parameters() includes the value head: use "
                     "model.base_model.parameters() for the first group.")
-        fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
-    _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4)
+        fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error,
+             inputs=inputs)
+    _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4, inputs)
     passed(exercise, "AdamW with maximize=True, base_model at base_lr and value_head at head_lr")
 
 
@@ -202,9 +208,10 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
             if "scheulder" in str(error) or "lamda" in str(error):
                 hint = ("check the spelling (`lr_scheulder` and `lr_lamda` are easy typos): "
                         "torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=...).")
-            fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
+            fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error,
+                 inputs={"model": model, **kwargs})
         optimizer, scheduler = result
-        _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2)
+        _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2, {"model": model, **kwargs})
         for phase, scale in enumerate(scales):
             lrs = [group["lr"] for group in optimizer.param_groups]
             expected = [1e-3 * scale, 1e-2 * scale]
@@ -213,7 +220,8 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
                 if phase == 0 and lrs[0] == 0:
                     hint = "LR 0 in the first phase: the warmup should start at 1 / warmup_steps."
                 fail(exercise, f"{case}, after {phase} scheduler steps", f"Expected LRs "
-                     f"{expected} (scale {scale}), got {lrs}.", hint)
+                     f"{expected} (scale {scale}), got {lrs}.", hint,
+                     inputs={"model": _TinyPolicy(), **kwargs})
             optimizer.step()  # no gradients: changes nothing, but keeps the step order right
             scheduler.step()
     passed(exercise, f"the LRs of both groups over {total} phases follow the schedule")

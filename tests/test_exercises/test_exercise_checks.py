@@ -23,6 +23,7 @@ from minirlhf.exercises import (
     critic_free,
     dpo,
     get_reference,
+    last_failure,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -74,6 +75,9 @@ def test_check_names_the_mistake(wrong, learner_module: ModuleType | None):
     with pytest.raises(ExerciseCheckError) as caught:
         CHECKS[wrong.exercise](wrong.impl)
     assert wrong.expected in str(caught.value), str(caught.value)
+    failure = last_failure()  # the case of this very failure, with inputs to re-run it
+    assert failure.exercise.startswith(wrong.exercise) and failure.inputs, failure
+    assert f"Test case: {failure.case}." in str(caught.value)
 
 
 def test_every_check_is_shown_catching_mistakes():
