@@ -190,11 +190,20 @@ def check_file(path: str | Path) -> dict[str, str]:
                 check(getattr(module, name))
                 results[name] = "passed"
             except ExerciseCheckError as error:
-                print(error, file=sys.stderr)
+                print(f"\N{BALLOT X} {name} failed:\n{error}", file=sys.stderr)
                 results[name] = str(error)
     if not results:
         print(f"{path} defines none of: {', '.join(CHECKS)}", file=sys.stderr)
+    else:
+        print(summary(results))
     return results
+
+
+def summary(results: dict[str, str]) -> str:
+    """One line: how many checks passed, and which failed."""
+    failed = [name for name, result in results.items() if result != "passed"]
+    line = f"{len(results) - len(failed)} of {len(results)} checks passed"
+    return f"{line}; \N{BALLOT X} failed: {', '.join(failed)}." if failed else f"{line}."
 
 
 __all__ = [

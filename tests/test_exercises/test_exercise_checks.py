@@ -149,6 +149,9 @@ def test_check_file_and_main(tmp_path, capsys):
     assert results["compute_advantages"] == "passed"
     assert "did you use the sample std" in results["normalize_reward"]
     assert set(results) == {"compute_advantages", "normalize_reward"}
+    captured = capsys.readouterr()
+    assert "1 of 2 checks passed; \N{BALLOT X} failed: normalize_reward." in captured.out
+    assert "\N{BALLOT X} normalize_reward failed:" in captured.err
     assert main([str(path)]) == 1
     assert main([str(tmp_path / "missing.py")]) == 2  # a message, not a traceback
     assert "No Python file at" in capsys.readouterr().err
