@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from minirlhf.checkpoint import load_checkpoint, save_checkpoint
+from minirlhf.cli.checkpoint import load_checkpoint, save_checkpoint
 
 SMOLLM2_PARAMETERS = 134_515_008
 

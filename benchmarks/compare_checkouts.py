@@ -26,10 +26,10 @@ WORKER = """
 import json, sys, torch
 from rich.console import Console
 from minirlhf.args import RLHFArgs
-from minirlhf.presets import PRESETS
+from minirlhf.cli.presets import PRESETS
 from minirlhf.trainer import RLHFTrainer
 try:
-    from minirlhf.presets import make_reward_fn
+    from minirlhf.cli.presets import make_reward_fn
 except ImportError:  # before the redesign the command line turned reward specs into functions
     from minirlhf.cli import make_reward_fn
 torch.set_num_threads(int(sys.argv[1]))

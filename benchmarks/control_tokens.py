@@ -17,7 +17,7 @@ import torch
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
-from minirlhf.presets import PRESETS
+from minirlhf.cli.presets import PRESETS
 from minirlhf.sentiment import (
     CONTROL_TOKENS,
     make_control_prompts,
@@ -55,7 +55,7 @@ def main():
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         metrics = rollout.metrics
         last["rollout"] = rollout
-        scores = vader_by_task(rollout.samples)
+        scores = vader_by_task(rollout.texts)
         per_phase.append({**scores, "kl": metrics["charts/kl"],
                           "phase_time": metrics["charts/phase_time"]})
         shown = "  ".join(f"{task} {scores[task]:+.2f}" for task in CONTROL_TOKENS)
@@ -65,11 +65,11 @@ def main():
     trainer.train(on_phase_end=on_phase_end)
     ns.out.mkdir(parents=True, exist_ok=True)
     final = last["rollout"]
-    samples = dict(zip(final.samples, final.rewards.tolist()))
+    samples = dict(zip(final.texts, final.rewards.tolist()))
     (ns.out / "control_tokens.json").write_text(json.dumps(
         {"args": args.to_dict(), "vader_by_task_per_phase": per_phase, "samples_after": samples},
         indent=1))
-    for sample in final.samples[:6]:
+    for sample in final.texts[:6]:
         console.print(repr(sample), soft_wrap=True, markup=False)
 
 

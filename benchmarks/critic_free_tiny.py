@@ -14,8 +14,8 @@ import torch
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_tiny_model
 from minirlhf.trainer import RLHFTrainer
 
 E2E_ARGS = dict(total_phases=12, batch_size=32, num_minibatches=4, gen_len=16, warmup_steps=0,

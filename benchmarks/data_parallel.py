@@ -1,7 +1,7 @@
 """Benchmark: PPO throughput of one process against two data-parallel processes on this CPU.
 
 The same global batch each phase (`--batch-size` samples); with N processes each samples and
-trains on batch_size / N of it, over gloo (minirlhf.distributed). The CPU's cores are shared
+trains on batch_size / N of it, over gloo (minirlhf.runtime.distributed). The CPU's cores are shared
 out: N processes get cores / N torch threads each, so the comparison is of the same machine used
 in different ways; one process also runs with a single thread, which separates "two processes"
 from "one thread per core". Each run starts in fresh processes, trains
@@ -29,11 +29,11 @@ import torch.multiprocessing as mp
 from rich.console import Console
 from rich.table import Table
 
-from minirlhf import distributed
 from minirlhf.args import RLHFArgs
-from minirlhf.device import describe_cpu
-from minirlhf.presets import PRESETS
+from minirlhf.cli.presets import PRESETS
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.runtime import distributed
+from minirlhf.runtime.device import describe_cpu
 from minirlhf.trainer import RLHFTrainer
 
 RESULTS = Path(__file__).parent / "results"

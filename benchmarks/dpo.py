@@ -4,7 +4,7 @@
    (RLHFArgs' held_out_fraction and seed). Pairs are made on the training prompts only; every
    score below is measured on the held-out prompts, which neither method ever trains on.
 2. Pairs: SmolLM2-135M's own continuations, two per prompt, judged by VADER (positive wins;
-   gaps of `--min-gap` or less are ties and dropped): `minirlhf.preferences.make_preferences`,
+   gaps of `--min-gap` or less are ties and dropped): `minirlhf.pairs.preferences.make_preferences`,
    what `minirlhf preferences` runs. Saved to `<work>/preferences.jsonl` and reused.
 3. DPO on those pairs (`train_dpo`; LoRA rank 16 on the top 8 blocks, as the PPO preset).
 4. Reward model + PPO: a reward model trained on the same pairs (`fit_reward_model`), then PPO
@@ -32,23 +32,23 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from minirlhf import lora
 from minirlhf.args import RLHFArgs
-from minirlhf.device import describe_cpu
-from minirlhf.dpo import get_sequence_logprobs
-from minirlhf.dpo_training import DPOArgs, train_dpo
-from minirlhf.loading import load_policy
+from minirlhf.cli.presets import PRESETS
 from minirlhf.models import run_model
-from minirlhf.preferences import (
+from minirlhf.pairs.dpo import get_sequence_logprobs
+from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
+from minirlhf.pairs.preferences import (
     make_preferences,
     read_preferences,
     split_preferences,
     write_preferences,
 )
-from minirlhf.presets import PRESETS
+from minirlhf.pairs.reward_model import make_reward_model_reward_fn
+from minirlhf.pairs.reward_training import RewardModelArgs, fit_reward_model
 from minirlhf.prompts import load_prompts, resolve_prompt_file, split_prompts
-from minirlhf.reward_model import make_reward_model_reward_fn
-from minirlhf.reward_training import RewardModelArgs, fit_reward_model
+from minirlhf.runtime import lora
+from minirlhf.runtime.device import describe_cpu
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.trainer import RLHFTrainer
@@ -84,9 +84,9 @@ def measure(policy, prompts: list[str], n: int, gen_len: int) -> dict:
             ref_logits, _ = run_model(policy, out.sample_ids, out.attention_mask, True)
         logps = [get_sequence_logprobs(x, out.sample_ids, out.attention_mask, response)
                  for x in (logits, ref_logits)]
-        vader.append(vader_compound(out.samples))
+        vader.append(vader_compound(out.texts))
         kl.append(logps[0] - logps[1])
-        texts += out.samples
+        texts += out.texts
     vader_all = torch.cat(vader)
     return {"vader": vader_all.mean().item(), "kl_per_sequence": torch.cat(kl).mean().item(),
             "samples": [[t, v] for t, v in zip(texts[::n][:8], vader_all[::n][:8].tolist())]}

@@ -40,9 +40,9 @@ from rich.console import Console
 from rich.table import Table
 
 from minirlhf.args import RLHFArgs
-from minirlhf.device import pick_precision
-from minirlhf.loading import load_policy
-from minirlhf.presets import PRESETS
+from minirlhf.cli.presets import PRESETS
+from minirlhf.runtime.device import pick_precision
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer
 

@@ -30,17 +30,21 @@ from rich.table import Table
 from rich.text import Text
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_policy
-from minirlhf.preferences import (
+from minirlhf.cli.presets import PRESETS
+from minirlhf.cli.report import two_panel_figure
+from minirlhf.pairs.preferences import (
     make_preferences,
     read_preferences,
     split_preferences,
     write_preferences,
 )
-from minirlhf.presets import PRESETS
-from minirlhf.report import two_panel_figure
-from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn, save_reward_model
-from minirlhf.reward_training import RewardModelArgs, fit_reward_model
+from minirlhf.pairs.reward_model import (
+    load_reward_model,
+    make_reward_model_reward_fn,
+    save_reward_model,
+)
+from minirlhf.pairs.reward_training import RewardModelArgs, fit_reward_model
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.trainer import RLHFTrainer, Rollout
@@ -108,7 +112,7 @@ def phase_reward_model(ns, policy, console: Console) -> tuple:
 
 def sample_and_score(model, reward_fn, ns) -> dict:
     """64 fresh samples (seed 1234): VADER and reward-model scores."""
-    samples = get_samples(model, ns.prompt, batch_size=64, gen_len=ns.gen_len, seed=1234).samples
+    samples = get_samples(model, ns.prompt, batch_size=64, gen_len=ns.gen_len, seed=1234).texts
     vader = vader_compound(samples)
     return {"vader_mean": vader.mean().item(), "rm_mean": reward_fn(samples).mean().item(),
             "samples": [[s, v] for s, v in zip(samples[:6], vader.tolist())]}
@@ -125,7 +129,7 @@ def phase_ppo(ns, policy, reward_model, console: Console) -> dict:
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         metrics = rollout.metrics
-        vader_per_phase.append(vader_compound(rollout.samples).mean().item())
+        vader_per_phase.append(vader_compound(rollout.texts).mean().item())
         console.print(f"PPO phase {metrics['charts/phase']:2d}: reward-model reward "
                       f"{metrics['charts/reward_mean']:+.3f}  VADER {vader_per_phase[-1]:+.3f}  "
                       f"kl {metrics['charts/kl']:.3f}  {metrics['charts/phase_time']:.0f} s",

@@ -3,7 +3,7 @@
 On one model, one prompt, one batch size, gen_len, temperature and top-k, in one process, after a
 warm-up, several repetitions each (medians, tokens per second, ratios):
 
-- minirlhf      `get_samples` on the fast path (`minirlhf.fast_path`: weights laid out once)
+- minirlhf      `get_samples` on the fast path (`minirlhf.runtime.fast_path`: weights laid out once)
 - minirlhf-tl   `get_samples(fast_path=False)`: the same loop around `HookedTransformer.forward`
 - tl.generate   `HookedTransformer.generate` (with its KV cache)
 - hf.generate   Hugging Face `generate` on the same weights as a `transformers` model
@@ -34,8 +34,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from minirlhf import loading
-from minirlhf.device import pick_device
+from minirlhf.runtime import loading
+from minirlhf.runtime.device import pick_device
 from minirlhf.sampling import SamplingConfig, get_samples, tokenize_prompts
 
 PROMPT = "This movie was really"

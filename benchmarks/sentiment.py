@@ -29,9 +29,9 @@ from rich.table import Table
 from rich.text import Text
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_policy
-from minirlhf.presets import PRESETS
-from minirlhf.report import two_panel_figure
+from minirlhf.cli.presets import PRESETS
+from minirlhf.cli.report import two_panel_figure
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer, Rollout
 
@@ -54,7 +54,7 @@ def run_variant(name: str, phases: int, seed: int, overrides: dict, console: Con
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         metrics = rollout.metrics
-        last_samples[:] = zip(rollout.samples, rollout.rewards.tolist())
+        last_samples[:] = zip(rollout.texts, rollout.rewards.tolist())
         if not first_samples:
             first_samples.extend(last_samples)
         console.print(f"{name} phase {metrics['charts/phase']:2d}: reward "

@@ -58,7 +58,7 @@ def run_variant(ns: argparse.Namespace):
     from rich.console import Console
 
     from minirlhf.args import RLHFArgs
-    from minirlhf.presets import PRESETS
+    from minirlhf.cli.presets import PRESETS
     from minirlhf.sentiment import make_vader_reward
     from minirlhf.trainer import RLHFTrainer
 
@@ -87,7 +87,7 @@ def run_variant(ns: argparse.Namespace):
               "threads": torch.get_num_threads(), "trainable_params": trainable,
               "setup_s": setup_s, "peak_rss_mib": peak / 1024,
               "phase_peak_over_start_mib": (peak - start_rss) / 1024 if start_rss else None,
-              "phases": phases, "last_samples": rollout.samples[:4],
+              "phases": phases, "last_samples": rollout.texts[:4],
               "load_average": Path("/proc/loadavg").read_text().split()[:3]}
     ns.out.mkdir(parents=True, exist_ok=True)
     (ns.out / f"{ns.child}.json").write_text(json.dumps(result, indent=1))
@@ -136,7 +136,7 @@ def report(variants: list[str], target: float, folder: Path):
 
 
 def describe_machine() -> str:
-    from minirlhf.device import describe_cpu
+    from minirlhf.runtime.device import describe_cpu
 
     machine = describe_cpu()
     speed = "fast (AVX512-BF16/AMX)" if machine["fast_bf16"] else "slow (no AVX512-BF16)"

@@ -32,11 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 from minirlhf.args import RLHFArgs
-from minirlhf.device import describe_cpu
-from minirlhf.loading import load_policy
-from minirlhf.presets import MOVIE_ARGS, PRESETS
+from minirlhf.cli.presets import MOVIE_ARGS, PRESETS
+from minirlhf.cli.report import two_panel_figure
 from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
-from minirlhf.report import two_panel_figure
+from minirlhf.runtime.device import describe_cpu
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sentiment import make_vader_reward
 from minirlhf.trainer import RLHFTrainer, Rollout
 
@@ -92,7 +92,7 @@ def run_minirlhf(args: RLHFArgs, phase_prompts: list[list[str]], console: Consol
         last[0] = now
         expected = phase_prompts[len(times) - 1]
         assert all(s.startswith(expected[i // args.group_size])
-                   for i, s in enumerate(rollout.samples)), "prompt draws differ from TRL's"
+                   for i, s in enumerate(rollout.texts)), "prompt draws differ from TRL's"
         console.print(f"minirlhf phase {len(times) - 1}: {times[-1]:.1f} s, reward "
                       f"{rollout.metrics['charts/reward_mean']:+.3f}", soft_wrap=True)
 
@@ -142,7 +142,7 @@ def prepare_hf_folder(folder: Path, console: Console):
     feeds the policy), made once: the weights both sides start from."""
     if (folder / "model.safetensors").exists():
         return
-    from minirlhf.export import export_hf
+    from minirlhf.runtime.export import export_hf
 
     console.print(f"Exporting SmolLM2 to {folder}", soft_wrap=True)
     export_hf(load_policy("smollm2"), folder, prepend_bos=True)

@@ -28,8 +28,6 @@ or, instead of the reward model and PPO, DPO on the same pairs:
 
 from minirlhf.advantages import compute_advantages, compute_gae
 from minirlhf.args import RLHFArgs
-from minirlhf.dpo import calc_dpo_loss, get_sequence_logprobs
-from minirlhf.dpo_training import DPOArgs, train_dpo
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
@@ -41,7 +39,9 @@ from minirlhf.losses import (
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.models import ReferenceModel, TransformerWithValueHead
 from minirlhf.optim import get_lr_scale, get_optimizer, get_optimizer_and_scheduler
-from minirlhf.reward_model import RewardModel, calc_pairwise_loss, get_last_token_index
+from minirlhf.pairs.dpo import calc_dpo_loss, get_sequence_logprobs
+from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
+from minirlhf.pairs.reward_model import RewardModel, calc_pairwise_loss, get_last_token_index
 from minirlhf.rewards import get_rewards, normalize_reward, reward_fn_char_count
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
 from minirlhf.trainer import RLHFTrainer

@@ -27,14 +27,17 @@ to each other: group g is rows g * group_size .. (g + 1) * group_size - 1.
   KL penalty at every token), returns-to-go, normalised over the whole batch.
 """
 
+from typing import NamedTuple
+
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from jaxtyping import Float
 from torch import Tensor
 
 
 @torch.no_grad()
-def compute_advantages(
+def compute_one_step_advantages(
     values: Float[Tensor, "batch seq"],
     rewards: Float[Tensor, " batch"],
     prefix_len: int,
@@ -131,17 +134,73 @@ def compute_reinforce_pp_advantages(
     return (returns - returns.mean()) / (returns.std(correction=0) + eps)
 
 
-def compute_critic_free_advantages(
-    estimator: str, rewards: Float[Tensor, " batch"], kl: Float[Tensor, "batch gen_len"],
-    group_size: int, kl_coef: float, gamma: float = 1.0,
+class Estimator(NamedTuple):
+    """What the trainer needs to know of an advantage estimator."""
+
+    needs_critic: bool
+    """It reads a value head's values (the policy is built with one)."""
+    whitened: bool
+    """The learning loop whitens its advantages per minibatch (`whiten`); the critic-free ones
+    come already scaled as their papers say (per group, or over the whole batch)."""
+
+
+ESTIMATORS = {
+    "one_step": Estimator(needs_critic=True, whitened=True),
+    "gae": Estimator(needs_critic=True, whitened=True),
+    "grpo": Estimator(needs_critic=False, whitened=False),
+    "dr_grpo": Estimator(needs_critic=False, whitened=False),
+    "rloo": Estimator(needs_critic=False, whitened=False),
+    "reinforce_pp": Estimator(needs_critic=False, whitened=False),
+}
+"""Every advantage estimator, by the name `RLHFArgs.advantage_estimator` gives it."""
+
+
+@torch.no_grad()
+def compute_advantages(
+    estimator: str,
+    rewards: Float[Tensor, " batch"],
+    values: Float[Tensor, "batch gen_len"] | None,
+    kl: Float[Tensor, "batch gen_len"],
+    kl_coef: float,
+    group_size: int = 1,
+    gamma: float = 1.0,
+    gae_lambda: float = 0.95,
 ) -> Float[Tensor, "batch gen_len"]:
-    """The advantages of a critic-free `estimator` ("grpo", "dr_grpo", "rloo", "reinforce_pp")
-    for every generated token. `kl` (per token) enters only REINFORCE++'s reward; pass zeros to
-    keep the KL out of it. GRPO and RLOO give all tokens of a sample its sequence advantage."""
-    if estimator == "reinforce_pp":
-        return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma)
-    if estimator == "rloo":
-        advantages = compute_rloo_advantages(rewards, group_size)
-    else:
-        advantages = compute_group_advantages(rewards, group_size, estimator == "grpo")
-    return repeat(advantages, "batch -> batch gen_len", gen_len=kl.shape[1])
+    """The advantage of every generated token by `estimator` (a key of `ESTIMATORS`): the one
+    place an estimator is chosen.
+
+    Args:
+        values: V(s_t) in the state that chose each token (estimators with a critic only).
+        kl: the KL of each token; REINFORCE++ takes `-kl_coef * kl` as a per-token reward (pass
+            kl_coef 0 to keep the KL out of the reward). The others ignore it.
+    """
+    gen_len = kl.shape[1]
+    if ESTIMATORS[estimator].needs_critic:
+        # The estimators index values by position in the sequence: with the generated states at
+        # positions 0 .. gen_len - 1 that is a one-token prompt (NaN after: never read).
+        values = F.pad(values, (0, 1), value=float("nan"))
+    match estimator:
+        case "one_step":
+            return compute_one_step_advantages(values, rewards, prefix_len=1)
+        case "gae":
+            return compute_gae(values, rewards, 1, gamma, gae_lambda)
+        case "grpo" | "dr_grpo":
+            advantages = compute_group_advantages(rewards, group_size, estimator == "grpo")
+        case "rloo":
+            advantages = compute_rloo_advantages(rewards, group_size)
+        case "reinforce_pp":
+            return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma)
+    return repeat(advantages, "batch -> batch gen_len", gen_len=gen_len)
+
+
+def whiten(
+    advantages: Float[Tensor, "minibatch gen_len"],
+    moments: tuple[Float[Tensor, ""], Float[Tensor, ""]] | None = None,
+    eps: float = 1e-8,
+) -> Float[Tensor, "minibatch gen_len"]:
+    """Advantages shifted and scaled to mean 0 and (population) std 1 over the whole minibatch,
+    as CleanRL does before PPO's loss: a minibatch of one token has no signal then, not NaN.
+    `moments` (mean, std) replace the minibatch's own (data parallelism passes the global
+    minibatch's, of which `advantages` is one process's share)."""
+    mean, std = moments or (advantages.mean(), advantages.std(correction=0))
+    return (advantages - mean) / (std + eps)

@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from minirlhf.lora import parse_targets
+from minirlhf.runtime.lora import parse_targets
 from minirlhf.validation import (
     check_at_least,
     check_choice,
@@ -134,7 +134,7 @@ class RLHFArgs:
 
     # --- speed and memory ---
     fast_path: bool = True
-    """Sample and train on minirlhf's fast path (`minirlhf.fast_path`: the same logits, weights
+    """Sample and train on minirlhf's fast path (`minirlhf.runtime.fast_path`: the same logits, weights
     laid out once); False, or a model with hooks attached, runs TransformerLens's own forward."""
     recompute_ref_logits: bool = False
     """Keep the reference model's final residual stream instead of its logits, and recompute the

@@ -114,15 +114,40 @@ KL_ESTIMATORS = {"k1": calc_kl_k1, "k2": calc_kl_k2, "k3": calc_kl_k3}
 """The sampled estimators by the name `RLHFArgs.kl_estimator` gives them."""
 
 
+def calc_kl(
+    estimator: str,
+    logprobs: Float[Tensor, "batch gen_len"],
+    logits: Float[Tensor, "batch gen_len d_vocab"],
+    ref_logits: Float[Tensor, "batch gen_len d_vocab"],
+    gen_tokens: Int[Tensor, "batch gen_len"],
+) -> Float[Tensor, "batch gen_len"]:
+    """KL(policy || reference) at each generated position by `estimator` (`RLHFArgs.kl_estimator`),
+    the one place an estimator is chosen: "exact" sums over the vocabulary (`calc_exact_kl`);
+    "k1", "k2", "k3" read only the sampled tokens' log-probs (`KL_ESTIMATORS`).
+
+    Args:
+        logprobs: the policy's log-probs of `gen_tokens` (computed once, by the caller).
+    """
+    if estimator == "exact":
+        return calc_exact_kl(logits, ref_logits)
+    return KL_ESTIMATORS[estimator](logprobs, get_gen_logprobs(ref_logits, gen_tokens))
+
+
+def calc_entropy(
+    logits: Float[Tensor, "batch gen_len d_vocab"],
+) -> Float[Tensor, "batch gen_len"]:
+    """The entropy of the policy at each generated position."""
+    logprobs = logits.float().log_softmax(dim=-1)
+    probs = logprobs.exp()
+    # 0 * log 0 is 0: masked (-inf) logits add nothing, with finite gradients.
+    return -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(dim=-1)
+
+
 def calc_entropy_bonus(
     logits: Float[Tensor, "minibatch gen_len d_vocab"], ent_coef: float
 ) -> Float[Tensor, ""]:
     """ent_coef times the mean entropy of the policy at the generated positions. Added."""
-    logprobs = logits.float().log_softmax(dim=-1)
-    probs = logprobs.exp()
-    # 0 * log 0 is 0: masked (-inf) logits add nothing, with finite gradients.
-    entropy = -(probs * logprobs.masked_fill(probs == 0, 0.0)).sum(dim=-1)
-    return ent_coef * entropy.mean()
+    return ent_coef * calc_entropy(logits).mean()
 
 
 def calc_value_function_loss(
@@ -139,36 +164,14 @@ def calc_clipped_surrogate_objective(
     mb_logprobs: Float[Tensor, "minibatch gen_len"],
     mb_advantages: Float[Tensor, "minibatch gen_len"],
     clip_coef: float,
-    eps: float = 1e-8,
-    normalize: bool = True,
-    moments: tuple[Float[Tensor, ""], Float[Tensor, ""]] | None = None,
 ) -> Float[Tensor, ""]:
     """PPO's clipped surrogate objective, mean over the minibatch (every sample has gen_len
     tokens, so token-mean, sequence-mean and Dr. GRPO's constant normaliser agree). Added.
 
-    With `normalize` the advantages are normalised first, to mean 0 and (population) std 1 over
-    the whole minibatch, as in CleanRL; a minibatch of one token therefore has no signal, not NaN.
-    The critic-free estimators pass False: their advantages are already scaled as their papers
-    say (per group, or over the whole batch), and Dr. GRPO must not be divided by a std.
-    `moments` (mean, std) replace the minibatch's own: data-parallel training passes those of
-    the global minibatch, of which `mb_advantages` is one process's share.
-    """
+    The advantages are used as given: the learning loop whitens them first where the estimator
+    asks for it (`whiten`), as CleanRL does."""
     ratio = (logprobs - mb_logprobs).exp()
-    advantages = mb_advantages
-    if normalize:
-        mean, std = moments or (advantages.mean(), advantages.std(correction=0))
-        advantages = (advantages - mean) / (std + eps)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
+    unclipped = ratio * mb_advantages
+    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * mb_advantages
     return torch.minimum(unclipped, clipped).mean()
 
-
-def calc_sampled_kl_penalty(
-    logprobs: Float[Tensor, "minibatch gen_len"],
-    ref_logprobs: Float[Tensor, "minibatch gen_len"],
-    kl_coef: float,
-    estimator: str,
-) -> Float[Tensor, ""]:
-    """kl_coef times the mean of a sampled estimator ("k1", "k2" or "k3") over the minibatch's
-    tokens. Subtracted. Its gradient is not the exact KL's (docs/critic_free.md)."""
-    return kl_coef * KL_ESTIMATORS[estimator](logprobs, ref_logprobs).mean()

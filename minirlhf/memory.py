@@ -2,9 +2,9 @@
 
 Stage 5 of the pipeline. Unlike PPO on gym environments there is no `add` (a whole phase is
 stored at once), no `dones` (every sample has `gen_len` tokens) and no separate actions (the
-generated tokens are the actions). It also keeps what the reference model needs to give its
-logits back for the exact KL penalty (`ReferenceModel.evaluate`: its logits, or its final residual
-stream). Returns are advantages + values, the targets of the value head.
+generated tokens are the actions). It also carries, row by row, what the models keep for the
+learning steps (`kept`: the reference's logits or final residual stream, a frozen trunk's
+output), without looking inside. Returns are advantages + values, the targets of the value head.
 """
 
 from dataclasses import dataclass
@@ -23,13 +23,10 @@ class ReplayMinibatch:
     attention_mask: Int[Tensor, "minibatch seq"]
     logprobs: Float[Tensor, "minibatch gen_len"]
     advantages: Float[Tensor, "minibatch gen_len"]
-    returns: Float[Tensor, "minibatch gen_len"]
-    ref_outputs: Float[Tensor, "minibatch gen_len d_ref"]
-    """What the reference model kept: its logits, or its final residual stream
-    (`ReferenceModel.get_logits` turns either into its logits)."""
-    trunk_residual: Float[Tensor, "minibatch seq d_model"] | None = None
-    """The residual stream entering the first trainable block (a frozen trunk's output), or
-    None when every block trains."""
+    returns: Float[Tensor, "minibatch gen_len"] | None
+    """The value head's targets (None: no value head)."""
+    kept: dict[str, Tensor]
+    """What the models kept for these rows (`models.RolloutOutputs.kept`), handed back to them."""
 
     @property
     def prefix_len(self) -> int:
@@ -45,11 +42,10 @@ class ReplayMemory:
         attention_mask: 1 for real tokens, 0 for left padding.
         logprobs: log-probs of the generated tokens under the policy that sampled them.
         advantages: one per generated token.
-        values: V(s_t) for each generated token, i.e. `values[:, prefix_len - 1 : -1]`.
-        ref_outputs: what the reference model keeps for each generated token: its logits
-            (d_ref = d_vocab), or its final residual stream (d_ref = d_model).
-        trunk_residual: with a frozen trunk, its output at every position, computed once in the
-            rollout and reused by every learning step (None: no frozen trunk).
+        values: V(s_t) for each generated token, i.e. `values[:, prefix_len - 1 : -1]` (None:
+            no value head).
+        kept: what the models keep for each sample (`models.RolloutOutputs.kept`; e.g. the
+            reference's logits under "reference"), one row per sample.
     """
 
     def __init__(
@@ -58,20 +54,18 @@ class ReplayMemory:
         attention_mask: Int[Tensor, "batch seq"],
         logprobs: Float[Tensor, "batch gen_len"],
         advantages: Float[Tensor, "batch gen_len"],
-        values: Float[Tensor, "batch gen_len"],
-        ref_outputs: Float[Tensor, "batch gen_len d_ref"],
-        trunk_residual: Float[Tensor, "batch seq d_model"] | None = None,
+        values: Float[Tensor, "batch gen_len"] | None,
+        kept: dict[str, Tensor],
     ):
         batch, gen_len = logprobs.shape
         for name, tensor in [("advantages", advantages), ("values", values)]:
-            assert tensor.shape == (batch, gen_len), (
+            assert tensor is None or tensor.shape == (batch, gen_len), (
                 f"{name} has shape {tuple(tensor.shape)} but logprobs has {(batch, gen_len)}: "
                 "slice values to the generated positions, values[:, prefix_len - 1 : -1]"
             )
-        assert ref_outputs.shape[:2] == (batch, gen_len), (
-            f"ref_outputs has shape {tuple(ref_outputs.shape)}; expected ({batch}, {gen_len}, "
-            "...): slice to the generated positions, [:, prefix_len - 1 : -1]"
-        )
+        for name, tensor in kept.items():
+            assert tensor.shape[0] == batch, (
+                f"kept[{name!r}] has {tensor.shape[0]} rows but there are {batch} samples")
         assert sample_ids.shape == attention_mask.shape and sample_ids.shape[0] == batch, (
             f"sample_ids {tuple(sample_ids.shape)} and attention_mask "
             f"{tuple(attention_mask.shape)} must both be ({batch}, seq)"
@@ -81,8 +75,7 @@ class ReplayMemory:
         self.logprobs = logprobs
         self.advantages = advantages
         self.values = values
-        self.ref_outputs = ref_outputs
-        self.trunk_residual = trunk_residual
+        self.kept = kept
 
     def get_minibatches(
         self,
@@ -95,7 +88,7 @@ class ReplayMemory:
         assert batch_size % num_minibatches == 0, (
             f"batch_size {batch_size} is not divisible by num_minibatches {num_minibatches}"
         )
-        returns = self.advantages + self.values
+        returns = None if self.values is None else self.advantages + self.values
         minibatches = []
         for _ in range(batches_per_learning_phase):
             order = torch.randperm(batch_size, generator=generator).to(self.logprobs.device)
@@ -106,10 +99,8 @@ class ReplayMemory:
                         attention_mask=self.attention_mask[indices],
                         logprobs=self.logprobs[indices],
                         advantages=self.advantages[indices],
-                        returns=returns[indices],
-                        ref_outputs=self.ref_outputs[indices],
-                        trunk_residual=None if self.trunk_residual is None
-                        else self.trunk_residual[indices],
+                        returns=None if returns is None else returns[indices],
+                        kept={name: value[indices] for name, value in self.kept.items()},
                     )
                 )
         return minibatches

@@ -5,7 +5,7 @@ Stage 1 of the pipeline. The value head reads the residual stream after the fina
 both the next-token logits and a value estimate V(s_t) at every position. This is the ARENA RLHF
 design; sharing the trunk between policy and value follows Ziegler et al. (2019).
 
-How a forward pass runs is decided here and nowhere above: on `minirlhf.fast_path` when it can run
+How a forward pass runs is decided here and nowhere above: on `runtime.fast_path` when it can run
 the model (the same logits, weights laid out once), else through `HookedTransformer.forward`,
 where hooks a user attached (steering, ablations) take effect.
 """
@@ -19,18 +19,15 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from minirlhf import fast_path as fast
-from minirlhf import lora
-from minirlhf.sampling import apply_temperature
+from minirlhf.advantages import ESTIMATORS
+from minirlhf.args import RLHFArgs
+from minirlhf.losses import calc_entropy, calc_exact_kl, calc_kl, get_gen_logprobs
+from minirlhf.runtime import fast_path as fast
+from minirlhf.runtime import lora
+from minirlhf.runtime.trunk import Trunk, get_trunk, mask_or_none
+from minirlhf.sampling import Samples, apply_temperature
 
 VALUE_HOOK = "ln_final.hook_normalized"
-
-
-def mask_or_none(
-    attention_mask: Int[Tensor, "batch seq"] | None,
-) -> Int[Tensor, "batch seq"] | None:
-    """The mask only when there is padding: unpadded batches take the faster causal path."""
-    return None if attention_mask is None or bool(attention_mask.all()) else attention_mask
 
 
 def generated_states(prefix_len: int) -> slice:
@@ -45,7 +42,7 @@ def run_model(
     attention_mask: Int[Tensor, "batch seq"] | None,
     fast_path: bool,
     positions: slice = slice(None),
-    trunk: "Trunk | None" = None,
+    trunk: Trunk | None = None,
 ) -> tuple[Float[Tensor, "batch out_seq d_vocab"], Float[Tensor, "batch out_seq d_model"]]:
     """One forward pass: the logits and the final normalised residual stream at `positions`
     (only those are unembedded on the fast path). With `trunk`, the blocks below `trunk.layer`
@@ -68,31 +65,6 @@ def run_model(
                                   fwd_hooks=[(VALUE_HOOK, capture)],
                                   start_at_layer=None if trunk is None else trunk.layer)
     return logits[:, positions], captured[0][:, positions]
-
-
-class Trunk(NamedTuple):
-    """A frozen trunk's output: the residual stream entering block `layer`, at every position."""
-
-    layer: int
-    residual: Float[Tensor, "batch seq d_model"]
-
-
-@torch.no_grad()
-def get_trunk(
-    model: HookedTransformer,
-    tokens: Int[Tensor, "batch seq"],
-    attention_mask: Int[Tensor, "batch seq"] | None,
-    layer: int,
-    fast_path: bool,
-) -> Trunk:
-    """What the blocks below `layer` compute (once per phase when they are frozen)."""
-    attention_mask = mask_or_none(attention_mask)
-    if fast.use_fast_path(model, fast_path):
-        weights = fast.get_fast_weights(model, to_layer=layer)
-        residual = fast.forward(weights, tokens, attention_mask, layers=slice(None, layer))
-    else:
-        residual = model(tokens, attention_mask=attention_mask, stop_at_layer=layer)
-    return Trunk(layer, residual)
 
 
 def freeze_trunk(model: HookedTransformer, trainable_layers: int | None) -> int:
@@ -140,119 +112,207 @@ def prepare_policy(
 class TransformerWithValueHead(nn.Module):
     """A HookedTransformer policy plus a value head on its final normalised residual stream.
 
+    What the learning steps on a rollout's samples reuse is its own business (`keep`): the frozen
+    trunk's output, when the bottom blocks do not train.
+
     Args:
-        base_model: any HookedTransformer (pretrained, converted, or tiny and random).
-        temperature: the sampling temperature; `evaluate`'s logits are divided by it.
-        fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
+        base_model: any HookedTransformer (pretrained, converted, or tiny and random), its
+            trainable weights marked (`prepare_policy`).
+        temperature: the sampling temperature; `forward_generated`'s logits are divided by it.
+        fast_path: run forward passes on `minirlhf.runtime.fast_path` where it can.
+        value_head: False for a critic-free estimator: no head, no parameters, values None.
+        frozen_layers: blocks at the bottom that do not train (`prepare_policy`'s result).
     """
 
     def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
-                 fast_path: bool = True):
+                 fast_path: bool = True, value_head: bool = True, frozen_layers: int = 0):
         super().__init__()
         self.base_model = base_model
         self.temperature = temperature
         self.fast_path = fast_path
+        self.frozen_layers = frozen_layers
         d_model = base_model.cfg.d_model
         self.value_head = nn.Sequential(
             nn.Linear(d_model, 4 * d_model),
             nn.ReLU(),
             nn.Linear(4 * d_model, 1),
-        ).to(base_model.cfg.device)
+        ).to(base_model.cfg.device) if value_head else None
 
     def forward(
         self,
         tokens: Int[Tensor, "batch seq"],
         attention_mask: Int[Tensor, "batch seq"] | None = None,
-    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"]]:
+    ) -> tuple[Float[Tensor, "batch seq d_vocab"], Float[Tensor, "batch seq"] | None]:
         """`(logits, values)` at every position, from one forward pass."""
         logits, residual = run_model(self.base_model, tokens, attention_mask, self.fast_path)
         return logits, self.get_values(residual)
 
-    def evaluate(
+    @torch.no_grad()
+    def keep(
+        self, sample_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"]
+    ) -> dict[str, Tensor]:
+        """What every later forward pass on these samples reuses, one row per sample: the frozen
+        trunk's output (nothing when every block trains)."""
+        if not self.frozen_layers:
+            return {}
+        trunk = get_trunk(self.base_model, sample_ids, attention_mask, self.frozen_layers,
+                          self.fast_path)
+        return {"trunk": trunk.residual}
+
+    def forward_generated(
         self,
         sample_ids: Int[Tensor, "batch seq"],
         attention_mask: Int[Tensor, "batch seq"],
         prefix_len: int,
+        kept: dict[str, Tensor] | None = None,
         final_residual: Float[Tensor, "batch gen_len d_model"] | None = None,
-        trunk: Trunk | None = None,
-    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len"]]:
-        """Logits / temperature (float32) and values (float32) in the states that chose the
-        generated tokens (positions `prefix_len - 1 .. seq - 2`).
+    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len"] | None]:
+        """Logits / temperature and values (float32; values None without a head) in the states
+        that chose the generated tokens (positions `prefix_len - 1 .. seq - 2`).
 
-        `final_residual` (the sampler's, `Samples.final_residual`) spares the forward pass:
-        only the unembedding and the value head run. `trunk` (a frozen trunk's output) spares
-        the blocks below it."""
+        `kept`: what `keep` returned for these rows. `final_residual` (the sampler's) spares the
+        forward pass: only the unembedding and the value head run."""
         if final_residual is None:
+            trunk = Trunk(self.frozen_layers, kept["trunk"]) if kept and "trunk" in kept else None
             logits, residual = run_model(self.base_model, sample_ids, attention_mask,
                                          self.fast_path, generated_states(prefix_len), trunk)
         else:
             residual = final_residual
             logits = fast.unembed(fast.get_output_weights(self.base_model), residual)
-        return apply_temperature(logits, self.temperature), self.get_values(residual).float()
+        return apply_temperature(logits, self.temperature), self.get_values(residual)
 
     def get_values(
         self, final_residual: Float[Tensor, "batch seq d_model"]
-    ) -> Float[Tensor, "batch seq"]:
-        """The value head on final normalised residuals (what `ln_final.hook_normalized` holds)."""
+    ) -> Float[Tensor, "batch seq"] | None:
+        """The value head (float32) on final normalised residuals (`ln_final.hook_normalized`);
+        None without a head."""
+        if self.value_head is None:
+            return None
         # The head may run in float32 while the trunk runs in lower precision.
-        return self.value_head(final_residual.to(self.value_head[0].weight.dtype)).squeeze(-1)
+        values = self.value_head(final_residual.to(self.value_head[0].weight.dtype))
+        return values.squeeze(-1).float()
 
 
 class ReferenceModel:
     """The policy as it was at the start of training, frozen: the anchor of the KL penalty.
 
-    What is copied: only the weights that train. A LoRA policy (`minirlhf.lora`) is its own
-    reference with the adapters off, so nothing is copied; a policy with a frozen trunk shares
-    the trunk's weights with its reference and copies only the top blocks.
+    What is copied: only the weights that train. A LoRA policy (`minirlhf.runtime.lora`) is its
+    own reference with the adapters off, so nothing is copied; a policy with a frozen trunk
+    shares the trunk's weights (and its output, `kept["trunk"]`) and copies only the top blocks.
 
     The learning phase asks it for its logits on each minibatch; how they get there is its own
-    business. By default `evaluate` returns the logits themselves for the replay memory to keep.
-    With `keep_residual`, it returns its final residual stream instead (d_model floats per token
-    instead of d_vocab: 85x less for SmolLM2), and `get_logits` reruns only the unembedding.
+    business. By default it keeps the logits themselves (`kept["reference"]`). With
+    `keep_residual`, it keeps its final residual stream instead (d_model floats per token instead
+    of d_vocab: 85x less for SmolLM2), and `get_logits` reruns only the unembedding.
 
     Args:
         base_model: the policy's HookedTransformer, with its trainable weights marked
             (`requires_grad`) and its adapters attached, if any.
         temperature: the sampling temperature (logits are divided by it, as the policy's are).
-        fast_path: run forward passes on `minirlhf.fast_path` where it can run the model.
+        fast_path: run forward passes on `minirlhf.runtime.fast_path` where it can.
         keep_residual: keep the final residual stream rather than the logits (only where the
             fast path supports the model, whose unembedding `get_logits` then reruns).
+        frozen_layers: the policy's frozen trunk, shared.
     """
 
     def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
-                 fast_path: bool = True, keep_residual: bool = False):
+                 fast_path: bool = True, keep_residual: bool = False, frozen_layers: int = 0):
         self.shares_policy = lora.get_adapters(base_model) is not None
         self.model = base_model if self.shares_policy else frozen_copy(base_model)
         self.temperature = temperature
         self.fast_path = fast_path
+        self.frozen_layers = frozen_layers
         self.keep_residual = keep_residual and fast.unsupported_reason(self.model) is None
 
+    @classmethod
+    def of_policy(cls, policy: TransformerWithValueHead,
+                  keep_residual: bool = False) -> "ReferenceModel":
+        """The reference of a policy: its weights now, its temperature and frozen trunk."""
+        return cls(policy.base_model, policy.temperature, policy.fast_path, keep_residual,
+                   policy.frozen_layers)
+
     @torch.no_grad()
-    def evaluate(
+    def forward_generated(
         self,
         sample_ids: Int[Tensor, "batch seq"],
         attention_mask: Int[Tensor, "batch seq"],
         prefix_len: int,
-        trunk: Trunk | None = None,
-    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len d_ref"]]:
-        """Logits / temperature in the states that chose the generated tokens, and what the
-        replay memory keeps for `get_logits` (those logits, or the final residual stream).
-        `trunk`: the frozen trunk's output, which policy and reference share."""
+        kept: dict[str, Tensor] | None = None,
+    ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], dict[str, Tensor]]:
+        """Logits / temperature in the states that chose the generated tokens, and what it keeps
+        for `get_logits` (`{"reference": those logits, or the final residual stream}`).
+        `kept`: the policy's, whose frozen trunk the reference shares."""
+        trunk = Trunk(self.frozen_layers, kept["trunk"]) if kept and "trunk" in kept else None
         with lora.adapters_off(self.model):
             logits, residual = run_model(self.model, sample_ids, attention_mask, self.fast_path,
                                          generated_states(prefix_len), trunk)
         logits = apply_temperature(logits, self.temperature)
-        return logits, residual.contiguous() if self.keep_residual else logits
+        return logits, {"reference": residual.contiguous() if self.keep_residual else logits}
 
     @torch.no_grad()
     def get_logits(
-        self, kept: Float[Tensor, "minibatch gen_len d_ref"]
+        self, kept: dict[str, Tensor]
     ) -> Float[Tensor, "minibatch gen_len d_vocab"]:
-        """The logits / temperature from what `evaluate` returned for the memory to keep."""
+        """The logits / temperature from what `forward_generated` kept (for a minibatch's rows)."""
         if not self.keep_residual:
-            return kept
-        logits = fast.unembed(fast.get_output_weights(self.model), kept)
+            return kept["reference"]
+        logits = fast.unembed(fast.get_output_weights(self.model), kept["reference"])
         return apply_temperature(logits, self.temperature)
+
+
+def build_policy(base_model: HookedTransformer, args: RLHFArgs) -> TransformerWithValueHead:
+    """The policy `args` describes: what trains (`prepare_policy`), and a value head only when
+    the advantage estimator needs a critic."""
+    frozen_layers = prepare_policy(base_model, args.trainable_layers, args.lora_rank,
+                                   args.lora_alpha, args.lora_targets)
+    return TransformerWithValueHead(base_model, args.temperature, args.fast_path,
+                                    ESTIMATORS[args.advantage_estimator].needs_critic,
+                                    frozen_layers)
+
+
+class RolloutOutputs(NamedTuple):
+    """What the policy and the reference make of a rollout's samples (no gradients)."""
+
+    logprobs: Float[Tensor, "batch gen_len"]
+    values: Float[Tensor, "batch gen_len"] | None
+    """V(s_t) in the state that chose each generated token (None: no value head)."""
+    kl: Float[Tensor, "batch gen_len"]
+    """KL(policy || reference) of each token by the run's estimator (`losses.calc_kl`)."""
+    exact_kl: Float[Tensor, "batch gen_len"]
+    """The exact KL, summed over the vocabulary (logged whichever estimator trains)."""
+    entropy: Float[Tensor, "batch gen_len"]
+    kept: dict[str, Tensor]
+    """One row per sample, for the models alone: what the learning steps hand back to
+    `TransformerWithValueHead.forward_generated` and `ReferenceModel.get_logits`."""
+
+
+@torch.no_grad()
+def get_rollout_outputs(
+    policy: TransformerWithValueHead, reference: ReferenceModel, samples: Samples,
+    kl_estimator: str, rows_per_chunk: int,
+) -> RolloutOutputs:
+    """The policy's log-probs and values, the KL to the reference and the entropy of every
+    generated token, and what the models keep: `rows_per_chunk` rows at a time, so no
+    batch x gen_len x d_vocab logits are held at once. The sampler's final residual stream spares
+    the policy's forward pass; a frozen trunk runs once, for the reference and every learning
+    step."""
+    ids, mask, prefix_len = samples.sample_ids, samples.attention_mask, samples.prefix_len
+    parts = []
+    for rows in torch.arange(len(ids), device=ids.device).split(rows_per_chunk):
+        kept = policy.keep(ids[rows], mask[rows])
+        final = None if samples.final_residual is None else samples.final_residual[rows]
+        logits, values = policy.forward_generated(ids[rows], mask[rows], prefix_len, kept, final)
+        ref_logits, ref_kept = reference.forward_generated(ids[rows], mask[rows], prefix_len, kept)
+        gen_tokens = ids[rows, prefix_len:]
+        logprobs = get_gen_logprobs(logits, gen_tokens)
+        kl = calc_kl(kl_estimator, logprobs, logits, ref_logits, gen_tokens)
+        exact_kl = kl if kl_estimator == "exact" else calc_exact_kl(logits, ref_logits)
+        parts.append(RolloutOutputs(logprobs, values, kl, exact_kl, calc_entropy(logits),
+                                    kept | ref_kept))
+    *per_token, _ = zip(*parts)
+    joined = [None if part[0] is None else torch.cat(part) for part in per_token]
+    kept = {name: torch.cat([part.kept[name] for part in parts]) for name in parts[0].kept}
+    return RolloutOutputs(*joined, kept)
 
 
 def get_trained_state(module: nn.Module) -> dict[str, Tensor]:

@@ -10,16 +10,14 @@ import torch
 from torch import nn
 
 
-def get_optimizer(
-    model: nn.Module, base_lr: float, head_lr: float, value_head: bool = True
-) -> torch.optim.Optimizer:
+def get_optimizer(model: nn.Module, base_lr: float, head_lr: float) -> torch.optim.Optimizer:
     """AdamW over the trainable weights of `model.base_model` (at base_lr: all of them, the top
-    blocks of a frozen trunk, or LoRA adapters) and `model.value_head` (at head_lr); without
-    `value_head` (a critic-free estimator) the head is not trained and has no group. Frozen
-    weights are not handed to the optimiser, so it keeps no state for them."""
+    blocks of a frozen trunk, or LoRA adapters) and `model.value_head` (at head_lr); a policy
+    without a value head (critic-free) gets one group. Frozen weights are not handed to the
+    optimiser, so it keeps no state for them."""
     trainable = [p for p in model.base_model.parameters() if p.requires_grad]
     groups = [{"params": trainable, "lr": base_lr}]
-    if value_head:
+    if model.value_head is not None:
         groups.append({"params": model.value_head.parameters(), "lr": head_lr})
     return torch.optim.AdamW(
         groups,
@@ -51,10 +49,9 @@ def get_optimizer_and_scheduler(
     warmup_steps: int,
     total_phases: int,
     final_scale: float,
-    value_head: bool = True,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimiser and a LambdaLR applying `get_lr_scale` (call `scheduler.step()` per phase)."""
-    optimizer = get_optimizer(model, base_lr, head_lr, value_head)
+    optimizer = get_optimizer(model, base_lr, head_lr)
 
     def lr_lambda(phase: int) -> float:
         return get_lr_scale(phase, warmup_steps, total_phases, final_scale)

@@ -18,8 +18,8 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from minirlhf import fast_path as fast
-from minirlhf.tokens import tokenize_texts
+from minirlhf.runtime import fast_path as fast
+from minirlhf.runtime.tokens import tokenize_texts
 from minirlhf.validation import check_at_least, check_interval, check_positive
 
 
@@ -45,7 +45,7 @@ class Samples(NamedTuple):
 
     sample_ids: Int[Tensor, "batch seq"]
     """Prompt tokens (left-padded) followed by `gen_len` generated tokens."""
-    samples: list[str]
+    texts: list[str]
     """Each prompt's text followed by its decoded continuation."""
     attention_mask: Int[Tensor, "batch seq"]
     """1 for real tokens, 0 for left padding."""
@@ -130,7 +130,8 @@ def get_samples(
     gen_len: int = 20,
     sampling: SamplingConfig = PLAIN_SAMPLING,
     prepend_bos: bool = True,
-    seed: int | torch.Generator | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
     stop_at_eos: bool = False,
     fast_path: bool = True,
     return_final_residual: bool = False,
@@ -140,10 +141,12 @@ def get_samples(
     Args:
         prompt: one prompt repeated `batch_size` times, or a list of prompts (one row each).
         sampling: temperature, top-k and top-p.
-        seed: an int (the same seed gives the same samples), or a `torch.Generator` on the
-            model's device to draw from (the trainer keeps one across phases).
+        seed: the same seed gives the same samples (None, and no generator: torch's global
+            random state).
+        generator: a `torch.Generator` on the model's device to draw from instead of a seed
+            (the trainer keeps one across phases).
         stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length).
-        fast_path: decode on `minirlhf.fast_path` (weights laid out once; the same logits,
+        fast_path: decode on `minirlhf.runtime.fast_path` (weights laid out once; the same logits,
             1.4-2.3x faster on CPU in benchmarks/rollout_speed.py) where it can run the model;
             else, or with False, on `HookedTransformer.forward` with its own cache.
         return_final_residual: also return `Samples.final_residual` (on the fast path only,
@@ -154,7 +157,9 @@ def get_samples(
         raise ValueError(f"Got {len(prompts)} prompts but batch_size={batch_size}.")
     if gen_len < 1:
         raise ValueError(f"gen_len must be at least 1, got {gen_len}.")
-    generator = seed if isinstance(seed, torch.Generator) else _make_generator(seed, model)
+    if seed is not None and generator is not None:
+        raise ValueError("get_samples takes a seed or a generator, not both.")
+    generator = generator or _make_generator(seed, model)
     prompt_ids, prompt_mask = tokenize_prompts(model, prompts, prepend_bos)
     check_context(prompt_ids.shape[1], gen_len, model.cfg.n_ctx)
     decoder = (_FastDecoder(model, len(prompts), prompt_ids.shape[1] + gen_len)

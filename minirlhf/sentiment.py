@@ -68,7 +68,7 @@ def load_hf_classifier(name_or_path: str, device: torch.device | str = "cpu"):
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from minirlhf.loading import hub_reachable
+    from minirlhf.runtime.loading import hub_reachable
 
     if not Path(name_or_path).is_dir() and not hub_reachable():
         raise RuntimeError(_no_classifier_message(name_or_path))

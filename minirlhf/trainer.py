@@ -1,10 +1,14 @@
 """`RLHFTrainer`: the whole PPO loop, composed from the stages of the pipeline.
 
-Each phase: sample from the policy, score the samples, evaluate them under the policy (log-probs,
-values) and the reference model, estimate advantages, and store it all in a `ReplayMemory`
-(`rollout_phase`); then take PPO steps on shuffled minibatches of it (`learning_phase`). The
-reference model is a frozen copy of the policy at the start. docs/trainer.md prints the same loop
-as pseudocode, line for line.
+Each phase: sample from the policy, score the samples, run them through the policy and the
+reference model (log-probs, values, KL), estimate advantages, and store it all in a
+`ReplayMemory` (`rollout_phase`); then take PPO steps on shuffled minibatches of it
+(`learning_phase`). docs/trainer.md prints the same loop as pseudocode, line for line.
+
+The algorithm's variants are not branches here: the advantage estimator is chosen in
+`advantages.compute_advantages` (with `ESTIMATORS` saying whether it needs a value head and
+whitened advantages), the KL estimator in `losses.calc_kl`, and how the models run (fast path,
+frozen trunk, LoRA, the reference's cached outputs) inside `models`.
 
 Temperature convention ("The N Implementation Details of RLHF with PPO", Huang et al. 2024):
 tokens are sampled from softmax(logits / T), so every log-prob in the PPO ratio and both sides of
@@ -12,96 +16,78 @@ the KL penalty use logits / T as well (`sampling.apply_temperature`, applied ins
 Top-k and top-p truncate sampling only; they are not part of the log-probs.
 """
 
-import random
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
 from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import distributed, loading
-from minirlhf.advantages import (
-    compute_advantages,
-    compute_critic_free_advantages,
-    compute_gae,
-    get_zero_std_fraction,
-)
+from minirlhf.advantages import ESTIMATORS, compute_advantages, whiten
 from minirlhf.args import RLHFArgs
-from minirlhf.device import autocast, pick_device, pick_precision
 from minirlhf.kl_control import get_kl_controller
 from minirlhf.losses import (
-    KL_ESTIMATORS,
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
-    calc_exact_kl,
-    calc_kl_penalty,
-    calc_sampled_kl_penalty,
+    calc_kl,
     calc_value_function_loss,
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
+from minirlhf.metrics import get_ratio_metrics, get_rollout_metrics
 from minirlhf.models import (
     ReferenceModel,
-    TransformerWithValueHead,
-    Trunk,
+    RolloutOutputs,
+    build_policy,
+    get_rollout_outputs,
     get_trained_state,
-    get_trunk,
     load_trained_state,
-    prepare_policy,
 )
 from minirlhf.optim import get_optimizer_and_scheduler
 from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
-from minirlhf.sampling import Samples, SamplingConfig, get_samples
+from minirlhf.runtime import distributed, loading
+from minirlhf.runtime.device import autocast, pick_device, pick_precision
+from minirlhf.runtime.random_streams import RandomStreams, set_seed
+from minirlhf.sampling import SamplingConfig, get_samples
 from minirlhf.tracking import PhaseLogger
 
 
-class Evaluation(NamedTuple):
-    """The samples seen by the policy and the reference model (rollout, no gradients)."""
-
-    logprobs: Float[Tensor, "batch gen_len"]
-    ref_logprobs: Float[Tensor, "batch gen_len"]
-    values: Float[Tensor, "batch gen_len"]
-    ref_outputs: Float[Tensor, "batch gen_len d_ref"]
-    kl: Float[Tensor, "batch gen_len"]
-    """The exact KL(policy || reference) at each generated position."""
-    entropy: float
-    trunk_residual: Float[Tensor, "batch seq d_model"] | None = None
-    """The frozen trunk's output at every position (None: no frozen trunk)."""
-
-
 class Rollout(NamedTuple):
-    """What `rollout_phase` returns: the replay memory, the samples and rewards, the metrics."""
+    """What `rollout_phase` returns: the replay memory, the samples and rewards of the global
+    batch, its mean KL and the metrics."""
 
     memory: ReplayMemory
-    samples: list[str]
+    texts: list[str]
     rewards: Float[Tensor, " batch"]
+    kl: float
+    """The mean exact KL(policy || reference) per generated token (the adaptive KL controller's
+    input)."""
     metrics: dict[str, float]
 
 
-def set_seed(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class GlobalBatch(NamedTuple):
+    """A rollout as batch-wide statistics see it: every data-parallel process's rows (one
+    process: its own), and which of them are this process's."""
+
+    texts: list[str]
+    rewards: Float[Tensor, " batch"]
+    outputs: RolloutOutputs
+    """The per-token outputs of every row (`kept`, large and read only by this process's own
+    minibatches, stays behind: empty)."""
+    local: slice
 
 
-def explained_variance(
-    values: Float[Tensor, "batch gen_len"], returns: Float[Tensor, "batch gen_len"]
-) -> float:
-    """1 - Var(returns - values) / Var(returns): 1 is a perfect value head, <= 0 a useless one;
-    NaN when the returns (almost) do not vary, where the ratio means nothing."""
-    var_returns = returns.var(correction=0)
-    if var_returns <= 1e-8 * max(1.0, returns.abs().max().item() ** 2):
-        return float("nan")
-    return (1 - (returns - values).var(correction=0) / var_returns).item()
+class KLCoefs(NamedTuple):
+    """The KL coefficient where it applies: in the objective, or in the per-token reward."""
+
+    loss: float
+    reward: float
 
 
 @contextmanager
@@ -113,7 +99,7 @@ def timed(times: dict[str, float], key: str) -> Iterator[None]:
 
 
 class RLHFTrainer:
-    """PPO on a language model against a reward function.
+    """PPO (or a critic-free relative) on a language model against a reward function.
 
     Args:
         args: the hyperparameters.
@@ -145,30 +131,20 @@ class RLHFTrainer:
         if base_model is None:
             base_model = loading.load_policy(args.base_model, self.device)
         base_model = base_model.to(self.device, print_details=False)
-        self.frozen_layers = prepare_policy(base_model, args.trainable_layers, args.lora_rank,
-                                            args.lora_alpha, args.lora_targets)
-        """Blocks at the bottom that do not train: their output is computed once per phase."""
-        self.model = TransformerWithValueHead(base_model, args.temperature, args.fast_path)
-        self.model.to(self.device)
+        self.model = build_policy(base_model, args).to(self.device)
         distributed.broadcast_module(self.model)  # every process starts from process 0's weights
-        self.reference = ReferenceModel(base_model, args.temperature, args.fast_path,
-                                        keep_residual=args.recompute_ref_logits)
+        self.reference = ReferenceModel.of_policy(self.model, args.recompute_ref_logits)
         self.sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
         self.optimizer, self.scheduler = get_optimizer_and_scheduler(
             self.model, args.base_lr, args.head_lr, args.warmup_steps, args.total_phases,
-            args.final_scale, value_head=not args.critic_free,
+            args.final_scale,
         )
         self.kl_controller = get_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
-        self.sample_generator = torch.Generator(device=self.device).manual_seed(
-            distributed.process_seed(args.seed))  # each process its own stream
-        self.shuffle_generator = torch.Generator().manual_seed(args.seed + 1)
+        self.streams = RandomStreams(args.seed, distributed.process_seed(args.seed), self.device)
         self.train_prompts, self.held_out_prompts = [], []
         if args.prompts is not None:
             self.train_prompts, self.held_out_prompts = split_prompts(
                 load_prompts(resolve_prompt_file(args.prompts)), args.held_out_fraction, args.seed)
-        self.prompt_generator = torch.Generator().manual_seed(args.seed + 2)
-        # Held-out samples draw from their own generator, so evaluating changes no training curve.
-        self.eval_generator = torch.Generator(device=self.device).manual_seed(args.seed + 3)
         self.phase = 0
         self.global_step = 0
         """Optimiser steps taken so far (a checkpoint is consistent while this does not move)."""
@@ -180,50 +156,41 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def rollout_phase(self) -> Rollout:
-        """Sample from the policy, score and evaluate the samples, estimate advantages."""
+        """Sample from the policy, score the samples, run them through the policy and the
+        reference, estimate advantages."""
         args, times = self.args, {}
         with timed(times, "charts/sample_time"), self.autocast():
             samples = get_samples(self.model.base_model, self.get_phase_prompts(),
                                   self.local_batch_size, args.gen_len, self.sampling,
-                                  args.prepend_bos, seed=self.sample_generator,
+                                  args.prepend_bos, generator=self.streams.sample,
                                   fast_path=args.fast_path, return_final_residual=True)
         with timed(times, "charts/reward_time"):
-            rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
-        with timed(times, "charts/forward_time"):
-            evaluation = self.evaluate_samples(samples)
-        # Statistics are over the global batch: every process's rows (one process: its own).
-        rewards, everyone = distributed.gather_rows(rewards), gather_evaluation(evaluation)
-        advantages = self.compute_advantages(everyone, rewards, samples.prefix_len)
-        # Critic-free: no value head, so returns = advantages and no value is ever fitted.
-        values = torch.zeros_like(advantages) if args.critic_free else everyone.values
-        mine = distributed.local_rows(len(rewards))
-        memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
-                              advantages[mine], values[mine], evaluation.ref_outputs,
-                              evaluation.trunk_residual)
-        metrics = {
-            "charts/reward_mean": rewards.mean().item(),
-            "charts/reward_std": rewards.std(correction=0).item(),
-            "charts/kl": everyone.kl.mean().item(),
-            **self.get_kl_estimate_metric(everyone),
-            "charts/kl_coef": self.kl_controller.value,
-            "charts/entropy": everyone.entropy,
-            **times,
-            "charts/rollout_time": sum(times.values()),
-        }
-        if args.group_size > 1:
-            metrics["charts/frac_reward_zero_std"] = get_zero_std_fraction(rewards, args.group_size)
-        if not args.critic_free:
-            metrics["losses/explained_variance"] = explained_variance(
-                everyone.values, advantages + everyone.values)
-        return Rollout(memory, distributed.gather_objects(samples.samples), rewards, metrics)
+            rewards = get_rewards(self.reward_fn, samples.texts, device=self.device)
+        with timed(times, "charts/forward_time"), self.autocast():
+            outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
+                                          self.local_batch_size // args.num_minibatches)
+        batch = gather_global_batch(samples.texts, rewards, outputs)  # every process's rows
+        advantages = self.compute_advantages(batch)
+        memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
+                              advantages[batch.local], outputs.values, outputs.kept)
+        metrics = get_rollout_metrics(batch.rewards, batch.outputs, advantages,
+                                      args.kl_estimator, args.group_size)
+        metrics |= {"charts/kl_coef": self.kl_controller.value, **times,
+                    "charts/rollout_time": sum(times.values())}
+        return Rollout(memory, batch.texts, batch.rewards, metrics["charts/kl"], metrics)
 
-    def get_kl_estimate_metric(self, evaluation: Evaluation) -> dict[str, float]:
-        """The rollout's mean of the sampled KL estimator in use (none for the exact KL)."""
-        estimator = self.args.kl_estimator
-        if estimator == "exact":
-            return {}
-        estimates = KL_ESTIMATORS[estimator](evaluation.logprobs, evaluation.ref_logprobs)
-        return {f"charts/kl_{estimator}": estimates.mean().item()}
+    def compute_advantages(self, batch: GlobalBatch) -> Float[Tensor, "batch gen_len"]:
+        """The advantages of `args.advantage_estimator`, from the batch's (normalised) rewards."""
+        args = self.args
+        rewards = normalize_reward(batch.rewards) if args.normalize_reward else batch.rewards
+        return compute_advantages(args.advantage_estimator, rewards, batch.outputs.values,
+                                  batch.outputs.kl, self.get_kl_coefs().reward, args.group_size,
+                                  args.gamma, args.gae_lambda)
+
+    def get_kl_coefs(self) -> KLCoefs:
+        """The controller's KL coefficient where `args.kl_in` puts it, and 0 in the other place."""
+        coef = self.kl_controller.value
+        return KLCoefs(coef, 0.0) if self.args.kl_in == "loss" else KLCoefs(0.0, coef)
 
     def get_phase_prompts(self) -> str | list[str]:
         """This process's rows of this phase's prompts: drawn from the training prompts of the
@@ -233,7 +200,7 @@ class RLHFTrainer:
             prompts = self.prompts
         else:
             prompts = get_phase_prompts(self.train_prompts, self.args.prompts_per_phase,
-                                        self.args.group_size, self.prompt_generator)
+                                        self.args.group_size, self.streams.prompt)
         return prompts if isinstance(prompts, str) else prompts[
             distributed.local_rows(len(prompts))]
 
@@ -244,144 +211,55 @@ class RLHFTrainer:
         with self.autocast():
             samples = get_samples(self.model.base_model, self.held_out_prompts, None,
                                   args.gen_len, self.sampling, args.prepend_bos,
-                                  seed=self.eval_generator, fast_path=args.fast_path)
-        rewards = get_rewards(self.reward_fn, samples.samples, device=self.device)
+                                  generator=self.streams.eval, fast_path=args.fast_path)
+        rewards = get_rewards(self.reward_fn, samples.texts, device=self.device)
         return {"eval/held_out_reward": rewards.mean().item()}
-
-    @torch.no_grad()
-    def evaluate_samples(self, samples: Samples) -> Evaluation:
-        """The policy's log-probs and values, what the reference model keeps, and the mean KL
-        and entropy: one minibatch of rows at a time, so no batch x gen_len x d_vocab logits
-        are held at once. The sampler's final residual stream spares the policy's forward; a
-        frozen trunk runs once, for the reference model and every learning step."""
-        ids, mask, prefix_len = samples.sample_ids, samples.attention_mask, samples.prefix_len
-        parts, trunks = [], []
-        chunk = len(ids) // self.args.num_minibatches  # minibatch_size with one process
-        for rows in torch.arange(len(ids), device=ids.device).split(chunk):
-            residual = None if samples.final_residual is None else samples.final_residual[rows]
-            with self.autocast():
-                trunk = self.get_trunk(ids[rows], mask[rows])
-                logits, values = self.model.evaluate(ids[rows], mask[rows], prefix_len, residual,
-                                                     trunk)
-                ref_logits, ref_outputs = self.reference.evaluate(ids[rows], mask[rows],
-                                                                  prefix_len, trunk)
-            trunks.append(None if trunk is None else trunk.residual)
-            parts.append(Evaluation(
-                get_gen_logprobs(logits, ids[rows, prefix_len:]),
-                get_gen_logprobs(ref_logits, ids[rows, prefix_len:]), values, ref_outputs,
-                calc_exact_kl(logits, ref_logits), calc_entropy_bonus(logits, ent_coef=1.0).item(),
-            ))
-        *tensors, entropy, _ = zip(*parts)
-        return Evaluation(*(torch.cat(part) for part in tensors), float(np.mean(entropy)),
-                          None if trunks[0] is None else torch.cat(trunks))
-
-    def get_trunk(self, ids: Tensor, mask: Tensor) -> Trunk | None:
-        """The frozen trunk's output on these samples (None when every block trains)."""
-        if not self.frozen_layers:
-            return None
-        return get_trunk(self.model.base_model, ids, mask, self.frozen_layers, self.args.fast_path)
-
-    def compute_advantages(
-        self, evaluation: Evaluation, rewards: Float[Tensor, " batch"], prefix_len: int,
-    ) -> Float[Tensor, "batch gen_len"]:
-        """The advantages of `args.advantage_estimator`, from the (normalised) rewards."""
-        args = self.args
-        if args.normalize_reward:
-            rewards = normalize_reward(rewards)
-        if args.critic_free:
-            kl = self.get_kl_per_token(evaluation) if args.kl_in == "reward" else \
-                torch.zeros_like(evaluation.logprobs)
-            return compute_critic_free_advantages(args.advantage_estimator, rewards, kl,
-                                                  args.group_size, self.kl_controller.value,
-                                                  args.gamma)
-        # The estimators index values by position; only the generated states are read (NaN
-        # elsewhere proves it).
-        values = F.pad(evaluation.values, (prefix_len - 1, 1), value=float("nan"))
-        if args.advantage_estimator == "gae":
-            return compute_gae(values, rewards, prefix_len, args.gamma, args.gae_lambda)
-        return compute_advantages(values, rewards, prefix_len)
-
-    def get_kl_per_token(self, evaluation: Evaluation) -> Float[Tensor, "batch gen_len"]:
-        """The KL of each generated token by `args.kl_estimator` (exact, or sampled)."""
-        if self.args.kl_estimator == "exact":
-            return evaluation.kl
-        return KL_ESTIMATORS[self.args.kl_estimator](evaluation.logprobs, evaluation.ref_logprobs)
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
 
     def compute_rlhf_objective(
         self, mb: ReplayMinibatch
     ) -> tuple[Float[Tensor, ""], dict[str, float]]:
-        """The objective to maximise on one minibatch, and diagnostics for logging."""
-        args = self.args
-        trunk = None if mb.trunk_residual is None else Trunk(self.frozen_layers, mb.trunk_residual)
+        """The objective to maximise on one minibatch, and its terms for the logs."""
+        args, gen_tokens = self.args, mb.sample_ids[:, mb.prefix_len :]
         with self.autocast():
-            logits, values = self.model.evaluate(mb.sample_ids, mb.attention_mask,
-                                                 mb.prefix_len, trunk=trunk)
-        logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len :])
-        ref_logits = self.reference.get_logits(mb.ref_outputs)
-
-        clipped_surrogate = calc_clipped_surrogate_objective(
-            logprobs, mb.logprobs, mb.advantages, args.clip_coef, normalize=not args.critic_free,
-            moments=distributed.global_moments(mb.advantages),  # the global minibatch's
-        )
-        # Critic-free: no value loss (0 leaves the objective exactly as it is).
-        value_loss = (torch.zeros(()) if args.critic_free
-                      else calc_value_function_loss(values, mb.returns, args.vf_coef))
-        entropy_bonus = calc_entropy_bonus(logits, args.ent_coef)
-        kl_penalty = self.calc_kl_penalty(logits, ref_logits, logprobs, mb)
-        objective = clipped_surrogate - value_loss + entropy_bonus - kl_penalty
-
-        with torch.no_grad():
-            log_ratio = logprobs - mb.logprobs
-            ratio = log_ratio.exp()
-            stats = {
-                "losses/clipped_surrogate": clipped_surrogate.item(),
-                "losses/value_loss": value_loss.item(),
-                "losses/entropy_bonus": entropy_bonus.item(),
-                "losses/kl_penalty": kl_penalty.item(),
-                "losses/objective": objective.item(),
-                # Schulman's low-variance estimator of KL(old || new): (r - 1) - log r.
-                "losses/approx_kl": ((ratio - 1) - log_ratio).mean().item(),
-                "losses/clip_fraction": ((ratio - 1).abs() > args.clip_coef).float().mean().item(),
-            }
-            if args.critic_free:
-                del stats["losses/value_loss"]
-        return objective, stats
-
-    def calc_kl_penalty(
-        self, logits: Float[Tensor, "minibatch gen_len d_vocab"],
-        ref_logits: Float[Tensor, "minibatch gen_len d_vocab"],
-        logprobs: Float[Tensor, "minibatch gen_len"], mb: ReplayMinibatch,
-    ) -> Float[Tensor, ""]:
-        """The KL term of the objective: exact or sampled (`args.kl_estimator`), times the
-        controller's coefficient; 0 when the KL is in the reward instead (`args.kl_in`)."""
-        args, kl_coef = self.args, self.kl_controller.value
-        if args.kl_in == "reward":
-            return torch.zeros((), device=logits.device)
-        if args.kl_estimator == "exact":
-            return calc_kl_penalty(logits, ref_logits, kl_coef)
-        ref_logprobs = get_gen_logprobs(ref_logits, mb.sample_ids[:, mb.prefix_len :])
-        return calc_sampled_kl_penalty(logprobs, ref_logprobs, kl_coef, args.kl_estimator)
+            logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
+                                                          mb.prefix_len, mb.kept)
+        logprobs = get_gen_logprobs(logits, gen_tokens)
+        ref_logits = self.reference.get_logits(mb.kept)
+        kl = calc_kl(args.kl_estimator, logprobs, logits, ref_logits, gen_tokens)
+        terms = {
+            "losses/clipped_surrogate": calc_clipped_surrogate_objective(
+                logprobs, mb.logprobs, mb.advantages, args.clip_coef),
+            "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef),
+            "losses/kl_penalty": self.get_kl_coefs().loss * kl.mean(),
+        }
+        if values is not None:  # a critic-free policy has no value head, so no value term
+            terms["losses/value_loss"] = calc_value_function_loss(values, mb.returns,
+                                                                  args.vf_coef)
+        objective = (terms["losses/clipped_surrogate"] - terms.get("losses/value_loss", 0.0)
+                     + terms["losses/entropy_bonus"] - terms["losses/kl_penalty"])
+        stats = {key: term.item() for key, term in terms.items()}
+        return objective, {**stats, "losses/objective": objective.item(),
+                           **get_ratio_metrics(logprobs, mb.logprobs, args.clip_coef)}
 
     def learning_phase(self, memory: ReplayMemory) -> dict[str, float]:
         """PPO steps over shuffled minibatches of the memory; returns the mean diagnostics."""
-        args = self.args
-        all_stats: list[dict[str, float]] = []
-        minibatches = memory.get_minibatches(
-            args.num_minibatches, args.batches_per_learning_phase, self.shuffle_generator
-        )
-        for mb in minibatches:
+        args, all_stats = self.args, []
+        whitened = ESTIMATORS[args.advantage_estimator].whitened
+        for mb in memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
+                                         self.streams.shuffle):
+            if whitened:  # over the global minibatch under torchrun
+                mb.advantages = whiten(mb.advantages, distributed.global_moments(mb.advantages))
             self.optimizer.zero_grad()
             objective, stats = self.compute_rlhf_objective(mb)
             check_finite(objective, stats)
             objective.backward()
             distributed.average_gradients(self.model.parameters())  # no-op with one process
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            stats["losses/grad_norm"] = grad_norm.item()
             self.optimizer.step()
             self.global_step += 1
-            all_stats.append(stats)
+            all_stats.append({**stats, "losses/grad_norm": grad_norm.item()})
         lrs = dict(zip(["charts/lr_base", "charts/lr_head"],
                        [group["lr"] for group in self.optimizer.param_groups]))  # no head: one
         self.scheduler.step()
@@ -394,14 +272,14 @@ class RLHFTrainer:
         """One rollout phase and one learning phase. Returns the rollout, its metrics completed
         with the learning phase's (also appended to `history`). If the rollout fails (a reward
         function raising, say), the random states are put back, so calling again repeats it."""
-        start, rng_state = time.perf_counter(), self.get_rng_state()
+        start, random_state = time.perf_counter(), self.streams.state_dict()
         try:
             rollout = self.rollout_phase()
             last = self.phase == self.args.total_phases - 1
             if self.held_out_prompts and (self.phase % self.args.eval_every == 0 or last):
                 rollout.metrics.update(self.evaluate_held_out())
         except BaseException:
-            self.set_rng_state(rng_state)
+            self.streams.load_state_dict(random_state)
             raise
         learn_start = time.perf_counter()
         metrics = {**rollout.metrics, **self.learning_phase(rollout.memory)}
@@ -409,7 +287,7 @@ class RLHFTrainer:
         metrics["charts/phase_time"] = time.perf_counter() - start
         metrics["charts/phase"] = self.phase
         # Ziegler et al.'s KL is the whole continuation's: the per-token mean times gen_len.
-        self.kl_controller.update(metrics["charts/kl"] * self.args.gen_len, self.args.batch_size)
+        self.kl_controller.update(rollout.kl * self.args.gen_len, self.args.batch_size)
         self.history.append(metrics)
         self.phase += 1
         return rollout._replace(metrics=metrics)
@@ -437,69 +315,29 @@ class RLHFTrainer:
             while self.phase < args.total_phases:
                 phase = self.phase
                 rollout = self.train_one_phase()
-                logger.log_phase(phase, rollout.metrics, rollout.samples, rollout.rewards.tolist())
+                logger.log_phase(phase, rollout.metrics, rollout.texts, rollout.rewards.tolist())
                 if on_phase_end is not None:
                     on_phase_end(self, rollout)
         finally:
             logger.close()
         return self.history
 
-    # ---- precision, random states and checkpoints ----
+    # ---- precision and checkpoints ----
 
     def autocast(self) -> torch.autocast:
         """bfloat16 autocast for forward passes when the precision is "bf16" (else a no-op).
         The models return float32 logits and values, so every loss term is float32."""
         return autocast(self.device, self.precision)
 
-    def get_rng_state(self) -> dict:
-        """Every random state the run draws from, so a resumed run continues the same curve."""
-        state = {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "sample_generator": self.sample_generator.get_state(),
-            "shuffle_generator": self.shuffle_generator.get_state(),
-            "prompt_generator": self.prompt_generator.get_state(),
-            "eval_generator": self.eval_generator.get_state(),
-        }
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
-
-    def set_rng_state(self, state: dict):
-        """Restore `get_rng_state()`. States are byte tensors that torch wants on the CPU, even
-        for a CUDA generator (a checkpoint loaded with map_location="cuda" has them on the GPU).
-        A sampler state saved on another kind of device (CUDA vs CPU) cannot be restored: the
-        sampler is then reseeded, so the run goes on, but not on the same curve."""
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"].cpu())
-        self.shuffle_generator.set_state(state["shuffle_generator"].cpu())
-        if "prompt_generator" in state:  # checkpoints from before prompt files have neither
-            self.prompt_generator.set_state(state["prompt_generator"].cpu())
-            eval_state = state["eval_generator"].cpu()  # on the device, like the sampler's
-            if eval_state.numel() == self.eval_generator.get_state().numel():
-                self.eval_generator.set_state(eval_state)
-        sample_state = state["sample_generator"].cpu()
-        if sample_state.numel() == self.sample_generator.get_state().numel():
-            self.sample_generator.set_state(sample_state)
-        else:
-            self.sample_generator.manual_seed(self.args.seed + 1000 * (1 + len(self.history)))
-            warnings.warn("The checkpoint's sampler state is from another kind of device: the "
-                          "sampler was reseeded, so samples differ from an uninterrupted run.",
-                          stacklevel=2)
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
-
-    def state_dict(self, rng_state: dict | None = None) -> dict:
-        """Policy, value head, optimiser, scheduler, random states (`rng_state`, default: now's;
-        with several processes every process's, so every process must call this), phase, the KL
-        coefficient, metrics so far and the number of processes."""
+    def state_dict(self, random_state: dict | None = None) -> dict:
+        """Policy (and value head, if any), optimiser, scheduler, random states (`random_state`,
+        default: now's; with several processes every process's, so every process must call
+        this), phase, the KL coefficient, metrics so far and the number of processes."""
         return {
             "model": get_trained_state(self.model),  # frozen weights come from base_model
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": distributed.per_process(rng_state or self.get_rng_state()),
+            "rng": distributed.per_process(random_state or self.streams.state_dict()),
             "world_size": distributed.get_world_size(),
             "phase": self.phase,
             "global_step": self.global_step,
@@ -512,16 +350,27 @@ class RLHFTrainer:
         """Continue from `state_dict()`. The reference model is not in it: it is the base model
         as loaded at the start, so load the trainer from the same `args.base_model`. A state
         saved by another number of processes is refused (`distributed.WorldSizeError`)."""
-        distributed.check_world_size(state.get("world_size", 1))
+        distributed.check_world_size(state["world_size"])
         load_trained_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.set_rng_state(distributed.own_part(state["rng"]))
+        self.streams.load_state_dict(distributed.own_part(state["rng"]))
         self.phase = state["phase"]
-        self.global_step = state.get("global_step", 0)
-        if "kl_controller" in state:  # checkpoints from before the adaptive controller have none
-            self.kl_controller.load_state_dict(state["kl_controller"])
+        self.global_step = state["global_step"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
         self.history = list(state["history"])
+
+
+def gather_global_batch(
+    texts: list[str], rewards: Float[Tensor, " batch"], outputs: RolloutOutputs
+) -> GlobalBatch:
+    """Every process's texts, rewards and per-token outputs, in process order (one process:
+    its own, as they are); never logits."""
+    rows = {name: None if value is None else distributed.gather_rows(value)
+            for name, value in outputs._asdict().items() if name != "kept"}
+    rewards = distributed.gather_rows(rewards)
+    return GlobalBatch(distributed.gather_objects(texts), rewards,
+                       RolloutOutputs(**rows, kept={}), distributed.local_rows(len(rewards)))
 
 
 def check_finite(objective: Float[Tensor, ""], stats: dict[str, float]):
@@ -558,16 +407,3 @@ def get_local_batch_size(args: RLHFArgs, world_size: int) -> int:
             f"{args.batch_size // world_size} rows, which must be whole groups of group_size "
             f"({args.group_size}): a prompt's samples stay in one process.")
     return args.batch_size // world_size
-
-
-def gather_evaluation(evaluation: Evaluation) -> Evaluation:
-    """The evaluation of the global batch: every process's rows of the per-token tensors and the
-    mean entropy over the processes. `ref_outputs` (large, and read only by this process's own
-    minibatches, like the frozen trunk's `trunk_residual`) is left out (None). One process:
-    `evaluation` itself."""
-    if distributed.get_world_size() == 1:
-        return evaluation
-    rows = {name: distributed.gather_rows(getattr(evaluation, name))
-            for name in ["logprobs", "ref_logprobs", "values", "kl"]}
-    entropy = distributed.mean_over_processes({"entropy": evaluation.entropy})["entropy"]
-    return evaluation._replace(**rows, ref_outputs=None, entropy=entropy, trunk_residual=None)

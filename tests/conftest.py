@@ -19,7 +19,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from minirlhf.exercises.core import load_char_model
-from minirlhf.loading import load_tiny_model
+from minirlhf.runtime.loading import load_tiny_model
 
 build_printable_model = load_char_model
 """A tiny random GPT-2-shaped model over the 94 printable single-character tokens (the

@@ -10,7 +10,7 @@ import pytest
 from jaxtyping import TypeCheckError
 
 from minirlhf.args import RLHFArgs
-from minirlhf.reward_training import RewardModelArgs
+from minirlhf.pairs.reward_training import RewardModelArgs
 
 
 def test_defaults_are_valid_and_minibatch_size_is_derived():

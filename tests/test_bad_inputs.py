@@ -8,11 +8,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf.loading import load_tiny_model
-from minirlhf.preferences import Preference, read_preferences
-from minirlhf.reward_model import RewardModel
-from minirlhf.reward_training import RewardModelArgs, check_pairs_fit, train_reward_model
+from minirlhf.pairs.preferences import Preference, read_preferences
+from minirlhf.pairs.reward_model import RewardModel
+from minirlhf.pairs.reward_training import RewardModelArgs, check_pairs_fit, train_reward_model
 from minirlhf.rewards import get_rewards
+from minirlhf.runtime.loading import load_tiny_model
 
 GOOD_LINE = '{"prompt": "", "chosen": "fine", "rejected": "also fine"}\n'
 

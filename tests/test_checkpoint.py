@@ -19,9 +19,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import checkpoint as checkpoint_module
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import (
+from minirlhf.cli import checkpoint as checkpoint_module
+from minirlhf.cli.checkpoint import (
     CheckpointError,
     load_checkpoint,
     read_checkpoint,
@@ -137,7 +137,7 @@ def test_an_old_checkpoint_is_refused_with_how_to_convert_it(trainer, tmp_path):
     torch.save(old, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="older minirlhf") as caught:
         load_checkpoint(tmp_path)
-    assert f"python -m minirlhf.checkpoint {tmp_path}" in str(caught.value)
+    assert f"python -m minirlhf.cli.checkpoint {tmp_path}" in str(caught.value)
     forge_sidecar(tmp_path / "checkpoint.pt")  # even with a sidecar it is not unpickled
     with pytest.raises(CheckpointError, match="numpy"):
         read_checkpoint(tmp_path / "checkpoint.pt")

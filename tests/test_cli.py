@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 from minirlhf import cli
+from minirlhf.cli import train as train_command
 from minirlhf.tracking import start_wandb
 from minirlhf.trainer import RLHFTrainer
 
@@ -34,7 +35,7 @@ def test_train_writes_config_metrics_plot_and_checkpoint(straight_run):
     assert run["args"]["batch_size"] == 4 and run["reward"]["kind"] == "char_count"
     metrics = read_jsonl(out / "metrics.jsonl")
     assert [m["charts/phase"] for m in metrics] == [0, 1, 2]
-    assert (out / cli.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
+    assert (out / train_command.PLOT_NAME).read_bytes()[:4] == b"\x89PNG"
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert checkpoint["trainer"]["phase"] == 3
     assert len(checkpoint["extra"]["before"][0]) == 4  # phase-0 samples for the summary
@@ -138,7 +139,7 @@ def test_sample_tables_print_model_text_literally():
     """Model output is not rich markup: "[positive]" must show, "[/b]" must not crash."""
     from rich.console import Console
 
-    from minirlhf.report import print_summary
+    from minirlhf.cli.report import print_summary
     from minirlhf.tracking import make_sample_table
 
     console = Console(record=True, width=200)

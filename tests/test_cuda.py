@@ -10,11 +10,11 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import fast_path
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import load_checkpoint, save_checkpoint
-from minirlhf.device import pick_precision
+from minirlhf.cli.checkpoint import load_checkpoint, save_checkpoint
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.runtime import fast_path
+from minirlhf.runtime.device import pick_precision
 from minirlhf.sampling import get_samples
 from minirlhf.trainer import RLHFTrainer
 

@@ -1,4 +1,4 @@
-"""Tests for minirlhf.device: which device and precision a run gets, and autocast."""
+"""Tests for minirlhf.runtime.device: which device and precision a run gets, and autocast."""
 
 import shutil
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf.device import autocast, describe_cpu, pick_device, pick_precision
+from minirlhf.runtime.device import autocast, describe_cpu, pick_device, pick_precision
 
 
 def test_pick_device() -> None:

@@ -1,4 +1,4 @@
-"""Data-parallel training (minirlhf.distributed): two CPU processes over gloo give the weights and
+"""Data-parallel training (minirlhf.runtime.distributed): two CPU processes over gloo give the weights and
 metrics of one process trained on the same global batch.
 
 The oracle is the one-process trainer, whose every stage the rest of the suite checks against
@@ -28,10 +28,10 @@ import torch
 import torch.multiprocessing as mp
 from rich.console import Console
 
-from minirlhf import distributed
 from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import load_char_model
 from minirlhf.losses import calc_clipped_surrogate_objective
+from minirlhf.runtime import distributed
 from minirlhf.sampling import Samples, get_samples
 from minirlhf.trainer import RLHFTrainer, get_local_batch_size
 
@@ -58,10 +58,10 @@ def serve_rows(batch: Samples):
     """A stand-in for `get_samples` that gives this process its rows of `batch`."""
 
     def sample(model, prompts, batch_size, *args, **kwargs) -> Samples:
-        share = len(batch.samples) // distributed.get_world_size()
+        share = len(batch.texts) // distributed.get_world_size()
         assert batch_size == share, "the trainer asked for another share"
         rows = slice(distributed.get_rank() * share, (distributed.get_rank() + 1) * share)
-        return Samples(batch.sample_ids[rows], batch.samples[rows], batch.attention_mask[rows],
+        return Samples(batch.sample_ids[rows], batch.texts[rows], batch.attention_mask[rows],
                        batch.prefix_len)
 
     return sample
@@ -125,7 +125,7 @@ def run_task(task: dict) -> dict:
             trainer.load_state_dict(torch.load(task["load"], weights_only=False))
         samples = []
         for phase in range(task["phases"]):
-            samples.append(trainer.train_one_phase().samples)
+            samples.append(trainer.train_one_phase().texts)
             if phase == 0 and task.get("save"):
                 state = trainer.state_dict()  # every process: it gathers their random states
                 if distributed.is_main():

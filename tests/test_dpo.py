@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 from minirlhf.models import run_model
+from minirlhf.pairs.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 
 # ---- sequence log-probs ----
 

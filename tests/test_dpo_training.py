@@ -9,21 +9,24 @@ import pytest
 import torch
 from rich.console import Console
 
-from minirlhf import cli, dpo_training, lora
-from minirlhf.checkpoint import load_checkpoint
-from minirlhf.dpo import calc_dpo_loss
-from minirlhf.dpo_training import (
+from minirlhf import cli
+from minirlhf.cli.checkpoint import load_checkpoint
+from minirlhf.cli.run_folder import load_run_policy
+from minirlhf.models import load_trained_state, prepare_policy
+from minirlhf.pairs import dpo_training
+from minirlhf.pairs.dpo import calc_dpo_loss
+from minirlhf.pairs.dpo_training import (
     DPOArgs,
     get_all_logprobs,
     get_response_kl,
     tokenize_responses,
     train_dpo,
 )
-from minirlhf.loading import load_policy
-from minirlhf.models import load_trained_state, prepare_policy
-from minirlhf.preferences import Preference, make_preferences, split_preferences
+from minirlhf.pairs.preferences import Preference, make_preferences, split_preferences
 from minirlhf.rewards import reward_fn_char_count
-from minirlhf.run_folder import load_run_policy
+from minirlhf.runtime import lora
+from minirlhf.runtime.loading import load_policy
+from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.sampling import get_samples
 
 PERIOD = 13  # '.' in the printable vocabulary
@@ -59,7 +62,7 @@ def char_model(make_printable_model):
 def period_rate(model) -> float:
     """The share of '.' among 256 x 12 sampled tokens (seeded)."""
     samples = get_samples(model, "A", batch_size=256, gen_len=12, prepend_bos=False,
-                          seed=123).samples
+                          seed=123).texts
     return sum(text[1:].count(".") for text in samples) / (256 * 12)
 
 
@@ -331,7 +334,7 @@ def naive_sequence_logprob(model, prompt: str, response: str) -> float:
     return sum(logprobs[s - 1, tokens[0, s]].item() for s in range(len(prompt), tokens.shape[1]))
 
 
-class LengthKeyedTrunks(dpo_training.PairTrunks):
+class LengthKeyedTrunks(TrunkCache):
     """Known wrong: finds a cached output by the sequence's length alone, so texts of the same
     length (".x" and "yz" after one prompt) read each other's."""
 
@@ -350,7 +353,7 @@ def test_cached_trunks_give_the_full_forward_logprobs(make_printable_model, fast
     args = DPOArgs(prepend_bos=False, batch_size=2, fast_path=fast_path)
     expected = torch.tensor([[naive_sequence_logprob(model, p.prompt, getattr(p, side))
                               for p in pairs] for side in ("chosen", "rejected")])
-    trunks = dpo_training.PairTrunks(1, fast_path)
+    trunks = TrunkCache(1, fast_path)
     get_all_logprobs(model, pairs[::-1], DPOArgs(prepend_bos=False, batch_size=5), trunks)
     cached = get_all_logprobs(model, pairs, args, trunks)
     torch.testing.assert_close(torch.stack(cached), expected, atol=1e-4, rtol=1e-4)

@@ -1,4 +1,4 @@
-"""`minirlhf.export`: exported folders, loaded by transformers, give the policy's logits.
+"""`minirlhf.runtime.export`: exported folders, loaded by transformers, give the policy's logits.
 
 The oracle is transformers itself: `AutoModelForCausalLM.from_pretrained(folder)` runs its own
 GPT-2 and Llama code on the exported weights, and its logits must equal the HookedTransformer's
@@ -16,11 +16,12 @@ from einops import rearrange
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from minirlhf import cli, export
-from minirlhf.export import ExportError, export_hf
-from minirlhf.loading import PRINTABLE_VOCAB, load_policy, load_tiny_model
-from minirlhf.lora import adapters_off
+from minirlhf import cli
 from minirlhf.models import prepare_policy
+from minirlhf.runtime import export
+from minirlhf.runtime.export import ExportError, export_hf
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_policy, load_tiny_model
+from minirlhf.runtime.lora import adapters_off
 
 ATOL = 1e-4
 WRONG = 1e-3

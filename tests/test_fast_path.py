@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from minirlhf import fast_path as ff
-from minirlhf.loading import load_tiny_model
+from minirlhf.runtime import fast_path as ff
+from minirlhf.runtime.loading import load_tiny_model
 
 ATOL = 1e-5
 

@@ -1,4 +1,4 @@
-"""Tests for minirlhf.loading: each loader against an independent Hugging Face model.
+"""Tests for minirlhf.runtime.loading: each loader against an independent Hugging Face model.
 
 The oracle is always the Hugging Face model itself (its own forward pass, its own tokenizer).
 Every comparison has a twin that feeds it a known-wrong model (heads split in the wrong order,
@@ -28,8 +28,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from minirlhf import loading
-from minirlhf.loading import (
+from minirlhf.runtime import loading
+from minirlhf.runtime.loading import (
     GPT2_VOCAB,
     get_gpt2_tokenizer,
     load_hf_folder,

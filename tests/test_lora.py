@@ -3,7 +3,7 @@
 The oracle for a LoRA model is the same HookedTransformer with each adapted weight *replaced* by
 W + (alpha / rank) * B @ A, written here in TransformerLens's own layouts with einsum-free
 reshapes (`oracle_weights`), and run through TransformerLens's forward with
-`torch.func.functional_call`: no hooks, no fast path, no `minirlhf.lora` code. Gradients with
+`torch.func.functional_call`: no hooks, no fast path, no `minirlhf.runtime.lora` code. Gradients with
 respect to A and B come from autograd through that replacement. Each check is also run against
 a deliberately wrong variant, which it must catch.
 """
@@ -14,10 +14,10 @@ from rich.console import Console
 from torch.func import functional_call
 from transformer_lens import HookedTransformer
 
-from minirlhf import lora
 from minirlhf.args import RLHFArgs
 from minirlhf.models import ReferenceModel, Trunk, get_trunk, prepare_policy, run_model
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.runtime import lora
 from minirlhf.trainer import RLHFTrainer
 from tests.test_fast_path import tiny_gpt2, tiny_llama
 
@@ -190,8 +190,7 @@ def test_run_with_cache_shows_the_adapted_activations():
 
 def test_a_users_hook_still_sends_the_model_to_transformerlens():
     """LoRA's hooks keep the fast path; a user's hook does not (it would not run there)."""
-    from minirlhf import fast_path as fast
-
+    from minirlhf.runtime import fast_path as fast
     model = lora_model("gpt2")
     assert fast.unsupported_reason(model) is None
     model.add_hook("blocks.0.hook_resid_post", lambda x, hook: x)

@@ -82,7 +82,7 @@ def head_on_embeddings(policy, tokens, mask):
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast", "hooked"])
 def policy(tiny_model, request) -> TransformerWithValueHead:
-    """Both forward paths: minirlhf.fast_path and the HookedTransformer with its hook."""
+    """Both forward paths: minirlhf.runtime.fast_path and the HookedTransformer with its hook."""
     torch.manual_seed(0)
     return TransformerWithValueHead(tiny_model, fast_path=request.param)
 
@@ -211,8 +211,7 @@ def test_reference_check_rejects_wrong_versions(make_printable_model, wrong):
 
 def test_the_hook_check_sees_a_fast_path_that_ignores_hooks(make_printable_model, monkeypatch):
     """The check above fails when the fast path runs although hooks are attached."""
-    from minirlhf import fast_path
-
+    from minirlhf.runtime import fast_path
     monkeypatch.setattr(fast_path, "has_hooks", lambda model: False)
     with pytest.raises((AssertionError, pytest.fail.Exception)):
         test_hooks_a_user_attached_act_on_the_policy(make_printable_model)

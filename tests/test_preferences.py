@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from minirlhf.preferences import (
+from minirlhf.pairs.preferences import (
     Preference,
     label_pair,
     make_preferences,

@@ -1,9 +1,9 @@
-"""Tests for minirlhf.presets: every preset is a valid config, and the offline default is pinned."""
+"""Tests for minirlhf.cli.presets: every preset is a valid config, and the offline default is pinned."""
 
 import pytest
 
 from minirlhf.args import RLHFArgs
-from minirlhf.presets import DEFAULT_PRESET, PRESETS
+from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS
 
 REWARD_KINDS = {"vader", "control", "classifier", "char_count", "reward_model"}
 

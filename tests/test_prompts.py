@@ -75,7 +75,7 @@ def test_trainer_draws_from_the_file_and_scores_held_out_prompts(tmp_path, make_
     assert len(trainer.held_out_prompts) == 5 and len(trainer.train_prompts) == 15
     rollouts = [trainer.train_one_phase() for _ in range(3)]
     for rollout in rollouts:
-        prompts = [sample[0] for sample in rollout.samples]
+        prompts = [sample[0] for sample in rollout.texts]
         assert all(p in trainer.train_prompts for p in prompts)
         assert all(prompts[2 * g] == prompts[2 * g + 1] for g in range(4))
     assert [("eval/held_out_reward" in r.metrics) for r in rollouts] == [True, False, True]

@@ -11,10 +11,9 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from minirlhf import reward_model as rm_module
-from minirlhf.loading import load_tiny_model
-from minirlhf.preferences import Preference
-from minirlhf.reward_model import (
+from minirlhf.pairs import reward_model as rm_module
+from minirlhf.pairs.preferences import Preference
+from minirlhf.pairs.reward_model import (
     RewardModel,
     calc_pairwise_loss,
     calc_pairwise_metrics,
@@ -29,8 +28,9 @@ from minirlhf.reward_model import (
     set_trainable_layers,
     tokenize_texts,
 )
-from minirlhf.reward_training import RewardModelArgs, TrunkCache, evaluate, train_reward_model
+from minirlhf.pairs.reward_training import RewardModelArgs, TextScorer, evaluate, train_reward_model
 from minirlhf.rewards import get_rewards
+from minirlhf.runtime.loading import load_tiny_model
 
 TEXTS = ["This movie was fine", "Great", "This movie was a long and rather dull affair, sadly",
          "I loved it"]
@@ -175,7 +175,7 @@ def test_a_vocabulary_mismatch_fails_with_a_message(printable_model):
 
 def test_set_trainable_layers_freezes_the_bottom():
     model = make_rm(n_layers=3)
-    assert set_trainable_layers(model, 1) == 2  # frozen blocks, what TrunkCache runs once
+    assert set_trainable_layers(model, 1) == 2  # frozen blocks, what TextScorer runs once
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(name.startswith("base_model.blocks.2.") for name in trainable)
     assert not any(name.startswith(("base_model.blocks.0.", "base_model.blocks.1.",
@@ -237,20 +237,21 @@ def test_training_learns_preferences_and_a_flipped_sign_unlearns_them(monkeypatc
     assert history[-1]["heldout/loss"] < history[0]["train/loss"]
     # The same training with the sign flipped learns the opposite preference: accuracy 0.
     flipped = make_rm(seed=5)
-    monkeypatch.setattr("minirlhf.reward_training.calc_pairwise_loss",
+    monkeypatch.setattr("minirlhf.pairs.reward_training.calc_pairwise_loss",
                         lambda chosen, rejected, margin=None: calc_pairwise_loss(rejected, chosen))
     train_reward_model(flipped, train, heldout, args, console=Console(quiet=True))
-    assert evaluate(TrunkCache(flipped, 0), heldout, args)["accuracy"] == 0.0
+    assert evaluate(TextScorer(flipped, 0), heldout, args)["accuracy"] == 0.0
 
 
-def test_trunk_cache_runs_frozen_layers_once_and_scores_like_the_whole_model():
+def test_trunk_cache_runs_frozen_layers_once_and_scores_like_the_whole_model(monkeypatch):
     model = make_rm(seed=7, n_layers=3)
-    cache = TrunkCache(model, frozen_layers=2)
+    cache = TextScorer(model, frozen_layers=2)
     with torch.no_grad():
         torch.testing.assert_close(cache(TEXTS), score_texts(model, TEXTS), atol=1e-5, rtol=1e-5)
-        assert set(cache.residuals) == set(TEXTS)
+        assert len(cache.trunks.residuals) == len(set(TEXTS))  # one per distinct text
         calls = []
-        model.get_trunk_residual = lambda *args: calls.append(args)  # must not be needed again
+        monkeypatch.setattr("minirlhf.runtime.trunk.get_trunk",
+                            lambda *args: calls.append(args))  # must not be needed again
         reordered = cache(TEXTS[::-1] + TEXTS[:1])
     torch.testing.assert_close(reordered, score_texts(model, TEXTS[::-1] + TEXTS[:1]), atol=1e-5,
                                rtol=1e-5)
@@ -295,4 +296,4 @@ def test_the_loss_given_drives_the_training():
     train_reward_model(swapped, train, heldout, args, console=Console(quiet=True),
                        loss_fn=lambda chosen, rejected, margin=None:
                        calc_pairwise_loss(rejected, chosen))
-    assert evaluate(TrunkCache(swapped, 0), heldout, args)["accuracy"] == 0.0
+    assert evaluate(TextScorer(swapped, 0), heldout, args)["accuracy"] == 0.0

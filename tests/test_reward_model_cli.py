@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minirlhf import cli
-from minirlhf.preferences import read_preferences
+from minirlhf.pairs.preferences import read_preferences
 
 PREFS = ["preferences", "--base-model", "tiny", "--prompt", "This is", "--num-pairs", "24",
          "--gen-len", "6", "--batch-size", "16", "--judge", "char_count", "--char", "e",

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from minirlhf import cli
-from minirlhf.checkpoint import load_checkpoint
+from minirlhf.cli.checkpoint import load_checkpoint
 
 FAST = ["--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4", "--gen-len", "6"]
 
@@ -49,6 +49,7 @@ def run_train_process(tmp_path: Path, patch: str, *flags: str) -> subprocess.Com
         import os, signal, sys
         import torch
         from minirlhf import cli
+        from minirlhf.cli import train as train_command
         from minirlhf.trainer import RLHFTrainer
         torch.set_num_threads(1)
     """) + textwrap.dedent(patch) + "\ncli.main(['train', *sys.argv[1:]])\n")
@@ -76,12 +77,12 @@ SIGTERM_IN_SECOND_LEARNING_PHASE = """
 """
 
 SIGKILL_AFTER_THIRD_METRICS_LINE = """
-    real_append = cli.append_metrics
+    real_append = train_command.append_metrics
     def append(path, metrics):
         real_append(path, metrics)
         if metrics["charts/phase"] == 2:  # written, but its checkpoint never will be
             os.kill(os.getpid(), signal.SIGKILL)
-    cli.append_metrics = append
+    train_command.append_metrics = append
 """
 
 
@@ -128,7 +129,7 @@ def test_kill_9_then_resume_matches_without_duplicate_lines(straight, tmp_path, 
 LOCK_HOLDER = """
 import sys, time
 from pathlib import Path
-from minirlhf.run_folder import locked
+from minirlhf.cli.run_folder import locked
 with locked(Path(sys.argv[1]), "train"):
     print("locked", flush=True)
     time.sleep(120)
@@ -308,7 +309,7 @@ def test_a_wrong_sigterm_handler_would_lose_the_phases(tmp_path):
     action), the process dies at once and nothing is saved."""
     out = tmp_path / "run"
     patch = textwrap.dedent(SIGTERM_IN_SECOND_ROLLOUT) + (
-        "import contextlib\ncli.stop_on_sigterm = lambda *args: contextlib.nullcontext()\n")
+        "import contextlib\ntrain_command.stop_on_sigterm = lambda *args: contextlib.nullcontext()\n")
     stopped = run_train_process(tmp_path, patch, "--checkpoint-every", "10", "--out", str(out))
     assert stopped.returncode == -signal.SIGTERM and not (out / "checkpoint.pt").exists()
     assert os.path.exists(out / "run.json")

@@ -15,7 +15,7 @@ import torch
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-from minirlhf.loading import load_tiny_model
+from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.sampling import (
     SamplingConfig,
     filter_logits,
@@ -223,8 +223,8 @@ def test_reproducibility_check_rejects_an_ignored_seed(tiny_model):
 
 def test_a_kept_generator_moves_on_and_a_reseeded_one_repeats(tiny_model):
     generator = torch.Generator().manual_seed(5)
-    first = get_samples(tiny_model, PROMPT, 4, gen_len=6, seed=generator)
-    second = get_samples(tiny_model, PROMPT, 4, gen_len=6, seed=generator)
+    first = get_samples(tiny_model, PROMPT, 4, gen_len=6, generator=generator)
+    second = get_samples(tiny_model, PROMPT, 4, gen_len=6, generator=generator)
     assert not torch.equal(first.sample_ids, second.sample_ids)
     assert torch.equal(first.sample_ids, get_samples(tiny_model, PROMPT, 4, gen_len=6,
                                                      seed=5).sample_ids)
@@ -238,8 +238,8 @@ def test_shapes_and_text_of_a_repeated_prompt(tiny_model):
     assert result.sample_ids.dtype == torch.long
     assert torch.equal(result.attention_mask, torch.ones_like(result.sample_ids))
     assert (result.sample_ids[:, : result.prefix_len] == torch.tensor(prompt_ids)).all()
-    assert len(result.samples) == 3
-    for row, sample in zip(result.sample_ids, result.samples, strict=True):
+    assert len(result.texts) == 3
+    for row, sample in zip(result.sample_ids, result.texts, strict=True):
         assert sample == PROMPT + tiny_model.tokenizer.decode(row[result.prefix_len :])
 
 
@@ -253,7 +253,7 @@ def test_left_padding_of_prompts_of_different_lengths(tiny_model):
         assert result.attention_mask[row].tolist() == expected_mask
         real_prompt = result.sample_ids[row, pad : result.prefix_len].tolist()
         assert real_prompt == prompt_tokens(tiny_model, prompt, True)
-        assert result.samples[row].startswith(prompt)
+        assert result.texts[row].startswith(prompt)
 
 
 def test_bad_arguments(tiny_model, printable_model):
@@ -275,7 +275,7 @@ def test_stop_at_eos_pads_with_eos_and_cuts_the_text():
     generated = result.sample_ids[:, result.prefix_len :]
     assert generated.shape == (8, 12)
     cut_after_text = 0  # rows with some text, then EOS
-    for row, sample in zip(generated.tolist(), result.samples, strict=True):
+    for row, sample in zip(generated.tolist(), result.texts, strict=True):
         first = row.index(eos) if eos in row else len(row)
         assert all(token == eos for token in row[first:])
         assert sample == PROMPT + model.tokenizer.decode(row[:first])
@@ -537,7 +537,6 @@ def test_nan_logits_are_refused_not_sampled(tiny_model, fast_path):
 def test_without_the_check_nan_logits_give_tokens_silently(tiny_model, monkeypatch):
     """What the check prevents: the draw turns NaN logits into some token, with no error."""
     from minirlhf import sampling
-
     monkeypatch.setattr(sampling, "check_logits", lambda logits, step: None)
     result = get_samples(nan_model(tiny_model), PROMPT, 2, gen_len=3, seed=0)
     assert result.sample_ids.shape == (2, result.prefix_len + 3)

@@ -107,9 +107,9 @@ def test_get_rewards_wraps_sentiment_errors_with_the_function_name():
 def test_classifier_from_an_unreachable_hub_fails_at_once(monkeypatch):
     import time
 
-    import minirlhf.loading
+    import minirlhf.runtime.loading
 
-    monkeypatch.setattr(minirlhf.loading, "hub_reachable", lambda timeout_s=3.0: False)
+    monkeypatch.setattr(minirlhf.runtime.loading, "hub_reachable", lambda timeout_s=3.0: False)
     from minirlhf.sentiment import load_hf_classifier
 
     start = time.perf_counter()

@@ -83,7 +83,7 @@ def test_end_to_end_learns_to_emit_periods(make_printable_model):
         assert torch.equal(value, reference_before[name]), f"the reference model's {name} changed"
     for metrics in trainer.history:
         assert all(math.isfinite(v) for k, v in metrics.items() if k != "losses/explained_variance")
-    assert last.samples[0].startswith("A") and len(last.samples) == 32
+    assert last.texts[0].startswith("A") and len(last.texts) == 32
     assert last.metrics == trainer.history[-1]
 
 
@@ -219,7 +219,7 @@ def one_phase(model, **overrides) -> tuple[RLHFTrainer, dict[str, float], Rollou
 def training_difference(stored: tuple, lean: tuple) -> str | None:
     """How two `one_phase` results differ in samples, metrics or weights (None: they don't)."""
     (a, a_metrics, a_rollout), (b, b_metrics, b_rollout) = stored, lean
-    if a_rollout.samples != b_rollout.samples:
+    if a_rollout.texts != b_rollout.texts:
         return "different samples"
     for key in ["charts/kl", "charts/entropy", "losses/kl_penalty", "losses/objective"]:
         if a_metrics[key] != pytest.approx(b_metrics[key], rel=1e-4, abs=1e-6):
@@ -274,7 +274,7 @@ def test_fast_and_hooked_forward_train_the_same(make_printable_model):
     fast, fast_metrics, fast_rollout = one_phase(make_printable_model(seed=4))
     hooked, hooked_metrics, hooked_rollout = one_phase(make_printable_model(seed=4),
                                                        fast_path=False)
-    assert fast_rollout.samples == hooked_rollout.samples
+    assert fast_rollout.texts == hooked_rollout.texts
     for key in ["charts/kl", "losses/value_loss", "losses/clipped_surrogate"]:
         assert fast_metrics[key] == pytest.approx(hooked_metrics[key], rel=1e-3, abs=1e-5), key
     for (name, a), (_, b) in zip(fast.model.named_parameters(), hooked.model.named_parameters()):

@@ -11,8 +11,8 @@ import torch
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
-from minirlhf.loading import load_tiny_model
 from minirlhf.prompts import get_phase_prompts, load_prompts, split_prompts
+from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.trainer import RLHFTrainer
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -28,7 +28,7 @@ from minirlhf.exercises.reporting import (
     describe_error,
     fail,
 )
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_tiny_model
 
 ATOL = 1e-5
 RTOL = 1e-4

@@ -17,9 +17,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.distributions import Categorical
 
-from minirlhf.dpo import calc_dpo_loss, get_sequence_logprobs
 from minirlhf.exercises.core import Case, Mistake, check_function, randn
 from minirlhf.exercises.reporting import learner_facing
+from minirlhf.pairs.dpo import calc_dpo_loss, get_sequence_logprobs
 
 # ---------------------------------------------------------------- sequence log-probs
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 
-from minirlhf import lora
 from minirlhf.exercises.core import (
     agree,
     describe_difference,
@@ -27,6 +26,7 @@ from minirlhf.exercises.core import (
     single_threaded,
 )
 from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
+from minirlhf.runtime import lora
 
 # ---------------------------------------------------------------- the adapter module
 

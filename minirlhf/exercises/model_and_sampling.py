@@ -15,8 +15,8 @@ from transformer_lens import HookedTransformer
 
 from minirlhf.exercises.core import describe_difference, load_char_model, passed, single_threaded
 from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
-from minirlhf.loading import load_tiny_model
 from minirlhf.models import VALUE_HOOK, TransformerWithValueHead
+from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
 
 # ---------------------------------------------------------------- the value head

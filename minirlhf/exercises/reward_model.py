@@ -15,7 +15,7 @@ from torch import Tensor
 
 from minirlhf.exercises.core import Case, Mistake, check_function, randn
 from minirlhf.exercises.reporting import learner_facing
-from minirlhf.reward_model import calc_pairwise_loss, get_last_token_index
+from minirlhf.pairs.reward_model import calc_pairwise_loss, get_last_token_index
 
 # ---------------------------------------------------------------- the pairwise loss
 

@@ -132,8 +132,8 @@ def _rollout_mismatch(expected: Rollout, got: object) -> tuple[str, str | None] 
         if a.shape != b.shape or not torch.allclose(a.float(), b.float(), atol=1e-5):
             return (f"The memory's {name} differs from the reference rollout's.",
                     MEMORY_HINTS.get(name, MEMORY_HINTS["values"]))
-    if got.samples != expected.samples or not torch.equal(got.rewards, expected.rewards):
-        return "The samples or rewards differ.", "return samples.samples and the rewards."
+    if got.texts != expected.texts or not torch.equal(got.rewards, expected.rewards):
+        return "The samples or rewards differ.", "return samples.texts and the rewards."
     missing = [key for key in ("charts/reward_mean", "charts/kl") if key not in got.metrics]
     if missing:
         return f"The metrics lack {missing}.", ("the plots read charts/reward_mean "

@@ -58,7 +58,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from minirlhf import exercises
-from minirlhf.loading import load_tiny_model
+from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.tracking import make_sample_table
 
 torch.manual_seed(0)

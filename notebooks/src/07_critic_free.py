@@ -343,7 +343,7 @@ def train(advantage_estimator: str, group_size: int = 4) -> list[float]:
                                   prompts=prompts, console=Console(quiet=True), table_every=0)
     periods = []
     trainer.train(on_phase_end=lambda trainer, rollout: periods.append(
-        sum(s.count(".") for s in rollout.samples) / len(rollout.samples)))
+        sum(s.count(".") for s in rollout.texts) / len(rollout.texts)))
     return periods
 
 

@@ -57,10 +57,10 @@ from transformer_lens import HookedTransformer
 
 from minirlhf import DPOArgs, exercises, get_samples, train_dpo
 from minirlhf import get_sequence_logprobs as library_sequence_logprobs
-from minirlhf.dpo_training import tokenize_responses
-from minirlhf.loading import PRINTABLE_VOCAB, load_tiny_model
 from minirlhf.models import run_model
-from minirlhf.preferences import Preference, split_preferences
+from minirlhf.pairs.dpo_training import tokenize_responses
+from minirlhf.pairs.preferences import Preference, split_preferences
+from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_tiny_model
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models gain nothing from more threads
@@ -272,7 +272,7 @@ for name, (history, _) in runs.items():
 # %%
 def punctuation_rates(model: HookedTransformer) -> str:
     texts = get_samples(model, "A", batch_size=256, gen_len=12, prepend_bos=False,
-                        seed=123).samples
+                        seed=123).texts
     written = [text[1:] for text in texts]  # without the prompt
     total = sum(len(text) for text in written)
     return (f"'.' {sum(t.count('.') for t in written) / total:.3f}, "

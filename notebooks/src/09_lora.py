@@ -41,7 +41,7 @@
 # - Hu et al. 2021, *LoRA: Low-Rank Adaptation of Large Language Models* (arXiv:2106.09685),
 #   section 4.1: the method, its initialisation and the scale $\alpha / r$.
 # - Dettmers et al. 2023, *QLoRA* (arXiv:2305.14314): adapters on every linear map of a block.
-# - This repository's `minirlhf/lora.py` (its module docstring) and `RLHFArgs`' "what trains"
+# - This repository's `minirlhf/runtime/lora.py` (its module docstring) and `RLHFArgs`' "what trains"
 #   fields.
 
 # %%
@@ -55,9 +55,9 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises
-from minirlhf.lora import adapters_off, merge_lora
 from minirlhf.models import prepare_policy
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.runtime.lora import adapters_off, merge_lora
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models gain nothing from more threads

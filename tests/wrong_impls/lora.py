@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minirlhf.lora import get_adapters
+from minirlhf.runtime.lora import get_adapters
 
 from . import wrong
 

@@ -73,7 +73,7 @@ def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True):
                           self.sampling, args.prepend_bos,
                           seed=self.sample_generator if seeded else None,
                           return_final_residual=True)
-    rewards = get_rewards(self.reward_fn, samples.samples)
+    rewards = get_rewards(self.reward_fn, samples.texts)
     evaluation = self.evaluate_samples(samples)
     if estimator:
         advantages = self.compute_advantages(evaluation, rewards, samples.prefix_len)
@@ -86,7 +86,7 @@ def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True):
     metrics = {"charts/reward_mean": rewards.mean().item()}
     if kl:
         metrics["charts/kl"] = evaluation.kl.mean().item()
-    return Rollout(memory, samples.samples, rewards, metrics)
+    return Rollout(memory, samples.texts, rewards, metrics)
 
 
 @wrong("rollout_phase", "seed=self.sample_generator")

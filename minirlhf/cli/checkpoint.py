@@ -271,7 +271,7 @@ def read_sidecar(path: Path) -> dict:
             f"{path} has no {sidecar(path).name} beside it, so it cannot be checked: it was "
             "written by an older minirlhf (a format that can run code when loaded), or copied "
             "without it. It is not loaded. If you wrote it yourself, convert it once with: "
-            f"python -m minirlhf.checkpoint {path.parent}") from None
+            f"python -m minirlhf.cli.checkpoint {path.parent}") from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{sidecar(path)} is unreadable ({error}).") from None
     if not isinstance(info, dict) or info.get("format") != FORMAT:
@@ -312,6 +312,6 @@ def upgrade_checkpoint(folder: str | Path) -> Path:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m minirlhf.checkpoint RUN_FOLDER  (converts an old checkpoint "
+        sys.exit("usage: python -m minirlhf.cli.checkpoint RUN_FOLDER  (converts an old checkpoint "
                  "you trust into the verified format)")
     print(f"Converted: {upgrade_checkpoint(sys.argv[1])}")

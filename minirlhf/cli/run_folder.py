@@ -26,13 +26,18 @@ from pathlib import Path
 from rich.console import Console
 from transformer_lens import HookedTransformer
 
-from minirlhf import distributed, loading
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, save_checkpoint
-from minirlhf.lora import merge_lora
+from minirlhf.cli.checkpoint import (
+    CheckpointError,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from minirlhf.models import load_trained_state, prepare_policy
 from minirlhf.optim import get_lr_scale
-from minirlhf.preferences import read_preferences, split_preferences
+from minirlhf.pairs.preferences import read_preferences, split_preferences
+from minirlhf.runtime import distributed, loading
+from minirlhf.runtime.lora import merge_lora
 
 try:
     import fcntl

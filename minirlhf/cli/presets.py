@@ -64,7 +64,6 @@ DEFAULT_PRESET = "smollm2-vader"
 def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
     """The reward function a run's reward spec names."""
     from minirlhf import sentiment
-
     kind = spec["kind"]
     if kind == "vader":
         return sentiment.make_vader_reward(spec.get("direction", "pos"))
@@ -75,7 +74,7 @@ def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
         return sentiment.make_classifier_reward(model, tokenizer, spec.get("direction", "pos"),
                                                 spec.get("output", "prob"))
     if kind == "reward_model":
-        from minirlhf.reward_model import load_reward_model, make_reward_model_reward_fn
+        from minirlhf.pairs.reward_model import load_reward_model, make_reward_model_reward_fn
 
         reward_model, _ = load_reward_model(spec["path"], device)
         return make_reward_model_reward_fn(reward_model)

@@ -1,6 +1,6 @@
 """`minirlhf dpo`: train a policy with DPO on a preference file, into a guarded run folder.
 
-The command-line layer over `dpo_training` (cli.py registers the subcommand). The folder holds:
+The command-line layer over `pairs.dpo_training`. The folder holds:
 
     run.json        the DPO config under "dpo", and, under "args" and "reward", what
                     `minirlhf sample --run FOLDER` reads (base model, prompt, length, judge)
@@ -21,19 +21,20 @@ from rich.console import Console
 from rich.table import Table
 from transformer_lens import HookedTransformer
 
-from minirlhf import loading
 from minirlhf.args import RLHFArgs
-from minirlhf.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
-from minirlhf.device import pick_device
-from minirlhf.dpo_training import DPOArgs, plot_dpo_metrics, train_dpo
-from minirlhf.preferences import Preference, read_preferences, split_preferences
-from minirlhf.report import append_metrics
-from minirlhf.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
+from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
+from minirlhf.cli.flags import add_args_flags
+from minirlhf.cli.report import append_metrics
+from minirlhf.cli.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
+from minirlhf.pairs.dpo_training import DPOArgs, plot_dpo_metrics, train_dpo
+from minirlhf.pairs.preferences import Preference, read_preferences, split_preferences
+from minirlhf.runtime import loading
+from minirlhf.runtime.device import pick_device
 
 PLOT_NAME = "dpo.png"
 
 
-def add_dpo_parser(commands, add_args_flags):
+def add_dpo_parser(commands):
     """The `dpo` subcommand: its own flags, then one per `DPOArgs` field."""
     dpo = commands.add_parser("dpo", help="train a policy with DPO on preference pairs")
     dpo.add_argument("--data", type=Path,

@@ -1,8 +1,8 @@
 """Training a policy with DPO on preference pairs: the reward model and PPO in one loss.
 
-Sits on the model, the preferences and the DPO math (`minirlhf.dpo`); the command line calls
+Sits on the model, the preferences and the DPO math (`minirlhf.pairs.dpo`); the command line calls
 `train_dpo`. What trains is `DPOArgs`' choice, as in PPO: every weight, the top blocks (the
-frozen ones below run once per text, `PairTrunks`), or LoRA adapters. The reference is the
+frozen ones below run once per text, `TrunkCache`), or LoRA adapters. The reference is the
 starting policy, frozen (a copy sharing the frozen weights, or the adapters switched off), asked
 once, before the first step, for the log-probs of every response (they never change); then each
 step takes a minibatch
@@ -33,21 +33,20 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import lora
 from minirlhf.args import RLHFArgs
-from minirlhf.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 from minirlhf.losses import calc_exact_kl
 from minirlhf.models import (
     ReferenceModel,
-    Trunk,
     get_trained_state,
-    get_trunk,
     load_trained_state,
     prepare_policy,
     run_model,
 )
-from minirlhf.preferences import Preference
-from minirlhf.reward_training import run_pair_epochs
+from minirlhf.pairs.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
+from minirlhf.pairs.preferences import Preference
+from minirlhf.pairs.reward_training import run_pair_epochs
+from minirlhf.runtime import lora
+from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
 
 
@@ -65,7 +64,7 @@ class DPOArgs:
     prepend_bos: bool = True
     """Put the model's BOS token before each prompt (as the sampler that made the pairs did)."""
     fast_path: bool = True
-    """Run forward passes on minirlhf.fast_path where it can run the model."""
+    """Run forward passes on minirlhf.runtime.fast_path where it can run the model."""
 
     # --- what trains (as in RLHFArgs) ---
     trainable_layers: int | None = None
@@ -161,56 +160,23 @@ def tokenize_responses(
     return ResponseTokens(tokens.to(device), attention_mask.to(device), response_mask.to(device))
 
 
-class PairTrunks:
-    """The frozen trunk's output for each response, computed the first time it is asked for.
-
-    With the lower blocks frozen (`trainable_layers`), they compute the same residual stream for
-    a pair's text at every step, so it is kept per token sequence (576 floats, 2.3 KB, per token
-    for SmolLM2: about 90 MB for 640 pairs of 30-token texts) and each forward pass runs only the
-    blocks above. The
-    policy and its reference share those blocks, so one cache serves both.
-    """
-
-    def __init__(self, layer: int, fast_path: bool):
-        self.layer, self.fast_path = layer, fast_path
-        self.residuals: dict[tuple[int, ...], Float[Tensor, "seq d_model"]] = {}
-
-    def __call__(self, model: HookedTransformer, batch: ResponseTokens) -> Trunk:
-        lengths = batch.attention_mask.sum(-1).tolist()
-        keys = [self.key(row[:n]) for row, n in zip(batch.tokens, lengths)]
-        missing = [i for i, key in enumerate(keys) if key not in self.residuals]
-        if missing:  # right-padded, so row i's residual is [0, lengths[i]) whatever the padding
-            rows = torch.tensor(missing, device=batch.tokens.device)
-            trunk = get_trunk(model, batch.tokens[rows], batch.attention_mask[rows], self.layer,
-                              self.fast_path)
-            for i, residual in zip(missing, trunk.residual):
-                self.residuals[keys[i]] = residual[: lengths[i]].clone()
-        rows = [self.residuals[key] for key in keys]
-        return Trunk(self.layer, torch.nn.utils.rnn.pad_sequence(rows, batch_first=True))
-
-    @staticmethod
-    def key(tokens: Int[Tensor, " seq"]) -> tuple[int, ...]:
-        """What a cached output is found by: the whole unpadded token sequence."""
-        return tuple(tokens.tolist())
-
-
 def run_pairs(
     model: HookedTransformer, pairs: list[Preference], args: DPOArgs,
-    trunks: PairTrunks | None = None,
+    trunks: TrunkCache | None = None,
 ) -> tuple[Float[Tensor, "batch seq d_vocab"], ResponseTokens]:
     """One forward pass over the chosen responses, then the rejected ones: logits and tokens.
     With `trunks`, only the blocks above the frozen trunk run."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     batch = tokenize_responses(model, prompts, responses, args.prepend_bos)
-    trunk = None if trunks is None else trunks(model, batch)
+    trunk = None if trunks is None else trunks(model, batch.tokens, batch.attention_mask)
     logits, _ = run_model(model, batch.tokens, batch.attention_mask, args.fast_path, trunk=trunk)
     return logits, batch
 
 
 def get_pair_logprobs(
     model: HookedTransformer, pairs: list[Preference], args: DPOArgs,
-    trunks: PairTrunks | None = None,
+    trunks: TrunkCache | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
     """log pi(chosen | prompt) and log pi(rejected | prompt), from one forward pass over both."""
     logits, batch = run_pairs(model, pairs, args, trunks)
@@ -221,7 +187,7 @@ def get_pair_logprobs(
 @torch.no_grad()
 def get_response_kl(
     policy: HookedTransformer, reference: HookedTransformer, pairs: list[Preference],
-    args: DPOArgs, trunks: PairTrunks | None = None,
+    args: DPOArgs, trunks: TrunkCache | None = None,
 ) -> float:
     """KL(policy || reference) in nats per response token: the exact KL of the next-token
     distributions (`calc_exact_kl`) at every position that predicts a response token, chosen and
@@ -231,7 +197,7 @@ def get_response_kl(
     total, count = 0.0, 0
     for start in range(0, len(pairs), args.batch_size):
         logits, batch = run_pairs(policy, pairs[start : start + args.batch_size], args, trunks)
-        trunk = None if trunks is None else trunks(reference, batch)
+        trunk = None if trunks is None else trunks(reference, batch.tokens, batch.attention_mask)
         with lora.adapters_off(reference):
             ref_logits, _ = run_model(reference, batch.tokens, batch.attention_mask,
                                       args.fast_path, trunk=trunk)
@@ -246,7 +212,7 @@ def get_response_kl(
 @torch.no_grad()
 def get_all_logprobs(
     model: HookedTransformer, pairs: list[Preference], args: DPOArgs,
-    trunks: PairTrunks | None = None,
+    trunks: TrunkCache | None = None,
 ) -> tuple[Float[Tensor, " batch"], Float[Tensor, " batch"]]:
     """`get_pair_logprobs` of every pair, in minibatches, without gradient."""
     chosen, rejected = [], []
@@ -265,7 +231,7 @@ class DPOSetup:
     reference: HookedTransformer
     """The starting policy, frozen: a copy sharing the frozen weights, or, with LoRA, the policy
     itself (always run under `lora.adapters_off`)."""
-    trunks: PairTrunks | None
+    trunks: TrunkCache | None
     """The frozen trunk's cached outputs (None: every block trains)."""
 
 
@@ -278,7 +244,7 @@ def set_up_dpo(policy: HookedTransformer, args: DPOArgs) -> DPOSetup:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     reference = ReferenceModel(policy, fast_path=args.fast_path).model
     return DPOSetup(optimizer, reference,
-                    PairTrunks(n_frozen, args.fast_path) if n_frozen else None)
+                    TrunkCache(n_frozen, args.fast_path) if n_frozen else None)
 
 
 def evaluate(
@@ -404,7 +370,7 @@ def load_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
 def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
     """A PNG: preference accuracy (train and held-out), and the held-out implicit rewards of the
     chosen and rejected responses, against step."""
-    from minirlhf.report import plot_accuracy, two_panel_figure
+    from minirlhf.cli.report import plot_accuracy, two_panel_figure
 
     with two_panel_figure(path) as (ax_acc, ax_reward):
         evals = plot_accuracy(ax_acc, history, "Chosen's implicit reward above rejected's")

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from minirlhf import loading
-from minirlhf.models import freeze_trunk, get_trunk
-from minirlhf.tokens import tokenize_texts
+from minirlhf.models import freeze_trunk
+from minirlhf.runtime import loading
+from minirlhf.runtime.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
 CHECKPOINT_NAME = "reward_model.pt"
@@ -127,7 +127,7 @@ class RewardModel(nn.Module):
 
         Args:
             tokens: token ids, or with `start_at_layer` the residual stream entering that block
-                (from `get_trunk_residual`: frozen lower layers need running only once).
+                (a frozen trunk's output, `runtime.trunk`: frozen lower layers need running only once).
         """
         rewards = None
 
@@ -154,15 +154,6 @@ class RewardModel(nn.Module):
         per_position = self.get_rewards_per_position(tokens, attention_mask, start_at_layer)
         return self.gain * gather_last_token(per_position, attention_mask) + self.bias
 
-    @torch.no_grad()
-    def get_trunk_residual(
-        self, tokens: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"],
-        layer: int,
-    ) -> Float[Tensor, "batch seq d_model"]:
-        """The residual stream entering block `layer`: what frozen layers below it compute
-        (`models.get_trunk`, as the policy's frozen trunk)."""
-        return get_trunk(self.base_model, tokens, attention_mask, layer, fast_path=False).residual
-
     def set_normalization(self, gain: float, bias: float):
         self.gain.fill_(gain)
         self.bias.fill_(bias)
@@ -177,7 +168,7 @@ class RewardModel(nn.Module):
 
 def set_trainable_layers(reward_model: RewardModel, n_layers: int | None) -> int:
     """Freeze all but the top `n_layers` blocks (None: train everything); return how many blocks
-    are frozen (the ones `TrunkCache` runs once per text).
+    are frozen (the ones `TextScorer` runs once per text).
 
     The final layernorm and the reward head always train (`models.freeze_trunk`, as for the
     policy). Frozen layers get no gradient, so a backward pass stops at the lowest trainable

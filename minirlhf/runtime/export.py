@@ -1,6 +1,6 @@
 """Export: a HookedTransformer policy as a Hugging Face model folder that transformers loads.
 
-After training, the pipeline in reverse of stage 0. `minirlhf.loading` turns Hugging Face GPT-2
+After training, the pipeline in reverse of stage 0. `minirlhf.runtime.loading` turns Hugging Face GPT-2
 and Llama checkpoints into TransformerLens weights with TransformerLens's `convert_*_weights`;
 this module undoes that conversion, so a trained policy can leave minirlhf for any tool that reads
 `AutoModelForCausalLM.from_pretrained(folder)`:
@@ -41,7 +41,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
-from minirlhf.lora import get_adapters
+from minirlhf.runtime.lora import get_adapters
 
 StateDict = dict[str, Tensor]
 
@@ -389,7 +389,7 @@ def export_hf(model: HookedTransformer, out_dir: str | Path, drop_unembed_bias: 
     """
     if get_adapters(model) is not None:
         raise ExportError("The model has LoRA adapters: merge them into its weights first "
-                          "(minirlhf.lora.merge_lora(model)).")
+                          "(minirlhf.runtime.lora.merge_lora(model)).")
     cfg = model.cfg
     architecture = get_architecture(cfg)
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}

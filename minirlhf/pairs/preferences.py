@@ -203,10 +203,10 @@ def make_preferences(
         pair_prompts = [prompts[(batch * batch_size // 2 + i) % len(prompts)]
                         for i in range(batch_size // 2)]
         rollout = get_samples(policy, [p for p in pair_prompts for _ in (0, 1)], gen_len=gen_len,
-                              sampling=sampling, prepend_bos=prepend_bos, seed=generator)
-        scores = get_rewards(judge, rollout.samples).tolist()
+                              sampling=sampling, prepend_bos=prepend_bos, generator=generator)
+        scores = get_rewards(judge, rollout.texts).tolist()
         for i, prompt in enumerate(pair_prompts):
-            first, second = (rollout.samples[2 * i + k][len(prompt) :] for k in (0, 1))
+            first, second = (rollout.texts[2 * i + k][len(prompt) :] for k in (0, 1))
             pair = label_pair(prompt, first, second, scores[2 * i], scores[2 * i + 1], min_gap,
                               margin)
             if pair is not None and len(preferences) < num_pairs:

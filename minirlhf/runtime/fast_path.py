@@ -20,7 +20,7 @@ Hooks do not run on this path, so a model with hooks attached (steering, ablatio
 supported: `unsupported_reason` says so, and the model and sampler then use the model's own
 forward, where the hooks run. Supported: GPT-2 and Llama style models (LayerNorm or RMSNorm,
 folded or not; learned or rotary positions; plain or gated MLP; grouped-query attention), the
-models `minirlhf.loading` builds.
+models `minirlhf.runtime.loading` builds.
 """
 
 import warnings
@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf.lora import LORA_HOOKS, LoraAdapters, get_adapters
+from minirlhf.runtime.lora import LORA_HOOKS, LoraAdapters, get_adapters
 
 _ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -50,7 +50,7 @@ LowRank = tuple[Float[Tensor, "rank d_in"], Float[Tensor, "d_out rank"]]
 
 def has_hooks(model: HookedTransformer) -> bool:
     """Whether a user's hook is attached to the model's hook points (`model.add_hook(...)`).
-    LoRA's own hooks (`minirlhf.lora`) do not count: the fast path computes their adapters."""
+    LoRA's own hooks (`minirlhf.runtime.lora`) do not count: the fast path computes their adapters."""
     for point in model.hook_dict.values():
         own = sum(isinstance(handle.user_hook, LORA_HOOKS) for handle in point.fwd_hooks)
         if len(point._forward_hooks) > own or point._forward_pre_hooks or point._backward_hooks:
@@ -225,7 +225,7 @@ def get_fast_weights(
     """Lay out the model's weights for `forward` (differentiable: call it under `no_grad` to lay
     them out once for many inference calls, or with gradients on for a training step).
 
-    LoRA adapters (`minirlhf.lora`) that are on are merged into the matrices under `no_grad` and
+    LoRA adapters (`minirlhf.runtime.lora`) that are on are merged into the matrices under `no_grad` and
     kept as low-rank terms otherwise. Only blocks `from_layer` to `to_layer` (exclusive; None:
     the last) are laid out: a forward that starts from a cached residual stream, or stops early
     to compute a frozen trunk, needs no others."""

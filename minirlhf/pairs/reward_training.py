@@ -24,9 +24,8 @@ from rich.console import Console
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from minirlhf import loading
-from minirlhf.preferences import Preference
-from minirlhf.reward_model import (
+from minirlhf.pairs.preferences import Preference
+from minirlhf.pairs.reward_model import (
     RewardModel,
     calc_pairwise_loss,
     calc_pairwise_metrics,
@@ -34,6 +33,8 @@ from minirlhf.reward_model import (
     score_texts,
     set_trainable_layers,
 )
+from minirlhf.runtime import loading
+from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.sampling import get_samples
 from minirlhf.tracking import make_progress
 from minirlhf.validation import check_at_least, check_interval, check_positive
@@ -107,34 +108,23 @@ def make_reward_model(args: RewardModelArgs, device: loading.Device = "cpu") -> 
     return RewardModel(base_model, args.prepend_bos, args.append_end_token)
 
 
-class TrunkCache:
-    """Scores texts during training; when the lower blocks are frozen, runs them once per text.
-
-    Frozen blocks compute the same residual stream in every epoch, so it is stored per text (on
-    the model's device; about 60 KB per text of 25 tokens for SmolLM2) and each step runs only the
-    trainable blocks on it. With every block trainable (`frozen_layers=0`) nothing is stored.
+class TextScorer:
+    """Scores texts with the reward model during training (texts in, rewards out). With the lower
+    blocks frozen, their output is computed once per text (`TrunkCache`: they compute the same
+    residual stream in every epoch) and each step runs only the trainable blocks on it.
     """
 
     def __init__(self, reward_model: RewardModel, frozen_layers: int):
         self.reward_model = reward_model
-        self.frozen_layers = frozen_layers
-        self.residuals: dict[str, Tensor] = {}
+        # TransformerLens's own forward, as the reward model's blocks above run on it.
+        self.trunks = TrunkCache(frozen_layers, fast_path=False) if frozen_layers else None
 
     def __call__(self, texts: list[str]) -> Float[Tensor, " batch"]:
-        if self.frozen_layers == 0:
-            return self.reward_model(*self.reward_model.tokenize(texts))
-        missing = list(dict.fromkeys(t for t in texts if t not in self.residuals))
-        for start in range(0, len(missing), 64):
-            chunk = missing[start : start + 64]
-            tokens, mask = self.reward_model.tokenize(chunk)  # right-padded: row i is [0, len)
-            residual = self.reward_model.get_trunk_residual(tokens, mask, self.frozen_layers)
-            for text, row, length in zip(chunk, residual, mask.sum(-1).tolist()):
-                self.residuals[text] = row[:length].clone()
-        rows = [self.residuals[t] for t in texts]
-        residual = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-        mask = torch.nn.utils.rnn.pad_sequence(
-            [torch.ones(len(r), dtype=torch.long, device=r.device) for r in rows], batch_first=True)
-        return self.reward_model(residual, mask, start_at_layer=self.frozen_layers)
+        tokens, mask = self.reward_model.tokenize(texts)  # right-padded: row i is [0, length)
+        if self.trunks is None:
+            return self.reward_model(tokens, mask)
+        trunk = self.trunks(self.reward_model.base_model, tokens, mask)
+        return self.reward_model(trunk.residual, mask, start_at_layer=trunk.layer)
 
 
 def score_pairs(
@@ -160,7 +150,7 @@ def evaluate(
     """Loss, accuracy and mean margin over every pair, scored in batches without gradient.
 
     Args:
-        score: texts -> rewards: a `TrunkCache` (`TrunkCache(reward_model, 0)` just tokenizes
+        score: texts -> rewards: a `TextScorer` (`TextScorer(reward_model, 0)` just tokenizes
             and runs the whole model).
     """
     chosen, rejected = [], []
@@ -199,7 +189,7 @@ def train_reward_model(
             step minimises (notebook 6 passes the learner's own); None: `calc_pairwise_loss`.
     """
     frozen_layers = set_trainable_layers(reward_model, args.trainable_layers)
-    score = TrunkCache(reward_model, frozen_layers)
+    score = TextScorer(reward_model, frozen_layers)
     optimizer = get_reward_optimizer(reward_model, args)
     generator = torch.Generator().manual_seed(args.seed)
 
@@ -265,7 +255,7 @@ def run_pair_epochs(
 
 
 def train_step(
-    reward_model: RewardModel, score: TrunkCache, optimizer: torch.optim.Optimizer,
+    reward_model: RewardModel, score: TextScorer, optimizer: torch.optim.Optimizer,
     mb_pairs: list[Preference], args: RewardModelArgs,
     loss_fn: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
@@ -299,7 +289,7 @@ def normalize_on_policy(
     """
     samples = get_samples(policy, args.normalize_prompt, batch_size=args.normalize_samples,
                           gen_len=args.normalize_gen_len, seed=args.seed,
-                          prepend_bos=policy.cfg.default_prepend_bos).samples
+                          prepend_bos=policy.cfg.default_prepend_bos).texts
     reward_model.set_normalization(1.0, 0.0)
     raw = score_texts(reward_model, samples)
     gain, bias = fit_normalization(raw)
