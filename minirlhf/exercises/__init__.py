@@ -158,6 +158,10 @@ def get_reference(name: str) -> Any:
         return reference_attach_lora
     if name in lora.REFERENCES:
         return lora.REFERENCES[name]
+    if name == "compute_advantages":  # the trainer's compute_advantages picks an estimator
+        return advantages.compute_one_step_advantages
+    if name == "calc_clipped_surrogate_objective":  # the exercise whitens the advantages too
+        return objective.reference_surrogate
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards

@@ -15,10 +15,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformer_lens import HookedTransformer
 
-from minirlhf.runtime import lora
 from minirlhf.exercises.core import describe_difference, load_char_model, passed, single_threaded
 from minirlhf.exercises.lora import randomise_adapter
 from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
+from minirlhf.runtime import lora
 
 # ---------------------------------------------------------------- attaching it to a model
 

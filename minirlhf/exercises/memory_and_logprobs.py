@@ -31,13 +31,13 @@ def _memory_inputs(batch: int = 8, prefix_len: int = 2, gen_len: int = 3, d_voca
         "logprobs": -randn(batch, gen_len, seed=1).abs(),
         "advantages": randn(batch, gen_len, seed=2),
         "values": randn(batch, gen_len, seed=3),
-        "ref_outputs": randn(batch, gen_len, d_vocab, seed=4),
+        "kept": {"reference": randn(batch, gen_len, d_vocab, seed=4)},
     }
 
 
 @learner_facing
 def check_replay_memory(memory_class: Callable[..., ReplayMemory]) -> None:
-    """Check `memory_class(sample_ids, attention_mask, logprobs, advantages, values, ref_outputs)
+    """Check `memory_class(sample_ids, attention_mask, logprobs, advantages, values, kept)
     .get_minibatches(num_minibatches, batches_per_learning_phase, generator)`."""
     exercise = "ReplayMemory.get_minibatches"
     inputs = _memory_inputs()
@@ -78,8 +78,11 @@ def _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, pas
             report(exercise, case, f"Minibatch {i} has {len(rows)} samples; expected "
                  f"{batch // num_minibatches} (batch_size // num_minibatches).")
         expected_returns = inputs["advantages"][rows] + inputs["values"][rows]
-        for name in ["attention_mask", "logprobs", "advantages", "ref_outputs"]:
-            if not torch.equal(getattr(mb, name), inputs[name][rows]):
+        pairs = [(name, getattr(mb, name), inputs[name]) for name in
+                 ["attention_mask", "logprobs", "advantages"]]
+        pairs += [(f"kept[{k!r}]", mb.kept.get(k), v) for k, v in inputs["kept"].items()]
+        for name, got, stored in pairs:
+            if got is None or not torch.equal(got, stored[rows]):
                 report(exercise, case, f"In minibatch {i}, {name} does not come from the same "
                      "samples as sample_ids.",
                      "index every tensor with the same indices, so each row stays one sample.")

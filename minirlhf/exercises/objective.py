@@ -17,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.distributions import Categorical, kl_divergence
 
+from minirlhf.advantages import whiten
 from minirlhf.exercises.core import Case, Mistake, check_function, randn
 from minirlhf.exercises.reporting import learner_facing
 from minirlhf.losses import (
@@ -270,6 +271,14 @@ SURROGATE_MISTAKES = [
 ]
 
 
+def reference_surrogate(logprobs: PerToken, mb_logprobs: PerToken, mb_advantages: PerToken,
+                        clip_coef: float, eps: float = 1e-8) -> Scalar:
+    """minirlhf's solution to the exercise, which whitens the advantages itself: the trainer
+    whitens them in its learning loop (`whiten`), then takes the clipped surrogate."""
+    return calc_clipped_surrogate_objective(logprobs, mb_logprobs, whiten(mb_advantages, eps=eps),
+                                            clip_coef)
+
+
 @learner_facing
 def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8)`: PPO's objective."""
@@ -285,7 +294,7 @@ def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
              case("clip_coef 0.1", (3, 6), 10, 0.1, spread=0.3),
              case("a minibatch of one token", (1, 1), 20, 0.2),
              case("equal advantages", (2, 3), 30, 0.2, advantages=torch.full((2, 3), 1.5))]
-    check_function("calc_clipped_surrogate_objective", fn, calc_clipped_surrogate_objective,
+    check_function("calc_clipped_surrogate_objective", fn, reference_surrogate,
                    _surrogate_oracle, cases, SURROGATE_MISTAKES, dims="a scalar")
 
 

@@ -67,13 +67,13 @@ torch.manual_seed(0)
 class ReplayMemory:
     """One rollout phase's data (all tensors indexed by sample along dim 0)."""
 
-    def __init__(self, sample_ids, attention_mask, logprobs, advantages, values, ref_outputs):
+    def __init__(self, sample_ids, attention_mask, logprobs, advantages, values, kept):
         self.sample_ids = sample_ids  # (batch, seq)
         self.attention_mask = attention_mask  # (batch, seq)
         self.logprobs = logprobs  # (batch, gen_len)
         self.advantages = advantages  # (batch, gen_len)
         self.values = values  # (batch, gen_len): V(s_t) of each generated token
-        self.ref_outputs = ref_outputs  # (batch, gen_len, d_vocab): the reference's logits
+        self.kept = kept  # name -> (batch, ...): what the models keep, e.g. the reference's logits
 
     def get_minibatches(
         self,
@@ -96,7 +96,7 @@ class ReplayMemory:
                         logprobs=self.logprobs[indices],
                         advantages=self.advantages[indices],
                         returns=returns[indices],
-                        ref_outputs=self.ref_outputs[indices],
+                        kept={name: value[indices] for name, value in self.kept.items()},
                     )
                 )
         return minibatches
