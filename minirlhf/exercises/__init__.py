@@ -29,6 +29,7 @@ from typing import Any
 from minirlhf.exercises import (
     critic_free,
     dpo,
+    learning_phase,
     lora,
     memory_and_logprobs,
     objective,
@@ -45,6 +46,7 @@ from minirlhf.exercises.critic_free import (
     check_compute_rloo_advantages,
 )
 from minirlhf.exercises.dpo import check_calc_dpo_loss, check_get_sequence_logprobs
+from minirlhf.exercises.learning_phase import check_learning_phase
 from minirlhf.exercises.lora import check_get_ref_logits, check_lora
 from minirlhf.exercises.lora_attach import check_attach_lora, reference_attach_lora
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
@@ -60,7 +62,6 @@ from minirlhf.exercises.optim_and_learning import (
     check_get_lr_scale,
     check_get_optimizer,
     check_get_optimizer_and_scheduler,
-    check_learning_phase,
 )
 from minirlhf.exercises.reporting import ExerciseCheckError, Failure, last_failure
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
@@ -120,7 +121,7 @@ MISTAKES: dict[str, list[Mistake]] = {
     "calc_clipped_surrogate_objective": objective.SURROGATE_MISTAKES,
     "calc_rlhf_objective": objective.OBJECTIVE_MISTAKES,
     "get_lr_scale": optim_and_learning.LR_MISTAKES,
-    "learning_phase": optim_and_learning.LEARNING_MISTAKES,
+    "learning_phase": learning_phase.LEARNING_MISTAKES,
     "calc_pairwise_loss": reward_model.PAIRWISE_MISTAKES,
     "get_last_token_index": reward_model.LAST_TOKEN_MISTAKES,
     "compute_group_advantages": critic_free.GROUP_MISTAKES,

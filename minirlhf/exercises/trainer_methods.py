@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from minirlhf.exercises.core import passed, single_threaded
-from minirlhf.exercises.optim_and_learning import char_trainer
+from minirlhf.exercises.learning_phase import char_trainer
 from minirlhf.exercises.reporting import crash_hint, describe_error, fail, learner_facing
 from minirlhf.memory import ReplayMinibatch
 from minirlhf.trainer import RLHFTrainer, Rollout

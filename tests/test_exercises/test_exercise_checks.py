@@ -24,6 +24,7 @@ from minirlhf.exercises import (
     dpo,
     get_reference,
     last_failure,
+    learning_phase,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -105,7 +106,8 @@ def test_the_catalogue_covers_every_function_check():
     """Every check built on check_function has a catalogue (modules whose lists are not in it
     would name mistakes no test proves)."""
     lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
-                                  optim_and_learning, reward_model, critic_free, dpo)
+                                  optim_and_learning, learning_phase, reward_model, critic_free,
+                                  dpo)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
@@ -173,7 +175,7 @@ def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
 
 def test_the_objective_is_the_one_the_trainer_maximises():
     """The reference sum is the trainer's: a phase's logged terms add up to its objective."""
-    from minirlhf.exercises.optim_and_learning import _make_trainer
+    from minirlhf.exercises.learning_phase import _make_trainer
 
     trainer, memory = _make_trainer()
     mb = memory.get_minibatches(1, 1, torch.Generator().manual_seed(0))[0]
