@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 
+from minirlhf.advantages import whiten
 from minirlhf.exercises.core import passed, single_threaded
 from minirlhf.exercises.learning_phase import char_trainer
 from minirlhf.exercises.reporting import crash_hint, describe_error, fail, learner_facing
@@ -41,6 +42,9 @@ def _moved_trainer() -> tuple[RLHFTrainer, ReplayMinibatch]:
     trainer.optimizer.zero_grad()
     RLHFTrainer.compute_rlhf_objective(trainer, first)[0].backward()
     trainer.optimizer.step()
+    # As the learning loop hands it over: whitened, so a learner's surrogate that whitens again
+    # (notebook 3's does) changes nothing.
+    second.advantages = whiten(second.advantages)
     return trainer, second
 
 
