@@ -55,6 +55,8 @@ class Mistake:
 
     hint: str
     imitate: Callable[..., Any]
+    gradient_only: bool = False
+    """Its values are right and only its gradient is wrong (a detached factor)."""
 
 
 def changed_inputs(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

@@ -283,11 +283,13 @@ K3_MISTAKES = [
     Mistake("the ratio r is detached: the value is right, but the gradient of k3 with respect to "
             "logprobs, 1 - r per token, becomes 1 (k1's), so the pull towards the reference no "
             "longer grows with the distance from it. Compute r = log_r.exp() without .detach().",
-            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=True)),
+            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=True),
+            gradient_only=True),
     Mistake("log r is detached in the `- log r` term: the value is right, but the gradient with "
             "respect to logprobs is -r per token instead of 1 - r, so it pushes every log-prob "
             "down, even where the policy equals the reference. Keep log r attached.",
-            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=False)),
+            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=False),
+            gradient_only=True),
 ]
 
 

@@ -97,7 +97,8 @@ KL_MISTAKES = [
     Mistake("the probabilities that weight the log-ratio are detached: the value is right, but "
             "no gradient flows through p, and the KL's gradient is mostly that part. Training then "
             "behaves as if there were no KL penalty. Compute p from logits without .detach().",
-            lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, detach=True)),
+            lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, detach=True),
+            gradient_only=True),
 ]
 
 
@@ -134,7 +135,7 @@ ENTROPY_MISTAKES = [
     Mistake("the probabilities p in -sum(p log p) are detached: the value is right, but the "
             "gradient is not the entropy's (it misses the part through p). Compute p from the "
             "logits without .detach().",
-            lambda logits, ent_coef: _entropy(logits, ent_coef, detach=True)),
+            lambda logits, ent_coef: _entropy(logits, ent_coef, detach=True), gradient_only=True),
 ]
 
 
