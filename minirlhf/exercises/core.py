@@ -271,32 +271,42 @@ def check_function(
     __tracebackhide__ = True
     expected = [expect(exercise, case, reference, oracle, grad_oracle, atol) for case in cases]
     outcomes = [run_case(fn, case.kwargs) for case in cases]
-    for i, (case, (want, want_grads), got) in enumerate(zip(cases, expected, outcomes)):
-        later = [*range(i, len(cases)), *range(i)]  # the failing case first: it rules out most
-        hint = functools.partial(find_mistake, mistakes, [cases[j] for j in later],
-                                 [outcomes[j] for j in later])
-        report = functools.partial(fail, exercise, case.name, inputs=case.kwargs, expected=want,
-                                   got=got.value, error=got.error)
-        if got.error is not None:
-            report(describe_error(got.error), hint() or crash_hint(got.error))
-        problem = describe_difference(want, got.value, atol=atol, dims=dims)
-        if problem is not None:
-            report(problem, unstable(cases, expected, outcomes, i) or hint() or explain_everywhere(
-                cases, [w for w, _ in expected], outcomes))
-        modified = changed_inputs(case.kwargs, got.inputs)
-        if modified:
-            report(f"Your function changed its input {modified[0]!r} in place; compute a new "
-                   "tensor instead (avoid +=, [:] = and *_ methods).")
-        if want_grads is not None and got.grads is None:
-            report("Your result has no gradient, so the optimiser could not learn from it: did "
-                   "you use .item(), .detach(), torch.no_grad(), or build a new tensor with "
-                   "torch.tensor(...)?")
-        problem = gradient_difference(want_grads, got.grads, atol)
-        if problem is not None:
-            report(problem, hint(with_grads=True) or DETACHED_HINT)
+    for i in range(len(cases)):
+        judge(exercise, cases, expected, outcomes, i, mistakes, dims, atol)
     names = "; ".join(case.name for case in cases)
     passed(exercise, f"{len(cases)} cases match the reference and an independent oracle, by "
            f"value{' and gradient' if expected[0][1] is not None else ''} ({names})")
+
+
+def judge(exercise: str, cases: list[Case], expected: list[tuple[Any, Any]],
+          outcomes: list[Outcome], i: int, mistakes: list[Mistake], dims: str, atol: float
+          ) -> None:
+    """Fail if the learner's outcome on case `i` differs from the expected value or gradient,
+    with the hint the evidence of every case supports."""
+    __tracebackhide__ = True
+    case, (want, want_grads), got = cases[i], expected[i], outcomes[i]
+    later = [*range(i, len(cases)), *range(i)]  # the failing case first: it rules out most
+    hint = functools.partial(find_mistake, mistakes, [cases[j] for j in later],
+                             [outcomes[j] for j in later])
+    report = functools.partial(fail, exercise, case.name, inputs=case.kwargs, expected=want,
+                               got=got.value, error=got.error)
+    if got.error is not None:
+        report(describe_error(got.error), hint() or crash_hint(got.error))
+    problem = describe_difference(want, got.value, atol=atol, dims=dims)
+    if problem is not None:
+        report(problem, unstable(cases, expected, outcomes, i) or hint() or explain_everywhere(
+            cases, [w for w, _ in expected], outcomes))
+    modified = changed_inputs(case.kwargs, got.inputs)
+    if modified:
+        report(f"Your function changed its input {modified[0]!r} in place; compute a new "
+               "tensor instead (avoid +=, [:] = and *_ methods).")
+    if want_grads is not None and got.grads is None:
+        report("Your result has no gradient, so the optimiser could not learn from it: did "
+               "you use .item(), .detach(), torch.no_grad(), or build a new tensor with "
+               "torch.tensor(...)?")
+    problem = gradient_difference(want_grads, got.grads, atol)
+    if problem is not None:
+        report(problem, hint(with_grads=True) or DETACHED_HINT)
 
 
 def expect(exercise: str, case: Case, reference: Callable[..., Any], oracle: Callable[..., Any],
