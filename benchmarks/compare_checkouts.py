@@ -26,12 +26,11 @@ WORKER = """
 import json, sys, torch
 from rich.console import Console
 from minirlhf.args import RLHFArgs
-from minirlhf.cli.presets import PRESETS
 from minirlhf.trainer import RLHFTrainer
 try:
-    from minirlhf.cli.presets import make_reward_fn
-except ImportError:  # before the redesign the command line turned reward specs into functions
-    from minirlhf.cli import make_reward_fn
+    from minirlhf.cli.presets import PRESETS, make_reward_fn
+except ImportError:  # before the command line became a package (d3bf5bf and older)
+    from minirlhf.presets import PRESETS, make_reward_fn
 torch.set_num_threads(int(sys.argv[1]))
 args = RLHFArgs(**{**PRESETS["smollm2-vader"]["args"], "total_phases": 100, "precision": "fp32"})
 trainer = RLHFTrainer(args, make_reward_fn({"kind": "vader", "direction": "pos"}, "cpu"),

@@ -45,7 +45,7 @@ from minirlhf.pairs.preferences import (
 )
 from minirlhf.pairs.reward_model import make_reward_model_reward_fn
 from minirlhf.pairs.reward_training import RewardModelArgs, fit_reward_model
-from minirlhf.prompts import load_prompts, resolve_prompt_file, split_prompts
+from minirlhf.prompts import load_prompts, prompt_text, resolve_prompt_file, split_prompts
 from minirlhf.runtime import lora
 from minirlhf.runtime.device import describe_cpu
 from minirlhf.runtime.loading import load_policy
@@ -63,10 +63,12 @@ TARGET = 0.6
 
 
 def held_out_split(seed: int) -> tuple[list[str], list[str]]:
-    """The shipped prompts' training and held-out split, as the PPO trainer draws it."""
+    """The shipped prompts' training and held-out split, as the PPO trainer draws it (their
+    text: the shipped records are plain prompts)."""
     args = RLHFArgs(**{**PPO_ARGS, "seed": seed})
-    return split_prompts(load_prompts(resolve_prompt_file("reviews")), args.held_out_fraction,
-                         args.seed)
+    train, held_out = split_prompts(load_prompts(resolve_prompt_file("reviews")),
+                                    args.held_out_fraction, args.seed)
+    return [prompt_text(r) for r in train], [prompt_text(r) for r in held_out]
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from minirlhf.runtime import loading
+from minirlhf.runtime import hf_checkpoints, loading
 from minirlhf.runtime.device import pick_device
 from minirlhf.sampling import SamplingConfig, get_samples, tokenize_prompts
 
@@ -54,7 +54,7 @@ def build_models(name: str, folder: Path, device: torch.device) -> tuple:
     hf = GPT2LMHeadModel(GPT2Config(**shape)).eval()
     hf.save_pretrained(folder / name)
     loading.get_gpt2_tokenizer().save_pretrained(folder / name)
-    return loading.load_hf_folder(folder / name, device), hf.to(device)
+    return hf_checkpoints.load_hf_folder(folder / name, device), hf.to(device)
 
 
 def synchronize(device: torch.device):

@@ -34,7 +34,13 @@ from rich.table import Table
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.presets import MOVIE_ARGS, PRESETS
 from minirlhf.cli.report import two_panel_figure
-from minirlhf.prompts import get_phase_prompts, load_prompts, resolve_prompt_file, split_prompts
+from minirlhf.prompts import (
+    get_phase_prompts,
+    load_prompts,
+    prompt_text,
+    resolve_prompt_file,
+    split_prompts,
+)
 from minirlhf.runtime.device import describe_cpu
 from minirlhf.runtime.loading import load_policy
 from minirlhf.sentiment import make_vader_reward
@@ -75,8 +81,9 @@ def draw_phase_prompts(args: RLHFArgs) -> list[list[str]]:
     train_prompts, _ = split_prompts(load_prompts(resolve_prompt_file(args.prompts)),
                                      args.held_out_fraction, args.seed)
     generator = torch.Generator().manual_seed(args.seed + 2)
-    return [get_phase_prompts(train_prompts, args.prompts_per_phase, args.group_size,
-                              generator)[:: args.group_size] for _ in range(args.total_phases)]
+    return [[prompt_text(record) for record in get_phase_prompts(
+        train_prompts, args.prompts_per_phase, args.group_size, generator)[:: args.group_size]]
+        for _ in range(args.total_phases)]
 
 
 def run_minirlhf(args: RLHFArgs, phase_prompts: list[list[str]], console: Console) -> dict:

@@ -1,36 +1,51 @@
-"""minirlhf: a from-scratch, readable implementation of PPO for language models (RLHF's RL step).
+"""minirlhf: a from-scratch, readable implementation of RLHF's RL step (PPO and its critic-free
+relatives) for language models, on TransformerLens.
 
 The pipeline, one module per stage, in the order data flows:
 
-    loading    -> a HookedTransformer policy (tiny random, SmolLM2 offline, GPT-2 from the hub)
-    models     -> TransformerWithValueHead: (logits, values) from one forward pass;
-                  ReferenceModel: the frozen policy at the start, the KL penalty's anchor
-    sampling   -> get_samples: the hand-written, KV-cached sampler (SamplingConfig)
-    rewards    -> reward functions, their checks, normalize_reward
-    advantages -> compute_advantages (one-step), compute_gae
-    memory     -> ReplayMemory / ReplayMinibatch
-    losses     -> the four terms of the RLHF objective, get_logprobs, get_gen_logprobs
-    optim      -> AdamW with two learning rates, warmup + linear decay
-    trainer    -> RLHFTrainer, which composes all of the above
+    args        RLHFArgs: every hyperparameter, validated (validation: the shared checks)
+    prompts     prompt files, the held-out split, each phase's groups of prompts
+    sampling    get_samples: the hand-written, KV-cached sampler -> Samples
+    rewards     reward functions and their checks, normalize_reward (sentiment: VADER, ...)
+    models      the policy (TransformerWithValueHead: logits + values, the value head optional),
+                ReferenceModel, and get_rollout_outputs: a rollout's log-probs, values, KL,
+                entropy and what the models keep for the learning steps
+    advantages  ESTIMATORS and compute_advantages, the one place an estimator is chosen:
+                one_step, gae (with a value head); grpo, dr_grpo, rloo, reinforce_pp (without)
+    memory      ReplayMemory -> shuffled ReplayMinibatch-es
+    losses      the four terms of the objective; calc_kl: exact, k1, k2, k3
+    kl_control  the KL coefficient: fixed or adaptive
+    optim       AdamW with two learning rates, warmup + linear decay
+    metrics     what a rollout logs
+    trainer     RLHFTrainer: rollout_phase -> learning_phase, composed from all of the above
+    tracking    the progress bar, sample tables, wandb
 
-below them, device (where and in what precision) and fast_path (the same forward pass with
-the weights laid out once); and the step before PPO, learning the reward from preferences:
+Beside the pipeline, three wings:
 
-    preferences     -> (prompt, chosen, rejected) records, JSONL, RLAIF pairs from a judge
-    reward_model    -> RewardModel (scalar head), get_last_token_index, calc_pairwise_loss
-    reward_training -> train_reward_model, normalize_on_policy
+    runtime/    what runs the model: device, loading (hf_checkpoints), tokens, fast_path
+                (fast_weights, fast_blocks), trunk (a frozen trunk run once), lora, distributed
+                (torchrun), random_streams, export (to HF folders; export_checks)
+    pairs/      learning from pairs of answers: preferences, reward_model + reward_training,
+                dpo + dpo_training
+    cli/        the command line, one module per subcommand (train, sample, export,
+                preferences, reward_model, dpo) and the run folder's machinery (run_folder,
+                resume, keeper, checkpoint, report, presets, flags)
 
-or, instead of the reward model and PPO, DPO on the same pairs:
-
-    dpo             -> get_sequence_logprobs, calc_dpo_loss (DPO, conservative DPO, IPO)
-    dpo_training    -> DPOArgs, train_dpo
+and exercises/, the checks the notebooks run on a learner's code. Imports point down: the wings
+below the pipeline know nothing of it, and nothing imports the command line.
 """
 
-from minirlhf.advantages import compute_advantages, compute_gae
+from minirlhf.advantages import (
+    ESTIMATORS,
+    compute_advantages,
+    compute_gae,
+    compute_one_step_advantages,
+)
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import (
     calc_clipped_surrogate_objective,
     calc_entropy_bonus,
+    calc_kl,
     calc_kl_penalty,
     calc_value_function_loss,
     get_gen_logprobs,
@@ -48,6 +63,7 @@ from minirlhf.trainer import RLHFTrainer
 
 __all__ = [
     "DPOArgs",
+    "ESTIMATORS",
     "RLHFArgs",
     "RLHFTrainer",
     "ReplayMemory",
@@ -60,11 +76,13 @@ __all__ = [
     "calc_clipped_surrogate_objective",
     "calc_dpo_loss",
     "calc_entropy_bonus",
+    "calc_kl",
     "calc_kl_penalty",
     "calc_pairwise_loss",
     "calc_value_function_loss",
     "compute_advantages",
     "compute_gae",
+    "compute_one_step_advantages",
     "get_gen_logprobs",
     "get_last_token_index",
     "get_logprobs",

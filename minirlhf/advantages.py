@@ -32,8 +32,29 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
+
+
+def get_answer_ends(
+    response_mask: Int[Tensor, "batch gen_len"] | None, gen_len: int, batch: int,
+    device: torch.device | str = "cpu",
+) -> Float[Tensor, "batch gen_len"]:
+    """1.0 at each answer's last real token (its EOS, or the last generated token when it has
+    none), 0 elsewhere. Without a mask every answer ends at the last position."""
+    if response_mask is None:
+        ends = torch.zeros(batch, gen_len, device=device)
+        ends[:, -1] = 1.0
+        return ends
+    lengths = response_mask.sum(dim=-1).long()
+    return F.one_hot(lengths - 1, gen_len).float()
+
+
+def get_alive(
+    response_mask: Int[Tensor, "batch gen_len"] | None, like: Float[Tensor, "batch gen_len"]
+) -> Float[Tensor, "batch gen_len"]:
+    """The response mask as floats (all ones without a mask): 1 for real tokens, 0 for padding."""
+    return torch.ones_like(like) if response_mask is None else response_mask.to(like.dtype)
 
 
 @torch.no_grad()
@@ -41,11 +62,18 @@ def compute_one_step_advantages(
     values: Float[Tensor, "batch seq"],
     rewards: Float[Tensor, " batch"],
     prefix_len: int,
+    response_mask: Int[Tensor, "batch gen_len"] | None = None,
 ) -> Float[Tensor, "batch gen_len"]:
-    """One-step advantages A_t = V(s_{t+1}) - V(s_t), with the reward as the last step's target."""
-    one_step_estimate = torch.cat([values[:, prefix_len:-1], rewards[:, None]], dim=-1)
-    zero_step_estimate = values[:, prefix_len - 1 : -1]
-    return one_step_estimate - zero_step_estimate
+    """One-step advantages A_t = V(s_{t+1}) - V(s_t), with the reward as the target of each
+    answer's last real token (`response_mask`; None: every answer has gen_len tokens) and
+    advantage 0 on the padding after it."""
+    state_values = values[:, prefix_len - 1 : -1]
+    alive = get_alive(response_mask, state_values)
+    ends = get_answer_ends(response_mask, *state_values.shape[::-1], state_values.device)
+    next_alive = torch.cat([alive[:, 1:], torch.zeros_like(alive[:, :1])], dim=1)
+    next_values = torch.cat([state_values[:, 1:], torch.zeros_like(state_values[:, :1])], dim=1)
+    targets = rewards[:, None] * ends + next_values * next_alive
+    return (targets - state_values) * alive
 
 
 @torch.no_grad()
@@ -55,15 +83,19 @@ def compute_gae(
     prefix_len: int,
     gamma: float = 1.0,
     gae_lambda: float = 0.95,
+    response_mask: Int[Tensor, "batch gen_len"] | None = None,
 ) -> Float[Tensor, "batch gen_len"]:
-    """Generalised advantage estimates, computed backwards from the last generated token."""
+    """Generalised advantage estimates, computed backwards from the last generated token. Each
+    answer ends at its own last real token (`response_mask`): the reward arrives there, no
+    value follows it, and the padding after it gets advantage 0."""
     state_values = values[:, prefix_len - 1 : -1]
     gen_len = state_values.shape[1]
-    # V of the state after each step; after the last token the episode is over, so 0.
+    alive = get_alive(response_mask, state_values)
+    ends = get_answer_ends(response_mask, gen_len, len(state_values), state_values.device)
+    # V of the state after each step; after an answer's last token the episode is over, so 0.
+    next_alive = torch.cat([alive[:, 1:], torch.zeros_like(alive[:, :1])], dim=1)
     next_values = torch.cat([state_values[:, 1:], torch.zeros_like(state_values[:, :1])], dim=1)
-    step_rewards = torch.zeros_like(state_values)
-    step_rewards[:, -1] = rewards
-    deltas = step_rewards + gamma * next_values - state_values
+    deltas = (rewards[:, None] * ends + gamma * next_values * next_alive - state_values) * alive
     advantages = torch.zeros_like(deltas)
     running = torch.zeros_like(deltas[:, 0])
     for t in reversed(range(gen_len)):
@@ -120,18 +152,20 @@ def compute_rloo_advantages(
 def compute_reinforce_pp_advantages(
     rewards: Float[Tensor, " batch"], kl: Float[Tensor, "batch gen_len"], kl_coef: float,
     gamma: float = 1.0, eps: float = 1e-8,
+    response_mask: Int[Tensor, "batch gen_len"] | None = None,
 ) -> Float[Tensor, "batch gen_len"]:
     """REINFORCE++ (Hu 2025): per-token reward r_t = -kl_coef * kl_t, plus the sequence reward at
-    the last token; advantage = the return-to-go sum_{s >= t} gamma^(s-t) r_s, normalised to mean
-    0 and (population) std 1 over every token of the batch (not per group, not per minibatch)."""
-    step_rewards = -kl_coef * kl
-    step_rewards[:, -1] += rewards
+    each answer's last real token; advantage = the return-to-go sum_{s >= t} gamma^(s-t) r_s,
+    whitened over every real token of the batch (not per group, not per minibatch); padding 0."""
+    alive = get_alive(response_mask, kl)
+    ends = get_answer_ends(response_mask, kl.shape[1], len(kl), kl.device)
+    step_rewards = (-kl_coef * kl + rewards[:, None] * ends) * alive
     returns = torch.zeros_like(step_rewards)
     running = torch.zeros_like(rewards)
     for t in reversed(range(step_rewards.shape[1])):
         running = step_rewards[:, t] + gamma * running
         returns[:, t] = running
-    return (returns - returns.mean()) / (returns.std(correction=0) + eps)
+    return whiten(returns, response_mask=response_mask, eps=eps) * alive
 
 
 class Estimator(NamedTuple):
@@ -165,9 +199,10 @@ def compute_advantages(
     group_size: int = 1,
     gamma: float = 1.0,
     gae_lambda: float = 0.95,
+    response_mask: Int[Tensor, "batch gen_len"] | None = None,
 ) -> Float[Tensor, "batch gen_len"]:
     """The advantage of every generated token by `estimator` (a key of `ESTIMATORS`): the one
-    place an estimator is chosen.
+    place an estimator is chosen. Padding after an answer's end (`response_mask` 0) gets 0.
 
     Args:
         values: V(s_t) in the state that chose each token (estimators with a critic only).
@@ -181,26 +216,38 @@ def compute_advantages(
         values = F.pad(values, (0, 1), value=float("nan"))
     match estimator:
         case "one_step":
-            return compute_one_step_advantages(values, rewards, prefix_len=1)
+            return compute_one_step_advantages(values, rewards, 1, response_mask)
         case "gae":
-            return compute_gae(values, rewards, 1, gamma, gae_lambda)
+            return compute_gae(values, rewards, 1, gamma, gae_lambda, response_mask)
         case "grpo" | "dr_grpo":
             advantages = compute_group_advantages(rewards, group_size, estimator == "grpo")
         case "rloo":
             advantages = compute_rloo_advantages(rewards, group_size)
         case "reinforce_pp":
-            return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma)
-    return repeat(advantages, "batch -> batch gen_len", gen_len=gen_len)
+            return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma,
+                                                   response_mask=response_mask)
+    per_token = repeat(advantages, "batch -> batch gen_len", gen_len=gen_len)
+    return per_token if response_mask is None else per_token * response_mask
 
 
 def whiten(
     advantages: Float[Tensor, "minibatch gen_len"],
     moments: tuple[Float[Tensor, ""], Float[Tensor, ""]] | None = None,
     eps: float = 1e-8,
+    response_mask: Int[Tensor, "minibatch gen_len"] | None = None,
 ) -> Float[Tensor, "minibatch gen_len"]:
-    """Advantages shifted and scaled to mean 0 and (population) std 1 over the whole minibatch,
-    as CleanRL does before PPO's loss: a minibatch of one token has no signal then, not NaN.
-    `moments` (mean, std) replace the minibatch's own (data parallelism passes the global
-    minibatch's, of which `advantages` is one process's share)."""
-    mean, std = moments or (advantages.mean(), advantages.std(correction=0))
+    """Advantages shifted and scaled to mean 0 and (population) std 1 over the real tokens of the
+    whole minibatch (`response_mask`; None: every token), as CleanRL does before PPO's loss: a
+    minibatch of one token has no signal then, not NaN. `moments` (mean, std) replace the
+    minibatch's own (data parallelism passes the global minibatch's, of which `advantages` is one
+    process's share). Padding is whitened too, and never read."""
+    mean, std = moments or get_moments(advantages, response_mask)
     return (advantages - mean) / (std + eps)
+
+
+def get_moments(
+    values: Float[Tensor, "batch gen_len"], response_mask: Int[Tensor, "batch gen_len"] | None
+) -> tuple[Float[Tensor, ""], Float[Tensor, ""]]:
+    """The mean and population std of the real tokens' values."""
+    real = values if response_mask is None else values[response_mask.bool()]
+    return real.mean(), real.std(correction=0)

@@ -134,7 +134,7 @@ class RLHFArgs:
 
     # --- speed and memory ---
     fast_path: bool = True
-    """Sample and train on minirlhf's fast path (`minirlhf.runtime.fast_path`: the same logits, weights
+    """Sample and train on minirlhf's fast path (`runtime.fast_path`: the same logits, weights
     laid out once); False, or a model with hooks attached, runs TransformerLens's own forward."""
     recompute_ref_logits: bool = False
     """Keep the reference model's final residual stream instead of its logits, and recompute the
@@ -147,6 +147,31 @@ class RLHFArgs:
     # --- reward ---
     normalize_reward: bool = True
     """Scale each phase's rewards to mean 0, std 1 before computing advantages."""
+
+    # --- answers that end (docs/answers.md) ---
+    stop_at_eos: bool = False
+    """End each answer at the model's EOS token (or `stop_string`); False: every answer has
+    exactly gen_len tokens (fixed-length continuations)."""
+    stop_string: str | None = None
+    """With stop_at_eos, also end an answer once its text contains this string (e.g. "\n\n")."""
+    prompt_template: str | None = None
+    """Wrap each prompt in a template with "{prompt}", e.g. "Question: {prompt}\n\nAnswer:"."""
+    chat_template: bool = False
+    """Render each prompt as a user message with the tokenizer's own chat template."""
+    loss_aggregation: Literal["token_mean", "sequence_mean", "constant"] = "token_mean"
+    """How a per-token loss is averaged over answers of different lengths: over every real token
+    (DAPO), per answer then over answers (GRPO), or summed and divided by a constant (Dr. GRPO)."""
+    clip_coef_high: float | None = None
+    """The upper clip of the ratio, 1 + clip_coef_high (DAPO's clip-higher); None: clip_coef."""
+    truncation: Literal["keep", "mask", "penalty"] = "keep"
+    """Answers that reach gen_len without ending: kept as they are, masked out of the loss
+    (DAPO), or a soft length penalty over the last `overlong_buffer` tokens (DAPO)."""
+    overlong_buffer: int = 4
+    """With truncation="penalty": answers longer than gen_len - overlong_buffer lose up to 1
+    reward, linearly, and a truncated answer loses 1."""
+    drop_zero_spread: bool = False
+    """Leave groups whose samples all got the same reward out of the loss (they are counted in
+    charts/frac_reward_zero_std either way)."""
 
     # --- derived (set in __post_init__) ---
     minibatch_size: int = field(init=False)
@@ -179,6 +204,7 @@ class RLHFArgs:
         check_choice(self, "precision")
         self.check_critic_free()
         self.check_trainable()
+        self.check_answers()
         self.minibatch_size = self.batch_size // self.num_minibatches
         self.prompts_per_phase = self.batch_size // self.group_size
 
@@ -206,6 +232,25 @@ class RLHFArgs:
             raise ValueError('kl_in="reward" puts the KL into the per-token reward, which only '
                              'advantage_estimator="reinforce_pp" reads; use kl_in="loss".')
 
+    def check_answers(self):
+        """The options of answers that end agree with each other."""
+        check_choice(self, "loss_aggregation")
+        check_choice(self, "truncation")
+        check_positive(self, [] if self.clip_coef_high is None else ["clip_coef_high"])
+        check_at_least(self, ["overlong_buffer"])
+        if self.truncation != "keep" and not self.stop_at_eos:
+            raise ValueError(f'truncation="{self.truncation}" acts on answers that never ended, '
+                             "which needs answers that can end: set stop_at_eos=True.")
+        if self.truncation == "penalty" and self.overlong_buffer >= self.gen_len:
+            raise ValueError(f"overlong_buffer ({self.overlong_buffer}) must be less than gen_len "
+                             f"({self.gen_len}).")
+        if self.stop_string is not None and not (self.stop_string and self.stop_at_eos):
+            raise ValueError("stop_string needs stop_at_eos=True and must not be empty.")
+        if self.drop_zero_spread and self.group_size < 2:
+            raise ValueError("drop_zero_spread compares the samples of a prompt: group_size >= 2.")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError('prompt_template must contain "{prompt}", where the prompt goes.')
+
     def check_trainable(self):
         """trainable_layers and the LoRA fields make sense."""
         check_at_least(self, ["trainable_layers"], optional=True)
@@ -221,11 +266,6 @@ class RLHFArgs:
     def from_dict(cls, values: dict) -> "RLHFArgs":
         """The inverse of `to_dict` (derived fields are recomputed, not read)."""
         init_names = {f.name for f in dataclasses.fields(cls) if f.init}
-        values = dict(values)
-        if "autocast" in values:  # configs saved before `precision` replaced `autocast: bool`
-            values["precision"] = "bf16" if values.pop("autocast") else "fp32"
-        if "fast_forward" in values:  # configs saved before the fast path got its one name
-            values["fast_path"] = values.pop("fast_forward")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"Unknown RLHFArgs fields: {sorted(unknown)}.")

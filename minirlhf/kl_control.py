@@ -12,6 +12,8 @@ grows beta as much as one 1.2 times it). Both controllers save and restore their
 resumed run continues with the coefficient it had.
 """
 
+from typing import NamedTuple
+
 ERROR_CLIP = 0.2
 """Ziegler et al.'s bound on the proportional error."""
 
@@ -63,3 +65,15 @@ def get_kl_controller(
     if kl_target is None:
         return FixedKLController(kl_coef)
     return AdaptiveKLController(kl_coef, kl_target, kl_horizon)
+
+
+class KLCoefs(NamedTuple):
+    """The KL coefficient where it applies: in the objective, or in the per-token reward."""
+
+    loss: float
+    reward: float
+
+
+def get_kl_coefs(kl_coef: float, kl_in: str) -> KLCoefs:
+    """`kl_coef` where `RLHFArgs.kl_in` puts the KL penalty ("loss" or "reward"), 0 elsewhere."""
+    return KLCoefs(kl_coef, 0.0) if kl_in == "loss" else KLCoefs(0.0, kl_coef)

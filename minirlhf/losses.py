@@ -18,6 +18,7 @@ estimators k1, k2, k3), Huang et al. 2024 "The N Implementation Details of RLHF 
 
 import warnings
 
+import numpy as np
 import torch
 from eindex import eindex
 from jaxtyping import Float, Int
@@ -144,19 +145,24 @@ def calc_entropy(
 
 
 def calc_entropy_bonus(
-    logits: Float[Tensor, "minibatch gen_len d_vocab"], ent_coef: float
+    logits: Float[Tensor, "minibatch gen_len d_vocab"], ent_coef: float,
+    response_mask: Int[Tensor, "minibatch gen_len"] | None = None,
+    aggregation: str = "token_mean",
 ) -> Float[Tensor, ""]:
-    """ent_coef times the mean entropy of the policy at the generated positions. Added."""
-    return ent_coef * calc_entropy(logits).mean()
+    """ent_coef times the mean entropy of the policy at the generated positions (`aggregate`d
+    over the real response tokens). Added."""
+    return ent_coef * aggregate(calc_entropy(logits), response_mask, aggregation)
 
 
 def calc_value_function_loss(
     values: Float[Tensor, "minibatch gen_len"],
     mb_returns: Float[Tensor, "minibatch gen_len"],
     vf_coef: float,
+    response_mask: Int[Tensor, "minibatch gen_len"] | None = None,
+    aggregation: str = "token_mean",
 ) -> Float[Tensor, ""]:
     """vf_coef times half the mean squared error of the values against the returns. Subtracted."""
-    return 0.5 * vf_coef * (values - mb_returns).pow(2).mean()
+    return 0.5 * vf_coef * aggregate((values - mb_returns).pow(2), response_mask, aggregation)
 
 
 def calc_clipped_surrogate_objective(
@@ -164,14 +170,63 @@ def calc_clipped_surrogate_objective(
     mb_logprobs: Float[Tensor, "minibatch gen_len"],
     mb_advantages: Float[Tensor, "minibatch gen_len"],
     clip_coef: float,
+    clip_coef_high: float | None = None,
+    response_mask: Int[Tensor, "minibatch gen_len"] | None = None,
+    aggregation: str = "token_mean",
 ) -> Float[Tensor, ""]:
-    """PPO's clipped surrogate objective, mean over the minibatch (every sample has gen_len
-    tokens, so token-mean, sequence-mean and Dr. GRPO's constant normaliser agree). Added.
+    """PPO's clipped surrogate objective, averaged over the real response tokens (`aggregate`).
+    Added. The ratio is clipped to [1 - clip_coef, 1 + clip_coef_high] (DAPO's clip-higher,
+    Yu et al. 2025; None: 1 + clip_coef).
 
     The advantages are used as given: the learning loop whitens them first where the estimator
     asks for it (`whiten`), as CleanRL does."""
     ratio = (logprobs - mb_logprobs).exp()
+    high = clip_coef if clip_coef_high is None else clip_coef_high
     unclipped = ratio * mb_advantages
-    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * mb_advantages
-    return torch.minimum(unclipped, clipped).mean()
+    clipped = ratio.clamp(1 - clip_coef, 1 + high) * mb_advantages
+    return aggregate(torch.minimum(unclipped, clipped), response_mask, aggregation)
 
+
+AGGREGATIONS = ("token_mean", "sequence_mean", "constant")
+"""How a per-token loss becomes one number when answers have different lengths."""
+
+
+def aggregate(
+    values: Float[Tensor, "batch gen_len"],
+    response_mask: Int[Tensor, "batch gen_len"] | None = None,
+    how: str = "token_mean",
+) -> Float[Tensor, ""]:
+    """The mean of a per-token quantity over the real response tokens (mask 1), by `how`:
+
+    - "token_mean": every real token of the batch counts once (DAPO, Yu et al. 2025);
+    - "sequence_mean": each answer's mean over its own tokens, then the mean over answers
+      (the original GRPO): a token of a short answer weighs more than one of a long answer;
+    - "constant": the sum over real tokens divided by batch x gen_len, a constant (Dr. GRPO,
+      Liu et al. 2025).
+
+    Padding never counts, and gets exactly zero gradient. Without a mask (every answer gen_len
+    tokens long) all three are the plain mean."""
+    if response_mask is None:
+        return values.mean()
+    real = response_mask.bool()
+    total = torch.where(real, values, 0.0)
+    match how:
+        case "token_mean":
+            return total.sum() / real.sum().clamp(min=1)
+        case "sequence_mean":
+            return (total.sum(dim=-1) / real.sum(dim=-1).clamp(min=1)).mean()
+        case "constant":
+            return total.sum() / real.numel()
+    raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {how!r}.")
+
+
+def check_finite(objective: Float[Tensor, ""], stats: dict[str, float]):
+    """Stop before a non-finite objective reaches the weights, naming the term that broke."""
+    if torch.isfinite(objective):
+        return
+    broken = [key for key, value in stats.items() if not np.isfinite(value)]
+    raise FloatingPointError(
+        f"The objective is {objective.item()} ({', '.join(broken)} not finite), so this step "
+        "would put NaN into the weights. Usual causes: rewards far from order 1 without "
+        "normalize_reward, or a learning rate too high for this model."
+    )

@@ -1,7 +1,7 @@
 """The replay memory: one rollout phase's data, served back as shuffled minibatches.
 
 Stage 5 of the pipeline. Unlike PPO on gym environments there is no `add` (a whole phase is
-stored at once), no `dones` (every sample has `gen_len` tokens) and no separate actions (the
+stored at once), no `dones` (an answer's end is its `response_mask`) and no separate actions (the
 generated tokens are the actions). It also carries, row by row, what the models keep for the
 learning steps (`kept`: the reference's logits or final residual stream, a frozen trunk's
 output), without looking inside. Returns are advantages + values, the targets of the value head.
@@ -27,6 +27,8 @@ class ReplayMinibatch:
     """The value head's targets (None: no value head)."""
     kept: dict[str, Tensor]
     """What the models kept for these rows (`models.RolloutOutputs.kept`), handed back to them."""
+    response_mask: Int[Tensor, "minibatch gen_len"] | None = None
+    """1 for the tokens the loss reads, 0 for padding (None: every token)."""
 
     @property
     def prefix_len(self) -> int:
@@ -46,6 +48,8 @@ class ReplayMemory:
             no value head).
         kept: what the models keep for each sample (`models.RolloutOutputs.kept`; e.g. the
             reference's logits under "reference"), one row per sample.
+        response_mask: 1 for the tokens the loss reads (an answer's real tokens), 0 for padding
+            and answers left out (`answers.get_loss_mask`); None: every token.
     """
 
     def __init__(
@@ -56,9 +60,11 @@ class ReplayMemory:
         advantages: Float[Tensor, "batch gen_len"],
         values: Float[Tensor, "batch gen_len"] | None,
         kept: dict[str, Tensor],
+        response_mask: Int[Tensor, "batch gen_len"] | None = None,
     ):
         batch, gen_len = logprobs.shape
-        for name, tensor in [("advantages", advantages), ("values", values)]:
+        for name, tensor in [("advantages", advantages), ("values", values),
+                             ("response_mask", response_mask)]:
             assert tensor is None or tensor.shape == (batch, gen_len), (
                 f"{name} has shape {tuple(tensor.shape)} but logprobs has {(batch, gen_len)}: "
                 "slice values to the generated positions, values[:, prefix_len - 1 : -1]"
@@ -76,6 +82,7 @@ class ReplayMemory:
         self.advantages = advantages
         self.values = values
         self.kept = kept
+        self.response_mask = response_mask
 
     def get_minibatches(
         self,
@@ -101,6 +108,8 @@ class ReplayMemory:
                         advantages=self.advantages[indices],
                         returns=None if returns is None else returns[indices],
                         kept={name: value[indices] for name, value in self.kept.items()},
+                        response_mask=None if self.response_mask is None
+                        else self.response_mask[indices],
                     )
                 )
         return minibatches

@@ -14,7 +14,7 @@ import copy
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
@@ -22,8 +22,8 @@ from transformer_lens.hook_points import HookPoint
 from minirlhf.advantages import ESTIMATORS
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import calc_entropy, calc_exact_kl, calc_kl, get_gen_logprobs
+from minirlhf.runtime import distributed, lora
 from minirlhf.runtime import fast_path as fast
-from minirlhf.runtime import lora
 from minirlhf.runtime.trunk import Trunk, get_trunk, mask_or_none
 from minirlhf.sampling import Samples, apply_temperature
 
@@ -344,3 +344,34 @@ def frozen_copy(model: HookedTransformer) -> HookedTransformer:
     for param in copied.parameters():
         param.requires_grad_(False)
     return copied
+
+
+class GlobalBatch(NamedTuple):
+    """A rollout as batch-wide statistics see it: every data-parallel process's rows (one
+    process: its own), their per-token outputs (`kept` stays with its process), where each
+    answer ends, and which rows are this process's."""
+
+    texts: list[str]
+    rewards: Float[Tensor, " batch"]
+    outputs: RolloutOutputs
+    response_mask: Int[Tensor, "batch gen_len"] | None
+    ended: Bool[Tensor, " batch"] | None
+    sampler_logprobs: Float[Tensor, "batch gen_len"] | None
+    """The log-probs the sampler drew each token from (to compare with `outputs.logprobs`)."""
+    local: slice
+
+
+def gather_rollout(
+    samples: Samples, rewards: Float[Tensor, " batch"], outputs: RolloutOutputs
+) -> GlobalBatch:
+    """Every process's texts, rewards, answer ends and per-token outputs, in process order (one
+    process: its own, as they are); never logits."""
+    def gather(value: Tensor | None) -> Tensor | None:
+        return None if value is None else distributed.gather_rows(value)
+
+    rows = {name: gather(value) for name, value in outputs._asdict().items() if name != "kept"}
+    rewards = distributed.gather_rows(rewards)
+    return GlobalBatch(distributed.gather_objects(samples.texts), rewards,
+                       RolloutOutputs(**rows, kept={}), gather(samples.response_mask),
+                       gather(samples.ended), gather(samples.logprobs),
+                       distributed.local_rows(len(rewards)))

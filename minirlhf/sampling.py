@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
@@ -54,7 +54,20 @@ class Samples(NamedTuple):
     final_residual: Float[Tensor, "batch gen_len d_model"] | None = None
     """On the fast path, with `return_final_residual`: the final normalised residual stream in
     each state a token was chosen in (positions `prefix_len - 1 .. seq - 2`), as the sampler
-    computed it; the trainer reads the policy's log-probs and values from it."""
+    computed it; the trainer reads the policy's log-probs and values from it (zeros after every
+    row had ended)."""
+    response_mask: Int[Tensor, "batch gen_len"] | None = None
+    """With `stop_at_eos`: 1 for each answer's real tokens (its EOS, or the token that completed
+    the stop string, included), 0 for the padding after (None: every answer has gen_len)."""
+    ended: Bool[Tensor, " batch"] | None = None
+    """With `stop_at_eos`: whether each answer ended before the limit (False: truncated)."""
+    logprobs: Float[Tensor, "batch gen_len"] | None = None
+    """With `return_logprobs`: the log-prob of each token under the distribution the sampler
+    drew it from, before top-k and top-p (softmax(logits / temperature))."""
+    responses: list[str] | None = None
+    """Each answer's text alone: no prompt, no EOS, nothing from the stop string on."""
+    prompts: list[str] | None = None
+    """Each row's prompt text, as the model read it."""
 
 
 PLAIN_SAMPLING = SamplingConfig()
@@ -135,23 +148,53 @@ def get_samples(
     stop_at_eos: bool = False,
     fast_path: bool = True,
     return_final_residual: bool = False,
+    stop_string: str | None = None,
+    return_logprobs: bool = False,
 ) -> Samples:
-    """Sample `gen_len` tokens after each prompt.
+    """Sample `gen_len` tokens after each prompt (a string repeated `batch_size` times, or a
+    list: one row each), from `sampling`'s distribution.
 
     Args:
-        prompt: one prompt repeated `batch_size` times, or a list of prompts (one row each).
-        sampling: temperature, top-k and top-p.
-        seed: the same seed gives the same samples (None, and no generator: torch's global
-            random state).
-        generator: a `torch.Generator` on the model's device to draw from instead of a seed
-            (the trainer keeps one across phases).
-        stop_at_eos: once a row emits EOS, its later tokens are all EOS (rows keep equal length).
-        fast_path: decode on `minirlhf.runtime.fast_path` (weights laid out once; the same logits,
-            1.4-2.3x faster on CPU in benchmarks/rollout_speed.py) where it can run the model;
-            else, or with False, on `HookedTransformer.forward` with its own cache.
-        return_final_residual: also return `Samples.final_residual` (on the fast path only,
-            and not when rows stopped early at EOS; else it stays None).
+        seed: the same seed gives the same samples; or `generator`, a `torch.Generator` on the
+            model's device (the trainer keeps one across phases). Neither: torch's global state.
+        stop_at_eos: an answer ends at its first EOS (or `stop_string`); the row's later tokens
+            are EOS and `Samples.response_mask` marks the end.
+        fast_path: decode on `runtime.fast_path` (the same logits, weights laid out once;
+            1.4-2.3x faster on CPU) where it can run the model, else `HookedTransformer.forward`.
+        return_final_residual, return_logprobs: also return `Samples.final_residual` (on the
+            fast path only) and `Samples.logprobs`.
     """
+    prompts = _check_arguments(prompt, batch_size, gen_len, seed, generator)
+    generator = generator or _make_generator(seed, model)
+    prompt_ids, prompt_mask = tokenize_prompts(model, prompts, prepend_bos)
+    check_context(prompt_ids.shape[1], gen_len, model.cfg.n_ctx)
+    decoder = _make_decoder(model, len(prompts), prompt_ids.shape[1] + gen_len,
+                            fast.use_fast_path(model, fast_path))
+    eos = _eos_id(model) if stop_at_eos else None
+    new_tokens, logprobs = _sampling_loop(decoder, prompt_ids, prompt_mask, gen_len, sampling,
+                                          generator, eos, return_logprobs)
+    final_residual = _get_final_residual(decoder, gen_len) if return_final_residual else None
+    samples = _join_samples(prompt_ids, prompt_mask, new_tokens, prompts, final_residual)
+    return _add_answers(model, samples._replace(logprobs=logprobs), eos, stop_string, stop_at_eos)
+
+
+def _add_answers(model: HookedTransformer, samples: Samples, eos: int | None,
+                 stop_string: str | None, can_end: bool) -> Samples:
+    """The samples with each answer's text, and where each ends (when answers can end)."""
+    new_tokens = samples.sample_ids[:, samples.prefix_len :]
+    lengths, ended = find_answer_ends(model, new_tokens, eos, stop_string)
+    responses = [_decode(model, row[:n], eos, stop_string) for row, n in zip(new_tokens, lengths)]
+    samples = samples._replace(texts=[p + r for p, r in zip(samples.prompts, responses)],
+                               responses=responses)
+    if not can_end:
+        return samples
+    positions = torch.arange(new_tokens.shape[1], device=new_tokens.device)
+    return samples._replace(response_mask=(positions < lengths[:, None]).long(), ended=ended)
+
+
+def _check_arguments(prompt: str | list[str], batch_size: int | None, gen_len: int,
+                     seed: int | None, generator: torch.Generator | None) -> list[str]:
+    """The prompts, one per row, once `get_samples`' arguments are found to agree."""
     prompts = [prompt] * (batch_size or 1) if isinstance(prompt, str) else list(prompt)
     if batch_size is not None and batch_size != len(prompts):
         raise ValueError(f"Got {len(prompts)} prompts but batch_size={batch_size}.")
@@ -159,22 +202,40 @@ def get_samples(
         raise ValueError(f"gen_len must be at least 1, got {gen_len}.")
     if seed is not None and generator is not None:
         raise ValueError("get_samples takes a seed or a generator, not both.")
-    generator = generator or _make_generator(seed, model)
-    prompt_ids, prompt_mask = tokenize_prompts(model, prompts, prepend_bos)
-    check_context(prompt_ids.shape[1], gen_len, model.cfg.n_ctx)
-    decoder = (_FastDecoder(model, len(prompts), prompt_ids.shape[1] + gen_len)
-               if fast.use_fast_path(model, fast_path)
-               else _HookedDecoder(model, len(prompts)))
-    new_tokens = _sampling_loop(decoder, prompt_ids, prompt_mask, gen_len, sampling, generator,
-                                _eos_id(model) if stop_at_eos else None)
+    return prompts
+
+
+def _make_decoder(model: HookedTransformer, batch: int, max_len: int,
+                  on_fast_path: bool) -> "_FastDecoder | _HookedDecoder":
+    """What computes each next token's logits: the fast path (weights laid out once, a cache of
+    `max_len` positions), or `HookedTransformer.forward` with TransformerLens's own cache."""
+    return _FastDecoder(model, batch, max_len) if on_fast_path else _HookedDecoder(model, batch)
+
+
+def _get_final_residual(
+    decoder: "_FastDecoder | _HookedDecoder", gen_len: int
+) -> Float[Tensor, "batch gen_len d_model"] | None:
+    """The final normalised residual stream of each generated token's state, on the fast path
+    only; zeros at the positions left after every row had ended (padding, never read)."""
+    if not isinstance(decoder, _FastDecoder):
+        return None
+    residual = torch.stack(decoder.final_residuals, dim=1)
+    return torch.nn.functional.pad(residual, (0, 0, 0, gen_len - residual.shape[1]))
+
+
+def _join_samples(
+    prompt_ids: Int[Tensor, "batch prefix_len"],
+    prompt_mask: Int[Tensor, "batch prefix_len"],
+    new_tokens: Int[Tensor, "batch gen_len"],
+    prompts: list[str],
+    final_residual: Float[Tensor, "batch gen_len d_model"] | None,
+) -> Samples:
+    """The rollout: each row's prompt tokens followed by its generated ones, and their mask
+    (the texts come with the answers, `_add_answers`)."""
     sample_ids = torch.cat([prompt_ids, new_tokens], dim=1)
     attention_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)
-    samples = [p + _decode(model, row, stop_at_eos) for p, row in zip(prompts, new_tokens)]
-    final_residual = None
-    if return_final_residual and isinstance(decoder, _FastDecoder) and \
-            len(decoder.final_residuals) == gen_len:  # not stopped early at EOS
-        final_residual = torch.stack(decoder.final_residuals, dim=1)
-    return Samples(sample_ids, samples, attention_mask, prompt_ids.shape[1], final_residual)
+    return Samples(sample_ids, [], attention_mask, prompt_ids.shape[1], final_residual,
+                   prompts=prompts)
 
 
 def check_context(prefix_len: int, gen_len: int, n_ctx: int):
@@ -196,6 +257,26 @@ def _eos_id(model: HookedTransformer) -> int | None:
     return model.tokenizer.eos_token_id if model.tokenizer is not None else None
 
 
+def find_answer_ends(
+    model: HookedTransformer, new_tokens: Int[Tensor, "batch gen_len"], eos: int | None,
+    stop_string: str | None = None,
+) -> tuple[Int[Tensor, " batch"], Bool[Tensor, " batch"]]:
+    """Each answer's length (its tokens up to and including its first EOS, or the token whose
+    decoding completes `stop_string`) and whether it ended before gen_len tokens ran out."""
+    batch, gen_len = new_tokens.shape
+    is_eos = torch.zeros_like(new_tokens, dtype=torch.bool) if eos is None else new_tokens == eos
+    ended = is_eos.any(dim=-1)
+    lengths = torch.where(ended, is_eos.int().argmax(dim=-1) + 1, gen_len)
+    for row in range(batch if stop_string else 0):
+        ids = new_tokens[row, : lengths[row]].tolist()
+        if stop_string not in model.tokenizer.decode(ids):
+            continue
+        end = next(t for t in range(1, len(ids) + 1)
+                   if stop_string in model.tokenizer.decode(ids[:t]))
+        lengths[row], ended[row] = end, True
+    return lengths, ended
+
+
 def _sampling_loop(
     decoder: "_FastDecoder | _HookedDecoder",
     prompt_ids: Int[Tensor, "batch prefix_len"],
@@ -204,14 +285,15 @@ def _sampling_loop(
     sampling: SamplingConfig,
     generator: torch.Generator | None,
     eos: int | None,
-) -> Int[Tensor, "batch gen_len"]:
+    return_logprobs: bool = False,
+) -> tuple[Int[Tensor, "batch gen_len"], Float[Tensor, "batch gen_len"] | None]:
     """The decoding loop: one forward pass over the prompt, then one per new token. With `eos`,
-    a row that emitted it keeps emitting it, and the loop ends once every row has."""
-    batch = prompt_ids.shape[0]
+    a row that emitted it keeps emitting it, and the loop ends once every row has (the rest is
+    EOS, with log-prob 0). Returns the tokens and, if asked, each one's log-prob."""
     tokens, mask = prompt_ids, prompt_mask
     logits = decoder.next_logits(tokens, mask)
-    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
-    new_tokens = []
+    finished = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+    new_tokens, logprobs = [], []
     for step in range(gen_len):
         check_logits(logits, step)
         next_token = sample_next_token(logits, sampling.temperature, sampling.top_k,
@@ -219,17 +301,20 @@ def _sampling_loop(
         if eos is not None:
             next_token = torch.where(finished, eos, next_token)
             finished |= next_token == eos
-            if finished.all():
-                new_tokens.append(next_token)
-                pad = next_token.new_full((batch, gen_len - step - 1), eos)
-                return torch.cat([torch.stack(new_tokens, dim=1), pad], dim=1)
         new_tokens.append(next_token)
-        if step == gen_len - 1:
+        if return_logprobs:
+            tempered = apply_temperature(logits, sampling.temperature).log_softmax(dim=-1)
+            logprobs.append(tempered.gather(-1, next_token[:, None]).squeeze(-1))
+        if step == gen_len - 1 or bool(finished.all()):
             break
         tokens = torch.cat([tokens, next_token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=1)
         logits = decoder.next_logits(tokens, mask)
-    return torch.stack(new_tokens, dim=1)
+    pad = gen_len - len(new_tokens)
+    new = torch.nn.functional.pad(torch.stack(new_tokens, dim=1), (0, pad), value=eos or 0)
+    if not return_logprobs:
+        return new, None
+    return new, torch.nn.functional.pad(torch.stack(logprobs, dim=1), (0, pad))
 
 
 def check_logits(logits: Float[Tensor, "batch d_vocab"], step: int):
@@ -283,9 +368,11 @@ class _FastDecoder:
         return fast.unembed(self.weights.output, residual[:, -1])
 
 
-def _decode(model: HookedTransformer, tokens: Int[Tensor, " gen_len"], stop_at_eos: bool) -> str:
+def _decode(model: HookedTransformer, tokens: Int[Tensor, " length"], eos: int | None,
+            stop_string: str | None) -> str:
+    """An answer's text: its tokens without the EOS, cut before the stop string."""
     ids = tokens.tolist()
-    eos = model.tokenizer.eos_token_id
-    if stop_at_eos and eos in ids:
+    if eos is not None and eos in ids:
         ids = ids[: ids.index(eos)]
-    return model.tokenizer.decode(ids)
+    text = model.tokenizer.decode(ids)
+    return text.split(stop_string)[0] if stop_string else text

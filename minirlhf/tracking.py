@@ -5,6 +5,9 @@ entropy, LR, time) and `losses/...` for the optimisation's health (value loss, c
 approximate KL, explained variance). docs/metrics.md explains each one and its healthy range.
 """
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -101,3 +104,18 @@ class PhaseLogger:
         self.progress.stop()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+@contextmanager
+def timed(times: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds the block took to `times[key]`."""
+    start = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
+
+
+def get_wandb_config(config: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """`wandb.init`'s arguments for a run with this config (`RLHFArgs.to_dict()`) and `extra`
+    ones (mode, dir, id, ...)."""
+    return {"project": config["wandb_project_name"], "entity": config["wandb_entity"],
+            "config": config, **(extra or {})}

@@ -12,7 +12,14 @@ import pytest
 import torch
 from jaxtyping import TypeCheckError
 
-from minirlhf.advantages import compute_advantages, compute_gae
+from minirlhf.advantages import (
+    ESTIMATORS,
+    compute_advantages,
+    compute_gae,
+    compute_one_step_advantages,
+    whiten,
+)
+from minirlhf.exercises import MISTAKES
 
 BATCH, SEQ, PREFIX_LEN = 3, 9, 4
 GEN_LEN = SEQ - PREFIX_LEN
@@ -155,11 +162,11 @@ def test_one_step_oracle_by_hand():
     values = torch.tensor([[9.0, 1.0, 2.0, 4.0, 8.0]])  # V(s_0..s_2) = 1, 2, 4; 8 is never used
     expected = torch.tensor([[2.0 - 1.0, 4.0 - 2.0, 10.0 - 4.0]])
     assert torch.equal(one_step_oracle(values, torch.tensor([10.0]), 2), expected)
-    assert torch.equal(compute_advantages(values, torch.tensor([10.0]), 2), expected)
+    assert torch.equal(compute_one_step_advantages(values, torch.tensor([10.0]), 2), expected)
 
 
-def test_compute_advantages_matches_oracle():
-    problem = one_step_mismatch(compute_advantages)
+def test_compute_one_step_advantages_matches_oracle():
+    problem = one_step_mismatch(compute_one_step_advantages)
     assert problem is None, problem
 
 
@@ -196,7 +203,7 @@ def test_gae_check_rejects_wrong_versions(wrong):
 def test_gae_with_lambda_0_is_the_one_step_estimate():
     values, rewards = make_inputs(5)
     gae = compute_gae(values, rewards, PREFIX_LEN, gamma=1.0, gae_lambda=0.0)
-    assert torch.allclose(gae, compute_advantages(values, rewards, PREFIX_LEN), atol=1e-6)
+    assert torch.allclose(gae, compute_one_step_advantages(values, rewards, PREFIX_LEN), atol=1e-6)
     assert torch.allclose(gae, one_step_oracle(values, rewards, PREFIX_LEN), atol=1e-5)
 
 
@@ -225,7 +232,7 @@ def test_advantages_are_not_differentiable():
     """Advantages are targets: no gradient may flow into the value head through them."""
     values = torch.randn(2, SEQ, requires_grad=True)
     rewards = torch.randn(2)
-    assert not compute_advantages(values, rewards, PREFIX_LEN).requires_grad
+    assert not compute_one_step_advantages(values, rewards, PREFIX_LEN).requires_grad
     assert not compute_gae(values, rewards, PREFIX_LEN).requires_grad
 
 
@@ -237,6 +244,118 @@ def test_jaxtyping_checker_catches_a_shape_mistake():
     """
     values, rewards = make_inputs(0)
     with pytest.raises(TypeCheckError, match="values"):
-        compute_advantages(values[0], rewards, PREFIX_LEN)
+        compute_one_step_advantages(values[0], rewards, PREFIX_LEN)
     with pytest.raises(IndexError):  # the unchecked wrong version: no mention of `values`
         seed_one_step(values[0], rewards, PREFIX_LEN)
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+def dispatched_mismatch(dispatch: Callable) -> str | None:
+    """None if dispatch(estimator, rewards, values, kl, kl_coef, group_size, gamma, gae_lambda),
+    given V(s_t) at the generated states only (`values[:, prefix_len - 1 : -1]`, as the
+    rollout hands them over), equals the one-step and GAE oracles on the full values."""
+    for seed, (gamma, gae_lambda) in enumerate(GAE_SETTINGS):
+        values, rewards = make_inputs(seed)
+        state_values, kl = values[:, PREFIX_LEN - 1 : -1], torch.zeros(BATCH, GEN_LEN)
+        for estimator, expected in [
+            ("one_step", one_step_oracle(values, rewards, PREFIX_LEN)),
+            ("gae", gae_oracle(values, rewards, PREFIX_LEN, gamma, gae_lambda)),
+        ]:
+            try:
+                result = dispatch(estimator, rewards, state_values, kl, 0.1, 1, gamma, gae_lambda)
+            except (RuntimeError, IndexError) as error:
+                return f"{estimator}: raised {error}"
+            if (problem := mismatch(result, expected)) is not None:
+                return f"{estimator}, gamma={gamma}, gae_lambda={gae_lambda}: {problem}"
+    return None
+
+
+def dispatch_reading_state_values_as_a_sequence(estimator, rewards, values, kl, kl_coef,
+                                                group_size, gamma, gae_lambda):
+    """Hands the generated states' values on as if they were every position's, with the
+    prompt's length 1: the first state is read as the prompt's, every target one step late."""
+    if estimator == "one_step":
+        return compute_one_step_advantages(values, rewards, 1)
+    return compute_gae(values, rewards, 1, gamma, gae_lambda)
+
+
+def dispatch_ignoring_gamma_and_lambda(estimator, rewards, values, kl, kl_coef, group_size,
+                                       gamma, gae_lambda):
+    """Drops the discount arguments on the way (GAE with its defaults)."""
+    return compute_advantages(estimator, rewards, values, kl, kl_coef, group_size)
+
+
+def test_the_dispatcher_matches_the_oracles():
+    problem = dispatched_mismatch(compute_advantages)
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize(
+    "wrong", [dispatch_reading_state_values_as_a_sequence, dispatch_ignoring_gamma_and_lambda]
+)
+def test_the_dispatcher_check_rejects_wrong_versions(wrong):
+    assert dispatched_mismatch(wrong) is not None
+
+
+def test_only_the_critics_estimators_need_a_value_head_and_whitening():
+    """PPO's one-step and GAE read a value head and are whitened per minibatch (CleanRL); the
+    critic-free estimators come scaled as their papers say."""
+    assert {name for name, e in ESTIMATORS.items() if e.needs_critic} == {"one_step", "gae"}
+    assert {name for name, e in ESTIMATORS.items() if e.whitened} == {"one_step", "gae"}
+    assert set(ESTIMATORS) == {"one_step", "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
+
+
+# ---------------------------------------------------------------- whitening
+
+
+def whiten_oracle(advantages: torch.Tensor, mean: float | None = None,
+                  std: float | None = None) -> torch.Tensor:
+    """(a - mean) / (std + 1e-8) over every token of the minibatch, one float at a time, with the
+    population std (n, not n - 1); the mean and std given, or the minibatch's own."""
+    values = advantages.flatten().tolist()
+    if mean is None:
+        mean = sum(values) / len(values)
+        std = (sum((a - mean) ** 2 for a in values) / len(values)) ** 0.5
+    return torch.tensor([(a - mean) / (std + 1e-8) for a in values]).reshape(advantages.shape)
+
+
+def whiten_mismatch(fn: Callable) -> str | None:
+    """None if fn(advantages) equals the oracle on a spread minibatch, rows with different
+    means, one token and equal advantages (the last two: 0, not NaN), else the first
+    difference."""
+    generator = torch.Generator().manual_seed(0)
+    cases = {"spread": torch.randn(4, 5, generator=generator) * 3 + 1,
+             "rows apart": torch.randn(3, 4, generator=generator) + torch.arange(3.0)[:, None] * 5,
+             "one token": torch.tensor([[2.5]]), "equal": torch.full((2, 3), 1.5)}
+    for name, advantages in cases.items():
+        result = fn(advantages)
+        if not torch.isfinite(result).all():
+            return f"{name}: {result.tolist()} is not finite"
+        if (problem := mismatch(result, whiten_oracle(advantages))) is not None:
+            return f"{name}: {problem}"
+    return None
+
+
+def test_whiten_matches_oracle():
+    problem = whiten_mismatch(whiten)
+    assert problem is None, problem
+
+
+@pytest.mark.filterwarnings("ignore:std")
+@pytest.mark.parametrize("wrong", [pytest.param(m.imitate, id=m.hint[:40])
+                                   for m in MISTAKES["whiten"]])
+def test_whiten_check_rejects_wrong_versions(wrong):
+    """The exercises' catalogue of whitening mistakes (the sample std's NaN on one token among
+    them)."""
+    assert whiten_mismatch(wrong) is not None
+
+
+def test_whiten_with_given_moments_uses_them_not_the_minibatchs_own():
+    """Data parallelism whitens each process's share with the global minibatch's moments."""
+    advantages = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+    moments = (torch.tensor(0.5), torch.tensor(2.0))
+    expected = whiten_oracle(advantages, 0.5, 2.0)
+    assert mismatch(whiten(advantages, moments), expected) is None
+    assert mismatch(whiten(advantages), expected) is not None  # its own moments differ

@@ -160,11 +160,13 @@ def test_round_trip_check_rejects_wrong_versions():
     assert round_trip_problem(wrong_to_dict, RLHFArgs.from_dict) is not None
 
 
-def test_from_dict_reads_configs_saved_with_the_old_autocast_flag():
+def test_from_dict_refuses_the_fields_of_older_configs():
+    """No format shims: a config from before `precision` and `fast_path` is refused by name."""
     data = RLHFArgs().to_dict()
-    del data["precision"]
-    assert RLHFArgs.from_dict({**data, "autocast": True}).precision == "bf16"
-    assert RLHFArgs.from_dict({**data, "autocast": False}).precision == "fp32"
+    del data["precision"], data["fast_path"]
+    for old in ({"autocast": True}, {"fast_forward": True}):
+        with pytest.raises(ValueError, match=f"Unknown RLHFArgs fields: \\['{next(iter(old))}'\\]"):
+            RLHFArgs.from_dict({**data, **old})
 
 
 def test_precision_must_be_a_known_name():

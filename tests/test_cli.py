@@ -11,6 +11,7 @@ from rich.console import Console
 
 from minirlhf import cli
 from minirlhf.cli import train as train_command
+from minirlhf.runtime.random_streams import RandomStreams
 from minirlhf.tracking import start_wandb
 from minirlhf.trainer import RLHFTrainer
 
@@ -75,7 +76,7 @@ def test_resume_without_restoring_random_state_would_diverge(straight_run, tmp_p
     run = json.loads((out / "run.json").read_text())
     run["args"]["total_phases"] = 3
     (out / "run.json").write_text(json.dumps(run))
-    monkeypatch.setattr(RLHFTrainer, "set_rng_state", lambda self, state: None)
+    monkeypatch.setattr(RandomStreams, "load_state_dict", lambda self, state: None)
     cli.main(["train", "--out", str(out), "--resume", "--table-every", "0"])
     resumed = read_jsonl(out / "metrics.jsonl")
     assert resumed[1]["charts/kl"] == pytest.approx(straight[1]["charts/kl"], abs=1e-6)

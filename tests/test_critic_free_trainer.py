@@ -16,7 +16,8 @@ from test_trainer import E2E_ARGS, learning_problem, train
 
 from minirlhf import trainer as trainer_module
 from minirlhf.args import RLHFArgs
-from minirlhf.losses import calc_kl_k3
+from minirlhf.losses import calc_kl, calc_kl_k3
+from minirlhf.models import TransformerWithValueHead, build_policy
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.trainer import RLHFTrainer
 
@@ -36,15 +37,14 @@ def test_critic_free_estimator_learns_without_a_value_head(make_printable_model,
     assert problem is None, f"{name}: {problem}"
     assert not CRITIC_KEYS & set(trainer.history[-1]), "a critic-free run logged a critic metric"
     assert len(trainer.optimizer.param_groups) == 1, "the value head must not be optimised"
-    for param in trainer.model.value_head.parameters():
-        assert param.grad is None
+    assert trainer.model.value_head is None, "a critic-free policy must have no value head"
 
 
 def test_the_learning_check_rejects_flipped_critic_free_advantages(make_printable_model,
                                                                      monkeypatch):
-    right = trainer_module.compute_critic_free_advantages
-    monkeypatch.setattr(trainer_module, "compute_critic_free_advantages",
-                        lambda *args: -right(*args))
+    right = trainer_module.compute_advantages
+    monkeypatch.setattr(trainer_module, "compute_advantages",
+                        lambda *args, **kwargs: -right(*args, **kwargs))
     trainer, _ = train(make_printable_model(seed=1), **CRITIC_FREE_RUNS["grpo"])
     assert learning_problem(trainer.history) is not None
 
@@ -61,11 +61,22 @@ def test_sampled_kl_in_the_loss_is_the_estimator_and_exact_kl_is_logged(make_pri
     trainer = make_trainer(make_printable_model(seed=3), kl_estimator="k3", kl_coef=0.7,
                            advantage_estimator="grpo", group_size=2)
     seen = []
-    monkeypatch.setattr(trainer_module, "calc_sampled_kl_penalty",
-                        lambda lp, ref, coef, name: seen.append((coef, name)) or
-                        coef * calc_kl_k3(lp, ref).mean())
+
+    def recording_calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens):
+        """The trainer's KL, checked against k3 from a torch.gather of the reference's
+        log-probs (not `calc_kl`'s own lookup)."""
+        kl = calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens)
+        ref_logprobs = torch.gather(ref_logits.log_softmax(-1), -1, gen_tokens[..., None])[..., 0]
+        assert torch.allclose(kl, calc_kl_k3(logprobs, ref_logprobs), atol=1e-5)
+        seen.append((estimator, kl.mean().item()))
+        return kl
+
+    monkeypatch.setattr(trainer_module, "calc_kl", recording_calc_kl)
     metrics = trainer.train_one_phase().metrics
-    assert seen and all(call == (0.7, "k3") for call in seen)
+    assert seen and all(estimator == "k3" for estimator, _ in seen)
+    # Every learning step's KL penalty is kl_coef times the k3 estimate's mean.
+    penalties = [0.7 * kl for _, kl in seen]
+    assert metrics["losses/kl_penalty"] == pytest.approx(sum(penalties) / len(penalties))
     assert {"charts/kl", "charts/kl_k3", "charts/kl_coef"} <= set(metrics)
     assert metrics["charts/kl_coef"] == 0.7
 
@@ -100,3 +111,31 @@ def test_ppo_keeps_its_value_head(make_printable_model):
     assert CRITIC_KEYS <= set(metrics)
     assert len(trainer.optimizer.param_groups) == 2
     assert torch.isfinite(torch.tensor(metrics["losses/value_loss"]))
+
+
+def value_head_tensors(trainer: RLHFTrainer) -> list[str]:
+    """The names of the value head's tensors in the trainer's checkpoint."""
+    return [name for name in trainer.state_dict()["model"] if name.startswith("value_head.")]
+
+
+def build_policy_with_a_head(base_model, args) -> TransformerWithValueHead:
+    """The known-wrong policy: a value head whatever the estimator (as before critic-free
+    policies lost theirs), which would be saved, and restored, for nothing."""
+    policy = build_policy(base_model, args)
+    return TransformerWithValueHead(base_model, args.temperature, args.fast_path,
+                                    value_head=True, frozen_layers=policy.frozen_layers)
+
+
+def test_a_critic_free_checkpoint_holds_no_value_head(make_printable_model, monkeypatch):
+    trainer = make_trainer(make_printable_model(seed=6), advantage_estimator="grpo", group_size=2)
+    trainer.train_one_phase()
+    assert value_head_tensors(trainer) == []
+    resumed = make_trainer(make_printable_model(seed=6), advantage_estimator="grpo",
+                           group_size=2)
+    resumed.load_state_dict(trainer.state_dict())  # and it loads where no head is expected
+    # The check sees a head where there is one: PPO's, and a critic-free policy given one.
+    assert value_head_tensors(make_trainer(make_printable_model(seed=6),
+                                           advantage_estimator="gae"))
+    monkeypatch.setattr(trainer_module, "build_policy", build_policy_with_a_head)
+    wrong = make_trainer(make_printable_model(seed=6), advantage_estimator="grpo", group_size=2)
+    assert value_head_tensors(wrong)

@@ -1,5 +1,5 @@
-"""Data-parallel training (minirlhf.runtime.distributed): two CPU processes over gloo give the weights and
-metrics of one process trained on the same global batch.
+"""Data-parallel training (minirlhf.runtime.distributed): two CPU processes over gloo give the
+weights and metrics of one process trained on the same global batch.
 
 The oracle is the one-process trainer, whose every stage the rest of the suite checks against
 naive loops and hand-worked numbers. "The same global batch": each process of a data-parallel run
@@ -28,12 +28,13 @@ import torch
 import torch.multiprocessing as mp
 from rich.console import Console
 
+from minirlhf.advantages import whiten
 from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import load_char_model
 from minirlhf.losses import calc_clipped_surrogate_objective
 from minirlhf.runtime import distributed
 from minirlhf.sampling import Samples, get_samples
-from minirlhf.trainer import RLHFTrainer, get_local_batch_size
+from minirlhf.trainer import RLHFTrainer
 
 ARGS = dict(total_phases=3, batch_size=8, num_minibatches=1, batches_per_learning_phase=2,
             gen_len=6, warmup_steps=0, base_lr=3e-3, head_lr=3e-3, kl_coef=0.05, prefix="A",
@@ -276,14 +277,14 @@ def test_whitening_with_the_global_moments_splits_the_objective_exactly():
     generator = torch.Generator().manual_seed(0)
     logprobs, old_logprobs = torch.randn(2, 8, 5, generator=generator) * 0.3
     advantages = torch.randn(8, 5, generator=generator) * 2 + 1
-    whole = calc_clipped_surrogate_objective(logprobs, old_logprobs, advantages, 0.2)
+    whole = calc_clipped_surrogate_objective(logprobs, old_logprobs, whiten(advantages), 0.2)
     moments = (advantages.mean(), advantages.std(correction=0))
     halves = [calc_clipped_surrogate_objective(logprobs[rows], old_logprobs[rows],
-                                               advantages[rows], 0.2, moments=moments)
+                                               whiten(advantages[rows], moments), 0.2)
               for rows in (slice(0, 4), slice(4, 8))]
     assert torch.allclose((halves[0] + halves[1]) / 2, whole, atol=1e-6)
     own = [calc_clipped_surrogate_objective(logprobs[rows], old_logprobs[rows],
-                                            advantages[rows], 0.2)
+                                            whiten(advantages[rows]), 0.2)
            for rows in (slice(0, 4), slice(4, 8))]
     assert not torch.allclose((own[0] + own[1]) / 2, whole, atol=1e-3)
 
@@ -314,6 +315,10 @@ def test_a_backend_that_cannot_work_is_refused(monkeypatch, device, backend, mes
      "6 rows, which must be whole groups of group_size \\(4\\)"),
 ])
 def test_a_batch_that_does_not_split_says_why(overrides, message):
+    def local_batch_size(args: RLHFArgs, world_size: int) -> int:
+        return distributed.get_local_batch_size(args.batch_size, args.num_minibatches,
+                                                args.group_size, world_size)
+
     with pytest.raises(ValueError, match=message):
-        get_local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=2)
-    assert get_local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=1) > 0
+        local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=2)
+    assert local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=1) > 0

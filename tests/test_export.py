@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from minirlhf import cli
 from minirlhf.models import prepare_policy
 from minirlhf.runtime import export
-from minirlhf.runtime.export import ExportError, export_hf
+from minirlhf.runtime.export import export_hf
+from minirlhf.runtime.export_checks import ExportError
 from minirlhf.runtime.loading import PRINTABLE_VOCAB, load_policy, load_tiny_model
 from minirlhf.runtime.lora import adapters_off
 

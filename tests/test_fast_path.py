@@ -14,6 +14,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from minirlhf.runtime import fast_path as ff
+from minirlhf.runtime.fast_weights import FastWeights
 from minirlhf.runtime.loading import load_tiny_model
 
 ATOL = 1e-5
@@ -144,7 +145,7 @@ def test_a_wrong_rotary_layout_is_caught(monkeypatch: pytest.MonkeyPatch) -> Non
     tokens, mask = padded_batch(model.cfg.d_vocab)
     real = ff.get_fast_weights
 
-    def wrong_weights(m: HookedTransformer) -> ff.FastWeights:
+    def wrong_weights(m: HookedTransformer) -> FastWeights:
         weights = real(m)
         weights.rotary_adjacent_pairs = True
         return weights

@@ -29,10 +29,10 @@ from transformers import (
 )
 
 from minirlhf.runtime import loading
+from minirlhf.runtime.hf_checkpoints import load_hf_folder
 from minirlhf.runtime.loading import (
     GPT2_VOCAB,
     get_gpt2_tokenizer,
-    load_hf_folder,
     load_policy,
     load_tiny_model,
     load_tl_pretrained,

@@ -3,8 +3,8 @@
 The oracle for a LoRA model is the same HookedTransformer with each adapted weight *replaced* by
 W + (alpha / rank) * B @ A, written here in TransformerLens's own layouts with einsum-free
 reshapes (`oracle_weights`), and run through TransformerLens's forward with
-`torch.func.functional_call`: no hooks, no fast path, no `minirlhf.runtime.lora` code. Gradients with
-respect to A and B come from autograd through that replacement. Each check is also run against
+`torch.func.functional_call`: no hooks, no fast path, no `minirlhf.runtime.lora` code. Gradients
+with respect to A and B come from autograd through that replacement. Each check is also run against
 a deliberately wrong variant, which it must catch.
 """
 
@@ -15,9 +15,10 @@ from torch.func import functional_call
 from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
-from minirlhf.models import ReferenceModel, Trunk, get_trunk, prepare_policy, run_model
+from minirlhf.models import ReferenceModel, prepare_policy, run_model
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.runtime import lora
+from minirlhf.runtime.trunk import Trunk, get_trunk
 from minirlhf.trainer import RLHFTrainer
 from tests.test_fast_path import tiny_gpt2, tiny_llama
 
@@ -209,7 +210,7 @@ def test_reference_is_the_base_model_without_a_copy(name):
     reference = ReferenceModel(model, fast_path=True)
     assert all(p.data_ptr() == q.data_ptr()
                for p, q in zip(reference.model.parameters(), model.parameters()))
-    logits, _ = reference.evaluate(tokens, mask, prefix_len=1)
+    logits, _ = reference.forward_generated(tokens, mask, prefix_len=1)
     torch.testing.assert_close(real(logits, mask[:, :-1]), real(base[:, :-1], mask[:, :-1]),
                                atol=1e-5, rtol=0)
     assert lora.get_adapters(model).enabled  # the policy's adapters are back on
@@ -221,7 +222,7 @@ def test_reference_check_catches_adapters_left_on(monkeypatch):
     base = model(tokens, attention_mask=mask)
     randomise(lora.add_lora(model, 3, 6.0, ALL))
     monkeypatch.setattr(lora, "adapters_off", lambda model: torch.no_grad())
-    logits, _ = ReferenceModel(model).evaluate(tokens, mask, prefix_len=1)
+    logits, _ = ReferenceModel(model).forward_generated(tokens, mask, prefix_len=1)
     assert not torch.allclose(real(logits, mask[:, :-1]), real(base[:, :-1], mask[:, :-1]),
                               atol=1e-3)
 
@@ -295,15 +296,15 @@ def test_what_trains_check_catches_a_trainable_base(make_printable_model, monkey
 def test_cached_trunk_gives_the_full_forwards_loss_and_gradients(overrides,
                                                                  make_printable_model):
     trainer = make_trainer(make_printable_model(n_layers=3), **overrides)
-    assert trainer.frozen_layers == 2
+    assert trainer.model.frozen_layers == 2
     rollout = trainer.rollout_phase()
     mb = rollout.memory.get_minibatches(1, 1)[0]
-    assert mb.trunk_residual is not None
+    assert "trunk" in mb.kept
+    without_trunk = {name: rows for name, rows in mb.kept.items() if name != "trunk"}
     results = []
-    for trunk_residual in (mb.trunk_residual, None):
+    for kept in (mb.kept, without_trunk):
         trainer.optimizer.zero_grad()
-        objective, _ = trainer.compute_rlhf_objective(
-            type(mb)(**{**vars(mb), "trunk_residual": trunk_residual}))
+        objective, _ = trainer.compute_rlhf_objective(type(mb)(**{**vars(mb), "kept": kept}))
         objective.backward()
         results.append((objective.detach(), [p.grad.clone() for p in trainer.model.parameters()
                                              if p.requires_grad]))

@@ -13,11 +13,12 @@ from jaxtyping import TypeCheckError
 
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 
-BATCH, SEQ, GEN_LEN, D_VOCAB = 12, 7, 4, 5
+BATCH, SEQ, GEN_LEN, D_VOCAB, D_MODEL = 12, 7, 4, 5, 3
 
 
-def make_memory(batch: int = BATCH) -> ReplayMemory:
-    """A memory whose row i is recognisable in every field."""
+def make_memory(batch: int = BATCH, value_head: bool = True) -> ReplayMemory:
+    """A memory whose row i is recognisable in every field (`kept` as the models fill it: the
+    reference's logits and a frozen trunk's output)."""
     rows = torch.arange(batch)
     generator = torch.Generator().manual_seed(0)
     sample_ids = rows[:, None] * 100 + torch.arange(SEQ)  # sample_ids[i, 0] == 100 * i
@@ -28,8 +29,9 @@ def make_memory(batch: int = BATCH) -> ReplayMemory:
         attention_mask=attention_mask,
         logprobs=-torch.rand(batch, GEN_LEN, generator=generator),
         advantages=torch.randn(batch, GEN_LEN, generator=generator),
-        values=torch.randn(batch, GEN_LEN, generator=generator),
-        ref_outputs=torch.randn(batch, GEN_LEN, D_VOCAB, generator=generator),
+        values=torch.randn(batch, GEN_LEN, generator=generator) if value_head else None,
+        kept={"reference": torch.randn(batch, GEN_LEN, D_VOCAB, generator=generator),
+              "trunk": torch.randn(batch, SEQ, D_MODEL, generator=generator)},
     )
 
 
@@ -54,10 +56,14 @@ def minibatch_problem(get_minibatches: Callable, num_minibatches: int, passes: i
             for j in range(mb.sample_ids.shape[0]):
                 i = int(mb.sample_ids[j, 0]) // 100  # which memory row this is
                 seen.append(i)
-                for name in ["sample_ids", "attention_mask", "logprobs", "advantages",
-                             "ref_outputs"]:
+                for name in ["sample_ids", "attention_mask", "logprobs", "advantages"]:
                     if not torch.equal(getattr(mb, name)[j], getattr(memory, name)[i]):
                         return f"pass {p}: {name} of a row differs from memory row {i}"
+                if mb.kept.keys() != memory.kept.keys():
+                    return f"pass {p}: kept holds {sorted(mb.kept)}, expected {sorted(memory.kept)}"
+                for name in memory.kept:
+                    if not torch.equal(mb.kept[name][j], memory.kept[name][i]):
+                        return f"pass {p}: kept[{name!r}] of a row differs from memory row {i}"
                 if not torch.allclose(mb.returns[j], memory.advantages[i] + memory.values[i]):
                     return f"pass {p}: returns of memory row {i} are not its advantages + values"
         if sorted(seen) != list(range(BATCH)):  # each sample exactly once in this pass
@@ -72,15 +78,15 @@ def real(memory, num_minibatches, passes, generator):
     return memory.get_minibatches(num_minibatches, passes, generator)
 
 
-def _minibatch(memory: ReplayMemory, indices, returns=None, ref_indices=None) -> ReplayMinibatch:
-    ref_indices = indices if ref_indices is None else ref_indices
+def _minibatch(memory: ReplayMemory, indices, returns=None, kept_indices=None) -> ReplayMinibatch:
+    kept_indices = indices if kept_indices is None else kept_indices
     return ReplayMinibatch(
         sample_ids=memory.sample_ids[indices],
         attention_mask=memory.attention_mask[indices],
         logprobs=memory.logprobs[indices],
         advantages=memory.advantages[indices],
         returns=(memory.advantages + memory.values if returns is None else returns)[indices],
-        ref_outputs=memory.ref_outputs[ref_indices],
+        kept={name: rows[kept_indices] for name, rows in memory.kept.items()},
     )
 
 
@@ -104,15 +110,16 @@ def returns_are_advantages(memory, num_minibatches, passes, generator):
     return minibatches
 
 
-def ref_logits_shuffled_separately(memory, num_minibatches, passes, generator):
-    """Draws a second permutation for ref_outputs: each row's KL anchor belongs to another row."""
+def kept_shuffled_separately(memory, num_minibatches, passes, generator):
+    """Draws a second permutation for what the models kept: each row's KL anchor (and frozen
+    trunk) belongs to another row."""
     batch = memory.logprobs.shape[0]
     minibatches = []
     for _ in range(passes):
         order = torch.randperm(batch, generator=generator).reshape(num_minibatches, -1)
-        ref_order = torch.randperm(batch, generator=generator).reshape(num_minibatches, -1)
-        for indices, ref_indices in zip(order, ref_order, strict=True):
-            minibatches.append(_minibatch(memory, indices, ref_indices=ref_indices))
+        kept_order = torch.randperm(batch, generator=generator).reshape(num_minibatches, -1)
+        for indices, kept_indices in zip(order, kept_order, strict=True):
+            minibatches.append(_minibatch(memory, indices, kept_indices=kept_indices))
     return minibatches
 
 
@@ -139,7 +146,7 @@ def test_minibatches_match_the_memory_row_by_row(num_minibatches, passes):
 
 @pytest.mark.parametrize(
     "wrong",
-    [with_replacement, returns_are_advantages, ref_logits_shuffled_separately, one_pass_only,
+    [with_replacement, returns_are_advantages, kept_shuffled_separately, one_pass_only,
      unshuffled],
 )
 def test_minibatch_check_rejects_wrong_versions(wrong):
@@ -166,5 +173,26 @@ def test_unsliced_values_are_refused_at_the_boundary():
     with pytest.raises((AssertionError, TypeCheckError), match="values"):
         ReplayMemory(
             memory.sample_ids, memory.attention_mask, memory.logprobs, memory.advantages,
-            values=torch.randn(BATCH, SEQ), ref_outputs=memory.ref_outputs,
+            values=torch.randn(BATCH, SEQ), kept=memory.kept,
         )
+
+
+def test_kept_rows_of_another_batch_are_refused_at_the_boundary():
+    """What a model kept for fewer rows than there are samples is caught, naming the field."""
+    memory = make_memory()
+    with pytest.raises(AssertionError, match=r"kept\['trunk'\] has 11 rows"):
+        ReplayMemory(memory.sample_ids, memory.attention_mask, memory.logprobs,
+                     memory.advantages, memory.values,
+                     {**memory.kept, "trunk": memory.kept["trunk"][:-1]})
+
+
+def test_no_value_head_means_no_returns():
+    """A critic-free memory (values None) serves minibatches without returns; a minibatcher that
+    made targets from the advantages alone would hand a value head that does not exist some."""
+    memory = make_memory(value_head=False)
+    minibatches = memory.get_minibatches(4, 2, torch.Generator().manual_seed(0))
+    assert len(minibatches) == 8 and all(mb.returns is None for mb in minibatches)
+    assert all(torch.equal(mb.advantages[j], memory.advantages[int(mb.sample_ids[j, 0]) // 100])
+               for mb in minibatches for j in range(len(mb.advantages)))
+    wrong = returns_are_advantages(memory, 4, 2, torch.Generator().manual_seed(0))
+    assert all(mb.returns is not None for mb in wrong)

@@ -114,6 +114,81 @@ def test_values_carry_gradients_to_trunk_and_head(policy):
         policy.zero_grad(set_to_none=True)
 
 
+# ---------------------------------------------------------------- the generated positions
+
+
+def generated_mismatch(forward_generated: Callable, policy: TransformerWithValueHead,
+                       frozen_layers: int) -> str | None:
+    """None if forward_generated(policy, tokens, mask, prefix_len, kept) gives TransformerLens's
+    logits / T and the hand-made value head's values at the states that chose the generated
+    tokens (positions prefix_len - 1 .. seq - 2), with the frozen trunk's output kept or not."""
+    tokens, mask = make_batch(policy.base_model)
+    prefix_len, states = 3, slice(2, -1)
+    with torch.no_grad():
+        expected_logits = policy.base_model(tokens, attention_mask=mask)[:, states] / 1.7
+        expected_values = value_head_oracle(policy, tokens, mask)[:, states]
+        kept = policy.keep(tokens, mask)
+        if kept.keys() != ({"trunk"} if frozen_layers else set()):
+            return f"kept {sorted(kept)} with {frozen_layers} frozen blocks"
+        logits, values = forward_generated(policy, tokens, mask, prefix_len, kept)
+    real = mask[:, states].bool()
+    if logits.shape != expected_logits.shape or values.shape != expected_values.shape:
+        return f"logits {tuple(logits.shape)}, values {tuple(values.shape)}"
+    if not torch.allclose(logits[real], expected_logits[real], atol=1e-5):
+        return "logits differ from TransformerLens's / T at the generated states"
+    if not torch.allclose(values[real], expected_values[real], atol=1e-5):
+        return "values differ from the value head's at the generated states"
+    return None
+
+
+def real_forward_generated(policy, tokens, mask, prefix_len, kept):
+    return policy.forward_generated(tokens, mask, prefix_len, kept)
+
+
+def forward_generated_one_late(policy, tokens, mask, prefix_len, kept):
+    """Off by one: the states at the generated tokens themselves (prefix_len .. seq - 1)."""
+    logits, values = policy(tokens, mask)
+    return logits[:, prefix_len:] / policy.temperature, values[:, prefix_len:]
+
+
+def forward_generated_untempered(policy, tokens, mask, prefix_len, kept):
+    """Forgets the temperature the samples were drawn at."""
+    logits, values = policy.forward_generated(tokens, mask, prefix_len, kept)
+    return logits * policy.temperature, values
+
+
+@pytest.mark.parametrize("frozen_layers", [0, 1])
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_forward_generated_matches_oracles(tiny_model, fast_path, frozen_layers):
+    torch.manual_seed(0)
+    policy = TransformerWithValueHead(tiny_model, 1.7, fast_path, frozen_layers=frozen_layers)
+    problem = generated_mismatch(real_forward_generated, policy, frozen_layers)
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize("wrong", [forward_generated_one_late, forward_generated_untempered])
+def test_forward_generated_check_rejects_wrong_versions(tiny_model, wrong):
+    torch.manual_seed(0)
+    policy = TransformerWithValueHead(tiny_model, 1.7, frozen_layers=1)
+    assert generated_mismatch(wrong, policy, 1) is not None
+
+
+def test_a_critic_free_policy_has_no_value_head(tiny_model):
+    """value_head=False: no head, no head parameters, values None; the logits are the same."""
+    tokens, mask = make_batch(tiny_model)
+    policy = TransformerWithValueHead(tiny_model, value_head=False)
+    assert policy.value_head is None
+    assert all(name.startswith("base_model.") for name, _ in policy.named_parameters())
+    logits, values = policy(tokens, mask)
+    expected = policy.base_model(tokens, attention_mask=mask)
+    real = mask.bool()
+    assert values is None and torch.allclose(logits[real], expected[real], atol=1e-5)
+    _, values = policy.forward_generated(tokens, mask, 3)
+    assert values is None
+    with_head = TransformerWithValueHead(tiny_model)  # the check sees a head where there is one
+    assert not all(name.startswith("base_model.") for name, _ in with_head.named_parameters())
+
+
 # ---------------------------------------------------------------- the reference model
 
 
@@ -168,11 +243,12 @@ def test_reference_logits_match_transformer_lens(make_printable_model, keep_resi
     tokens, mask = make_batch(model)
     prefix_len, temperature = 3, 1.7
     reference = ReferenceModel(model, temperature, fast_path, keep_residual)
-    logits, kept = reference.evaluate(tokens, mask, prefix_len)
+    logits, kept = reference.forward_generated(tokens, mask, prefix_len)
     with torch.no_grad():
         expected = model(tokens, attention_mask=mask)[:, prefix_len - 1 : -1] / temperature
     d_kept = model.cfg.d_model if keep_residual else model.cfg.d_vocab
-    assert kept.shape == (*expected.shape[:2], d_kept)
+    assert kept.keys() == {"reference"}
+    assert kept["reference"].shape == (*expected.shape[:2], d_kept)
     real = mask[:, prefix_len - 1 : -1].bool()  # padding positions are never read
     for got in [logits, reference.get_logits(kept)]:
         assert (got - expected)[real].abs().max() < 1e-5

@@ -171,3 +171,33 @@ def test_get_optimizer():
 )
 def test_optimizer_check_rejects_wrong_versions(wrong):
     assert optimizer_problem(wrong) is not None
+
+
+def critic_free_problem(make: Callable) -> str | None:
+    """None if a policy without a value head (`value_head` None, critic-free) gets one AdamW
+    group, its trunk's parameters at base_lr, maximising; else what differs."""
+    model = PolicyWithHead()
+    model.value_head = None
+    optimizer = make(model, BASE_LR, HEAD_LR)
+    groups = [([id(p) for p in group["params"]], group["lr"], group["maximize"])
+              for group in optimizer.param_groups]
+    expected = [([id(p) for p in model.base_model.parameters()], BASE_LR, True)]
+    return None if groups == expected else f"groups {groups}, expected {expected}"
+
+
+def optimizer_with_an_empty_head_group(model, base_lr, head_lr):
+    """A head group whatever the policy: its LR would be logged for a head that is not there."""
+    return torch.optim.AdamW([{"params": model.base_model.parameters(), "lr": base_lr},
+                              {"params": [], "lr": head_lr}], maximize=True)
+
+
+def test_a_critic_free_policy_gets_one_group():
+    problem = critic_free_problem(get_optimizer)
+    assert problem is None, problem
+    optimizer, _ = get_optimizer_and_scheduler(PolicyWithHead(), BASE_LR, HEAD_LR, 0, 2, 0.1)
+    assert len(optimizer.param_groups) == 2  # with a head, two
+
+
+@pytest.mark.parametrize("wrong", [optimizer_with_an_empty_head_group, optimizer_lrs_swapped])
+def test_the_critic_free_check_rejects_wrong_versions(wrong):
+    assert critic_free_problem(wrong) is not None

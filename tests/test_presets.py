@@ -1,4 +1,5 @@
-"""Tests for minirlhf.cli.presets: every preset is a valid config, and the offline default is pinned."""
+"""Tests for minirlhf.cli.presets: every preset is a valid config, and the offline default is
+pinned."""
 
 import pytest
 

@@ -309,7 +309,8 @@ def test_a_wrong_sigterm_handler_would_lose_the_phases(tmp_path):
     action), the process dies at once and nothing is saved."""
     out = tmp_path / "run"
     patch = textwrap.dedent(SIGTERM_IN_SECOND_ROLLOUT) + (
-        "import contextlib\ntrain_command.stop_on_sigterm = lambda *args: contextlib.nullcontext()\n")
+        "import contextlib\n"
+        "train_command.stop_on_sigterm = lambda *args: contextlib.nullcontext()\n")
     stopped = run_train_process(tmp_path, patch, "--checkpoint-every", "10", "--out", str(out))
     assert stopped.returncode == -signal.SIGTERM and not (out / "checkpoint.pt").exists()
     assert os.path.exists(out / "run.json")

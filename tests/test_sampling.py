@@ -230,6 +230,13 @@ def test_a_kept_generator_moves_on_and_a_reseeded_one_repeats(tiny_model):
                                                      seed=5).sample_ids)
 
 
+def test_a_seed_and_a_generator_together_are_refused(tiny_model):
+    """Which one would draw is not obvious, so neither does."""
+    with pytest.raises(ValueError, match="a seed or a generator, not both"):
+        get_samples(tiny_model, PROMPT, 2, gen_len=3, seed=5,
+                    generator=torch.Generator().manual_seed(5))
+
+
 def test_shapes_and_text_of_a_repeated_prompt(tiny_model):
     result = get_samples(tiny_model, PROMPT, batch_size=3, gen_len=5, seed=0)
     prompt_ids = prompt_tokens(tiny_model, PROMPT, True)

@@ -13,11 +13,14 @@ import torch
 from rich.console import Console
 
 from minirlhf import trainer as trainer_module
+from minirlhf.advantages import ESTIMATORS, Estimator
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import calc_clipped_surrogate_objective
-from minirlhf.models import ReferenceModel, mask_or_none
+from minirlhf.metrics import explained_variance
+from minirlhf.models import ReferenceModel
 from minirlhf.rewards import reward_fn_char_count
-from minirlhf.trainer import RLHFTrainer, Rollout, explained_variance
+from minirlhf.runtime.trunk import mask_or_none
+from minirlhf.trainer import RLHFTrainer, Rollout
 
 E2E_ARGS = dict(
     total_phases=12,
@@ -87,10 +90,9 @@ def test_end_to_end_learns_to_emit_periods(make_printable_model):
     assert last.metrics == trainer.history[-1]
 
 
-def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef, **options):
+def surrogate_ratio_upside_down(logprobs, mb_logprobs, mb_advantages, clip_coef):
     """old / new instead of new / old: every update pushes against the advantage."""
-    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef,
-                                            **options)
+    return calc_clipped_surrogate_objective(mb_logprobs, logprobs, mb_advantages, clip_coef)
 
 
 def test_learning_check_rejects_a_wrong_trainer(make_printable_model, monkeypatch):
@@ -127,7 +129,7 @@ def rollout_inconsistency(trainer: RLHFTrainer, memory) -> str | None:
     expected = torch.gather(logprobs, -1, ids[:, prefix_len:, None]).squeeze(-1)
     if not torch.allclose(memory.logprobs, expected, atol=1e-5):
         return f"log-probs off by up to {(memory.logprobs - expected).abs().max():.2e}"
-    got_ref = trainer.reference.get_logits(memory.ref_outputs)
+    got_ref = trainer.reference.get_logits(memory.kept)
     ref_logits = ref_logits[:, positions]
     if not torch.allclose(got_ref, ref_logits, atol=1e-5):
         return f"reference logits off by up to {(got_ref - ref_logits).abs().max():.2e}"
@@ -240,11 +242,74 @@ def test_recomputing_reference_logits_trains_the_same(make_printable_model, fast
     lean = one_phase(make_printable_model(seed=3), temperature=2.0, fast_path=fast_path,
                      recompute_ref_logits=True)
     memory, d_vocab = stored[2].memory, stored[0].model.base_model.cfg.d_vocab
-    assert memory.ref_outputs.shape == (*memory.logprobs.shape, d_vocab)
+    assert memory.kept["reference"].shape == (*memory.logprobs.shape, d_vocab)
     memory, d_model = lean[2].memory, lean[0].model.base_model.cfg.d_model
-    assert memory.ref_outputs.shape == (*memory.logprobs.shape, d_model)
+    assert memory.kept["reference"].shape == (*memory.logprobs.shape, d_model)
     problem = training_difference(stored, lean)
     assert problem is None, problem
+
+
+def surrogate_advantages(model, monkeypatch, **overrides) -> tuple[list, Rollout]:
+    """The advantages every learning step of one phase hands the clipped surrogate, and the
+    rollout (whose memory holds them as the estimator made them)."""
+    seen, real = [], calc_clipped_surrogate_objective
+
+    def recording(logprobs, mb_logprobs, mb_advantages, clip_coef):
+        seen.append(mb_advantages.detach().clone())
+        return real(logprobs, mb_logprobs, mb_advantages, clip_coef)
+
+    args = RLHFArgs(**{**E2E_ARGS, "total_phases": 2, "batch_size": 8, "num_minibatches": 2,
+                       "gen_len": 6, **overrides})
+    trainer = RLHFTrainer(args, reward_fn_char_codes, base_model=model,
+                          console=Console(quiet=True), table_every=0)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module, "calc_clipped_surrogate_objective", recording)
+        rollout = trainer.rollout_phase()
+        trainer.learning_phase(rollout.memory)
+    return seen, rollout
+
+
+def reward_fn_char_codes(texts: list[str]) -> list[float]:
+    """A reward that varies between random samples (character codes modulo 7), so the groups'
+    advantages are rarely 0 and whitening them would show."""
+    return [float(sum(map(ord, text)) % 7) for text in texts]
+
+
+def whitening_problem(model, monkeypatch, estimator: str, whitened: bool) -> str | None:
+    """None if the surrogate gets each minibatch's advantages whitened (mean 0, population std 1
+    over its every token) when `whitened`, else exactly the memory's rows; else what it got."""
+    overrides = dict(advantage_estimator=estimator, group_size=1 if whitened else 4)
+    seen, rollout = surrogate_advantages(model, monkeypatch, **overrides)
+    stored = rollout.memory.advantages
+    for mb_advantages in seen:
+        values = mb_advantages.flatten().tolist()
+        mean = sum(values) / len(values)
+        std = (sum((a - mean) ** 2 for a in values) / len(values)) ** 0.5
+        if whitened and not (abs(mean) < 1e-5 and abs(std - 1) < 1e-4):
+            return f"{estimator}: a minibatch's advantages have mean {mean}, std {std}"
+        if not whitened and not all((row == stored).all(-1).any() for row in mb_advantages):
+            return f"{estimator}: a minibatch's advantages are not the memory's rows"
+    return None if seen else "no learning step"
+
+
+@pytest.mark.parametrize("estimator, whitened", [("gae", True), ("one_step", True),
+                                                 ("grpo", False), ("rloo", False)])
+def test_the_learning_loop_whitens_what_the_estimator_asks(make_printable_model, monkeypatch,
+                                                           estimator, whitened):
+    problem = whitening_problem(make_printable_model(seed=3), monkeypatch, estimator, whitened)
+    assert problem is None, problem
+
+
+def test_the_whitening_check_sees_a_loop_that_whitens_wrongly(make_printable_model, monkeypatch):
+    """Known-wrong loops: one that never whitens (PPO's advantages reach the loss raw), one that
+    always does (GRPO's per-group scale is undone)."""
+    monkeypatch.setattr(trainer_module, "whiten", lambda advantages, moments=None: advantages)
+    assert whitening_problem(make_printable_model(seed=3), monkeypatch, "gae", True) is not None
+    monkeypatch.undo()
+    monkeypatch.setattr(trainer_module, "ESTIMATORS",
+                        {name: Estimator(e.needs_critic, whitened=True)
+                         for name, e in ESTIMATORS.items()})
+    assert whitening_problem(make_printable_model(seed=3), monkeypatch, "grpo", False) is not None
 
 
 REFERENCE_GET_LOGITS = ReferenceModel.get_logits
@@ -257,7 +322,7 @@ def get_logits_untempered(self, kept):
 
 def get_logits_of_other_rows(self, kept):
     """Mixes up the rows (the memory's minibatch indices not applied to what it kept)."""
-    return REFERENCE_GET_LOGITS(self, kept.roll(1, dims=0))
+    return REFERENCE_GET_LOGITS(self, {name: rows.roll(1, dims=0) for name, rows in kept.items()})
 
 
 @pytest.mark.parametrize("wrong", [get_logits_untempered, get_logits_of_other_rows])

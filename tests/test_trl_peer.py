@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
-from minirlhf.prompts import get_phase_prompts, load_prompts, split_prompts
+from minirlhf.prompts import get_phase_prompts, load_prompts, prompt_text, split_prompts
 from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.trainer import RLHFTrainer
 
@@ -92,8 +92,9 @@ def draw_with_the_wrong_seed(args: RLHFArgs) -> list[list[str]]:
     train_prompts, _ = split_prompts(load_prompts(peer.resolve_prompt_file(args.prompts)),
                                      args.held_out_fraction, args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    return [get_phase_prompts(train_prompts, args.prompts_per_phase, args.group_size,
-                              generator)[:: args.group_size] for _ in range(args.total_phases)]
+    return [[prompt_text(record) for record in get_phase_prompts(
+        train_prompts, args.prompts_per_phase, args.group_size, generator)[:: args.group_size]]
+        for _ in range(args.total_phases)]
 
 
 @pytest.mark.parametrize("draw, right", [
@@ -105,7 +106,9 @@ def test_trl_gets_the_prompts_the_trainer_draws(draw, right):
                     num_minibatches=2, total_phases=3, warmup_steps=0, seed=5)
     trainer = RLHFTrainer(args, lambda samples: [0.0] * len(samples),
                           base_model=load_tiny_model(), console=Console(quiet=True))
-    drawn = [trainer.get_phase_prompts() for _ in range(args.total_phases)]
+    # The trainer draws prompt records; TRL is fed their text.
+    drawn = [[prompt_text(record) for record in trainer.get_phase_prompts()]
+             for _ in range(args.total_phases)]
     expected = [[p for p in phase for _ in range(args.group_size)] for phase in draw(args)]
     assert (drawn == expected) is right
 

@@ -133,6 +133,22 @@ def save_checkpoint(trainer_state: dict, folder: str | Path, extra: dict | None 
     check_free_space(folder, payload)
     for path in (previous, sidecar(previous)):  # room for the new file: disk peak = two files
         path.unlink(missing_ok=True)
+    tmp, tmp_json = write_temporary(payload, trainer_state, latest)
+    if latest.exists():
+        os.replace(latest, previous)
+        if sidecar(latest).exists():
+            os.replace(sidecar(latest), sidecar(previous))
+    os.replace(tmp, latest)
+    os.replace(tmp_json, sidecar(latest))
+    return latest
+
+
+def write_temporary(payload: dict, trainer_state: dict, latest: Path) -> tuple[Path, Path]:
+    """Write the checkpoint and its `checkpoint.json` under temporary names beside `latest`.
+
+    Raises:
+        CheckpointError: the disk is full or unwritable; neither temporary file is left behind.
+    """
     tmp = latest.with_name(latest.name + ".tmp")
     tmp_json = sidecar(latest).with_name(sidecar(latest).name + ".tmp")
     try:
@@ -146,13 +162,7 @@ def save_checkpoint(trainer_state: dict, folder: str | Path, extra: dict | None 
         if isinstance(error, OSError):
             raise CheckpointError(describe_write_error(error, latest)) from error
         raise
-    if latest.exists():
-        os.replace(latest, previous)
-        if sidecar(latest).exists():
-            os.replace(sidecar(latest), sidecar(previous))
-    os.replace(tmp, latest)
-    os.replace(tmp_json, sidecar(latest))
-    return latest
+    return tmp, tmp_json
 
 
 def write_file(path: Path, write):

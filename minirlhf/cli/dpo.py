@@ -24,9 +24,9 @@ from transformer_lens import HookedTransformer
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from minirlhf.cli.flags import add_args_flags
-from minirlhf.cli.report import append_metrics
+from minirlhf.cli.report import append_metrics, plot_dpo_metrics
 from minirlhf.cli.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
-from minirlhf.pairs.dpo_training import DPOArgs, plot_dpo_metrics, train_dpo
+from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
 from minirlhf.pairs.preferences import Preference, read_preferences, split_preferences
 from minirlhf.runtime import loading
 from minirlhf.runtime.device import pick_device

@@ -1,4 +1,5 @@
-"""`minirlhf export`: a run's trained policy as a Hugging Face model folder, checked by log-probs."""
+"""`minirlhf export`: a run's trained policy as a Hugging Face model folder, checked
+by log-probs."""
 
 import argparse
 from pathlib import Path
@@ -8,7 +9,8 @@ from rich.console import Console
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.run_folder import load_run_policy, new_folder
 from minirlhf.runtime.device import pick_device
-from minirlhf.runtime.export import ExportError, compare_logprobs, export_hf
+from minirlhf.runtime.export import compare_logprobs, export_hf
+from minirlhf.runtime.export_checks import ExportError
 
 
 def add_export_parser(commands):

@@ -1,4 +1,5 @@
-"""`minirlhf preferences`: RLAIF preference pairs (JSONL), two samples of a policy, a judge prefers one."""
+"""`minirlhf preferences`: RLAIF preference pairs (JSONL): two samples of a policy, a judge
+prefers one."""
 
 import argparse
 from pathlib import Path

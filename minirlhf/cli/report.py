@@ -1,7 +1,7 @@
 """What a run leaves behind and shows at the end: metrics file, plots, summary tables.
 
-Sits on top of the trainer and the reward-model training (it reads their metric dicts), below the
-command line and the benchmarks. matplotlib is imported only when a plot is drawn.
+Sits on top of the trainer, the reward-model training and DPO (it reads their metric dicts),
+below the command line and the benchmarks. matplotlib is imported only when a plot is drawn.
 """
 
 import json
@@ -81,6 +81,24 @@ def plot_reward_model_metrics(history: list[dict[str, float]], path: str | Path)
         ax_loss.set(xlabel="step", ylabel="-log sigmoid(r_c - r_r - m)", title="Pairwise loss")
         ax_acc.legend()
         ax_loss.legend()
+    return Path(path)
+
+
+def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
+    """A PNG: preference accuracy (train and held-out), and the held-out implicit rewards of the
+    chosen and rejected responses, against step."""
+    with two_panel_figure(path) as (ax_acc, ax_reward):
+        evals = plot_accuracy(ax_acc, history, "Chosen's implicit reward above rejected's")
+        eval_steps = [m["charts/step"] for m in evals]
+        for key, label in [("chosen_reward", "chosen"), ("rejected_reward", "rejected"),
+                           ("margin", "margin")]:
+            ax_reward.plot(eval_steps, [m[f"heldout/{key}"] for m in evals], marker="o",
+                           label=label)
+        ax_reward.axhline(0.0, color="grey", linewidth=0.5)
+        ax_reward.set(xlabel="step", ylabel="beta * (log pi - log pi_ref)",
+                      title="Held-out implicit rewards")
+        ax_acc.legend()
+        ax_reward.legend()
     return Path(path)
 
 

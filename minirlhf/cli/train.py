@@ -1,5 +1,6 @@
-"""`minirlhf train`: a preset plus flags -> `RLHFArgs` and a reward; the trainer run with checkpoints
-in its run folder (metrics.jsonl, reward_kl.png, checkpoint.pt, run.json), `--resume`, torchrun."""
+"""`minirlhf train`: a preset plus flags -> `RLHFArgs` and a reward; the trainer run with
+checkpoints in its run folder (metrics.jsonl, reward_kl.png, checkpoint.pt, run.json),
+`--resume`, torchrun."""
 
 import argparse
 import dataclasses
@@ -13,16 +14,11 @@ from rich.console import Console
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.flags import add_args_flags
+from minirlhf.cli.keeper import CheckpointKeeper, stop_on_sigterm
 from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
-from minirlhf.cli.run_folder import (
-    CheckpointKeeper,
-    locked,
-    resume_trainer,
-    resumed_config,
-    start_run_folder,
-    stop_on_sigterm,
-)
+from minirlhf.cli.resume import resume_trainer, resumed_config
+from minirlhf.cli.run_folder import locked, start_run_folder
 from minirlhf.runtime import distributed
 from minirlhf.runtime.device import pick_device
 from minirlhf.trainer import RLHFTrainer, Rollout
@@ -151,16 +147,7 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
     """Build the trainer, resume it if asked, and train with checkpoints in `out`."""
     args = RLHFArgs.from_dict(run["args"])
     console.print(f"[bold]minirlhf train[/]: {run['preset']} -> {out}", soft_wrap=True)
-    device = pick_device(args.device)
-    reward_fn = make_reward_fn(run["reward"], device)
-    table_every = 5 if ns.table_every is None else ns.table_every
-    trainer = RLHFTrainer(args, reward_fn, prompts=make_prompts(run["reward"], args),
-                          console=console, table_every=table_every)
-    console.print(f"Device {trainer.device}, precision {trainer.precision} "
-                  f"(--precision {args.precision})")
-    if distributed.get_world_size() > 1:
-        console.print(f"{distributed.get_world_size()} processes, {trainer.local_batch_size} "
-                      f"of the {args.batch_size} samples of a phase each")
+    trainer = make_trainer(ns, run, args, console)
     extra, saved_phase = {}, None
     if ns.resume:
         extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
@@ -194,6 +181,22 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         raise
     if distributed.is_main():
         finish_run(trainer, out, extra, console)
+
+
+def make_trainer(ns: argparse.Namespace, run: dict, args: RLHFArgs,
+                 console: Console) -> RLHFTrainer:
+    """The trainer with the run's reward and prompts, saying where and how it computes."""
+    device = pick_device(args.device)
+    reward_fn = make_reward_fn(run["reward"], device)
+    table_every = 5 if ns.table_every is None else ns.table_every
+    trainer = RLHFTrainer(args, reward_fn, prompts=make_prompts(run["reward"], args),
+                          console=console, table_every=table_every)
+    console.print(f"Device {trainer.device}, precision {trainer.precision} "
+                  f"(--precision {args.precision})")
+    if distributed.get_world_size() > 1:
+        console.print(f"{distributed.get_world_size()} processes, {trainer.local_batch_size} "
+                      f"of the {args.batch_size} samples of a phase each")
+    return trainer
 
 
 def finish_run(trainer: RLHFTrainer, out: Path, extra: dict, console: Console):

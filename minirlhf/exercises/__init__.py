@@ -57,6 +57,7 @@ from minirlhf.exercises.objective import (
     check_calc_kl_penalty,
     check_calc_rlhf_objective,
     check_calc_value_function_loss,
+    check_whiten,
 )
 from minirlhf.exercises.optim_and_learning import (
     check_get_lr_scale,
@@ -66,8 +67,8 @@ from minirlhf.exercises.optim_and_learning import (
 from minirlhf.exercises.reporting import ExerciseCheckError, Failure, last_failure
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
 from minirlhf.exercises.rewards_and_advantages import (
-    check_compute_advantages,
     check_compute_gae,
+    check_compute_one_step_advantages,
     check_normalize_reward,
     check_reward_fn_char_count,
 )
@@ -78,13 +79,14 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "get_samples": check_get_samples,
     "reward_fn_char_count": check_reward_fn_char_count,
     "normalize_reward": check_normalize_reward,
-    "compute_advantages": check_compute_advantages,
+    "compute_one_step_advantages": check_compute_one_step_advantages,
     "compute_gae": check_compute_gae,
     "ReplayMemory": check_replay_memory,
     "get_logprobs": check_get_logprobs,
     "calc_kl_penalty": check_calc_kl_penalty,
     "calc_entropy_bonus": check_calc_entropy_bonus,
     "calc_value_function_loss": check_calc_value_function_loss,
+    "whiten": check_whiten,
     "calc_clipped_surrogate_objective": check_calc_clipped_surrogate_objective,
     "calc_rlhf_objective": check_calc_rlhf_objective,
     "get_optimizer": check_get_optimizer,
@@ -112,12 +114,13 @@ CHECKS: dict[str, Callable[[Any], None]] = {
 MISTAKES: dict[str, list[Mistake]] = {
     "reward_fn_char_count": rewards_and_advantages.CHAR_COUNT_MISTAKES,
     "normalize_reward": rewards_and_advantages.NORMALIZE_MISTAKES,
-    "compute_advantages": rewards_and_advantages.ADVANTAGE_MISTAKES,
+    "compute_one_step_advantages": rewards_and_advantages.ADVANTAGE_MISTAKES,
     "compute_gae": rewards_and_advantages.GAE_MISTAKES,
     "get_logprobs": memory_and_logprobs.LOGPROBS_MISTAKES,
     "calc_kl_penalty": objective.KL_MISTAKES,
     "calc_entropy_bonus": objective.ENTROPY_MISTAKES,
     "calc_value_function_loss": objective.VALUE_LOSS_MISTAKES,
+    "whiten": objective.WHITEN_MISTAKES,
     "calc_clipped_surrogate_objective": objective.SURROGATE_MISTAKES,
     "calc_rlhf_objective": objective.OBJECTIVE_MISTAKES,
     "get_lr_scale": optim_and_learning.LR_MISTAKES,
@@ -159,10 +162,6 @@ def get_reference(name: str) -> Any:
         return reference_attach_lora
     if name in lora.REFERENCES:
         return lora.REFERENCES[name]
-    if name == "compute_advantages":  # the trainer's compute_advantages picks an estimator
-        return advantages.compute_one_step_advantages
-    if name == "calc_clipped_surrogate_objective":  # the exercise whitens the advantages too
-        return objective.reference_surrogate
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards
@@ -219,6 +218,7 @@ __all__ = [
     "Failure",
     "ReferenceOracleMismatch",
     "check_calc_clipped_surrogate_objective",
+    "check_whiten",
     "check_calc_dpo_loss",
     "check_calc_entropy_bonus",
     "check_calc_kl_k1",
@@ -231,7 +231,7 @@ __all__ = [
     "check_attach_lora",
     "check_get_ref_logits",
     "check_lora",
-    "check_compute_advantages",
+    "check_compute_one_step_advantages",
     "check_compute_gae",
     "check_compute_group_advantages",
     "check_compute_rloo_advantages",

@@ -144,9 +144,9 @@ LEARNING_MISTAKES = [
             _variant(sign=-1.0)),
     Mistake("did you forget optimizer.zero_grad()? Gradients then pile up across minibatches.",
             _variant(zero_grad=False)),
-    Mistake("did you forget to whiten the advantages? With a value head (GAE, one-step) each "
-            "minibatch's advantages are scaled to mean 0 and std 1 first: mb.advantages = "
-            "whiten(mb.advantages).", _variant(whiten_advantages=False)),
+    Mistake("did you whiten the advantages? With a value head's estimator "
+            "(ESTIMATORS[args.advantage_estimator].whitened), set mb.advantages = "
+            "whiten(mb.advantages) before the objective.", _variant(whiten_advantages=False)),
 ]
 
 

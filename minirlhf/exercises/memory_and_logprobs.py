@@ -78,11 +78,11 @@ def _check_minibatches(exercise, case, minibatches, inputs, num_minibatches, pas
             report(exercise, case, f"Minibatch {i} has {len(rows)} samples; expected "
                  f"{batch // num_minibatches} (batch_size // num_minibatches).")
         expected_returns = inputs["advantages"][rows] + inputs["values"][rows]
-        pairs = [(name, getattr(mb, name), inputs[name]) for name in
-                 ["attention_mask", "logprobs", "advantages"]]
-        pairs += [(f"kept[{k!r}]", mb.kept.get(k), v) for k, v in inputs["kept"].items()]
-        for name, got, stored in pairs:
-            if got is None or not torch.equal(got, stored[rows]):
+        pairs = [(name, getattr(mb, name), inputs[name])
+                 for name in ["attention_mask", "logprobs", "advantages"]]
+        pairs.append(('kept["reference"]', mb.kept["reference"], inputs["kept"]["reference"]))
+        for name, got, given in pairs:
+            if not torch.equal(got, given[rows]):
                 report(exercise, case, f"In minibatch {i}, {name} does not come from the same "
                      "samples as sample_ids.",
                      "index every tensor with the same indices, so each row stays one sample.")

@@ -195,15 +195,12 @@ def check_calc_value_function_loss(fn: Callable[..., Tensor]) -> None:
 
 
 def _surrogate_oracle(logprobs: PerToken, mb_logprobs: PerToken, mb_advantages: PerToken,
-                      clip_coef: float, eps: float = 1e-8) -> Scalar:
+                      clip_coef: float) -> Scalar:
     """The pessimistic bound written case by case, token by token."""
     advantages = mb_advantages.flatten().tolist()
-    mean = sum(advantages) / len(advantages)
-    std = (sum((a - mean) ** 2 for a in advantages) / len(advantages)) ** 0.5
     ratios = (logprobs - mb_logprobs).exp().flatten()
     terms = []
     for ratio, advantage in zip(ratios, advantages, strict=True):
-        advantage = (advantage - mean) / (std + eps)
         if advantage >= 0:  # a good action: gain nothing past a ratio of 1 + clip_coef
             terms.append(torch.clamp(ratio, max=1 + clip_coef) * advantage)
         else:  # a bad action: nothing gained below a ratio of 1 - clip_coef
@@ -211,9 +208,7 @@ def _surrogate_oracle(logprobs: PerToken, mb_logprobs: PerToken, mb_advantages: 
     return torch.stack(terms).mean()
 
 
-def _surrogate(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8, *, pick=torch.minimum,
-               ratio=None, normalize="population", clip_advantages=False):
-    ratio = (logprobs - mb_logprobs).exp() if ratio is None else ratio
+def _whiten(mb_advantages, eps=1e-8, normalize="population"):
     if normalize == "population":
         mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(correction=0)
                                                                   + eps)
@@ -223,6 +218,12 @@ def _surrogate(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8, *, pic
         mean, std = mb_advantages.mean(-1, keepdim=True), mb_advantages.std(-1, correction=0,
                                                                             keepdim=True)
         mb_advantages = (mb_advantages - mean) / (std + eps)
+    return mb_advantages
+
+
+def _surrogate(logprobs, mb_logprobs, mb_advantages, clip_coef, *, pick=torch.minimum,
+               ratio=None, clip_advantages=False):
+    ratio = (logprobs - mb_logprobs).exp() if ratio is None else ratio
     if clip_advantages:
         clipped = ratio * mb_advantages.clamp(1 - clip_coef, 1 + clip_coef)
     else:
@@ -230,59 +231,73 @@ def _surrogate(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8, *, pic
     return pick(ratio * mb_advantages, clipped).mean()
 
 
-SURROGATE_MISTAKES = [
-    Mistake("you maximised instead of minimised: PPO takes torch.minimum of the unclipped and "
-            "clipped terms (the pessimistic bound), not torch.maximum.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, pick=torch.maximum)),
-    Mistake("did you forget to normalise the advantages (mean 0, std 1 over the minibatch)?",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, normalize=None)),
-    Mistake("you normalised with the sample std (correction=1): a minibatch of one token then "
-            "gives NaN. Use mb_advantages.std(correction=0).",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, normalize="sample")),
+WHITEN_MISTAKES = [
+    Mistake("did you use the sample std (correction=1)? A minibatch of one token then gives NaN: "
+            "use advantages.std(correction=0).",
+            lambda advantages, eps=1e-8: _whiten(advantages, eps, normalize="sample")),
+    Mistake("you whitened each sample (row) separately: use the mean and std over the whole "
+            "minibatch, every token of every sample together.",
+            lambda advantages, eps=1e-8: _whiten(advantages, eps, normalize="per row")),
+    Mistake("you left the mean in: subtract it before dividing by the std.",
+            lambda advantages, eps=1e-8: advantages / (advantages.std(correction=0) + eps)),
     Mistake("did you forget eps? A minibatch of one token, or equal advantages, has std 0, and "
-            "0 / 0 is NaN: divide by mb_advantages.std(correction=0) + eps.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, 0.0)),
-    Mistake("the ratio is upside down: it is exp(logprobs - mb_logprobs), new over old.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                mb_logprobs, logprobs, mb_advantages, clip_coef, eps)),
-    Mistake("the ratio of probabilities is exp(logprobs - mb_logprobs), not logprobs / "
-            "mb_logprobs.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps,
-                ratio=logprobs / mb_logprobs)),
-    Mistake("you clipped the advantages; clip the ratio to [1 - clip_coef, 1 + clip_coef].",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, clip_advantages=True)),
-    Mistake("did you forget the clipped term? The objective is the minimum of ratio * A and "
-            "clip(ratio) * A.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, pick=lambda a, b: a)),
-    Mistake("you normalised the advantages of each sample (row) separately: normalise over the "
-            "whole minibatch, every token of every sample together.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: _surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps, normalize="per row")),
-    Mistake("the sign is flipped: return the surrogate itself (the trainer adds it to the "
-            "objective it maximises), not its negative.",
-            lambda logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8: -_surrogate(
-                logprobs, mb_logprobs, mb_advantages, clip_coef, eps)),
+            "0 / 0 is NaN: divide by advantages.std(correction=0) + eps.",
+            lambda advantages, eps=1e-8: _whiten(advantages, 0.0)),
 ]
 
 
-def reference_surrogate(logprobs: PerToken, mb_logprobs: PerToken, mb_advantages: PerToken,
-                        clip_coef: float, eps: float = 1e-8) -> Scalar:
-    """minirlhf's solution to the exercise, which whitens the advantages itself: the trainer
-    whitens them in its learning loop (`whiten`), then takes the clipped surrogate."""
-    return calc_clipped_surrogate_objective(logprobs, mb_logprobs, whiten(mb_advantages, eps=eps),
-                                            clip_coef)
+def _whiten_oracle(advantages: PerToken, eps: float = 1e-8) -> PerToken:
+    values = advantages.flatten().tolist()
+    mean = sum(values) / len(values)
+    std = (sum((a - mean) ** 2 for a in values) / len(values)) ** 0.5
+    return torch.tensor([(a - mean) / (std + eps) for a in values]).reshape(advantages.shape)
+
+
+@learner_facing
+def check_whiten(fn: Callable[..., Tensor]) -> None:
+    """Check `fn(advantages, eps=1e-8)`: mean 0 and population std 1 over the whole minibatch."""
+    cases = [Case(name, {"advantages": advantages}) for name, advantages in [
+        ("minibatch 4, gen_len 5", randn(4, 5, seed=0, scale=3.0)),
+        ("rows with different means", randn(3, 4, seed=1) + torch.arange(3.0)[:, None] * 5),
+        ("a minibatch of one token", torch.tensor([[2.5]])),
+        ("equal advantages", torch.full((2, 3), 1.5))]]
+    check_function("whiten", fn, whiten, _whiten_oracle, cases, WHITEN_MISTAKES,
+                   dims="(minibatch, gen_len)")
+
+
+SURROGATE_MISTAKES = [
+    Mistake("you maximised instead of minimised: PPO takes torch.minimum of the unclipped and "
+            "clipped terms (the pessimistic bound), not torch.maximum.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: _surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, pick=torch.maximum)),
+    Mistake("the advantages come whitened already (the learning loop does it): do not "
+            "normalise them again here.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: _surrogate(
+                logprobs, mb_logprobs, _whiten(mb_advantages), clip_coef)),
+    Mistake("the ratio is upside down: it is exp(logprobs - mb_logprobs), new over old.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: _surrogate(
+                mb_logprobs, logprobs, mb_advantages, clip_coef)),
+    Mistake("the ratio of probabilities is exp(logprobs - mb_logprobs), not logprobs / "
+            "mb_logprobs.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: _surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, ratio=logprobs / mb_logprobs)),
+    Mistake("you clipped the advantages; clip the ratio to [1 - clip_coef, 1 + clip_coef].",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: _surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, clip_advantages=True)),
+    Mistake("did you forget the clipped term? The objective is the minimum of ratio * A and "
+            "clip(ratio) * A.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: _surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef, pick=lambda a, b: a)),
+    Mistake("the sign is flipped: return the surrogate itself (the trainer adds it to the "
+            "objective it maximises), not its negative.",
+            lambda logprobs, mb_logprobs, mb_advantages, clip_coef: -_surrogate(
+                logprobs, mb_logprobs, mb_advantages, clip_coef)),
+]
 
 
 @learner_facing
 def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
-    """Check `fn(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8)`: PPO's objective."""
+    """Check `fn(logprobs, mb_logprobs, mb_advantages, clip_coef)`: PPO's objective."""
     def case(name, shape, seed, clip_coef, spread=0.5, advantages=None):
         mb_logprobs = -randn(*shape, seed=seed).abs() - 0.5
         logprobs = (mb_logprobs + randn(*shape, seed=seed + 1, scale=spread)).requires_grad_(True)
@@ -295,7 +310,7 @@ def check_calc_clipped_surrogate_objective(fn: Callable[..., Tensor]) -> None:
              case("clip_coef 0.1", (3, 6), 10, 0.1, spread=0.3),
              case("a minibatch of one token", (1, 1), 20, 0.2),
              case("equal advantages", (2, 3), 30, 0.2, advantages=torch.full((2, 3), 1.5))]
-    check_function("calc_clipped_surrogate_objective", fn, reference_surrogate,
+    check_function("calc_clipped_surrogate_objective", fn, calc_clipped_surrogate_objective,
                    _surrogate_oracle, cases, SURROGATE_MISTAKES, dims="a scalar")
 
 

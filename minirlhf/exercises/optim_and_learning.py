@@ -28,7 +28,7 @@ class _TinyPolicy(nn.Module):
 
 
 def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module, base_lr: float,
-                       head_lr: float, inputs: dict[str, Any]) -> None:
+                     head_lr: float, inputs: dict[str, Any]) -> None:
     """The optimiser's class, groups, their order and learning rates; `inputs` (what built it)
     is the case a failure records."""
     report = functools.partial(fail, exercise, case, inputs=inputs)
@@ -54,7 +54,7 @@ def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module,
         hint = None
         if got[0] == base_ids | head_ids:
             hint = ("model.parameters() includes the value head: use model.base_model.parameters() "
-                      "for the first group, so no parameter appears twice.")
+                    "for the first group, so no parameter appears twice.")
         report("The first group should hold exactly model.base_model's parameters "
                "and the second exactly model.value_head's.", hint)
     lrs = [group.get("initial_lr", group["lr"]) for group in groups]  # before any scheduling

@@ -163,24 +163,24 @@ ADVANTAGE_MISTAKES = [
             "values[:, prefix_len - 1 + t].",
             lambda values, rewards, prefix_len: _shifted(values, rewards, prefix_len, -1)),
     Mistake("the sign is flipped: A_t = V(s_{t+1}) - V(s_t), not V(s_t) - V(s_{t+1}).",
-            lambda values, rewards, prefix_len: -compute_one_step_advantages(values, rewards,
-                                                                             prefix_len)),
+            lambda values, rewards, prefix_len: -compute_one_step_advantages(
+                values, rewards, prefix_len)),
     Mistake("the last step's target should be the reward, not values[:, -1] (the sequence ends "
             "there, and the reward is all that follows).",
             lambda values, rewards, prefix_len: compute_one_step_advantages(values, values[:, -1],
                                                                    prefix_len)),
     Mistake("you returned the targets (V(s_{t+1}) and the reward) without subtracting the "
             "baseline V(s_t).",
-            lambda values, rewards, prefix_len: compute_one_step_advantages(values, rewards,
-                                                                            prefix_len)
+            lambda values, rewards, prefix_len: compute_one_step_advantages(
+                values, rewards, prefix_len)
             + values[:, prefix_len - 1 : -1]),
 ]
 
 
 @learner_facing
-def check_compute_advantages(fn: Callable[..., Tensor]) -> None:
+def check_compute_one_step_advantages(fn: Callable[..., Tensor]) -> None:
     """Check `fn(values, rewards, prefix_len)`: one-step advantages, shape (batch, gen_len)."""
-    check_function("compute_advantages", fn, compute_one_step_advantages, _one_step_oracle,
+    check_function("compute_one_step_advantages", fn, compute_one_step_advantages, _one_step_oracle,
                    _advantage_cases(), ADVANTAGE_MISTAKES, dims="batch, gen_len")
 
 

@@ -140,13 +140,11 @@ def check_compute_rlhf_objective(fn: ObjectiveFn) -> None:
 RolloutFn = Callable[[RLHFTrainer], Rollout]
 MEMORY_FIELDS = ["sample_ids", "attention_mask", "logprobs", "advantages", "values"]
 MEMORY_HINTS = {
-    "sample_ids": "sample with generator=self.streams.sample (the trainer's own random stream) "
-                  "and self.sampling, from self.model.base_model.",
-    "logprobs": "take the log-probs from outputs = get_rollout_outputs(self.model, "
-                "self.reference, samples, args.kl_estimator, rows_per_chunk).",
-    "advantages": "self.compute_advantages(batch) normalises the rewards and runs the estimator "
-                  "of args.advantage_estimator (batch = gather_global_batch(samples.texts, "
-                  "rewards, outputs)).",
+    "sample_ids": "sample with self.sample(prompts, self.streams.sample, for_training=True): "
+                  "self.streams.sample, the trainer's own random stream.",
+    "logprobs": "take the log-probs from get_rollout_outputs(...).logprobs.",
+    "advantages": "self.compute_advantages(gather_rollout(samples, rewards, outputs)) "
+                  "normalises the rewards and runs the estimator of args.advantage_estimator.",
     "values": "ReplayMemory's order is (sample_ids, attention_mask, logprobs, advantages, "
               "values, kept).",
     "kept": "store outputs.kept, what the models keep for the learning steps (the reference's "
@@ -154,7 +152,7 @@ MEMORY_HINTS = {
 }
 METRICS = {"charts/reward_mean": "rewards.mean(), the raw rewards' mean",
            "charts/kl": "outputs.exact_kl.mean(), the exact KL per token"}
-"""The metrics the notebooks' plots read, and what each is."""
+"""The metrics the notebooks' plots read, and what each is (answers of gen_len tokens)."""
 
 
 def _memory_mismatch(expected: Rollout, got: Rollout) -> tuple[str, str | None] | None:
@@ -189,7 +187,8 @@ def _metric_mismatch(expected: Rollout, got: Rollout) -> tuple[str, str | None] 
             return f"The metric {key} is {have:.6g}; expected {want:.6g}.", hint
     if abs(got.kl - expected.kl) > 1e-5 * max(1.0, abs(expected.kl)):
         return (f"Rollout.kl is {got.kl:.6g}; expected {expected.kl:.6g}.",
-                "Rollout.kl feeds the adaptive KL controller: pass metrics['charts/kl'].")
+                "Rollout.kl feeds the adaptive KL controller: the mean KL per answer, the exact "
+                "KL per token times gen_len.")
     return None
 
 

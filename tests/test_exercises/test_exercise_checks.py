@@ -121,7 +121,7 @@ def test_a_reference_that_disagrees_with_its_oracle_is_reported():
 
 def test_failure_message_shows_shapes_and_first_mismatch():
     with pytest.raises(ExerciseCheckError) as caught:
-        CHECKS["compute_advantages"](lambda values, rewards, prefix_len: torch.zeros(1, 1))
+        CHECKS["compute_one_step_advantages"](lambda values, rewards, prefix_len: torch.zeros(1, 1))
     assert "Expected shape (3, 4) = (batch, gen_len), got (1, 1)." in str(caught.value)
     with pytest.raises(ExerciseCheckError) as caught:
         CHECKS["normalize_reward"](lambda reward, eps=1e-5: reward * 0)
@@ -136,7 +136,7 @@ def test_success_prints_one_line(capsys):
 
 LEARNER_FILE = '''
 import torch
-from minirlhf.advantages import compute_one_step_advantages as compute_advantages  # imported
+from minirlhf import compute_one_step_advantages  # a correct solution, imported
 
 
 def normalize_reward(reward, eps=1e-5):  # the sample std, as the original design had it
@@ -148,9 +148,9 @@ def test_check_file_and_main(tmp_path, capsys):
     path = tmp_path / "my_solutions.py"
     path.write_text(LEARNER_FILE)
     results = check_file(path)
-    assert results["compute_advantages"] == "passed"
+    assert results["compute_one_step_advantages"] == "passed"
     assert "did you use the sample std" in results["normalize_reward"]
-    assert set(results) == {"compute_advantages", "normalize_reward"}
+    assert set(results) == {"compute_one_step_advantages", "normalize_reward"}
     captured = capsys.readouterr()
     assert "1 of 2 checks passed; \N{BALLOT X} failed: normalize_reward." in captured.out
     assert "\N{BALLOT X} normalize_reward failed:" in captured.err

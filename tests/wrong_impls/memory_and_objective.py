@@ -30,7 +30,7 @@ class _Memory(ReplayMemory):
     def minibatch(self, indices, returns):
         return ReplayMinibatch(self.sample_ids[indices], self.attention_mask[indices],
                                self.logprobs[indices], self.advantages[indices],
-                               returns[indices], {k: v[indices] for k, v in self.kept.items()})
+                               returns[indices], {"reference": self.kept["reference"][indices]})
 
 
 @wrong("ReplayMemory", "index every tensor with the same indices")
@@ -39,7 +39,7 @@ class MisalignedRows(_Memory):
         other = indices.sort().values  # the same samples, in another order
         return ReplayMinibatch(self.sample_ids[indices], self.attention_mask[indices],
                                self.logprobs[other], self.advantages[indices],
-                               returns[indices], {k: v[indices] for k, v in self.kept.items()})
+                               returns[indices], {"reference": self.kept["reference"][indices]})
 
 
 @wrong("ReplayMemory", "you stored the advantages as returns")

@@ -134,6 +134,11 @@ def _learning_phase(self, memory, *, sign=1.0, zero_grad="first", generator=True
     return {"losses/objective": objective.item()} if result else None
 
 
+@wrong("learning_phase", "did you whiten the advantages?")
+def advantages_not_whitened(self, memory):
+    return _learning_phase(self, memory, whitened=False)
+
+
 @wrong("learning_phase", "did you pass self.streams.shuffle")
 def unseeded_minibatches(self, memory):
     return _learning_phase(self, memory, generator=False)

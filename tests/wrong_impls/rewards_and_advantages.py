@@ -30,7 +30,7 @@ def normalize_in_place(reward, eps=1e-5):
 # ---------------------------------------------------------------- one-step advantages and GAE
 
 
-@wrong("compute_advantages", "A slice that forgot the batch axis")
+@wrong("compute_one_step_advantages", "A slice that forgot the batch axis")
 def advantages_crash_on_rows_slice(values, rewards, prefix_len):
     """Slices rows for the targets but positions for the states: the shapes cannot broadcast."""
     targets = torch.cat([values[:, prefix_len:], rewards[:, None]], dim=-1)

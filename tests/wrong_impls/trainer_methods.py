@@ -10,10 +10,8 @@ from minirlhf.losses import (
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory
-from minirlhf.models import get_rollout_outputs
-from minirlhf.rewards import get_rewards
-from minirlhf.sampling import get_samples
-from minirlhf.trainer import Rollout, gather_global_batch
+from minirlhf.models import gather_rollout, get_rollout_outputs
+from minirlhf.trainer import Rollout
 
 from . import wrong
 
@@ -81,35 +79,34 @@ def objective_with_a_detached_kl(self, mb):
 
 def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True, reward_metric="rewards"):
     """A rollout phase written out; each keyword switches on one mistake."""
-    args = self.args
-    samples = get_samples(self.model.base_model, self.get_phase_prompts(), args.batch_size,
-                          args.gen_len, self.sampling, args.prepend_bos,
-                          generator=self.streams.sample if seeded else None,
-                          return_final_residual=True)
-    rewards = get_rewards(self.reward_fn, samples.texts)
+    args, prompts = self.args, self.get_phase_prompts()
+    generator = self.streams.sample if seeded else torch.Generator()  # not the trainer's stream
+    samples = self.sample(prompts, generator, for_training=True)
+    rewards, loss_mask = self.score(samples, prompts)
     outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
-                                  args.batch_size // args.num_minibatches)
+                                  args.minibatch_size)
     if estimator:
-        advantages = self.compute_advantages(gather_global_batch(samples.texts, rewards, outputs))
+        advantages = self.compute_advantages(gather_rollout(samples, rewards, outputs))
     else:  # the raw reward at the last token, no value baseline, no normalisation
         advantages = torch.zeros_like(outputs.values)
         advantages[:, -1] = rewards
     first, second = (outputs.values, advantages) if swap else (advantages, outputs.values)
     memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
-                          first, second, outputs.kept)
+                          first, second, outputs.kept, loss_mask)
     mean = rewards.mean() if reward_metric == "rewards" else advantages.mean()
     metrics = {"charts/reward_mean": mean.item()}
     if kl:
         metrics["charts/kl"] = outputs.exact_kl.mean().item()
-    return Rollout(memory, samples.texts, rewards, outputs.exact_kl.mean().item(), metrics)
+    return Rollout(memory, samples.texts, rewards, outputs.exact_kl.mean().item() * args.gen_len,
+                   metrics)
 
 
-@wrong("rollout_phase", "generator=self.streams.sample")
+@wrong("rollout_phase", "self.streams.sample, the trainer's own random stream")
 def unseeded_rollout(self):
     return _rollout(self, seeded=False)
 
 
-@wrong("rollout_phase", "self.compute_advantages(batch)")
+@wrong("rollout_phase", "self.compute_advantages(gather_rollout(samples, rewards, outputs))")
 def raw_rewards_as_advantages(self):
     return _rollout(self, estimator=False)
 
