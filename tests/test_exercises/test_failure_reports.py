@@ -138,6 +138,6 @@ def test_a_mistake_no_catalogued_one_reproduces_gets_no_hint():
         return targets - values[:, prefix_len:]
 
     with pytest.raises(ExerciseCheckError) as caught:
-        exercises.check_compute_advantages(states_one_late)
+        exercises.check_compute_one_step_advantages(states_one_late)
     assert "Likely mistake" not in str(caught.value)
     assert "First mismatch" in str(caught.value)

@@ -29,12 +29,16 @@ def value_loss_by_f_mse_loss(values, mb_returns, vf_coef):
     return 0.5 * vf_coef * F.mse_loss(values, mb_returns)
 
 
-def surrogate_by_where(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8):
+def surrogate_by_where(logprobs, mb_logprobs, mb_advantages, clip_coef):
     ratio = torch.exp(logprobs - mb_logprobs)
-    advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(unbiased=False) + eps)
-    capped = torch.where(advantages >= 0, ratio.clamp(max=1 + clip_coef),
+    capped = torch.where(mb_advantages >= 0, ratio.clamp(max=1 + clip_coef),
                          ratio.clamp(min=1 - clip_coef))
-    return (capped * advantages).mean()
+    return (capped * mb_advantages).mean()
+
+
+def whiten_by_var_mean(advantages, eps=1e-8):
+    var, mean = torch.var_mean(advantages, correction=0)
+    return (advantages - mean) / (var.sqrt() + eps)
 
 
 def pairwise_by_bce_with_logits(chosen_rewards, rejected_rewards, margin=None):
@@ -61,6 +65,7 @@ OTHER_STYLES = [
     ("calc_entropy_bonus", entropy_by_torch_distributions),
     ("calc_value_function_loss", value_loss_by_f_mse_loss),
     ("calc_clipped_surrogate_objective", surrogate_by_where),
+    ("whiten", whiten_by_var_mean),
     ("calc_pairwise_loss", pairwise_by_bce_with_logits),
     ("calc_kl_k3", k3_by_ratio_and_its_log),
     ("calc_dpo_loss", dpo_by_logsigmoid),

@@ -181,18 +181,14 @@ def objective_two_signs_flipped(clipped_surrogate, value_loss, entropy_bonus, kl
     return clipped_surrogate - value_loss - entropy_bonus + kl_penalty
 
 
-@wrong("calc_clipped_surrogate_objective", "did you forget eps?")
-def surrogate_without_eps(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8):
+@wrong("whiten", "did you forget eps?")
+def whiten_without_eps(advantages, eps=1e-8):
     """Once named "sample std": both give NaN on a minibatch of one token."""
-    ratio = (logprobs - mb_logprobs).exp()
-    advantages = (mb_advantages - mb_advantages.mean()) / mb_advantages.std(correction=0)
-    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef)
-    return torch.minimum(ratio * advantages, clipped * advantages).mean()
+    return (advantages - advantages.mean()) / advantages.std(correction=0)
 
 
 @wrong("calc_clipped_surrogate_objective", "the ratio is upside down")
-def surrogate_old_and_new_swapped(logprobs, mb_logprobs, mb_advantages, clip_coef, eps=1e-8):
+def surrogate_old_and_new_swapped(logprobs, mb_logprobs, mb_advantages, clip_coef):
     ratio = (mb_logprobs - logprobs).exp()
-    advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std(correction=0) + eps)
     clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef)
-    return torch.minimum(ratio * advantages, clipped * advantages).mean()
+    return torch.minimum(ratio * mb_advantages, clipped * mb_advantages).mean()
