@@ -115,6 +115,9 @@ class RLHFArgs:
     """Share of the `prompts` file held out from training, to measure over-fitting."""
     eval_every: int = 5
     """Score one sample of every held-out prompt every this many phases (and at the last)."""
+    held_out_max: int = 256
+    """Score at most this many held-out prompts (the first of the held-out split), in batches of
+    batch_size, so a large prompt file cannot make evaluation take over the run."""
     prepend_bos: bool = True
     """Put the model's BOS token before the prompt."""
 
@@ -215,7 +218,7 @@ class RLHFArgs:
 
     def check_critic_free(self):
         """group_size, the KL options and the critic-free estimators agree."""
-        check_at_least(self, ["group_size", "kl_horizon", "eval_every"])
+        check_at_least(self, ["group_size", "kl_horizon", "eval_every", "held_out_max"])
         check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_high=True)
         check_choice(self, "kl_estimator")
         check_choice(self, "kl_in")

@@ -37,13 +37,13 @@ def get_rollout_metrics(
     (group_size > 1), how well the value head predicts the returns (with a value head), and
     the answers' lengths (`get_answer_metrics`)."""
     outputs, mask = batch.outputs, batch.response_mask
-    kl = aggregate(outputs.exact_kl, mask).item()
+    gen_len = outputs.exact_kl.shape[1]
     metrics = {
         "charts/reward_mean": batch.rewards.mean().item(),
         "charts/reward_std": batch.rewards.std(correction=0).item(),
-        "charts/kl": kl,
-        "charts/kl_per_answer": kl * outputs.exact_kl.shape[1] if mask is None
-        else (outputs.exact_kl * mask).sum(dim=-1).mean().item(),
+        "charts/kl": aggregate(outputs.exact_kl, mask).item(),
+        # The mean over answers of each one's summed KL: the constant aggregation times gen_len.
+        "charts/kl_per_answer": aggregate(outputs.exact_kl, mask, "constant").item() * gen_len,
         "charts/kl_coef": kl_coef,
         "charts/entropy": aggregate(outputs.entropy, mask).item(),
     }

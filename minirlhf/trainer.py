@@ -191,11 +191,15 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def evaluate_held_out(self) -> dict[str, float]:
-        """The mean reward of one sample of every held-out prompt (the policy as it is now)."""
-        samples = self.sample(self.held_out_prompts, self.streams.eval)
-        rewards = get_rewards(self.reward_fn, samples.texts, self.device, samples.prompts,
-                              samples.responses, self.held_out_prompts)
-        return {"eval/held_out_reward": rewards.mean().item()}
+        """The mean reward of one sample of each held-out prompt (the first `held_out_max`), by
+        the policy as it is now, `batch_size` prompts at a time."""
+        prompts, rewards = self.held_out_prompts[: self.args.held_out_max], []
+        for start in range(0, len(prompts), self.args.batch_size):
+            chunk = prompts[start : start + self.args.batch_size]
+            samples = self.sample(chunk, self.streams.eval)
+            rewards.append(get_rewards(self.reward_fn, samples.texts, self.device,
+                                       samples.prompts, samples.responses, chunk))
+        return {"eval/held_out_reward": torch.cat(rewards).mean().item()}
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
 

@@ -21,7 +21,10 @@ import sys
 
 from minirlhf.cli import dpo, export, preferences, reward_model, sample, train
 from minirlhf.cli.checkpoint import CheckpointError
+from minirlhf.cli.provenance import ChangedInputError
 from minirlhf.cli.run_folder import RunFolderError
+from minirlhf.cli.safe_files import UnsafeFileError
+from minirlhf.pairs.reward_model import RewardModelError
 from minirlhf.runtime import distributed
 
 COMMANDS = {"train": train.cmd_train, "sample": sample.cmd_sample,
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None):
     ns = parser.parse_args(argv)
     try:
         COMMANDS[ns.command](ns, parser)
-    except (CheckpointError, RunFolderError, distributed.WorldSizeError) as error:
+    except (CheckpointError, RunFolderError, UnsafeFileError, RewardModelError,
+            ChangedInputError, distributed.WorldSizeError) as error:
         parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
     finally:
         distributed.shutdown()

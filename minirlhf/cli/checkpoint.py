@@ -11,8 +11,12 @@ so a resumed run reloads it from `args.base_model`. What the files guarantee:
 - Damage is found. `checkpoint.json` beside the file records its size and SHA-256, checked
   before loading; NaN or infinite weights or optimiser state are refused on saving and loading.
 - One bad file never ends a run. The previous checkpoint stays as `checkpoint.prev.pt` and is
-  loaded, with a note, when the latest is missing or damaged. The new file is written to a
-  temporary name and renamed, so a crash or a full disk mid-write leaves the latest as it was.
+  loaded, with a note, when the latest is missing or damaged (a resume then moves the damaged
+  one aside, as `checkpoint.damaged-N.pt`). The new file is written to a temporary name and
+  renamed, so a crash or a full disk mid-write leaves the latest as it was; and the file a run
+  was loaded from is never deleted before a newer one is in place.
+- Nothing is written through a symbolic link (`cli.safe_files`).
+- Another format is refused with its version and this one; nothing converts it.
 """
 
 import errno
@@ -22,7 +26,6 @@ import os
 import pickle
 import re
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minirlhf.cli.safe_files import open_nofollow, refuse_symlinks
+
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
-FORMAT = "minirlhf-checkpoint-2"  # 1: the pickled format before checkpoints were verified
+# 3: random streams as a dict (python, numpy, torch, sample, shuffle, prompt, eval[, cuda]);
+# critic-free policies have no value head. Older formats are refused, never converted.
+FORMAT = "minirlhf-checkpoint-3"
 # TransformerLens keeps -inf in each attention layer's IGNORE buffer: infinite by design.
 INFINITE_BY_DESIGN = (".IGNORE",)
 
@@ -130,9 +137,14 @@ def save_checkpoint(trainer_state: dict, folder: str | Path, extra: dict | None 
     if bad is not None:
         raise CheckpointError(f"Not saving phase {trainer_state['phase']}: {bad} holds NaN or "
                               f"infinity. {latest} (if any) is left as it was.")
+    refuse_symlinks(folder, [p.name for p in (latest, previous, sidecar(latest),
+                                              sidecar(previous))])
+    if latest.exists() and not is_intact(latest):
+        set_aside(latest)  # else it would replace the good previous file below
     check_free_space(folder, payload)
-    for path in (previous, sidecar(previous)):  # room for the new file: disk peak = two files
-        path.unlink(missing_ok=True)
+    if latest.exists():  # room for the new file: disk peak = two files
+        for path in (previous, sidecar(previous)):
+            path.unlink(missing_ok=True)
     tmp, tmp_json = write_temporary(payload, trainer_state, latest)
     if latest.exists():
         os.replace(latest, previous)
@@ -168,7 +180,7 @@ def write_temporary(payload: dict, trainer_state: dict, latest: Path) -> tuple[P
 def write_file(path: Path, write):
     """Call `write(file)` on `path` opened for writing, then flush it to the disk. Through a
     Python file a full disk raises OSError(ENOSPC), not torch's unexplained RuntimeError."""
-    with open(path, "wb") as file:
+    with os.fdopen(open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as file:
         write(file)
         file.flush()
         os.fsync(file.fileno())
@@ -195,8 +207,9 @@ def check_free_space(folder: Path, payload: dict):
     """Refuse before touching any file when the new checkpoint cannot fit on the disk (the
     previous checkpoint's file counts as free: it is deleted to make room)."""
     needed = storage_bytes(payload) + (1 << 20)  # + room for the pickled metadata
-    previous = folder / PREVIOUS_NAME
-    free = shutil.disk_usage(folder).free + (previous.stat().st_size if previous.exists() else 0)
+    previous, deleted = folder / PREVIOUS_NAME, (folder / CHECKPOINT_NAME).exists()
+    free = shutil.disk_usage(folder).free + (previous.stat().st_size
+                                             if deleted and previous.exists() else 0)
     if free < needed:
         raise CheckpointError(describe_write_error(OSError(errno.ENOSPC, os.strerror(
             errno.ENOSPC)), folder / CHECKPOINT_NAME, needed, free))
@@ -214,21 +227,25 @@ def describe_write_error(error: OSError, latest: Path, needed: int | None = None
 
 # ---- loading ----
 
-def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu",
+                    set_aside_damaged: bool = False) -> Checkpoint:
     """The latest usable checkpoint in `folder`: `checkpoint.pt`, else `checkpoint.prev.pt`.
+
+    Args:
+        set_aside_damaged: when the latest is passed over, rename it `checkpoint.damaged-N.pt`
+            (a resume, which saves next: the save must not mistake it for the latest).
 
     Raises:
         CheckpointError: there is none, or neither file can be trusted; the message says what
             is wrong with each.
     """
     folder = Path(folder)
-    candidates = [folder / CHECKPOINT_NAME, folder / PREVIOUS_NAME]
     if not has_checkpoint(folder):
         raise CheckpointError(
             f"No checkpoint in {folder}: the run has saved none yet (the first comes after "
             f"--checkpoint-every phases). Continue it with: minirlhf train --out {folder} --resume")
     problems = []
-    for path in candidates:
+    for path in [folder / CHECKPOINT_NAME, folder / PREVIOUS_NAME]:
         if not path.exists():
             problems.append(f"There is no {path.name}.")
             continue
@@ -240,8 +257,34 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
         note = None
         if problems:
             note = f"{problems[0]} Loaded {path.name} (phase {payload['trainer']['phase']})."
+            latest = folder / CHECKPOINT_NAME
+            if set_aside_damaged and latest.exists():
+                note += f" {latest.name} moved aside to {set_aside(latest).name}."
         return Checkpoint(payload["trainer"], payload["extra"], path, note)
     raise CheckpointError(f"No usable checkpoint in {folder}. " + " ".join(problems))
+
+
+def set_aside(latest: Path) -> Path:
+    """Rename a damaged `checkpoint.pt` (and its record) to `checkpoint.damaged-N.pt`."""
+    n = 1
+    while (aside := latest.with_name(f"checkpoint.damaged-{n}.pt")).exists():
+        n += 1
+    os.replace(latest, aside)
+    if sidecar(latest).exists() and not sidecar(latest).is_symlink():
+        os.replace(sidecar(latest), sidecar(aside))
+    return aside
+
+
+def is_intact(path: Path) -> bool:
+    """Whether `path` matches its record (format, size, SHA-256). A save checks the latest this
+    way before it deletes the previous file (one hash per save, about a second per GB): a damaged
+    latest must never push out the file a run was loaded from."""
+    try:
+        info = json.loads(sidecar(path).read_text())
+        return (info.get("format") == FORMAT and path.stat().st_size == info.get("bytes")
+                and sha256_of(path) == info.get("sha256"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def has_checkpoint(folder: str | Path) -> bool:
@@ -266,26 +309,51 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     payload = load_plain(path, map_location)
     if not isinstance(payload, dict) or not {"trainer", "extra"} <= set(payload):
         raise CheckpointError(f"{path} is not a minirlhf checkpoint (no trainer state in it).")
-    bad = find_non_finite(payload["trainer"])
+    non_finite = find_non_finite(payload["trainer"])
+    bad = f"NaN or infinity in {non_finite}" if non_finite else find_bad_plain_data(payload)
     if bad is not None:
-        raise CheckpointError(f"{path} holds NaN or infinity in {bad}: not loaded.")
+        raise CheckpointError(f"{path} holds {bad}: not loaded.")
     return payload
 
 
+def find_bad_plain_data(payload: dict) -> str | None:
+    """What is wrong with the plain values a checkpoint holds (each read back as data, so they
+    are checked like the tensors): phase and step counts, and metric rows of name -> number."""
+    trainer = payload["trainer"]
+    if not isinstance(trainer, dict) or not isinstance(payload["extra"], dict):
+        return "a trainer state or extra that is not a dict"
+    for key in ("phase", "global_step"):
+        if not isinstance(trainer.get(key), int) or isinstance(trainer.get(key), bool):
+            return f"a {key} that is not a whole number ({trainer.get(key)!r:.60})"
+    history = trainer.get("history", [])
+    if not isinstance(history, list):
+        return "a history that is not a list"
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in row.items()):
+            return f"history[{i}], which is not a row of metric name -> number"
+    return None
+
+
 def read_sidecar(path: Path) -> dict:
-    """The size and SHA-256 saved beside a checkpoint; a clear error when there are none."""
+    """The size and SHA-256 saved beside a checkpoint; a clear error when there are none, or
+    when the file is of another format (refused with both versions: nothing converts it)."""
     try:
         info = json.loads(sidecar(path).read_text())
     except FileNotFoundError:
         raise CheckpointError(
-            f"{path} has no {sidecar(path).name} beside it, so it cannot be checked: it was "
-            "written by an older minirlhf (a format that can run code when loaded), or copied "
-            "without it. It is not loaded. If you wrote it yourself, convert it once with: "
-            f"python -m minirlhf.cli.checkpoint {path.parent}") from None
+            f"{path} has no {sidecar(path).name} beside it, so it cannot be checked (copied "
+            "without it, or written before checkpoints were verified): not loaded. Copy both "
+            "files, or start the run again with --force.") from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{sidecar(path)} is unreadable ({error}).") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar(path)} is not a {FORMAT} record.")
+    found = info.get("format") if isinstance(info, dict) else None
+    if found != FORMAT:
+        raise CheckpointError(
+            f"{path} is in the format {found or 'of no minirlhf version'!s:.60}; this minirlhf "
+            f"reads {FORMAT} only: start the run again with --force (or use the minirlhf that "
+            "wrote it).")
     return info
 
 
@@ -306,22 +374,3 @@ def load_plain(path: Path, map_location) -> object:
         first_line = (str(error).splitlines() or [""])[0][:200]
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(error).__name__}: "
                               f"{first_line}).") from None
-
-
-# ---- checkpoints from before this format ----
-
-def upgrade_checkpoint(folder: str | Path) -> Path:
-    """Convert a `checkpoint.pt` written by an older minirlhf into the verified format.
-
-    It is unpickled the old way, which can run code: do this only for files you wrote.
-    """
-    path = Path(folder) / CHECKPOINT_NAME
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    return save_checkpoint(payload["trainer"], folder, payload["extra"])
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m minirlhf.cli.checkpoint RUN_FOLDER  (converts an old checkpoint "
-                 "you trust into the verified format)")
-    print(f"Converted: {upgrade_checkpoint(sys.argv[1])}")

@@ -24,7 +24,8 @@ from transformer_lens import HookedTransformer
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
 from minirlhf.cli.flags import add_args_flags
-from minirlhf.cli.report import append_metrics, plot_dpo_metrics
+from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
+from minirlhf.cli.report import append_metrics, plot_dpo_metrics, write_metrics
 from minirlhf.cli.run_folder import RunFolderError, args_and_pairs, claimed, locked, write_json
 from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
 from minirlhf.pairs.preferences import Preference, read_preferences, split_preferences
@@ -51,6 +52,7 @@ def add_dpo_parser(commands):
     dpo.add_argument("--direction", choices=["pos", "neg"], default="pos",
                      help="VADER: the sentiment the judge prefers")
     dpo.add_argument("--char", default=".", help="char_count: the character counted")
+    add_accept_flag(dpo)
     add_args_flags(dpo, DPOArgs, "DPOArgs")
 
 
@@ -67,7 +69,7 @@ def cmd_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     with claimed(ns.out, "dpo", ns.force, console):
         policy = loading.load_policy(args.base_model, pick_device(args.device))
         write_json(ns.out / "run.json", make_run_config(ns, args, policy, train + heldout))
-        (ns.out / "metrics.jsonl").write_text("")
+        write_metrics(ns.out / "metrics.jsonl", [])
         console.print(f"[bold]minirlhf dpo[/]: {len(train)} train / {len(heldout)} held-out "
                       f"pairs from {ns.data} -> {ns.out}", soft_wrap=True)
         run_dpo(ns, policy, args, (train, heldout), None, console)
@@ -88,18 +90,19 @@ def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error(f"--resume continues a DPO run with its saved configuration: drop "
                      f"{', '.join(given)}, or start a new run with another --out.")
     args, data = DPOArgs(**run["dpo"]["args"]), Path(run["dpo"]["data"])
-    if run["dpo"].get("data_sha256") not in (None, sha256_of(data)):
+    if run["dpo"]["data_sha256"] != sha256_of(data):
         raise RunFolderError(f"{data} has changed since the run started: its pairs, and the "
                              "held-out split, would not be the ones it trained on.")
     pairs = split_preferences(read_preferences(data), args.heldout_fraction, seed=args.seed)
     console, device = Console(), pick_device(args.device)
+    check_inputs(run, ns.accept_changed_inputs, console)
     with locked(ns.out, "dpo") as stale:
         if stale:
             console.print(f"[yellow]{stale}", soft_wrap=True)
         saved = load_dpo_checkpoint(ns.out, device, console)
         history = saved["history"] if saved else []
         # Steps after the checkpoint are run again, so their old metric lines go.
-        (ns.out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in history))
+        write_metrics(ns.out / "metrics.jsonl", history)
         console.print(f"[bold]minirlhf dpo --resume[/]: {ns.out} at step {len(history)}",
                       soft_wrap=True)
         run_dpo(ns, loading.load_policy(args.base_model, device), args, pairs, saved, console)
@@ -110,12 +113,9 @@ def load_dpo_checkpoint(out: Path, device, console: Console) -> dict | None:
     if not has_checkpoint(out):
         console.print("[yellow]No checkpoint yet: the run starts again from step 0.")
         return None
-    checkpoint = load_checkpoint(out, map_location=device)
+    checkpoint = load_checkpoint(out, map_location=device, set_aside_damaged=True)
     if checkpoint.note:
         console.print(f"[yellow]{checkpoint.note}", soft_wrap=True)
-    if "optimizer" not in checkpoint.trainer:
-        raise RunFolderError(f"{out}'s checkpoint holds the policy only (written before DPO "
-                             "runs could resume): start the run again with --force.")
     return checkpoint.trainer
 
 
@@ -132,9 +132,10 @@ def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransfo
                            trainable_layers=args.trainable_layers, lora_rank=args.lora_rank,
                            lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
     reward = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
-    return {"preset": "dpo", "args": sample_args.to_dict(), "reward": reward,
-            "dpo": {"args": args.to_dict(), "data": str(ns.data.resolve()),
-                    "data_sha256": sha256_of(ns.data)}}
+    run = {"preset": "dpo", "args": sample_args.to_dict(), "reward": reward,
+           "dpo": {"args": args.to_dict(), "data": str(ns.data.resolve()),
+                   "data_sha256": sha256_of(ns.data)}}
+    return run | {"inputs": get_inputs(run)}
 
 
 def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, args: DPOArgs,

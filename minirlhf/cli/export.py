@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
+from minirlhf.cli.provenance import add_accept_flag
 from minirlhf.cli.run_folder import load_run_policy, new_folder
 from minirlhf.runtime.device import pick_device
 from minirlhf.runtime.export import compare_logprobs, export_hf
@@ -25,13 +26,14 @@ def add_export_parser(commands):
                         help="export even when the policy's unembedding bias differs between "
                         "tokens (GPT-2 and Llama have none): log-probs change by up to its spread")
     export.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_accept_flag(export)
 
 
 def cmd_export(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     """Load the run's policy, write it to a scratch folder beside --out, check transformers
     reads the same log-probs from it, then move it into place."""
     console = Console()
-    trained = load_run_policy(ns.run, pick_device(ns.device))
+    trained = load_run_policy(ns.run, pick_device(ns.device), ns.accept_changed_inputs)
     if trained.note:
         console.print(f"[yellow]{trained.note}", soft_wrap=True)
     prepend_bos = RLHFArgs.from_dict(trained.run["args"]).prepend_bos

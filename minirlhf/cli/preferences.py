@@ -2,6 +2,7 @@
 prefers one."""
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -17,6 +18,7 @@ def add_preferences_parser(commands):
     prefs = commands.add_parser("preferences", help="write RLAIF preference pairs (JSONL): "
                                 "two samples of the policy, the judge prefers one")
     prefs.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    prefs.add_argument("--force", action="store_true", help="replace a file already at --out")
     prefs.add_argument("--base-model", default="smollm2", help="the policy to sample")
     prefs.add_argument("--prompt", action="append",
                        help="a prompt (repeat for several; default 'This movie was')")
@@ -38,11 +40,27 @@ def add_preferences_parser(commands):
 
 
 
+def check_out(ns: argparse.Namespace, parser: argparse.ArgumentParser):
+    """Refuse, before any sampling, an --out that is a link, a folder, or (without --force) a
+    file already there."""
+    if ns.out.is_symlink():
+        parser.error(f"{ns.out} is a symbolic link: pick another --out (its target is left "
+                     "alone).")
+    if ns.out.is_dir():
+        parser.error(f"{ns.out} is a folder: --out names the JSONL file to write.")
+    if ns.out.exists() and not ns.force:
+        parser.error(f"{ns.out} already exists: pick another --out, or add --force to replace "
+                     "it.")
+    if not ns.out.parent.is_dir():
+        parser.error(f"{ns.out.parent} is not a folder: create it, or pick another --out.")
+
+
 def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     from minirlhf.pairs.preferences import make_preferences, write_preferences
 
     if ns.batch_size < 2 or ns.batch_size % 2:
         parser.error(f"--batch-size must be even (two samples a pair), got {ns.batch_size}.")
+    check_out(ns, parser)
     device = pick_device(ns.device)
     judge_spec = {"kind": ns.judge, "direction": ns.direction, "char": ns.char}
     console = Console()
@@ -52,7 +70,12 @@ def cmd_preferences(ns: argparse.Namespace, parser: argparse.ArgumentParser):
             ns.prompt or ["This movie was"], ns.num_pairs, gen_len=ns.gen_len,
             batch_size=ns.batch_size, min_gap=ns.min_gap, margin=ns.margin, seed=ns.seed,
             prepend_bos=ns.prepend_bos)
-    write_preferences(preferences, ns.out)
+    tmp = ns.out.with_name(f".{ns.out.name}.tmp-{os.getpid()}")
+    try:  # a temporary name, then a rename: an interrupted write leaves the old file whole
+        write_preferences(preferences, tmp)
+        os.replace(tmp, ns.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     table = Table("chosen", "rejected", title=f"{len(preferences)} pairs -> {ns.out}",
                   show_lines=True)
     for p in preferences[:4]:

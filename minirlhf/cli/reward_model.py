@@ -2,14 +2,13 @@
 accuracy and its normalisation on the initial policy."""
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from minirlhf.cli.flags import add_args_flags
-from minirlhf.cli.report import append_metrics, plot_reward_model_metrics
+from minirlhf.cli.report import append_metrics, plot_reward_model_metrics, write_metrics
 from minirlhf.cli.run_folder import args_and_pairs, claimed
 from minirlhf.pairs.reward_training import RewardModelArgs
 from minirlhf.runtime.device import pick_device
@@ -33,20 +32,19 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, train: list,
                                 heldout: list, console: Console):
-    from minirlhf.pairs.reward_model import save_reward_model
+    from minirlhf.pairs.reward_model import save_reward_model, sha256_of
     from minirlhf.pairs.reward_training import fit_reward_model
 
-    (ns.out / "metrics.jsonl").write_text("")
+    write_metrics(ns.out / "metrics.jsonl", [])
     console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(heldout)} "
                   f"held-out pairs from {ns.data} -> {ns.out}", soft_wrap=True)
     trained = fit_reward_model(train, heldout, args, pick_device(args.device),
                                console=console,
                                on_step=lambda m: append_metrics(ns.out / "metrics.jsonl", m))
     info = {"base_model": args.base_model, "args": args.to_dict(), "data": str(ns.data),
+            "data_sha256": sha256_of(ns.data),
             "heldout": trained.final_heldout, "normalization": trained.normalization}
-    save_reward_model(trained.reward_model, ns.out, info)
-    info |= {"prepend_bos": args.prepend_bos, "append_end_token": args.append_end_token}
-    (ns.out / "reward_model.json").write_text(json.dumps(info, indent=2))
+    save_reward_model(trained.reward_model, ns.out, info)  # and reward_model.json, its record
     plot = plot_reward_model_metrics(trained.history, ns.out / "accuracy.png")
     summary = Table("held-out", "value", title="Reward model")
     for key, value in {**trained.final_heldout, **trained.normalization}.items():

@@ -23,6 +23,8 @@ from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import load_checkpoint
+from minirlhf.cli.provenance import check_inputs
+from minirlhf.cli.safe_files import open_nofollow, refuse_symlinks, write_text
 from minirlhf.models import load_trained_state, prepare_policy
 from minirlhf.pairs.preferences import read_preferences, split_preferences
 from minirlhf.runtime import loading
@@ -38,7 +40,7 @@ PPO_FILES = ("run.json", "checkpoint.pt", "checkpoint.prev.pt")
 REWARD_MODEL_FILES = ("reward_model.pt", "reward_model.json")
 # Everything a run writes, deleted by --force (sidecars and plots included).
 RUN_FILES = (*PPO_FILES, "checkpoint.json", "checkpoint.prev.json", "metrics.jsonl",
-             "reward_kl.png", *REWARD_MODEL_FILES, "accuracy.png")
+             "reward_kl.png", *REWARD_MODEL_FILES, "accuracy.png", "dpo.png")
 
 
 class RunFolderError(Exception):
@@ -46,10 +48,9 @@ class RunFolderError(Exception):
 
 
 def write_json(path: Path, value):
-    """Write JSON to a temporary name, then rename: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    """Write JSON to a temporary name, then rename: a reader never sees half a file, and a
+    symbolic link at `path` is refused, not written through."""
+    write_text(path, json.dumps(value, indent=2))
 
 
 # ---- one process per folder ----
@@ -61,8 +62,10 @@ def locked(folder: Path, command: str) -> Iterator[str | None]:
 
     Raises:
         RunFolderError: another live process holds the folder (its PID is named).
+        UnsafeFileError: run.lock or a file the run writes is a symbolic link (named).
     """
     folder.mkdir(parents=True, exist_ok=True)
+    refuse_symlinks(folder, [LOCK_NAME, *RUN_FILES])
     if fcntl is None:
         yield None
         return
@@ -81,7 +84,7 @@ def locked(folder: Path, command: str) -> Iterator[str | None]:
 def take_lock(path: Path):
     """The open, flock-ed lock file, emptied, and who held it before (None: no one)."""
     while True:
-        file = open(path, "a+")
+        file = os.fdopen(open_nofollow(path, os.O_RDWR | os.O_CREAT), "r+")
         try:
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,18 +152,21 @@ class RunPolicy:
     """Why the latest checkpoint was passed over for the previous one, if it was."""
 
 
-def load_run_policy(run_dir: Path, device="cpu") -> RunPolicy:
+def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -> RunPolicy:
     """The policy a `minirlhf train` or `minirlhf dpo` run trained, as a plain HookedTransformer:
     a LoRA run's adapters merged into the weights, the value head left out.
 
     Raises:
         RunFolderError: `run_dir` holds no run.json.
         CheckpointError: it holds no usable checkpoint.
+        ChangedInputError: the base model's folder changed since the run (unless
+            `accept_changed`).
     """
     if not (run_dir / "run.json").is_file():
         raise RunFolderError(f"{run_dir} is not a run folder (no run.json): pass the --out of "
                              "`minirlhf train` or `minirlhf dpo`.")
     run = json.loads((run_dir / "run.json").read_text())
+    check_inputs(run, accept_changed)
     args = RLHFArgs.from_dict(run["args"])
     checkpoint = load_checkpoint(run_dir, map_location=device)
     policy = loading.load_policy(args.base_model, device)
@@ -218,7 +224,7 @@ def claim_folder(folder: Path, command: str, force: bool) -> list[str]:
     Raises:
         RunFolderError: naming the run found and what to do instead.
     """
-    found = [name for name in RUN_FILES if (folder / name).exists()]
+    found = [name for name in RUN_FILES if os.path.lexists(folder / name)]
     if not found:
         return []
     if not force:
@@ -235,7 +241,7 @@ def start_run_folder(out: Path, run: dict, force: bool, console: Console):
         console.print(f"[yellow]--force: deleted {', '.join(removed)} from {out}.",
                       soft_wrap=True)
     write_json(out / "run.json", run)
-    (out / "metrics.jsonl").write_text("")
+    write_text(out / "metrics.jsonl", "")
 
 
 def describe_existing_run(folder: Path, found: list[str], command: str) -> str:

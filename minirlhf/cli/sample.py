@@ -9,6 +9,7 @@ from rich.text import Text
 
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.presets import make_reward_fn
+from minirlhf.cli.provenance import add_accept_flag
 from minirlhf.cli.run_folder import load_run_policy
 from minirlhf.rewards import get_rewards
 from minirlhf.runtime import loading
@@ -24,13 +25,14 @@ def add_sample_parser(commands):
     sample.add_argument("--gen-len", type=int, help="tokens to generate (default: the run's)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    add_accept_flag(sample)
     sample.add_argument("--compare", action="store_true",
                         help="also sample the model as it was before training")
 
 
 def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     device = pick_device(ns.device)
-    trained = load_run_policy(ns.run, device)
+    trained = load_run_policy(ns.run, device, ns.accept_changed_inputs)
     if trained.note:
         Console(stderr=True).print(f"[yellow]{trained.note}", soft_wrap=True)
     run, args = trained.run, RLHFArgs.from_dict(trained.run["args"])

@@ -16,6 +16,7 @@ from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.flags import add_args_flags
 from minirlhf.cli.keeper import CheckpointKeeper, stop_on_sigterm
 from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
+from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
 from minirlhf.cli.resume import resume_trainer, resumed_config
 from minirlhf.cli.run_folder import locked, start_run_folder
@@ -54,6 +55,7 @@ def add_train_parser(commands):
                        "(default NCCL on CUDA, gloo on the CPU)")
     train.add_argument("--wandb-mode", choices=["online", "offline"],
                        help="offline (default) writes to the run folder; `wandb sync` later")
+    add_accept_flag(train)
     add_args_flags(train)
 
 
@@ -84,8 +86,9 @@ def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
                          "`minirlhf reward-model`.")
         reward = {"kind": "reward_model", "path": str(ns.reward_model.resolve())}
     # wandb_id: a resumed run logs into the same wandb run (resume="allow").
-    return {"preset": preset_name, "args": args.to_dict(), "reward": reward,
-            "wandb_id": secrets.token_hex(6)}
+    run = {"preset": preset_name, "args": args.to_dict(), "reward": reward,
+           "wandb_id": secrets.token_hex(6)}
+    return run | {"inputs": get_inputs(run)}  # checked by --resume, sample and export
 
 
 def given_flags(ns: argparse.Namespace) -> dict:
@@ -124,6 +127,7 @@ def cmd_train(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         if ns.resume:
             run, changes = resumed_config(json.loads((out / "run.json").read_text()),
                                           given_flags(ns))
+            check_inputs(run, ns.accept_changed_inputs, console)
         else:
             start_run_folder(out, run, ns.force, console)
         train_run(ns, out, run, changes, console)
@@ -139,6 +143,7 @@ def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out:
     if ns.resume:
         run, changes = resumed_config(json.loads((out / "run.json").read_text()),
                                       given_flags(ns))
+        check_inputs(run, ns.accept_changed_inputs, Console(quiet=True))
     distributed.setup(pick_device(run["args"]["device"]), ns.backend)
     return run, changes
 
@@ -151,6 +156,7 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
     extra, saved_phase = {}, None
     if ns.resume:
         extra, saved_phase = resume_trainer(trainer, out, run, changes, console)
+    extra["reward"] = run["reward"]  # saved beside the args: a resume compares run.json with both
     keeper = CheckpointKeeper(trainer, out, ns.checkpoint_every or 5, args.total_phases, extra,
                               saved_phase)
 
@@ -170,9 +176,8 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
 
     try:
         with stop_on_sigterm(keeper, trainer):
-            wandb_kwargs = {"mode": ns.wandb_mode or "offline", "dir": str(out)}
-            if "wandb_id" in run:  # runs started before wandb_id existed get a new wandb run
-                wandb_kwargs |= {"id": run["wandb_id"], "resume": "allow"}
+            wandb_kwargs = {"mode": ns.wandb_mode or "offline", "dir": str(out),
+                            "id": run["wandb_id"], "resume": "allow"}
             trainer.train(on_phase_end, wandb_kwargs=wandb_kwargs)
     except BaseException as error:
         if not isinstance(error, CheckpointError):  # a failed save: main says why, once

@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 from minirlhf.exercises import (
+    answers,
     critic_free,
     dpo,
     learning_phase,
@@ -36,6 +37,13 @@ from minirlhf.exercises import (
     optim_and_learning,
     reward_model,
     rewards_and_advantages,
+)
+from minirlhf.exercises.answers import (
+    check_aggregate,
+    check_compute_gae_with_ends,
+    check_get_response_mask,
+    check_get_token_weights,
+    check_masked_mean,
 )
 from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
 from minirlhf.exercises.critic_free import (
@@ -107,6 +115,11 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "Lora": check_lora,
     "attach_lora": check_attach_lora,
     "get_ref_logits": check_get_ref_logits,
+    "get_response_mask": check_get_response_mask,
+    "masked_mean": check_masked_mean,
+    "compute_gae_with_ends": check_compute_gae_with_ends,
+    "aggregate": check_aggregate,
+    "get_token_weights": check_get_token_weights,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -134,6 +147,11 @@ MISTAKES: dict[str, list[Mistake]] = {
     "calc_kl_k3": critic_free.K3_MISTAKES,
     "get_sequence_logprobs": dpo.SEQUENCE_MISTAKES,
     "calc_dpo_loss": dpo.DPO_MISTAKES,
+    "get_response_mask": answers.MASK_MISTAKES,
+    "masked_mean": answers.MASKED_MEAN_MISTAKES,
+    "compute_gae_with_ends": answers.GAE_MISTAKES,
+    "aggregate": answers.AGGREGATE_MISTAKES,
+    "get_token_weights": answers.WEIGHT_MISTAKES,
 }
 """The catalogue of named mistakes, by exercise: each `imitate` makes one mistake, and the check
 shows its `hint` when the learner's result matches it. This is the one copy of these wrong
@@ -162,6 +180,8 @@ def get_reference(name: str) -> Any:
         return reference_attach_lora
     if name in lora.REFERENCES:
         return lora.REFERENCES[name]
+    if name in answers.REFERENCES:
+        return answers.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards
@@ -217,6 +237,7 @@ __all__ = [
     "Mistake",
     "Failure",
     "ReferenceOracleMismatch",
+    "check_aggregate",
     "check_calc_clipped_surrogate_objective",
     "check_whiten",
     "check_calc_dpo_loss",
@@ -233,6 +254,7 @@ __all__ = [
     "check_lora",
     "check_compute_one_step_advantages",
     "check_compute_gae",
+    "check_compute_gae_with_ends",
     "check_compute_group_advantages",
     "check_compute_rloo_advantages",
     "check_file",
@@ -242,7 +264,10 @@ __all__ = [
     "check_get_optimizer",
     "check_get_optimizer_and_scheduler",
     "check_get_samples",
+    "check_get_response_mask",
     "check_get_sequence_logprobs",
+    "check_get_token_weights",
+    "check_masked_mean",
     "check_compute_rlhf_objective",
     "check_learning_phase",
     "check_rollout_phase",

@@ -14,6 +14,8 @@ bias are fitted so that its rewards have mean 0 and std 1 on samples of the init
 `make_reward_model_reward_fn` turns it into a batched reward function for `RLHFTrainer`.
 """
 
+import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -226,8 +228,27 @@ def make_reward_model_reward_fn(
 # ---------------------------------------------------------------- saving and loading
 
 
+RECORD_NAME = "reward_model.json"
+FORMAT = "minirlhf-reward-model-2"  # 1: no integrity record, missing weights not checked
+
+
+class RewardModelError(ValueError):
+    """A saved reward model that cannot be trusted; the message says what to do."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_reward_model(reward_model: RewardModel, folder: str | Path, info: dict) -> Path:
-    """Write `folder/reward_model.pt`: the trained weights only (frozen ones come from the base).
+    """Write `folder/reward_model.pt`, the trained weights only (frozen ones come from the base),
+    and `reward_model.json`: `info`, the format, the file's size and SHA-256, and the names of
+    the frozen weights left out (the only ones loading may find missing). Both are written under
+    temporary names and renamed.
 
     Args:
         info: must hold "base_model" (the name `loading.load_policy` rebuilds the trunk from);
@@ -241,26 +262,68 @@ def save_reward_model(reward_model: RewardModel, folder: str | Path, info: dict)
              if name in trained or name in ("gain", "bias")}
     path = Path(folder) / CHECKPOINT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    for target in (path, path.with_name(RECORD_NAME)):
+        if target.is_symlink():
+            raise RewardModelError(f"{target} is a symbolic link: remove it (its target is left "
+                                   "alone); a reward model is never written through one.")
     tmp = path.with_suffix(".pt.tmp")
     torch.save({"state_dict": state, "info": info}, tmp)
+    record = {**info, "format": FORMAT, "bytes": tmp.stat().st_size, "sha256": sha256_of(tmp),
+              "frozen": sorted(set(reward_model.state_dict()) - set(state))}
+    tmp_json = path.with_name(RECORD_NAME + ".tmp")
+    tmp_json.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
+    tmp_json.replace(path.with_name(RECORD_NAME))
     return path
+
+
+def read_reward_record(folder: Path) -> dict:
+    """`reward_model.json` of `folder`, checked against `reward_model.pt` (size, SHA-256).
+
+    Raises:
+        RewardModelError: naming the file and what is wrong (missing, another format, damaged).
+    """
+    path, record_path = folder / CHECKPOINT_NAME, folder / RECORD_NAME
+    retrain = f"train it again with `minirlhf reward-model --out {folder} --force`"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as error:
+        raise RewardModelError(f"{record_path} is missing or unreadable ({type(error).__name__}), "
+                               f"so {path} cannot be checked: {retrain}.") from None
+    found = record.get("format") if isinstance(record, dict) else None
+    if found != FORMAT:
+        raise RewardModelError(f"{path} is in the format {found or 'of an older minirlhf'}; "
+                               f"this minirlhf reads {FORMAT} only: {retrain}.")
+    if path.stat().st_size != record["bytes"] or sha256_of(path) != record["sha256"]:
+        raise RewardModelError(f"{path} differs from the size and SHA-256 in {RECORD_NAME} "
+                               f"(cut short, damaged or edited): {retrain}.")
+    return record
 
 
 def load_reward_model(
     folder: str | Path, device: loading.Device = "cpu"
 ) -> tuple[RewardModel, dict]:
-    """The reward model saved in `folder` (its trunk rebuilt from the base model) and its info."""
-    path = Path(folder) / CHECKPOINT_NAME
+    """The reward model saved in `folder` (its trunk rebuilt from the base model) and its info.
+
+    Raises:
+        FileNotFoundError: there is no reward_model.pt.
+        RewardModelError: it fails its record, or lacks a weight that was not frozen.
+    """
+    folder = Path(folder)
+    path = folder / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No reward model at {path}: train one with "
                                 "`fit_reward_model` and `save_reward_model` (on the command "
                                 "line: `minirlhf reward-model --data PREFS.jsonl --out FOLDER`).")
+    record = read_reward_record(folder)
     saved = torch.load(path, map_location=device, weights_only=True)
     info = saved["info"]
     reward_model = RewardModel(loading.load_policy(info["base_model"], device),
                                info["prepend_bos"], info["append_end_token"])
     result = reward_model.load_state_dict(saved["state_dict"], strict=False)
-    assert not result.unexpected_keys, f"weights the model lacks: {result.unexpected_keys}"
+    missing = sorted(set(result.missing_keys) - set(record["frozen"]))
+    if result.unexpected_keys or missing:
+        raise RewardModelError(f"{path} does not fit its model: missing {missing[:5]}, "
+                               f"unexpected {result.unexpected_keys[:5]}: train it again.")
     reward_model.eval()
     return reward_model, info

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from jaxtyping import Float
+from jaxtyping import Float, Shaped
 from torch import Tensor
 
 BACKENDS = ("gloo", "nccl")
@@ -110,7 +110,7 @@ def local_rows(global_batch: int) -> slice:
 
 # ---- statistics over the global batch ----
 
-def gather_rows(rows: Float[Tensor, "batch ..."]) -> Float[Tensor, "global_batch ..."]:
+def gather_rows(rows: Shaped[Tensor, "batch ..."]) -> Shaped[Tensor, "global_batch ..."]:
     """Every process's rows, in process order (every process passes the same shape), so each
     process holds the global batch. One process: `rows` itself."""
     world_size = get_world_size()

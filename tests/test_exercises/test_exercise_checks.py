@@ -19,6 +19,7 @@ from minirlhf.exercises import (
     CHECKS,
     MISTAKES,
     ExerciseCheckError,
+    answers,
     check_file,
     critic_free,
     dpo,
@@ -107,7 +108,7 @@ def test_the_catalogue_covers_every_function_check():
     would name mistakes no test proves)."""
     lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
                                   optim_and_learning, learning_phase, reward_model, critic_free,
-                                  dpo)
+                                  dpo, answers)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
