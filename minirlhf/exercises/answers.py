@@ -23,10 +23,9 @@ from minirlhf.exercises.core import (
     agree,
     check_function,
     describe_difference,
-    find_mistake,
+    hint_from_every_case,
     passed,
     randn,
-    run_case,
 )
 from minirlhf.exercises.reporting import call, clone_inputs, describe_error, fail, learner_facing
 from minirlhf.losses import aggregate
@@ -241,10 +240,6 @@ def _padded_mean(values, response_mask, how="token_mean"):
     return values.mean()
 
 
-def _padding_in_count(values, response_mask, how="token_mean"):
-    return (values * response_mask).sum() / values.numel()
-
-
 def _sequence_mean(values, response_mask, how="token_mean"):
     mask = response_mask.float()
     return ((values * mask).sum(1) / mask.sum(1)).mean()
@@ -273,7 +268,7 @@ EOS_HINT = ("the EOS is left out of the mask: each answer's last real token (its
             "count like any other.")
 
 MASKED_MEAN_MISTAKES = [Mistake(PADDING_HINT, _padded_mean),
-                        Mistake(PADDING_HINT, _padding_in_count),  # a mean over the padding too
+                        Mistake(PADDING_HINT, lambda v, m: (v * m).sum() / v.numel()),
                         Mistake(PER_SEQUENCE_HINT, _sequence_mean),
                         Mistake(EOS_HINT, _eos_dropped),
                         Mistake(NUMERATOR_HINT, _padding_in_numerator)]
@@ -288,7 +283,6 @@ def _as(how_wrong: Callable, when: str, right: Callable = aggregate) -> Callable
 
 AGGREGATE_MISTAKES = [
     Mistake(PADDING_HINT, _as(_padded_mean, "token_mean")),
-    Mistake(PADDING_HINT, _as(_padding_in_count, "token_mean")),
     Mistake(PER_SEQUENCE_HINT, _as(_sequence_mean, "token_mean")),
     Mistake("sequence_mean divides each answer's sum by gen_len, not by its own length: that "
             "is the constant aggregation (Dr. GRPO), not GRPO's per-answer mean.",
@@ -316,14 +310,6 @@ def _gradient_mistake(mistakes: list[Mistake], kwargs: dict, grad: Tensor) -> st
     return None
 
 
-def _value_mistake(mistakes: list[Mistake], cases: list[Case], case: Case, fn: Callable
-                   ) -> str | None:
-    """The hint of the one mistake that reproduces the learner's results on every case (the
-    failing case first)."""
-    ordered = [case, *(other for other in cases if other is not case)]
-    return find_mistake(mistakes, ordered, [run_case(fn, other.kwargs) for other in ordered])
-
-
 def check_with_gradient(exercise: str, fn: Callable, reference: Callable, cases: list[Case],
                         mistakes: list[Mistake]) -> None:
     """The value against `_aggregate_oracle`, and the gradient with respect to `values` against
@@ -344,10 +330,10 @@ def check_with_gradient(exercise: str, fn: Callable, reference: Callable, cases:
         report = functools.partial(fail, exercise, case.name, inputs=case.kwargs,
                                    expected=expected, got=got, error=error)
         if error is not None:
-            report(describe_error(error), _value_mistake(mistakes, cases, case, fn))
+            report(describe_error(error), hint_from_every_case(mistakes, cases, case, fn))
         problem = describe_difference(expected, got)
         if problem is not None:
-            report(problem, _value_mistake(mistakes, cases, case, fn))
+            report(problem, hint_from_every_case(mistakes, cases, case, fn))
         grad = _grad_or_none(got, inputs["values"])
         if grad is None:
             report("Your result has no gradient with respect to `values` (or is not one number): "
