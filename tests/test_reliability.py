@@ -278,3 +278,18 @@ def test_held_out_copies_of_training_pairs_are_reported(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{len(held_out)} of the {len(held_out)} held-out pairs" in printed
     assert "remove the duplicates" in printed
+
+
+@pytest.mark.parametrize("name", [".", "..", "link"])
+def test_export_refuses_the_current_folder_and_a_symlinked_out(tmp_path, monkeypatch, name):
+    """The old new_folder raised ValueError ("has an empty name") on `--out .`, and after the
+    whole export, rmtree's OSError on a link: neither as a one-line error."""
+    from minirlhf.cli.run_folder import RunFolderError, new_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    with pytest.raises(RunFolderError, match="current folder|symbolic link"):
+        with new_folder(Path(name), force=True):
+            pass
+    assert (tmp_path / "model").is_dir() and (tmp_path / "link").is_symlink()

@@ -212,9 +212,16 @@ def new_folder(out: Path, force: bool) -> Iterator[Path]:
     becomes `out` (replacing, with `force`, the model folder there), otherwise it is deleted.
 
     Raises:
-        RunFolderError: `out` is a file, or a non-empty folder without `force`, or (with `force`)
-            not a model folder: --force replaces only a folder holding config.json and files.
+        RunFolderError: `out` is ".", "..", a symbolic link or a file, or a non-empty folder
+            without `force`, or (with `force`) not a model folder: --force replaces only a
+            folder holding config.json and files.
     """
+    if out.name in ("", ".", ".."):
+        raise RunFolderError(f"--out {out} names the current folder or one above it: give the "
+                             "model folder a name of its own, e.g. --out exported-model.")
+    if out.is_symlink():
+        raise RunFolderError(f"{out} is a symbolic link: minirlhf never writes through one. "
+                             "Pick another --out.")
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"{out} is a file: pick a folder for --out.")
     contents = list(out.iterdir()) if out.is_dir() else []

@@ -32,6 +32,7 @@ from minirlhf.exercises import (
     critic_free,
     dpo,
     inspection,
+    learning_phase,
     lora,
     memory_and_logprobs,
     objective,
@@ -61,7 +62,9 @@ from minirlhf.exercises.inspection import (
     check_calc_per_token_kl,
     check_get_steered_logits,
 )
-from minirlhf.exercises.lora import check_attach_lora, check_get_ref_logits, check_lora
+from minirlhf.exercises.learning_phase import check_learning_phase
+from minirlhf.exercises.lora import check_get_ref_logits, check_lora
+from minirlhf.exercises.lora_attach import check_attach_lora, reference_attach_lora
 from minirlhf.exercises.memory_and_logprobs import check_get_logprobs, check_replay_memory
 from minirlhf.exercises.model_and_sampling import check_get_samples, check_value_head
 from minirlhf.exercises.objective import (
@@ -76,7 +79,6 @@ from minirlhf.exercises.optim_and_learning import (
     check_get_lr_scale,
     check_get_optimizer,
     check_get_optimizer_and_scheduler,
-    check_learning_phase,
 )
 from minirlhf.exercises.reporting import ExerciseCheckError, Failure, last_failure
 from minirlhf.exercises.reward_model import check_calc_pairwise_loss, check_get_last_token_index
@@ -147,7 +149,7 @@ MISTAKES: dict[str, list[Mistake]] = {
     "calc_clipped_surrogate_objective": objective.SURROGATE_MISTAKES,
     "calc_rlhf_objective": objective.OBJECTIVE_MISTAKES,
     "get_lr_scale": optim_and_learning.LR_MISTAKES,
-    "learning_phase": optim_and_learning.LEARNING_MISTAKES,
+    "learning_phase": learning_phase.LEARNING_MISTAKES,
     "calc_pairwise_loss": reward_model.PAIRWISE_MISTAKES,
     "get_last_token_index": reward_model.LAST_TOKEN_MISTAKES,
     "compute_group_advantages": critic_free.GROUP_MISTAKES,
@@ -189,6 +191,8 @@ def get_reference(name: str) -> Any:
         from minirlhf.exercises.model_and_sampling import reference_get_samples
 
         return reference_get_samples
+    if name == "attach_lora":
+        return reference_attach_lora
     if name in lora.REFERENCES:
         return lora.REFERENCES[name]
     if name in answers.REFERENCES:
@@ -227,11 +231,20 @@ def check_file(path: str | Path) -> dict[str, str]:
                 check(getattr(module, name))
                 results[name] = "passed"
             except ExerciseCheckError as error:
-                print(error, file=sys.stderr)
+                print(f"\N{BALLOT X} {name} failed:\n{error}", file=sys.stderr)
                 results[name] = str(error)
     if not results:
         print(f"{path} defines none of: {', '.join(CHECKS)}", file=sys.stderr)
+    else:
+        print(summary(results))
     return results
+
+
+def summary(results: dict[str, str]) -> str:
+    """One line: how many checks passed, and which failed."""
+    failed = [name for name, result in results.items() if result != "passed"]
+    line = f"{len(results) - len(failed)} of {len(results)} checks passed"
+    return f"{line}; \N{BALLOT X} failed: {', '.join(failed)}." if failed else f"{line}."
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from minirlhf.exercises.core import (
     agree,
     check_function,
     describe_difference,
-    find_mistake,
+    hint_from_every_case,
     passed,
     randn,
 )
@@ -268,6 +268,7 @@ EOS_HINT = ("the EOS is left out of the mask: each answer's last real token (its
             "count like any other.")
 
 MASKED_MEAN_MISTAKES = [Mistake(PADDING_HINT, _padded_mean),
+                        Mistake(PADDING_HINT, lambda v, m: (v * m).sum() / v.numel()),
                         Mistake(PER_SEQUENCE_HINT, _sequence_mean),
                         Mistake(EOS_HINT, _eos_dropped),
                         Mistake(NUMERATOR_HINT, _padding_in_numerator)]
@@ -329,10 +330,10 @@ def check_with_gradient(exercise: str, fn: Callable, reference: Callable, cases:
         report = functools.partial(fail, exercise, case.name, inputs=case.kwargs,
                                    expected=expected, got=got, error=error)
         if error is not None:
-            report(describe_error(error), find_mistake(mistakes, case.kwargs, got, error))
+            report(describe_error(error), hint_from_every_case(mistakes, cases, case, fn))
         problem = describe_difference(expected, got)
         if problem is not None:
-            report(problem, find_mistake(mistakes, case.kwargs, got, error))
+            report(problem, hint_from_every_case(mistakes, cases, case, fn))
         grad = _grad_or_none(got, inputs["values"])
         if grad is None:
             report("Your result has no gradient with respect to `values` (or is not one number): "

@@ -223,6 +223,15 @@ def _per_token(estimate: Callable[[float], float]) -> Callable[..., PerToken]:
     return oracle
 
 
+def _differentiable(estimate: Callable[[Tensor], Tensor]) -> Callable[..., PerToken]:
+    """`estimate(log r)` on float64 tensors: the oracle of the gradient (the token-by-token oracle
+    computes in plain floats, which carry none)."""
+    def oracle(logprobs: PerToken, ref_logprobs: PerToken) -> PerToken:
+        return estimate(ref_logprobs.double() - logprobs.double())
+
+    return oracle
+
+
 def _log_r(logprobs, ref_logprobs):
     return ref_logprobs - logprobs
 
@@ -271,21 +280,39 @@ K3_MISTAKES = [
             - _log_r(logprobs, ref_logprobs)),
     Mistake(MEAN_HINT,
             lambda logprobs, ref_logprobs: _k3(_log_r(logprobs, ref_logprobs)).mean()),
+    Mistake("the ratio r is detached: the value is right, but the gradient of k3 with respect to "
+            "logprobs, 1 - r per token, becomes 1 (k1's), so the pull towards the reference no "
+            "longer grows with the distance from it. Compute r = log_r.exp() without .detach().",
+            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=True),
+            gradient_only=True),
+    Mistake("log r is detached in the `- log r` term: the value is right, but the gradient with "
+            "respect to logprobs is -r per token instead of 1 - r, so it pushes every log-prob "
+            "down, even where the policy equals the reference. Keep log r attached.",
+            lambda logprobs, ref_logprobs: _k3_detached(logprobs, ref_logprobs, ratio=False),
+            gradient_only=True),
 ]
+
+
+def _k3_detached(logprobs, ref_logprobs, ratio: bool):
+    log_r = _log_r(logprobs, ref_logprobs)
+    if ratio:
+        return log_r.detach().exp() - 1 - log_r
+    return log_r.exp() - 1 - log_r.detach()
 
 
 @learner_facing
 def check_calc_kl_k1(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, ref_logprobs)`: k1 = log p(x) - log p_ref(x), per token."""
     check_function("calc_kl_k1", fn, calc_kl_k1, _per_token(lambda log_r: -log_r), _kl_cases(),
-                   K1_MISTAKES, dims="batch, gen_len")
+                   K1_MISTAKES, dims="batch, gen_len", grad_oracle=_differentiable(torch.neg))
 
 
 @learner_facing
 def check_calc_kl_k2(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, ref_logprobs)`: k2 = (log r)^2 / 2, per token."""
     check_function("calc_kl_k2", fn, calc_kl_k2, _per_token(lambda log_r: log_r * log_r / 2),
-                   _kl_cases(), K2_MISTAKES, dims="batch, gen_len")
+                   _kl_cases(), K2_MISTAKES, dims="batch, gen_len",
+                   grad_oracle=_differentiable(lambda log_r: log_r.square() / 2))
 
 
 @learner_facing
@@ -293,4 +320,5 @@ def check_calc_kl_k3(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logprobs, ref_logprobs)`: k3 = (r - 1) - log r, r = p_ref(x) / p(x), per token."""
     check_function("calc_kl_k3", fn, calc_kl_k3,
                    _per_token(lambda log_r: math.exp(log_r) - 1 - log_r), _kl_cases(),
-                   K3_MISTAKES, dims="batch, gen_len")
+                   K3_MISTAKES, dims="batch, gen_len",
+                   grad_oracle=_differentiable(lambda log_r: torch.expm1(log_r) - log_r))

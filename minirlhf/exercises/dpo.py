@@ -30,12 +30,12 @@ def _sequence_oracle(
 ) -> Float[Tensor, " batch"]:
     totals = []
     for i in range(tokens.shape[0]):
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64)  # kept as a tensor: it has a gradient
         for s in range(1, tokens.shape[1]):  # token s is scored by the logits at s - 1
             if response_mask[i, s] == 1 and attention_mask[i, s] == 1:
-                total += Categorical(logits=logits[i, s - 1].double()).log_prob(tokens[i, s]).item()
+                total = total + Categorical(logits=logits[i, s - 1].double()).log_prob(tokens[i, s])
         totals.append(total)
-    return torch.tensor(totals)
+    return torch.stack(totals).float()
 
 
 def _batch(prompt_lens: list[int], response_lens: list[int], seq: int, side: str, seed: int,
@@ -166,6 +166,15 @@ def _dpo_oracle(
     return torch.tensor(sum(losses) / len(losses))
 
 
+def _dpo_gradient_oracle(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor, beta: float,
+                         loss_type: str = "sigmoid") -> Float[Tensor, ""]:
+    """The same loss in float64 tensors, for its gradient: -log σ(x) = log(e^0 + e^-x)."""
+    h = (pc.double() - rc.double()) - (pr.double() - rr.double())
+    zero = torch.zeros_like(h)
+    losses = (h - 1 / (2 * beta)) ** 2 if loss_type == "ipo" else torch.logaddexp(zero, -beta * h)
+    return losses.mean()
+
+
 def _logps(n: int, seed: int, grad: bool = False) -> list[Tensor]:
     """Summed log-probs of n pairs: policy chosen, policy rejected (with gradient), reference
     chosen, reference rejected."""
@@ -264,4 +273,4 @@ def check_calc_dpo_loss(fn: Callable[..., Tensor]) -> None:
     """Check `fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     ref_rejected_logps, beta, loss_type="sigmoid")`: the mean DPO (or IPO) loss over the pairs."""
     check_function("calc_dpo_loss", fn, reference_dpo_loss, _dpo_oracle, _dpo_cases(),
-                   DPO_MISTAKES, dims="a scalar", atol=1e-4)
+                   DPO_MISTAKES, dims="a scalar", atol=1e-4, grad_oracle=_dpo_gradient_oracle)

@@ -107,17 +107,20 @@ def _check_shuffling(exercise: str, memory_class, inputs: dict) -> None:
         return [mb.sample_ids[:, 0].tolist() for mb in minibatches]
 
     case = "batch 8, num_minibatches=4, batches_per_learning_phase=3"
+    report = functools.partial(fail, exercise, case, inputs=inputs, rerun=(
+        "ReplayMemory(*exercises.last_failure().inputs.values()).get_minibatches(4, 3, "
+        "torch.Generator().manual_seed(0))"))
     first = order(0)
     passes = [sum(first[p * 4 : (p + 1) * 4], []) for p in range(3)]
     if all(p == list(range(8)) for p in passes):
-        fail(exercise, case, "The samples come out in their original order.",
-             "you did not shuffle: index with torch.randperm(batch_size, generator=generator).")
+        report("The samples come out in their original order.",
+               "you did not shuffle: index with torch.randperm(batch_size, generator=generator).")
     if passes[0] == passes[1] == passes[2]:
-        fail(exercise, case, "Every pass uses the same order.",
-             "you shuffled once and reused the order; draw a new permutation for each pass.")
+        report("Every pass uses the same order.",
+               "you shuffled once and reused the order; draw a new permutation for each pass.")
     if order(0) != first:
-        fail(exercise, case, "Two calls with generators seeded alike gave different "
-             "minibatches.", "pass the generator to torch.randperm(..., generator=generator).")
+        report("Two calls with generators seeded alike gave different "
+               "minibatches.", "pass the generator to torch.randperm(..., generator=generator).")
 
 
 # ---------------------------------------------------------------- log-probs

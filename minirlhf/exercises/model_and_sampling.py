@@ -7,6 +7,7 @@ sampler is checked on what must hold for every draw (the prompt tokens, BOS, top
 temperature, on the frequencies of 1,000 first tokens against softmax(logits / T).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -33,42 +34,56 @@ def check_value_head(model_class: Callable[[HookedTransformer], nn.Module]) -> N
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, base_model.cfg.d_vocab, (3, 7), generator=generator)
     case = "a 2-layer random model, tokens of shape (3, 7)"
+    report = functools.partial(fail, exercise, case, **_value_head_case(base_model, tokens))
     _check_reference_value_head(base_model, tokens)
-
     model, error = call(model_class, {"base_model": base_model}, positional=True)
     if error is not None:
         hint = None
         if "before Module.__init__() call" in str(error):
             hint = "call super().__init__() first in __init__, before assigning any module."
-        fail(exercise, case, f"Building it failed. {describe_error(error)}", hint or
-             crash_hint(error), error=error, **_value_head_case(base_model, tokens))
-    head = getattr(model, "value_head", None)
-    if not isinstance(head, nn.Module):
-        fail(exercise, case, "It has no `value_head` attribute that is an nn.Module.",
-             "store the head as `self.value_head = nn.Sequential(...)` in __init__.")
-    registered = {id(p) for p in model.parameters()}
-    head_params = list(head.parameters())
-    if not head_params or not all(id(p) in registered for p in head_params):
-        fail(exercise, case, "The value head's parameters are not among model.parameters(), so "
-             "the optimiser would never train them.",
-             "the value head is not registered: assign the nn.Module to self.value_head "
-             "(after super().__init__()), not to a list, dict or global.")
-
+        report(f"Building it failed. {describe_error(error)}", hint or crash_hint(error),
+               error=error)
+    head = _check_head(report, model, base_model.cfg.d_model)
     output, error = call(model, {"tokens": tokens}, positional=True)
     if error is not None:
-        fail(exercise, case, f"forward(tokens) failed. {describe_error(error)}", crash_hint(error),
-             error=error, **_value_head_case(base_model, tokens))
+        report(f"forward(tokens) failed. {describe_error(error)}", crash_hint(error),
+               error=error)
     if not isinstance(output, tuple) or len(output) != 2:
-        fail(exercise, case, f"forward should return a tuple (logits, values), got "
-             f"{type(output).__name__}.")
+        report(f"forward should return a tuple (logits, values), got {type(output).__name__}.")
     logits, values = output
     if values is None:
-        fail(exercise, case, "forward returned values = None.", "did you forget `nonlocal "
-             "values` in the hook function? Without it, the hook's assignment creates a local "
-             "variable and the outer `values` stays None.")
-    _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, values)
+        report("forward returned values = None.", "did you forget `nonlocal values` in the "
+               "hook function? Without it, the hook's assignment creates a local variable and "
+               "the outer `values` stays None.")
+    _check_value_head_outputs(report, base_model, head, tokens, logits, values)
     passed(exercise, "logits unchanged, values = value_head(ln_final.hook_normalized), "
            "gradients reach the head and the trunk")
+
+
+def _check_head(report: Callable[..., None], model: nn.Module, d_model: int) -> nn.Module:
+    """The value head: a registered submodule, the MLP the notebook prescribes (Linear(d_model,
+    4 d_model), ReLU, Linear(4 d_model, 1); a single linear layer passes every other test, but
+    fits values less well)."""
+    head = getattr(model, "value_head", None)
+    if not isinstance(head, nn.Module):
+        report("It has no `value_head` attribute that is an nn.Module.",
+               "store the head as `self.value_head = nn.Sequential(...)` in __init__.")
+    shapes = [(m.in_features, m.out_features) for m in head.modules() if isinstance(m, nn.Linear)]
+    if shapes != [(d_model, 4 * d_model), (4 * d_model, 1)]:
+        report(f"The value head's linear layers map {shapes} (in, out); expected "
+               f"[({d_model}, {4 * d_model}), ({4 * d_model}, 1)].", "the head is an MLP: "
+               "nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.ReLU(), nn.Linear(4 * d_model, "
+               "1)). One linear layer can only fit values that are linear in the residual stream.")
+    if not any(isinstance(m, nn.ReLU) for m in head.modules()):
+        report("The value head has no ReLU between its linear layers.", "without a "
+               "nonlinearity two linear layers are one: nn.Sequential(Linear, nn.ReLU(), Linear).")
+    registered = {id(p) for p in model.parameters()}
+    if not all(id(p) in registered for p in head.parameters()):
+        report("The value head's parameters are not among model.parameters(), so the optimiser "
+               "would never train them.", "the value head is not registered: assign the "
+               "nn.Module to self.value_head (after super().__init__()), not to a list, dict or "
+               "global.")
+    return head
 
 
 def _value_head_case(base_model: HookedTransformer, tokens: Tensor) -> dict:
@@ -92,7 +107,9 @@ def _check_reference_value_head(base_model: HookedTransformer, tokens: Tensor) -
     assert describe_difference(oracle, values) is None, "reference values != oracle"
 
 
-def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, values) -> None:
+def _check_value_head_outputs(report: Callable[..., None], base_model: HookedTransformer,
+                              head: nn.Module, tokens: Tensor, logits: Tensor, values: Tensor
+                              ) -> None:
     batch, seq = tokens.shape
     with torch.no_grad():
         expected_logits = base_model(tokens)
@@ -103,11 +120,10 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
         else:
             hint = ("your hook changed the residual stream: a hook function that returns a "
                     "tensor replaces the activation. Store the values (nonlocal), return nothing.")
-        fail(exercise, case, f"The logits differ from the base model's. {problem}", hint,
-             **_value_head_case(base_model, tokens))
+        report(f"The logits differ from the base model's. {problem}", hint)
     if isinstance(values, Tensor) and values.shape == (batch, seq, 1):
-        fail(exercise, case, f"values has shape {tuple(values.shape)}, expected ({batch}, {seq}).",
-             "did you forget .squeeze(-1) on the value head's output?")
+        report(f"values has shape {tuple(values.shape)}, expected ({batch}, {seq}).",
+               "did you forget .squeeze(-1) on the value head's output?")
     with torch.no_grad():
         expected = _value_oracle(base_model, head, tokens, VALUE_HOOK)
         pre_ln = _value_oracle(base_model, head, tokens, f"blocks.{base_model.cfg.n_layers - 1}"
@@ -118,17 +134,22 @@ def _check_value_head_outputs(exercise, case, base_model, head, tokens, logits, 
         if describe_difference(pre_ln, values) is None:
             hint = ("you read the residual stream before the final layernorm; hook "
                     f"{VALUE_HOOK!r}, the vector the unembedding reads.")
-        fail(exercise, case, f"The values are not value_head({VALUE_HOOK}). {problem}", hint,
-             **_value_head_case(base_model, tokens))
+        report(f"The values are not value_head({VALUE_HOOK}). {problem}", hint)
+    _check_value_gradients(report, base_model, head, values)
+
+
+def _check_value_gradients(report: Callable[..., None], base_model: HookedTransformer,
+                           head: nn.Module, values: Tensor) -> None:
+    """A loss on the values reaches the head and the (shared) trunk."""
     if not values.requires_grad:
-        fail(exercise, case, "values has no gradient.",
-             "did you compute the values under torch.no_grad() or .detach() them?")
+        report("values has no gradient.",
+               "did you compute the values under torch.no_grad() or .detach() them?")
     values.sum().backward()
     if any(p.grad is None for p in head.parameters()):
-        fail(exercise, case, "The loss on the values sends no gradient to the value head.")
+        report("The loss on the values sends no gradient to the value head.")
     if all(p.grad is None for p in base_model.parameters()):
-        fail(exercise, case, "The loss on the values sends no gradient to the transformer.",
-             "the trunk is shared: don't detach the residual stream before the value head.")
+        report("The loss on the values sends no gradient to the transformer.",
+               "the trunk is shared: don't detach the residual stream before the value head.")
     base_model.zero_grad()
 
 

@@ -4,9 +4,9 @@ Oracles: `torch.distributions.Categorical` for the KL penalty and the entropy (i
 probabilities of 1e-60 do not underflow), `torch.nn.functional.mse_loss` for the value loss, a
 per-token loop that applies the clipping rule case by case (advantage positive or negative) for
 the clipped surrogate, and a table worked by hand for the sum. The trainer maximises
-`clipped_surrogate - value_loss + entropy_bonus - kl_penalty`; the sum's first case uses the
-powers of two 1, 2, 4 and 8, so that every flipped sign and every missing term gives a different
-number, and the check can name it.
+`clipped_surrogate - value_loss + entropy_bonus - kl_penalty`; the sum's first case uses 1, 3, 9
+and 27, so that every set of flipped signs and missing terms gives a different number, and the
+check can name it. Every term is checked by its gradient too (what training follows).
 """
 
 from collections.abc import Callable
@@ -34,17 +34,31 @@ Scalar = Float[Tensor, ""]
 # ---------------------------------------------------------------- KL penalty and entropy bonus
 
 
-def _logit_cases(coef_name: str) -> list[Case]:
-    """Logits at the generated positions (with gradients), in several shapes and scales."""
+def _logit_cases(coef_name: str, stable_form: str = "") -> list[Case]:
+    """Logits at the generated positions (with gradients), in several shapes and scales. The
+    large ones (scale 100) make some probabilities exactly 0 in float32."""
     def case(name, shape, seed, scale, coef, same=False):
         logits = randn(*shape, seed=seed, scale=scale, grad=True)
         ref = logits.detach().clone() if same else randn(*shape, seed=seed + 50, scale=scale)
-        return Case(name, {"logits": logits, "ref_logits": ref, coef_name: coef})
+        return Case(name, {"logits": logits, "ref_logits": ref, coef_name: coef},
+                    stable_form if scale > 10 else "")
 
     return [case("minibatch 2, gen_len 3, d_vocab 7", (2, 3, 7), 0, 1.0, 0.3),
             case("d_vocab 50", (3, 4, 50), 1, 2.0, 2.5),
-            case("large logits (overflow-safe?)", (2, 2, 9), 2, 30.0, 1.0),
+            case("large logits, some probabilities exactly 0 in float32", (2, 2, 9), 2, 100.0,
+                 1.0),
             case("policy equal to the reference", (1, 2, 5), 3, 1.0, 1.0, same=True)]
+
+
+KL_STABLE_FORM = (
+    "Some probabilities are exactly 0 here, so log(softmax) is -inf and 0 * -inf is NaN (and "
+    "torch.distributions' kl_divergence gives inf where the reference's probability is 0). Take "
+    "both log-probabilities with log_softmax and weight their difference by p = logprobs.exp(): "
+    "(logprobs.exp() * (logprobs - ref_logprobs)).sum(-1).")
+ENTROPY_STABLE_FORM = (
+    "Some probabilities are exactly 0 here, so p.log() is -inf and 0 * -inf is NaN. Take the "
+    "log-probabilities with log_softmax and p = logprobs.exp(): -(logprobs.exp() * "
+    "logprobs).sum(-1) (or Categorical(logits=logits).entropy(), which does the same).")
 
 
 def _kl_oracle(logits: GenLogits, ref_logits: GenLogits, kl_coef: float) -> Scalar:
@@ -53,9 +67,9 @@ def _kl_oracle(logits: GenLogits, ref_logits: GenLogits, kl_coef: float) -> Scal
     return kl_coef * kl.mean().float()
 
 
-def _kl(logits, ref_logits, kl_coef, reduce=torch.mean, log_fn=None, weigh=True):
+def _kl(logits, ref_logits, kl_coef, reduce=torch.mean, log_fn=None, weigh=True, detach=False):
     log_fn = log_fn or (lambda x: x.log_softmax(-1))
-    probs = logits.softmax(-1) if weigh else 1.0
+    probs = (logits.detach() if detach else logits).softmax(-1) if weigh else 1.0
     return kl_coef * reduce((probs * (log_fn(logits) - log_fn(ref_logits))).sum(-1))
 
 
@@ -80,26 +94,30 @@ KL_MISTAKES = [
     Mistake("did you use the raw logits as log-probs? Take log_softmax first.",
             lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef,
                                                      log_fn=lambda x: x)),
-    Mistake("log(softmax(x)) underflows to log(0) = -inf for large logits: use log_softmax.",
-            lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef,
-                                                     log_fn=lambda x: x.softmax(-1).log())),
+    Mistake("the probabilities that weight the log-ratio are detached: the value is right, but "
+            "no gradient flows through p, and the KL's gradient is mostly that part. Training then "
+            "behaves as if there were no KL penalty. Compute p from logits without .detach().",
+            lambda logits, ref_logits, kl_coef: _kl(logits, ref_logits, kl_coef, detach=True),
+            gradient_only=True),
 ]
 
 
 @learner_facing
 def check_calc_kl_penalty(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, ref_logits, kl_coef)`: kl_coef * mean KL(policy || reference)."""
-    check_function("calc_kl_penalty", fn, calc_kl_penalty, _kl_oracle, _logit_cases("kl_coef"),
-                   KL_MISTAKES, dims="a scalar", atol=1e-4)
+    check_function("calc_kl_penalty", fn, calc_kl_penalty, _kl_oracle,
+                   _logit_cases("kl_coef", KL_STABLE_FORM), KL_MISTAKES, dims="a scalar",
+                   atol=1e-4)
 
 
 def _entropy_oracle(logits: GenLogits, ent_coef: float) -> Scalar:
     return ent_coef * Categorical(logits=logits.double()).entropy().mean().float()
 
 
-def _entropy(logits, ent_coef, reduce=torch.mean, dim=-1, sign=-1.0):
+def _entropy(logits, ent_coef, reduce=torch.mean, dim=-1, sign=-1.0, detach=False):
     logprobs = logits.log_softmax(dim)
-    return sign * ent_coef * reduce((logprobs.exp() * logprobs).sum(dim))
+    probs = logprobs.detach().exp() if detach else logprobs.exp()
+    return sign * ent_coef * reduce((probs * logprobs).sum(dim))
 
 
 ENTROPY_MISTAKES = [
@@ -114,14 +132,19 @@ ENTROPY_MISTAKES = [
             "then take the mean over positions and samples.",
             lambda logits, ent_coef: -ent_coef * (logits.softmax(-1) * logits.log_softmax(-1))
             .mean()),
+    Mistake("the probabilities p in -sum(p log p) are detached: the value is right, but the "
+            "gradient is not the entropy's (it misses the part through p). Compute p from the "
+            "logits without .detach().",
+            lambda logits, ent_coef: _entropy(logits, ent_coef, detach=True), gradient_only=True),
 ]
 
 
 @learner_facing
 def check_calc_entropy_bonus(fn: Callable[..., Tensor]) -> None:
     """Check `fn(logits, ent_coef)`: ent_coef * mean entropy of the policy."""
-    cases = [Case(c.name, {"logits": c.kwargs["logits"], "ent_coef": c.kwargs["kl_coef"]})
-             for c in _logit_cases("kl_coef")]
+    cases = [Case(c.name, {"logits": c.kwargs["logits"], "ent_coef": c.kwargs["kl_coef"]},
+                  c.stability)
+             for c in _logit_cases("kl_coef", ENTROPY_STABLE_FORM)]
     check_function("calc_entropy_bonus", fn, calc_entropy_bonus, _entropy_oracle, cases,
                    ENTROPY_MISTAKES, dims="a scalar", atol=1e-4)
 
@@ -217,6 +240,9 @@ WHITEN_MISTAKES = [
             lambda advantages, eps=1e-8: _whiten(advantages, eps, normalize="per row")),
     Mistake("you left the mean in: subtract it before dividing by the std.",
             lambda advantages, eps=1e-8: advantages / (advantages.std(correction=0) + eps)),
+    Mistake("did you forget eps? A minibatch of one token, or equal advantages, has std 0, and "
+            "0 / 0 is NaN: divide by advantages.std(correction=0) + eps.",
+            lambda advantages, eps=1e-8: _whiten(advantages, 0.0)),
 ]
 
 
@@ -294,10 +320,13 @@ TERMS = ("clipped_surrogate", "value_loss", "entropy_bonus", "kl_penalty")
 SIGNS = (+1.0, -1.0, +1.0, -1.0)
 
 # (clipped_surrogate, value_loss, entropy_bonus, kl_penalty) -> the objective, worked by hand.
+# 1, 3, 9, 27: each sum of the terms with signs +1, -1 or 0 is a different number (balanced
+# ternary), so two flipped signs cannot pass for a missing term (as 1 - 2 - 4 + 8 = 1 - 2 + 4 did
+# with powers of two); the other rows have unrelated magnitudes to confirm the mistake named.
 OBJECTIVE_TABLE = {
-    (1.0, 2.0, 4.0, 8.0): -5.0,  # 1 - 2 + 4 - 8
-    (0.25, 0.5, 0.125, 0.0625): -0.1875,  # 0.25 - 0.5 + 0.125 - 0.0625
-    (-0.5, 0.0, 0.0, 0.75): -1.25,  # a negative surrogate, no value loss or entropy
+    (1.0, 3.0, 9.0, 27.0): -20.0,  # 1 - 3 + 9 - 27
+    (-0.5, 0.25, 2.0, 0.75): 0.5,  # -0.5 - 0.25 + 2 - 0.75
+    (0.2, 1.7, 0.05, 3.1): -4.55,  # 0.2 - 1.7 + 0.05 - 3.1
 }
 
 
@@ -311,8 +340,10 @@ def _objective_cases() -> list[Case]:
 def _table_oracle(clipped_surrogate: Float[Tensor, ""], value_loss: Float[Tensor, ""],
                   entropy_bonus: Float[Tensor, ""], kl_penalty: Float[Tensor, ""]
                   ) -> Float[Tensor, ""]:
-    key = tuple(t.item() for t in (clipped_surrogate, value_loss, entropy_bonus, kl_penalty))
-    return torch.tensor(OBJECTIVE_TABLE[key])
+    terms = [t.item() for t in (clipped_surrogate, value_loss, entropy_bonus, kl_penalty)]
+    row = next(key for key in OBJECTIVE_TABLE
+               if all(abs(a - b) < 1e-6 for a, b in zip(key, terms, strict=True)))
+    return torch.tensor(OBJECTIVE_TABLE[row])
 
 
 def _weighted(signs: tuple[float, ...]) -> Callable[..., Tensor]:
@@ -338,6 +369,10 @@ OBJECTIVE_MISTAKES = [
       for i, (name, sign) in enumerate(zip(TERMS, SIGNS, strict=True))],
     *[Mistake(f"you left out {name}: the objective has all four terms.",
               _weighted(_changed(i, 0.0))) for i, name in enumerate(TERMS)],
+    *[Mistake(f"the signs of {TERMS[i]} and {TERMS[j]} are both flipped: the objective is "
+              "clipped_surrogate - value_loss + entropy_bonus - kl_penalty.",
+              _weighted(tuple(-s if k in (i, j) else s for k, s in enumerate(SIGNS))))
+      for i in range(4) for j in range(i + 1, 4)],
 ]
 
 
@@ -350,4 +385,6 @@ def check_calc_rlhf_objective(fn: Callable[..., Tensor]) -> None:
     """Check `fn(clipped_surrogate, value_loss, entropy_bonus, kl_penalty)`: the objective the
     trainer maximises, with its gradient kept."""
     check_function("calc_rlhf_objective", fn, calc_rlhf_objective, _table_oracle,
-                   _objective_cases(), OBJECTIVE_MISTAKES, dims="a scalar")
+                   _objective_cases(), OBJECTIVE_MISTAKES, dims="a scalar",
+                   grad_oracle=lambda surrogate, value, entropy, kl: surrogate - value + entropy
+                   - kl)

@@ -1,30 +1,19 @@
-"""Checks for notebook 4: the optimiser's parameter groups, the LR schedule, one learning phase.
+"""Checks for notebook 4: the optimiser's parameter groups and the LR schedule.
 
-The schedule's oracle is a table of multipliers worked out by hand. The learning phase is run by
-the reference (`RLHFTrainer.learning_phase`) and by the learner's function from the same state
-(weights, optimiser, scheduler and shuffling generator restored in between) on a tiny model, and
-the weights they reach are compared; along the way a hook on the optimiser counts the steps and
-measures the gradient norm each step is taken with.
+The schedule's oracle is a table of multipliers worked out by hand. The learning phase's check
+is in `learning_phase.py`.
 """
 
-import contextlib
-import io
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from rich.console import Console
-from torch import Tensor, nn
+from torch import nn
 
-from minirlhf.advantages import whiten
-from minirlhf.args import RLHFArgs
-from minirlhf.exercises.core import Mistake, load_char_model, passed, single_threaded
+from minirlhf.exercises.core import Mistake, passed
 from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
-from minirlhf.memory import ReplayMemory
 from minirlhf.optim import get_lr_scale, get_optimizer, get_optimizer_and_scheduler
-from minirlhf.rewards import reward_fn_char_count
-from minirlhf.trainer import RLHFTrainer
 
 # ---------------------------------------------------------------- the optimiser
 
@@ -39,36 +28,39 @@ class _TinyPolicy(nn.Module):
 
 
 def _check_optimizer(exercise: str, case: str, optimizer: Any, model: nn.Module, base_lr: float,
-                     head_lr: float) -> None:
+                     head_lr: float, inputs: dict[str, Any]) -> None:
+    """The optimiser's class, groups, their order and learning rates; `inputs` (what built it)
+    is the case a failure records."""
+    report = functools.partial(fail, exercise, case, inputs=inputs)
     if not isinstance(optimizer, torch.optim.AdamW):
         hint = "torch.optim.Adam's weight_decay is L2 in the gradient; use AdamW."
-        fail(exercise, case, f"Expected a torch.optim.AdamW, got {type(optimizer).__name__}.",
-             hint if isinstance(optimizer, torch.optim.Adam) else None)
+        report(f"Expected a torch.optim.AdamW, got {type(optimizer).__name__}.",
+               hint if isinstance(optimizer, torch.optim.Adam) else None)
     groups = optimizer.param_groups
     if len(groups) != 2:
-        fail(exercise, case, f"Expected 2 parameter groups (transformer, value head), got "
-             f"{len(groups)}.", "give the transformer and the value head a group each, with "
-             "their own learning rates.")
+        report(f"Expected 2 parameter groups (transformer, value head), got "
+               f"{len(groups)}.", "give the transformer and the value head a group each, with "
+               "their own learning rates.")
     if not all(group["maximize"] for group in groups):
-        fail(exercise, case, "The optimiser minimises.", "the trainer maximises the RLHF "
-             "objective: pass maximize=True to AdamW.")
+        report("The optimiser minimises.", "the trainer maximises the RLHF "
+               "objective: pass maximize=True to AdamW.")
     base_ids = {id(p) for p in model.base_model.parameters()}
     head_ids = {id(p) for p in model.value_head.parameters()}
     got = [{id(p) for p in group["params"]} for group in groups]
     if got == [head_ids, base_ids]:
-        fail(exercise, case, "The groups are in the wrong order.", "put the transformer's "
-             "parameters (base_lr) first and the value head's (head_lr) second.")
+        report("The groups are in the wrong order.", "put the transformer's "
+               "parameters (base_lr) first and the value head's (head_lr) second.")
     if got[0] != base_ids or got[1] != head_ids:
         hint = None
         if got[0] == base_ids | head_ids:
             hint = ("model.parameters() includes the value head: use model.base_model.parameters() "
                     "for the first group, so no parameter appears twice.")
-        fail(exercise, case, "The first group should hold exactly model.base_model's parameters "
-             "and the second exactly model.value_head's.", hint)
+        report("The first group should hold exactly model.base_model's parameters "
+               "and the second exactly model.value_head's.", hint)
     lrs = [group.get("initial_lr", group["lr"]) for group in groups]  # before any scheduling
     if lrs != [base_lr, head_lr]:
         hint = "base_lr and head_lr are swapped." if lrs == [head_lr, base_lr] else None
-        fail(exercise, case, f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
+        report(f"Expected learning rates [{base_lr}, {head_lr}], got {lrs}.", hint)
 
 
 @learner_facing
@@ -77,15 +69,17 @@ def check_get_optimizer(fn: Callable[..., torch.optim.Optimizer]) -> None:
     exercise = "get_optimizer"
     case = "base_lr=2e-5, head_lr=5e-4"
     model = _TinyPolicy()
-    _check_optimizer(exercise, case, get_optimizer(model, 2e-5, 5e-4), model, 2e-5, 5e-4)
-    optimizer, error = call(fn, {"model": model, "base_lr": 2e-5, "head_lr": 5e-4}, True)
+    inputs = {"model": model, "base_lr": 2e-5, "head_lr": 5e-4}
+    _check_optimizer(exercise, case, get_optimizer(model, 2e-5, 5e-4), model, 2e-5, 5e-4, inputs)
+    optimizer, error = call(fn, inputs, True)
     if error is not None:
         hint = None
         if "more than one parameter group" in str(error):
             hint = ("model.parameters() includes the value head: use "
                     "model.base_model.parameters() for the first group.")
-        fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
-    _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4)
+        fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error,
+             inputs=inputs)
+    _check_optimizer(exercise, case, optimizer, model, 2e-5, 5e-4, inputs)
     passed(exercise, "AdamW with maximize=True, base_model at base_lr and value_head at head_lr")
 
 
@@ -203,9 +197,10 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
             if "scheulder" in str(error) or "lamda" in str(error):
                 hint = ("check the spelling (`lr_scheulder` and `lr_lamda` are easy typos): "
                         "torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=...).")
-            fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error)
+            fail(exercise, case, describe_error(error), hint or crash_hint(error), error=error,
+                 inputs={"model": model, **kwargs})
         optimizer, scheduler = result
-        _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2)
+        _check_optimizer(exercise, case, optimizer, model, 1e-3, 1e-2, {"model": model, **kwargs})
         for phase, scale in enumerate(scales):
             lrs = [group["lr"] for group in optimizer.param_groups]
             expected = [1e-3 * scale, 1e-2 * scale]
@@ -214,184 +209,8 @@ def check_get_optimizer_and_scheduler(fn: Callable[..., tuple]) -> None:
                 if phase == 0 and lrs[0] == 0:
                     hint = "LR 0 in the first phase: the warmup should start at 1 / warmup_steps."
                 fail(exercise, f"{case}, after {phase} scheduler steps", f"Expected LRs "
-                     f"{expected} (scale {scale}), got {lrs}.", hint)
+                     f"{expected} (scale {scale}), got {lrs}.", hint,
+                     inputs={"model": _TinyPolicy(), **kwargs})
             optimizer.step()  # no gradients: changes nothing, but keeps the step order right
             scheduler.step()
     passed(exercise, f"the LRs of both groups over {total} phases follow the schedule")
-
-
-# ---------------------------------------------------------------- one learning phase
-
-LearningPhaseFn = Callable[[RLHFTrainer, ReplayMemory], dict[str, float]]
-
-
-def char_trainer(**overrides) -> RLHFTrainer:
-    """A quiet trainer on a tiny char model (batch 8, gen_len 4, prompt "a"), with `overrides`."""
-    args = RLHFArgs(**{**dict(total_phases=3, batch_size=8, num_minibatches=2, gen_len=4,
-                              prefix="a", prepend_bos=False, warmup_steps=0, kl_coef=0.5,
-                              seed=0), **overrides})
-    model = load_char_model(n_layers=1, d_model=16, n_heads=2, seed=4)
-    with contextlib.redirect_stdout(io.StringIO()):  # TransformerLens prints "Moving model to"
-        return RLHFTrainer(args, reward_fn_char_count, base_model=model,
-                           console=Console(quiet=True), table_every=0)
-
-
-def _make_trainer() -> tuple[RLHFTrainer, ReplayMemory]:
-    """A trainer on a tiny char model and one rollout's memory (about a tenth of a second)."""
-    trainer = char_trainer(batches_per_learning_phase=2, warmup_steps=1, base_lr=1e-2,
-                           head_lr=1e-2, max_grad_norm=0.05, ent_coef=0.01)
-    return trainer, trainer.rollout_phase().memory
-
-
-def _snapshot(trainer: RLHFTrainer) -> dict:
-    return {
-        "model": {k: v.clone() for k, v in trainer.model.state_dict().items()},
-        "optimizer": (trainer.optimizer, trainer.optimizer.state_dict()),
-        "scheduler": (trainer.scheduler, trainer.scheduler.state_dict()),
-        "generator": trainer.streams.shuffle.get_state(),
-    }
-
-
-def _restore(trainer: RLHFTrainer, snapshot: dict) -> None:
-    trainer.model.load_state_dict(snapshot["model"])
-    trainer.model.zero_grad(set_to_none=True)  # as after a rollout: no gradients yet
-    trainer.optimizer, optimizer_state = snapshot["optimizer"]
-    trainer.optimizer.load_state_dict(optimizer_state)
-    trainer.scheduler, scheduler_state = snapshot["scheduler"]
-    trainer.scheduler.load_state_dict(scheduler_state)
-    trainer.streams.shuffle.set_state(snapshot["generator"])
-
-
-@dataclass
-class PhaseRun:
-    """What one learning phase did, seen from outside."""
-
-    result: Any
-    error: BaseException | None
-    weights: dict[str, Tensor]
-    grad_norms: list[float]
-    """The global gradient norm each optimiser step was taken with."""
-    scheduler_steps: int
-    used_generator: bool
-    """Whether the trainer's shuffle generator was drawn from."""
-
-
-def _run(fn: LearningPhaseFn, trainer: RLHFTrainer, memory: ReplayMemory, snapshot: dict
-         ) -> PhaseRun:
-    """Run one learning phase from the snapshot, watching the optimiser's steps."""
-    _restore(trainer, snapshot)
-    grad_norms: list[float] = []
-
-    def record(optimizer, args, kwargs):
-        grads = [p.grad.norm() for p in trainer.model.parameters() if p.grad is not None]
-        grad_norms.append(torch.stack(grads).norm().item() if grads else 0.0)
-
-    handle = trainer.optimizer.register_step_pre_hook(record)
-    epoch = trainer.scheduler.last_epoch
-    try:
-        result, error = call(fn, {"self": trainer, "memory": memory}, positional=True)
-    finally:
-        handle.remove()
-    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    used_generator = not torch.equal(trainer.streams.shuffle.get_state(), snapshot["generator"])
-    return PhaseRun(result, error, weights, grad_norms, trainer.scheduler.last_epoch - epoch,
-                    used_generator)
-
-
-def _differing_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> list[str]:
-    """Names of the tensors that differ."""
-    return [k for k in a if not torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-3)]
-
-
-def _variant(sign: float = 1.0, zero_grad: bool = True, whitened: bool = True
-             ) -> LearningPhaseFn:
-    """The reference learning phase with one thing changed (to recognise the learner's)."""
-
-    def learning_phase(self: RLHFTrainer, memory: ReplayMemory) -> dict[str, float]:
-        args = self.args
-        for mb in memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
-                                         self.streams.shuffle):
-            if whitened:
-                mb.advantages = whiten(mb.advantages)
-            if zero_grad:
-                self.optimizer.zero_grad()
-            objective, _ = self.compute_rlhf_objective(mb)
-            (sign * objective).backward()
-            nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-            self.optimizer.step()
-        self.scheduler.step()
-        return {}
-
-    return learning_phase
-
-
-LEARNING_MISTAKES = [
-    Mistake("you minimised the objective instead of maximising it: the optimiser already has "
-            "maximize=True, so call objective.backward(), not (-objective).backward().",
-            _variant(sign=-1.0)),
-    Mistake("did you forget optimizer.zero_grad()? Gradients then pile up across minibatches.",
-            _variant(zero_grad=False)),
-    Mistake("did you whiten the advantages? With a value head's estimator "
-            "(ESTIMATORS[args.advantage_estimator].whitened), set mb.advantages = "
-            "whiten(mb.advantages) before the objective.", _variant(whitened=False)),
-]
-
-
-def _learning_hint(run, trainer: RLHFTrainer, memory: ReplayMemory, snapshot: dict) -> str | None:
-    """The named mistake whose weights the learner's run reproduces, if any."""
-    if not run.used_generator:
-        return ("did you pass self.streams.shuffle to memory.get_minibatches? Without it "
-                "the minibatches are not the seeded ones.")
-    for mistake in LEARNING_MISTAKES:
-        if not _differing_weights(_run(mistake.imitate, trainer, memory, snapshot).weights,
-                                  run.weights):
-            return mistake.hint
-    return None
-
-
-@learner_facing
-@single_threaded
-def check_learning_phase(fn: LearningPhaseFn) -> None:
-    """Check `fn(self, memory)` (an `RLHFTrainer.learning_phase`): one PPO step per minibatch,
-    gradients clipped, the scheduler stepped once, and the same weights as the reference."""
-    exercise = "learning_phase"
-    trainer, memory = _make_trainer()
-    args = trainer.args
-    case = (f"a tiny model, batch_size={args.batch_size}, num_minibatches={args.num_minibatches}, "
-            f"batches_per_learning_phase={args.batches_per_learning_phase}")
-    steps = args.num_minibatches * args.batches_per_learning_phase
-    snapshot = _snapshot(trainer)
-    reference = _run(RLHFTrainer.learning_phase, trainer, memory, snapshot)
-    # Every reference step clips (its norm is max_grad_norm): a learner who doesn't clip shows.
-    assert len(reference.grad_norms) == steps
-    assert min(reference.grad_norms) > 0.99 * args.max_grad_norm
-
-    run = _run(fn, trainer, memory, snapshot)
-    _restore(trainer, snapshot)
-    if run.error is not None:
-        fail(exercise, case, describe_error(run.error), crash_hint(run.error),
-             inputs={"self": trainer, "memory": memory}, error=run.error)
-    if len(run.grad_norms) != steps:
-        fail(exercise, case, f"It took {len(run.grad_norms)} optimiser steps; expected {steps}: "
-             "one per minibatch, num_minibatches * batches_per_learning_phase.")
-    too_big = [n for n in run.grad_norms if n > args.max_grad_norm * 1.001]
-    if too_big:
-        fail(exercise, case, f"A step was taken with gradient norm {too_big[0]:.3g} > "
-             f"max_grad_norm = {args.max_grad_norm}.", "did you forget "
-             "torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm) "
-             "between backward() and optimizer.step()?")
-    if run.scheduler_steps != 1:
-        hint = ("did you forget self.scheduler.step()?" if run.scheduler_steps == 0 else
-                "step the scheduler once per phase, after the minibatch loop, not per minibatch.")
-        fail(exercise, case, f"The scheduler was stepped {run.scheduler_steps} times; expected "
-             "once.", hint)
-    if not isinstance(run.result, dict):
-        fail(exercise, case, f"Return a dict of metrics; got {type(run.result).__name__}.")
-    differ = _differing_weights(reference.weights, run.weights)
-    if differ:
-        hint = _learning_hint(run, trainer, memory, snapshot)
-        _restore(trainer, snapshot)
-        fail(exercise, case, f"After the phase the weights differ from the reference's (first "
-             f"in {differ[0]!r}, {len(differ)} of {len(run.weights)} tensors).", hint)
-    passed(exercise, f"{steps} clipped steps, one scheduler step, and the same weights as the "
-           "reference's learning phase")

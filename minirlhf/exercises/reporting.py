@@ -211,8 +211,8 @@ def fail(exercise: str, case: str, problem: str, hint: str | None = None, *,
     lines = [f"{exercise} is not right yet.", f"  Test case: {case}.", f"  {problem}"]
     if hint:
         lines.append(f"  Likely mistake: {hint}")
-    if inputs is not None:
-        _last_failure[:] = [Failure(exercise, case, dict(inputs), expected, got, error, keywords)]
+    _last_failure[:] = [Failure(exercise, case, dict(inputs or {}), expected, got, error, keywords)]
+    if inputs:
         code = last_failure().as_code().replace("\n", "\n      ")
         lines += ["  The inputs of this case (also `exercises.last_failure().inputs`):",
                   f"      {code}",

@@ -36,6 +36,13 @@ def _pairwise_oracle(
     return torch.tensor(sum(losses) / len(losses))
 
 
+def _pairwise_gradient_oracle(chosen: Tensor, rejected: Tensor, margin: Tensor | None = None
+                              ) -> Float[Tensor, ""]:
+    """The same loss in float64 tensors, for its gradient: -log σ(x) = log(e^0 + e^-x)."""
+    x = chosen.double() - rejected.double() - (0.0 if margin is None else margin.double())
+    return torch.logaddexp(torch.zeros_like(x), -x).mean()
+
+
 def _pairwise_cases() -> list[Case]:
     margin = randn(6, seed=3).abs()
     return [
@@ -49,7 +56,11 @@ def _pairwise_cases() -> list[Case]:
                                        "margin": margin}),
         Case("rewards far apart (differences of +-200)",
              {"chosen_rewards": torch.tensor([200.0, -100.0], requires_grad=True),
-              "rejected_rewards": torch.tensor([0.0, 100.0], requires_grad=True)}),
+              "rejected_rewards": torch.tensor([0.0, 100.0], requires_grad=True)},
+             stability="sigmoid(-200) is 0 in float32, so log(sigmoid(x)) is -inf (and "
+             "F.binary_cross_entropy clamps that log at -100, giving 100 where the loss is 200). "
+             "Use F.logsigmoid(x), which never forms sigmoid(x): -F.logsigmoid(x).mean(), or "
+             "F.softplus(-x).mean()."),
         Case("a batch of one", {"chosen_rewards": torch.tensor([0.3], requires_grad=True),
                                 "rejected_rewards": torch.tensor([1.1], requires_grad=True)}),
     ]
@@ -78,10 +89,6 @@ PAIRWISE_MISTAKES = [
     Mistake("did you sum over the pairs? Take the mean, so the loss does not grow with the batch.",
             lambda chosen_rewards, rejected_rewards, margin=None: -F.logsigmoid(
                 _with_margin(chosen_rewards, rejected_rewards, margin, -1)).sum()),
-    Mistake("torch.log(torch.sigmoid(x)) underflows to log(0) = -inf for very negative x: use "
-            "F.logsigmoid (or F.softplus(-x)).",
-            lambda chosen_rewards, rejected_rewards, margin=None: -torch.log(torch.sigmoid(
-                _with_margin(chosen_rewards, rejected_rewards, margin, -1))).mean()),
     Mistake("that is the accuracy-like sigmoid, not its log: the loss is -log sigmoid(...).",
             lambda chosen_rewards, rejected_rewards, margin=None: -torch.sigmoid(
                 _with_margin(chosen_rewards, rejected_rewards, margin, -1)).mean()),
@@ -92,7 +99,7 @@ PAIRWISE_MISTAKES = [
 def check_calc_pairwise_loss(fn: Callable[..., Tensor]) -> None:
     """Check `fn(chosen_rewards, rejected_rewards, margin=None)`: mean -log σ(r_c - r_r - m)."""
     check_function("calc_pairwise_loss", fn, calc_pairwise_loss, _pairwise_oracle,
-                   _pairwise_cases(), PAIRWISE_MISTAKES)
+                   _pairwise_cases(), PAIRWISE_MISTAKES, grad_oracle=_pairwise_gradient_oracle)
 
 
 # ---------------------------------------------------------------- the last real token

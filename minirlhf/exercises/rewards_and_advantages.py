@@ -21,6 +21,7 @@ from minirlhf.exercises.core import (
     find_mistake,
     passed,
     randn,
+    run_case,
 )
 from minirlhf.exercises.reporting import call, crash_hint, describe_error, fail, learner_facing
 from minirlhf.rewards import normalize_reward, reward_fn_char_count
@@ -59,7 +60,8 @@ def check_reward_fn_char_count(fn: Callable[..., Tensor]) -> None:
                    "return torch.tensor([...], dtype=torch.float32), not a Python list.")
         problem = describe_difference(expected, got, dims="batch")
         if problem is not None:
-            hint = find_mistake(CHAR_COUNT_MISTAKES, case.kwargs, got, error)
+            outcomes = [run_case(fn, other.kwargs) for other in CHAR_COUNT_CASES]
+            hint = find_mistake(CHAR_COUNT_MISTAKES, CHAR_COUNT_CASES, outcomes)
             if hint is None and isinstance(got, Tensor) and not got.is_floating_point():
                 hint = "rewards are floats: pass dtype=torch.float32 to torch.tensor."
             report(problem, hint)

@@ -46,20 +46,13 @@ from minirlhf import (
     RLHFArgs,
     RLHFTrainer,
     exercises,
-    get_rewards,
     get_samples,
     reward_fn_char_count,
 )
 from minirlhf.advantages import ESTIMATORS, whiten
-from minirlhf.losses import (
-    calc_clipped_surrogate_objective,
-    calc_entropy_bonus,
-    calc_kl_penalty,
-    calc_value_function_loss,
-    get_gen_logprobs,
-)
+from minirlhf.losses import get_gen_logprobs
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
-from minirlhf.models import get_rollout_outputs
+from minirlhf.models import gather_rollout, get_rollout_outputs
 from minirlhf.tracking import make_sample_table
 from minirlhf.trainer import Rollout
 
@@ -178,21 +171,39 @@ def get_optimizer_and_scheduler(
 exercises.check_get_optimizer_and_scheduler(get_optimizer_and_scheduler)
 
 # %% [markdown]
+# ## Your losses from notebook 3
+#
+# The objective you assemble next calls four functions by name: `calc_clipped_surrogate_objective`,
+# `calc_value_function_loss`, `calc_entropy_bonus` and `calc_kl_penalty`. Paste your own, from
+# notebook 3, into the next cell, over the import (until you do, it takes minirlhf's). Every run
+# at the end of this notebook then trains with *your* losses, so a bug that only shows in
+# training, such as a right value with a wrong gradient, shows in its plots.
+
+# %%
+# YOUR LOSSES FROM NOTEBOOK 3: paste your four functions here, over this import.
+from minirlhf.losses import (  # noqa: E402
+    calc_clipped_surrogate_objective,
+    calc_entropy_bonus,
+    calc_kl_penalty,
+    calc_value_function_loss,
+)
+
+# %% [markdown]
 # ## Exercise 4: the objective, assembled
 #
 # Every piece of notebooks 1 to 3 meets in one method, `compute_rlhf_objective(self, mb)`, on a
 # minibatch `mb` of the replay memory. Write it as a method of the trainer:
 #
 # 1. `logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
-#    mb.prefix_len, mb.kept)`:
-#    the policy's logits, already divided by the temperature, and its values, in the states that
-#    chose the generated tokens (`gen_len` of each);
+#    mb.prefix_len, mb.kept)`: the policy's logits, already divided by the temperature, and its
+#    values, in the states that chose the generated tokens (`gen_len` of each);
 # 2. `logprobs = get_gen_logprobs(logits, mb.sample_ids[:, mb.prefix_len:])`: the log-prob of each
 #    generated token under the logits that chose it;
-# 3. `ref_logits = self.reference.get_logits(mb.kept)`: the frozen reference's logits
-#    (the reference decides whether it kept them or recomputes them);
+# 3. `ref_logits = self.reference.get_logits(mb.kept)`: the frozen reference's logits (the
+#    reference decides whether it kept them or recomputes them);
 # 4. the four terms with `args.clip_coef`, `args.vf_coef`, `args.ent_coef`, `args.kl_coef`, and
-#    the objective to maximise, with the signs of notebook 3's `calc_rlhf_objective`.
+#    the objective to maximise, with the signs of notebook 3's `calc_rlhf_objective`: your four
+#    loss functions, from the cell above.
 #
 # Return `(objective, stats)`, `stats` a dict of floats for the logs (e.g. each term's
 # `.item()`). The check runs it on a policy one step away from the one that sampled, so the
@@ -242,30 +253,32 @@ exercises.check_compute_rlhf_objective(compute_rlhf_objective)
 # The other half of a phase, also a method of the trainer: sample, score, evaluate, estimate
 # advantages, store. With no gradients (`@torch.no_grad()`):
 #
-# 1. `samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
-#    self.sampling, args.prepend_bos, generator=self.streams.sample,
-#    return_final_residual=True)`;
-# 2. `rewards = get_rewards(self.reward_fn, samples.texts)`;
+# 1. `prompts = self.get_phase_prompts()` and `samples = self.sample(prompts,
+#    self.streams.sample, for_training=True)`: the trainer's sampler on this phase's prompts;
+# 2. `rewards, loss_mask = self.score(samples, prompts)`: the rewards, and which tokens count
+#    (None here: every answer has `gen_len` tokens);
 # 3. `outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
-#    args.minibatch_size)`: the policy's log-probs and values, the KL (per token), the entropy
-#    and what the models keep for the learning steps (`outputs.kept`: here the reference's
-#    logits), a minibatch of rows at a time;
-# 4. `advantages = self.compute_advantages(rewards, outputs)`: the rewards normalised, then the
-#    estimator of `args.advantage_estimator`;
+#    args.minibatch_size)`: the policy's log-probs and values, the KL (per token,
+#    `outputs.exact_kl`) and entropy, and what the models keep for the learning steps
+#    (`outputs.kept`: the reference's logits, for one), a minibatch of rows at a time;
+# 4. `advantages = self.compute_advantages(gather_rollout(samples, rewards, outputs))`: the
+#    rewards normalised, then the estimator of `args.advantage_estimator` (over the batch of
+#    every process; here, one process's);
 # 5. a `ReplayMemory` of the samples, and `Rollout(memory, samples.texts, rewards, kl, metrics)`
-#    with `kl` the mean exact KL per token (`outputs.exact_kl.mean().item()`, which the adaptive
-#    KL controller reads) and at least `charts/reward_mean` and `charts/kl` in the metrics (the
-#    plots read them).
+#    with `charts/reward_mean` (the rewards' mean) and `charts/kl` (the exact KL's mean per
+#    token) in the metrics, which the plots read, and `kl` the mean KL per answer (per token
+#    times `gen_len`), which the adaptive KL controller reads.
 #
-# The check runs yours and the trainer's from the same random state: the memories must agree.
+# The check runs yours and the trainer's from the same random state: the memories and the
+# metrics must agree.
 #
 # Labels: difficulty 2, importance 4, 15 minutes
 #
-# Hint: `ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
-# advantages, outputs.values, outputs.kept)`.
+# Hint: `ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs, advantages,
+# outputs.values, outputs.kept, loss_mask)`.
 #
-# Hint: `generator=self.streams.sample` keeps the trainer's own random stream: without it every run
-# draws different samples and a resumed run cannot repeat them.
+# Hint: `self.streams.sample` is the trainer's own random stream: without it every run draws
+# different samples and a resumed run cannot repeat them.
 
 
 # %%
@@ -274,18 +287,17 @@ def rollout_phase(self: RLHFTrainer) -> Rollout:
     """Sample, score, evaluate, estimate advantages: the phase's memory and metrics."""
     # BEGIN SOLUTION
     args = self.args
-    samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
-                          self.sampling, args.prepend_bos, generator=self.streams.sample,
-                          return_final_residual=True)
-    rewards = get_rewards(self.reward_fn, samples.texts)
+    prompts = self.get_phase_prompts()
+    samples = self.sample(prompts, self.streams.sample, for_training=True)
+    rewards, loss_mask = self.score(samples, prompts)
     outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
                                   args.minibatch_size)
-    advantages = self.compute_advantages(rewards, outputs)
+    advantages = self.compute_advantages(gather_rollout(samples, rewards, outputs))
     memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
-                          advantages, outputs.values, outputs.kept)
+                          advantages, outputs.values, outputs.kept, loss_mask)
     kl = outputs.exact_kl.mean().item()
     metrics = {"charts/reward_mean": rewards.mean().item(), "charts/kl": kl}
-    return Rollout(memory, samples.texts, rewards, kl, metrics)
+    return Rollout(memory, samples.texts, rewards, kl * args.gen_len, metrics)
     # END SOLUTION
 
 
@@ -298,13 +310,12 @@ exercises.check_rollout_phase(rollout_phase)
 # Write `learning_phase` as a method of the trainer (`self` is an `RLHFTrainer`). Draw the
 # minibatches with `memory.get_minibatches(args.num_minibatches,
 # args.batches_per_learning_phase, self.streams.shuffle)`. For each one: whiten its advantages
-# when the estimator asks for it (`ESTIMATORS[args.advantage_estimator].whitened`, true for the
-# one-step and GAE estimators: `mb.advantages = whiten(mb.advantages)`, notebook 3), zero the
-# gradients,
-# compute `objective, stats = self.compute_rlhf_objective(mb)` (the four terms of notebook 3),
-# backpropagate the objective, clip the gradients' global norm to `args.max_grad_norm`, and step
-# the optimiser. After the loop, step the scheduler once. Return a dict of metrics (for example
-# the mean of each stat over the minibatches).
+# (mean 0, std 1 over the minibatch, `mb.advantages = whiten(mb.advantages)`) when the
+# estimator asks for it (`ESTIMATORS[args.advantage_estimator].whitened`: the ones with a
+# value head), zero the gradients, compute `objective, stats = self.compute_rlhf_objective(mb)`
+# (the four terms of notebook 3), backpropagate the objective, clip the gradients' global norm
+# to `args.max_grad_norm`, and step the optimiser. After the loop, step the scheduler once.
+# Return a dict of metrics (for example the mean of each stat over the minibatches).
 #
 # Labels: difficulty 3, importance 5, 20 minutes
 #
@@ -335,6 +346,7 @@ def learning_phase(self: RLHFTrainer, memory: ReplayMemory) -> dict[str, float]:
         objective.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
         self.optimizer.step()
+        self.global_step += 1  # counts the steps (a checkpoint records it)
         all_stats.append({**stats, "losses/grad_norm": grad_norm.item()})
     base_lr, head_lr = (group["lr"] for group in self.optimizer.param_groups)
     self.scheduler.step()
@@ -356,7 +368,8 @@ exercises.check_learning_phase(learning_phase)
 # in-vocabulary characters ("Q:") and no BOS. A phase takes a fraction of a second on a CPU.
 #
 # Your `rollout_phase`, `compute_rlhf_objective` and `learning_phase` drive the trainer: a
-# subclass swaps them in, so every phase below is your rollout, your objective and your steps.
+# subclass swaps them in, so every phase below is your rollout, your objective (computed by
+# your notebook 3 losses) and your steps.
 #
 # Predict: Of the three runs below (no KL penalty, `kl_coef=0.2`, one-step advantages without a
 # penalty), which ends with the highest reward, which with the largest KL, and what will the
@@ -395,7 +408,13 @@ runs = {
 
 # %% [markdown]
 # Each trainer keeps its metrics in `trainer.history`, one dict per phase (the keys are
-# explained in the docs' metrics page). Reward and KL against phase:
+# explained in the docs' metrics page). Reward and KL against phase.
+#
+# What to expect: with `kl_coef=0.2` the KL levels off below 1 while the runs without a penalty
+# climb past 3. If the penalised run's KL climbs with them, your KL penalty has the right value
+# but no pull: its gradient is wrong (probability weights detached, say), and training behaves
+# as if there were no penalty at all. Notebook 3's check compares gradients too; run it again on
+# the function you pasted.
 
 # %%
 fig, (ax_reward, ax_kl) = plt.subplots(1, 2, figsize=(11, 3.5))
@@ -407,6 +426,8 @@ ax_kl.set(xlabel="phase", ylabel="KL(policy || reference)", title="charts/kl")
 ax_reward.legend()
 fig.tight_layout()
 plt.show()
+for name, trainer in runs.items():
+    print(f"{name}: KL {trainer.history[-1]['charts/kl']:.2f} in the last phase")
 
 # %%
 for name, trainer in runs.items():  # fresh samples from each trained policy

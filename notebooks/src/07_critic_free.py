@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.distributions import Categorical, kl_divergence
 
 from minirlhf import RLHFArgs, RLHFTrainer, exercises, normalize_reward
-from minirlhf.losses import get_gen_logprobs
+from minirlhf.losses import calc_clipped_surrogate_objective, get_gen_logprobs
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models gain nothing from more threads
@@ -293,9 +293,10 @@ plt.show()
 # a maths set. Each phase samples every prompt $G = 4$ times (32 samples).
 #
 # A subclass of `RLHFTrainer` puts your functions in: `compute_advantages` calls your GRPO,
-# Dr. GRPO or RLOO and gives every token of a text its text's advantage, and `calc_kl_penalty`
-# is `kl_coef` times the mean of your $k_3$. There is no value head (`critic_free` turns it off:
-# no value loss, one learning rate). Four runs: your three estimators, and your GRPO with
+# Dr. GRPO or RLOO and gives every token of a text its text's advantage, and
+# `compute_rlhf_objective` is GRPO's: the clipped surrogate minus `kl_coef` times the mean of
+# your $k_3$. There is no value head (the critic-free estimators turn it off: no value loss, one
+# learning rate). Four runs: your three estimators, and your GRPO with
 # **one group for the whole batch**, i.e. a baseline from every prompt's samples (the
 # per-prompt baseline taken away).
 #
@@ -318,46 +319,55 @@ def generous_judge(samples: list[str]) -> Float[Tensor, " batch"]:
 class MyCriticFreeTrainer(RLHFTrainer):
     """The trainer with your advantages and your k3 penalty."""
 
-    def compute_advantages(self, evaluation, rewards, prefix_len):
-        rewards = normalize_reward(rewards)  # the trainer's default: one batch-wide scale
+    def compute_advantages(self, batch):
+        rewards = normalize_reward(batch.rewards)  # the trainer's default: one batch-wide scale
         if self.args.advantage_estimator == "rloo":
             advantages = compute_rloo_advantages(rewards, self.args.group_size)
         else:
             advantages = compute_group_advantages(
                 rewards, self.args.group_size, self.args.advantage_estimator == "grpo")
-        return advantages[:, None].expand_as(evaluation.logprobs)  # every token of a text
+        return advantages[:, None].expand_as(batch.outputs.logprobs)  # every token of a text
 
-    def calc_kl_penalty(self, logits, ref_logits, logprobs, mb):
-        ref_logprobs = get_gen_logprobs(ref_logits, mb.sample_ids[:, mb.prefix_len :])
-        return self.kl_controller.value * calc_kl_k3(logprobs, ref_logprobs).mean()
+    def compute_rlhf_objective(self, mb):
+        """GRPO's objective: the clipped surrogate minus kl_coef times the mean of your k3."""
+        logits, _ = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
+                                                 mb.prefix_len, mb.kept)
+        gen_tokens = mb.sample_ids[:, mb.prefix_len :]
+        logprobs = get_gen_logprobs(logits, gen_tokens)
+        ref_logprobs = get_gen_logprobs(self.reference.get_logits(mb.kept), gen_tokens)
+        surrogate = calc_clipped_surrogate_objective(logprobs, mb.logprobs, mb.advantages,
+                                                     self.args.clip_coef)
+        kl_penalty = self.kl_controller.value * calc_kl_k3(logprobs, ref_logprobs).mean()
+        return surrogate - kl_penalty, {"losses/clipped_surrogate": surrogate.item(),
+                                        "losses/kl_penalty": kl_penalty.item()}
 
 
-def train(advantage_estimator: str, group_size: int = 4) -> list[float]:
-    """Train a fresh tiny model for 20 phases; return the periods per sample of each phase."""
+def train(advantage_estimator: str, group_size: int = 4, kl_coef: float = 0.02) -> list[dict]:
+    """Train a fresh tiny model for 20 phases; return each phase's metrics, with the periods
+    per sample under "periods"."""
     args = RLHFArgs(total_phases=20, batch_size=32, num_minibatches=4, gen_len=16,
-                    prepend_bos=False, base_lr=3e-3, warmup_steps=0, kl_coef=0.02,
+                    prepend_bos=False, base_lr=3e-3, warmup_steps=0, kl_coef=kl_coef,
                     kl_estimator="k3", advantage_estimator=advantage_estimator,
                     group_size=group_size, seed=1)
     prompts = [letter for letter in LETTERS for _ in range(4)]  # each prompt in 4 adjacent rows
     trainer = MyCriticFreeTrainer(args, generous_judge, base_model=exercises.load_char_model(),
                                   prompts=prompts, console=Console(quiet=True), table_every=0)
-    periods = []
-    trainer.train(on_phase_end=lambda trainer, rollout: periods.append(
-        sum(s.count(".") for s in rollout.texts) / len(rollout.texts)))
-    return periods
+    trainer.train(on_phase_end=lambda trainer, rollout: rollout.metrics.update(  # = history[-1]
+        periods=sum(s.count(".") for s in rollout.texts) / len(rollout.texts)))
+    return trainer.history
 
 
 runs = {"GRPO (yours)": train("grpo"), "Dr. GRPO (yours)": train("dr_grpo"),
         "RLOO (yours)": train("rloo"), "GRPO, one group for the batch": train("grpo", 32)}
 fig, ax = plt.subplots(figsize=(6, 3.2))
-for name, periods in runs.items():
-    ax.plot(periods, "o-", ms=3, label=name)
+for name, history in runs.items():
+    ax.plot([m["periods"] for m in history], "o-", ms=3, label=name)
 ax.set(xlabel="phase", ylabel="periods per sample", title="What the judge's bonus hides")
 ax.legend()
 plt.show()
-for name, periods in runs.items():
-    print(f"{name:>30}: {periods[0]:.1f} periods per sample in the first phase, "
-          f"{periods[-1]:.1f} in the last")
+for name, history in runs.items():
+    print(f"{name:>30}: {history[0]['periods']:.1f} periods per sample in the first phase, "
+          f"{history[-1]['periods']:.1f} in the last")
 
 # %% [markdown]
 # What to notice:
@@ -373,6 +383,30 @@ for name, periods in runs.items():
 # - **The cost**: 4 samples for every prompt, and a group whose 4 samples score the same teaches
 #   nothing (the trainer logs that share as `charts/frac_reward_zero_std`).
 #
+# ## Does your $k_3$ hold the policy?
+#
+# A KL penalty is only as good as its gradient, and the runs above used `kl_coef=0.02`, too weak
+# to show whether your $k_3$ pulls at all. Two more runs of your GRPO: your $k_3$ at `kl_coef=1`,
+# and no penalty.
+#
+# What to expect: with your $k_3$ at `kl_coef=1` the KL stays below about 0.2; without a
+# penalty it climbs past 2 in 20 phases. If the penalised run's KL climbs as well (a $k_3$
+# whose ratio is detached ends near 6), your $k_3$ has the right values and the wrong gradient:
+# run its check again, which compares gradients too.
+
+# %%
+kl_runs = {"your k3, kl_coef=1": train("grpo", kl_coef=1.0),
+           "no penalty, kl_coef=0": train("grpo", kl_coef=0.0)}
+fig, ax = plt.subplots(figsize=(6, 3.2))
+for name, history in kl_runs.items():
+    ax.plot([m["charts/kl"] for m in history], "o-", ms=3, label=name)
+ax.set(xlabel="phase", ylabel="KL(policy || reference)", title="Does the penalty pull?")
+ax.legend()
+plt.show()
+for name, history in kl_runs.items():
+    print(f"{name}: KL {history[-1]['charts/kl']:.2f} in the last phase")
+
+# %% [markdown]
 # The command line runs the library's versions: `minirlhf train --advantage-estimator grpo
 # --group-size 4 --kl-estimator k3 ...`; `docs/critic_free.md` has REINFORCE++ (no groups at
 # all: a batch-wide baseline on returns-to-go with the KL in the reward), the adaptive KL

@@ -25,6 +25,8 @@ from minirlhf.exercises import (
     dpo,
     get_reference,
     inspection,
+    last_failure,
+    learning_phase,
     memory_and_logprobs,
     objective,
     optim_and_learning,
@@ -76,6 +78,9 @@ def test_check_names_the_mistake(wrong, learner_module: ModuleType | None):
     with pytest.raises(ExerciseCheckError) as caught:
         CHECKS[wrong.exercise](wrong.impl)
     assert wrong.expected in str(caught.value), str(caught.value)
+    failure = last_failure()  # the case of this very failure, with inputs to re-run it
+    assert failure.exercise.startswith(wrong.exercise) and failure.inputs, failure
+    assert f"Test case: {failure.case}." in str(caught.value)
 
 
 def test_every_check_is_shown_catching_mistakes():
@@ -103,8 +108,8 @@ def test_the_catalogue_covers_every_function_check():
     """Every check built on check_function has a catalogue (modules whose lists are not in it
     would name mistakes no test proves)."""
     lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
-                                  optim_and_learning, reward_model, critic_free, dpo, answers,
-                                  inspection)
+                                  optim_and_learning, learning_phase, reward_model, critic_free,
+                                  dpo, answers, inspection)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
@@ -148,6 +153,9 @@ def test_check_file_and_main(tmp_path, capsys):
     assert results["compute_one_step_advantages"] == "passed"
     assert "did you use the sample std" in results["normalize_reward"]
     assert set(results) == {"compute_one_step_advantages", "normalize_reward"}
+    captured = capsys.readouterr()
+    assert "1 of 2 checks passed; \N{BALLOT X} failed: normalize_reward." in captured.out
+    assert "\N{BALLOT X} normalize_reward failed:" in captured.err
     assert main([str(path)]) == 1
     assert main([str(tmp_path / "missing.py")]) == 2  # a message, not a traceback
     assert "No Python file at" in capsys.readouterr().err
@@ -169,7 +177,7 @@ def test_impl_option_runs_the_checks_on_a_learner_file(tmp_path, capsys):
 
 def test_the_objective_is_the_one_the_trainer_maximises():
     """The reference sum is the trainer's: a phase's logged terms add up to its objective."""
-    from minirlhf.exercises.optim_and_learning import _make_trainer
+    from minirlhf.exercises.learning_phase import _make_trainer
 
     trainer, memory = _make_trainer()
     mb = memory.get_minibatches(1, 1, torch.Generator().manual_seed(0))[0]

@@ -128,3 +128,16 @@ def test_the_rerun_line_of_a_class_builds_it_first():
     logits, values = eval(rerun, {"exercises": exercises,
                                   "TransformerWithValueHead": LogprobsInsteadOfLogits})
     assert logits.shape[:2] == values.shape == last_failure().inputs["tokens"].shape
+
+
+def test_a_mistake_no_catalogued_one_reproduces_gets_no_hint():
+    """States one position late, targets right: once named as another off-by-one mistake (each
+    catalogued one matched some case); now no mistake matches every case, so no hint is shown."""
+    def states_one_late(values, rewards, prefix_len):
+        targets = torch.cat([values[:, prefix_len:-1], rewards[:, None]], dim=-1)
+        return targets - values[:, prefix_len:]
+
+    with pytest.raises(ExerciseCheckError) as caught:
+        exercises.check_compute_one_step_advantages(states_one_late)
+    assert "Likely mistake" not in str(caught.value)
+    assert "First mismatch" in str(caught.value)

@@ -36,3 +36,16 @@ def k2_rebuilt_as_a_new_tensor(logprobs, ref_logprobs):
 @wrong("calc_kl_k1", "Expected shape (1, 2) = (batch, gen_len), got (2,)")
 def k1_flattened(logprobs, ref_logprobs):
     return (logprobs - ref_logprobs).flatten()
+
+
+@wrong("calc_kl_k3", "the ratio r is detached")
+def k3_with_detached_ratio(logprobs, ref_logprobs):
+    """Right value; at kl_coef 1, GRPO ends at KL 6.1 instead of 0.08."""
+    log_r = ref_logprobs - logprobs
+    return log_r.exp().detach() - 1 - log_r
+
+
+@wrong("calc_kl_k3", "log r is detached in the `- log r` term")
+def k3_with_detached_log_ratio(logprobs, ref_logprobs):
+    log_r = ref_logprobs - logprobs
+    return log_r.exp() - 1 - log_r.detach()

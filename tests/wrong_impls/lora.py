@@ -59,6 +59,21 @@ class ScaleUpsideDown(_Lora):
         return F.linear(F.linear(x, self.A), self.B) / self.scale
 
 
+@wrong("Lora", "alpha / rank is applied twice")
+class ScaleTwice(_Lora):
+    """Once named "alpha instead of alpha / rank": with alpha 4 and rank 2, (4 / 2)^2 = 4."""
+
+    def forward(self, x):
+        return F.linear(F.linear(x, self.A), self.B) * self.scale * self.scale
+
+
+@wrong("Lora", "the scale alpha / rank is a fixed number")
+class TrainableScale(_Lora):
+    def __init__(self, d_in, d_out, rank, alpha):
+        super().__init__(d_in, d_out, rank, alpha)
+        self.scale = nn.Parameter(torch.tensor(alpha / rank))
+
+
 @wrong("Lora", "the scale alpha / rank is missing")
 class DeltaWithoutScale(_Lora):
     def delta(self):

@@ -135,3 +135,60 @@ def value_loss_rebuilt_from_float(values, mb_returns, vf_coef):
 def value_loss_summed_over_positions(values, mb_returns, vf_coef):
     """A sum over positions, a mean over samples: off by gen_len, a mistake with no name."""
     return 0.5 * vf_coef * ((values - mb_returns) ** 2).sum(-1).mean()
+
+
+# ---------------------------------------------------------------- issue 27: values right,
+# gradients wrong; results that once collided with another mistake's
+
+
+@wrong("calc_kl_penalty", "the probabilities that weight the log-ratio are detached")
+def kl_with_detached_weights(logits, ref_logits, kl_coef):
+    """Right value, gradient 4e-9: training then behaves as with no KL at all."""
+    logprobs, ref_logprobs = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    return kl_coef * (logprobs.exp().detach() * (logprobs - ref_logprobs)).sum(-1).mean()
+
+
+@wrong("calc_kl_penalty", "this is a numerical-stability case")
+def kl_by_torch_distributions_in_float32(logits, ref_logits, kl_coef):
+    """Right in exact arithmetic; inf where the reference's probability underflows to 0."""
+    from torch.distributions import Categorical, kl_divergence
+
+    return kl_coef * kl_divergence(Categorical(logits=logits),
+                                   Categorical(logits=ref_logits)).mean()
+
+
+@wrong("calc_kl_penalty", "log(softmax) is -inf")
+def kl_with_log_of_softmax(logits, ref_logits, kl_coef):
+    probs, ref_probs = logits.softmax(-1), ref_logits.softmax(-1)
+    return kl_coef * (probs * (probs.log() - ref_probs.log())).sum(-1).mean()
+
+
+@wrong("calc_entropy_bonus", "p.log() is -inf and 0 * -inf is NaN")
+def entropy_of_p_log_p(logits, ent_coef):
+    probs = logits.softmax(-1)
+    return ent_coef * -(probs * probs.log()).sum(-1).mean()
+
+
+@wrong("calc_entropy_bonus", "the probabilities p in -sum(p log p) are detached")
+def entropy_with_detached_probs(logits, ent_coef):
+    logprobs = logits.log_softmax(-1)
+    return -ent_coef * (logprobs.detach().exp() * logprobs).sum(-1).mean()
+
+
+@wrong("calc_rlhf_objective", "the signs of entropy_bonus and kl_penalty are both flipped")
+def objective_two_signs_flipped(clipped_surrogate, value_loss, entropy_bonus, kl_penalty):
+    """Once named "you left out kl_penalty": 1 - 2 - 4 + 8 = 1 - 2 + 4."""
+    return clipped_surrogate - value_loss - entropy_bonus + kl_penalty
+
+
+@wrong("whiten", "did you forget eps?")
+def whiten_without_eps(advantages, eps=1e-8):
+    """Once named "sample std": both give NaN on a minibatch of one token."""
+    return (advantages - advantages.mean()) / advantages.std(correction=0)
+
+
+@wrong("calc_clipped_surrogate_objective", "the ratio is upside down")
+def surrogate_old_and_new_swapped(logprobs, mb_logprobs, mb_advantages, clip_coef):
+    ratio = (mb_logprobs - logprobs).exp()
+    clipped = ratio.clamp(1 - clip_coef, 1 + clip_coef)
+    return torch.minimum(ratio * mb_advantages, clipped * mb_advantages).mean()

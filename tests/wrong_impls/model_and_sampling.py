@@ -17,7 +17,8 @@ class _ValueHeadModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         d_model = base_model.cfg.d_model
-        self.value_head = nn.Sequential(nn.Linear(d_model, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.value_head = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.ReLU(),
+                                        nn.Linear(4 * d_model, 1))
 
     def head_output(self, normalized):
         return self.value_head(normalized).squeeze(-1)
@@ -38,6 +39,23 @@ class AssignsBeforeSuper(_ValueHeadModel):
     def __init__(self, base_model):
         self.value_head = nn.Linear(base_model.cfg.d_model, 1)
         super().__init__(base_model)
+
+
+@wrong("TransformerWithValueHead", "One linear layer can only fit values that are linear")
+class OneLayerHead(_ValueHeadModel):
+    """Passes every test of the outputs and gradients; the notebook prescribes an MLP."""
+
+    def __init__(self, base_model):
+        super().__init__(base_model)
+        self.value_head = nn.Linear(base_model.cfg.d_model, 1)
+
+
+@wrong("TransformerWithValueHead", "without a nonlinearity two linear layers are one")
+class HeadWithoutReLU(_ValueHeadModel):
+    def __init__(self, base_model):
+        super().__init__(base_model)
+        d_model = base_model.cfg.d_model
+        self.value_head = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, 1))
 
 
 @wrong("TransformerWithValueHead", "no `value_head` attribute")

@@ -98,22 +98,27 @@ def scheduler_from_zero(model, base_lr, head_lr, warmup_steps, total_phases, fin
 # ---------------------------------------------------------------- learning phases
 
 
-def _learning_phase(self, memory, *, sign=1.0, zero_grad=True, generator=True, clip="before",
-                    scheduler="once", step_every_minibatch=True, result=True, whitened=True):
+def _learning_phase(self, memory, *, sign=1.0, zero_grad="first", generator=True,
+                    clip="before", scheduler="once", step_every_minibatch=True, result=True,
+                    whitened=True):
     """A learning phase written out; each keyword switches on one mistake."""
     args = self.args
     shuffle = self.streams.shuffle if generator else None
     minibatches = memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
                                          shuffle)
+    if scheduler == "before the loop":
+        self.scheduler.step()
     if not step_every_minibatch:
         self.optimizer.zero_grad()
     for mb in minibatches:
         if whitened:
             mb.advantages = whiten(mb.advantages)
-        if zero_grad and step_every_minibatch:
+        if zero_grad == "first" and step_every_minibatch:
             self.optimizer.zero_grad()
         objective, _ = self.compute_rlhf_objective(mb)
         (sign * objective).backward()
+        if zero_grad == "after backward":
+            self.optimizer.zero_grad()
         if clip == "before":
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
         if step_every_minibatch:
@@ -157,6 +162,18 @@ def no_scheduler_step(self, memory):
 @wrong("learning_phase", "step the scheduler once per phase")
 def scheduler_every_minibatch(self, memory):
     return _learning_phase(self, memory, scheduler="every minibatch")
+
+
+@wrong("learning_phase", "you stepped the scheduler before the minibatch loop")
+def scheduler_before_the_loop(self, memory):
+    """Passed before issue 27: the check's LR was the same in phases 0 and 1."""
+    return _learning_phase(self, memory, scheduler="before the loop")
+
+
+@wrong("learning_phase", "zero_grad() runs between backward() and step()")
+def zero_grad_after_backward(self, memory):
+    """Once told only "weights differ", though every step's gradient norm was 0."""
+    return _learning_phase(self, memory, zero_grad="after backward")
 
 
 @wrong("learning_phase", "one per minibatch")

@@ -10,16 +10,19 @@ from minirlhf.losses import (
     get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory
-from minirlhf.models import get_rollout_outputs
-from minirlhf.rewards import get_rewards
-from minirlhf.sampling import get_samples
+from minirlhf.models import gather_rollout, get_rollout_outputs
 from minirlhf.trainer import Rollout
 
 from . import wrong
 
 
+def _kl_with_detached_weights(logits, ref_logits, kl_coef):
+    logprobs, ref_logprobs = logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    return kl_coef * (logprobs.exp().detach() * (logprobs - ref_logprobs)).sum(-1).mean()
+
+
 def _objective(self, mb, *, value_sign=-1.0, kl=True, entropy_sign=1.0, tempered=True,
-               detach=False):
+               detach=False, kl_penalty=calc_kl_penalty):
     """The objective written out; each keyword switches on one mistake."""
     args = self.args
     if tempered:
@@ -36,7 +39,7 @@ def _objective(self, mb, *, value_sign=-1.0, kl=True, entropy_sign=1.0, tempered
                  + value_sign * calc_value_function_loss(values, mb.returns, args.vf_coef)
                  + entropy_sign * calc_entropy_bonus(logits, args.ent_coef))
     if kl:
-        objective = objective - calc_kl_penalty(logits, ref_logits, args.kl_coef)
+        objective = objective - kl_penalty(logits, ref_logits, args.kl_coef)
     return (objective.detach() if detach else objective), {}
 
 
@@ -65,39 +68,45 @@ def detached_objective(self, mb):
     return _objective(self, mb, detach=True)
 
 
+@wrong("compute_rlhf_objective", "the kl_penalty's probability weights are detached")
+def objective_with_a_detached_kl(self, mb):
+    """A learner's own calc_kl_penalty with a silent gradient bug, called by their objective."""
+    return _objective(self, mb, kl_penalty=_kl_with_detached_weights)
+
+
 # ---------------------------------------------------------------- rollout phases
 
 
-def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True):
+def _rollout(self, *, seeded=True, estimator=True, swap=False, kl=True, reward_metric="rewards"):
     """A rollout phase written out; each keyword switches on one mistake."""
-    args = self.args
-    samples = get_samples(self.model.base_model, self.prompts, args.batch_size, args.gen_len,
-                          self.sampling, args.prepend_bos,
-                          generator=self.streams.sample if seeded else None,
-                          return_final_residual=True)
-    rewards = get_rewards(self.reward_fn, samples.texts)
+    args, prompts = self.args, self.get_phase_prompts()
+    generator = self.streams.sample if seeded else torch.Generator()  # not the trainer's stream
+    samples = self.sample(prompts, generator, for_training=True)
+    rewards, loss_mask = self.score(samples, prompts)
     outputs = get_rollout_outputs(self.model, self.reference, samples, args.kl_estimator,
                                   args.minibatch_size)
     if estimator:
-        advantages = self.compute_advantages(rewards, outputs)
+        advantages = self.compute_advantages(gather_rollout(samples, rewards, outputs))
     else:  # the raw reward at the last token, no value baseline, no normalisation
         advantages = torch.zeros_like(outputs.values)
         advantages[:, -1] = rewards
     first, second = (outputs.values, advantages) if swap else (advantages, outputs.values)
     memory = ReplayMemory(samples.sample_ids, samples.attention_mask, outputs.logprobs,
-                          first, second, outputs.kept)
-    metrics = {"charts/reward_mean": rewards.mean().item()}
+                          first, second, outputs.kept, loss_mask)
+    mean = rewards.mean() if reward_metric == "rewards" else advantages.mean()
+    metrics = {"charts/reward_mean": mean.item()}
     if kl:
         metrics["charts/kl"] = outputs.exact_kl.mean().item()
-    return Rollout(memory, samples.texts, rewards, outputs.exact_kl.mean().item(), metrics)
+    return Rollout(memory, samples.texts, rewards, outputs.exact_kl.mean().item() * args.gen_len,
+                   metrics)
 
 
-@wrong("rollout_phase", "generator=self.streams.sample")
+@wrong("rollout_phase", "self.streams.sample, the trainer's own random stream")
 def unseeded_rollout(self):
     return _rollout(self, seeded=False)
 
 
-@wrong("rollout_phase", "self.compute_advantages(rewards, outputs)")
+@wrong("rollout_phase", "self.compute_advantages(gather_rollout(samples, rewards, outputs))")
 def raw_rewards_as_advantages(self):
     return _rollout(self, estimator=False)
 
@@ -110,3 +119,9 @@ def values_and_advantages_swapped(self):
 @wrong("rollout_phase", "charts/kl")
 def no_kl_metric(self):
     return _rollout(self, kl=False)
+
+
+@wrong("rollout_phase", "the reward plot would stay flat")
+def reward_metric_from_the_advantages(self):
+    """Passed before issue 27: notebook 4's reward plot went flat under a pass."""
+    return _rollout(self, reward_metric="advantages")
