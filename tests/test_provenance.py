@@ -19,8 +19,8 @@ from minirlhf.pairs.reward_model import (
     RewardModel,
     RewardModelError,
     load_reward_model,
+    prepare_reward_model,
     save_reward_model,
-    set_trainable_layers,
 )
 from minirlhf.runtime.loading import load_tiny_model
 
@@ -29,7 +29,7 @@ from minirlhf.runtime.loading import load_tiny_model
 def saved_rm(tmp_path) -> Path:
     torch.manual_seed(0)
     model = RewardModel(load_tiny_model())
-    set_trainable_layers(model, 1)
+    prepare_reward_model(model, 1)
     save_reward_model(model, tmp_path, {"base_model": "tiny"})
     return tmp_path
 

@@ -23,9 +23,9 @@ from minirlhf.pairs.reward_model import (
     get_last_token_index,
     load_reward_model,
     make_reward_model_reward_fn,
+    prepare_reward_model,
     save_reward_model,
     score_texts,
-    set_trainable_layers,
     tokenize_texts,
 )
 from minirlhf.pairs.reward_training import RewardModelArgs, TextScorer, evaluate, train_reward_model
@@ -173,16 +173,19 @@ def test_a_vocabulary_mismatch_fails_with_a_message(printable_model):
         tokenize_texts(printable_model, ["Hello world, this is text"], prepend_bos=False)
 
 
-def test_set_trainable_layers_freezes_the_bottom():
+def test_prepare_reward_model_freezes_the_bottom():
     model = make_rm(n_layers=3)
-    assert set_trainable_layers(model, 1) == 2  # frozen blocks, what TextScorer runs once
+    assert prepare_reward_model(model, 1) == 2  # frozen blocks, what TextScorer runs once
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert any(name.startswith("base_model.blocks.2.") for name in trainable)
     assert not any(name.startswith(("base_model.blocks.0.", "base_model.blocks.1.",
                                     "base_model.embed")) for name in trainable)
-    assert {"reward_head.weight", "reward_head.bias"} <= trainable
-    assert set_trainable_layers(model, None) == 0 and set_trainable_layers(model, 5) == 0
-    assert all(p.requires_grad for p in model.parameters())
+    assert {"reward_head.weight", "reward_head.bias", "base_model.ln_final.w"} <= trainable
+    assert prepare_reward_model(model, None) == 0 and prepare_reward_model(model, 5) == 0
+    # Everything trains but the zero unembedding bias (`models.freeze_absent_unembed_bias`; a
+    # reward model never computes the unembedding anyway).
+    assert all(p.requires_grad for name, p in model.named_parameters()
+               if name != "base_model.unembed.b_U")
 
 
 # ---------------------------------------------------------------- normalisation, reward fn
@@ -272,7 +275,7 @@ def test_training_only_the_top_layer_uses_the_cache_and_learns():
 def test_save_and_load_keeps_trained_weights_and_normalisation(tmp_path):
     torch.manual_seed(6)
     model = RewardModel(load_tiny_model())  # what load_policy("tiny") rebuilds on loading
-    set_trainable_layers(model, 1)
+    prepare_reward_model(model, 1)
     with torch.no_grad():
         model.base_model.blocks[1].mlp.W_out.add_(0.1)
     model.set_normalization(2.0, -0.5)
@@ -297,3 +300,60 @@ def test_the_loss_given_drives_the_training():
                        loss_fn=lambda chosen, rejected, margin=None:
                        calc_pairwise_loss(rejected, chosen))
     assert evaluate(TextScorer(swapped, 0), held_out, args)["accuracy"] == 0.0
+
+
+def test_a_lora_reward_model_learns_keeps_its_base_and_reloads_to_the_same_scores(
+        tmp_path, monkeypatch):
+    """LoRA on the top block (with the final norm and head): it learns the word preference, no
+    base weight moves or is saved, and loading attaches the same adapters before loading them,
+    so the reloaded model scores exactly as the trained one did."""
+    args = RewardModelArgs(epochs=3, batch_size=8, base_lr=3e-3, head_lr=1e-2, eval_every=5,
+                           trainable_layers=1, lora_rank=4)
+    torch.manual_seed(5)
+    model = RewardModel(load_tiny_model())  # what load_policy("tiny") rebuilds on loading
+    base = {name: p.detach().clone() for name, p in model.base_model.named_parameters()
+            if not name.startswith("ln_final.")}  # the final norm trains, as the head does
+    held_out = word_pairs(16, seed=1)
+    history = train_reward_model(model, word_pairs(48, seed=0), held_out, args,
+                                 console=Console(quiet=True))
+    assert history[-1]["held_out/accuracy"] == 1.0
+    after = dict(model.base_model.named_parameters())
+    for name, before in base.items():
+        torch.testing.assert_close(after[name], before, atol=0, rtol=0, msg=name)
+    assert all(p.requires_grad == name.startswith("lora.") or name.startswith("ln_final.")
+               for name, p in model.base_model.named_parameters())
+    assert model.base_model.lora.get(1, "q").B.abs().sum() > 0, "the adapters did not train"
+    assert model.base_model.lora.get(0, "q") is None, "adapters only on the trainable block"
+    path = save_reward_model(model, tmp_path, {"base_model": "tiny"})
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert not set(saved) & {f"base_model.{name}" for name in base}, "base weights saved"
+    assert {k for k in saved if not k.startswith("base_model.lora.")} == {
+        "base_model.ln_final.w", "base_model.ln_final.b", "reward_head.weight",
+        "reward_head.bias", "gain", "bias"}
+    texts = [p.chosen_text for p in held_out] + [p.rejected_text for p in held_out]
+    expected = score_texts(model, texts)
+    loaded, info = load_reward_model(tmp_path)
+    assert info["lora"] == {"rank": 4, "alpha": 16.0, "targets": ["q", "k", "v", "o", "in",
+                                                                  "out"], "layers": [1]}
+    torch.testing.assert_close(score_texts(loaded, texts), expected, atol=0, rtol=0)
+    check_loads_without_adapters_fail(tmp_path, saved, texts, expected, monkeypatch)
+
+
+def check_loads_without_adapters_fail(folder, saved, texts, expected, monkeypatch):
+    """Known wrong: the saved weights without their adapters score otherwise, and loading
+    without attaching the adapters first is refused."""
+    bare = RewardModel(load_tiny_model())
+    bare.load_state_dict({k: v for k, v in saved.items() if ".lora." not in k}, strict=False)
+    assert not torch.equal(score_texts(bare, texts), expected)
+    monkeypatch.setattr(rm_module, "attach_saved_lora", lambda model, description: None)
+    with pytest.raises(rm_module.RewardModelError, match="unexpected"):
+        load_reward_model(folder)
+
+
+def test_lora_args_are_checked_as_dpo_checks_them():
+    with pytest.raises(ValueError, match="lora_targets"):
+        RewardModelArgs(lora_rank=4, lora_targets="q,nope")
+    with pytest.raises(ValueError, match="lora_alpha"):
+        RewardModelArgs(lora_rank=4, lora_alpha=0.0)
+    with pytest.raises(ValueError, match="trainable_layers 0"):
+        RewardModelArgs(lora_rank=4, trainable_layers=0)

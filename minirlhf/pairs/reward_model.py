@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from minirlhf.models import freeze_trunk
-from minirlhf.runtime import loading
+from minirlhf.models import prepare_policy
+from minirlhf.runtime import loading, lora
 from minirlhf.runtime.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
@@ -169,18 +169,27 @@ class RewardModel(nn.Module):
         return tokenize_texts(self.base_model, texts, self.prepend_bos, end, padding_side)
 
 
-def set_trainable_layers(reward_model: RewardModel, n_layers: int | None) -> int:
-    """Freeze all but the top `n_layers` blocks (None: train everything); return how many blocks
-    are frozen (the ones `TextScorer` runs once per text).
+def prepare_reward_model(
+    reward_model: RewardModel, trainable_layers: int | None, lora_rank: int = 0,
+    lora_alpha: float = 16.0, lora_targets: str = ",".join(lora.LORA_TARGETS),
+) -> int:
+    """Decide what of the reward model trains, through the policy's own `models.prepare_policy`
+    (the `RewardModelArgs` fields of the same names); return how many blocks are frozen (the
+    ones `TextScorer` runs once per text).
 
-    The final layernorm and the reward head always train (`models.freeze_trunk`, as for the
-    policy). Frozen layers get no gradient, so a backward pass stops at the lowest trainable
-    block."""
+    trainable_layers None, or at least the model's depth: every block trains, and the embedding
+    with them. The final norm and the reward head always train, LoRA or not: they read the
+    residual stream the reward is computed from. Frozen layers get no gradient, so a backward
+    pass stops at the lowest trainable block."""
     for param in reward_model.parameters():
         param.requires_grad_(True)
-    if n_layers is None or n_layers >= reward_model.base_model.cfg.n_layers:
-        return 0  # every block trains, and the embedding with them
-    return freeze_trunk(reward_model.base_model, n_layers)
+    if trainable_layers is not None and trainable_layers >= reward_model.base_model.cfg.n_layers:
+        trainable_layers = None
+    n_frozen = prepare_policy(reward_model.base_model, trainable_layers, lora_rank, lora_alpha,
+                              lora_targets)
+    for module in (reward_model.reward_head, reward_model.base_model.ln_final):
+        module.requires_grad_(True)
+    return n_frozen
 
 
 # ---------------------------------------------------------------- texts in, rewards out
@@ -244,11 +253,33 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def describe_lora(model: HookedTransformer) -> dict | None:
+    """The model's LoRA adapters as the `lora.add_lora` arguments that attach them again (rank,
+    alpha, targets, layers), or None when it has none."""
+    adapters = lora.get_adapters(model)
+    if adapters is None:
+        return None
+    keys = [key.split("_", 1) for key in adapters.adapters]
+    first = next(iter(adapters.adapters.values()))
+    return {"rank": first.A.shape[0], "alpha": first.alpha,
+            "targets": [t for t in lora.LORA_TARGETS if any(t == k for _, k in keys)],
+            "layers": sorted({int(layer) for layer, _ in keys})}
+
+
+def attach_saved_lora(model: HookedTransformer, description: dict | None):
+    """Attach the adapters `describe_lora` described (nothing for None), with fresh weights: the
+    saved ones are loaded into them next."""
+    if description:
+        lora.add_lora(model, description["rank"], description["alpha"], description["targets"],
+                      description["layers"])
+
+
 def save_reward_model(reward_model: RewardModel, folder: str | Path, info: dict) -> Path:
-    """Write `folder/reward_model.pt`, the trained weights only (frozen ones come from the base),
-    and `reward_model.json`: `info`, the format, the file's size and SHA-256, and the names of
-    the frozen weights left out (the only ones loading may find missing). Both are written under
-    temporary names and renamed.
+    """Write `folder/reward_model.pt`, the trained weights only (frozen ones come from the base;
+    a LoRA reward model's are its adapters, final norm and head), and `reward_model.json`:
+    `info` with the adapters' `describe_lora` (loading attaches them again), the format, the
+    file's size and SHA-256, and the names of the frozen weights left out (the only ones loading
+    may find missing). Both are written under temporary names and renamed.
 
     Args:
         info: must hold "base_model" (the name `loading.load_policy` rebuilds the trunk from);
@@ -256,7 +287,8 @@ def save_reward_model(reward_model: RewardModel, folder: str | Path, info: dict)
     """
     assert "base_model" in info, "info needs the base_model to rebuild the trunk from"
     info = {**info, "prepend_bos": reward_model.prepend_bos,
-            "append_end_token": reward_model.append_end_token}
+            "append_end_token": reward_model.append_end_token,
+            "lora": describe_lora(reward_model.base_model)}
     trained = {name for name, p in reward_model.named_parameters() if p.requires_grad}
     state = {name: tensor for name, tensor in reward_model.state_dict().items()
              if name in trained or name in ("gain", "bias")}
@@ -318,8 +350,9 @@ def load_reward_model(
     record = read_reward_record(folder)
     saved = torch.load(path, map_location=device, weights_only=True)
     info = saved["info"]
-    reward_model = RewardModel(loading.load_policy(info["base_model"], device),
-                               info["prepend_bos"], info["append_end_token"])
+    base_model = loading.load_policy(info["base_model"], device)
+    attach_saved_lora(base_model, info.get("lora"))  # before loading: the adapters' weights
+    reward_model = RewardModel(base_model, info["prepend_bos"], info["append_end_token"])
     result = reward_model.load_state_dict(saved["state_dict"], strict=False)
     missing = sorted(set(result.missing_keys) - set(record["frozen"]))
     if result.unexpected_keys or missing:

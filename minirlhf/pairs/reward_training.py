@@ -30,10 +30,10 @@ from minirlhf.pairs.reward_model import (
     calc_pairwise_loss,
     calc_pairwise_metrics,
     fit_normalization,
+    prepare_reward_model,
     score_texts,
-    set_trainable_layers,
 )
-from minirlhf.runtime import loading
+from minirlhf.runtime import loading, lora
 from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.sampling import get_samples
 from minirlhf.tracking import make_progress
@@ -53,6 +53,14 @@ class RewardModelArgs:
     """The trunk: "tiny", "smollm2", a folder or a TransformerLens name (usually the policy's)."""
     trainable_layers: int | None = 10
     """Train only the top this many blocks (plus final norm and head); None trains every one."""
+    lora_rank: int = 0
+    """With a rank >= 1, train LoRA adapters on `lora_targets` (in the top `trainable_layers`
+    blocks when that is set), with the final norm and head; the base weights stay as they are
+    and are not saved. 0: no LoRA."""
+    lora_alpha: float = 16.0
+    """LoRA's scale is lora_alpha / lora_rank."""
+    lora_targets: str = "q,k,v,o,in,gate,out"
+    """Comma-separated matrices that get adapters: attention q, k, v, o; MLP in, gate, out."""
     prepend_bos: bool = True
     """Put the model's BOS token before each text (as the policy's sampler does)."""
     append_end_token: bool = True
@@ -92,7 +100,13 @@ class RewardModelArgs:
         check_at_least(self, ["epochs", "batch_size", "eval_every"])
         check_at_least(self, ["trainable_layers"], minimum=0, optional=True)
         check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_low=True, open_high=True)
-        check_positive(self, ["lr", "head_lr"])
+        check_positive(self, ["base_lr", "head_lr"])
+        check_at_least(self, ["lora_rank"], minimum=0)
+        check_positive(self, ["lora_alpha"])
+        lora.parse_targets(self.lora_targets)
+        if self.lora_rank and self.trainable_layers == 0:
+            raise ValueError("lora_rank puts adapters on the trainable blocks, and "
+                             "trainable_layers 0 leaves none: give at least 1, or lora_rank 0.")
         if self.normalize_samples == 1 or self.normalize_samples < 0:
             raise ValueError("normalize_samples must be 0 (off) or at least 2 (a std needs two), "
                              f"got {self.normalize_samples}.")
@@ -189,7 +203,8 @@ def train_reward_model(
         loss_fn: `(chosen_rewards, rejected_rewards, margins) -> loss`, the pairwise loss each
             step minimises (notebook 6 passes the learner's own); None: `calc_pairwise_loss`.
     """
-    frozen_layers = set_trainable_layers(reward_model, args.trainable_layers)
+    frozen_layers = prepare_reward_model(reward_model, args.trainable_layers, args.lora_rank,
+                                         args.lora_alpha, args.lora_targets)
     score = TextScorer(reward_model, frozen_layers)
     optimizer = get_reward_optimizer(reward_model, args)
     generator = torch.Generator().manual_seed(args.seed)

@@ -49,7 +49,7 @@ class Lora(nn.Module):
         self.A = nn.Parameter(torch.empty(rank, d_in, device=device, dtype=dtype))
         self.B = nn.Parameter(torch.zeros(d_out, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=5**0.5)  # nn.Linear's initialisation
-        self.scale = alpha / rank
+        self.alpha, self.scale = alpha, alpha / rank
 
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
         return F.linear(F.linear(x, self.A), self.B) * self.scale
