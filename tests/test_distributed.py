@@ -28,10 +28,12 @@ import torch
 import torch.multiprocessing as mp
 from rich.console import Console
 
+from minirlhf import trainer as trainer_module
 from minirlhf.advantages import whiten
 from minirlhf.args import RLHFArgs
 from minirlhf.exercises.core import load_char_model
 from minirlhf.losses import calc_clipped_surrogate_objective
+from minirlhf.models import GlobalBatch
 from minirlhf.runtime import distributed
 from minirlhf.sampling import Samples, get_samples
 from minirlhf.trainer import RLHFTrainer
@@ -60,7 +62,7 @@ def serve_rows(batch: Samples):
 
     def sample(model, prompts, batch_size, *args, **kwargs) -> Samples:
         share = len(batch.texts) // distributed.get_world_size()
-        assert batch_size == share, "the trainer asked for another share"
+        assert len(prompts) == share, "the trainer asked for another share"
         rows = slice(distributed.get_rank() * share, (distributed.get_rank() + 1) * share)
         return Samples(batch.sample_ids[rows], batch.texts[rows], batch.attention_mask[rows],
                        batch.prefix_len)
@@ -76,14 +78,20 @@ def patch_no_gradient_averaging() -> list:
 
 
 def patch_per_process_statistics() -> list:
-    """Reward normalisation, advantages and metrics over this process's rows only."""
-    return [mock.patch.object(distributed, "gather_rows", lambda rows: rows),
-            mock.patch.object(distributed, "local_rows", lambda n: slice(0, n))]
+    """Reward normalisation, advantages and metrics over this process's rows only: the rollout
+    is never gathered into the global batch."""
+
+    def own_rows_only(samples: Samples, rewards, outputs) -> GlobalBatch:
+        return GlobalBatch(samples.texts, rewards, outputs._replace(kept={}),
+                           samples.response_mask, samples.ended, samples.logprobs,
+                           slice(0, len(rewards)))
+
+    return [mock.patch.object(trainer_module, "gather_rollout", own_rows_only)]
 
 
 def patch_per_process_whitening() -> list:
     """Each minibatch's advantages whitened with this process's share's mean and std."""
-    return [mock.patch.object(distributed, "global_moments", lambda values: None)]
+    return [mock.patch.object(distributed, "global_moments", lambda values, mask=None: None)]
 
 
 def patch_main_process_rng_only() -> list:
