@@ -208,18 +208,19 @@ def check_get_steered_logits(fn: Callable[..., Tensor]) -> None:
           atol=1e-4)
     got, error = call(fn, kwargs, positional=True)
     if error is not None:
-        fail("get_steered_logits", STEER_CASE, describe_error(error), error=error)
+        fail("get_steered_logits", STEER_CASE, describe_error(error), error=error, inputs=kwargs)
     problem = describe_difference(expected, got, atol=1e-4, dims="batch, seq, d_vocab")
     if problem is not None:
         fail("get_steered_logits", STEER_CASE, problem,
-             _steering_hint(model, tokens, 1, direction, 3.0, got))
+             _steering_hint(model, tokens, 1, direction, 3.0, got), inputs=kwargs)
     with torch.no_grad():
         after = model(tokens)
     model.reset_hooks()
     if describe_difference(plain, after, atol=1e-5) is not None:
         fail("get_steered_logits", STEER_CASE, "After your function returned, the model still "
              "gives steered logits.", "the hook was left on the model: add it with "
-             "`with model.hooks(fwd_hooks=[...]):` (or `run_with_hooks`), which takes it off.")
+             "`with model.hooks(fwd_hooks=[...]):` (or `run_with_hooks`), which takes it off.",
+             inputs=kwargs)
     passed("get_steered_logits", "the residual stream edited between two halves of the forward "
            "pass as the oracle, and the model unsteered afterwards")
 
