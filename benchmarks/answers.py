@@ -51,7 +51,7 @@ def run(name: str, phases: int, seed: int, console: Console) -> dict:
     estimator, direction = name.split("-")
     preset = PRESETS["smollm2-chat"]
     args = RLHFArgs(**{**preset["args"], **ESTIMATOR_ARGS[estimator], "total_phases": phases,
-                       "precision": "fp32", "seed": seed})
+                       "precision": "fp32", "seed": seed, "held_out_max": 32})
     spec = {**preset["reward"], "direction": direction}
     trainer = RLHFTrainer(args, make_reward_fn(spec), base_model=load_policy("smollm2"),
                           console=console, table_every=0)
