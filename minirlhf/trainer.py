@@ -96,9 +96,9 @@ class RLHFTrainer:
         self.local_batch_size = distributed.get_local_batch_size(
             args.batch_size, args.num_minibatches, args.group_size, distributed.get_world_size())
         self.precision = pick_precision(args.precision, self.device)
-        if base_model is None:
-            base_model = loading.load_policy(args.base_model, self.device)
-        base_model = base_model.to(self.device, print_details=False)
+        base_model = (loading.load_policy(args.base_model, self.device) if base_model is None
+                      else base_model.to(self.device, print_details=False))
+        set_seed(args.seed)  # what trains starts the same however the policy was loaded
         self.model = build_policy(base_model, args).to(self.device)
         distributed.broadcast_module(self.model)  # every process starts from process 0's weights
         self.reference = ReferenceModel.of_policy(self.model, args.recompute_ref_logits)

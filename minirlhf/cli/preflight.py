@@ -16,6 +16,7 @@ from minirlhf.cli.presets import make_prompts
 from minirlhf.prompts import Prompt, load_prompts, render_prompt, resolve_prompt_file
 from minirlhf.runtime import loading
 from minirlhf.runtime.device import pick_device
+from minirlhf.runtime.random_streams import set_seed
 from minirlhf.runtime.tokens import get_token_rows
 from minirlhf.sampling import check_context
 
@@ -37,6 +38,7 @@ def check_new_run(run: dict) -> HookedTransformer:
     else:
         prompts = [(f"--prefix {text!r}", {"prompt": text})
                    for text in dict.fromkeys(make_prompts(run["reward"], args) or [args.prefix])]
+    set_seed(args.seed)  # a random model (tiny) gets the weights a resumed run rebuilds
     try:
         policy = loading.load_policy(args.base_model, pick_device(args.device))
     except (ValueError, OSError) as error:
