@@ -20,7 +20,6 @@ so a resumed run reloads it from `args.base_model`. What the files guarantee:
 """
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from minirlhf.cli.safe_files import open_nofollow, refuse_symlinks
+from minirlhf.runtime.hashing import sha256_of
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
@@ -184,14 +184,6 @@ def write_file(path: Path, write):
         write(file)
         file.flush()
         os.fsync(file.fileno())
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def storage_bytes(payload) -> int:

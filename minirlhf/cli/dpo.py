@@ -22,7 +22,7 @@ from rich.table import Table
 from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
-from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint, sha256_of
+from minirlhf.cli.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from minirlhf.cli.flags import add_args_flags
 from minirlhf.cli.keeper import stop_between_steps
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
@@ -39,6 +39,7 @@ from minirlhf.pairs.dpo_training import DPOArgs, train_dpo
 from minirlhf.pairs.preferences import Preference, read_preferences, split_preferences
 from minirlhf.runtime import loading
 from minirlhf.runtime.device import pick_device
+from minirlhf.runtime.hashing import sha256_of
 
 PLOT_NAME = "dpo.png"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from minirlhf.prompts import resolve_prompt_file
+from minirlhf.runtime.hashing import update_with_file
 
 ACCEPT_FLAG = "--accept-changed-inputs"
 
@@ -29,9 +30,7 @@ def sha256_of(path: Path) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for file in files:
             digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
-            with open(file, "rb") as handle:
-                while chunk := handle.read(1 << 20):
-                    digest.update(chunk)
+            update_with_file(digest, file)
     except OSError:
         return "missing"
     return digest.hexdigest()

@@ -32,8 +32,9 @@ def cmd_reward_model(ns: argparse.Namespace, parser: argparse.ArgumentParser):
 
 def train_and_save_reward_model(ns: argparse.Namespace, args: RewardModelArgs, train: list,
                                 held_out: list, console: Console):
-    from minirlhf.pairs.reward_model import save_reward_model, sha256_of
+    from minirlhf.pairs.reward_model import save_reward_model
     from minirlhf.pairs.reward_training import fit_reward_model
+    from minirlhf.runtime.hashing import sha256_of
 
     write_metrics(ns.out / "metrics.jsonl", [])
     console.print(f"[bold]minirlhf reward-model[/]: {len(train)} train / {len(held_out)} "

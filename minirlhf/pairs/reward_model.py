@@ -14,7 +14,6 @@ bias are fitted so that its rewards have mean 0 and std 1 on samples of the init
 `make_reward_model_reward_fn` turns it into a batched reward function for `RLHFTrainer`.
 """
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from transformer_lens.hook_points import HookPoint
 
 from minirlhf.models import prepare_policy
 from minirlhf.runtime import loading, lora
+from minirlhf.runtime.hashing import sha256_of
 from minirlhf.runtime.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
@@ -243,14 +243,6 @@ FORMAT = "minirlhf-reward-model-2"  # 1: no integrity record, missing weights no
 
 class RewardModelError(ValueError):
     """A saved reward model that cannot be trusted; the message says what to do."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_lora(model: HookedTransformer) -> dict | None:

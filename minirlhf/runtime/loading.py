@@ -20,7 +20,6 @@ TransformerLens construction here and in `runtime.hf_checkpoints` means a move t
 
 import difflib
 import functools
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -43,6 +42,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from minirlhf.runtime.hashing import sha256_of
 from minirlhf.runtime.hf_checkpoints import build_model, get_llama_cfg, load_hf_folder
 
 Device = str | torch.device
@@ -213,11 +213,7 @@ def _find_smollm2_gguf() -> Path:
 
 def _get_smollm2_cache(gguf: Path) -> Path:
     """The cache folder for this GGUF file (config.json, tokenizer, state_dict.pt), built once."""
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    key = f"{digest.hexdigest()[:16]}-tl{metadata.version('transformer-lens')}-v{_CACHE_FORMAT}"
+    key = f"{sha256_of(gguf)[:16]}-tl{metadata.version('transformer-lens')}-v{_CACHE_FORMAT}"
     folder = get_cache_dir() / f"smollm2-{key}"
     if not folder.is_dir():
         _convert_smollm2(gguf, folder)
