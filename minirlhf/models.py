@@ -369,6 +369,8 @@ def gather_rollout(
     def gather(value: Tensor | None) -> Tensor | None:
         return None if value is None else distributed.gather_rows(value)
 
+    distributed.wait_for_others("the end of the rollout")  # names a process that stalled
+
     rows = {name: gather(value) for name, value in outputs._asdict().items() if name != "kept"}
     rewards = distributed.gather_rows(rewards)
     return GlobalBatch(distributed.gather_objects(samples.texts), rewards,

@@ -16,9 +16,11 @@ checkpoint) and must fail there.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from unittest import mock
@@ -330,3 +332,71 @@ def test_a_batch_that_does_not_split_says_why(overrides, message):
     with pytest.raises(ValueError, match=message):
         local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=2)
     assert local_batch_size(RLHFArgs(**{**ARGS, **overrides}), world_size=1) > 0
+
+
+# ---- stopping and stalling under torchrun ----
+
+def start_torchrun(*flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node=2", "-m", "minirlhf", "train", *flags]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for_phases(out: Path, phases: int, process: subprocess.Popen, limit_s: float = 240):
+    """Wait until the run in `out` has logged `phases` phases."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= phases:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not log {phases} phases: {process.communicate()}")
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (from its environment)."""
+    for child in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+TORCHRUN_FLAGS = ["--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4",
+                  "--num-minibatches", "1", "--gen-len", "6", "--device", "cpu",
+                  "--total-phases", "400", "--checkpoint-every", "1000"]
+
+
+@pytest.mark.slow  # two launches of two processes
+def test_sigterm_under_torchrun_saves_the_phase_in_progress_and_resumes(tmp_path: Path):
+    out = tmp_path / "run"
+    run = start_torchrun(*TORCHRUN_FLAGS, "--out", str(out))
+    wait_for_phases(out, 2, run)
+    run.send_signal(signal.SIGTERM)  # torchrun passes it on to both processes
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode != 0
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["phase"]
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    assert saved == logged >= 2, f"every logged phase is saved ({saved} of {logged}): {stderr}"
+    assert "torchrun --standalone --nproc-per-node 2 -m minirlhf train" in stdout + stderr
+    resumed = torchrun_train("--out", str(out), "--resume", "--total-phases", str(saved + 1))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["charts/phase"] for m in metrics] == list(range(saved + 1))
+
+
+@pytest.mark.slow
+def test_a_stalled_process_is_named_after_the_collective_timeout(tmp_path: Path):
+    out = tmp_path / "run"
+    run = start_torchrun(*TORCHRUN_FLAGS, "--out", str(out), "--collective-timeout", "5")
+    wait_for_phases(out, 1, run)
+    stalled = worker_pid(run, rank=1)
+    os.kill(stalled, signal.SIGSTOP)
+    try:
+        _, stderr = run.communicate(timeout=120)
+    finally:
+        os.kill(stalled, signal.SIGKILL) if Path(f"/proc/{stalled}").exists() else None
+    assert run.returncode != 0
+    assert "process 1 did not reach the end of" in stderr, stderr[-3000:]
+    assert "--collective-timeout" in stderr

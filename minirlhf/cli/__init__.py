@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None):
     try:
         COMMANDS[ns.command](ns, parser)
     except (CheckpointError, RunFolderError, UnsafeFileError, RewardModelError,
-            ChangedInputError, distributed.WorldSizeError) as error:
+            ChangedInputError, distributed.WorldSizeError,
+            distributed.StalledProcessError) as error:
         parser.exit(1, f"minirlhf {ns.command}: error: {error}\n")
     except OSError as error:  # a read-only or full disk, a missing file: what and where
         parser.exit(1, f"minirlhf {ns.command}: error: {describe_os_error(error)}\n")

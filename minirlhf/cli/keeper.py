@@ -40,10 +40,15 @@ class CheckpointKeeper:
         """Whether the trainer has moved past the last boundary (an optimiser step, a phase)."""
         return trainer.global_step != self.global_step or trainer.phase != self.phase
 
-    def stop_if_asked(self):
-        """At a phase boundary, after saving: stop if a SIGTERM arrived during the phase."""
-        if self.stop_signal is not None:
-            raise SystemExit(128 + self.stop_signal)
+    def is_stop_asked(self) -> bool:
+        """At a phase boundary: whether a SIGTERM arrived during the phase, in any process (all
+        get the same answer, so all save this phase and stop together)."""
+        distributed.wait_for_others(f"the end of phase {self.phase}")
+        return distributed.any_process(self.stop_signal is not None)
+
+    def stop(self):
+        """Stop after the phase's save (SystemExit 143 for SIGTERM)."""
+        raise SystemExit(128 + (self.stop_signal or signal.SIGTERM))
 
     def is_due(self, phase: int) -> bool:
         """Whether a checkpoint is due after `phase` phases (every `every`, and the last)."""
@@ -76,14 +81,17 @@ class CheckpointKeeper:
 def stop_on_sigterm(keeper: CheckpointKeeper, trainer):
     """While the block runs, SIGTERM (job schedulers, `docker stop`) stops the run as Ctrl-C
     does, raising SystemExit(143), so the completed phases are saved. Between updates it stops at
-    once; during a learning phase it waits for the phase to end (`keeper.stop_if_asked`), so that
-    phase is saved too. A second SIGTERM stops at once."""
+    once; during a learning phase it waits for the phase to end (`keeper.is_stop_asked`), so that
+    phase is saved too. With several processes (torchrun sends each the signal) every process
+    waits for the phase boundary, where they agree to save and stop together. A second SIGTERM
+    stops at once."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        if keeper.stop_signal is None and keeper.is_mid_update(trainer):
+        several = distributed.get_world_size() > 1  # a process alone cannot save
+        if keeper.stop_signal is None and (several or keeper.is_mid_update(trainer)):
             keeper.stop_signal = signum
             return
         raise SystemExit(128 + signum)

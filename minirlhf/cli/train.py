@@ -54,6 +54,9 @@ def add_train_parser(commands):
     train.add_argument("--backend", choices=distributed.BACKENDS,
                        help="under torchrun with several processes: how they communicate "
                        "(default NCCL on CUDA, gloo on the CPU)")
+    train.add_argument("--collective-timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
+                       metavar="SECONDS", help="under torchrun: how long a process waits for "
+                       "the others before naming the one that stalled (default 600)")
     train.add_argument("--wandb-mode", choices=["online", "offline"],
                        help="offline (default) writes to the run folder; `wandb sync` later")
     add_accept_flag(train)
@@ -153,7 +156,7 @@ def join_processes(ns: argparse.Namespace, parser: argparse.ArgumentParser, out:
     if ns.resume:
         run, changes = resumed_config(read_run_json(out / "run.json"), given_flags(ns))
         check_inputs(run, ns.accept_changed_inputs, Console(quiet=True))
-    distributed.setup(pick_device(run["args"]["device"]), ns.backend)
+    distributed.setup(pick_device(run["args"]["device"]), ns.backend, ns.collective_timeout)
     return run, changes
 
 
@@ -177,11 +180,13 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         samples = (rollout.texts, rollout.rewards.tolist())
         extra.setdefault("before", samples)
         extra["after"] = samples
-        if keeper.is_due(trainer.phase):
+        stop = keeper.is_stop_asked()
+        if keeper.is_due(trainer.phase) or stop:
             keeper.save(trainer)
             if main:
                 plot_metrics(trainer.history, out / PLOT_NAME, title=run["preset"])
-        keeper.stop_if_asked()
+        if stop:
+            keeper.stop()
 
     try:
         with stop_on_sigterm(keeper, trainer):
@@ -190,13 +195,22 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
             trainer.train(on_phase_end, wandb_kwargs=wandb_kwargs)
     except BaseException as error:
         if not isinstance(error, CheckpointError):  # a failed save: main says why, once
-            console.print(f"{keeper.save_after_crash(trainer)} Continue with: minirlhf train "
-                          f"--out {out} --resume", soft_wrap=True)
+            console.print(f"{keeper.save_after_crash(trainer)} Continue with: "
+                          f"{resume_command(out)}", soft_wrap=True)
         if isinstance(error, KeyboardInterrupt):  # that line says it all: no traceback
             raise SystemExit(130) from None
         raise
     if distributed.is_main():
         finish_run(trainer, out, extra, console)
+
+
+def resume_command(out: Path) -> str:
+    """The command that continues the run in `out`, with this run's number of processes (a
+    checkpoint of N processes resumes only under N)."""
+    world_size = distributed.get_world_size()
+    launcher = (f"torchrun --standalone --nproc-per-node {world_size} -m minirlhf"
+                if world_size > 1 else "minirlhf")
+    return f"{launcher} train --out {out} --resume"
 
 
 def make_trainer(ns: argparse.Namespace, run: dict, args: RLHFArgs, console: Console,

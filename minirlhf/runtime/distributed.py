@@ -17,7 +17,9 @@ function here returns its input or does nothing: the trainer runs exactly its on
 """
 
 import os
+import re
 from collections.abc import Iterable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -32,8 +34,22 @@ SEED_STRIDE = 1_000_003
 + 2, + 3), and process 0 keeps the seed a one-process run samples from."""
 
 
+DEFAULT_TIMEOUT_S = 600.0
+"""How long a process waits for the others at a collective before giving up (gloo's own default
+is 30 minutes, so one stalled process blocked the rest for half an hour)."""
+
+
 class WorldSizeError(ValueError):
     """A checkpoint saved with another number of processes than this run has."""
+
+
+class StalledProcessError(RuntimeError):
+    """A process did not reach a meeting point of every process within the timeout."""
+
+
+_MEETING: dict = {"group": None, "timeout_s": DEFAULT_TIMEOUT_S}
+"""What `wait_for_others` meets on: a gloo group (NCCL has no monitored barrier) and its
+timeout, set by `setup`."""
 
 
 # ---- who am I ----
@@ -63,13 +79,15 @@ def pick_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def setup(device: torch.device, backend: str | None = None) -> torch.device:
+def setup(device: torch.device, backend: str | None = None,
+          timeout_s: float = DEFAULT_TIMEOUT_S) -> torch.device:
     """Join torchrun's process group when it started several processes, and return this process's
     device: its own GPU (cuda:LOCAL_RANK) on CUDA. Without torchrun, or with one process, it does
     nothing and returns `device`. Calling it again (the trainer does) changes nothing.
 
     Args:
         backend: "gloo" or "nccl"; None picks NCCL on CUDA, gloo on the CPU.
+        timeout_s: how long a collective waits for the other processes.
     """
     if launched_world_size() <= 1:
         return device
@@ -86,7 +104,10 @@ def setup(device: torch.device, backend: str | None = None) -> torch.device:
             raise ValueError(f"Unknown backend {backend!r}: choose one of {BACKENDS}.")
         if backend == "nccl" and device.type != "cuda":
             raise ValueError("NCCL moves CUDA tensors only: on the CPU use the gloo backend.")
-        dist.init_process_group(backend)
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend, timeout=timeout)
+        group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+        _MEETING.update(group=group, timeout_s=timeout_s)
     return device
 
 
@@ -94,6 +115,39 @@ def shutdown():
     """Leave the process group (a no-op without one)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _MEETING.update(group=None, timeout_s=DEFAULT_TIMEOUT_S)
+
+
+def wait_for_others(where: str):
+    """Every process waits here until all have arrived. Where work is uneven (sampling, the
+    reward, a save), a process that stalls or dies shows up here: process 0 names it after the
+    timeout (gloo's monitored barrier) instead of every process blocking. One process: nothing.
+
+    Raises:
+        StalledProcessError: a process did not arrive within `setup`'s timeout.
+    """
+    if get_world_size() == 1:
+        return
+    timeout_s = _MEETING["timeout_s"]
+    try:
+        dist.monitored_barrier(_MEETING["group"], timedelta(seconds=timeout_s),
+                               wait_all_ranks=True)
+    except RuntimeError as error:
+        late = re.search(r"[Rr]anks? ([\d, ]+) failed", str(error))
+        who = f"process {late.group(1).strip()}" if late else "another process"
+        raise StalledProcessError(
+            f"{who} did not reach {where} within {timeout_s:.0f} s (seen by process "
+            f"{get_rank()}): it stalled or died; its own error, if any, is above. Raise the "
+            f"wait with --collective-timeout if a step is just slow.") from error
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is true in any process (every process gets the same answer)."""
+    if get_world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def process_seed(seed: int) -> int:
