@@ -7,6 +7,7 @@ itself at a chosen step (a patch in the script), so the test does not depend on 
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -122,3 +123,23 @@ def test_ctrl_c_mid_step_exits_with_one_line(straight, tmp_path, monkeypatch, ca
     assert caught.value.code == 130
     printed = capsys.readouterr().out
     assert "Stopped mid-step: the checkpoint of step 3 stands" in printed and "--resume" in printed
+
+
+@pytest.mark.parametrize("section, field, value", [("dpo", "beta", 0.5), ("args", "gen_len", 3),
+                                                   ("reward", "char", "e")])
+def test_a_run_json_edit_is_refused_on_resume(straight, tmp_path, capsys, section, field, value):
+    """Each checkpoint keeps run.json's configuration: an edit since (a DPO hyperparameter, what
+    `sample` reads) is refused by name instead of silently applied (issue 29 item 5)."""
+    out = tmp_path / "run"
+    shutil.copytree(straight / "run", out)
+    run = json.loads((out / "run.json").read_text())
+    target = run["dpo"]["args"] if section == "dpo" else run[section]
+    assert target[field] != value
+    target[field] = value
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["dpo", "--out", str(out), "--resume"])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert "run.json was edited since the last checkpoint" in error and section in error
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(straight / "run" / "metrics.jsonl")

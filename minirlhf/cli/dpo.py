@@ -81,7 +81,8 @@ def cmd_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         write_metrics(ns.out / "metrics.jsonl", [])
         console.print(f"[bold]minirlhf dpo[/]: {len(train)} train / {len(held_out)} held-out "
                       f"pairs from {ns.data} -> {ns.out}", soft_wrap=True)
-        run_dpo(ns, policy, args, (train, held_out), None, console)
+        run = read_run_json(ns.out / "run.json")
+        run_dpo(ns, policy, run, (train, held_out), None, console)
 
 
 def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -108,24 +109,36 @@ def resume_dpo(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     with locked(ns.out, "dpo") as stale:
         if stale:
             console.print(f"[yellow]{stale}", soft_wrap=True)
-        saved = load_dpo_checkpoint(ns.out, device, console)
+        saved = load_dpo_checkpoint(ns.out, device, console, run)
         history = saved["history"] if saved else []
         # Steps after the checkpoint are run again, so their old metric lines go.
         write_metrics(ns.out / "metrics.jsonl", history)
         console.print(f"[bold]minirlhf dpo --resume[/]: {ns.out} at step {len(history)}",
                       soft_wrap=True)
-        run_dpo(ns, loading.load_policy(args.base_model, device), args, pairs, saved, console)
+        run_dpo(ns, loading.load_policy(args.base_model, device), run, pairs, saved, console)
 
 
-def load_dpo_checkpoint(out: Path, device, console: Console) -> dict | None:
-    """The DPO state saved in `out` (None: no checkpoint yet)."""
+def load_dpo_checkpoint(out: Path, device, console: Console, run: dict) -> dict | None:
+    """The DPO state saved in `out` (None: no checkpoint yet), once run.json is known to hold
+    the configuration the checkpoint was trained with."""
     if not has_checkpoint(out):
         console.print("[yellow]No checkpoint yet: the run starts again from step 0.")
         return None
     checkpoint = load_checkpoint(out, map_location=device, set_aside_damaged=True)
     if checkpoint.note:
         console.print(f"[yellow]{checkpoint.note}", soft_wrap=True)
+    check_dpo_run_json(run, checkpoint.extra)
     return checkpoint.trainer
+
+
+def check_dpo_run_json(run: dict, extra: dict):
+    """Refuse a run.json edited by hand since the checkpoint: its "dpo", "args" and "reward"
+    must be those the checkpoint saved (checkpoints before this check saved none: not compared)."""
+    edited = [f"{key}: {extra[key]} in the checkpoint, {run.get(key)} in run.json"
+              for key in ("dpo", "args", "reward") if key in extra and extra[key] != run.get(key)]
+    if edited:
+        raise RunFolderError(f"run.json was edited since the last checkpoint ({'; '.join(edited)})"
+                             ". Put it back, or start a new run with another --out.")
 
 
 def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransformer,
@@ -147,15 +160,18 @@ def make_run_config(ns: argparse.Namespace, args: DPOArgs, policy: HookedTransfo
     return run | {"inputs": get_inputs(run)}
 
 
-def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, args: DPOArgs,
+def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, run: dict,
             pairs: tuple[list[Preference], list[Preference]], saved: dict | None,
             console: Console):
     """Train (from `saved` when resuming), saving checkpoints into --out, then plot and sum up.
-    SIGTERM or Ctrl-C saves the step in progress and stops (`keeper.stop_between_steps`)."""
+    SIGTERM or Ctrl-C saves the step in progress and stops (`keeper.stop_between_steps`).
+    Each checkpoint keeps run.json's configuration, which a resume compares."""
     saved_steps = [len(saved["history"])] if saved else []
+    args = DPOArgs(**run["dpo"]["args"])
+    config = {key: run[key] for key in ("dpo", "args", "reward")}
 
     def save(state: dict):
-        save_checkpoint(state, ns.out, {"algorithm": "dpo"})
+        save_checkpoint(state, ns.out, {"algorithm": "dpo", **config})
         saved_steps.append(state["phase"])
 
     with reporting_stops(ns.out, saved_steps, console), stop_between_steps() as stop:
