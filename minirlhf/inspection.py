@@ -274,30 +274,62 @@ def steering(
         yield model
 
 
+@contextmanager
+def steering_grid(
+    model: HookedTransformer, directions: Float[Tensor, "layer d_model"],
+    grid: list[tuple[int, float]],
+) -> Iterator[HookedTransformer]:
+    """`steering` for several (layer, scale) settings in one batch: inside the block, copy c of
+    the batch (its rows c * n .. (c + 1) * n - 1, for a batch of len(grid) * n rows) gets
+    scale * directions[layer] of grid[c] added after that block."""
+
+    def hook_for(layer: int):
+        scales = torch.tensor([scale if at == layer else 0.0 for at, scale in grid])
+
+        def add(residual: Float[Tensor, "batch seq d_model"], hook: HookPoint):
+            per_row = scales.repeat_interleave(residual.shape[0] // len(grid)).to(residual)
+            return residual + per_row[:, None, None] * directions[layer].to(residual)
+        return add
+
+    layers = sorted({layer for layer, _ in grid})
+    with model.hooks(fwd_hooks=[(resid_hook(layer), hook_for(layer)) for layer in layers]):
+        yield model
+
+
+def get_mean_rewards(
+    model: HookedTransformer, prompts: list[str], reward_fn: Callable, gen_len: int,
+    prepend_bos: bool, seed: int, fast_path: bool = True, copies: int = 1,
+) -> Float[Tensor, " copies"]:
+    """The mean reward of one answer to each prompt (plain sampling, seeded), for each of
+    `copies` copies of the prompts sampled in one batch (copy-major, as `steering_grid` expects);
+    the reward function is given the answer alone as `responses` where it asks for it."""
+    samples = get_samples(model, prompts * copies, gen_len=gen_len, sampling=SamplingConfig(),
+                          prepend_bos=prepend_bos, seed=seed, fast_path=fast_path)
+    rewards = get_rewards(reward_fn, samples.texts, prompts=samples.prompts,
+                          responses=samples.responses)
+    return rewards.view(copies, len(prompts)).mean(dim=1)
+
+
 def get_mean_reward(
     model: HookedTransformer, prompts: list[str], reward_fn: Callable, gen_len: int,
     prepend_bos: bool, seed: int, fast_path: bool = True,
 ) -> float:
-    """The mean reward of one answer to each prompt (plain sampling, seeded); the reward function
-    is given the answer alone as `responses` where it asks for it."""
-    samples = get_samples(model, prompts, gen_len=gen_len, sampling=SamplingConfig(),
-                          prepend_bos=prepend_bos, seed=seed, fast_path=fast_path)
-    return get_rewards(reward_fn, samples.texts, prompts=samples.prompts,
-                       responses=samples.responses).mean().item()
+    """`get_mean_rewards` of one copy, as a float."""
+    return get_mean_rewards(model, prompts, reward_fn, gen_len, prepend_bos, seed,
+                            fast_path).item()
 
 
 def get_steering_rewards(
     reference: HookedTransformer, directions: Float[Tensor, "layer d_model"], layers: list[int],
-    scales: list[float], reward: Callable[[HookedTransformer, bool], float],
+    scales: list[float], reward: Callable[[HookedTransformer, bool, int], Tensor],
 ) -> Float[Tensor, "n_layers n_scales"]:
-    """`reward(model, fast_path)` of the reference steered by `scales[j] * directions[layer]` at
-    each of `layers[i]`, in row i, column j."""
-    rewards = torch.zeros(len(layers), len(scales))
-    for i, layer in enumerate(layers):
-        for j, scale in enumerate(scales):
-            with steering(reference, layer, directions[layer], scale):
-                rewards[i, j] = reward(reference, False)
-    return rewards
+    """The mean reward of the reference steered by `scales[j] * directions[layer]` at each of
+    `layers[i]`, in row i, column j. Every setting is sampled in one batch:
+    `reward(model, fast_path, copies)` returns each copy's mean reward."""
+    grid = [(layer, scale) for layer in layers for scale in scales]
+    with steering_grid(reference, directions, grid):
+        rewards = reward(reference, False, len(grid))  # hooks: the fast path would skip them
+    return rewards.view(len(layers), len(scales))
 
 
 # ---------------------------------------------------------------- 4. where the reward comes from

@@ -123,6 +123,28 @@ def test_logit_lens_against_an_explicit_unembedding(printable_model):
     assert not torch.allclose(residual @ model.W_U.detach(), expected, atol=1e-2)  # no norm
 
 
+@pytest.mark.parametrize("wrong", [None, "scale_by_layer_order"])
+def test_a_steering_grid_steers_each_copy_as_steering_does_alone(make_printable_model, wrong):
+    """The oracle: each (layer, scale) setting run alone under `steering`, copy by copy."""
+    model = make_printable_model(n_layers=3)
+    tokens = torch.tensor([[3, 4, 5, 6], [7, 8, 9, 10]])
+    directions = torch.randn(3, model.cfg.d_model, generator=torch.Generator().manual_seed(2))
+    grid = [(0, 1.0), (0, 3.0), (2, -2.0), (1, 0.5)]
+    if wrong:  # a grid whose copies are paired with the settings in another order
+        grid_used = sorted(grid)
+    else:
+        grid_used = grid
+    with torch.no_grad():
+        with inspection.steering_grid(model, directions, grid_used):
+            got = model(tokens.repeat(len(grid), 1))
+        expected = []
+        for layer, scale in grid:
+            with inspection.steering(model, layer, directions[layer], scale):
+                expected.append(model(tokens))
+    matches = torch.allclose(got, torch.cat(expected), atol=1e-5)
+    assert matches == (wrong is None)
+
+
 def test_steering_adds_the_direction_after_the_block_and_comes_off(make_printable_model):
     model = make_printable_model(n_layers=2)
     tokens = torch.tensor([[3, 4, 5, 6]])

@@ -156,11 +156,12 @@ def measure_steering(findings, run, args, policy, reference, prompts, difference
         return
     reward_fn = make_reward_fn(run["reward"], policy.W_U.device)
 
-    def reward(model: HookedTransformer, fast_path: bool = True) -> float:
-        return inspection.get_mean_reward(model, prompts, reward_fn, args.gen_len,
-                                          args.prepend_bos, seed, fast_path)
+    def reward(model: HookedTransformer, fast_path: bool = True, copies: int = 1) -> torch.Tensor:
+        return inspection.get_mean_rewards(model, prompts, reward_fn, args.gen_len,
+                                           args.prepend_bos, seed, fast_path, copies)
 
-    findings.reference_reward, findings.trained_reward = reward(reference), reward(policy)
+    findings.reference_reward, findings.trained_reward = (reward(reference).item(),
+                                                          reward(policy).item())
     findings.steering = inspection.get_steering_rewards(
         reference, difference, findings.layers, findings.scales, reward).tolist()
 

@@ -246,18 +246,20 @@ exercises.check_get_steered_logits(get_steered_logits)
 
 
 # %%
-def mean_reward(model, fast_path=True):
-    return inspection.get_mean_reward(model, ["A"] * 64, reward_fn_char_count, 16, False, 0,
-                                      fast_path)
+def mean_reward(model, fast_path=True, copies=1):
+    """Each copy's mean reward over 64 answers (get_steering_rewards samples every setting at
+    once, one copy of the prompts each)."""
+    return inspection.get_mean_rewards(model, ["A"] * 64, reward_fn_char_count, 16, False, 0,
+                                       fast_path, copies)
 
 
 scales = [0.5, 1.0, 2.0, 4.0]
 steered = inspection.get_steering_rewards(reference, difference, [0, 1], scales, mean_reward)
 fig, ax = plt.subplots(figsize=(6, 3))
 for block in range(2):
-    ax.plot([0.0, *scales], [mean_reward(reference), *steered[block]], marker="o",
+    ax.plot([0.0, *scales], [mean_reward(reference).item(), *steered[block]], marker="o",
             label=f"block {block}")
-ax.axhline(mean_reward(policy), color="black", linestyle="--", label="trained policy")
+ax.axhline(mean_reward(policy).item(), color="black", linestyle="--", label="trained policy")
 ax.set(xlabel="scale of the difference", ylabel="periods per answer")
 ax.legend()
 plt.show()
