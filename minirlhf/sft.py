@@ -147,6 +147,9 @@ def get_demonstration(record: object, where: str) -> Demonstration:
     if ends_with_answer and "response" in prompt:
         raise ValueError(f'{where}: "messages" ends with an assistant message and there is a '
                          '"response" too: give the response once.')
+    if ends_with_answer and len(messages) == 1:
+        raise ValueError(f'{where}: the chat is only the response: put the "user" message it '
+                         f"answers before it; got {reprlib.repr(record)}.")
     if ends_with_answer:
         prompt["messages"], prompt["response"] = messages[:-1], messages[-1].get("content")
     response = prompt.pop("response", None)
@@ -217,7 +220,7 @@ def tokenize_demonstrations(
     then each response tokenized apart (as the sampler's tokens follow the prompt's), then EOS."""
     tokenizer = model.tokenizer
     texts = render_prompts([d.prompt for d in demonstrations], args.prompt_template,
-                           args.chat_template, tokenizer)
+                           args.chat_template, tokenizer if args.chat_template else None)
     end = [get_end_token(model)] if args.append_eos else []
     rows, starts = [], []
     for head, demo in zip(get_token_rows(tokenizer, texts, args.prepend_bos, None),
