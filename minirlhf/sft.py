@@ -6,9 +6,10 @@ policy on prompt/response demonstrations so that its answers are in-distribution
 reward model and run RL from the SFT model, which is also RL's reference
 (`--base-model <sft run>`, `runtime.policy_folder`).
 
-A demonstration is a prompt record (`prompts.Prompt`: "prompt" or chat "messages") and its
-"response". The prompt is rendered exactly as RL renders it (`prompts.render_prompt`: a template
-or the tokenizer's chat template) and tokenized alone, BOS first, as the sampler tokenizes it;
+A demonstration (`minirlhf.demonstrations`) is a prompt record (`prompts.Prompt`: "prompt" or
+chat "messages") and its "response". The prompt is rendered exactly as RL renders it
+(`prompts.render_prompt`: a template or the tokenizer's chat template) and tokenized alone, BOS
+first, as the sampler tokenizes it;
 the response's tokens follow, then the EOS token the sampler stops at (`RLHFArgs.stop_at_eos`;
 with SmolLM2's chat template that is `<|im_end|>`, the end of the assistant's turn), so SFT
 teaches answers that end. The loss (`calc_sft_loss`, minimised) is the mean cross-entropy over
@@ -20,13 +21,10 @@ the top blocks, or LoRA adapters. Metric keys (docs/sft.md):
 """
 
 import dataclasses
-import json
 import random
-import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from eindex import eindex
@@ -36,11 +34,12 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
+from minirlhf.demonstrations import Demonstration
 from minirlhf.models import get_trained_state, load_trained_state, prepare_policy, run_model
 from minirlhf.optim import get_lr_scale
 from minirlhf.pairs.dpo_training import record_steps
 from minirlhf.pairs.reward_training import run_pair_epochs
-from minirlhf.prompts import Prompt, get_record_problem, render_prompts
+from minirlhf.prompts import render_prompts
 from minirlhf.runtime.device import autocast, pick_precision
 from minirlhf.runtime.tokens import get_token_rows
 from minirlhf.runtime.trunk import TrunkCache
@@ -124,72 +123,6 @@ class SFTArgs:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------- demonstrations
-
-
-class Demonstration(NamedTuple):
-    """A prompt record (as RL reads it, "response" removed) and the response to learn."""
-
-    prompt: Prompt
-    response: str
-
-
-def get_demonstration(record: object, where: str) -> Demonstration:
-    """`record` as a demonstration: {"prompt": str, "response": str}, {"messages": [...],
-    "response": str}, or {"messages": [...]} ending with the assistant's message (the response).
-    Other fields stay in the prompt record. `where` starts each error."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
-    prompt = dict(record)
-    messages = prompt.get("messages")
-    ends_with_answer = (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
-                        and messages[-1].get("role") == "assistant")
-    if ends_with_answer and "response" in prompt:
-        raise ValueError(f'{where}: "messages" ends with an assistant message and there is a '
-                         '"response" too: give the response once.')
-    if ends_with_answer and len(messages) == 1:
-        raise ValueError(f'{where}: the chat is only the response: put the "user" message it '
-                         f"answers before it; got {reprlib.repr(record)}.")
-    if ends_with_answer:
-        prompt["messages"], prompt["response"] = messages[:-1], messages[-1].get("content")
-    response = prompt.pop("response", None)
-    if not isinstance(response, str) or not response:
-        raise ValueError(f'{where}: no response to learn: give "response" (a non-empty string), '
-                         'or end "messages" with {"role": "assistant", "content": ...}; got '
-                         f"{reprlib.repr(record)}.")
-    problem = get_record_problem(prompt)
-    if problem is not None:
-        raise ValueError(f"{where}: {problem}; got {reprlib.repr(record)}.")
-    return Demonstration(prompt, response)
-
-
-def to_demonstrations(records: list, source: str = "records") -> list[Demonstration]:
-    """`get_demonstration` of each record (a task's, or a file's lines); at least one."""
-    if not records:
-        raise ValueError(f"{source} holds no demonstrations.")
-    return [get_demonstration(record, f"{source} record {i}") for i, record in enumerate(records)]
-
-
-def load_sft_records(path: str | Path) -> list[Demonstration]:
-    """The demonstrations of a JSONL file (one record per line, blank lines skipped); a bad line
-    is named with its number."""
-    path, demonstrations = Path(path), []
-    lines = path.read_text(encoding="utf-8-sig").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: invalid JSON ({error.msg} at column "
-                             f"{error.colno}): {reprlib.repr(line)}") from None
-        demonstrations.append(get_demonstration(record, f"{path}:{number}"))
-    if not demonstrations:
-        raise ValueError(f"{path} holds no demonstrations: write one JSON object per line, "
-                         'e.g. {"prompt": "2+2=", "response": "4"}.')
-    return demonstrations
-
-
 # ---------------------------------------------------------------- tokens and the loss
 
 
@@ -242,13 +175,6 @@ def tokenize_demonstrations(
     return SFTBatch(tokens.to(device), attention_mask.to(device), loss_mask.to(device))
 
 
-def get_token_logprobs(
-    logits: Float[Tensor, "batch seq d_vocab"], tokens: Int[Tensor, "batch seq"]
-) -> Float[Tensor, "batch seq-1"]:
-    """log p(token s+1 | tokens 0..s) for each s, in float32: logits[:, s] predicts tokens[:, s+1]."""
-    return eindex(logits.float().log_softmax(dim=-1), tokens, "b s [b s+1]")
-
-
 def calc_sft_loss(
     logits: Float[Tensor, "batch seq d_vocab"],
     tokens: Int[Tensor, "batch seq"],
@@ -260,8 +186,10 @@ def calc_sft_loss(
     assert not loss_mask[:, 0].any(), "loss_mask marks token 0, which nothing predicts"
     counted = loss_mask[:, 1:].bool()
     assert counted.any(), "loss_mask marks no token: every demonstration needs a response"
-    # Padding positions may hold NaN logits, so they are replaced, not multiplied by 0.
-    logprobs = torch.where(counted, get_token_logprobs(logits, tokens), 0.0)
+    # logits[:, s] predicts tokens[:, s+1]. Masked log-probs are replaced, not multiplied by 0
+    # (NaN * 0 is NaN).
+    logprobs = eindex(logits.float().log_softmax(dim=-1), tokens, "b s [b s+1]")
+    logprobs = torch.where(counted, logprobs, 0.0)
     return -logprobs.sum() / counted.sum()
 
 

@@ -10,16 +10,14 @@ import pytest
 import torch
 from rich.console import Console
 
+from minirlhf.demonstrations import Demonstration, load_sft_records, to_demonstrations
 from minirlhf.prompts import render_prompt
 from minirlhf.sampling import SamplingConfig, get_samples, tokenize_prompts
 from minirlhf.sft import (
-    Demonstration,
     SFTArgs,
     SFTTrainer,
     calc_sft_loss,
     count_correct,
-    load_sft_records,
-    to_demonstrations,
     tokenize_demonstrations,
 )
 from tests.test_dpo_training import CharTokenizer

@@ -14,9 +14,9 @@ reward function, runs the trainer with checkpoints, and writes the run's folder:
 The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
 reward model on such a file, and `train --reward-model FOLDER` runs PPO against it. `dpo`
 trains the policy on the preference file directly (minirlhf.cli.dpo). `sft` fine-tunes a policy
-on demonstrations (minirlhf.cli.sft); a finished SFT run folder is a `--base-model`. `export` writes a run's
-trained policy as a Hugging Face model folder (minirlhf.runtime.export); `inspect` writes a
-report of what training changed inside the policy (minirlhf.inspection).
+on demonstrations (minirlhf.cli.sft); a finished SFT run folder is a `--base-model`. `export`
+writes a run's trained policy as a Hugging Face model folder (minirlhf.runtime.export);
+`inspect` writes a report of what training changed inside the policy (minirlhf.inspection).
 """
 
 import argparse

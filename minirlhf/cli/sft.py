@@ -39,11 +39,12 @@ from minirlhf.cli.run_folder import (
     write_json,
 )
 from minirlhf.cli.safe_files import replacing
-from minirlhf.prompts import render_prompt, split_prompts
+from minirlhf.demonstrations import Demonstration, load_sft_records, split_demonstrations
+from minirlhf.prompts import render_prompt
 from minirlhf.runtime import loading, policy_folder
 from minirlhf.runtime.device import pick_device
 from minirlhf.runtime.hashing import sha256_of
-from minirlhf.sft import Demonstration, SFTArgs, SFTTrainer, load_sft_records
+from minirlhf.sft import SFTArgs, SFTTrainer
 
 PLOT_NAME = "sft.png"
 
@@ -92,10 +93,11 @@ def args_and_demonstrations(ns: argparse.Namespace, parser: argparse.ArgumentPar
     names = {f.name for f in dataclasses.fields(SFTArgs)}
     try:
         args = SFTArgs(**{k: v for k, v in vars(ns).items() if k in names})
-        demonstrations = load_sft_records(ns.data)
+        splits = split_demonstrations(load_sft_records(ns.data), args.held_out_fraction,
+                                      args.seed)
     except (ValueError, OSError) as error:
         parser.error(str(error))
-    return args, split_prompts(demonstrations, args.held_out_fraction, args.seed)
+    return args, splits
 
 
 def resume_sft(ns: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -116,7 +118,7 @@ def resume_sft(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     if run["sft"]["data_sha256"] != sha256_of(data):
         raise RunFolderError(f"{data} has changed since the run started: its demonstrations, "
                              "and the held-out split, would not be the ones it trained on.")
-    splits = split_prompts(load_sft_records(data), args.held_out_fraction, args.seed)
+    splits = split_demonstrations(load_sft_records(data), args.held_out_fraction, args.seed)
     console, device = Console(), pick_device(args.device)
     check_inputs(run, ns.accept_changed_inputs, console)
     with locked(ns.out, "sft") as stale:

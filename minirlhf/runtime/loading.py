@@ -44,8 +44,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from minirlhf.runtime.hashing import sha256_of
 from minirlhf.runtime import policy_folder
+from minirlhf.runtime.hashing import sha256_of
 from minirlhf.runtime.hf_checkpoints import build_model, get_llama_cfg, load_hf_folder
 
 Device = str | torch.device
