@@ -9,10 +9,9 @@ reward model and run RL from the SFT model, which is also RL's reference
 A demonstration (`minirlhf.demonstrations`) is a prompt record (`prompts.Prompt`: "prompt" or
 chat "messages") and its "response". The prompt is rendered exactly as RL renders it
 (`prompts.render_prompt`: a template or the tokenizer's chat template) and tokenized alone, BOS
-first, as the sampler tokenizes it;
-the response's tokens follow, then the EOS token the sampler stops at (`RLHFArgs.stop_at_eos`;
-with SmolLM2's chat template that is `<|im_end|>`, the end of the assistant's turn), so SFT
-teaches answers that end. The loss (`calc_sft_loss`, minimised) is the mean cross-entropy over
+first, as the sampler tokenizes it; the response's tokens follow, then the EOS token the sampler
+stops at (`RLHFArgs.stop_at_eos`; with SmolLM2's chat template that is `<|im_end|>`, the end of
+the assistant's turn), so SFT teaches answers that end. The loss (`calc_sft_loss`, minimised) is the mean cross-entropy over
 the response's tokens only. What trains is `SFTArgs`' choice, as in PPO and DPO: every weight,
 the top blocks, or LoRA adapters. Metric keys (docs/sft.md):
 
