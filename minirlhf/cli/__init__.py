@@ -1,5 +1,5 @@
 """The command line: `minirlhf train`, `sample`, `export`, `inspect`, `preferences`,
-`reward-model`, `dpo`.
+`reward-model`, `dpo`, `sft`.
 
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
 reward function, runs the trainer with checkpoints, and writes the run's folder:
@@ -13,9 +13,10 @@ reward function, runs the trainer with checkpoints, and writes the run's folder:
 
 The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `reward-model` trains a
 reward model on such a file, and `train --reward-model FOLDER` runs PPO against it. `dpo`
-trains the policy on the preference file directly (minirlhf.cli.dpo). `export` writes a run's
-trained policy as a Hugging Face model folder (minirlhf.runtime.export); `inspect` writes a
-report of what training changed inside the policy (minirlhf.inspection).
+trains the policy on the preference file directly (minirlhf.cli.dpo). `sft` fine-tunes a policy
+on demonstrations (minirlhf.cli.sft); a finished SFT run folder is a `--base-model`. `export`
+writes a run's trained policy as a Hugging Face model folder (minirlhf.runtime.export);
+`inspect` writes a report of what training changed inside the policy (minirlhf.inspection).
 """
 
 import argparse
@@ -23,7 +24,7 @@ import errno
 import re
 import sys
 
-from minirlhf.cli import dpo, export, inspect, preferences, reward_model, sample, train
+from minirlhf.cli import dpo, export, inspect, preferences, reward_model, sample, sft, train
 from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.provenance import ChangedInputError
 from minirlhf.cli.run_folder import RunFolderError
@@ -34,7 +35,7 @@ from minirlhf.runtime import distributed
 COMMANDS = {"train": train.cmd_train, "sample": sample.cmd_sample,
             "preferences": preferences.cmd_preferences,
             "reward-model": reward_model.cmd_reward_model, "dpo": dpo.cmd_dpo,
-            "export": export.cmd_export, "inspect": inspect.cmd_inspect}
+            "export": export.cmd_export, "inspect": inspect.cmd_inspect, "sft": sft.cmd_sft}
 
 
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     preferences.add_preferences_parser(commands)
     reward_model.add_reward_model_parser(commands)
     dpo.add_dpo_parser(commands)
+    sft.add_sft_parser(commands)
     export.add_export_parser(commands)
     inspect.add_inspect_parser(commands)
     for each in [parser, *commands.choices.values()]:

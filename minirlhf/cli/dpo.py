@@ -191,14 +191,15 @@ def run_dpo(ns: argparse.Namespace, policy: HookedTransformer, run: dict,
 
 
 @contextmanager
-def reporting_stops(out: Path, saved_steps: list[int], console: Console):
-    """Say in one line what a stop kept and how to continue; Ctrl-C mid-step (a second signal)
-    exits with code 130 instead of a traceback."""
+def reporting_stops(out: Path, saved_steps: list[int], console: Console,
+                    command: str = "dpo"):
+    """Say in one line what a stop kept and how to continue (`minirlhf {command} --resume`);
+    Ctrl-C mid-step (a second signal) exits with code 130 instead of a traceback."""
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as error:
         step = saved_steps[-1] if saved_steps else None
-        resume = f"Continue with: minirlhf dpo --out {out} --resume"
+        resume = f"Continue with: minirlhf {command} --out {out} --resume"
         if isinstance(error, SystemExit):  # train_dpo saved the step, then stopped
             console.print(f"[yellow]Stopped: saved step {step} to {out / 'checkpoint.pt'}. "
                           f"{resume}", soft_wrap=True)

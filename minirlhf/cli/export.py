@@ -18,7 +18,7 @@ def add_export_parser(commands):
     export = commands.add_parser("export", help="write a run's trained policy as a Hugging Face "
                                  "model folder (AutoModelForCausalLM.from_pretrained loads it)")
     export.add_argument("--run", type=Path, required=True,
-                        help="the folder of a `minirlhf train` or `minirlhf dpo` run")
+                        help="the folder of a `minirlhf train`, `dpo` or `sft` run")
     export.add_argument("--out", type=Path, required=True, help="the model folder to write")
     export.add_argument("--force", action="store_true",
                         help="replace a model folder already in --out")
@@ -43,7 +43,7 @@ def cmd_export(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         except ExportError as error:
             parser.exit(1, f"minirlhf export: error: {error}\n")
         difference = compare_logprobs(trained.policy, scratch)
-    unit = "steps" if "dpo" in trained.run else "phases"
+    unit = "steps" if "dpo" in trained.run or "sft" in trained.run else "phases"
     console.print(f"[bold]minirlhf export[/]: {ns.run} (after {trained.phase} {unit}) -> "
                   f"{ns.out}, a {exported.architecture} model. Largest log-prob difference "
                   f"in transformers: {difference:.2g}.", soft_wrap=True)

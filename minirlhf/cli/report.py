@@ -109,6 +109,27 @@ def plot_dpo_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
     return Path(path)
 
 
+def plot_sft_metrics(history: list[dict[str, float]], path: str | Path) -> Path:
+    """A PNG: the loss per response token (train per step, held-out where evaluated), and the
+    held-out token accuracy and exact match, against step (`minirlhf sft`)."""
+    steps = [m["charts/step"] for m in history]
+    evals = [m for m in history if "held_out/loss" in m]
+    eval_steps = [m["charts/step"] for m in evals]
+    with two_panel_figure(path) as (ax_loss, ax_acc):
+        ax_loss.plot(steps, [m["train/loss"] for m in history], alpha=0.4, label="train (step)")
+        ax_loss.plot(eval_steps, [m["held_out/loss"] for m in evals], marker="o", label="held-out")
+        ax_loss.set(xlabel="step", ylabel="nats / response token", title="SFT loss")
+        ax_acc.plot(steps, [m["train/accuracy"] for m in history], alpha=0.4,
+                    label="token accuracy, train (step)")
+        for key, label in [("accuracy", "token accuracy"), ("exact_match", "exact match")]:
+            ax_acc.plot(eval_steps, [m[f"held_out/{key}"] for m in evals], marker="o",
+                        label=f"{label}, held-out")
+        ax_acc.set(xlabel="step", ylabel="share", ylim=(0, 1.02), title="Greedy answers")
+        ax_loss.legend()
+        ax_acc.legend()
+    return Path(path)
+
+
 def _mean(history: list[dict[str, float]], key: str) -> float:
     return sum(m[key] for m in history) / len(history)
 

@@ -40,7 +40,8 @@ PPO_FILES = ("run.json", "checkpoint.pt", "checkpoint.prev.pt")
 REWARD_MODEL_FILES = ("reward_model.pt", "reward_model.json")
 # Everything a run writes, deleted by --force (sidecars and plots included).
 RUN_FILES = (*PPO_FILES, "checkpoint.json", "checkpoint.prev.json", "metrics.jsonl",
-             "reward_kl.png", *REWARD_MODEL_FILES, "accuracy.png", "dpo.png")
+             "reward_kl.png", *REWARD_MODEL_FILES, "accuracy.png", "dpo.png", "sft.png",
+             "policy.pt", "policy.json")
 
 
 class RunFolderError(Exception):
@@ -176,7 +177,7 @@ class RunPolicy:
 
 
 def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -> RunPolicy:
-    """The policy a `minirlhf train` or `minirlhf dpo` run trained, as a plain HookedTransformer:
+    """The policy a `minirlhf train`, `dpo` or `sft` run trained, as a plain HookedTransformer:
     a LoRA run's adapters merged into the weights, the value head left out.
 
     Raises:
@@ -278,9 +279,10 @@ def describe_existing_run(folder: Path, found: list[str], command: str) -> str:
     files = ", ".join(found)
     force = "add --force to delete those files and start again"
     if any(name in found for name in PPO_FILES):
-        if command == "dpo":
-            return (f"{folder} already holds a run ({files}). Continue a DPO run with `minirlhf "
-                    f"dpo --out {folder} --resume`, pick another --out, or {force}.")
+        if command in ("dpo", "sft"):
+            return (f"{folder} already holds a run ({files}). Continue a {command.upper()} run "
+                    f"with `minirlhf {command} --out {folder} --resume`, pick another --out, or "
+                    f"{force}.")
         if command != "train":
             return f"{folder} holds a PPO run ({files}): pick another --out, or {force}."
         restart = ("" if any(name.startswith("checkpoint") for name in found)

@@ -46,8 +46,9 @@ def cmd_sample(ns: argparse.Namespace, parser: argparse.ArgumentParser):
         columns["before training"] = get_samples(base_model, prompt, **settings).texts
     columns[f"after {trained.phase} phases"] = get_samples(
         trained.policy, prompt, **settings).texts
-    # Control-token rewards need the control token, which a free prompt may not have.
-    scored = run["reward"]["kind"] != "control"
+    # Control-token rewards need the control token, which a free prompt may not have; an SFT
+    # run has no reward ("none").
+    scored = run["reward"]["kind"] not in ("control", "none")
     reward_fn = make_reward_fn(run["reward"], device) if scored else None
     table = Table(*columns, title=f"{ns.run}: {prompt!r}", show_lines=True)
     for row in zip(*columns.values()):

