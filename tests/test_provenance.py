@@ -165,3 +165,20 @@ def test_a_run_json_reward_edit_is_refused_on_resume(prompt_run, tmp_path, capsy
     with pytest.raises(SystemExit):
         cli.main(["train", "--out", str(out), "--resume", "--total-phases", "3"])
     assert "reward is" in capsys.readouterr().err
+
+
+def test_an_sft_run_as_base_model_is_recorded_by_its_policy_alone(tmp_path):
+    """A run on an SFT run folder hashes the folder's policy.pt, not its checkpoints (gigabytes
+    for SmolLM2, hashed again by every sample, export and --resume), and still sees the policy
+    change."""
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "policy.json").write_text("{}")
+    (sft / "policy.pt").write_bytes(b"policy")
+    (sft / "checkpoint.pt").write_bytes(b"checkpoint")
+    run = {"args": {"base_model": str(sft)}, "reward": {"kind": "vader"}}
+    before = get_inputs(run)
+    (sft / "checkpoint.pt").write_bytes(b"another checkpoint")
+    assert get_inputs(run) == before
+    (sft / "policy.pt").write_bytes(b"another policy")
+    assert get_inputs(run)["base_model"] != before["base_model"]

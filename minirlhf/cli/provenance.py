@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from minirlhf.prompts import resolve_prompt_file
+from minirlhf.runtime import policy_folder
 from minirlhf.runtime.hashing import update_with_file
 
 ACCEPT_FLAG = "--accept-changed-inputs"
@@ -41,7 +42,9 @@ def get_inputs(run: dict) -> dict[str, str]:
     "tiny" or "smollm2" are code or a package's file, so only a folder is hashed)."""
     args, inputs = run["args"], {}
     base = Path(str(args["base_model"])).expanduser()
-    if base.is_dir():
+    if policy_folder.is_run_folder(base):  # an SFT run: its policy, not its checkpoints
+        inputs["base_model"] = sha256_of(base / policy_folder.POLICY_NAME)
+    elif base.is_dir():
         inputs["base_model"] = sha256_of(base)
     if run["reward"].get("kind") == "reward_model":
         inputs["reward_model"] = sha256_of(Path(run["reward"]["path"]) / "reward_model.pt")

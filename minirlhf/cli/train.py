@@ -190,9 +190,7 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
 
     try:
         with stop_on_sigterm(keeper, trainer):
-            wandb_kwargs = {"mode": ns.wandb_mode or "offline", "dir": str(out),
-                            "id": run["wandb_id"], "resume": "allow"}
-            trainer.train(on_phase_end, wandb_kwargs=wandb_kwargs)
+            trainer.train(on_phase_end, wandb_kwargs=get_wandb_kwargs(ns, out, run))
     except BaseException as error:
         if not isinstance(error, CheckpointError):  # a failed save: main says why, once
             console.print(f"{keeper.save_after_crash(trainer)} Continue with: "
@@ -202,6 +200,13 @@ def train_run(ns: argparse.Namespace, out: Path, run: dict, changes: dict, conso
         raise
     if distributed.is_main():
         finish_run(trainer, out, extra, console)
+
+
+def get_wandb_kwargs(ns: argparse.Namespace, out: Path, run: dict) -> dict:
+    """wandb's settings: offline into the run folder unless asked; a resume logs into the same
+    wandb run."""
+    return {"mode": ns.wandb_mode or "offline", "dir": str(out), "id": run["wandb_id"],
+            "resume": "allow"}
 
 
 def resume_command(out: Path) -> str:
