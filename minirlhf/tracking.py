@@ -34,6 +34,10 @@ def make_progress(label: str, console: Console) -> Progress:
                     TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
 
 
+ONLINE_INIT_TIMEOUT_S = 20
+"""How long an online wandb start may wait for its server before the run logs offline."""
+
+
 def start_wandb(config: dict[str, Any], console: Console):
     """`wandb.init(**config)`; if an online start fails (no network, no login), the run goes on
     logging offline into wandb's folder, to `wandb sync` later, instead of stopping training."""
@@ -44,6 +48,8 @@ def start_wandb(config: dict[str, Any], console: Console):
                           "(or set up with `bash scripts/setup.sh --test`), or drop --wandb."
                           ) from error
 
+    if config.get("mode") != "offline":  # no network: give up after 20 s, not wandb's 90
+        config = {"settings": wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S), **config}
     try:
         return wandb.init(**config)
     except Exception as error:

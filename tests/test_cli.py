@@ -12,7 +12,7 @@ from rich.console import Console
 from minirlhf import cli
 from minirlhf.cli import train as train_command
 from minirlhf.runtime.random_streams import RandomStreams
-from minirlhf.tracking import start_wandb
+from minirlhf.tracking import ONLINE_INIT_TIMEOUT_S, start_wandb
 from minirlhf.trainer import RLHFTrainer
 
 FAST = ["--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4", "--gen-len", "6"]
@@ -169,18 +169,19 @@ def test_wandb_falls_back_to_offline_when_online_fails(monkeypatch):
 
     def init(**config):
         calls.append(config["mode"])
-        if config["mode"] == "online":
+        if config["mode"] == "online":  # it gave up after the timeout asked for
+            assert config["settings"] == {"init_timeout": ONLINE_INIT_TIMEOUT_S}
             raise ConnectionError("no network")
         return "offline run"
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Settings=dict))
     console = Console(record=True, width=200)
     assert start_wandb({"mode": "online", "project": "p"}, console) == "offline run"
     assert calls == ["online", "offline"]
     assert "logging offline instead" in console.export_text()
     with pytest.raises(ConnectionError):  # offline itself failing is not hidden
         monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
-            init=lambda **config: (_ for _ in ()).throw(ConnectionError("disk"))))
+            Settings=dict, init=lambda **config: (_ for _ in ()).throw(ConnectionError("disk"))))
         start_wandb({"mode": "offline"}, console)
 
 
