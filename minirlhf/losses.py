@@ -120,8 +120,8 @@ def calc_kl_k3_is(
     gradient, on-policy (ratio 1, gradient kept) and off-policy (x ~ mu) alike. Plain k3's
     gradient is the reverse KL's, and with the ratio detached so is this one's.
 
-    DeepSeek-V3.2 (2025, arXiv 2512.02556); TRL's `GRPOConfig.use_bias_correction_kl` multiplies its k3 by
-    its (undetached) token ratio `coef_1` the same way."""
+    DeepSeek-V3.2 (2025, arXiv 2512.02556); TRL's `GRPOConfig.use_bias_correction_kl`
+    multiplies its k3 by its (undetached) token ratio `coef_1` the same way."""
     return (logprobs - old_logprobs).exp() * calc_kl_k3(logprobs, ref_logprobs)
 
 
