@@ -1,4 +1,4 @@
-"""The command line: `minirlhf train`, `sample`, `export`, `inspect`, `preferences`,
+"""The command line: `minirlhf train`, `sample`, `eval`, `export`, `inspect`, `preferences`,
 `reward-model`, `dpo`.
 
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
@@ -15,7 +15,8 @@ The step before PPO: `preferences` writes RLAIF preference pairs (JSONL), `rewar
 reward model on such a file, and `train --reward-model FOLDER` runs PPO against it. `dpo`
 trains the policy on the preference file directly (minirlhf.cli.dpo). `export` writes a run's
 trained policy as a Hugging Face model folder (minirlhf.runtime.export); `inspect` writes a
-report of what training changed inside the policy (minirlhf.inspection).
+report of what training changed inside the policy (minirlhf.inspection); `eval` judges a run on
+held-out prompts: reward, KL to the reference, fluency (minirlhf.evaluation).
 """
 
 import argparse
@@ -24,6 +25,7 @@ import re
 import sys
 
 from minirlhf.cli import dpo, export, inspect, preferences, reward_model, sample, train
+from minirlhf.cli import eval as eval_command  # not `eval`: the builtin keeps its name
 from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.provenance import ChangedInputError
 from minirlhf.cli.run_folder import RunFolderError
@@ -34,7 +36,8 @@ from minirlhf.runtime import distributed
 COMMANDS = {"train": train.cmd_train, "sample": sample.cmd_sample,
             "preferences": preferences.cmd_preferences,
             "reward-model": reward_model.cmd_reward_model, "dpo": dpo.cmd_dpo,
-            "export": export.cmd_export, "inspect": inspect.cmd_inspect}
+            "export": export.cmd_export, "inspect": inspect.cmd_inspect,
+            "eval": eval_command.cmd_eval}
 
 
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -52,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_dpo_parser(commands)
     export.add_export_parser(commands)
     inspect.add_inspect_parser(commands)
+    eval_command.add_eval_parser(commands)
     for each in [parser, *commands.choices.values()]:
         each._negative_number_matcher = NEGATIVE_NUMBER
     return parser
