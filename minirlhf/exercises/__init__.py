@@ -57,13 +57,13 @@ from minirlhf.exercises.critic_free import (
     check_compute_rloo_advantages,
 )
 from minirlhf.exercises.dpo import check_calc_dpo_loss, check_get_sequence_logprobs
-from minirlhf.exercises.kl_lab import check_calc_kl_k3_is, check_expected_kl_gradient
 from minirlhf.exercises.inspection import (
     check_apply_logit_lens,
     check_calc_changed_share,
     check_calc_per_token_kl,
     check_get_steered_logits,
 )
+from minirlhf.exercises.kl_lab import check_calc_kl_k3_is, check_expected_kl_gradient
 from minirlhf.exercises.learning_phase import check_learning_phase
 from minirlhf.exercises.lora import check_get_ref_logits, check_lora
 from minirlhf.exercises.lora_attach import check_attach_lora, reference_attach_lora
