@@ -182,3 +182,29 @@ def test_a_run_trains_with_k3_is(make_printable_model):
     metrics = trainer.train_one_phase().metrics
     assert torch.isfinite(torch.tensor([metrics["charts/kl_k3_is"], metrics["charts/kl"],
                                         metrics["losses/kl_penalty"]])).all()
+
+
+def test_the_learning_steps_give_k3_is_the_rollouts_logprobs(make_printable_model, monkeypatch):
+    """The sampler of a learning step's tokens is the rollout's policy: calc_kl gets its
+    log-probs (equal to the policy's at the first step, apart after updates), not None (which
+    would make every step on-policy)."""
+    from minirlhf import trainer as trainer_module
+    from minirlhf.args import RLHFArgs
+
+    seen = []
+
+    def recording_calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs=None):
+        if torch.is_grad_enabled() and logprobs.requires_grad:  # a learning step, not the rollout
+            seen.append((logprobs.detach(), old_logprobs))
+        return calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs)
+
+    monkeypatch.setattr(trainer_module, "calc_kl", recording_calc_kl)
+    args = RLHFArgs(base_model="tiny", prefix="A", prepend_bos=False, batch_size=4,
+                    num_minibatches=1, batches_per_learning_phase=3, gen_len=4, total_phases=1,
+                    kl_estimator="k3_is", kl_coef=1.0, warmup_steps=0, base_lr=1e-2)
+    RLHFTrainer(args, lambda texts: [float(t.count(".")) for t in texts],
+                base_model=make_printable_model(seed=3), console=Console(quiet=True)
+                ).train_one_phase()
+    assert len(seen) == 3 and all(old is not None for _, old in seen)
+    assert torch.allclose(seen[0][0], seen[0][1], atol=1e-5)
+    assert not torch.allclose(seen[-1][0], seen[-1][1], atol=1e-4)
