@@ -13,10 +13,10 @@ The pipeline, one module per stage, in the order data flows:
     advantages  ESTIMATORS and compute_advantages, the one place an estimator is chosen:
                 one_step, gae (with a value head); grpo, dr_grpo, rloo, reinforce_pp (without)
     memory      ReplayMemory -> shuffled ReplayMinibatch-es
-    losses      the four terms of the objective; calc_kl: exact, k1, k2, k3
+    losses      the four terms of the objective; calc_kl: exact, k1, k2, k3, k3_is
     kl_control  the KL coefficient: fixed or adaptive
     optim       AdamW with two learning rates, warmup + linear decay
-    metrics     what a rollout logs
+    metrics     what a rollout logs (fluency: repetition and distinct-n of the answers)
     trainer     RLHFTrainer: rollout_phase -> learning_phase, composed from all of the above
     tracking    the progress bar, sample tables, wandb
 
@@ -28,11 +28,12 @@ Beside the pipeline, three wings:
     pairs/      learning from pairs of answers: preferences, reward_model + reward_training,
                 dpo + dpo_training
     cli/        the command line, one module per subcommand (train, sample, export,
-                preferences, reward_model, dpo) and the run folder's machinery (run_folder,
-                resume, keeper, checkpoint, report, presets, flags)
+                preferences, reward_model, dpo, eval, inspect) and the run folder's
+                machinery (run_folder, resume, keeper, checkpoint, report, presets, flags)
 
 inspection (what training changed inside a policy: weights, tokens, the direction learnt, the
-reward's sources; `minirlhf inspect`), and exercises/, the checks the notebooks run on a
+reward's sources; `minirlhf inspect`), evaluation (reward, KL and fluency on held-out prompts;
+`minirlhf eval`), and exercises/, the checks the notebooks run on a
 learner's code. Imports point down: the wings
 below the pipeline know nothing of it, and nothing imports the command line.
 """

@@ -72,9 +72,10 @@ class RLHFArgs:
     kl_target, only its starting value."""
 
     # --- KL ---
-    kl_estimator: Literal["exact", "k1", "k2", "k3"] = "exact"
+    kl_estimator: Literal["exact", "k1", "k2", "k3", "k3_is"] = "exact"
     """"exact" (summed over the vocabulary) or a sampled estimator of Schulman 2020 (from the
-    sampled tokens' log-probs only). The exact KL is logged as charts/kl whichever is used."""
+    sampled tokens' log-probs only); "k3_is": k3 times the ratio to the sampling policy, whose
+    gradient is the KL's (docs/critic_free.md). The exact KL is logged as charts/kl whichever."""
     kl_in: Literal["loss", "reward"] = "loss"
     """Where the KL penalty goes: a term of the objective, or the per-token reward (REINFORCE++,
     advantage_estimator="reinforce_pp", only)."""

@@ -111,8 +111,23 @@ def calc_kl_k3(
     return log_ratio.exp() - 1 - log_ratio
 
 
+def calc_kl_k3_is(
+    logprobs: Float[Tensor, "batch gen_len"], ref_logprobs: Float[Tensor, "batch gen_len"],
+    old_logprobs: Float[Tensor, "batch gen_len"],
+) -> Float[Tensor, "batch gen_len"]:
+    """k3 times the importance ratio pi(x) / mu(x) of the current policy to the one that sampled
+    x (`old_logprobs`), the ratio NOT detached: unbiased for the KL in value and, as a loss, in
+    gradient, on-policy (ratio 1, gradient kept) and off-policy (x ~ mu) alike. Plain k3's
+    gradient is the reverse KL's, and with the ratio detached so is this one's.
+
+    DeepSeek-V3.2 (2025, arXiv 2512.02556); TRL's `GRPOConfig.use_bias_correction_kl`
+    multiplies its k3 by its (undetached) token ratio `coef_1` the same way."""
+    return (logprobs - old_logprobs).exp() * calc_kl_k3(logprobs, ref_logprobs)
+
+
 KL_ESTIMATORS = {"k1": calc_kl_k1, "k2": calc_kl_k2, "k3": calc_kl_k3}
-"""The sampled estimators by the name `RLHFArgs.kl_estimator` gives them."""
+"""The sampled estimators by the name `RLHFArgs.kl_estimator` gives them (`k3_is`, which also
+reads the sampling policy's log-probs, is chosen in `calc_kl`)."""
 
 
 def calc_kl(
@@ -121,17 +136,25 @@ def calc_kl(
     logits: Float[Tensor, "batch gen_len d_vocab"],
     ref_logits: Float[Tensor, "batch gen_len d_vocab"],
     gen_tokens: Int[Tensor, "batch gen_len"],
+    old_logprobs: Float[Tensor, "batch gen_len"] | None = None,
 ) -> Float[Tensor, "batch gen_len"]:
     """KL(policy || reference) at each generated position by `estimator` (`RLHFArgs.kl_estimator`),
     the one place an estimator is chosen: "exact" sums over the vocabulary (`calc_exact_kl`);
-    "k1", "k2", "k3" read only the sampled tokens' log-probs (`KL_ESTIMATORS`).
+    "k1", "k2", "k3" read only the sampled tokens' log-probs (`KL_ESTIMATORS`); "k3_is" also
+    the sampling policy's (`calc_kl_k3_is`).
 
     Args:
         logprobs: the policy's log-probs of `gen_tokens` (computed once, by the caller).
+        old_logprobs: the log-probs of the policy that sampled `gen_tokens` (the rollout's), for
+            "k3_is"; None: the policy itself sampled them (on-policy: `logprobs`, detached).
     """
     if estimator == "exact":
         return calc_exact_kl(logits, ref_logits)
-    return KL_ESTIMATORS[estimator](logprobs, get_gen_logprobs(ref_logits, gen_tokens))
+    ref_logprobs = get_gen_logprobs(ref_logits, gen_tokens)
+    if estimator == "k3_is":
+        old = logprobs.detach() if old_logprobs is None else old_logprobs
+        return calc_kl_k3_is(logprobs, ref_logprobs, old)
+    return KL_ESTIMATORS[estimator](logprobs, ref_logprobs)
 
 
 def calc_entropy(

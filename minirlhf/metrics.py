@@ -10,6 +10,7 @@ from torch import Tensor
 
 from minirlhf.advantages import get_zero_std_fraction
 from minirlhf.answers import get_lengths
+from minirlhf.fluency import get_fluency_metrics
 from minirlhf.losses import aggregate
 from minirlhf.models import GlobalBatch
 
@@ -34,8 +35,9 @@ def get_rollout_metrics(
 ) -> dict[str, float]:
     """The reward, the KL (exact, per token and per answer, and the sampled estimate that trains,
     if one does) and its coefficient, the entropy, the share of groups with one reward for all
-    (group_size > 1), how well the value head predicts the returns (with a value head), and
-    the answers' lengths (`get_answer_metrics`)."""
+    (group_size > 1), how well the value head predicts the returns (with a value head), the
+    answers' lengths (`get_answer_metrics`) and how they read (`fluency.get_fluency_metrics`, on
+    the answers alone, or the whole texts when the batch has no answers)."""
     outputs, mask = batch.outputs, batch.response_mask
     gen_len = outputs.exact_kl.shape[1]
     metrics = {
@@ -54,7 +56,8 @@ def get_rollout_metrics(
     if outputs.values is not None:
         metrics["losses/explained_variance"] = explained_variance(
             outputs.values, advantages + outputs.values, mask)
-    return metrics | get_answer_metrics(batch)
+    answers = batch.texts if batch.responses is None else batch.responses
+    return metrics | get_answer_metrics(batch) | get_fluency_metrics(answers)
 
 
 def get_answer_metrics(batch: GlobalBatch) -> dict[str, float]:

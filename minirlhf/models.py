@@ -359,6 +359,8 @@ class GlobalBatch(NamedTuple):
     sampler_logprobs: Float[Tensor, "batch gen_len"] | None
     """The log-probs the sampler drew each token from (to compare with `outputs.logprobs`)."""
     local: slice
+    responses: list[str] | None = None
+    """Each answer's text alone (`Samples.responses`), for the fluency metrics."""
 
 
 def gather_rollout(
@@ -376,4 +378,6 @@ def gather_rollout(
     return GlobalBatch(distributed.gather_objects(samples.texts), rewards,
                        RolloutOutputs(**rows, kept={}), gather(samples.response_mask),
                        gather(samples.ended), gather(samples.logprobs),
-                       distributed.local_rows(len(rewards)))
+                       distributed.local_rows(len(rewards)),
+                       None if samples.responses is None
+                       else distributed.gather_objects(samples.responses))

@@ -98,6 +98,7 @@ class PhaseLogger:
             advance=1,
             description=(
                 f"reward {metrics['charts/reward_mean']:+.3f}  kl {metrics['charts/kl']:.3f}  "
+                f"rep3 {metrics.get('fluency/repeated_3gram', float('nan')):.2f}  "
                 f"{metrics['charts/phase_time']:.1f} s/phase"
             ),
         )

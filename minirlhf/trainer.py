@@ -204,7 +204,7 @@ class RLHFTrainer:
                                                           mb.prefix_len, mb.kept)
         logprobs = get_gen_logprobs(logits, gen_tokens)
         kl = calc_kl(args.kl_estimator, logprobs, logits, self.reference.get_logits(mb.kept),
-                     gen_tokens)
+                     gen_tokens, mb.logprobs)  # the rollout's log-probs: k3_is's sampler
         kl_coef = get_kl_coefs(self.kl_controller.value, args.kl_in).loss
         terms = {"losses/clipped_surrogate": calc_clipped_surrogate_objective(
                      logprobs, mb.logprobs, mb.advantages, args.clip_coef, args.clip_coef_high,

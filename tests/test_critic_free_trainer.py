@@ -62,10 +62,10 @@ def test_sampled_kl_in_the_loss_is_the_estimator_and_exact_kl_is_logged(make_pri
                            advantage_estimator="grpo", group_size=2)
     seen = []
 
-    def recording_calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens):
+    def recording_calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs=None):
         """The trainer's KL, checked against k3 from a torch.gather of the reference's
         log-probs (not `calc_kl`'s own lookup)."""
-        kl = calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens)
+        kl = calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs)
         ref_logprobs = torch.gather(ref_logits.log_softmax(-1), -1, gen_tokens[..., None])[..., 0]
         assert torch.allclose(kl, calc_kl_k3(logprobs, ref_logprobs), atol=1e-5)
         seen.append((estimator, kl.mean().item()))

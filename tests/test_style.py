@@ -123,7 +123,8 @@ def within(name: str, prefix: str) -> bool:
 
 
 MATH_MODULES = tuple(f"minirlhf.{name}" for name in
-                     ("advantages", "losses", "memory", "kl_control", "optim", "rewards"))
+                     ("advantages", "losses", "memory", "kl_control", "optim", "rewards",
+                      "fluency"))
 """The pure math: torch and its typing helpers only."""
 TRAINER_MUST_NOT_IMPORT = ("minirlhf.pairs", "minirlhf.cli", "minirlhf.runtime.trunk",
                            "minirlhf.runtime.fast_path", "minirlhf.runtime.fast_weights",

@@ -1,4 +1,4 @@
-"""The command line: `minirlhf train`, `sample`, `export`, `inspect`, `preferences`,
+"""The command line: `minirlhf train`, `sample`, `eval`, `export`, `inspect`, `preferences`,
 `reward-model`, `dpo`, `sft`.
 
 The top layer (also `python -m minirlhf`): it turns a preset plus flags into `RLHFArgs` and a
@@ -16,7 +16,9 @@ reward model on such a file, and `train --reward-model FOLDER` runs PPO against 
 trains the policy on the preference file directly (minirlhf.cli.dpo). `sft` fine-tunes a policy
 on demonstrations (minirlhf.cli.sft); a finished SFT run folder is a `--base-model`. `export`
 writes a run's trained policy as a Hugging Face model folder (minirlhf.runtime.export);
-`inspect` writes a report of what training changed inside the policy (minirlhf.inspection).
+`inspect` writes a report of what training changed inside the policy (minirlhf.inspection);
+`eval` judges a run on held-out prompts: reward, KL to the reference, fluency
+(minirlhf.evaluation).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import re
 import sys
 
 from minirlhf.cli import dpo, export, inspect, preferences, reward_model, sample, sft, train
+from minirlhf.cli import eval as eval_command  # not `eval`: the builtin keeps its name
 from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.provenance import ChangedInputError
 from minirlhf.cli.run_folder import RunFolderError
@@ -35,7 +38,8 @@ from minirlhf.runtime import distributed
 COMMANDS = {"train": train.cmd_train, "sample": sample.cmd_sample,
             "preferences": preferences.cmd_preferences,
             "reward-model": reward_model.cmd_reward_model, "dpo": dpo.cmd_dpo,
-            "export": export.cmd_export, "inspect": inspect.cmd_inspect, "sft": sft.cmd_sft}
+            "export": export.cmd_export, "inspect": inspect.cmd_inspect, "sft": sft.cmd_sft,
+            "eval": eval_command.cmd_eval}
 
 
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_sft_parser(commands)
     export.add_export_parser(commands)
     inspect.add_inspect_parser(commands)
+    eval_command.add_eval_parser(commands)
     for each in [parser, *commands.choices.values()]:
         each._negative_number_matcher = NEGATIVE_NUMBER
     return parser

@@ -32,6 +32,7 @@ from minirlhf.exercises import (
     critic_free,
     dpo,
     inspection,
+    kl_lab,
     learning_phase,
     lora,
     memory_and_logprobs,
@@ -62,6 +63,7 @@ from minirlhf.exercises.inspection import (
     check_calc_per_token_kl,
     check_get_steered_logits,
 )
+from minirlhf.exercises.kl_lab import check_calc_kl_k3_is, check_expected_kl_gradient
 from minirlhf.exercises.learning_phase import check_learning_phase
 from minirlhf.exercises.lora import check_get_ref_logits, check_lora
 from minirlhf.exercises.lora_attach import check_attach_lora, reference_attach_lora
@@ -118,6 +120,8 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "calc_kl_k1": check_calc_kl_k1,
     "calc_kl_k2": check_calc_kl_k2,
     "calc_kl_k3": check_calc_kl_k3,
+    "calc_kl_k3_is": check_calc_kl_k3_is,
+    "expected_kl_gradient": check_expected_kl_gradient,
     "get_sequence_logprobs": check_get_sequence_logprobs,
     "calc_dpo_loss": check_calc_dpo_loss,
     "Lora": check_lora,
@@ -157,6 +161,8 @@ MISTAKES: dict[str, list[Mistake]] = {
     "calc_kl_k1": critic_free.K1_MISTAKES,
     "calc_kl_k2": critic_free.K2_MISTAKES,
     "calc_kl_k3": critic_free.K3_MISTAKES,
+    "calc_kl_k3_is": kl_lab.K3_IS_MISTAKES,
+    "expected_kl_gradient": kl_lab.GRADIENT_MISTAKES,
     "get_sequence_logprobs": dpo.SEQUENCE_MISTAKES,
     "calc_dpo_loss": dpo.DPO_MISTAKES,
     "get_response_mask": answers.MASK_MISTAKES,
@@ -201,6 +207,8 @@ def get_reference(name: str) -> Any:
         return inspection.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
+    if name == "expected_kl_gradient":  # a lab computation, not a piece of the library
+        return kl_lab.expected_kl_gradient
     if name == "calc_dpo_loss":  # the exercise returns the loss alone, not the implicit rewards
         return dpo.reference_dpo_loss
     for module in (minirlhf, advantages, losses):  # the critic-free pieces are not top-level
@@ -266,6 +274,8 @@ __all__ = [
     "check_calc_kl_k1",
     "check_calc_kl_k2",
     "check_calc_kl_k3",
+    "check_calc_kl_k3_is",
+    "check_expected_kl_gradient",
     "check_calc_kl_penalty",
     "check_calc_pairwise_loss",
     "check_calc_rlhf_objective",

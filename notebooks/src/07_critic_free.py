@@ -29,7 +29,8 @@
 # - why a baseline must come from the samples of the *same* prompt, and what goes wrong when it
 #   comes from the whole batch;
 # - GRPO's group normalisation, Dr. GRPO's objection to its std, and RLOO's leave-one-out mean;
-# - three ways to estimate a KL from the sampled tokens alone, and which to trust for what.
+# - three ways to estimate a KL from the sampled tokens alone, and which to trust for what;
+# - which of them, used as a loss, have the KL's gradient, on-policy and off-policy (the KL lab).
 #
 # **Reading**
 #
@@ -284,6 +285,113 @@ plt.show()
 # although its value is biased, and $k_3$'s is the gradient of the *reverse* KL,
 # $\mathrm{KL}(\pi_\text{ref} \,\|\, \pi_\theta)$. `docs/critic_free.md` derives all three. GRPO
 # uses $k_3$ in its loss.
+#
+# ## The KL lab: values and gradients, on-policy and off
+#
+# The learning phase reuses each rollout for several passes over its minibatches, so after the
+# first step the tokens were sampled by an **older** policy $\mu$, not by $\pi_\theta$: the KL
+# term is off-policy. The importance ratio $\rho = \pi_\theta(x)/\mu(x)$ corrects for that.
+# DeepSeek-V3.2 (and TRL's `use_bias_correction_kl`) multiply $k_3$ by it:
+#
+# $$k_3^\text{IS} = \frac{\pi_\theta(x)}{\mu(x)}\,\big((r - 1) - \log r\big), \qquad
+# r = \pi_\text{ref}(x)/\pi_\theta(x).$$
+#
+# Write it per token, from the log-probs, with the gradient kept **through the ratio too**: on
+# a rollout's own samples (`old_logprobs` equal to `logprobs`) the ratio is 1 in value, but not in
+# gradient.
+#
+# Labels: difficulty 2, importance 4, 10 minutes
+#
+# Hint: `(logprobs - old_logprobs).exp() * k3`, with `k3` from your `calc_kl_k3`.
+
+
+# %%
+def calc_kl_k3_is(
+    logprobs: Float[Tensor, "batch gen_len"], ref_logprobs: Float[Tensor, "batch gen_len"],
+    old_logprobs: Float[Tensor, "batch gen_len"],
+) -> Float[Tensor, "batch gen_len"]:
+    """k3 times the importance ratio pi(x) / mu(x), per token."""
+    # BEGIN SOLUTION
+    return (logprobs - old_logprobs).exp() * calc_kl_k3(logprobs, ref_logprobs)
+    # END SOLUTION
+
+
+# %%
+exercises.check_calc_kl_k3_is(calc_kl_k3_is)
+
+# %% [markdown]
+# Now measure, without sampling noise. On a toy categorical $\pi_\theta = \mathrm{softmax}(\theta)$
+# over 7 outcomes, an estimator's **expected** value is the exact sum $\sum_x q(x)\,k(x)$ over
+# the outcomes, with $q$ the sampling distribution ($\pi_\theta$ on-policy, $\mu$ off-policy),
+# and its expected gradient as a loss is the gradient of that sum **with $q$ held fixed**: the
+# samples are drawn, not computed, so the gradient flows only through the estimate at $x$.
+# Write `expected_kl_gradient`: the estimator takes `(logprobs, ref_logprobs, old_logprobs)`
+# shaped `(1, outcomes)` (one "answer" whose positions are the outcomes); on-policy
+# (`old_theta=None`) the sampler's log-probs are the policy's, detached.
+#
+# Labels: difficulty 3, importance 4, 15 minutes
+#
+# Hint: `theta = theta.detach().requires_grad_(True)`, `logprobs = theta.log_softmax(-1)`, and
+# `old_logprobs` is `logprobs.detach()` or `old_theta.log_softmax(-1)`.
+#
+# Hint: `(old_logprobs.exp() * estimator(logprobs[None], ref_logprobs[None],
+# old_logprobs[None])[0]).sum().backward()`, then return `theta.grad`.
+
+
+# %%
+def expected_kl_gradient(estimator, theta: Float[Tensor, " outcomes"],
+                         ref_logits: Float[Tensor, " outcomes"],
+                         old_theta: Float[Tensor, " outcomes"] | None = None
+                         ) -> Float[Tensor, " outcomes"]:
+    """The gradient wrt theta of sum_x q(x) estimator(x), q = softmax(old_theta) (or the policy
+    itself, when None) held fixed."""
+    # BEGIN SOLUTION
+    theta = theta.detach().requires_grad_(True)
+    logprobs = theta.log_softmax(-1)
+    old_logprobs = logprobs.detach() if old_theta is None else old_theta.log_softmax(-1)
+    estimates = estimator(logprobs[None], ref_logits.log_softmax(-1)[None], old_logprobs[None])
+    (old_logprobs.exp() * estimates[0]).sum().backward()
+    return theta.grad
+    # END SOLUTION
+
+
+# %%
+exercises.check_expected_kl_gradient(expected_kl_gradient)
+
+# %% [markdown]
+# Predict: Compare each estimator's expected gradient with the exact KL's (autograd of
+# `kl_divergence`). Which match on-policy, and which still match when an older policy sampled?
+# What happens to $k_3^\text{IS}$ if you detach its ratio?
+#
+# Answer: On-policy $k_2$ and $k_3^\text{IS}$ match; $k_1$'s expected gradient is 0 and
+# $k_3$'s is the reverse KL's. Off-policy only $k_3^\text{IS}$ matches: its expectation under
+# $\mu$ is $\sum_x \pi_\theta(x)\,k_3(x)$, which is the KL for every $\theta$, so its gradient is
+# the KL's. Detach the ratio and its gradient is $k_3$'s again, the reverse KL's, although
+# every value is unchanged: a check on values alone would pass it.
+
+# %%
+lab = torch.Generator().manual_seed(3)
+theta, ref_logits = torch.randn(7, generator=lab), torch.randn(7, generator=lab)
+old_theta = theta + 0.7 * torch.randn(7, generator=lab)
+leaf = theta.clone().requires_grad_(True)
+kl_divergence(Categorical(logits=leaf), Categorical(logits=ref_logits)).backward()
+lab_estimators = {
+    "k1": lambda lp, ref, old: calc_kl_k1(lp, ref),
+    "k2": lambda lp, ref, old: calc_kl_k2(lp, ref),
+    "k3": lambda lp, ref, old: calc_kl_k3(lp, ref),
+    "k3_is": calc_kl_k3_is,
+    "k3_is, ratio detached": lambda lp, ref, old: (lp - old).exp().detach() * calc_kl_k3(lp, ref),
+}
+print("largest gap to the exact KL's gradient:   on-policy   off-policy")
+for name, estimator in lab_estimators.items():
+    gaps = [(expected_kl_gradient(estimator, theta, ref_logits, old) - leaf.grad).abs().max()
+            for old in (None, old_theta)]
+    print(f"  {name:22s}                   {gaps[0]:9.2e}   {gaps[1]:9.2e}")
+
+# %% [markdown]
+# minirlhf offers $k_3^\text{IS}$ as `kl_estimator="k3_is"`: the learning steps hand `calc_kl`
+# the rollout's log-probs as $\mu$. `tests/test_kl_lab.py` pins the whole table (values too, and
+# $k_1\rho$, $k_2\rho$), and `docs/critic_free.md` has it.
 #
 # ## Your pieces in the trainer
 #

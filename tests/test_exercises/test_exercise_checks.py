@@ -25,6 +25,7 @@ from minirlhf.exercises import (
     dpo,
     get_reference,
     inspection,
+    kl_lab,
     last_failure,
     learning_phase,
     memory_and_logprobs,
@@ -109,7 +110,7 @@ def test_the_catalogue_covers_every_function_check():
     would name mistakes no test proves)."""
     lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
                                   optim_and_learning, learning_phase, reward_model, critic_free,
-                                  dpo, answers, inspection)
+                                  dpo, answers, inspection, kl_lab)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
