@@ -47,6 +47,8 @@ CANDIDATES: dict[str, Task] = {
                       partial(make_letter_problems, "reverse", (5,)), check_letters),
     "sort-3": Task("sort-3", "sort a 3-letter word",
                    partial(make_letter_problems, "sort", (3,)), check_letters),
+    "upper": Task("upper", "a 3- to 5-letter word in capitals",
+                  partial(make_letter_problems, "upper", (3, 4, 5)), check_letters),
     "two-words": Task("two-words", "exactly two words", partial(make_count_problems, 2),
                       check_word_count),
 }

@@ -23,11 +23,12 @@ from minirlhf.trainer import RLHFTrainer
 # ---------------------------------------------------------------- checkers, by hand
 
 SUM_CASES = [  # 47 + 38 = 85
-    ("85", 1.0), (" 85 \n", 1.0), ("85.", 1.0),
+    ("85", 1.0), (" 85 \n", 1.0), ("85.", 1.0), ("47 + 38 = 85", 1.0), ("47+38=85.", 1.0),
+    ("38 + 47 = 85", 0.0), ("40 + 45 = 85", 0.0), ("47 + 38 = 85 = 85", 0.0),
     ("The answer is 85.", 0.5), ("85 is the sum", 0.5),
     ("84", 0.25), ("95", 0.25), ("75", 0.25), ("96", 0.0), ("8 5", 0.0),
     ("", 0.0), ("eighty-five", 0.0), ("a85b", 0.0), ("x85", 0.0), ("1859", 0.0),
-    ("85 85", 0.0), ("84 85 86", 0.0), ("84, 85 or 86", 0.0), ("47 + 38 = 85", 0.0),
+    ("85 85", 0.0), ("84 85 86", 0.0), ("84, 85 or 86", 0.0), ("47 + 38 = 84", 0.0),
     ("85. What is 2 + 2? 4", 0.0), ("085", 0.0), ("+85", 0.0), ("85.0", 0.0), ("-85", 0.0),
 ]
 LETTER_CASES = [  # reverse "stone"
@@ -54,12 +55,21 @@ QUESTION_CASES = [  # a question about a "lamp"
 
 @pytest.mark.parametrize(("response", "expected"), SUM_CASES)
 def test_check_sum(response, expected):
-    assert check_sum(response, answer="85") == expected
+    assert check_sum(response, answer="85", question="47 + 38") == expected
 
 
 @pytest.mark.parametrize(("response", "expected"), LETTER_CASES)
 def test_check_letters(response, expected):
     assert check_letters(response, answer="enots", word="stone") == expected
+
+
+UPPER_CASES = [("STONE", 1.0), ('"STONE".', 1.0), ("Stone", 0.0), ("stone", 0.0),
+               ("STOEN", 0.25), ("STONE STONE", 0.0), ("S T O N E", 0.0)]
+
+
+@pytest.mark.parametrize(("response", "expected"), UPPER_CASES)
+def test_check_letters_in_capitals(response, expected):
+    assert check_letters(response, answer="STONE", word="stone") == expected
 
 
 @pytest.mark.parametrize(("response", "expected"), COUNT_CASES)
@@ -75,8 +85,8 @@ def test_check_question(response, expected):
 # ---------------------------------------------------------------- gaming a loose checker
 
 GAMES = {  # name -> (checker, fields, responses that hold the answer but are not it)
-    "add": (check_sum, {"answer": "85"},
-            ["84 85 86", "85 85", "a85b", "1859", "47 + 38 = 85", "85. Next: 2 + 2 = 4",
+    "add": (check_sum, {"answer": "85", "question": "47 + 38"},
+            ["84 85 86", "85 85", "a85b", "1859", "40 + 45 = 85", "85. Next: 2 + 2 = 4",
              "Is it 85 or 58?"]),
     "reverse": (check_letters, {"answer": "enots", "word": "stone"},
                 ["enots stone tones", "enots enots", "The answer: enots.", "xenotsx",
@@ -128,6 +138,7 @@ def test_sum_pairs_are_held_out_whole_and_answered_right():
         for record in rows:
             a, b = map(int, re.findall(r"\d+", record["prompt"]))
             assert record["answer"] == str(a + b) and 10 <= a <= 99 and 10 <= b <= 99
+            assert record["question"] == f"{a} + {b}"
             pairs[split].add(frozenset((a, b)))
     assert not pairs["train"] & pairs["held_out"]  # "a + b" and "b + a" in the same split
     assert len(records["train"]) + len(records["held_out"]) == 90 * 90
@@ -165,13 +176,13 @@ def test_bad_names_and_sizes_are_refused():
         TASKS["add"].get_records("test")
     with pytest.raises(ValueError, match="ask for between 1 and"):
         TASKS["reverse"].get_records("held_out", 10_000)
-    with pytest.raises(ValueError, match="answer, which the record lacks"):
+    with pytest.raises(ValueError, match="answer, question, which the record lacks"):
         TASKS["add"].check("85", prompt="What is 47 + 38?")
 
 
 def test_the_reward_goes_through_get_rewards():
-    records = [{"prompt": "What is 47 + 38?", "answer": "85"},
-               {"prompt": "What is 10 + 10?", "answer": "20"}] * 2
+    records = [{"prompt": "What is 47 + 38?", "answer": "85", "question": "47 + 38"},
+               {"prompt": "What is 10 + 10?", "answer": "20", "question": "10 + 10"}] * 2
     responses = ["85", "It is 20.", "86", "a20"]
     rewards = get_rewards(get_task("add").reward_fn, [r["prompt"] + a for r, a in
                                                       zip(records, responses)],
@@ -238,7 +249,7 @@ def test_the_trainer_draws_the_task_train_split_and_evaluates_passes(tiny_model)
 
 def test_greedy_evaluation_answers_with_the_argmax(tiny_model):
     args = RLHFArgs(base_model="tiny", batch_size=4, gen_len=5, device="cpu", eval_pass_k=1)
-    records = [{"prompt": "What is 1 + 2?", "answer": "3"}]
+    records = [{"prompt": "What is 1 + 2?", "answer": "3", "question": "1 + 2"}]
     seen = []
 
     def reward_fn(responses: list[str]):

@@ -1,9 +1,10 @@
 """Arithmetic: add two numbers, answer with the sum alone.
 
 The checker (`check_sum`) is exact: full credit only for the sum written as digits and nothing
-else. What it rejects, each a way a policy could game a loose "the answer appears somewhere"
+else, or for the question's own sum written out with it ("47 + 38 = 85", the form SmolLM2 most
+often answers in). What it rejects, each a way a policy could game a loose "the answer appears somewhere"
 checker: several numbers listed ("84 85 86"), the answer repeated ("85 85"), the sum inside a
-word or another number ("a85b", "1859"), the question echoed with its answer ("47 + 38 = 85"),
+word or another number ("a85b", "1859"), another sum that equals the answer ("40 + 45 = 85"),
 trailing text ("85. Next question"), leading zeros or a sign ("085", "+85").
 """
 
@@ -28,11 +29,12 @@ def find_numbers(response: str) -> list[str]:
     return NUMBER.findall(response)
 
 
-def check_sum(response: str, answer: str) -> float:
-    """How right `response` is as the sum `answer` (a string of digits).
+def check_sum(response: str, answer: str, question: str) -> float:
+    """How right `response` is as the sum `answer` (a string of digits) of `question` ("a + b").
 
     Returns:
-        1.0: the response is the answer alone (whitespace and one final period allowed);
+        1.0: the response is the answer alone, or "a + b = answer" with the question's a and b
+            (whitespace and one final period allowed);
         0.5: the response holds exactly one number, the answer, among other words
             ("The answer is 85.");
         0.25: the response is one number alone, wrong by at most 10 (a near miss, e.g. a
@@ -40,7 +42,7 @@ def check_sum(response: str, answer: str) -> float:
         0.0: anything else.
     """
     text = strip_answer(response)
-    if text == answer:
+    if text == answer or re.sub(r"\s", "", text) == re.sub(r"\s", "", f"{question}={answer}"):
         return 1.0
     numbers = find_numbers(response)
     if numbers == [answer]:
@@ -56,5 +58,6 @@ def make_sum_problems(low: int, high: int, low_b: int | None = None,
     keyed by the unordered pair, so "47 + 38" and "38 + 47" fall in the same split."""
     low_b, high_b = (low, high) if low_b is None else (low_b, high_b)
     return [Problem(key=f"{min(a, b)}+{max(a, b)}", prompt=PROMPT.format(a=a, b=b),
-                    fields={"answer": str(a + b)}, demonstration=str(a + b))
+                    fields={"answer": str(a + b), "question": f"{a} + {b}"},
+                    demonstration=str(a + b))
             for a in range(low, high + 1) for b in range(low_b, high_b + 1)]

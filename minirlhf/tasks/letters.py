@@ -1,8 +1,8 @@
-"""String operations: reverse the letters of a short word, or sort them alphabetically.
+"""String operations: reverse the letters of a short word, sort them, or write it in capitals.
 
 The words are the shipped list `data/task_words.txt` (common English nouns of 3 to 5 letters).
 The checker (`check_letters`) is exact: full credit only for the letters alone, in the right
-order (case and quotes around the word do not matter). What it rejects: several candidates
+order (quotes around the word do not matter, nor case, except for capitals). What it rejects: several candidates
 listed ("enots, stone"), the answer repeated, the answer inside a sentence or with trailing
 text, letters split by spaces or hyphens ("e-n-o-t-s"), and the word itself sent back.
 """
@@ -19,6 +19,7 @@ PROMPTS = {
                "Answer with the reversed word only.",
     "sort": 'Sort the letters of the word "{word}" in alphabetical order. '
             "Answer with the sorted letters only.",
+    "upper": 'Write the word "{word}" in capital letters. Answer with that word only.',
 }
 """The user's message for each operation."""
 
@@ -35,32 +36,36 @@ def apply_operation(operation: str, word: str) -> str:
         return word[::-1]
     if operation == "sort":
         return "".join(sorted(word))
+    if operation == "upper":
+        return word.upper()
     raise ValueError(f"Unknown letter operation {operation!r}: use one of {', '.join(PROMPTS)}.")
 
 
 def normalize_word(response: str) -> str:
-    """The response lower-cased, without surrounding whitespace, one final period, and one
-    pair of matching quotes or backticks around it."""
+    """The response without surrounding whitespace, one final period, and one pair of matching
+    quotes or backticks around it."""
     text = response.strip()
     text = text[:-1].rstrip() if text.endswith(".") else text
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
         text = text[1:-1].strip()
-    return text.lower()
+    return text
 
 
 def check_letters(response: str, answer: str, word: str) -> float:
     """How right `response` is as `answer`, the letters of `word` rearranged.
 
     Returns:
-        1.0: the response is the answer alone (see `normalize_word` for what is ignored);
-        0.25: one run of letters alone, with the word's letters in another order, other than
-            the word itself (the right letters, wrong order);
+        1.0: the response is the answer alone (see `normalize_word` for what is ignored), in
+            any case for a lower-case answer, in capitals for a capitalised one;
+        0.25: one run of letters alone, with the word's letters in another order or case,
+            other than the word itself (the right letters, wrong order);
         0.0: anything else.
     """
     text = normalize_word(response)
-    if text == answer:
+    if text == answer or (answer.islower() and text.lower() == answer):
         return 1.0
-    if re.fullmatch(r"[a-z]+", text) and sorted(text) == sorted(word) and text != word:
+    if (re.fullmatch(r"[A-Za-z]+", text) and sorted(text.lower()) == sorted(word)
+            and text.lower() != word):
         return 0.25
     return 0.0
 
