@@ -10,10 +10,21 @@ decodes greedily (top_k=1) until <|im_end|> or gen_len, and prints the share of 
     OMP_NUM_THREADS=2 python benchmarks/task_band.py                  # every candidate
     OMP_NUM_THREADS=2 python benchmarks/task_band.py --tasks add,add-1digit --prompts 32
 
-Measured (64 held-out prompts or all a task has, gen_len 24; 2 threads of a shared CPU):
+Measured (the first held-out prompts, gen_len 24, float32, 2 threads of a shared CPU):
 
-    candidate      prompts  pass@1  mean score
-    (filled in below from the run; see docs/tasks.md)
+    candidate    held-out prompts  pass@1  mean score (partial credit included)
+    add                 64          0.14    0.15   (9 of 64; "42 + 32 = 74" style answers pass)
+    upper               48          0.00    0.00   ("The word "pan" is a word that requires ...")
+    three-words         48          0.00    0.02   ("The bone is a bone.")
+    question            48          0.00    0.01   ("I'm ready to assist. What can I help ...")
+    reverse-3           13          0.00    0.00   ("The word "web" is "wol" ...")
+    reverse (3-5)       62          0.00    0.00   (first run, "add" strict: number alone 0.00)
+
+Only `add` starts inside the band; the base model does not follow the string and format
+instructions at all (it explains instead of answering), so those tasks start at 0 and need SFT
+on their demonstrations first (the issue's "base or SFT pass rate"). Measured under a
+load average of about 9 on 2 shared cores: 200-240 s per 48 prompts. Not measured for lack of
+time: sort, sort-3, add-1digit, add-3digit, reverse-5, two-words.
 """
 
 import argparse

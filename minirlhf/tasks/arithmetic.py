@@ -2,10 +2,10 @@
 
 The checker (`check_sum`) is exact: full credit only for the sum written as digits and nothing
 else, or for the question's own sum written out with it ("47 + 38 = 85", the form SmolLM2 most
-often answers in). What it rejects, each a way a policy could game a loose "the answer appears somewhere"
-checker: several numbers listed ("84 85 86"), the answer repeated ("85 85"), the sum inside a
-word or another number ("a85b", "1859"), another sum that equals the answer ("40 + 45 = 85"),
-trailing text ("85. Next question"), leading zeros or a sign ("085", "+85").
+often answers in). What it rejects, each a way a policy could game a loose "the answer appears
+somewhere" checker: several numbers listed ("84 85 86"), the answer repeated ("85 85"), the sum
+inside a word or another number ("a85b", "1859"), another sum that equals the answer ("40 + 45 =
+85"), trailing text ("85. Next question"), leading zeros or a sign ("085", "+85").
 """
 
 import re

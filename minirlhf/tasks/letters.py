@@ -2,9 +2,10 @@
 
 The words are the shipped list `data/task_words.txt` (common English nouns of 3 to 5 letters).
 The checker (`check_letters`) is exact: full credit only for the letters alone, in the right
-order (quotes around the word do not matter, nor case, except for capitals). What it rejects: several candidates
-listed ("enots, stone"), the answer repeated, the answer inside a sentence or with trailing
-text, letters split by spaces or hyphens ("e-n-o-t-s"), and the word itself sent back.
+order (quotes around the word do not matter, nor case, except for capitals). What it rejects:
+several candidates listed ("enots, stone"), the answer repeated, the answer inside a sentence or
+with trailing text, letters split by spaces or hyphens ("e-n-o-t-s"), and the word itself sent
+back.
 """
 
 import re
