@@ -119,6 +119,9 @@ class RLHFArgs:
     held_out_max: int = 256
     """Score at most this many held-out prompts (the first of the held-out split), in batches of
     batch_size, so a large prompt file cannot make evaluation take over the run."""
+    eval_pass_k: int = 0
+    """With k > 0, held-out evaluation also gives pass@1 (greedy) and pass@k (k sampled answers
+    per prompt), a pass being a reward of at least 1 (a task checker's exact answer); 0: off."""
     prepend_bos: bool = True
     """Put the model's BOS token before the prompt."""
 
@@ -221,6 +224,7 @@ class RLHFArgs:
         """group_size, the KL options and the critic-free estimators agree."""
         check_at_least(self, ["group_size", "kl_horizon", "eval_every", "held_out_max"])
         check_interval(self, ["held_out_fraction"], 0.0, 1.0, open_high=True)
+        check_at_least(self, ["eval_pass_k"], 0)
         check_choice(self, "kl_estimator")
         check_choice(self, "kl_in")
         check_positive(self, [] if self.kl_target is None else ["kl_target"])

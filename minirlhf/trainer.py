@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from rich.console import Console
 from torch import Tensor
@@ -21,6 +22,7 @@ from transformer_lens import HookedTransformer
 from minirlhf.advantages import ESTIMATORS, compute_advantages, whiten
 from minirlhf.answers import apply_answer_options
 from minirlhf.args import RLHFArgs
+from minirlhf.pass_at_k import get_pass_metrics
 from minirlhf.kl_control import get_kl_coefs, get_kl_controller
 from minirlhf.losses import (
     aggregate,
@@ -76,6 +78,8 @@ class RLHFTrainer:
         base_model: the policy to train; None loads `args.base_model`.
         prompts: one prompt per sample, e.g. control-token prompts; None draws from the
             `args.prompts` file if there is one, else repeats `args.prefix`.
+        prompt_split: the training and held-out prompt records (a task's, `minirlhf.tasks`),
+            instead of splitting the `args.prompts` file.
         console, table_every: where progress goes (process 0's), a sample table every N phases.
     """
 
@@ -87,6 +91,7 @@ class RLHFTrainer:
         prompts: list[str] | None = None,
         console: Console | None = None,
         table_every: int = 1,
+        prompt_split: tuple[list[Prompt], list[Prompt]] | None = None,
     ):
         check_prompts(prompts, args.batch_size, args.prompts)
         self.args, self.reward_fn = args, reward_fn
@@ -108,7 +113,7 @@ class RLHFTrainer:
             args.final_scale)
         self.kl_controller = get_kl_controller(args.kl_coef, args.kl_target, args.kl_horizon)
         self.streams = RandomStreams(args.seed, distributed.process_seed(args.seed), self.device)
-        self.train_prompts, self.held_out_prompts = load_prompt_split(
+        self.train_prompts, self.held_out_prompts = prompt_split or load_prompt_split(
             args.prompts, args.held_out_fraction, args.seed)
         self.phase, self.global_step = 0, 0  # phases done, optimiser steps taken
         self.history: list[dict[str, float]] = []
@@ -169,29 +174,47 @@ class RLHFTrainer:
 
     @torch.no_grad()
     def sample(
-        self, prompts: list[Prompt], generator: torch.Generator, for_training: bool = False
+        self, prompts: list[Prompt], generator: torch.Generator, for_training: bool = False,
+        sampling: SamplingConfig | None = None,
     ) -> Samples:
         """The policy's answers to the prompt records (rendered by the run's template), with the
-        run's settings; `for_training` also keeps the sampler's final residuals and log-probs."""
-        args = self.args
+        run's settings (or `sampling`'s); `for_training` also keeps the sampler's final
+        residuals and log-probs."""
+        args, sampling = self.args, sampling or self.sampling
         texts = render_prompts(prompts, args.prompt_template, args.chat_template,
                                self.model.base_model.tokenizer)
         with self.autocast():
-            return get_samples(self.model.base_model, texts, None, args.gen_len, self.sampling,
+            return get_samples(self.model.base_model, texts, None, args.gen_len, sampling,
                                args.prepend_bos, generator=generator, stop_at_eos=args.stop_at_eos,
                                fast_path=args.fast_path, return_final_residual=for_training,
                                stop_string=args.stop_string, return_logprobs=for_training)
 
     @torch.no_grad()
     def evaluate_held_out(self) -> dict[str, float]:
-        """The mean reward of an answer to each of the first `held_out_max` held-out prompts."""
-        prompts, rewards = self.held_out_prompts[: self.args.held_out_max], []
+        """The mean reward of an answer to each of the first `held_out_max` held-out prompts;
+        with `eval_pass_k`, pass@1 (greedy) and pass@k too (`pass_at_k.get_pass_metrics`)."""
+        prompts, k = self.held_out_prompts[: self.args.held_out_max], self.args.eval_pass_k
+        metrics = {"eval/held_out_reward": self.score_held_out(prompts).mean().item()}
+        if k > 0:
+            greedy = self.score_held_out(prompts, SamplingConfig(top_k=1))
+            sampled = self.score_held_out([p for p in prompts for _ in range(k)])
+            metrics |= get_pass_metrics(greedy, rearrange(sampled, "(group k) -> group k", k=k),
+                                        k)
+        return metrics
+
+    @torch.no_grad()
+    def score_held_out(
+        self, prompts: list[Prompt], sampling: SamplingConfig | None = None
+    ) -> Float[Tensor, " batch"]:
+        """The reward of one answer to each prompt (in batches of batch_size), sampled with the
+        run's settings or `sampling` (top_k=1: greedy) from the evaluation's random stream."""
+        rewards = []
         for start in range(0, len(prompts), self.args.batch_size):
             chunk = prompts[start : start + self.args.batch_size]
-            samples = self.sample(chunk, self.streams.eval)
+            samples = self.sample(chunk, self.streams.eval, sampling=sampling)
             rewards.append(get_rewards(self.reward_fn, samples.texts, self.device,
                                        samples.prompts, samples.responses, chunk))
-        return {"eval/held_out_reward": torch.cat(rewards).mean().item()}
+        return torch.cat(rewards)
 
     # ---- the learning phase: PPO steps on minibatches of the memory ----
 

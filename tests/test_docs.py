@@ -48,7 +48,7 @@ def test_every_logged_metric_is_documented():
     """Every key the trainer and its metrics module log (the learning metrics, the rollout's in
     `minirlhf.metrics`) has its entry in docs/metrics.md."""
     source = "".join((ROOT / "minirlhf" / name).read_text()
-                     for name in ("trainer.py", "metrics.py"))
+                     for name in ("trainer.py", "metrics.py", "evaluation.py", "pass_at_k.py"))
     keys = set(re.findall(r'"((?:charts|losses|eval)/\w+)"', source))
     assert len(keys) >= 20, keys
     documented = (ROOT / "docs" / "metrics.md").read_text()

@@ -6,7 +6,7 @@ import pytest
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS
 
-REWARD_KINDS = {"vader", "control", "classifier", "char_count", "reward_model"}
+REWARD_KINDS = {"vader", "control", "classifier", "char_count", "reward_model", "task"}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

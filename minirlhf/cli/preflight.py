@@ -12,13 +12,14 @@ from pathlib import Path
 from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
-from minirlhf.cli.presets import make_prompts
+from minirlhf.cli.presets import make_prompt_split, make_prompts
 from minirlhf.prompts import Prompt, load_prompts, render_prompt, resolve_prompt_file
 from minirlhf.runtime import loading
 from minirlhf.runtime.device import pick_device
 from minirlhf.runtime.random_streams import set_seed
 from minirlhf.runtime.tokens import get_token_rows
 from minirlhf.sampling import check_context
+from minirlhf.tasks import SPLITS
 
 
 class ConfigError(Exception):
@@ -33,8 +34,12 @@ def check_new_run(run: dict) -> HookedTransformer:
             fit (naming the file and line, or the --prefix).
     """
     args = RLHFArgs.from_dict(run["args"])
+    split = make_prompt_split(run["reward"])
     if args.prompts is not None:
         prompts = load_prompt_lines(args.prompts)
+    elif split is not None:
+        prompts = [(f"--task {run['reward']['task']} ({name} prompt {index})", record)
+                   for name, records in zip(SPLITS, split) for index, record in enumerate(records)]
     else:
         prompts = [(f"--prefix {text!r}", {"prompt": text})
                    for text in dict.fromkeys(make_prompts(run["reward"], args) or [args.prefix])]

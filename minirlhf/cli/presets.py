@@ -9,6 +9,7 @@ takes, for the command line, the benchmarks and notebooks alike.
 import torch
 
 from minirlhf.args import RLHFArgs
+from minirlhf.prompts import Prompt
 from minirlhf.rewards import RewardFn, reward_fn_char_count
 
 GAE_ARGS = dict(advantage_estimator="gae", gae_lambda=1.0, kl_coef=0.05)
@@ -48,6 +49,17 @@ PRESETS: dict[str, dict] = {
                  "prepend_bos": False, "stop_at_eos": True, "gen_len": 32},
         "reward": {"kind": "vader", "direction": "pos", "on": "responses"},
     },
+    # RL from verifiable rewards (docs/tasks.md): a task's prompts as user messages in
+    # SmolLM2-Instruct's chat template, answers that end at <|im_end|>, the task's checker as
+    # the reward, GRPO over 8 answers per prompt; held-out pass@1 (greedy) and pass@4.
+    "smollm2-task": {
+        "args": {**MOVIE_ARGS, "total_phases": 25, "final_scale": 0.8, "precision": "auto",
+                 "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0, "base_lr": 1e-3,
+                 "chat_template": True, "prepend_bos": False, "stop_at_eos": True,
+                 "gen_len": 24, "advantage_estimator": "grpo", "group_size": 8,
+                 "eval_every": 5, "held_out_max": 64, "eval_pass_k": 4},
+        "reward": {"kind": "task", "task": "add"},
+    },
     # One policy, three tasks: prompts start with [positive], [negative] or [neutral].
     "smollm2-control": {
         "args": {**MOVIE_ARGS, "total_phases": 40, "batch_size": 33, "num_minibatches": 3},
@@ -73,6 +85,8 @@ PRESETS: dict[str, dict] = {
 }
 
 DEFAULT_PRESET = "smollm2-vader"
+TASK_PRESET = "smollm2-task"
+"""The preset of `minirlhf train --task NAME` without --preset."""
 
 
 def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
@@ -93,6 +107,10 @@ def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
 
         reward_model, _ = load_reward_model(spec["path"], device)
         return make_reward_model_reward_fn(reward_model)
+    if kind == "task":
+        from minirlhf.tasks import get_task
+
+        return get_task(spec["task"]).reward_fn
     if kind == "char_count":
         char = spec.get("char", ".")
 
@@ -111,6 +129,17 @@ def make_prompts(spec: dict, args: RLHFArgs) -> list[str] | None:
     from minirlhf.sentiment import make_control_prompts
 
     return make_control_prompts(args.prefix, args.batch_size)
+
+
+def make_prompt_split(spec: dict) -> tuple[list[Prompt], list[Prompt]] | None:
+    """A task's training and held-out prompt records (reward kind "task"), or None: the prompts
+    come from RLHFArgs.prompts or the prefix."""
+    if spec["kind"] != "task":
+        return None
+    from minirlhf.tasks import get_task
+
+    task = get_task(spec["task"])
+    return task.get_records("train"), task.get_records("held_out")
 
 
 def score_responses(score: RewardFn) -> RewardFn:

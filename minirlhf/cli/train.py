@@ -16,13 +16,21 @@ from minirlhf.cli.checkpoint import CheckpointError
 from minirlhf.cli.flags import add_args_flags
 from minirlhf.cli.keeper import CheckpointKeeper, stop_on_sigterm
 from minirlhf.cli.preflight import ConfigError, check_new_run
-from minirlhf.cli.presets import DEFAULT_PRESET, PRESETS, make_prompts, make_reward_fn
+from minirlhf.cli.presets import (
+    DEFAULT_PRESET,
+    PRESETS,
+    TASK_PRESET,
+    make_prompt_split,
+    make_prompts,
+    make_reward_fn,
+)
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
 from minirlhf.cli.resume import resume_trainer, resumed_config
 from minirlhf.cli.run_folder import locked, read_run_json, start_run_folder
 from minirlhf.runtime import distributed
 from minirlhf.runtime.device import pick_device
+from minirlhf.tasks import TASKS
 from minirlhf.trainer import RLHFTrainer, Rollout
 
 PLOT_NAME = "reward_kl.png"
@@ -47,6 +55,9 @@ def add_train_parser(commands):
     train.add_argument("--reward-model", type=Path,
                        help="folder of a `minirlhf reward-model` run (implies --reward "
                        "reward_model)")
+    train.add_argument("--task", choices=list(TASKS),
+                       help="train on a task with checkable answers (docs/tasks.md): its prompts, "
+                       "held-out split and checker (default preset smollm2-task)")
     train.add_argument("--direction", choices=["pos", "neg"], help="sentiment to steer towards")
     train.add_argument("--classifier", help="HF sequence classifier (hub name or folder)")
     train.add_argument("--wandb", action="store_true", dest="use_wandb",
@@ -66,7 +77,7 @@ def add_train_parser(commands):
 
 def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """A new run's config (preset, args, reward) from the preset and the flags."""
-    preset_name = ns.preset or DEFAULT_PRESET
+    preset_name = ns.preset or (TASK_PRESET if ns.task else DEFAULT_PRESET)
     preset = PRESETS[preset_name]
     field_names = {f.name for f in dataclasses.fields(RLHFArgs) if f.init}
     overrides = {k: v for k, v in vars(ns).items() if k in field_names}
@@ -89,17 +100,30 @@ def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
             parser.error(f"{ns.reward_model} holds no reward_model.pt: train one with "
                          "`minirlhf reward-model`.")
         reward = {"kind": "reward_model", "path": str(ns.reward_model.resolve())}
+    if ns.task is not None or reward["kind"] == "task":
+        reward = get_task_reward(ns, reward, args, parser)
     # wandb_id: a resumed run logs into the same wandb run (resume="allow").
     run = {"preset": preset_name, "args": args.to_dict(), "reward": reward,
            "wandb_id": secrets.token_hex(6)}
     return run | {"inputs": get_inputs(run)}  # checked by --resume, sample and export
 
 
+def get_task_reward(ns: argparse.Namespace, reward: dict, args: RLHFArgs,
+                    parser: argparse.ArgumentParser) -> dict:
+    """The reward spec of a task run: --task's, or the preset's task; refuses a second source
+    of prompts or another reward."""
+    if ns.reward is not None or ns.reward_model is not None:
+        parser.error("--task brings its own reward (its checker): drop --reward/--reward-model.")
+    if args.prompts is not None:
+        parser.error("--task brings its own prompts and held-out split: drop --prompts.")
+    return {"kind": "task", "task": ns.task or reward["task"]}
+
+
 def given_flags(ns: argparse.Namespace) -> dict:
     """The RLHFArgs, preset and reward flags typed on the command line, as run.json holds them."""
     field_names = {f.name for f in dataclasses.fields(RLHFArgs) if f.init}
     given = {k: v for k, v in vars(ns).items() if k in field_names}
-    for key in ["preset", "reward", "direction", "classifier"]:
+    for key in ["preset", "reward", "direction", "classifier", "task"]:
         if getattr(ns, key) is not None:
             given[key] = getattr(ns, key)
     if ns.reward_model is not None:
@@ -226,7 +250,7 @@ def make_trainer(ns: argparse.Namespace, run: dict, args: RLHFArgs, console: Con
     table_every = 5 if ns.table_every is None else ns.table_every
     trainer = RLHFTrainer(args, reward_fn, base_model=policy,
                           prompts=make_prompts(run["reward"], args), console=console,
-                          table_every=table_every)
+                          table_every=table_every, prompt_split=make_prompt_split(run["reward"]))
     console.print(f"Device {trainer.device}, precision {trainer.precision} "
                   f"(--precision {args.precision})")
     if distributed.get_world_size() > 1:
