@@ -12,6 +12,7 @@ import hashlib
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,28 @@ def test_a_crash_between_the_renames_falls_back_to_the_previous_file(trainer, tm
 def test_no_checkpoint_says_how_to_continue_the_run(tmp_path):
     with pytest.raises(CheckpointError, match=f"minirlhf train --out {tmp_path} --resume"):
         load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("settle", [checkpoint_module.SAVE_SETTLE_S, 0.0])
+def test_a_reader_between_two_renames_of_a_save_loads_the_new_checkpoint(trainer, tmp_path,
+                                                                          monkeypatch, settle):
+    """`sample` reading while a save runs in another process: the new checkpoint.pt is in place,
+    its checkpoint.json not yet (written 0.3 s later). The reader looks again and loads the new
+    one without a note; a reader that does not wait (settle 0, the known-wrong one) falls back
+    to the previous file and reports a damage that is not there."""
+    latest, _ = saved_pair(trainer, tmp_path)
+    record = latest.with_suffix(".json")
+    new_record = record.read_text()
+    record.write_text(new_record.replace('"phase": 2', '"phase": 1').replace(
+        json.loads(new_record)["sha256"], "0" * 64))  # the record of the save before
+    monkeypatch.setattr(checkpoint_module, "SAVE_SETTLE_S", settle)
+    timer = threading.Timer(0.3, lambda: record.write_text(new_record))
+    timer.start()
+    try:
+        loaded = load_checkpoint(tmp_path)
+    finally:
+        timer.join()
+    if settle:
+        assert loaded.path == latest and loaded.note is None
+    else:
+        assert loaded.path != latest and "SHA-256 differs" in loaded.note

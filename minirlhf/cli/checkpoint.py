@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,13 +220,21 @@ def describe_write_error(error: OSError, latest: Path, needed: int | None = None
 
 # ---- loading ----
 
+SAVE_SETTLE_S = 1.0
+"""How long a reader waits before looking again when the files disagree: a save in another
+process renames four files one after another, and a reader between two renames would see a
+checkpoint and a record from different saves."""
+
+
 def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu",
                     set_aside_damaged: bool = False) -> Checkpoint:
     """The latest usable checkpoint in `folder`: `checkpoint.pt`, else `checkpoint.prev.pt`.
+    A reader (`sample`, `export`, ...) that finds the files disagreeing looks once more after
+    `SAVE_SETTLE_S`, in case a running save was between two renames.
 
     Args:
         set_aside_damaged: when the latest is passed over, rename it `checkpoint.damaged-N.pt`
-            (a resume, which saves next: the save must not mistake it for the latest).
+            (a resume, which saves next and holds the run's lock: no save can be running).
 
     Raises:
         CheckpointError: there is none, or neither file can be trusted; the message says what
@@ -236,6 +245,20 @@ def load_checkpoint(folder: str | Path, map_location: str | torch.device = "cpu"
         raise CheckpointError(
             f"No checkpoint in {folder}: the run has saved none yet (the first comes after "
             f"--checkpoint-every phases). Continue it with: minirlhf train --out {folder} --resume")
+    if not set_aside_damaged:
+        try:
+            checkpoint = find_usable(folder, map_location, False)
+            if checkpoint.note is None:
+                return checkpoint
+        except CheckpointError:
+            pass
+        time.sleep(SAVE_SETTLE_S)
+    return find_usable(folder, map_location, set_aside_damaged)
+
+
+def find_usable(folder: Path, map_location: str | torch.device,
+                set_aside_damaged: bool) -> Checkpoint:
+    """`load_checkpoint`'s one look at the folder's two files."""
     problems = []
     for path in [folder / CHECKPOINT_NAME, folder / PREVIOUS_NAME]:
         if not path.exists():
