@@ -181,3 +181,31 @@ def test_saved_policy_loads_in_minirlhf_with_the_same_logprobs(tmp_path, wrap):
     text = "The film was a quiet triumph."
     torch.testing.assert_close(get_logprobs(loaded, text), get_logprobs(tiny, text),
                                atol=1e-5, rtol=0)
+
+
+# ---- the preset sweep (benchmarks/neg_sweep.py) ----
+
+sweep = load_script("neg_sweep")
+
+
+def zero_reward(samples):
+    return torch.zeros(len(samples))
+
+
+def test_shaped_reward_pays_less_for_repeated_trigrams():
+    # "bad bad bad bad": 3-grams (bad bad bad) twice, the second a repeat: share 1/2.
+    # "a fine film": one 3-gram, no repeat: 0. "so bad": fewer than 3 words: 0, not NaN.
+    shaped = sweep.shape_reward(zero_reward, penalty=0.4)
+    got = shaped(["bad bad bad bad", "a fine film", "so bad"])
+    torch.testing.assert_close(got, torch.tensor([-0.2, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("vader, repeat, direction, expected", [
+    (-0.85, 0.15, "neg", (True, True)),    # past -0.8; 0.15 <= 0.07 + 0.10
+    (-0.75, 0.05, "neg", (False, True)),   # not past -0.8
+    (-0.95, 0.20, "neg", (True, False)),   # 0.20 > 0.17: repeats too much
+    (0.92, 0.0, "pos", (True, True)),
+    (-0.92, 0.0, "pos", (False, True)),    # a negative VADER does not reach the positive target
+])
+def test_setting_verdicts(vader, repeat, direction, expected):
+    assert sweep.judge_setting(vader, repeat, base_repeat=0.07, direction=direction) == expected
