@@ -43,6 +43,14 @@ def reward_at_kl(front: list[tuple[float, float]], kl: float) -> float | None:
     return None
 
 
+def extend_flat(front: list[tuple[float, float]], max_kl: float) -> list[tuple[float, float]]:
+    """The envelope carried flat to `max_kl`, the largest KL the curve measured: a point past the
+    envelope's last one reached no more reward than it, but the curve was measured there."""
+    if front and max_kl > front[-1][0]:
+        return [*front, (max_kl, front[-1][1])]
+    return front
+
+
 def pick_best(points: list[dict], base_repeat: float, slack: float = REPEAT_SLACK) -> dict:
     """The point with the highest "reward" among those whose "repeated_3gram" share is at most
     `base_repeat + slack` (the fluent ones); if none is fluent, the highest reward of all.
@@ -125,7 +133,8 @@ def direction_table(points: list[dict], direction: str) -> list[str]:
     """The markdown table of one direction: every point, fluency beside reward."""
     curves = get_curves(points, direction)
     trl = [p for label, curve in curves.items() if label.startswith("TRL") for p in curve]
-    trl_front = get_envelope([(p["kl"], p["reward"]) for p in trl])
+    trl_front = extend_flat(get_envelope([(p["kl"], p["reward"]) for p in trl]),
+                            max((p["kl"] for p in trl), default=0.0))
     lines = ["| method | strength | held-out VADER | KL / answer | distinct-1 | distinct-2 | "
              "repeated 3-grams | ref log-lik / token | vs TRL at this KL | train |",
              "|---|---|---|---|---|---|---|---|---|---|"]

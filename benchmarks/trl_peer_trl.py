@@ -11,8 +11,9 @@ minirlhf draws them, every hyperparameter) and reads back a result file:
 `train` times every generated batch (one generation of 32 samples and the optimiser steps taken
 on it: a minirlhf "phase") and records its mean reward; with a `save_dir` in the job, it saves
 the trained policy there as a plain Hugging Face folder (LoRA merged in) that minirlhf loads as
-a base model, so benchmarks/frontier.py judges it as it judges its own. `logprobs` writes the log-prob of every
-token of a few sentences, so the caller can check that both sides start from the same weights.
+a base model, so benchmarks/frontier.py judges it as it judges its own. `logprobs` writes the
+log-prob of every token of a few sentences, so the caller can check that both sides start from
+the same weights.
 """
 
 import json

@@ -75,6 +75,15 @@ def test_reward_at_kl_of_a_single_point():
     assert report.reward_at_kl([], 0.0) is None
 
 
+def test_envelope_is_carried_flat_to_the_largest_measured_kl():
+    # TRL's points (0, 0.2) [the base model] and (0.15, 0.1): the envelope is the base point
+    # alone, and a point at KL 0.1 is compared with 0.2, not called out of range.
+    front = report.extend_flat(report.get_envelope([(0.0, 0.2), (0.15, 0.1)]), 0.15)
+    assert front == [(0.0, 0.2), (0.15, 0.2)]
+    assert report.reward_at_kl(front, 0.1) == pytest.approx(0.2)
+    assert report.extend_flat(FRONT, 2.0) == FRONT
+
+
 def test_vs_trl_is_the_gap_to_trl_at_the_same_measured_kl():
     point = {"method": "grpo", "kl": 2.0, "reward": 0.6}
     assert report.vs_trl(point, FRONT) == "-0.100"  # TRL's envelope is at 0.7 there
