@@ -9,8 +9,11 @@ minirlhf draws them, every hyperparameter) and reads back a result file:
     .bench/trl-venv/bin/python benchmarks/trl_peer_trl.py logprobs JOB.json RESULT.json
 
 `train` times every generated batch (one generation of 32 samples and the optimiser steps taken
-on it: a minirlhf "phase") and records its mean reward. `logprobs` writes the log-prob of every
-token of a few sentences, so the caller can check that both sides start from the same weights.
+on it: a minirlhf "phase") and records its mean reward; with a `save_dir` in the job, it saves
+the trained policy there as a plain Hugging Face folder (LoRA merged in) that minirlhf loads as
+a base model, so benchmarks/frontier.py judges it as it judges its own. `logprobs` writes the
+log-prob of every token of a few sentences, so the caller can check that both sides start from
+the same weights.
 """
 
 import json
@@ -185,6 +188,18 @@ def get_peft_config(job: dict):
                       task_type="CAUSAL_LM")
 
 
+def save_policy(model, model_dir: str, save_dir: str):
+    """The trained policy as a plain Hugging Face folder: a PEFT model's LoRA merged into its
+    weights, and the tokenizer of `model_dir` as it was (TRL may change padding settings on
+    the one it trains with)."""
+    from transformers import AutoTokenizer
+
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    model.save_pretrained(save_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(save_dir)
+
+
 def train(job: dict) -> dict:
     """Run GRPOTrainer on the job; per phase: wall seconds and mean reward."""
     import torch
@@ -209,9 +224,12 @@ def train(job: dict) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     start = time.perf_counter()
     trainer.train()
+    wall_time = time.perf_counter() - start
+    if job.get("save_dir"):
+        save_policy(trainer.model, job["model_dir"], job["save_dir"])
     return {
         "versions": get_versions(), "threads": torch.get_num_threads(),
-        "trainable_parameters": trainable, "wall_time_s": time.perf_counter() - start,
+        "trainable_parameters": trainable, "wall_time_s": wall_time,
         "phase_time_s": phase_times, "reward_mean_per_phase": phase_rewards,
         "log_history": trainer.state.log_history,
     }
