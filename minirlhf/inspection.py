@@ -362,12 +362,36 @@ def get_logit_attribution(
 ) -> LogitAttribution:
     """Direct logit attribution: every head's, MLP's and embedding's output, scaled by the final
     norm's scale at that position, projected on `direction` (the unembedding's bias left out),
-    averaged over the real positions (`attention_mask` 1; None: all)."""
-    _, cache = model.run_with_cache(tokens, attention_mask=attention_mask)
-    parts, labels = cache.get_full_resid_decomposition(apply_ln=True, expand_neurons=False,
-                                                       return_labels=True)
-    attribution = einops.einsum(parts.float(), direction.to(parts.device).float(),
-                                "component batch seq d_model, d_model -> component batch seq")
+    averaged over the real positions (`attention_mask` 1; None: all). The components and labels
+    of TransformerLens's `get_full_resid_decomposition(apply_ln=True)`, without building its
+    [component, batch, seq, d_model] stack: each head's output is z @ W_O, so its projection is
+    z @ (W_O @ direction), one number per position."""
+    names = ("hook_z", "hook_mlp_out", "hook_embed", "hook_pos_embed", "ln_final.hook_scale")
+    _, cache = model.run_with_cache(tokens, attention_mask=attention_mask,
+                                    names_filter=lambda name: name.endswith(names))
+    d = direction.to(model.W_U.device).float()
+    if model.cfg.normalization_type in ("LN", "LNPre"):  # the norm centres each component
+        d = d - d.mean()
+    scale = cache["ln_final.hook_scale"].float()  # [batch, seq, 1]
+    rows, labels = [], []
+    for layer in range(model.cfg.n_layers):
+        read_out = model.blocks[layer].attn.W_O.detach().float() @ d  # [head, d_head]
+        heads = einops.einsum(cache["z", layer].float(), read_out,
+                              "batch seq head d_head, head d_head -> head batch seq")
+        rows += list(heads)
+        labels += [f"L{layer}H{head}" for head in range(model.cfg.n_heads)]
+    for layer in range(model.cfg.n_layers):
+        rows.append(cache["mlp_out", layer].float() @ d)
+        labels.append(f"{layer}_mlp_out")
+    rows.append(cache["hook_embed"].float() @ d)
+    labels.append("embed")
+    if "hook_pos_embed" in cache:
+        rows.append(cache["hook_pos_embed"].float() @ d)
+        labels.append("pos_embed")
+    rows.append(sum(block.attn.b_O.detach().float() for block in model.blocks) @ d
+                * torch.ones_like(rows[0]))  # the attention biases, summed over the blocks
+    labels.append("bias")
+    attribution = torch.stack(rows) / scale[..., 0]
     mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
     weights = (mask / mask.sum()).to(attribution)
-    return LogitAttribution(list(labels), (attribution * weights).sum(dim=(1, 2)))
+    return LogitAttribution(labels, (attribution * weights).sum(dim=(1, 2)))

@@ -161,6 +161,33 @@ def test_steering_adds_the_direction_after_the_block_and_comes_off(make_printabl
     torch.testing.assert_close(model(tokens), plain)  # the hook is gone
 
 
+def tl_attribution(model, tokens, direction, mask) -> tuple[list[str], torch.Tensor]:
+    """The oracle: TransformerLens's whole residual decomposition, normed, projected, averaged."""
+    _, cache = model.run_with_cache(tokens, attention_mask=mask)
+    parts, labels = cache.get_full_resid_decomposition(apply_ln=True, expand_neurons=False,
+                                                       return_labels=True)
+    weights = mask / mask.sum()
+    return labels, ((parts @ direction) * weights).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm_gqa_rotary", "wrong_uncentred"])
+def test_logit_attribution_equals_transformer_lens_decomposition(printable_model, kind):
+    from test_fast_path import tiny_llama
+    model = tiny_llama(seed=3) if kind.startswith("rms") else printable_model
+    tokens = torch.randint(0, 94, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(8))
+    labels, expected = tl_attribution(model, tokens, direction, mask)
+    if kind == "wrong_uncentred":  # a LayerNorm model read as if its norm did not centre
+        model.cfg.normalization_type = "RMS"
+    try:
+        got = inspection.get_logit_attribution(model, tokens, direction, mask)
+    finally:
+        model.cfg.normalization_type = "LN" if kind != "rmsnorm_gqa_rotary" else "RMS"
+    assert got.labels == labels
+    assert torch.allclose(got.attribution, expected, atol=1e-4) == (kind != "wrong_uncentred")
+
+
 def test_logit_attribution_sums_to_the_logit_difference(printable_model):
     model = printable_model
     tokens = torch.randint(0, 94, (2, 6), generator=torch.Generator().manual_seed(6))
