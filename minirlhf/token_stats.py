@@ -34,6 +34,13 @@ from minirlhf.losses import KL_ESTIMATORS
 CHUNK_TOKENS = 256
 """Rows x positions per chunk: 256 x 49,152 float32 logits are 50 MB (SmolLM2)."""
 
+RECOMPUTE_ABOVE_TOKENS = 1024
+"""Under gradients, up to this many rows x generated positions each chunk keeps its log-softmax
+for a written-out backward (`KeptLogSoftmaxStats`: one d_vocab float per token, 200 MB for
+SmolLM2 at 1,024 tokens; no unembedding rerun); above it, each chunk is checkpointed, keeping
+nothing vocabulary-sized, and the backward pass reruns its unembedding (one more matmul of the
+unembedding's size per learning step)."""
+
 ChunkLogits = Callable[[slice], Float[Tensor, "batch chunk d_vocab"]]
 """The logits / temperature at a slice of the generated positions (all rows)."""
 
@@ -62,7 +69,15 @@ def calc_token_stats(
         logits: the policy's logits / temperature at the positions that chose `gen_tokens`.
         ref_logits: the reference's, the same way (None: no KL, no reference log-probs).
     """
-    logprobs = logits.float().log_softmax(dim=-1)
+    return stats_from_logprobs(logits.float().log_softmax(dim=-1), gen_tokens, ref_logits)[0]
+
+
+def stats_from_logprobs(
+    logprobs: Float[Tensor, "batch chunk d_vocab"],
+    gen_tokens: Int[Tensor, "batch chunk"],
+    ref_logits: Float[Tensor, "batch chunk d_vocab"] | None = None,
+) -> tuple[TokenStats, Float[Tensor, "batch chunk"] | None]:
+    """`calc_token_stats` from the policy's log-softmax; also the KL before its clamp at 0."""
     probs = logprobs.exp()
     # A token of probability 0 (a masked, -inf logit) adds nothing to the entropy or the KL;
     # zeroing its log-prob before the product keeps the gradient finite (0 * -inf is NaN).
@@ -71,11 +86,13 @@ def calc_token_stats(
     taken = eindex(logprobs, gen_tokens, "b s [b s]")
     entropy = -(probs * finite).sum(dim=-1)
     if ref_logits is None:
-        return TokenStats(taken, entropy, None, None)
+        return TokenStats(taken, entropy, None, None), None
     ref_logprobs = ref_logits.float().log_softmax(dim=-1)
     log_ratio = finite - ref_logprobs.masked_fill(impossible, 0.0)
-    exact_kl = (probs * log_ratio).sum(dim=-1).clamp(min=0.0)  # rounding can make it < 0
-    return TokenStats(taken, entropy, exact_kl, eindex(ref_logprobs, gen_tokens, "b s [b s]"))
+    raw_kl = (probs * log_ratio).sum(dim=-1)
+    exact_kl = raw_kl.clamp(min=0.0)  # rounding can make it < 0
+    ref_taken = eindex(ref_logprobs, gen_tokens, "b s [b s]")
+    return TokenStats(taken, entropy, exact_kl, ref_taken), raw_kl
 
 
 def calc_kl_from_stats(estimator: str, stats: TokenStats) -> Float[Tensor, "batch gen_len"]:
@@ -101,8 +118,9 @@ def get_token_stats(
     """`calc_token_stats` over all generated positions, `chunk_positions` at a time (None:
     `get_chunk_positions`), never holding more than one chunk's vocabulary-sized tensors.
 
-    With gradients on, each chunk is checkpointed: its logits are computed again in the backward
-    pass, from whatever `get_logits` reads (the final residual and the unembedding).
+    With gradients on, each chunk keeps its log-softmax for a written-out backward, or, above
+    `RECOMPUTE_ABOVE_TOKENS` tokens, is checkpointed: its logits are computed again in the
+    backward pass from what `get_logits` reads (the final residual and the unembedding).
 
     Args:
         get_logits: the policy's logits / temperature at a slice of positions.
@@ -112,10 +130,42 @@ def get_token_stats(
     step = chunk_positions or get_chunk_positions(gen_tokens.shape[0])
     if step < 1:
         raise ValueError(f"chunk_positions must be at least 1, got {chunk_positions}.")
-    parts = [_get_chunk_stats(get_logits, gen_tokens, get_ref_logits, slice(i, i + step))
-             for i in range(0, gen_len, step)]
+    recompute = gen_tokens.numel() > RECOMPUTE_ABOVE_TOKENS or get_ref_logits is None
+    parts = [_get_chunk_stats(get_logits, gen_tokens, get_ref_logits, slice(i, i + step),
+                              recompute) for i in range(0, gen_len, step)]
     joined = [None if part[0] is None else torch.cat(part, dim=1) for part in zip(*parts)]
     return TokenStats(*joined)
+
+
+class KeptLogSoftmaxStats(torch.autograd.Function):
+    """`calc_token_stats` (with a reference) whose backward pass is written out: it keeps the
+    chunk's log-softmax (and the reference's logits it was given) instead of autograd's several
+    vocabulary-sized tensors, and recomputes nothing. With p = softmax(z), H the entropy and
+    KL the exact KL: d log p_y / dz = onehot(y) - p, dH/dz = -p (log p + H),
+    dKL/dz = p (log p - log q - KL)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, gen_tokens: Tensor, ref_logits: Tensor):
+        logprobs = logits.float().log_softmax(dim=-1)
+        stats, raw_kl = stats_from_logprobs(logprobs, gen_tokens, ref_logits)
+        ctx.save_for_backward(logprobs, gen_tokens, ref_logits, stats.entropy, raw_kl)
+        ctx.logits_dtype = logits.dtype
+        ctx.mark_non_differentiable(stats.ref_logprobs)
+        return tuple(stats)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy, grad_kl, _):
+        logprobs, gen_tokens, ref_logits, entropy, raw_kl = ctx.saved_tensors
+        probs = logprobs.exp()
+        impossible = probs == 0
+        finite = logprobs.masked_fill(impossible, 0.0)
+        ref_finite = ref_logits.float().log_softmax(dim=-1).masked_fill(impossible, 0.0)
+        grad_kl = grad_kl * (raw_kl >= 0)  # the clamp at 0 passes no gradient below it
+        grad = probs * (grad_kl[..., None] * (finite - ref_finite - raw_kl[..., None])
+                        - grad_entropy[..., None] * (finite + entropy[..., None])
+                        - grad_logprobs[..., None])
+        grad.scatter_add_(-1, gen_tokens[..., None], grad_logprobs[..., None])
+        return grad.to(ctx.logits_dtype), None, None
 
 
 def _get_chunk_stats(
@@ -123,12 +173,17 @@ def _get_chunk_stats(
     gen_tokens: Int[Tensor, "batch gen_len"],
     get_ref_logits: ChunkLogits | None,
     positions: slice,
+    recompute: bool,
 ) -> TokenStats:
-    """`calc_token_stats` of one chunk of positions, checkpointed when gradients are on."""
+    """`calc_token_stats` of one chunk of positions; with gradients on, checkpointed
+    (`recompute`) or through `KeptLogSoftmaxStats`."""
     def compute() -> TokenStats:
         ref_logits = None if get_ref_logits is None else get_ref_logits(positions)
         return calc_token_stats(get_logits(positions), gen_tokens[:, positions], ref_logits)
 
     if not torch.is_grad_enabled():
         return compute()
-    return checkpoint(compute, use_reentrant=False)
+    if recompute:
+        return checkpoint(compute, use_reentrant=False)
+    return TokenStats(*KeptLogSoftmaxStats.apply(
+        get_logits(positions), gen_tokens[:, positions], get_ref_logits(positions)))

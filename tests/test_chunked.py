@@ -95,11 +95,35 @@ def stats_mismatch(stats_fn, chunk_positions: int | None) -> str | None:
     return None
 
 
+@pytest.mark.parametrize("recompute", [True, False])  # checkpointed, or the written-out backward
 @pytest.mark.parametrize("chunk_positions", [1, 2, 3, 7, 100, None])
-def test_chunked_stats_match_distributions(chunk_positions):
+def test_chunked_stats_match_distributions(monkeypatch, chunk_positions, recompute):
     # 3 does not divide gen_len 7 (chunks of 3, 3, 1); None picks 256 // 3 rows: one chunk.
+    monkeypatch.setattr(token_stats, "RECOMPUTE_ABOVE_TOKENS", 0 if recompute else 10**9)
     problem = stats_mismatch(get_token_stats, chunk_positions)
     assert problem is None, problem
+
+
+def backward_entropy_sign_flipped(ctx, grad_logprobs, grad_entropy, grad_kl, grad_ref):
+    """The written-out backward with dH/dz's sign wrong."""
+    return REAL_BACKWARD(ctx, grad_logprobs, -grad_entropy, grad_kl, grad_ref)
+
+
+def backward_without_the_one_hot(ctx, grad_logprobs, grad_entropy, grad_kl, grad_ref):
+    """Forgets that the taken token's log-prob has the one-hot term (only -p)."""
+    grad, *rest = REAL_BACKWARD(ctx, grad_logprobs, grad_entropy, grad_kl, grad_ref)
+    logprobs, gen_tokens = ctx.saved_tensors[:2]
+    return grad.scatter_add(-1, gen_tokens[..., None], -grad_logprobs[..., None]), *rest
+
+
+REAL_BACKWARD = token_stats.KeptLogSoftmaxStats.backward
+
+
+@pytest.mark.parametrize("wrong", [backward_entropy_sign_flipped, backward_without_the_one_hot])
+def test_the_check_catches_a_wrong_written_out_backward(monkeypatch, wrong):
+    monkeypatch.setattr(token_stats, "RECOMPUTE_ABOVE_TOKENS", 10**9)
+    monkeypatch.setattr(token_stats.KeptLogSoftmaxStats, "backward", staticmethod(wrong))
+    assert stats_mismatch(get_token_stats, 3) is not None
 
 
 def stats_dropping_each_chunks_last(get_logits, gen_tokens, get_ref_logits, chunk_positions):
@@ -135,7 +159,9 @@ def test_the_chunk_check_catches_wrong_versions(wrong):
     assert problem is not None
 
 
-def test_masked_tokens_give_finite_values_and_gradients():
+@pytest.mark.parametrize("recompute", [True, False])
+def test_masked_tokens_give_finite_values_and_gradients(monkeypatch, recompute):
+    monkeypatch.setattr(token_stats, "RECOMPUTE_ABOVE_TOKENS", 0 if recompute else 10**9)
     head = make_head(2)
     head["b_U"][3] = -float("inf")  # a token no one may say: probability 0 for both models
     head["residual"].requires_grad_(True)
@@ -194,11 +220,13 @@ def policy_and_reference(make_model, fast_path: bool, keep_residual: bool):
 @pytest.mark.parametrize("fast_path", [True, False])
 @pytest.mark.parametrize("keep_residual", [True, False])
 @pytest.mark.parametrize("estimator", ["exact", "k3"])
-@pytest.mark.parametrize("chunk_tokens", [4, 8, 256])  # 4 rows: chunks of 1, 2 (2+2+1), all 5
+@pytest.mark.parametrize("chunk_tokens, recompute", [(4, True), (8, True), (256, True),
+                                                     (8, False)])  # 4 rows: 1, 2 (2+2+1), all 5
 def test_policy_outputs_match_the_unchunked_computation(
-    make_printable_model, monkeypatch, fast_path, keep_residual, estimator, chunk_tokens
+    make_printable_model, monkeypatch, fast_path, keep_residual, estimator, chunk_tokens, recompute
 ):
     monkeypatch.setattr(token_stats, "CHUNK_TOKENS", chunk_tokens)
+    monkeypatch.setattr(token_stats, "RECOMPUTE_ABOVE_TOKENS", 0 if recompute else 10**9)
     policy, reference = policy_and_reference(make_printable_model, fast_path, keep_residual)
     ids, mask, prefix_len = make_batch(policy.base_model)
     _, kept = reference.forward_generated(ids, mask, prefix_len)
