@@ -16,8 +16,23 @@ it again after the learning phase. The variants:
   final residual stream for the phase instead of its 32 x 64 x 49,152 logits), for comparison.
 
 Both sample the same answers (same seed, same sampler). Target (issue 28): peak at least 40%
-lower. Measured (OMP_NUM_THREADS=1, AMD EPYC, 1 torch thread, fast bf16: no):
-see the table in the final note of the branch.
+lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC, 2 cores shared with other jobs at load
+~8, 1 torch thread, fast bf16: no; MiB):
+
+| variant | rollout peak | learning start | learning peak = process peak | learning's own |
+|---|---|---|---|---|
+| before (5e2b560) | 3,261 | 2,781 | 6,542 | 3,761 |
+| chunked (kept log-softmax: the default here) | 2,909 | 2,813 | 6,104 (-6.7%) | 3,290 (-12.5%) |
+| an earlier run: before | 3,189 | 2,805 | 6,511 | 3,706 |
+| an earlier run: chunked, every chunk checkpointed | 2,775 | 2,392 | 6,043 (-7.2%) | 3,651 |
+
+The target is not met: the vocabulary-sized tensors were about 0.45 GB of a 6.5 GB peak. What
+is left is the floor of full-weight fp32 training, not the head: two copies of the weights
+(policy and reference, 1.1 GB), the gradients and AdamW's two moments (1.6 GB), the 32 x 64 x
+49,152 reference logits kept for the phase (0.4 GB; `recompute_ref_logits` drops them) and the
+30 blocks' activations saved for the backward pass. The head alone (`--part head`, 8 rows x 64
+positions: 1,021 MiB unchunked, 474 MiB chunked) shows the part this change owns. Times are
+not comparable (the load changed between processes).
 
     OMP_NUM_THREADS=1 python benchmarks/learning_memory.py
 """
