@@ -23,6 +23,7 @@ lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC, 2 cores shared with oth
 |---|---|---|---|---|
 | before (5e2b560) | 3,261 | 2,781 | 6,542 | 3,761 |
 | chunked (kept log-softmax: the default here) | 2,909 | 2,813 | 6,104 (-6.7%) | 3,290 (-12.5%) |
+| chunked, `recompute_ref_logits=True` | 2,373 | 2,277 | 5,007 (-23.5%) | 2,730 (-27%) |
 | an earlier run: before | 3,189 | 2,805 | 6,511 | 3,706 |
 | an earlier run: chunked, every chunk checkpointed | 2,775 | 2,392 | 6,043 (-7.2%) | 3,651 |
 
