@@ -1,6 +1,6 @@
 """Benchmark: where the time of one PPO phase goes, how it grows, and what memory it peaks at.
 
-Three parts, on SmolLM2-135M with the offline preset (`smollm2-vader`: batch 32, gen_len 20,
+Four parts, on SmolLM2-135M with the offline preset (`smollm2-vader`: batch 32, gen_len 20,
 2 learning passes x 4 minibatches), in one process unless said otherwise:
 
 1. split   one phase split into sampling, policy + reference forward passes, reward and the
@@ -17,10 +17,15 @@ Three parts, on SmolLM2-135M with the offline preset (`smollm2-vader`: batch 32,
            both settings paired in one process (the setting alternates phase by phase on one
            trainer, so both see the same load). Target: peak memory of a phase down by at least
            40% for at most 15% more time.
+4. floor   the sampler, the evaluation and the learning steps, in float32, each as "x of the
+           compute floor": its time over its matmul FLOPs (counted from the model's shapes,
+           `benchmarks/compute_floor.py`) at this CPU's measured matmul rate at those shapes;
+           for the preset (LoRA) and with every weight trained.
 
-    python benchmarks/phase_time.py                    # all three
+    python benchmarks/phase_time.py                    # all four
     python benchmarks/phase_time.py --parts split --phases 3
     python benchmarks/phase_time.py --parts memory --precision fp32
+    python benchmarks/phase_time.py --parts floor --phases 1
 
 Figures go to `benchmarks/results/phase_time.json`.
 """
@@ -36,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from compute_floor import ModelShape, matmul_shapes, measure_matmul_rate, phase_flops
 from rich.console import Console
 from rich.table import Table
 
@@ -143,6 +149,48 @@ def part_scale(model, ns, console) -> list[dict]:
     return rows
 
 
+FLOOR_PARTS = {"sampler": "charts/sample_time", "evaluation": "charts/forward_time",
+               "learning": "charts/learning_time"}
+
+
+def floor_ratios(trainer: RLHFTrainer, times: dict[str, float]) -> dict[str, dict]:
+    """Each part's time over its compute floor: its matmul FLOPs (`compute_floor.phase_flops`)
+    at this CPU's float32 matmul rate at the part's shapes (decoding: one token per row)."""
+    args, model = trainer.args, trainer.model
+    shape = ModelShape.of(model.base_model.cfg)
+    prefix_len = len(model.base_model.to_tokens(args.prefix, prepend_bos=args.prepend_bos)[0])
+    flops = phase_flops(shape, args.batch_size, prefix_len, args.gen_len,
+                        args.batches_per_learning_phase, model.frozen_layers,
+                        args.lora_rank > 0, model.value_head is not None)
+    minibatch_tokens = args.minibatch_size * (prefix_len + args.gen_len)
+    tokens = {"sampler": args.batch_size, "evaluation": minibatch_tokens,
+              "learning": minibatch_tokens}
+    ratios = {}
+    for part, key in FLOOR_PARTS.items():
+        rate = measure_matmul_rate(matmul_shapes(shape, tokens[part]))
+        floor = flops[part] / rate
+        ratios[part] = {"gflop": flops[part] / 1e9, "gflop_per_s": rate / 1e9,
+                        "floor_s": floor, "time_s": times[key], "x_floor": times[key] / floor}
+    return ratios
+
+
+def part_floor(model, ns, console) -> dict:
+    """The sampler, the evaluation and the learning steps against the compute floor, fp32: the
+    preset (LoRA on the top 8 blocks) and every weight trained."""
+    results = {}
+    for label, overrides in [("preset (LoRA r16, top 8 blocks)", {}),
+                             ("every weight trained", dict(trainable_layers=None, lora_rank=0,
+                                                           base_lr=1e-4))]:
+        trainer = make_trainer(copy.deepcopy(model), precision="fp32", **overrides)
+        results[label] = floor_ratios(trainer, time_phases(trainer, ns.phases))
+        for part, row in results[label].items():
+            console.print(f"{label}, {part}: {row['time_s']:.2f} s, {row['gflop']:.0f} GFLOP at "
+                          f"{row['gflop_per_s']:.0f} GFLOP/s: {row['x_floor']:.1f}x of the "
+                          "compute floor")
+        del trainer
+    return results
+
+
 def read_status_kib(field: str) -> int:
     """A memory figure of this process from /proc/self/status (VmRSS now, VmHWM the peak)."""
     status = Path("/proc/self/status").read_text()
@@ -214,7 +262,7 @@ def part_memory(model, ns, console) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["split", "scale", "memory"])
+    parser.add_argument("--parts", nargs="+", default=["split", "scale", "memory", "floor"])
     parser.add_argument("--phases", type=int, default=2, help="timed phases per setting")
     parser.add_argument("--memory-batch", type=int, default=128)
     parser.add_argument("--memory-gen-len", type=int, default=30)
@@ -241,6 +289,8 @@ def main():
         results["scale"] = part_scale(model, ns, console)
     if "memory" in ns.parts:
         results["memory"] = part_memory(model, ns, console)
+    if "floor" in ns.parts:
+        results["floor"] = part_floor(model, ns, console)
     ns.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
     console.print(f"figures written to {path}")

@@ -13,6 +13,8 @@ The pipeline, one module per stage, in the order data flows:
     advantages  ESTIMATORS and compute_advantages, the one place an estimator is chosen:
                 one_step, gae (with a value head); grpo, dr_grpo, rloo, reinforce_pp (without)
     memory      ReplayMemory -> shuffled ReplayMinibatch-es
+    token_stats the per-token log-prob, entropy and exact KL, a few positions at a time
+                (policy_outputs: the learning step's, without the whole logits)
     losses      the four terms of the objective; calc_kl: exact, k1, k2, k3, k3_is
     kl_control  the KL coefficient: fixed or adaptive
     optim       AdamW with two learning rates, warmup + linear decay

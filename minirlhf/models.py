@@ -21,11 +21,11 @@ from transformer_lens.hook_points import HookPoint
 
 from minirlhf.advantages import ESTIMATORS
 from minirlhf.args import RLHFArgs
-from minirlhf.losses import calc_entropy, calc_exact_kl, calc_kl, get_gen_logprobs
 from minirlhf.runtime import distributed, lora
 from minirlhf.runtime import fast_path as fast
 from minirlhf.runtime.trunk import Trunk, get_trunk, mask_or_none
-from minirlhf.sampling import Samples, apply_temperature
+from minirlhf.sampling import Samples, apply_temperature, get_chunk_logits
+from minirlhf.token_stats import ChunkLogits, calc_kl_from_stats, get_token_stats
 
 VALUE_HOOK = "ln_final.hook_normalized"
 
@@ -43,10 +43,11 @@ def run_model(
     fast_path: bool,
     positions: slice = slice(None),
     trunk: Trunk | None = None,
-) -> tuple[Float[Tensor, "batch out_seq d_vocab"], Float[Tensor, "batch out_seq d_model"]]:
-    """One forward pass: the logits and the final normalised residual stream at `positions`
-    (only those are unembedded on the fast path). With `trunk`, the blocks below `trunk.layer`
-    are not run: their output, `trunk.residual`, is read instead."""
+    unembed: bool = True,
+) -> tuple[Float[Tensor, "batch out_seq d_vocab"] | None, Float[Tensor, "batch out_seq d_model"]]:
+    """One forward pass: the logits (None on the fast path without `unembed`) and the final
+    normalised residual stream at `positions` (only those are unembedded on the fast path). With
+    `trunk`, the blocks below `trunk.layer` are not run: `trunk.residual` is read instead."""
     attention_mask = mask_or_none(attention_mask)
     if fast.use_fast_path(model, fast_path):
         start = 0 if trunk is None else trunk.layer
@@ -54,7 +55,7 @@ def run_model(
         residual = fast.forward(weights, tokens, attention_mask, layers=slice(start, None),
                                 residual=None if trunk is None else trunk.residual)
         residual = residual[:, positions]
-        return fast.unembed(weights.output, residual), residual
+        return (fast.unembed(weights.output, residual) if unembed else None), residual
     captured: list[Float[Tensor, "batch seq d_model"]] = []
 
     def capture(residual: Float[Tensor, "batch seq d_model"], hook: HookPoint):
@@ -168,18 +169,27 @@ class TransformerWithValueHead(nn.Module):
         final_residual: Float[Tensor, "batch gen_len d_model"] | None = None,
     ) -> tuple[Float[Tensor, "batch gen_len d_vocab"], Float[Tensor, "batch gen_len"] | None]:
         """Logits / temperature and values (float32; values None without a head) in the states
-        that chose the generated tokens (positions `prefix_len - 1 .. seq - 2`).
+        that chose the generated tokens (positions `prefix_len - 1 .. seq - 2`). `kept`: what
+        `keep` returned for these rows. `final_residual` (the sampler's) spares the forward pass."""
+        get_logits, values = self.get_generated(sample_ids, attention_mask, prefix_len, kept,
+                                                final_residual)
+        return get_logits(slice(None)), values
 
-        `kept`: what `keep` returned for these rows. `final_residual` (the sampler's) spares the
-        forward pass: only the unembedding and the value head run."""
+    def get_generated(
+        self, sample_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"],
+        prefix_len: int, kept: dict[str, Tensor] | None = None,
+        final_residual: Float[Tensor, "batch gen_len d_model"] | None = None,
+    ) -> tuple[ChunkLogits, Float[Tensor, "batch gen_len"] | None]:
+        """`forward_generated` with the logits left for later, a slice of positions at a time
+        (`token_stats`): on the fast path, each slice of the final residual unembedded."""
+        logits = None  # the sampler's final residual: only the unembedding and head run
         if final_residual is None:
             trunk = Trunk(self.frozen_layers, kept["trunk"]) if kept and "trunk" in kept else None
-            logits, residual = run_model(self.base_model, sample_ids, attention_mask,
-                                         self.fast_path, generated_states(prefix_len), trunk)
-        else:
-            residual = final_residual
-            logits = fast.unembed(fast.get_output_weights(self.base_model), residual)
-        return apply_temperature(logits, self.temperature), self.get_values(residual)
+            logits, final_residual = run_model(self.base_model, sample_ids, attention_mask,
+                                               self.fast_path, generated_states(prefix_len),
+                                               trunk, unembed=False)
+        get_logits = get_chunk_logits(self.base_model, logits, final_residual, self.temperature)
+        return get_logits, self.get_values(final_residual)
 
     def get_values(
         self, final_residual: Float[Tensor, "batch seq d_model"]
@@ -242,22 +252,38 @@ class ReferenceModel:
         """Logits / temperature in the states that chose the generated tokens, and what it keeps
         for `get_logits` (`{"reference": those logits, or the final residual stream}`).
         `kept`: the policy's, whose frozen trunk the reference shares."""
+        get_logits, kept = self.get_generated(sample_ids, attention_mask, prefix_len, kept)
+        return get_logits(slice(None)), kept
+
+    @torch.no_grad()
+    def get_generated(
+        self, sample_ids: Int[Tensor, "batch seq"], attention_mask: Int[Tensor, "batch seq"],
+        prefix_len: int, kept: dict[str, Tensor] | None = None,
+    ) -> tuple[ChunkLogits, dict[str, Tensor]]:
+        """`forward_generated` with the logits a slice of positions at a time (`token_stats`)."""
         trunk = Trunk(self.frozen_layers, kept["trunk"]) if kept and "trunk" in kept else None
         with lora.adapters_off(self.model):
             logits, residual = run_model(self.model, sample_ids, attention_mask, self.fast_path,
-                                         generated_states(prefix_len), trunk)
-        logits = apply_temperature(logits, self.temperature)
-        return logits, {"reference": residual.contiguous() if self.keep_residual else logits}
+                                         generated_states(prefix_len), trunk,
+                                         unembed=not self.keep_residual)
+        kept = {"reference": residual.contiguous() if self.keep_residual
+                else apply_temperature(logits, self.temperature)}
+        return self.get_chunk_logits(kept), kept
 
     @torch.no_grad()
     def get_logits(
         self, kept: dict[str, Tensor]
     ) -> Float[Tensor, "minibatch gen_len d_vocab"]:
         """The logits / temperature from what `forward_generated` kept (for a minibatch's rows)."""
+        return self.get_chunk_logits(kept)(slice(None))
+
+    def get_chunk_logits(self, kept: dict[str, Tensor]) -> ChunkLogits:
+        """`get_logits` at a slice of positions: the kept logits sliced, or the kept residual's
+        slice unembedded (no gradient either way)."""
+        reference = kept["reference"]
         if not self.keep_residual:
-            return kept["reference"]
-        logits = fast.unembed(fast.get_output_weights(self.model), kept["reference"])
-        return apply_temperature(logits, self.temperature)
+            return lambda positions: reference[:, positions]
+        return torch.no_grad()(get_chunk_logits(self.model, None, reference, self.temperature))
 
 
 def build_policy(base_model: HookedTransformer, args: RLHFArgs) -> TransformerWithValueHead:
@@ -292,8 +318,8 @@ def get_rollout_outputs(
     kl_estimator: str, rows_per_chunk: int,
 ) -> RolloutOutputs:
     """The policy's log-probs and values, the KL to the reference and the entropy of every
-    generated token, and what the models keep: `rows_per_chunk` rows at a time, so no
-    batch x gen_len x d_vocab logits are held at once. The sampler's final residual stream spares
+    generated token, and what the models keep: `rows_per_chunk` rows at a time, a few positions
+    at a time (`token_stats`). The sampler's final residual stream spares
     the policy's forward pass; a frozen trunk runs once, for the reference and every learning
     step."""
     ids, mask, prefix_len = samples.sample_ids, samples.attention_mask, samples.prefix_len
@@ -301,14 +327,11 @@ def get_rollout_outputs(
     for rows in torch.arange(len(ids), device=ids.device).split(rows_per_chunk):
         kept = policy.keep(ids[rows], mask[rows])
         final = None if samples.final_residual is None else samples.final_residual[rows]
-        logits, values = policy.forward_generated(ids[rows], mask[rows], prefix_len, kept, final)
-        ref_logits, ref_kept = reference.forward_generated(ids[rows], mask[rows], prefix_len, kept)
-        gen_tokens = ids[rows, prefix_len:]
-        logprobs = get_gen_logprobs(logits, gen_tokens)
-        kl = calc_kl(kl_estimator, logprobs, logits, ref_logits, gen_tokens)
-        exact_kl = kl if kl_estimator == "exact" else calc_exact_kl(logits, ref_logits)
-        parts.append(RolloutOutputs(logprobs, values, kl, exact_kl, calc_entropy(logits),
-                                    kept | ref_kept))
+        get_logits, values = policy.get_generated(ids[rows], mask[rows], prefix_len, kept, final)
+        get_ref_logits, ref_kept = reference.get_generated(ids[rows], mask[rows], prefix_len, kept)
+        stats = get_token_stats(get_logits, ids[rows, prefix_len:], get_ref_logits)
+        parts.append(RolloutOutputs(stats.logprobs, values, calc_kl_from_stats(kl_estimator, stats),
+                                    stats.exact_kl, stats.entropy, kept | ref_kept))
     *per_token, _ = zip(*parts)
     joined = [None if part[0] is None else torch.cat(part) for part in per_token]
     kept = {name: torch.cat([part.kept[name] for part in parts]) for name in parts[0].kept}

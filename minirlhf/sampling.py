@@ -20,6 +20,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from minirlhf.runtime import fast_path as fast
 from minirlhf.runtime.tokens import tokenize_texts
+from minirlhf.token_stats import ChunkLogits
 from minirlhf.validation import check_at_least, check_interval, check_positive
 
 
@@ -87,6 +88,21 @@ def apply_temperature(
     """The logits of the distribution tokens are drawn from, in float32: logits / temperature.
     Every log-prob, entropy and KL of the policy and the reference is computed from these."""
     return logits.float() / temperature
+
+
+def get_chunk_logits(
+    model: HookedTransformer,
+    logits: Float[Tensor, "batch gen_len d_vocab"] | None,
+    final_residual: Float[Tensor, "batch gen_len d_model"],
+    temperature: float,
+) -> ChunkLogits:
+    """Logits / temperature at a slice of positions: sliced from `logits` when a forward pass
+    computed them, else the slice of the final residual stream unembedded (fast path)."""
+    if logits is not None:
+        return lambda positions: apply_temperature(logits[:, positions], temperature)
+    output = fast.get_output_weights(model)
+    return lambda positions: apply_temperature(
+        fast.unembed(output, final_residual[:, positions]), temperature)
 
 
 def filter_logits(

@@ -27,11 +27,8 @@ from minirlhf.kl_control import get_kl_coefs, get_kl_controller
 from minirlhf.losses import (
     aggregate,
     calc_clipped_surrogate_objective,
-    calc_entropy_bonus,
-    calc_kl,
     calc_value_function_loss,
     check_finite,
-    get_gen_logprobs,
 )
 from minirlhf.memory import ReplayMemory, ReplayMinibatch
 from minirlhf.metrics import get_ratio_metrics, get_rollout_metrics
@@ -45,6 +42,7 @@ from minirlhf.models import (
     load_trained_state,
 )
 from minirlhf.optim import get_optimizer_and_scheduler
+from minirlhf.policy_outputs import get_policy_outputs
 from minirlhf.prompts import (
     Prompt,
     check_prompts,
@@ -220,19 +218,17 @@ class RLHFTrainer:
 
     def compute_rlhf_objective(self, mb: ReplayMinibatch) -> tuple[Float[Tensor, ""], dict]:
         """The objective to maximise on one minibatch, and its terms for the logs."""
-        args, gen_tokens = self.args, mb.sample_ids[:, mb.prefix_len :]
-        mask, how = mb.response_mask, args.loss_aggregation  # the tokens the loss reads
-        with self.autocast():
-            logits, values = self.model.forward_generated(mb.sample_ids, mb.attention_mask,
-                                                          mb.prefix_len, mb.kept)
-        logprobs = get_gen_logprobs(logits, gen_tokens)
-        kl = calc_kl(args.kl_estimator, logprobs, logits, self.reference.get_logits(mb.kept),
-                     gen_tokens, mb.logprobs)  # the rollout's log-probs: k3_is's sampler
+        args, mask = self.args, mb.response_mask  # the tokens the loss reads
+        how = args.loss_aggregation
+        with self.autocast():  # log-probs, KL, entropy: never the minibatch's whole logits
+            logprobs, values, kl, entropy = get_policy_outputs(
+                self.model, self.reference, mb.sample_ids, mb.attention_mask, mb.prefix_len,
+                mb.kept, args.kl_estimator, mb.logprobs)  # the rollout's: k3_is's sampler
         kl_coef = get_kl_coefs(self.kl_controller.value, args.kl_in).loss
         terms = {"losses/clipped_surrogate": calc_clipped_surrogate_objective(
                      logprobs, mb.logprobs, mb.advantages, args.clip_coef, args.clip_coef_high,
                      mask, how),
-                 "losses/entropy_bonus": calc_entropy_bonus(logits, args.ent_coef, mask, how),
+                 "losses/entropy_bonus": args.ent_coef * aggregate(entropy, mask, how),
                  "losses/kl_penalty": kl_coef * aggregate(kl, mask, how)}
         if values is not None:  # a critic-free policy has no value head, so no value term
             terms["losses/value_loss"] = calc_value_function_loss(values, mb.returns,

@@ -14,11 +14,13 @@ import torch
 from rich.console import Console
 from test_trainer import E2E_ARGS, learning_problem, train
 
+from minirlhf import policy_outputs
 from minirlhf import trainer as trainer_module
 from minirlhf.args import RLHFArgs
-from minirlhf.losses import calc_kl, calc_kl_k3
+from minirlhf.losses import calc_kl_k3
 from minirlhf.models import TransformerWithValueHead, build_policy
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.token_stats import calc_kl_from_stats
 from minirlhf.trainer import RLHFTrainer
 
 CRITIC_FREE_RUNS = {
@@ -62,16 +64,15 @@ def test_sampled_kl_in_the_loss_is_the_estimator_and_exact_kl_is_logged(make_pri
                            advantage_estimator="grpo", group_size=2)
     seen = []
 
-    def recording_calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs=None):
-        """The trainer's KL, checked against k3 from a torch.gather of the reference's
-        log-probs (not `calc_kl`'s own lookup)."""
-        kl = calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs)
-        ref_logprobs = torch.gather(ref_logits.log_softmax(-1), -1, gen_tokens[..., None])[..., 0]
-        assert torch.allclose(kl, calc_kl_k3(logprobs, ref_logprobs), atol=1e-5)
+    def recording_calc_kl(estimator, stats, old_logprobs=None):
+        """The learning step's KL, checked against k3 of the per-token log-probs (which
+        tests/test_chunked.py checks against torch.distributions)."""
+        kl = calc_kl_from_stats(estimator, stats, old_logprobs)
+        assert torch.allclose(kl, calc_kl_k3(stats.logprobs, stats.ref_logprobs), atol=1e-5)
         seen.append((estimator, kl.mean().item()))
         return kl
 
-    monkeypatch.setattr(trainer_module, "calc_kl", recording_calc_kl)
+    monkeypatch.setattr(policy_outputs, "calc_kl_from_stats", recording_calc_kl)
     metrics = trainer.train_one_phase().metrics
     assert seen and all(estimator == "k3" for estimator, _ in seen)
     # Every learning step's KL penalty is kl_coef times the k3 estimate's mean.

@@ -312,23 +312,26 @@ def test_the_whitening_check_sees_a_loop_that_whitens_wrongly(make_printable_mod
     assert whitening_problem(make_printable_model(seed=3), monkeypatch, "grpo", False) is not None
 
 
-REFERENCE_GET_LOGITS = ReferenceModel.get_logits
+REFERENCE_GET_CHUNK_LOGITS = ReferenceModel.get_chunk_logits
 
 
 def get_logits_untempered(self, kept):
     """Forgets the temperature (the KL then compares distributions the samples never came from)."""
-    return REFERENCE_GET_LOGITS(self, kept) * self.temperature
+    get_logits = REFERENCE_GET_CHUNK_LOGITS(self, kept)
+    return lambda positions: get_logits(positions) * self.temperature
 
 
 def get_logits_of_other_rows(self, kept):
     """Mixes up the rows (the memory's minibatch indices not applied to what it kept)."""
-    return REFERENCE_GET_LOGITS(self, {name: rows.roll(1, dims=0) for name, rows in kept.items()})
+    return REFERENCE_GET_CHUNK_LOGITS(
+        self, {name: rows.roll(1, dims=0) for name, rows in kept.items()})
 
 
 @pytest.mark.parametrize("wrong", [get_logits_untempered, get_logits_of_other_rows])
 def test_the_check_above_sees_wrong_reference_logits(make_printable_model, monkeypatch, wrong):
+    """The learning steps read the reference a slice of positions at a time (`token_stats`)."""
     stored = one_phase(make_printable_model(seed=3), temperature=2.0)
-    monkeypatch.setattr(ReferenceModel, "get_logits", wrong)
+    monkeypatch.setattr(ReferenceModel, "get_chunk_logits", wrong)
     lean = one_phase(make_printable_model(seed=3), temperature=2.0, recompute_ref_logits=True)
     assert training_difference(stored, lean) is not None
 

@@ -1,0 +1,201 @@
+"""Benchmark: peak memory of a full-weight GRPO learning phase, chunked against the code before it.
+
+SmolLM2-135M, every weight trained, the TRL comparison's GRPO job (`benchmarks/trl_peer.py`:
+batch 32 in 4 minibatches, 2 passes, fp32, exact KL) with 64-token answers. Each variant runs
+in a fresh process: one rollout phase, then the learning phase; the process reads its own
+peak resident memory (/proc/self/status VmHWM) after the rollout, resets the counter, and reads
+it again after the learning phase. The variants:
+
+- "before": minirlhf as of commit 5e2b560 (`--baseline`), exported with `git archive` into a
+  temporary folder and imported from there: every learning step holds the minibatch's logits,
+  log-softmaxes and probabilities (8 x 64 x 49,152 floats each) for its backward pass, and the
+  rollout evaluation a chunk of rows' whole logits;
+- "chunked": this checkout (`minirlhf.token_stats`: a few positions at a time, one
+  log-softmax per chunk, the backward pass recomputing each chunk's unembedding);
+- "chunked+ref_residual": the same with `recompute_ref_logits=True` (the reference keeps its
+  final residual stream for the phase instead of its 32 x 64 x 49,152 logits), for comparison.
+
+Both sample the same answers (same seed, same sampler). Target (issue 28): peak at least 40%
+lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC, 2 cores shared with other jobs at load
+~8, 1 torch thread, fast bf16: no; MiB):
+
+| variant | rollout peak | learning start | learning peak = process peak | learning's own |
+|---|---|---|---|---|
+| before (5e2b560) | 3,261 | 2,781 | 6,542 | 3,761 |
+| chunked (kept log-softmax: the default here) | 2,909 | 2,813 | 6,104 (-6.7%) | 3,290 (-12.5%) |
+| chunked, `recompute_ref_logits=True` | 2,373 | 2,277 | 5,007 (-23.5%) | 2,730 (-27%) |
+| an earlier run: before | 3,189 | 2,805 | 6,511 | 3,706 |
+| an earlier run: chunked, every chunk checkpointed | 2,775 | 2,392 | 6,043 (-7.2%) | 3,651 |
+
+The target is not met: the vocabulary-sized tensors were about 0.45 GB of a 6.5 GB peak. What
+is left is the floor of full-weight fp32 training, not the head: two copies of the weights
+(policy and reference, 1.1 GB), the gradients and AdamW's two moments (1.6 GB), the 32 x 64 x
+49,152 reference logits kept for the phase (0.4 GB; `recompute_ref_logits` drops them) and the
+30 blocks' activations saved for the backward pass. The head alone (`--part head`, 8 rows x 64
+positions: 1,021 MiB unchunked, 474 MiB chunked) shows the part this change owns. Times are
+not comparable (the load changed between processes).
+
+    OMP_NUM_THREADS=1 python benchmarks/learning_memory.py
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = ("rollout_peak_mib", "learning_start_mib", "learning_peak_mib", "process_peak_mib",
+          "learning_time_s")
+
+
+def read_status_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since start or the last reset) of this process, MiB."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
+
+
+def child(ns: argparse.Namespace):
+    """One variant, in this fresh process (whose minirlhf is the variant's)."""
+    import torch
+    from rich.console import Console
+
+    from minirlhf.args import RLHFArgs
+    from minirlhf.cli.presets import MOVIE_ARGS
+    from minirlhf.rewards import reward_fn_char_count
+    from minirlhf.runtime.loading import load_policy
+    from minirlhf.trainer import RLHFTrainer
+
+    torch.set_num_threads(ns.threads)
+    args = RLHFArgs(**{**MOVIE_ARGS, "prompts": "reviews", "held_out_fraction": 0.0,
+                       "group_size": 4, "batch_size": ns.batch, "num_minibatches": 4,
+                       "batches_per_learning_phase": 2, "gen_len": ns.gen_len,
+                       "advantage_estimator": "grpo", "precision": "fp32", "total_phases": 3,
+                       "recompute_ref_logits": ns.recompute_ref_logits})
+    trainer = RLHFTrainer(args, reward_fn_char_count, base_model=load_policy("smollm2"),
+                          console=Console(quiet=True), table_every=0)
+    rollout = trainer.rollout_phase()
+    rollout_peak = read_status_mib("VmHWM")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
+    start, started = read_status_mib("VmRSS"), time.perf_counter()
+    stats = trainer.learning_phase(rollout.memory)
+    learning_peak = read_status_mib("VmHWM")
+    print(json.dumps({"rollout_peak_mib": rollout_peak, "learning_start_mib": start,
+                      "learning_peak_mib": learning_peak,
+                      "process_peak_mib": max(rollout_peak, learning_peak),
+                      "learning_time_s": time.perf_counter() - started,
+                      "objective": stats["losses/objective"]}))
+
+
+def head_child(variant: str, ns: argparse.Namespace):
+    """The head alone, in this fresh process: SmolLM2's shapes (d_model 576, d_vocab 49,152),
+    one minibatch (batch / 4 rows x gen_len), reference logits kept; stats, then backward.
+    Prints the peak above the start (MiB) of `variant`: "unchunked" (`losses` on the whole
+    logits), "checkpointed" or "kept_log_softmax" (`token_stats.RECOMPUTE_ABOVE_TOKENS`)."""
+    import torch
+
+    from minirlhf import token_stats
+    from minirlhf.losses import calc_entropy, calc_kl, get_gen_logprobs
+
+    torch.manual_seed(0)
+    rows, d_model, d_vocab = ns.batch // 4, 576, 49152
+    residual = torch.randn(rows, ns.gen_len, d_model, requires_grad=True)
+    w_u = (0.05 * torch.randn(d_vocab, d_model)).requires_grad_(True)
+    ref_logits = torch.randn(rows, ns.gen_len, d_vocab)
+    tokens = torch.randint(0, d_vocab, (rows, ns.gen_len))
+    Path("/proc/self/clear_refs").write_text("5")
+    start = read_status_mib("VmRSS")
+    if variant == "unchunked":
+        logits = residual @ w_u.T
+        logprobs = get_gen_logprobs(logits, tokens)
+        outputs = (logprobs, calc_kl("exact", logprobs, logits, ref_logits, tokens),
+                   calc_entropy(logits))
+    else:
+        token_stats.RECOMPUTE_ABOVE_TOKENS = 0 if variant == "checkpointed" else 10**9
+        token_stats.CHUNK_TOKENS = ns.chunk_tokens or token_stats.CHUNK_TOKENS
+        stats = token_stats.get_token_stats(lambda p: residual[:, p] @ w_u.T, tokens,
+                                            lambda p: ref_logits[:, p])
+        outputs = stats.logprobs, stats.exact_kl, stats.entropy
+    sum(o.sum() for o in outputs).backward()
+    print(json.dumps({"variant": variant, "peak_over_start_mib": read_status_mib("VmHWM") - start}))
+
+
+def export_baseline(commit: str, folder: Path) -> Path:
+    """The `minirlhf` package as of `commit`, written under `folder` (git archive)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "minirlhf"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def run_variant(package_root: Path, ns: argparse.Namespace, *extra: str) -> dict:
+    """One fresh process importing minirlhf from `package_root`; its JSON line."""
+    env = {**os.environ, "PYTHONPATH": str(package_root), "OMP_NUM_THREADS": str(ns.threads)}
+    command = [sys.executable, __file__, "--child", "--threads", str(ns.threads),
+               "--batch", str(ns.batch), "--gen-len", str(ns.gen_len), *extra]
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=package_root)
+    if out.returncode:
+        raise RuntimeError(f"the variant at {package_root} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare_heads(ns: argparse.Namespace):
+    """The head alone (`head_child`), each way in a fresh process: which keeps least."""
+    for variant in ["unchunked", "checkpointed", "kept_log_softmax"]:
+        command = [sys.executable, __file__, "--head-child", variant, "--batch", str(ns.batch),
+                   "--gen-len", str(ns.gen_len), "--chunk-tokens", str(ns.chunk_tokens or 0)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(ns.threads)}
+        out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        print(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="5e2b560", help="the commit to compare with")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--gen-len", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--recompute-ref-logits", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--head-child", help=argparse.SUPPRESS)
+    parser.add_argument("--chunk-tokens", type=int, help="head: token_stats.CHUNK_TOKENS")
+    parser.add_argument("--part", choices=["phase", "head"], default="phase",
+                        help="head: the log-prob / entropy / KL head alone, three ways")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    ns = parser.parse_args()
+    if ns.child:
+        return child(ns)
+    if ns.head_child:
+        return head_child(ns.head_child, ns)
+    if ns.part == "head":
+        return compare_heads(ns)
+    sys.path.insert(0, str(ROOT))
+    from minirlhf.runtime.device import describe_cpu
+
+    machine = describe_cpu()
+    print(f"CPU: {machine['cpu']}, {machine['cores']} cores, fast bf16: {machine['fast_bf16']}, "
+          f"{ns.threads} torch thread(s); batch {ns.batch}, gen_len {ns.gen_len}, fp32")
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, root, extra in [("before", export_baseline(ns.baseline, Path(folder)), []),
+                                  ("chunked", ROOT, []),
+                                  ("chunked+ref_residual", ROOT, ["--recompute-ref-logits"])]:
+            rows[name] = run_variant(root, ns, *extra)
+            print(f"{name:20s}", "  ".join(f"{k} {rows[name][k]:.1f}" for k in FIELDS))
+    for key in ("process_peak_mib", "learning_peak_mib"):
+        change = rows["chunked"][key] / rows["before"][key] - 1
+        print(f"{key}: {rows['before'][key]:.0f} -> {rows['chunked'][key]:.0f} MiB ({change:+.0%})")
+    own = {name: row["learning_peak_mib"] - row["learning_start_mib"] for name, row in rows.items()}
+    print(f"learning phase's own peak (above its start): {own['before']:.0f} -> "
+          f"{own['chunked']:.0f} MiB ({own['chunked'] / own['before'] - 1:+.0%})")
+    ns.out.mkdir(parents=True, exist_ok=True)
+    result = {"machine": machine, "setup": {k: str(v) for k, v in vars(ns).items()}, **rows}
+    (ns.out / "learning_memory.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
