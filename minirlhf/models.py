@@ -31,8 +31,7 @@ VALUE_HOOK = "ln_final.hook_normalized"
 
 
 def generated_states(prefix_len: int) -> slice:
-    """The positions whose next-token distributions chose the generated tokens: the last prompt
-    position to the second-to-last position (`prefix_len - 1 .. seq - 2`)."""
+    """The positions that chose the generated tokens: `prefix_len - 1 .. seq - 2`."""
     return slice(prefix_len - 1, -1)
 
 
@@ -339,8 +338,7 @@ def get_rollout_outputs(
 
 
 def get_trained_state(module: nn.Module) -> dict[str, Tensor]:
-    """The module's `state_dict` without its frozen parameters: a LoRA or frozen-trunk run's
-    checkpoint holds what trained (and the buffers), not a copy of the base model."""
+    """The module's `state_dict` without its frozen parameters (what a checkpoint keeps)."""
     frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
     return {name: value for name, value in module.state_dict().items() if name not in frozen}
 
@@ -355,13 +353,11 @@ def load_trained_state(module: nn.Module, state: dict[str, Tensor]):
         raise ValueError(
             f"The saved policy does not fit this model (unexpected {sorted(unexpected)[:4]}, "
             f"missing {sorted(set(missing) - frozen)[:4]}): build it with the run's own "
-            "base_model, trainable_layers and LoRA settings (its run.json)."
-        )
+            "base_model, trainable_layers and LoRA settings (its run.json).")
 
 
 def frozen_copy(model: HookedTransformer) -> HookedTransformer:
-    """A frozen copy of the model that shares its frozen weights (`requires_grad` False) and
-    copies only the ones that train."""
+    """A frozen copy of the model sharing its frozen weights, copying only those that train."""
     shared = {id(param): param for param in model.parameters() if not param.requires_grad}
     copied = copy.deepcopy(model, memo=shared).eval()
     for param in copied.parameters():
@@ -370,9 +366,8 @@ def frozen_copy(model: HookedTransformer) -> HookedTransformer:
 
 
 class GlobalBatch(NamedTuple):
-    """A rollout as batch-wide statistics see it: every data-parallel process's rows (one
-    process: its own), their per-token outputs (`kept` stays with its process), where each
-    answer ends, and which rows are this process's."""
+    """A rollout as batch-wide statistics see it: every process's rows and per-token outputs
+    (`kept` stays with its process), where each answer ends, and which rows are this process's."""
 
     texts: list[str]
     rewards: Float[Tensor, " batch"]
@@ -395,7 +390,6 @@ def gather_rollout(
         return None if value is None else distributed.gather_rows(value)
 
     distributed.wait_for_others("the end of the rollout")  # names a process that stalled
-
     rows = {name: gather(value) for name, value in outputs._asdict().items() if name != "kept"}
     rewards = distributed.gather_rows(rewards)
     return GlobalBatch(distributed.gather_objects(samples.texts), rewards,

@@ -186,12 +186,12 @@ def test_chunk_positions_below_one_are_refused():
 # ---------------------------------------------------------------- the learning step's outputs
 
 
-def unchunked_outputs(policy, reference, ids, mask, prefix_len, kept, estimator):
+def unchunked_outputs(policy, reference, ids, mask, prefix_len, kept, estimator, old=None):
     """Today's computation: the whole logits, then `losses`' functions on them."""
     gen_tokens = ids[:, prefix_len:]
     logits, values = policy.forward_generated(ids, mask, prefix_len, kept)
     logprobs = get_gen_logprobs(logits, gen_tokens)
-    kl = calc_kl(estimator, logprobs, logits, reference.get_logits(kept), gen_tokens)
+    kl = calc_kl(estimator, logprobs, logits, reference.get_logits(kept), gen_tokens, old)
     return logprobs, values, kl, calc_entropy(logits)
 
 
@@ -219,7 +219,7 @@ def policy_and_reference(make_model, fast_path: bool, keep_residual: bool):
 
 @pytest.mark.parametrize("fast_path", [True, False])
 @pytest.mark.parametrize("keep_residual", [True, False])
-@pytest.mark.parametrize("estimator", ["exact", "k3"])
+@pytest.mark.parametrize("estimator", ["exact", "k3", "k3_is"])
 @pytest.mark.parametrize("chunk_tokens, recompute", [(4, True), (8, True), (256, True),
                                                      (8, False)])  # 4 rows: 1, 2 (2+2+1), all 5
 def test_policy_outputs_match_the_unchunked_computation(
@@ -232,9 +232,11 @@ def test_policy_outputs_match_the_unchunked_computation(
     _, kept = reference.forward_generated(ids, mask, prefix_len)
     params = [p for p in policy.parameters() if p.requires_grad]
     weights = torch.randn(4, *ids[:, prefix_len:].shape)
+    old = (-1 - torch.rand(ids[:, prefix_len:].shape, generator=torch.Generator().manual_seed(4))
+           if estimator == "k3_is" else None)  # an older sampling policy's log-probs
     results = []
     for fn in (get_policy_outputs, unchunked_outputs):
-        outputs = fn(policy, reference, ids, mask, prefix_len, kept, estimator)
+        outputs = fn(policy, reference, ids, mask, prefix_len, kept, estimator, old)
         total = sum((w * o).sum() for w, o in zip(weights, outputs))
         results.append((outputs, torch.autograd.grad(total, params)))
     (got, got_grads), (want, want_grads) = results

@@ -185,20 +185,21 @@ def test_a_run_trains_with_k3_is(make_printable_model):
 
 
 def test_the_learning_steps_give_k3_is_the_rollouts_logprobs(make_printable_model, monkeypatch):
-    """The sampler of a learning step's tokens is the rollout's policy: calc_kl gets its
+    """The sampler of a learning step's tokens is the rollout's policy: the KL gets its
     log-probs (equal to the policy's at the first step, apart after updates), not None (which
     would make every step on-policy)."""
-    from minirlhf import trainer as trainer_module
+    from minirlhf import policy_outputs
     from minirlhf.args import RLHFArgs
+    from minirlhf.token_stats import calc_kl_from_stats
 
     seen = []
 
-    def recording_calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs=None):
-        if torch.is_grad_enabled() and logprobs.requires_grad:  # a learning step, not the rollout
-            seen.append((logprobs.detach(), old_logprobs))
-        return calc_kl(estimator, logprobs, logits, ref_logits, gen_tokens, old_logprobs)
+    def recording_calc_kl(estimator, stats, old_logprobs=None):
+        if torch.is_grad_enabled() and stats.logprobs.requires_grad:  # a learning step
+            seen.append((stats.logprobs.detach(), old_logprobs))
+        return calc_kl_from_stats(estimator, stats, old_logprobs)
 
-    monkeypatch.setattr(trainer_module, "calc_kl", recording_calc_kl)
+    monkeypatch.setattr(policy_outputs, "calc_kl_from_stats", recording_calc_kl)
     args = RLHFArgs(base_model="tiny", prefix="A", prepend_bos=False, batch_size=4,
                     num_minibatches=1, batches_per_learning_phase=3, gen_len=4, total_phases=1,
                     kl_estimator="k3_is", kl_coef=1.0, warmup_steps=0, base_lr=1e-2)
