@@ -2,7 +2,9 @@
 read, bit-exact --resume, and `train --task NAME --base-model <that run>` with the SFT model as
 policy and reference."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +178,40 @@ def test_train_warns_when_it_renders_prompts_otherwise_than_sft(task_sft):
     other = RLHFArgs(base_model=str(task_sft), prepend_bos=False, stop_at_eos=True)
     assert "prepend_bos True -> False" in describe_rendering_change(other)
     assert describe_rendering_change(RLHFArgs(base_model="tiny")) is None
+
+
+# ---------------------------------------------------------------- benchmarks/tasks.py
+
+
+def load_benchmark():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "tasks.py"
+    spec = importlib.util.spec_from_file_location("tasks_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grpo_phases_are_sized_from_the_probes_phases_after_the_first():
+    size_phases = load_benchmark().size_phases
+    # By hand: the first phase (10 s) warms up and is left out; median(4, 6) = 5 s; 60 s / 5 s.
+    assert size_phases([10.0, 4.0, 6.0], 60.0, 3, 200) == 12  # median(10, 4, 6) would give 10
+    assert size_phases([10.0, 4.0, 6.0], 6.0, 3, 200) == 3  # never fewer than the probe ran
+    assert size_phases([1.0, 1.0], 900.0, 3, 200) == 200
+    assert size_phases([2.0], 9.0, 1, 200) == 4  # a probe of one phase: that phase
+
+
+@pytest.mark.slow  # about a minute: SFT, GRPO and three evaluations on tiny, then resumed
+def test_the_benchmark_runs_its_stages_and_skips_those_done(tmp_path, monkeypatch, capsys):
+    benchmark = load_benchmark()
+    argv = ["tasks.py", "--smoke", "--tasks", "add", "--threads", "1", "--runs-dir",
+            str(tmp_path / "runs"), "--results-dir", str(tmp_path / "results")]
+    monkeypatch.setattr("sys.argv", argv)
+    benchmark.main()
+    result = json.loads((tmp_path / "results" / "tasks-smoke-add.json").read_text())
+    assert set(benchmark.STAGES) <= set(result)
+    assert result["sft"]["samples"] == 8 and result["grpo"]["samples"] == 8
+    assert 0.0 <= result["grpo"]["pass_at_1"] <= 1.0 and result["grpo"]["phases"] == 1
+    assert "| `add` |" in (tmp_path / "results" / "tasks-smoke.md").read_text()
+    capsys.readouterr()
+    benchmark.main()
+    assert capsys.readouterr().out.count("skipped") == 3

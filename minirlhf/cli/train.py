@@ -27,8 +27,8 @@ from minirlhf.cli.presets import (
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
 from minirlhf.cli.resume import resume_trainer, resumed_config
-from minirlhf.cli.sft import describe_rendering_change
 from minirlhf.cli.run_folder import locked, read_run_json, start_run_folder
+from minirlhf.cli.sft import describe_rendering_change
 from minirlhf.runtime import distributed
 from minirlhf.runtime.device import pick_device
 from minirlhf.tasks import TASKS
