@@ -305,8 +305,9 @@ for record, response in zip(prompts, samples.responses):
 # %% [markdown]
 # Held out, the loose checker passes about 80% of the answers and the exact one almost none:
 # the policy learnt to write several letters and no period, which nearly always include the
-# smallest. Nothing in the loose checker says "one letter". The fix is the checker, not the policy: check the answer *alone*
-# (the exact checker above), and test it on the ways it could be gamed, as
+# smallest. Nothing in the loose checker says "one letter". The fix is the checker, not the
+# policy: check the answer *alone* (the exact checker above), and test it on the ways it could
+# be gamed, as
 # `tests/test_tasks.py` does for every shipped task (lists, repeats, the answer inside another
 # number or a sentence).
 #
