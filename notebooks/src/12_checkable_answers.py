@@ -311,7 +311,7 @@ for record, response in zip(prompts, samples.responses):
 # `tests/test_tasks.py` does for every shipped task (lists, repeats, the answer inside another
 # number or a sentence).
 #
-# **Predict:** with the exact checker, could the policy still game anything here?
+# Predict: with the exact checker, could the policy still game anything here?
 #
 # Answer: Not this checker: only the right letter, alone, passes. A format checker is weaker
 # (`three-words` cannot judge meaning, so "blue green red" describes a lamp); that is why the
