@@ -88,6 +88,26 @@ DEFAULT_PRESET = "smollm2-vader"
 TASK_PRESET = "smollm2-task"
 """The preset of `minirlhf train --task NAME` without --preset."""
 
+SHARED_WITH_RL = ("base_model", "prompt_template", "chat_template", "prepend_bos", "precision")
+"""The `SFTArgs` fields `sft --task` takes from `train --task`'s preset: the model, and what
+decides the text a task's prompt becomes."""
+
+SFT_TASK_ARGS = {
+    **{key: PRESETS[TASK_PRESET]["args"].get(key) for key in SHARED_WITH_RL},
+    "append_eos": PRESETS[TASK_PRESET]["args"]["stop_at_eos"],
+    "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0, "base_lr": 5e-4,
+    "epochs": 1, "batch_size": 8, "eval_every": 8, "held_out_max": 64,
+}
+"""`minirlhf sft --task NAME`'s defaults (flags override them). The prompt is rendered as
+`train --task` renders it (SmolLM2-Instruct's chat template, no extra BOS) and each answer ends
+with <|im_end|>, where RL's sampler stops, so `train --task NAME --base-model <sft run>` goes on
+from the very text SFT learned. LoRA on the top 8 blocks, as in RL (the 22 frozen ones run once
+per batch); a short run (`SFT_TASK_DEMONSTRATIONS`, one pass, batch 8) at a moderate LR, meant
+to teach the answer's *form* (the number or word alone, then the end) more than the task, so
+the SFT model's pass rate stays inside the band where GRPO learns (benchmarks/tasks.py)."""
+SFT_TASK_DEMONSTRATIONS = 256
+"""How many of a task's training demonstrations `sft --task` learns by default: 32 steps of 8."""
+
 
 def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
     """The reward function a run's reward spec names."""

@@ -1,8 +1,12 @@
 """`minirlhf sft`: supervised fine-tuning on demonstrations, into a guarded run folder.
 
-The command-line layer over `minirlhf.sft`. The folder holds:
+The command-line layer over `minirlhf.sft`. The demonstrations come from a JSONL file
+(`--data`) or from a task with checkable answers (`--task NAME`: its training demonstrations,
+held out on its held-out split, with `SFT_TASK_ARGS`' defaults, rendered as `train --task`
+renders them). The folder holds:
 
-    run.json        the SFT config under "sft", and, under "args", what `minirlhf sample --run
+    run.json        the SFT config under "sft" (with the data file, or the task, and a hash of
+                    its demonstrations), and, under "args", what `minirlhf sample --run
                     FOLDER` and `export` read (base model, a demonstration's prompt, length,
                     what trained)
     metrics.jsonl   one line of metrics per step
@@ -16,6 +20,8 @@ The command-line layer over `minirlhf.sft`. The folder holds:
 
 import argparse
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -28,6 +34,7 @@ from minirlhf.cli.checkpoint import save_checkpoint
 from minirlhf.cli.dpo import load_dpo_checkpoint, reporting_stops
 from minirlhf.cli.flags import add_args_flags
 from minirlhf.cli.keeper import stop_between_steps
+from minirlhf.cli.presets import SFT_TASK_ARGS, SFT_TASK_DEMONSTRATIONS
 from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_sft_metrics, write_metrics
 from minirlhf.cli.run_folder import (
@@ -39,12 +46,18 @@ from minirlhf.cli.run_folder import (
     write_json,
 )
 from minirlhf.cli.safe_files import replacing
-from minirlhf.demonstrations import Demonstration, load_sft_records, split_demonstrations
+from minirlhf.demonstrations import (
+    Demonstration,
+    load_sft_records,
+    split_demonstrations,
+    to_demonstrations,
+)
 from minirlhf.prompts import render_prompt
 from minirlhf.runtime import loading, policy_folder
 from minirlhf.runtime.device import pick_device
 from minirlhf.runtime.hashing import sha256_of
 from minirlhf.sft import SFTArgs, SFTTrainer
+from minirlhf.tasks import TASKS, get_task
 
 PLOT_NAME = "sft.png"
 
@@ -54,6 +67,12 @@ def add_sft_parser(commands):
     sft = commands.add_parser("sft", help="supervised fine-tuning on prompt/response pairs")
     sft.add_argument("--data", type=Path, help='JSONL of {"prompt", "response"} or chat '
                      '{"messages"} records (a resumed run reads the one it started with)')
+    sft.add_argument("--task", choices=list(TASKS),
+                     help="learn a task's demonstrations (docs/tasks.md), held out on its "
+                     "held-out split, rendered as `train --task` renders its prompts")
+    sft.add_argument("--num-demonstrations", type=int,
+                     help=f"with --task: learn the first N of its training demonstrations "
+                     f"(default {SFT_TASK_DEMONSTRATIONS})")
     sft.add_argument("--out", type=Path, required=True, help="the run folder")
     sft.add_argument("--force", action="store_true",
                      help="delete the files of a run already in --out and start again")
@@ -68,11 +87,17 @@ def add_sft_parser(commands):
 def cmd_sft(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     if ns.checkpoint_every < 1:
         parser.error(f"--checkpoint-every must be at least 1, got {ns.checkpoint_every}.")
+    if ns.task is not None and ns.data is not None:
+        parser.error("--task brings its own demonstrations: give --task or --data, not both.")
+    if ns.num_demonstrations is not None and (ns.task is None or ns.num_demonstrations < 1):
+        parser.error("--num-demonstrations N (N >= 1) goes with --task: it takes the first N of "
+                     "the task's training demonstrations.")
     if ns.resume:
         resume_sft(ns, parser)
         return
-    if ns.data is None:
-        parser.error("--data is needed to start an SFT run (a resumed one reads its own).")
+    if ns.data is None and ns.task is None:
+        parser.error("--data or --task is needed to start an SFT run (a resumed one reads its "
+                     "own).")
     args, splits = args_and_demonstrations(ns, parser)
     console = Console()
     with claimed(ns.out, "sft", ns.force, console):
@@ -82,22 +107,43 @@ def cmd_sft(ns: argparse.Namespace, parser: argparse.ArgumentParser):
             parser.error(f"--base-model {args.base_model}: {error}")
         write_json(ns.out / "run.json", make_run_config(ns, args, policy, splits))
         write_metrics(ns.out / "metrics.jsonl", [])
+        source = ns.data if ns.task is None else f"task {ns.task}"
         console.print(f"[bold]minirlhf sft[/]: {len(splits[0])} train / {len(splits[1])} "
-                      f"held-out demonstrations from {ns.data} -> {ns.out}", soft_wrap=True)
+                      f"held-out demonstrations from {source} -> {ns.out}", soft_wrap=True)
         run_sft(ns, policy, args, splits, None, console)
 
 
 def args_and_demonstrations(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple:
-    """`SFTArgs` from the flags, and the data file split into (train, held-out); a bad flag or
-    file ends the command with its message."""
+    """`SFTArgs` from the flags (over `SFT_TASK_ARGS` with --task), and the demonstrations as
+    (train, held-out); a bad flag or file ends the command with its message."""
     names = {f.name for f in dataclasses.fields(SFTArgs)}
+    defaults = SFT_TASK_ARGS if ns.task is not None else {}
     try:
-        args = SFTArgs(**{k: v for k, v in vars(ns).items() if k in names})
-        splits = split_demonstrations(load_sft_records(ns.data), args.held_out_fraction,
-                                      args.seed)
+        args = SFTArgs(**defaults | {k: v for k, v in vars(ns).items() if k in names})
+        if ns.task is not None:
+            splits = get_task_splits(ns.task, ns.num_demonstrations or SFT_TASK_DEMONSTRATIONS)
+        else:
+            splits = split_demonstrations(load_sft_records(ns.data), args.held_out_fraction,
+                                          args.seed)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     return args, splits
+
+
+def get_task_splits(name: str, count: int) -> tuple[list[Demonstration], list[Demonstration]]:
+    """Task `name`'s first `count` training demonstrations (they come shuffled with the task's
+    seed) and its held-out ones: no held-out problem is trained on, by SFT or by RL."""
+    task = get_task(name)
+    return (to_demonstrations(task.get_demonstrations("train", count), f"task {name}"),
+            to_demonstrations(task.get_demonstrations("held_out"), f"task {name}"))
+
+
+def hash_demonstrations(splits: tuple[list[Demonstration], list[Demonstration]]) -> str:
+    """The SHA-256 of the demonstrations of both splits, in order (a task's are made by code:
+    a changed generator or word list changes them)."""
+    text = json.dumps([[[d.prompt, d.response] for d in split] for split in splits],
+                      sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def resume_sft(ns: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -110,27 +156,43 @@ def resume_sft(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     if "sft" not in run:
         parser.error("--resume needs --out pointing at the folder of an earlier `minirlhf sft`.")
     given = [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(SFTArgs)
-             if f.name in vars(ns)] + (["--data"] if ns.data is not None else [])
+             if f.name in vars(ns)] + [flag for flag, value in [
+                 ("--data", ns.data), ("--task", ns.task),
+                 ("--num-demonstrations", ns.num_demonstrations)] if value is not None]
     if given:
         parser.error(f"--resume continues an SFT run with its saved configuration: drop "
                      f"{', '.join(given)}, or start a new run with another --out.")
-    args, data = SFTArgs(**run["sft"]["args"]), Path(run["sft"]["data"])
-    if run["sft"]["data_sha256"] != sha256_of(data):
-        raise RunFolderError(f"{data} has changed since the run started: its demonstrations, "
-                             "and the held-out split, would not be the ones it trained on.")
-    splits = split_demonstrations(load_sft_records(data), args.held_out_fraction, args.seed)
+    args = SFTArgs(**run["sft"]["args"])
+    splits = load_recorded_splits(run["sft"], args)
     console, device = Console(), pick_device(args.device)
     check_inputs(run, ns.accept_changed_inputs, console)
     with locked(ns.out, "sft") as stale:
         if stale:
             console.print(f"[yellow]{stale}", soft_wrap=True)
-        saved = load_dpo_checkpoint(ns.out, device, console)
+        saved = load_dpo_checkpoint(ns.out, device, console, run)
         history = saved["history"] if saved else []
         # Steps after the checkpoint are run again, so their old metric lines go.
         write_metrics(ns.out / "metrics.jsonl", history)
         console.print(f"[bold]minirlhf sft --resume[/]: {ns.out} at step {len(history)}",
                       soft_wrap=True)
         run_sft(ns, loading.load_policy(args.base_model, device), args, splits, saved, console)
+
+
+def load_recorded_splits(recorded: dict, args: SFTArgs) -> tuple[list[Demonstration], list]:
+    """The (train, held-out) demonstrations run.json's "sft" names, as the run started with
+    them; a data file or task that has changed since is refused."""
+    if "task" in recorded:
+        splits = get_task_splits(recorded["task"], recorded["num_demonstrations"])
+        if hash_demonstrations(splits) != recorded["demonstrations_sha256"]:
+            raise RunFolderError(f"Task {recorded['task']}'s demonstrations have changed since "
+                                 "the run started (its generator or word list): they would not "
+                                 "be the ones it trained on. Start a new run with another --out.")
+        return splits
+    data = Path(recorded["data"])
+    if recorded["data_sha256"] != sha256_of(data):
+        raise RunFolderError(f"{data} has changed since the run started: its demonstrations, "
+                             "and the held-out split, would not be the ones it trained on.")
+    return split_demonstrations(load_sft_records(data), args.held_out_fraction, args.seed)
 
 
 def make_run_config(ns: argparse.Namespace, args: SFTArgs, policy: HookedTransformer,
@@ -147,9 +209,12 @@ def make_run_config(ns: argparse.Namespace, args: SFTArgs, policy: HookedTransfo
                            stop_at_eos=args.append_eos, trainable_layers=args.trainable_layers,
                            lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                            lora_targets=args.lora_targets)
+    source = ({"data": str(ns.data.resolve()), "data_sha256": sha256_of(ns.data)}
+              if ns.task is None else
+              {"task": ns.task, "num_demonstrations": len(splits[0]),
+               "demonstrations_sha256": hash_demonstrations(splits)})
     run = {"preset": "sft", "args": sample_args.to_dict(), "reward": {"kind": "none"},
-           "sft": {"args": args.to_dict(), "data": str(ns.data.resolve()),
-                   "data_sha256": sha256_of(ns.data)}}
+           "sft": {"args": args.to_dict()} | source}
     return run | {"inputs": get_inputs(run)}
 
 
@@ -192,3 +257,24 @@ def write_policy(out: Path, base_model: str):
     with replacing(path) as file:
         torch.save(policy_folder.get_policy_state(policy), file)
     write_json(out / policy_folder.RECORD_NAME, policy_folder.make_policy_record(path, base_model))
+
+
+def describe_rendering_change(args: RLHFArgs) -> str | None:
+    """When `args.base_model` is an SFT run folder whose demonstrations were rendered otherwise
+    than `args` renders RL's prompts (template, chat template, BOS, the EOS it stops at): what
+    differs, in one line. None: the same text, or not an SFT run."""
+    run_file = Path(str(args.base_model)).expanduser() / "run.json"
+    sft = read_run_json(run_file).get("sft") if run_file.is_file() else None
+    if not isinstance(sft, dict) or "args" not in sft:
+        return None
+    learned = SFTArgs(**sft["args"])
+    pairs = [("prompt_template", learned.prompt_template, args.prompt_template),
+             ("chat_template", learned.chat_template, args.chat_template),
+             ("prepend_bos", learned.prepend_bos, args.prepend_bos),
+             ("append_eos / stop_at_eos", learned.append_eos, args.stop_at_eos)]
+    changes = [f"{name} {old!r} -> {new!r}" for name, old, new in pairs if old != new]
+    if not changes:
+        return None
+    return (f"The SFT run {args.base_model} learned prompts rendered otherwise than this run "
+            f"renders them ({'; '.join(changes)}): RL starts on text the SFT model did not "
+            "learn. Give the SFT run's settings to match.")

@@ -28,6 +28,7 @@ from minirlhf.cli.provenance import add_accept_flag, check_inputs, get_inputs
 from minirlhf.cli.report import append_metrics, plot_metrics, print_summary
 from minirlhf.cli.resume import resume_trainer, resumed_config
 from minirlhf.cli.run_folder import locked, read_run_json, start_run_folder
+from minirlhf.cli.sft import describe_rendering_change
 from minirlhf.runtime import distributed
 from minirlhf.runtime.device import pick_device
 from minirlhf.tasks import TASKS
@@ -102,6 +103,9 @@ def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         reward = {"kind": "reward_model", "path": str(ns.reward_model.resolve())}
     if ns.task is not None or reward["kind"] == "task":
         reward = get_task_reward(ns, reward, args, parser)
+    change = describe_rendering_change(args)  # `train --base-model <sft run>`
+    if change is not None:
+        Console(stderr=True).print(f"[yellow]{change}", soft_wrap=True)
     # wandb_id: a resumed run logs into the same wandb run (resume="allow").
     run = {"preset": preset_name, "args": args.to_dict(), "reward": reward,
            "wandb_id": secrets.token_hex(6)}

@@ -14,7 +14,8 @@ learning phase; the reward model's last-token index and pairwise loss; the criti
 advantages (GRPO, Dr. GRPO, RLOO) and the sampled KL estimators k1, k2, k3; DPO's sequence
 log-probs and its loss (with IPO's); a LoRA adapter, attaching it to a model, and the reference
 with it off (notebook 9); answers that end (notebook 10); what RL changed: the share of weights
-that moved, the per-token KL, the logit lens and steering (notebook 11).
+that moved, the per-token KL, the logit lens and steering (notebook 11); answers a program
+checks: an exact checker, pass@k and the share of groups with no reward spread (notebook 12).
 
 When a check fails, `last_failure()` returns the failing case (inputs, expected and got, what was
 raised) to re-run by hand; `python -m minirlhf.exercises start` copies the notebooks to work on.
@@ -29,6 +30,7 @@ from typing import Any
 
 from minirlhf.exercises import (
     answers,
+    checkable,
     critic_free,
     dpo,
     inspection,
@@ -47,6 +49,11 @@ from minirlhf.exercises.answers import (
     check_get_response_mask,
     check_get_token_weights,
     check_masked_mean,
+)
+from minirlhf.exercises.checkable import (
+    check_calc_pass_at_k,
+    check_get_zero_spread_share,
+    check_is_exact_sum,
 )
 from minirlhf.exercises.core import Mistake, ReferenceOracleMismatch, load_char_model
 from minirlhf.exercises.critic_free import (
@@ -136,6 +143,9 @@ CHECKS: dict[str, Callable[[Any], None]] = {
     "calc_per_token_kl": check_calc_per_token_kl,
     "apply_logit_lens": check_apply_logit_lens,
     "get_steered_logits": check_get_steered_logits,
+    "is_exact_sum": check_is_exact_sum,
+    "calc_pass_at_k": check_calc_pass_at_k,
+    "get_zero_spread_share": check_get_zero_spread_share,
 }
 """The name a learner's function must have -> its check, in pipeline order."""
 
@@ -173,6 +183,9 @@ MISTAKES: dict[str, list[Mistake]] = {
     "calc_changed_share": inspection.CHANGED_SHARE_MISTAKES,
     "calc_per_token_kl": inspection.KL_MISTAKES,
     "apply_logit_lens": inspection.LENS_MISTAKES,
+    "is_exact_sum": checkable.SUM_MISTAKES,
+    "calc_pass_at_k": checkable.PASS_AT_K_MISTAKES,
+    "get_zero_spread_share": checkable.ZERO_SPREAD_MISTAKES,
 }
 """The catalogue of named mistakes, by exercise: each `imitate` makes one mistake, and the check
 shows its `hint` when the learner's result matches it. This is the one copy of these wrong
@@ -205,6 +218,8 @@ def get_reference(name: str) -> Any:
         return answers.REFERENCES[name]
     if name in inspection.REFERENCES:
         return inspection.REFERENCES[name]
+    if name in checkable.REFERENCES:
+        return checkable.REFERENCES[name]
     if name == "calc_rlhf_objective":  # the trainer computes it inside compute_rlhf_objective
         return objective.calc_rlhf_objective
     if name == "expected_kl_gradient":  # a lab computation, not a piece of the library

@@ -21,6 +21,7 @@ from minirlhf.exercises import (
     ExerciseCheckError,
     answers,
     check_file,
+    checkable,
     critic_free,
     dpo,
     get_reference,
@@ -110,7 +111,7 @@ def test_the_catalogue_covers_every_function_check():
     would name mistakes no test proves)."""
     lists = [value for module in (rewards_and_advantages, memory_and_logprobs, objective,
                                   optim_and_learning, learning_phase, reward_model, critic_free,
-                                  dpo, answers, inspection, kl_lab)
+                                  dpo, answers, inspection, kl_lab, checkable)
              for key, value in vars(module).items() if key.endswith("_MISTAKES")]
     assert sorted(map(id, lists)) == sorted(map(id, MISTAKES.values()))
 
