@@ -175,7 +175,7 @@ def _zero_spread_cases() -> list[Judged]:
             for name, (rewards, size) in cases.items()]
 
 
-def _share_equal(groups: Float[Tensor, "group size"]) -> float:
+def _share_equal(groups: Float[Tensor, "group group_size"]) -> float:
     return (groups == groups[:, :1]).all(dim=1).float().mean().item()
 
 
