@@ -58,6 +58,7 @@ def start_wandb(config: dict[str, Any], console: Console):
         console.print(f"[yellow]wandb could not start online ({type(error).__name__}: {error}); "
                       "logging offline instead: `wandb sync` the run's wandb folder later.",
                       soft_wrap=True)
+        wandb.teardown()  # the failed start still holds the run's id: "run ID is in use"
         return wandb.init(**{**config, "mode": "offline"})
 
 

@@ -174,10 +174,11 @@ def test_wandb_falls_back_to_offline_when_online_fails(monkeypatch):
             raise ConnectionError("no network")
         return "offline run"
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Settings=dict))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        init=init, Settings=dict, teardown=lambda: calls.append("teardown")))
     console = Console(record=True, width=200)
     assert start_wandb({"mode": "online", "project": "p"}, console) == "offline run"
-    assert calls == ["online", "offline"]
+    assert calls == ["online", "teardown", "offline"]  # the id the online start held is freed
     assert "logging offline instead" in console.export_text()
     with pytest.raises(ConnectionError):  # offline itself failing is not hidden
         monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(

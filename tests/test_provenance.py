@@ -182,3 +182,16 @@ def test_an_sft_run_as_base_model_is_recorded_by_its_policy_alone(tmp_path):
     assert get_inputs(run) == before
     (sft / "policy.pt").write_bytes(b"another policy")
     assert get_inputs(run)["base_model"] != before["base_model"]
+
+
+def test_train_refuses_a_bad_reward_model_before_writing_its_folder(saved_rm, tmp_path, capsys):
+    """The check runs in the pre-flight: the old order wrote run.json and metrics.jsonl into
+    --out, then refused the reward model, leaving a folder a --resume fails on the same way."""
+    rewrite(saved_rm, lambda state: state.pop("reward_head.weight"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--preset", "tiny-smoke", "--reward-model", str(saved_rm),
+                  "--out", str(out), "--table-every", "0"])
+    assert stop.value.code == 2
+    assert "missing ['reward_head.weight']" in capsys.readouterr().err
+    assert not out.exists()

@@ -2,6 +2,7 @@
 an SFT run folder as the base model of `train` (policy and reference), `dpo` and `reward-model`."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,19 @@ def test_a_run_folder_that_is_not_a_finished_sft_run_says_so(sft_run, tmp_path):
         file.write(b"\x00\x01\x02\x03")
     with pytest.raises(ValueError, match="differs from the size and SHA-256"):
         load_policy(str(damaged))
+
+
+def test_a_run_json_edit_is_refused_on_resume(straight_sft, tmp_path, capsys):
+    """Each checkpoint keeps run.json's configuration: a hand edit since (the learning rate) is
+    refused by name on --resume, as for train and dpo, instead of silently applied."""
+    out = tmp_path / "run"
+    shutil.copytree(straight_sft / "run", out)
+    run = json.loads((out / "run.json").read_text())
+    run["sft"]["args"]["base_lr"] = 0.5
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["sft", "--out", str(out), "--resume"])
+    assert stop.value.code == 1
+    error = capsys.readouterr().err
+    assert "run.json was edited since the last checkpoint" in error and "0.5" in error
+    assert read_jsonl(out / "metrics.jsonl") == read_jsonl(straight_sft / "run" / "metrics.jsonl")

@@ -132,10 +132,11 @@ def load_dpo_checkpoint(out: Path, device, console: Console, run: dict) -> dict 
 
 
 def check_dpo_run_json(run: dict, extra: dict):
-    """Refuse a run.json edited by hand since the checkpoint: its "dpo", "args" and "reward"
-    must be those the checkpoint saved (checkpoints before this check saved none: not compared)."""
+    """Refuse a run.json edited by hand since the checkpoint: its "dpo" (or "sft"), "args" and
+    "reward" must be those the checkpoint saved (checkpoints before this check saved none)."""
     edited = [f"{key}: {extra[key]} in the checkpoint, {run.get(key)} in run.json"
-              for key in ("dpo", "args", "reward") if key in extra and extra[key] != run.get(key)]
+              for key in ("dpo", "sft", "args", "reward")
+              if key in extra and extra[key] != run.get(key)]
     if edited:
         raise RunFolderError(f"run.json was edited since the last checkpoint ({'; '.join(edited)})"
                              ". Put it back, or start a new run with another --out.")

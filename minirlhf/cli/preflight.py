@@ -13,6 +13,7 @@ from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.presets import make_prompt_split, make_prompts
+from minirlhf.pairs.reward_model import RewardModelError, load_reward_model
 from minirlhf.prompts import Prompt, load_prompts, render_prompt, resolve_prompt_file
 from minirlhf.runtime import loading
 from minirlhf.runtime.device import pick_device
@@ -53,7 +54,23 @@ def check_new_run(run: dict) -> HookedTransformer:
                           f"context of {policy.cfg.n_ctx} tokens: use a smaller --gen-len.")
     for where, record in prompts:
         check_prompt(policy, where, record, args)
+    check_reward_model(run["reward"])
     return policy
+
+
+def check_reward_model(reward: dict):
+    """A `--reward-model` folder that fails its record or its weights, refused before the run
+    folder is written (loaded once here on the CPU, and again by the trainer).
+
+    Raises:
+        ConfigError: naming the file and what is wrong with it.
+    """
+    if reward.get("kind") != "reward_model":
+        return
+    try:
+        load_reward_model(reward["path"], "cpu")
+    except (RewardModelError, OSError) as error:
+        raise ConfigError(f"--reward-model {reward['path']}: {error}") from None
 
 
 def load_prompt_lines(name: str) -> list[tuple[str, Prompt]]:

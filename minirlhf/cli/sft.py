@@ -225,9 +225,11 @@ def run_sft(ns: argparse.Namespace, policy: HookedTransformer, args: SFTArgs,
     done, write the policy (`write_policy`), plot and sum up. SIGTERM or Ctrl-C saves the step
     in progress and stops (`keeper.stop_between_steps`)."""
     saved_steps = [len(saved["history"])] if saved else []
+    run = read_run_json(ns.out / "run.json")  # kept in each checkpoint: a resume compares it
+    config = {key: run[key] for key in ("sft", "args", "reward") if key in run}
 
     def save(state: dict):
-        save_checkpoint(state, ns.out, {"algorithm": "sft"})
+        save_checkpoint(state, ns.out, {"algorithm": "sft", **config})
         saved_steps.append(state["phase"])
 
     trainer = SFTTrainer(policy, *splits, args, console)
