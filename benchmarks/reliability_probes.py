@@ -262,7 +262,8 @@ def run_probe(lab: Lab, item: str, probe):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", help="comma-separated items or probe functions to run (e.g. 1,9,probe_export_out)")
+    parser.add_argument("--only", help="comma-separated items or probe functions to run "
+                        "(e.g. 1,9,probe_export_out)")
     parser.add_argument("--jobs", type=int, default=1, help="probes run side by side")
     parser.add_argument("--save", type=Path, help="write the outcome table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
