@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+       "MKL_NUM_THREADS": "1",
        "NO_COLOR": "1", "COLUMNS": "200", "TERM": "dumb"}
 FAST = ["--preset", "tiny-smoke", "--table-every", "0", "--batch-size", "4", "--gen-len", "6"]
 TWO_PHASES = [*FAST, "--total-phases", "2", "--checkpoint-every", "1"]

@@ -270,6 +270,9 @@ def main():
     ns = parser.parse_args()
     probes = [(i, p) for i, p in [*EARLY_PROBES, *LATE_PROBES]
               if ns.only is None or {i, p.__name__} & set(ns.only.split(","))]
+    # A shell starting this script in the background (`... &`) ignores SIGINT, and an ignored
+    # signal stays ignored in every command started: a handler here makes theirs the default.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     root = Path(tempfile.mkdtemp(prefix="minirlhf-probes-"))
     lab, start = Lab(root), time.monotonic()
     try:

@@ -130,8 +130,7 @@ def probe_stopped_copies(lab: Lab, command: str, copies: list[Path], data: Path,
     lab.record("1", f"{command} --resume on a stopped run, {link} -> a user's file",
                f"{r.brief()}; target {'untouched' if kept else 'WRITTEN THROUGH'}",
                r.rc != 0 and kept and r.has("symbolic link") and not r.traceback)
-    edit_json(copies[1] / "run.json", lambda saved: saved[command].update(edit)
-              if command in saved else saved["args"].update(edit))
+    edit_json(copies[1] / "run.json", lambda saved: saved[command]["args"].update(edit))
     r = lab.cli(command, "--out", str(copies[1]), "--resume")
     lab.record("5", f"{command} --resume after editing run.json ({edit})", r.brief(),
                r.rc != 0 and r.has("run.json was edited") and not r.traceback)
