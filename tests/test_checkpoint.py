@@ -10,6 +10,7 @@ wrong behaviour it replaces: the same crafted file *does* run its payload under
 import errno
 import hashlib
 import json
+import os
 import random
 import shutil
 import threading
@@ -123,13 +124,24 @@ class WritesAFile:
         return (open, (str(self.marker), "w"))
 
 
-def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(trainer, tmp_path):
+class RunsAShell(WritesAFile):
+    """Unpickling this calls os.system("touch marker"). torch words the refusal of a blocked
+    module (posix) differently from that of a global it does not allow (open)."""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("payload, name", [(WritesAFile, "open"), (RunsAShell, "system")])
+def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(trainer, tmp_path, payload,
+                                                                    name):
     run, marker = tmp_path / "run", tmp_path / "payload-ran"
     run.mkdir()
-    torch.save({"trainer": to_plain(trainer.state_dict()), "extra": {"x": WritesAFile(marker)}},
+    torch.save({"trainer": to_plain(trainer.state_dict()), "extra": {"x": payload(marker)}},
                run / "checkpoint.pt")
     forge_sidecar(run / "checkpoint.pt")  # the checksum cannot stop someone who writes both
-    with pytest.raises(CheckpointError, match=r"object [\w.]*open, which could run code: refused"):
+    with pytest.raises(CheckpointError, match=rf"object [\w.]*{name}, which could run code: "
+                                              "refused"):
         load_checkpoint(run)
     assert not marker.exists()
     # The known-wrong loader (the old weights_only=False) runs it: the test above can fail.

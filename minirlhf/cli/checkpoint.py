@@ -377,7 +377,7 @@ def load_plain(path: Path, map_location) -> object:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        found = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(error))
         if found:
             raise CheckpointError(f"{path} asks to load the Python object {found.group(1)}, "
                                   "which could run code: refused. Checkpoints hold only "
