@@ -22,6 +22,10 @@ def gradient_only_inputs(name: str) -> dict[str, torch.Tensor | float]:
     if name == "calc_kl_k3":
         return {"logprobs": -random_logits(0, (3, 5)).abs(),
                 "ref_logprobs": -random_logits(1, (3, 5)).abs()}
+    if name == "calc_kl_k3_is":  # an older sampling policy's log-probs last
+        return {"logprobs": -random_logits(0, (3, 5)).abs(),
+                "ref_logprobs": -random_logits(1, (3, 5)).abs(),
+                "old_logprobs": -random_logits(3, (3, 5)).abs()}
     if name == "calc_entropy_bonus":
         return {"logits": random_logits(0), "ent_coef": 0.7}
     return {"logits": random_logits(0), "ref_logits": random_logits(1), "kl_coef": 0.7}
@@ -29,7 +33,7 @@ def gradient_only_inputs(name: str) -> dict[str, torch.Tensor | float]:
 
 def test_there_are_gradient_only_mistakes():
     assert {name for name, _ in GRADIENT_ONLY} == {"calc_kl_penalty", "calc_entropy_bonus",
-                                                  "calc_kl_k3"}
+                                                  "calc_kl_k3", "calc_kl_k3_is"}
 
 
 @pytest.mark.parametrize("name, mistake", GRADIENT_ONLY,
