@@ -66,6 +66,8 @@ class CheckpointKeeper:
                 if self.saved_phase is not None else "no checkpoint was saved")
         if self.is_mid_update(trainer):
             return f"[red]Stopped mid-update: {kept}."
+        if self.stop_signal is not None and trainer.phase == self.saved_phase:  # `stop` saved it
+            return f"[yellow]Stopped: saved phase {trainer.phase} to {self.out / 'checkpoint.pt'}."
         if distributed.get_world_size() > 1:  # saving gathers from processes that may be gone
             return f"[yellow]Stopped: {kept} (several processes save only at checkpoints)."
         if trainer.phase == 0 or trainer.phase == self.saved_phase:
