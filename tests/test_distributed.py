@@ -398,5 +398,30 @@ def test_a_stalled_process_is_named_after_the_collective_timeout(tmp_path: Path)
     finally:
         os.kill(stalled, signal.SIGKILL) if Path(f"/proc/{stalled}").exists() else None
     assert run.returncode != 0
-    assert "process 1 did not reach the end of" in stderr, stderr[-3000:]
+    assert "process 1 did not reach" in stderr, stderr[-3000:]
     assert "--collective-timeout" in stderr
+
+
+@pytest.mark.parametrize("world_size, rank, who", [(2, 0, "process 1 did not reach"),
+                                                   (3, 1, "one of processes 0, 2 did not")])
+def test_a_collective_that_times_out_names_the_missing_process(monkeypatch, world_size, rank,
+                                                               who):
+    """gloo's timeout inside a collective (not only at a barrier) becomes the named error; any
+    other RuntimeError passes through unchanged."""
+    monkeypatch.setattr(distributed, "get_world_size", lambda: world_size)
+    monkeypatch.setattr(distributed, "get_rank", lambda: rank)
+
+    @distributed.names_a_stall("the gradient average")
+    def timed_out():
+        raise RuntimeError("[gloo/unbound_buffer.cc:78] Timed out waiting 5000ms for recv")
+
+    with pytest.raises(distributed.StalledProcessError, match=f"{who}.*the gradient average"):
+        timed_out()
+
+    @distributed.names_a_stall("the gradient average")
+    def another_error():
+        raise RuntimeError("Tensors must be contiguous")
+
+    with pytest.raises(RuntimeError, match="contiguous") as raised:
+        another_error()
+    assert not isinstance(raised.value, distributed.StalledProcessError)

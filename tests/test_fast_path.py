@@ -197,3 +197,33 @@ def test_bfloat16_autocast_stays_close(model: HookedTransformer) -> None:
         step = ff.forward(weights, tokens[:, 9:], mask, cache, start=9)
     assert max_diff_real(got, expected, mask) < 0.1
     assert torch.isfinite(step).all()
+
+
+@pytest.mark.parametrize("wrong", [None, "shift_ignored", "shift_after_the_next_block"])
+@torch.no_grad()
+def test_steering_hooks_run_on_the_fast_path_as_on_transformer_lens(
+        model: HookedTransformer, wrong: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `ResidualShift` per copy of the batch (2 copies of 2 rows): the fast path, in one pass
+    and through the cache, gives TransformerLens's logits with the hook run by TransformerLens."""
+    from minirlhf.runtime import steering
+    tokens, mask = padded_batch(model.cfg.d_vocab)
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    shift = steering.ResidualShift(torch.tensor([0.0, 2.5]), direction)
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", shift)]):
+        expected = model(tokens, attention_mask=mask)
+        assert ff.use_fast_path(model) and not ff.has_hooks(model)
+        if wrong == "shift_ignored":
+            monkeypatch.setattr(ff, "get_shifts", lambda model: {})
+        if wrong == "shift_after_the_next_block":
+            monkeypatch.setattr(ff, "get_shifts", lambda model: {1: [shift]})
+        weights = ff.get_fast_weights(model)
+        got = ff.unembed(weights.output, ff.forward(weights, tokens, mask))
+        cache = ff.make_cache(weights, 4, 10, torch.float32, tokens.device)
+        steps = [ff.forward(weights, tokens[:, :6], mask[:, :6], cache, start=0)]
+        steps += [ff.forward(weights, tokens[:, p : p + 1], mask[:, : p + 1], cache, p)
+                  for p in range(6, 10)]
+        cached = ff.unembed(weights.output, torch.cat(steps, dim=1))
+    matches = [max_diff_real(x, expected, mask) < ATOL for x in (got, cached)]
+    assert matches == [wrong is None] * 2
+    assert max_diff_real(model(tokens, attention_mask=mask)[:2], expected[:2], mask[:2]) < ATOL
+    assert max_diff_real(model(tokens, attention_mask=mask), expected, mask) > 1e-3  # copy 2 moved

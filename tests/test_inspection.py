@@ -54,6 +54,8 @@ def test_rank_and_effective_rank_against_an_svd():
     p = sigma / sigma.sum()
     p = p[p > 0]
     assert effective == pytest.approx(float(np.exp(-(p * np.log(p)).sum())), rel=1e-5)
+    wide = inspection.calc_rank(delta.T.contiguous(), torch.finfo(torch.float32).eps)
+    assert wide == (3, pytest.approx(effective, rel=1e-6))  # the other Gram matrix
     assert inspection.calc_rank(torch.zeros(4, 4), 1e-7) == (0, 0.0)
 
 

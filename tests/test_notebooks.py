@@ -172,6 +172,7 @@ def test_every_check_has_an_exercise_in_a_notebook():
     assert used == {check.__name__ for check in CHECKS.values()}
 
 
+@pytest.mark.slow  # minutes each: 12 minutes for them all on two cores
 @pytest.mark.parametrize("name", RUNNABLE)
 def test_notebook_runs_top_to_bottom(name: str):
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
@@ -215,7 +216,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 PLANTED = "planted = torch.zeros(2) @ torch.zeros(3)  # PLANTED CRASH"
 
 
-@pytest.mark.parametrize("notebook", EXERCISES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("notebook", [  # 15 s each (a kernel): the first in the default run
+    pytest.param(path, marks=[pytest.mark.slow] if i else []) for i, path in enumerate(EXERCISES)],
+    ids=lambda p: p.stem)
 def test_a_crash_shows_the_learners_own_line_in_the_kernel(notebook: Path):
     """Plant a crash in the first exercise; its check's error output shows the planted line."""
     cells = nbformat.read(notebook, as_version=4).cells
@@ -268,6 +271,7 @@ def last_kl(printed: str, run: str) -> float:
     return float(re.search(rf"{re.escape(run)}: KL ([-+.\d]+) in the last phase", printed)[1])
 
 
+@pytest.mark.slow  # 30-40 s each: a notebook run
 @pytest.mark.parametrize("name", list(KL_PAYOFFS))
 def test_a_kl_penalty_with_a_wrong_gradient_shows_in_the_payoff(name: str):
     """The notebook with the learner's KL function swapped for one whose value passes and whose

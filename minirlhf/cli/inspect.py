@@ -22,7 +22,6 @@ from minirlhf.cli.provenance import add_accept_flag
 from minirlhf.cli.run_folder import load_run_policy
 from minirlhf.models import TransformerWithValueHead
 from minirlhf.prompts import load_prompt_split, render_prompts
-from minirlhf.runtime import loading
 from minirlhf.runtime.device import pick_device
 from minirlhf.sampling import SamplingConfig, get_samples
 
@@ -49,8 +48,8 @@ def add_inspect_parser(commands):
     inspect.add_argument("--out", type=Path, help="the report folder (default: RUN/inspect)")
     inspect.add_argument("--prompts", type=int, default=16,
                          help="held-out prompts to sample an answer to (default 16)")
-    inspect.add_argument("--layers", help="comma-separated blocks to steer at (default: 4 spread "
-                         "over the model)")
+    inspect.add_argument("--layers", help="comma-separated blocks to steer at (default: 3 spread "
+                         "over the blocks whose output training moved)")
     inspect.add_argument("--scales", default="1,2,4",
                          help="multiples of the mean difference to steer with (default 1,2,4)")
     inspect.add_argument("--seed", type=int, default=0)
@@ -61,11 +60,10 @@ def add_inspect_parser(commands):
 def cmd_inspect(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     start = time.perf_counter()
     device = pick_device(ns.device)
-    trained = load_run_policy(ns.run, device, ns.accept_changed_inputs)
-    args = RLHFArgs.from_dict(trained.run["args"])
-    reference = loading.load_policy(args.base_model, device)
+    trained = load_run_policy(ns.run, device, ns.accept_changed_inputs, keep_base=True)
+    args, reference = RLHFArgs.from_dict(trained.run["args"]), trained.base
     try:
-        layers = steering_layers(ns.layers, reference.cfg.n_layers)
+        layers = parse_layers(ns.layers, reference.cfg.n_layers)
         scales = [float(s) for s in ns.scales.split(",")]
     except ValueError as error:
         parser.error(f"--layers/--scales: {error}")
@@ -77,14 +75,23 @@ def cmd_inspect(ns: argparse.Namespace, parser: argparse.ArgumentParser):
     print_summary(findings, out)
 
 
-def steering_layers(text: str | None, n_layers: int) -> list[int]:
-    """The blocks named in `text`, or 4 spread from the first to the last."""
-    if text:
-        layers = [int(x) for x in text.split(",")]
-        if not all(0 <= layer < n_layers for layer in layers):
-            raise ValueError(f"blocks are 0 to {n_layers - 1}, got {text!r}")
-        return layers
-    return sorted({round(i * (n_layers - 1) / 3) for i in range(4)})
+def parse_layers(text: str | None, n_layers: int) -> list[int] | None:
+    """The blocks named in `text` (None: `steering_layers` picks them)."""
+    if not text:
+        return None
+    layers = [int(x) for x in text.split(",")]
+    if not all(0 <= layer < n_layers for layer in layers):
+        raise ValueError(f"blocks are 0 to {n_layers - 1}, got {text!r}")
+    return layers
+
+
+def steering_layers(difference_norms: list[float], count: int = 3) -> list[int]:
+    """`count` blocks spread from the first whose output moved to the last: below the first
+    trained block (LoRA on the top blocks, a frozen trunk) the difference is exactly zero, and
+    steering with it would sample the reference again."""
+    moved = [layer for layer, norm in enumerate(difference_norms)
+             if norm > 1e-6 * max(difference_norms)] or list(range(len(difference_norms)))
+    return sorted({moved[round(i * (len(moved) - 1) / (count - 1))] for i in range(count)})
 
 
 def get_prompts(args: RLHFArgs, model: HookedTransformer, n: int) -> list[str]:
@@ -98,7 +105,7 @@ def get_prompts(args: RLHFArgs, model: HookedTransformer, n: int) -> list[str]:
 
 
 def inspect_run(ns, policy: HookedTransformer, reference: HookedTransformer, args: RLHFArgs,
-                run: dict, layers: list[int], scales: list[float]) -> Findings:
+                run: dict, layers: list[int] | None, scales: list[float]) -> Findings:
     """Every analysis of `minirlhf.inspection`, on the run's held-out prompts and neutral text."""
     checkpoint = load_checkpoint(ns.run, map_location=policy.W_U.device).trainer["model"]
     prompts = get_prompts(args, reference, ns.prompts)
@@ -116,9 +123,10 @@ def inspect_run(ns, policy: HookedTransformer, reference: HookedTransformer, arg
         lens=[inspection.top_tokens(reference, logits, 8)
               for logits in inspection.apply_logit_lens(reference, difference)],
         difference_norms=difference.norm(dim=-1).tolist(), layers=layers, scales=scales)
+    findings.layers = layers or steering_layers(findings.difference_norms)
     findings.token_shifts = top_and_bottom(reference, inspection.rank_token_shifts(
         findings.tokens.gen_tokens, findings.tokens.logprob_shift, min_count=2))
-    measure_steering(findings, run, args, policy, reference, prompts, difference, ns.seed)
+    measure_steering(findings, run, args, reference, prompts, samples, difference, ns.seed)
     attribute_reward(findings, run, policy, reference, samples)
     read_value_head(findings, checkpoint, policy, reference, samples)
     return findings
@@ -148,22 +156,21 @@ def top_and_bottom(model: HookedTransformer, shifts: inspection.TokenShifts,
     return rows[:k], rows[::-1][:k]
 
 
-def measure_steering(findings, run, args, policy, reference, prompts, difference, seed):
-    """The reward of the reference, the trained policy and the steered reference (control-token
-    rewards are not measured: they need the control prompts)."""
+def measure_steering(findings, run, args, reference, prompts, samples, difference, seed):
+    """The reward of the trained policy (on `samples`, its answers to `prompts`), the reference
+    and the steered reference (control-token rewards are not measured: they need the control
+    prompts). The reference is one more copy of the steering batch, steered by 0."""
     if run.get("reward", {}).get("kind") in (None, "control"):
         findings.notes.append("No reward measured: the run's reward needs control prompts.")
         return
-    reward_fn = make_reward_fn(run["reward"], policy.W_U.device)
-
-    def reward(model: HookedTransformer, fast_path: bool = True, copies: int = 1) -> torch.Tensor:
-        return inspection.get_mean_rewards(model, prompts, reward_fn, args.gen_len,
-                                           args.prepend_bos, seed, fast_path, copies)
-
-    findings.reference_reward, findings.trained_reward = (reward(reference).item(),
-                                                          reward(policy).item())
-    findings.steering = inspection.get_steering_rewards(
-        reference, difference, findings.layers, findings.scales, reward).tolist()
+    reward_fn = make_reward_fn(run["reward"], reference.W_U.device)
+    findings.trained_reward = inspection.get_copy_rewards(samples, reward_fn).item()
+    grid = [(layer, scale) for layer in findings.layers for scale in findings.scales]
+    with inspection.steering_grid(reference, difference, grid + [(0, 0.0)]):
+        rewards = inspection.get_mean_rewards(reference, prompts, reward_fn, args.gen_len,
+                                              args.prepend_bos, seed, copies=len(grid) + 1)
+    findings.reference_reward = rewards[-1].item()
+    findings.steering = rewards[:-1].view(len(findings.layers), len(findings.scales)).tolist()
 
 
 def attribute_reward(findings, run, policy, reference, samples):

@@ -8,6 +8,7 @@ phase boundaries and after a crash or SIGTERM is `cli.keeper`.
 """
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -174,11 +175,16 @@ class RunPolicy:
     """The phase (PPO) or step (DPO) the checkpoint was saved at."""
     note: str | None
     """Why the latest checkpoint was passed over for the previous one, if it was."""
+    base: HookedTransformer | None = None
+    """The run's base model untrained (its reference), when `load_run_policy` was asked to keep
+    it: a copy, cheaper than loading the model again."""
 
 
-def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -> RunPolicy:
+def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False,
+                    keep_base: bool = False) -> RunPolicy:
     """The policy a `minirlhf train`, `dpo` or `sft` run trained, as a plain HookedTransformer:
-    a LoRA run's adapters merged into the weights, the value head left out.
+    a LoRA run's adapters merged into the weights, the value head left out; with `keep_base`,
+    the untrained base model too (`RunPolicy.base`).
 
     Raises:
         RunFolderError: `run_dir` holds no run.json.
@@ -194,6 +200,7 @@ def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -
     args = RLHFArgs.from_dict(run["args"])
     checkpoint = load_checkpoint(run_dir, map_location=device)
     policy = loading.load_policy(args.base_model, device)
+    base = copy.deepcopy(policy).eval() if keep_base else None
     # A LoRA run's checkpoint holds its adapters: the policy needs them before loading it.
     prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
                    args.lora_targets)
@@ -204,7 +211,7 @@ def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False) -
                                 for name, value in checkpoint.trainer["model"].items()
                                 if name.startswith(prefix)})
     return RunPolicy(merge_lora(policy).eval(), run, checkpoint.trainer["phase"],
-                     checkpoint.note)
+                     checkpoint.note, base)
 
 
 @contextmanager

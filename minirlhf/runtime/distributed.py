@@ -16,9 +16,10 @@ With one process (no torchrun, or `--nproc-per-node 1`) no process group is crea
 function here returns its input or does nothing: the trainer runs exactly its one-process code.
 """
 
+import functools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 import torch
@@ -128,19 +129,45 @@ def wait_for_others(where: str):
     """
     if get_world_size() == 1:
         return
-    timeout_s = _MEETING["timeout_s"]
     try:
-        dist.monitored_barrier(_MEETING["group"], timedelta(seconds=timeout_s),
+        dist.monitored_barrier(_MEETING["group"], timedelta(seconds=_MEETING["timeout_s"]),
                                wait_all_ranks=True)
     except RuntimeError as error:
         late = re.search(r"[Rr]anks? ([\d, ]+) failed", str(error))
-        who = f"process {late.group(1).strip()}" if late else "another process"
-        raise StalledProcessError(
-            f"{who} did not reach {where} within {timeout_s:.0f} s (seen by process "
-            f"{get_rank()}): it stalled or died; its own error, if any, is above. Raise the "
-            f"wait with --collective-timeout if a step is just slow.") from error
+        raise stalled(where, f"process {late.group(1).strip()}" if late else None) from error
 
 
+def stalled(where: str, who: str | None = None) -> StalledProcessError:
+    """The error for a process that did not reach `where` in time; `who` defaults to the other
+    process (two processes) or "one of processes ..."."""
+    if who is None:
+        others = [str(rank) for rank in range(get_world_size()) if rank != get_rank()]
+        who = f"process{'es' if len(others) > 1 else ''} {', '.join(others)}"
+        who = who if len(others) == 1 else f"one of {who}"
+    return StalledProcessError(
+        f"{who} did not reach {where} within {_MEETING['timeout_s']:.0f} s (seen by process "
+        f"{get_rank()}): it stalled or died; its own error, if any, is above. Raise the "
+        f"wait with --collective-timeout if a step is just slow.")
+
+
+def names_a_stall(where: str) -> Callable:
+    """Decorate a collective so that its timeout (another process stalled or died before
+    joining it) raises `StalledProcessError` naming `where`, not gloo's bare timeout."""
+    def decorate(collective: Callable) -> Callable:
+        @functools.wraps(collective)
+        def wrapper(*args, **kwargs):
+            try:
+                return collective(*args, **kwargs)
+            except RuntimeError as error:
+                if not re.search(r"[Tt]imed out|[Cc]onnection closed|[Cc]onnection reset",
+                                 str(error)):
+                    raise
+                raise stalled(where) from error
+        return wrapper
+    return decorate
+
+
+@names_a_stall("the check for a stop")
 def any_process(flag: bool) -> bool:
     """Whether `flag` is true in any process (every process gets the same answer)."""
     if get_world_size() == 1:
@@ -164,6 +191,7 @@ def local_rows(global_batch: int) -> slice:
 
 # ---- statistics over the global batch ----
 
+@names_a_stall("a gather of the batch's rows")
 def gather_rows(rows: Shaped[Tensor, "batch ..."]) -> Shaped[Tensor, "global_batch ..."]:
     """Every process's rows, in process order (every process passes the same shape), so each
     process holds the global batch. One process: `rows` itself."""
@@ -175,6 +203,7 @@ def gather_rows(rows: Shaped[Tensor, "batch ..."]) -> Shaped[Tensor, "global_bat
     return torch.cat(parts)
 
 
+@names_a_stall("a gather of the batch's texts")
 def gather_objects(items: list) -> list:
     """Every process's list (of strings, say) joined in process order. One process: `items`."""
     if get_world_size() == 1:
@@ -184,6 +213,7 @@ def gather_objects(items: list) -> list:
     return [item for part in parts for item in part]
 
 
+@names_a_stall("the whitening of a minibatch")
 def global_moments(
     values: Float[Tensor, "*batch"], mask: Tensor | None = None,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""]] | None:
@@ -203,6 +233,7 @@ def global_moments(
     return mean, (squares / sums[1]).sqrt()
 
 
+@names_a_stall("the averaging of the metrics")
 def mean_over_processes(metrics: dict[str, float]) -> dict[str, float]:
     """Each value averaged over the processes: a mean over equal-sized shares is the global
     mean. One process: `metrics` itself."""
@@ -222,6 +253,7 @@ def collective_device() -> torch.device:
 
 # ---- gradients and weights ----
 
+@names_a_stall("the gradient average of a learning step")
 def average_gradients(parameters: Iterable[torch.nn.Parameter]):
     """Replace each gradient by its mean over the processes: the gradient of the global
     minibatch's loss, since each process's loss is a mean over an equal share of it. Parameters
@@ -237,6 +269,7 @@ def average_gradients(parameters: Iterable[torch.nn.Parameter]):
         grad.copy_(averaged.view_as(grad))
 
 
+@names_a_stall("the copying of process 0's weights")
 def broadcast_module(module: torch.nn.Module):
     """Give every process process 0's weights and buffers, so all start from the same model
     whatever each loaded. One process: nothing."""
@@ -249,6 +282,7 @@ def broadcast_module(module: torch.nn.Module):
 
 # ---- checkpoints ----
 
+@names_a_stall("a gather of the random states for a save")
 def per_process(state: dict) -> dict | list:
     """What a checkpoint keeps of state that differs between processes (random streams): one
     process's `state` as it is; with several, every process's, in process order. (A bare `list`

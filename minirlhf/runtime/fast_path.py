@@ -17,9 +17,12 @@ TransformerLens computes (tests/test_fast_path.py checks the logits against
 - Training lays them out on every forward pass *with* gradients: the concatenations are
   differentiable, so gradients flow back into the HookedTransformer's own parameters.
 
-Hooks do not run on this path, so a model with hooks attached (steering, ablations) is not
+Hooks do not run on this path, so a model with hooks attached (ablations, caching) is not
 supported: `unsupported_reason` says so, and the model and sampler then use the model's own
-forward, where the hooks run. Supported: GPT-2 and Llama style models (LayerNorm or RMSNorm,
+forward, where the hooks run. Two kinds of hooks are computed here instead: LoRA's
+(`runtime.lora`) and steering's (`runtime.steering.ResidualShift`).
+
+Supported: GPT-2 and Llama style models (LayerNorm or RMSNorm,
 folded or not; learned or rotary positions; plain or gated MLP; grouped-query attention), the
 models `minirlhf.runtime.loading` builds.
 """
@@ -35,15 +38,18 @@ from transformer_lens import HookedTransformer
 from minirlhf.runtime.fast_blocks import ACTIVATIONS, KeyValues, normalize, run_block
 from minirlhf.runtime.fast_weights import FastWeights, OutputWeights, get_layer_weights
 from minirlhf.runtime.lora import LORA_HOOKS, get_adapters
+from minirlhf.runtime.steering import ResidualShift, get_shifts
 
 _NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 
 
 def has_hooks(model: HookedTransformer) -> bool:
     """Whether a user's hook is attached to the model's hook points (`model.add_hook(...)`).
-    LoRA's own hooks (`runtime.lora`) do not count: the fast path computes their adapters."""
+    LoRA's own hooks (`runtime.lora`) and steering's (`runtime.steering`) do not count: the fast
+    path computes them."""
     for point in model.hook_dict.values():
-        own = sum(isinstance(handle.user_hook, LORA_HOOKS) for handle in point.fwd_hooks)
+        own = sum(isinstance(handle.user_hook, (*LORA_HOOKS, ResidualShift))
+                  for handle in point.fwd_hooks)
         if len(point._forward_hooks) > own or point._forward_pre_hooks or point._backward_hooks:
             return True
     return False
@@ -138,6 +144,7 @@ def get_fast_weights(
         attn_scale=cfg.attn_scale if cfg.use_attn_scale else 1.0,
         rotary_dim=cfg.rotary_dim or cfg.d_head,
         rotary_adjacent_pairs=cfg.rotary_adjacent_pairs,
+        shifts=get_shifts(model),
     )
 
 
@@ -195,6 +202,8 @@ def forward(
         layer_cache = None if cache is None else (*cache[i], start)
         residual = run_block(residual, weights.layers[i], weights, rotary, attn_mask, causal,
                              layer_cache)
+        for shift in weights.shifts.get(i, ()):  # steering (`runtime.steering`)
+            residual = residual + shift.offsets(residual)
     if stop < len(weights.layers):
         return residual
     # Before the final norm's gain and bias: what ln_final.hook_normalized holds.

@@ -7,7 +7,7 @@ per head (`W_Q: [n_heads, d_model, d_head]`); here each block's Q, K and V becom
 matrices (no gradient wanted) or kept beside them as low-rank terms (training).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -72,6 +72,8 @@ class FastWeights:
     attn_scale: float
     rotary_dim: int
     rotary_adjacent_pairs: bool
+    shifts: dict = field(default_factory=dict)
+    """Per block, the `runtime.steering.ResidualShift` hooks added after it (usually none)."""
 
 
 

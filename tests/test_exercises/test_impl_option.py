@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -14,6 +16,7 @@ def collected(*args: str) -> list[str]:
     return [line for line in run.stdout.splitlines() if "::" in line]
 
 
+@pytest.mark.slow  # 30 s: a pytest run in a subprocess
 def test_impl_deselects_everything_but_the_checks(tmp_path):
     learner = tmp_path / "mine.py"
     learner.write_text("def normalize_reward(reward, eps=1e-5):\n    return reward\n")
