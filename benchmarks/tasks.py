@@ -73,7 +73,7 @@ def measure_pass_at_1(model, task_name: str, count: int, setting: dict) -> dict:
     """Greedy answers to the first `count` held-out prompts of the task, rendered and ended as
     the runs render and end them: pass@1, the mean score (partial credit included), 3 answers."""
     task, scores, answers = get_task(task_name), [], []
-    records = task.get_records("held_out", count)
+    records = task.get_records("held_out", min(count, len(task.get_problems("held_out"))))
     for start in range(0, len(records), 16):
         chunk = records[start : start + 16]
         texts = render_prompts(chunk, None, setting["chat_template"], model.tokenizer)

@@ -73,7 +73,8 @@ def as_matrix(name: str, weight: Float[Tensor, "..."]) -> Float[Tensor, "..."]:
         return einops.rearrange(weight, "head d_model d_head -> d_model (head d_head)")
     if weight.ndim == 3 and short == "W_O":
         return einops.rearrange(weight, "head d_head d_model -> (head d_head) d_model")
-    return weight.flatten() if weight.ndim != 2 else weight
+    is_bias = short.startswith("b")  # b_Q [head, d_head] is a vector too, not a matrix
+    return weight.flatten() if weight.ndim != 2 or is_bias else weight
 
 
 def calc_changed_share(

@@ -253,3 +253,14 @@ def test_inspect_writes_the_report_of_a_lora_run(tmp_path, capsys):
         cli.main(["inspect", "--run", str(run), "--prompts", "2", "--layers", "0", "--scales",
                   "1", "--device", "cpu"])
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_per_head_bias_is_a_vector_not_a_matrix(printable_model):
+    """b_Q is stored [head, d_head]: a change to it is reported as a vector (rank 1), however
+    many of its heads moved; read as a matrix it would show rank up to n_heads."""
+    cfg = printable_model.cfg
+    delta = torch.randn(cfg.n_heads, cfg.d_head, generator=torch.Generator().manual_seed(4))
+    changed = planted_copy(printable_model, "blocks.0.attn.b_Q", delta)
+    moved = [c for c in inspection.get_weight_changes(printable_model, changed) if c.frac_changed]
+    assert [(c.name, c.rank) for c in moved] == [("blocks.0.attn.b_Q", 1)]
+    assert np.linalg.matrix_rank(delta.numpy()) == min(cfg.n_heads, cfg.d_head) > 1

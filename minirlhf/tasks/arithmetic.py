@@ -1,5 +1,9 @@
 """Arithmetic: add two numbers, answer with the sum alone.
 
+The demonstrations write the question's sum out ("47 + 38 = 85"), not the bare number: SFT on
+bare sums taught SmolLM2-135M the form and took away the one step it adds with, and its held-out
+pass@1 fell from 0.14 to 0.05 (benchmarks/tasks.py, docs/tasks.md).
+
 The checker (`check_sum`) is exact: full credit only for the sum written as digits and nothing
 else, or for the question's own sum written out with it ("47 + 38 = 85", the form SmolLM2 most
 often answers in). What it rejects, each a way a policy could game a loose "the answer appears
@@ -59,5 +63,5 @@ def make_sum_problems(low: int, high: int, low_b: int | None = None,
     low_b, high_b = (low, high) if low_b is None else (low_b, high_b)
     return [Problem(key=f"{min(a, b)}+{max(a, b)}", prompt=PROMPT.format(a=a, b=b),
                     fields={"answer": str(a + b), "question": f"{a} + {b}"},
-                    demonstration=str(a + b))
+                    demonstration=f"{a} + {b} = {a + b}")
             for a in range(low, high + 1) for b in range(low_b, high_b + 1)]
