@@ -264,3 +264,12 @@ def test_a_per_head_bias_is_a_vector_not_a_matrix(printable_model):
     moved = [c for c in inspection.get_weight_changes(printable_model, changed) if c.frac_changed]
     assert [(c.name, c.rank) for c in moved] == [("blocks.0.attn.b_Q", 1)]
     assert np.linalg.matrix_rank(delta.numpy()) == min(cfg.n_heads, cfg.d_head) > 1
+
+
+def test_the_default_steering_blocks_sit_where_the_output_moved():
+    """Below a LoRA run's first adapted block the difference is exactly zero: the default grid
+    spreads over blocks 3-6 here, not over the whole model (that would give [0, 3, 6])."""
+    from minirlhf.cli.inspect import steering_layers
+    assert steering_layers([0.0, 0.0, 0.0, 0.5, 0.7, 0.9, 1.0]) == [3, 5, 6]
+    assert steering_layers([0.0] * 7) == [0, 3, 6]  # nothing moved: spread over every block
+    assert steering_layers([0.0, 0.0, 2.0]) == [2]
