@@ -103,8 +103,9 @@ SFT_TASK_ARGS = {
 with <|im_end|>, where RL's sampler stops, so `train --task NAME --base-model <sft run>` goes on
 from the very text SFT learned. LoRA on the top 8 blocks, as in RL (the 22 frozen ones run once
 per batch); a short run (`SFT_TASK_DEMONSTRATIONS`, one pass, batch 8) at a moderate LR, meant
-to teach the answer's *form* (the number or word alone, then the end) more than the task, so
-the SFT model's pass rate stays inside the band where GRPO learns (benchmarks/tasks.py)."""
+to teach the answer's *form* (the answer, then the end) more than the task, so the SFT model's
+pass rate stays inside the band where GRPO learns. Measured on `add` (docs/tasks.md): 0.14 ->
+0.62 held-out pass@1 with the sums written out, 0.05 with bare sums."""
 SFT_TASK_DEMONSTRATIONS = 256
 """How many of a task's training demonstrations `sft --task` learns by default: 32 steps of 8."""
 
