@@ -272,7 +272,8 @@ def steering(
 ) -> Iterator[HookedTransformer]:
     """Inside the block, `model` adds scale * direction to the residual stream after block
     `layer`, at every position (on the fast path too: `runtime.steering`)."""
-    with steering_grid(model, direction.expand(layer + 1, -1), [(layer, scale)]):
+    shift = ResidualShift(torch.tensor([scale]), direction)
+    with model.hooks(fwd_hooks=[(resid_hook(layer), shift)]):
         yield model
 
 
