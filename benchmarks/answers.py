@@ -46,8 +46,9 @@ def held_out_samples(trainer: RLHFTrainer, count: int = 6) -> list[dict]:
             for p, a, r, e in zip(prompts, samples.responses, rewards, samples.ended)]
 
 
-def run(name: str, phases: int, seed: int, console: Console) -> dict:
-    """Train one run ("gae-pos", "grpo-neg", ...) and collect its figures."""
+def run(name: str, phases: int, seed: int, console: Console, path: Path) -> dict:
+    """Train one run ("gae-pos", "grpo-neg", ...) and collect its figures, written to `path`
+    after every phase (marked "complete": false until the run ends)."""
     estimator, direction = name.split("-")
     preset = PRESETS["smollm2-chat"]
     args = RLHFArgs(**{**preset["args"], **ESTIMATOR_ARGS[estimator], "total_phases": phases,
@@ -65,10 +66,14 @@ def run(name: str, phases: int, seed: int, console: Console) -> dict:
         console.print(f"{name} phase {len(result['phases']) - 1:2d}: " + ", ".join(
             f"{key.split('/')[1]} {value:.3g}" for key, value in row.items()
             if value is not None), soft_wrap=True)
+        result["minutes"] = (time.perf_counter() - start) / 60
+        path.write_text(json.dumps({**result, "complete": False}, indent=1))
 
     trainer.train(on_phase_end)
     result["minutes"] = (time.perf_counter() - start) / 60
     result["after"] = held_out_samples(trainer)
+    result["complete"] = True
+    path.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -78,8 +83,9 @@ def report(out: Path, console: Console):
     for path in sorted(out.glob("answers-*.json")):
         result = json.loads(path.read_text())
         rows = result["phases"]
+        name = result["run"] if result.get("complete", True) else f"{result['run']} (partial)"
         held = [r["eval/held_out_reward"] for r in rows if r["eval/held_out_reward"] is not None]
-        table.add_row(result["run"], f"{held[0]:+.3f} -> {held[-1]:+.3f}",
+        table.add_row(name, f"{held[0]:+.3f} -> {held[-1]:+.3f}",
                       f"{rows[-1]['charts/kl_per_answer']:.2f}",
                       f"{rows[0]['charts/response_length']:.1f} -> "
                       f"{rows[-1]['charts/response_length']:.1f}",
@@ -104,8 +110,7 @@ def main():
     torch.set_num_threads(ns.threads)
     ns.out.mkdir(parents=True, exist_ok=True)
     for name in [] if ns.report_only else ns.runs.split(","):
-        result = run(name, ns.phases, ns.seed, console)
-        (ns.out / f"answers-{name}.json").write_text(json.dumps(result, indent=1))
+        run(name, ns.phases, ns.seed, console, ns.out / f"answers-{name}.json")
     report(ns.out, console)
 
 
