@@ -75,7 +75,10 @@ def child(ns: argparse.Namespace):
                        "group_size": 4, "batch_size": ns.batch, "num_minibatches": 4,
                        "batches_per_learning_phase": 2, "gen_len": ns.gen_len,
                        "advantage_estimator": "grpo", "precision": "fp32", "total_phases": 3,
-                       "recompute_ref_logits": ns.recompute_ref_logits})
+                       "recompute_ref_logits": ns.recompute_ref_logits,
+                       # (the baseline's RLHFArgs has no such field)
+                       **({"activation_checkpointing": True} if ns.activation_checkpointing
+                          else {})})
     trainer = RLHFTrainer(args, reward_fn_char_count, base_model=load_policy("smollm2"),
                           console=Console(quiet=True), table_every=0)
     rollout = trainer.rollout_phase()
@@ -161,6 +164,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recompute-ref-logits", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head-child", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-tokens", type=int, help="head: token_stats.CHUNK_TOKENS")
     parser.add_argument("--part", choices=["phase", "head"], default="phase",
@@ -183,15 +187,19 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         for name, root, extra in [("before", export_baseline(ns.baseline, Path(folder)), []),
                                   ("chunked", ROOT, []),
-                                  ("chunked+ref_residual", ROOT, ["--recompute-ref-logits"])]:
+                                  ("chunked+ref_residual", ROOT, ["--recompute-ref-logits"]),
+                                  ("chunked+checkpointed", ROOT, ["--activation-checkpointing"]),
+                                  ("lean", ROOT, ["--recompute-ref-logits",
+                                                  "--activation-checkpointing"])]:
             rows[name] = run_variant(root, ns, *extra)
             print(f"{name:20s}", "  ".join(f"{k} {rows[name][k]:.1f}" for k in FIELDS))
-    for key in ("process_peak_mib", "learning_peak_mib"):
-        change = rows["chunked"][key] / rows["before"][key] - 1
-        print(f"{key}: {rows['before'][key]:.0f} -> {rows['chunked'][key]:.0f} MiB ({change:+.0%})")
+    for name in ("chunked", "lean"):
+        change = rows[name]["process_peak_mib"] / rows["before"]["process_peak_mib"] - 1
+        print(f"process peak, before -> {name}: {rows['before']['process_peak_mib']:.0f} -> "
+              f"{rows[name]['process_peak_mib']:.0f} MiB ({change:+.1%})")
     own = {name: row["learning_peak_mib"] - row["learning_start_mib"] for name, row in rows.items()}
-    print(f"learning phase's own peak (above its start): {own['before']:.0f} -> "
-          f"{own['chunked']:.0f} MiB ({own['chunked'] / own['before'] - 1:+.0%})")
+    print("learning phase's own peak (above its start), MiB: " + ", ".join(
+        f"{name} {value:.0f}" for name, value in own.items()))
     ns.out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "setup": {k: str(v) for k, v in vars(ns).items()}, **rows}
     (ns.out / "learning_memory.json").write_text(json.dumps(result, indent=1))

@@ -19,8 +19,9 @@ table of every task measured so far goes to benchmarks/results/tasks.md (docs/ta
 
 SFT defaults (`SFT_TASK_ARGS`): LoRA rank 16 on the top 8 blocks, LR 5e-4, 32 steps of 8
 demonstrations (256, one pass). Chosen to land the SFT model inside the band where GRPO learns
-(pass@1 0.1-0.9); measured on `add` only so far (0.14 -> 0.62, docs/tasks.md): the base model fails the string and
-format tasks because it explains instead of answering (benchmarks/task_band.py); a few hundred
+(pass@1 0.1-0.9); measured on `add` only so far (0.14 -> 0.62, docs/tasks.md): the base model
+fails the string and format tasks because it explains instead of answering
+(benchmarks/task_band.py); a few hundred
 demonstrations teach that *form* (the number or word alone, then the end of the turn) long before
 they teach reversing or sorting letters, which a 135M model does only sometimes. A longer run or
 a higher LR would push the easy format tasks (three-words, question) towards 1, where GRPO's

@@ -146,6 +146,10 @@ class RLHFArgs:
     recompute_ref_logits: bool = False
     """Keep the reference model's final residual stream instead of its logits, and recompute the
     logits (the unembedding only) per minibatch: d_model instead of d_vocab floats per token."""
+    activation_checkpointing: bool = False
+    """Learning steps keep each block's input instead of every activation inside it and run the
+    block again in the backward pass: less memory for about a third more learning time (fast
+    path only; docs/lora.md has the measurements)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
     loss stay float32); "auto" picks bf16 where the hardware multiplies bfloat16 fast (a CUDA GPU

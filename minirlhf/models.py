@@ -43,16 +43,19 @@ def run_model(
     positions: slice = slice(None),
     trunk: Trunk | None = None,
     unembed: bool = True,
+    checkpoint_blocks: bool = False,
 ) -> tuple[Float[Tensor, "batch out_seq d_vocab"] | None, Float[Tensor, "batch out_seq d_model"]]:
     """One forward pass: the logits (None on the fast path without `unembed`) and the final
     normalised residual stream at `positions` (only those are unembedded on the fast path). With
-    `trunk`, the blocks below `trunk.layer` are not run: `trunk.residual` is read instead."""
+    `trunk`, the blocks below `trunk.layer` are not run: `trunk.residual` is read instead.
+    `checkpoint_blocks`: recompute each block in the backward pass (fast path only)."""
     attention_mask = mask_or_none(attention_mask)
     if fast.use_fast_path(model, fast_path):
         start = 0 if trunk is None else trunk.layer
         weights = fast.get_fast_weights(model, from_layer=start)
         residual = fast.forward(weights, tokens, attention_mask, layers=slice(start, None),
-                                residual=None if trunk is None else trunk.residual)
+                                residual=None if trunk is None else trunk.residual,
+                                checkpoint_blocks=checkpoint_blocks)
         residual = residual[:, positions]
         return (fast.unembed(weights.output, residual) if unembed else None), residual
     captured: list[Float[Tensor, "batch seq d_model"]] = []
@@ -122,15 +125,23 @@ class TransformerWithValueHead(nn.Module):
         fast_path: run forward passes on `minirlhf.runtime.fast_path` where it can.
         value_head: False for a critic-free estimator: no head, no parameters, values None.
         frozen_layers: blocks at the bottom that do not train (`prepare_policy`'s result).
+        checkpoint_blocks: the learning steps keep each block's input, not its activations, and
+            recompute the block in the backward pass (`fast_path.forward`).
     """
 
     def __init__(self, base_model: HookedTransformer, temperature: float = 1.0,
-                 fast_path: bool = True, value_head: bool = True, frozen_layers: int = 0):
+                 fast_path: bool = True, value_head: bool = True, frozen_layers: int = 0,
+                 checkpoint_blocks: bool = False):
         super().__init__()
         self.base_model = base_model
         self.temperature = temperature
         self.fast_path = fast_path
         self.frozen_layers = frozen_layers
+        if checkpoint_blocks and not fast.use_fast_path(base_model, fast_path):
+            reason = fast.unsupported_reason(base_model) or "fast_path is off"
+            raise ValueError("activation_checkpointing runs on the fast path, which this policy "
+                             f"cannot use ({reason}): turn activation_checkpointing off.")
+        self.checkpoint_blocks = checkpoint_blocks
         d_model = base_model.cfg.d_model
         self.value_head = nn.Sequential(
             nn.Linear(d_model, 4 * d_model),
@@ -186,7 +197,7 @@ class TransformerWithValueHead(nn.Module):
             trunk = Trunk(self.frozen_layers, kept["trunk"]) if kept and "trunk" in kept else None
             logits, final_residual = run_model(self.base_model, sample_ids, attention_mask,
                                                self.fast_path, generated_states(prefix_len),
-                                               trunk, unembed=False)
+                                               trunk, False, self.checkpoint_blocks)
         get_logits = get_chunk_logits(self.base_model, logits, final_residual, self.temperature)
         return get_logits, self.get_values(final_residual)
 
@@ -292,7 +303,7 @@ def build_policy(base_model: HookedTransformer, args: RLHFArgs) -> TransformerWi
                                    args.lora_alpha, args.lora_targets)
     return TransformerWithValueHead(base_model, args.temperature, args.fast_path,
                                     ESTIMATORS[args.advantage_estimator].needs_critic,
-                                    frozen_layers)
+                                    frozen_layers, args.activation_checkpointing)
 
 
 class RolloutOutputs(NamedTuple):
@@ -335,25 +346,6 @@ def get_rollout_outputs(
     joined = [None if part[0] is None else torch.cat(part) for part in per_token]
     kept = {name: torch.cat([part.kept[name] for part in parts]) for name in parts[0].kept}
     return RolloutOutputs(*joined, kept)
-
-
-def get_trained_state(module: nn.Module) -> dict[str, Tensor]:
-    """The module's `state_dict` without its frozen parameters (what a checkpoint keeps)."""
-    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
-    return {name: value for name, value in module.state_dict().items() if name not in frozen}
-
-
-def load_trained_state(module: nn.Module, state: dict[str, Tensor]):
-    """Load `get_trained_state`'s output (or a whole `state_dict`) into a module built the same
-    way (the same base model, trainable layers and adapters): only frozen parameters, which the
-    base model already holds, may be missing."""
-    frozen = {name for name, param in module.named_parameters() if not param.requires_grad}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - frozen:
-        raise ValueError(
-            f"The saved policy does not fit this model (unexpected {sorted(unexpected)[:4]}, "
-            f"missing {sorted(set(missing) - frozen)[:4]}): build it with the run's own "
-            "base_model, trainable_layers and LoRA settings (its run.json).")
 
 
 def frozen_copy(model: HookedTransformer) -> HookedTransformer:

@@ -43,5 +43,5 @@ def get_policy_outputs(
     get_logits, values = policy.get_generated(sample_ids, attention_mask, prefix_len, kept)
     stats = get_token_stats(get_logits, sample_ids[:, prefix_len:],
                             reference.get_chunk_logits(kept))
-    return PolicyOutputs(stats.logprobs, values, calc_kl_from_stats(kl_estimator, stats, old_logprobs),
-                         stats.entropy)
+    kl = calc_kl_from_stats(kl_estimator, stats, old_logprobs)
+    return PolicyOutputs(stats.logprobs, values, kl, stats.entropy)

@@ -11,9 +11,9 @@ chat "messages") and its "response". The prompt is rendered exactly as RL render
 (`prompts.render_prompt`: a template or the tokenizer's chat template) and tokenized alone, BOS
 first, as the sampler tokenizes it; the response's tokens follow, then the EOS token the sampler
 stops at (`RLHFArgs.stop_at_eos`; with SmolLM2's chat template that is `<|im_end|>`, the end of
-the assistant's turn), so SFT teaches answers that end. The loss (`calc_sft_loss`, minimised) is the mean cross-entropy over
-the response's tokens only. What trains is `SFTArgs`' choice, as in PPO and DPO: every weight,
-the top blocks, or LoRA adapters. Metric keys (docs/sft.md):
+the assistant's turn), so SFT teaches answers that end. The loss (`calc_sft_loss`, minimised)
+is the mean cross-entropy over the response's tokens only. What trains is `SFTArgs`' choice,
+as in PPO and DPO: every weight, the top blocks, or LoRA adapters. Metric keys (docs/sft.md):
 
     train/loss, train/accuracy, train/grad_norm, train/lr     the step's minibatch
     held_out/loss, held_out/accuracy, held_out/exact_match    every held-out demonstration
@@ -34,13 +34,14 @@ from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
 from minirlhf.demonstrations import Demonstration
-from minirlhf.models import get_trained_state, load_trained_state, prepare_policy, run_model
+from minirlhf.models import prepare_policy, run_model
 from minirlhf.optim import get_lr_scale
 from minirlhf.pairs.dpo_training import record_steps
 from minirlhf.pairs.reward_training import run_pair_epochs
 from minirlhf.prompts import render_prompts
 from minirlhf.runtime.device import autocast, pick_precision
 from minirlhf.runtime.tokens import get_token_rows
+from minirlhf.runtime.trained_state import get_trained_state, load_trained_state
 from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
 

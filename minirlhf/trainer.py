@@ -22,7 +22,6 @@ from transformer_lens import HookedTransformer
 from minirlhf.advantages import ESTIMATORS, compute_advantages, whiten
 from minirlhf.answers import apply_answer_options
 from minirlhf.args import RLHFArgs
-from minirlhf.pass_at_k import get_pass_metrics
 from minirlhf.kl_control import get_kl_coefs, get_kl_controller
 from minirlhf.losses import (
     aggregate,
@@ -38,10 +37,9 @@ from minirlhf.models import (
     build_policy,
     gather_rollout,
     get_rollout_outputs,
-    get_trained_state,
-    load_trained_state,
 )
 from minirlhf.optim import get_optimizer_and_scheduler
+from minirlhf.pass_at_k import get_pass_metrics
 from minirlhf.policy_outputs import get_policy_outputs
 from minirlhf.prompts import (
     Prompt,
@@ -54,6 +52,7 @@ from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
 from minirlhf.runtime import distributed, loading
 from minirlhf.runtime.device import autocast, pick_device, pick_precision
 from minirlhf.runtime.random_streams import RandomStreams, set_seed
+from minirlhf.runtime.trained_state import get_trained_state, load_trained_state
 from minirlhf.sampling import Samples, SamplingConfig, get_samples
 from minirlhf.tracking import PhaseLogger, get_wandb_config, timed
 

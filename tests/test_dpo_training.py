@@ -12,7 +12,7 @@ from rich.console import Console
 from minirlhf import cli
 from minirlhf.cli.checkpoint import load_checkpoint
 from minirlhf.cli.run_folder import load_run_policy
-from minirlhf.models import load_trained_state, prepare_policy
+from minirlhf.models import prepare_policy
 from minirlhf.pairs import dpo_training
 from minirlhf.pairs.dpo import calc_dpo_loss
 from minirlhf.pairs.dpo_training import (
@@ -26,6 +26,7 @@ from minirlhf.pairs.preferences import Preference, make_preferences, split_prefe
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.runtime import lora
 from minirlhf.runtime.loading import load_policy
+from minirlhf.runtime.trained_state import load_trained_state
 from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.sampling import get_samples
 

@@ -26,10 +26,11 @@ from minirlhf.args import RLHFArgs
 from minirlhf.cli.checkpoint import load_checkpoint
 from minirlhf.cli.provenance import check_inputs
 from minirlhf.cli.safe_files import open_nofollow, refuse_symlinks, write_text
-from minirlhf.models import load_trained_state, prepare_policy
+from minirlhf.models import prepare_policy
 from minirlhf.pairs.preferences import read_preferences, split_preferences
 from minirlhf.runtime import loading
 from minirlhf.runtime.lora import merge_lora
+from minirlhf.runtime.trained_state import load_trained_state
 
 try:
     import fcntl

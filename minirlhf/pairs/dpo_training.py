@@ -34,17 +34,12 @@ from transformer_lens import HookedTransformer
 
 from minirlhf.args import RLHFArgs
 from minirlhf.losses import calc_exact_kl
-from minirlhf.models import (
-    ReferenceModel,
-    get_trained_state,
-    load_trained_state,
-    prepare_policy,
-    run_model,
-)
+from minirlhf.models import ReferenceModel, prepare_policy, run_model
 from minirlhf.pairs.dpo import calc_dpo_loss, calc_preference_metrics, get_sequence_logprobs
 from minirlhf.pairs.preferences import Preference
 from minirlhf.pairs.reward_training import run_pair_epochs
 from minirlhf.runtime import lora
+from minirlhf.runtime.trained_state import get_trained_state, load_trained_state
 from minirlhf.runtime.trunk import TrunkCache
 from minirlhf.validation import check_at_least, check_choice, check_interval, check_positive
 
@@ -382,7 +377,7 @@ def get_dpo_state(policy: HookedTransformer, optimizer: torch.optim.Optimizer,
                   history: list[dict[str, float]]) -> dict:
     """What continues a DPO run: what trained (under "model", named as in a PPO checkpoint, so
     `minirlhf sample` and `export` read them alike; frozen weights, which the base model holds,
-    are left out: `models.get_trained_state`), AdamW's state, and the metrics so far. The
+    are left out: `runtime.trained_state`), AdamW's state, and the metrics so far. The
     shuffles need no state: they are drawn again from the seed."""
     return {"model": {f"base_model.{name}": value
                       for name, value in get_trained_state(policy).items()},

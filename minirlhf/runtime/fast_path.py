@@ -28,11 +28,13 @@ models `minirlhf.runtime.loading` builds.
 """
 
 import warnings
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from transformer_lens import HookedTransformer
 
 from minirlhf.runtime.fast_blocks import ACTIVATIONS, KeyValues, normalize, run_block
@@ -179,6 +181,7 @@ def forward(
     start: int = 0,
     layers: slice = slice(None),
     residual: Float[Tensor, "batch new_seq d_model"] | None = None,
+    checkpoint_blocks: bool = False,
 ) -> Float[Tensor, "batch new_seq d_model"]:
     """The final normalised residual stream, as `ln_final.hook_normalized` holds it: before the
     final norm's gain and bias (what the value head reads; `unembed` applies the gain and bias).
@@ -192,22 +195,24 @@ def forward(
         layers: run only these blocks. `slice(None, k)` stops before block k and returns the
             residual stream entering it (not normalised): a frozen trunk's output.
             `slice(k, None)` starts at block k from `residual`, that output.
+        checkpoint_blocks: with gradients on, keep each block's input, not its activations, and
+            run the block again in the backward pass (activation checkpointing).
     """
     position_ids, causal, attn_mask = _get_positions_and_mask(tokens, attention_mask, start)
     if residual is None:
         residual = _embed(weights, tokens, position_ids)
     rotary = _get_rotary(weights, position_ids)
     first, stop, _ = layers.indices(len(weights.layers))
+    step = (partial(checkpoint, run_block, use_reentrant=False)
+            if checkpoint_blocks and cache is None and torch.is_grad_enabled() else run_block)
     for i in range(first, stop):
-        layer_cache = None if cache is None else (*cache[i], start)
-        residual = run_block(residual, weights.layers[i], weights, rotary, attn_mask, causal,
-                             layer_cache)
+        kv = None if cache is None else (*cache[i], start)
+        residual = step(residual, weights.layers[i], weights, rotary, attn_mask, causal, kv)
         for shift in weights.shifts.get(i, ()):  # steering (`runtime.steering`)
             residual = residual + shift.offsets(residual)
     if stop < len(weights.layers):
         return residual
-    # Before the final norm's gain and bias: what ln_final.hook_normalized holds.
-    return normalize(residual, weights, None, None)
+    return normalize(residual, weights, None, None)  # ln_final.hook_normalized: no gain or bias
 
 
 def _get_positions_and_mask(

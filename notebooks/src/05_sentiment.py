@@ -30,9 +30,10 @@
 # **The default below finishes in about 3 minutes on a 2-core CPU** (loading included): 5 phases
 # of 32 samples of 16 tokens, 8 PPO steps per phase, in bfloat16 where the CPU has fast bfloat16
 # instructions (`precision="auto"`, as the command line picks it; without them it runs in
-# float32 and takes about 6 minutes). That is enough for the mean reward to rise visibly. The `smollm2-vader` preset runs 25 phases of 20 tokens and climbs
-# from about 0.2 to about 0.9 (`minirlhf train --preset smollm2-vader`, about 6 minutes on the
-# same CPU); on a GPU (`DEVICE = "cuda"`) far longer runs are cheap.
+# float32 and takes about 6 minutes). That is enough for the mean reward to rise visibly. The
+# `smollm2-vader` preset runs 25 phases of 20 tokens and climbs from about 0.2 to about 0.9
+# (`minirlhf train --preset smollm2-vader`, about 6 minutes on the same CPU); on a GPU
+# (`DEVICE = "cuda"`) far longer runs are cheap.
 #
 # On a CPU the notebook uses one thread (`CPU_THREADS = 1`): on a 2-core CPU that other work
 # shares, torch's default of a thread per core can make every phase several times slower,
