@@ -26,7 +26,7 @@ Beside the pipeline, three wings:
 
     runtime/    what runs the model: device, loading (hf_checkpoints), tokens, fast_path
                 (fast_weights, fast_blocks), trunk (a frozen trunk run once), lora, distributed
-                (torchrun), random_streams, export (to HF folders; export_checks)
+                (torchrun), random_streams, trained_state, export (to HF folders; export_checks)
     pairs/      learning from pairs of answers: preferences, reward_model + reward_training,
                 dpo + dpo_training
     cli/        the command line, one module per subcommand (train, sample, export,
