@@ -162,7 +162,9 @@ def test_gradients_match_the_oracle(name):
     for fast_path in (False, True):
         got = grads(run_model(model, tokens, mask, fast_path)[0])
         for g, e in zip(got, expected):
-            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+            # float32 rounding scales with the largest entry (about 50 here): on an AVX512 CPU
+            # an entry of 0.17 summed from larger terms differed by 3e-5 on both paths.
+            torch.testing.assert_close(g, e, atol=1e-6 * e.abs().max().item(), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", MODELS)
