@@ -10,6 +10,7 @@ before and after training. Float32, as a plain CPU runs it.
 
     python benchmarks/answers.py                           # gae-pos, grpo-pos, gae-neg, grpo-neg
     python benchmarks/answers.py --runs grpo-neg --phases 10
+    python benchmarks/answers.py --runs grpo-pos --truncation mask   # -> answers-grpo-pos-mask.json
     python benchmarks/answers.py --report-only             # the table of the saved results
 
 Each run's figures go to `<out>/answers-<run>.json`, so runs may go in separate processes.
@@ -46,24 +47,27 @@ def held_out_samples(trainer: RLHFTrainer, count: int = 6) -> list[dict]:
             for p, a, r, e in zip(prompts, samples.responses, rewards, samples.ended)]
 
 
-def run(name: str, phases: int, seed: int, console: Console, path: Path) -> dict:
+def run(name: str, phases: int, seed: int, truncation: str, console: Console,
+        path: Path) -> dict:
     """Train one run ("gae-pos", "grpo-neg", ...) and collect its figures, written to `path`
     after every phase (marked "complete": false until the run ends)."""
     estimator, direction = name.split("-")
     preset = PRESETS["smollm2-chat"]
     args = RLHFArgs(**{**preset["args"], **ESTIMATOR_ARGS[estimator], "total_phases": phases,
-                       "precision": "fp32", "seed": seed, "held_out_max": 32})
+                       "precision": "fp32", "seed": seed, "held_out_max": 32,
+                       "truncation": truncation})
     spec = {**preset["reward"], "direction": direction}
     trainer = RLHFTrainer(args, make_reward_fn(spec), base_model=load_policy("smollm2"),
                           console=console, table_every=0)
-    result = {"run": name, "args": args.to_dict(), "machine": describe_cpu(),
+    label = name if truncation == "keep" else f"{name}-{truncation}"
+    result = {"run": label, "args": args.to_dict(), "machine": describe_cpu(),
               "before": held_out_samples(trainer), "phases": []}
     start = time.perf_counter()
 
     def on_phase_end(trainer: RLHFTrainer, rollout: Rollout):
         row = {key: rollout.metrics.get(key) for key in KEYS}
         result["phases"].append(row)
-        console.print(f"{name} phase {len(result['phases']) - 1:2d}: " + ", ".join(
+        console.print(f"{label} phase {len(result['phases']) - 1:2d}: " + ", ".join(
             f"{key.split('/')[1]} {value:.3g}" for key, value in row.items()
             if value is not None), soft_wrap=True)
         result["minutes"] = (time.perf_counter() - start) / 60
@@ -101,6 +105,8 @@ def main():
     parser.add_argument("--runs", default="gae-pos,grpo-pos,gae-neg,grpo-neg")
     parser.add_argument("--phases", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--truncation", default="keep", choices=["keep", "mask", "penalty"],
+                        help="RLHFArgs.truncation (the preset keeps truncated answers)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--report-only", action="store_true")
@@ -110,7 +116,9 @@ def main():
     torch.set_num_threads(ns.threads)
     ns.out.mkdir(parents=True, exist_ok=True)
     for name in [] if ns.report_only else ns.runs.split(","):
-        run(name, ns.phases, ns.seed, console, ns.out / f"answers-{name}.json")
+        suffix = "" if ns.truncation == "keep" else f"-{ns.truncation}"
+        run(name, ns.phases, ns.seed, ns.truncation, console,
+            ns.out / f"answers-{name}{suffix}.json")
     report(ns.out, console)
 
 

@@ -135,9 +135,26 @@ def export_baseline(commit: str, folder: Path) -> Path:
     return folder
 
 
-def run_variant(package_root: Path, ns: argparse.Namespace, *extra: str) -> dict:
+LEAN = ["--recompute-ref-logits", "--activation-checkpointing"]
+MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc's malloc: every block over 128 KiB its own mapping, returned to the system when freed
+(by default the threshold rises to the largest block freed, up to 32 MiB, and blocks below it
+come from a heap whose freed holes stay resident)."""
+VARIANTS = {  # name: (the baseline's package?, flags, environment)
+    "before": (True, [], {}),
+    "chunked": (False, [], {}),
+    "chunked+ref_residual": (False, ["--recompute-ref-logits"], {}),
+    "chunked+checkpointed": (False, ["--activation-checkpointing"], {}),
+    "lean": (False, LEAN, {}),
+    "before+mmap": (True, [], MMAP),
+    "lean+mmap": (False, LEAN, MMAP),
+}
+
+
+def run_variant(package_root: Path, ns: argparse.Namespace, *extra: str, env: dict) -> dict:
     """One fresh process importing minirlhf from `package_root`; its JSON line."""
-    env = {**os.environ, "PYTHONPATH": str(package_root), "OMP_NUM_THREADS": str(ns.threads)}
+    env = {**os.environ, **env, "PYTHONPATH": str(package_root),
+           "OMP_NUM_THREADS": str(ns.threads)}
     command = [sys.executable, __file__, "--child", "--threads", str(ns.threads),
                "--batch", str(ns.batch), "--gen-len", str(ns.gen_len), *extra]
     out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=package_root)
@@ -169,6 +186,7 @@ def main():
     parser.add_argument("--chunk-tokens", type=int, help="head: token_stats.CHUNK_TOKENS")
     parser.add_argument("--part", choices=["phase", "head"], default="phase",
                         help="head: the log-prob / entropy / KL head alone, three ways")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     ns = parser.parse_args()
     if ns.child:
@@ -185,15 +203,13 @@ def main():
           f"{ns.threads} torch thread(s); batch {ns.batch}, gen_len {ns.gen_len}, fp32")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name, root, extra in [("before", export_baseline(ns.baseline, Path(folder)), []),
-                                  ("chunked", ROOT, []),
-                                  ("chunked+ref_residual", ROOT, ["--recompute-ref-logits"]),
-                                  ("chunked+checkpointed", ROOT, ["--activation-checkpointing"]),
-                                  ("lean", ROOT, ["--recompute-ref-logits",
-                                                  "--activation-checkpointing"])]:
-            rows[name] = run_variant(root, ns, *extra)
-            print(f"{name:20s}", "  ".join(f"{k} {rows[name][k]:.1f}" for k in FIELDS))
-    for name in ("chunked", "lean"):
+        baseline = export_baseline(ns.baseline, Path(folder))
+        for name in ns.variants.split(","):
+            old, extra, env = VARIANTS[name]
+            rows[name] = run_variant(baseline if old else ROOT, ns, *extra, env=env)
+            print(f"{name:22s}", "  ".join(f"{k} {rows[name][k]:.1f}" for k in FIELDS),
+                  flush=True)
+    for name in [name for name in rows if name != "before" and "before" in rows]:
         change = rows[name]["process_peak_mib"] / rows["before"]["process_peak_mib"] - 1
         print(f"process peak, before -> {name}: {rows['before']['process_peak_mib']:.0f} -> "
               f"{rows[name]['process_peak_mib']:.0f} MiB ({change:+.1%})")

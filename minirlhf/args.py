@@ -149,7 +149,7 @@ class RLHFArgs:
     activation_checkpointing: bool = False
     """Learning steps keep each block's input instead of every activation inside it and run the
     block again in the backward pass: less memory for about a third more learning time (fast
-    path only; docs/lora.md has the measurements)."""
+    path only; measured in docs/performance.md)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
     loss stay float32); "auto" picks bf16 where the hardware multiplies bfloat16 fast (a CUDA GPU
