@@ -13,27 +13,30 @@ it again after the learning phase. The variants:
 - "chunked": this checkout (`minirlhf.token_stats`: a few positions at a time, one
   log-softmax per chunk, the backward pass recomputing each chunk's unembedding);
 - "chunked+ref_residual": the same with `recompute_ref_logits=True` (the reference keeps its
-  final residual stream for the phase instead of its 32 x 64 x 49,152 logits), for comparison.
+  final residual stream for the phase instead of its 32 x 64 x 49,152 logits);
+- "chunked+checkpointed": with `activation_checkpointing=True` (each block's input kept, the
+  block rerun in the backward pass);
+- "lean": both;
+- "before+mmap", "lean+mmap": the same two under glibc's `MALLOC_MMAP_THRESHOLD_=131072` (every
+  block over 128 KiB its own mapping, returned when freed), to show the allocator's share.
 
-Both sample the same answers (same seed, same sampler). Target (issue 28): peak at least 40%
-lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC, 2 cores shared with other jobs at load
-~8, 1 torch thread, fast bf16: no; MiB):
+All sample the same answers (same seed, same sampler). Target (issue 28): peak at least 40%
+lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC with AVX512-BF16, unused: float32; two
+runs, the second for the mmap rows; MiB):
 
-| variant | rollout peak | learning start | learning peak = process peak | learning's own |
+| variant | rollout peak | learning start | process peak | against before |
 |---|---|---|---|---|
-| before (5e2b560) | 3,261 | 2,781 | 6,542 | 3,761 |
-| chunked (kept log-softmax: the default here) | 2,909 | 2,813 | 6,104 (-6.7%) | 3,290 (-12.5%) |
-| chunked, `recompute_ref_logits=True` | 2,373 | 2,277 | 5,007 (-23.5%) | 2,730 (-27%) |
-| an earlier run: before | 3,189 | 2,805 | 6,511 | 3,706 |
-| an earlier run: chunked, every chunk checkpointed | 2,775 | 2,392 | 6,043 (-7.2%) | 3,651 |
+| before (5e2b560) | 3,349 | 2,821 | 6,539 | |
+| chunked (the default) | 3,087 | 3,087 | 6,140 | -6.1% |
+| chunked+ref_residual | 2,502 | 2,091 | 5,091 | -22.1% |
+| chunked+checkpointed | 2,836 | 2,452 | 5,510 | -15.7% |
+| lean | 2,601 | 2,505 | 4,460 | -31.8% |
+| before+mmap | 2,956 | 2,255 | 6,131 | |
+| lean+mmap | 2,275 | 1,877 | 3,755 | -38.8% (against before+mmap) |
 
-The target is not met: the vocabulary-sized tensors were about 0.45 GB of a 6.5 GB peak. What
-is left is the floor of full-weight fp32 training, not the head: two copies of the weights
-(policy and reference, 1.1 GB), the gradients and AdamW's two moments (1.6 GB), the 32 x 64 x
-49,152 reference logits kept for the phase (0.4 GB; `recompute_ref_logits` drops them) and the
-30 blocks' activations saved for the backward pass. The head alone (`--part head`, 8 rows x 64
-positions: 1,021 MiB unchunked, 474 MiB chunked) shows the part this change owns. Times are
-not comparable (the load changed between processes).
+Not met: the floor of full-weight fp32 AdamW training here is about 3,660 MiB (imports, the
+policy and the reference's copy, the gradients, AdamW's two moments); docs/performance.md says
+what lies between it and each row, and what each setting costs in time.
 
     OMP_NUM_THREADS=1 python benchmarks/learning_memory.py
 """

@@ -148,7 +148,7 @@ class RLHFArgs:
     logits (the unembedding only) per minibatch: d_model instead of d_vocab floats per token."""
     activation_checkpointing: bool = False
     """Learning steps keep each block's input instead of every activation inside it and run the
-    block again in the backward pass: less memory for about a third more learning time (fast
+    block again in the backward pass: less memory for about a fifth more learning time (fast
     path only; measured in docs/performance.md)."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
