@@ -62,8 +62,11 @@ def read_status_mib(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", status).group(1)) / 1024
 
 
-def child(ns: argparse.Namespace):
-    """One variant, in this fresh process (whose minirlhf is the variant's)."""
+def make_trainer(threads: int, batch: int, gen_len: int, passes: int, **settings):
+    """The benchmark's job: SmolLM2, every weight trained, GRPO against a character count on the
+    shipped review prompts, float32, `passes` learning passes of 4 minibatches, and `settings`
+    (RLHFArgs fields; pass only those the imported minirlhf has: the baseline's lacks the newer
+    ones)."""
     import torch
     from rich.console import Console
 
@@ -73,17 +76,21 @@ def child(ns: argparse.Namespace):
     from minirlhf.runtime.loading import load_policy
     from minirlhf.trainer import RLHFTrainer
 
-    torch.set_num_threads(ns.threads)
+    torch.set_num_threads(threads)
     args = RLHFArgs(**{**MOVIE_ARGS, "prompts": "reviews", "held_out_fraction": 0.0,
-                       "group_size": 4, "batch_size": ns.batch, "num_minibatches": 4,
-                       "batches_per_learning_phase": 2, "gen_len": ns.gen_len,
+                       "group_size": 4, "batch_size": batch, "num_minibatches": 4,
+                       "batches_per_learning_phase": passes, "gen_len": gen_len,
                        "advantage_estimator": "grpo", "precision": "fp32", "total_phases": 3,
-                       "recompute_ref_logits": ns.recompute_ref_logits,
-                       # (the baseline's RLHFArgs has no such field)
-                       **({"activation_checkpointing": True} if ns.activation_checkpointing
-                          else {})})
-    trainer = RLHFTrainer(args, reward_fn_char_count, base_model=load_policy("smollm2"),
-                          console=Console(quiet=True), table_every=0)
+                       **settings})
+    return RLHFTrainer(args, reward_fn_char_count, base_model=load_policy("smollm2"),
+                       console=Console(quiet=True), table_every=0)
+
+
+def child(ns: argparse.Namespace):
+    """One variant, in this fresh process (whose minirlhf is the variant's)."""
+    checkpointing = {"activation_checkpointing": True} if ns.activation_checkpointing else {}
+    trainer = make_trainer(ns.threads, ns.batch, ns.gen_len, 2,
+                           recompute_ref_logits=ns.recompute_ref_logits, **checkpointing)
     rollout = trainer.rollout_phase()
     rollout_peak = read_status_mib("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)

@@ -28,35 +28,20 @@ zeroed by the kernel on first touch).
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from learning_memory import MMAP, make_trainer, read_status_mib
+
 ROOT = Path(__file__).resolve().parent.parent
-MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def child(checkpointing: bool, threads: int):
     """One setting, in this fresh process: the learning phase's times and the peak memory."""
-    import torch
-    from rich.console import Console
-
-    from minirlhf.args import RLHFArgs
-    from minirlhf.cli.presets import MOVIE_ARGS
-    from minirlhf.rewards import reward_fn_char_count
-    from minirlhf.runtime.loading import load_policy
-    from minirlhf.trainer import RLHFTrainer
-
-    torch.set_num_threads(threads)
-    args = RLHFArgs(**{**MOVIE_ARGS, "prompts": "reviews", "held_out_fraction": 0.0,
-                       "group_size": 4, "batch_size": 32, "num_minibatches": 4,
-                       "batches_per_learning_phase": 1, "gen_len": 64,
-                       "advantage_estimator": "grpo", "precision": "fp32", "total_phases": 3,
-                       "recompute_ref_logits": True, "activation_checkpointing": checkpointing})
-    trainer = RLHFTrainer(args, reward_fn_char_count, base_model=load_policy("smollm2"),
-                          console=Console(quiet=True), table_every=0)
+    trainer = make_trainer(threads, 32, 64, 1, recompute_ref_logits=True,
+                           activation_checkpointing=checkpointing)
     rollout = trainer.rollout_phase()
     trainer.learning_phase(rollout.memory)  # warm-up: AdamW's state
     times = []
@@ -64,10 +49,9 @@ def child(checkpointing: bool, threads: int):
         started = time.perf_counter()
         trainer.learning_phase(rollout.memory)
         times.append(round(time.perf_counter() - started, 2))
-    status = Path("/proc/self/status").read_text()
-    peak = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
     print(json.dumps({"checkpointing": checkpointing, "mmap_threshold": "MALLOC_MMAP_THRESHOLD_"
-                      in os.environ, "learning_s": times, "peak_mib": round(peak)}))
+                      in os.environ, "learning_s": times,
+                      "peak_mib": round(read_status_mib("VmHWM"))}))
 
 
 def main():

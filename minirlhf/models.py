@@ -197,7 +197,8 @@ class TransformerWithValueHead(nn.Module):
             trunk = Trunk(self.frozen_layers, kept["trunk"]) if kept and "trunk" in kept else None
             logits, final_residual = run_model(self.base_model, sample_ids, attention_mask,
                                                self.fast_path, generated_states(prefix_len),
-                                               trunk, False, self.checkpoint_blocks)
+                                               trunk, unembed=False,
+                                               checkpoint_blocks=self.checkpoint_blocks)
         get_logits = get_chunk_logits(self.base_model, logits, final_residual, self.temperature)
         return get_logits, self.get_values(final_residual)
 
