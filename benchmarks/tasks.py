@@ -17,15 +17,17 @@ benchmarks/results/tasks-<task>.json, so a stopped benchmark continues where it 
 stopped mid-run is resumed from its run folder's checkpoint, under --runs-dir). The markdown
 table of every task measured so far goes to benchmarks/results/tasks.md (docs/tasks.md).
 
-SFT defaults (`SFT_TASK_ARGS`): LoRA rank 16 on the top 8 blocks, LR 5e-4, 32 steps of 8
-demonstrations (256, one pass). Chosen to land the SFT model inside the band where GRPO learns
+SFT defaults (`SFT_TASK_ARGS`): LoRA rank 16 on the top 8 blocks, LR 5e-4, steps of 8
+demonstrations, one pass, as many steps as `SFT_STEPS` gives the task (add: 32, 256
+demonstrations). Chosen to land the SFT model inside the band where GRPO learns
 (pass@1 0.1-0.9); measured on `add` only so far (0.14 -> 0.62, docs/tasks.md): the base model
 fails the string and format tasks because it explains instead of answering
 (benchmarks/task_band.py); a few hundred
 demonstrations teach that *form* (the number or word alone, then the end of the turn) long before
-they teach reversing or sorting letters, which a 135M model does only sometimes. A longer run or
-a higher LR would push the easy format tasks (three-words, question) towards 1, where GRPO's
-groups all pass and teach nothing. `--sft-steps` and `--sft-lr` change it.
+they teach reversing or sorting letters, which a 135M model does only sometimes. The format tasks
+have 148 training problems and are learnt fast: measured with `--sft-steps 16` (three-words:
+0.64) and `--sft-steps 4` (question: 0.00; with 16 steps it is 1.00, where GRPO's groups all pass
+and teach nothing). `--sft-steps` and `--sft-lr` change it.
 
 GRPO gets at most `--grpo-minutes` (15) of training: a probe of 3 phases measures a phase's
 training time (rollout and learning, not the held-out evaluation), and the run is resumed up to
@@ -58,6 +60,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STAGES = ("base", "sft", "grpo")
 PROBE_PHASES = 3
 """GRPO phases run to time one (the preset's 2 warmup phases need at least 3)."""
+SFT_STEPS = {"add": 32, "three-words": 16, "question": 4}
+"""SFT steps of 8 demonstrations per task without --sft-steps (32 for the others): measured
+(docs/tasks.md) to leave GRPO something to teach; `question` passes every held-out prompt after
+16 steps."""
 
 SMOKE = {"model": "tiny", "chat_template": False, "prepend_bos": True, "gen_len": 4,
          "sft": ["--trainable-layers", "none", "--lora-rank", "0", "--batch-size", "4"],
@@ -88,6 +94,10 @@ def measure_pass_at_1(model, task_name: str, count: int, setting: dict) -> dict:
             "examples": answers[:3]}
 
 
+def get_sft_steps(ns: argparse.Namespace, task: str) -> int:
+    return ns.sft_steps or SFT_STEPS.get(task, 32)
+
+
 def run_sft(task: str, folder: Path, ns: argparse.Namespace, setting: dict) -> dict:
     """`minirlhf sft --task` (resumed if its folder holds an unfinished run), timed."""
     start = time.perf_counter()
@@ -95,9 +105,10 @@ def run_sft(task: str, folder: Path, ns: argparse.Namespace, setting: dict) -> d
         cli.main(["sft", "--out", str(folder), "--resume"])
     elif not (folder / "policy.pt").is_file():
         batch = 4 if ns.smoke else SFT_TASK_ARGS["batch_size"]
+        count = get_sft_steps(ns, task) * batch
         cli.main(["sft", "--task", task, "--out", str(folder), "--force",
                   "--base-model", setting["model"], "--base-lr", str(ns.sft_lr),
-                  "--precision", "fp32", "--num-demonstrations", str(ns.sft_steps * batch),
+                  "--precision", "fp32", "--num-demonstrations", str(count),
                   "--chat-template" if setting["chat_template"] else "--no-chat-template",
                   "--prepend-bos" if setting["prepend_bos"] else "--no-prepend-bos",
                   *setting["sft"]])
@@ -134,7 +145,8 @@ def train_grpo(task: str, sft_folder: Path, folder: Path, ns: argparse.Namespace
         cli.main(["train", "--task", task, "--base-model", str(sft_folder), "--out", str(folder),
                   "--force", "--precision", "fp32", "--total-phases", str(probe),
                   "--table-every", "0", "--eval-every", str(ns.eval_every), "--held-out-max",
-                  str(ns.eval_held_out), "--eval-pass-k", str(ns.eval_pass_k), *setting["train"]])
+                  str(ns.eval_held_out), "--eval-pass-k", str(ns.eval_pass_k), *setting["train"],
+                  *ns.train_flags])
     phases = read_phases(folder)
     if len(phases) < probe:
         cli.main(["train", "--out", str(folder), "--resume"])
@@ -168,7 +180,8 @@ def run_grpo(task: str, sft_folder: Path, folder: Path, ns: argparse.Namespace,
 
 def run_stage(stage: str, task: str, ns: argparse.Namespace, setting: dict) -> dict:
     """One stage of one task, and the held-out pass@1 of the model it ends with."""
-    sft_folder, grpo_folder = ns.runs_dir / f"{task}-sft", ns.runs_dir / f"{task}-grpo"
+    sft_folder = ns.runs_dir / f"{task}-sft"
+    grpo_folder = ns.runs_dir / f"{task}-grpo{'-' + ns.tag if ns.tag else ''}"
     if stage == "base":
         row, model = {"minutes": 0.0, "samples": 0}, load_policy(setting["model"])
     elif stage == "sft":
@@ -199,7 +212,8 @@ def write_markdown(results: list[dict], path: Path) -> str:
     machine = results[0]["machine"] if results else describe_cpu()
     text = (f"{machine['cpu']}, {results[0]['threads'] if results else '?'} threads, float32; "
             f"fast bf16: {machine['fast_bf16']}. Held-out pass@1: greedy, the first "
-            f"{results[0]['eval_prompts'] if results else '?'} held-out prompts.\n\n"
+            f"{results[0]['eval_prompts'] if results else '?'} held-out prompts (all of them "
+            "when a task has fewer).\n\n"
             + "\n".join(lines) + "\n")
     path.write_text(text)
     return text
@@ -208,7 +222,7 @@ def write_markdown(results: list[dict], path: Path) -> str:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--sft-steps", type=int, default=32, help="SFT steps (one pass)")
+    parser.add_argument("--sft-steps", type=int, help="SFT steps (one pass); default: SFT_STEPS")
     parser.add_argument("--sft-lr", type=float, default=SFT_TASK_ARGS["base_lr"])
     parser.add_argument("--grpo-minutes", type=float, default=15.0)
     parser.add_argument("--max-phases", type=int, default=200)
@@ -222,7 +236,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     parser.add_argument("--smoke", action="store_true",
                         help="the tiny model, 2 SFT steps, 1 GRPO phase, 8 prompts")
+    parser.add_argument("--tag", default="", help="a GRPO variant's name: its results go to "
+                        "tasks-<task>-<tag>.json, reusing the untagged file's base and SFT")
+    parser.add_argument("--train-flags", default="", help="more `minirlhf train` flags for the "
+                        "GRPO stage, one string, e.g. '--batch-size 64 --base-lr 3e-4'")
     ns = parser.parse_args()
+    ns.train_flags = ns.train_flags.split()
     if ns.smoke:
         ns.sft_steps, ns.eval_prompts, ns.eval_held_out, ns.eval_pass_k = 2, 8, 4, 2
     ns.runs_dir = ns.runs_dir or Path("runs") / ("tasks-smoke" if ns.smoke else "tasks-bench")
@@ -239,11 +258,16 @@ def main():
     prefix, results = "tasks-smoke-" if ns.smoke else "tasks-", []
     ns.results_dir.mkdir(parents=True, exist_ok=True)
     for task in ns.tasks.split(","):
-        path = ns.results_dir / f"{prefix}{task}.json"
+        path = ns.results_dir / f"{prefix}{task}{'-' + ns.tag if ns.tag else ''}.json"
+        untagged = ns.results_dir / f"{prefix}{task}.json"
         result = (json.loads(path.read_text()) if path.is_file() else
                   {"task": task, "machine": machine, "threads": ns.threads,
-                   "eval_prompts": ns.eval_prompts, "sft_steps": ns.sft_steps,
-                   "sft_lr": ns.sft_lr, "grpo_minutes": ns.grpo_minutes})
+                   "eval_prompts": ns.eval_prompts, "sft_steps": get_sft_steps(ns, task),
+                   "sft_lr": ns.sft_lr, "grpo_minutes": ns.grpo_minutes,
+                   "train_flags": ns.train_flags})
+        if ns.tag and untagged.is_file() and "sft" not in result:  # the same base and SFT run
+            result |= {k: v for k, v in json.loads(untagged.read_text()).items()
+                       if k in ("base", "sft")}
         for stage in STAGES:
             if stage in result:
                 console.print(f"{task} {stage}: done ({path}), skipped")

@@ -215,3 +215,14 @@ def test_the_benchmark_runs_its_stages_and_skips_those_done(tmp_path, monkeypatc
     capsys.readouterr()
     benchmark.main()
     assert capsys.readouterr().out.count("skipped") == 3
+
+
+@pytest.mark.parametrize("task", ["add", "three-words", "question"])
+def test_sft_task_without_a_count_learns_at_most_every_training_problem(task, tmp_path):
+    """The format tasks have 148 training problems, fewer than the default 256: `sft --task
+    three-words` learns all 148 instead of failing."""
+    parser = cli.build_parser()
+    ns = parser.parse_args(["sft", "--task", task, "--out", str(tmp_path / "run")])
+    _, (train, held_out) = sft_cli.args_and_demonstrations(ns, parser)
+    problems = len(get_task(task).get_problems("train"))
+    assert len(train) == min(256, problems) and held_out

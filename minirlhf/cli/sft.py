@@ -72,7 +72,7 @@ def add_sft_parser(commands):
                      "held-out split, rendered as `train --task` renders its prompts")
     sft.add_argument("--num-demonstrations", type=int,
                      help=f"with --task: learn the first N of its training demonstrations "
-                     f"(default {SFT_TASK_DEMONSTRATIONS})")
+                     f"(default {SFT_TASK_DEMONSTRATIONS}, or all when it has fewer)")
     sft.add_argument("--out", type=Path, required=True, help="the run folder")
     sft.add_argument("--force", action="store_true",
                      help="delete the files of a run already in --out and start again")
@@ -121,7 +121,8 @@ def args_and_demonstrations(ns: argparse.Namespace, parser: argparse.ArgumentPar
     try:
         args = SFTArgs(**defaults | {k: v for k, v in vars(ns).items() if k in names})
         if ns.task is not None:
-            splits = get_task_splits(ns.task, ns.num_demonstrations or SFT_TASK_DEMONSTRATIONS)
+            splits = get_task_splits(ns.task, ns.num_demonstrations or min(
+                SFT_TASK_DEMONSTRATIONS, len(get_task(ns.task).get_problems("train"))))
         else:
             splits = split_demonstrations(load_sft_records(ns.data), args.held_out_fraction,
                                           args.seed)
