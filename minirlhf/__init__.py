@@ -7,6 +7,7 @@ The pipeline, one module per stage, in the order data flows:
     prompts     prompt files, the held-out split, each phase's groups of prompts
     sampling    get_samples: the hand-written, KV-cached sampler -> Samples
     rewards     reward functions and their checks, normalize_reward (sentiment: VADER, ...)
+                (shaping: a reward minus its answer's repetition)
     models      the policy (TransformerWithValueHead: logits + values, the value head optional),
                 ReferenceModel, and get_rollout_outputs: a rollout's log-probs, values, KL,
                 entropy and what the models keep for the learning steps

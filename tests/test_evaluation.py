@@ -243,3 +243,18 @@ def test_eval_reads_a_dpo_run_on_a_prompt_file(tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["reward"]["kind"] == "char_count" and len(result["answers"]) == 4
     assert result["metrics"]["kl_per_answer"] > 0
+
+
+def test_eval_judges_a_penalised_run_by_its_judge_alone():
+    """A run trained with `repeat_penalty` is judged without it; --reward and --direction still
+    apply on top."""
+    import argparse
+
+    from minirlhf.cli.eval import get_reward_spec
+
+    spec = {"kind": "vader", "direction": "neg", "repeat_penalty": 1.0}
+    plain = argparse.Namespace(reward=None, direction=None)
+    assert get_reward_spec(spec, plain) == {"kind": "vader", "direction": "neg"}
+    assert get_reward_spec(spec, argparse.Namespace(reward=None, direction="pos")) == {
+        "kind": "vader", "direction": "pos"}
+    assert spec["repeat_penalty"] == 1.0  # the run's own spec is left as it was

@@ -34,3 +34,35 @@ def test_the_offline_preset_is_what_it_was():
     assert not differing, f"(now, was): {differing}"
     assert args == RLHFArgs(**expected)
     assert PRESETS["smollm2-vader"]["reward"] == {"kind": "vader", "direction": "pos"}
+
+
+def make_train_run(*flags):
+    from minirlhf import cli
+    from minirlhf.cli import train as train_cli
+
+    parser = cli.build_parser()
+    return train_cli.make_run(parser.parse_args(["train", *flags]), parser)
+
+
+def test_the_negative_direction_takes_the_presets_tuned_reward():
+    """`train --direction neg` on the offline preset: its reward minus the answer's repeated
+    3-grams (benchmarks/neg_sweep.py's choice); other flags still win, and pos is unchanged."""
+    neg = make_train_run("--direction", "neg")
+    assert neg["reward"] == {"kind": "vader", "direction": "neg", "repeat_penalty": 1.0}
+    assert neg["args"] == RLHFArgs(**PRESETS["smollm2-vader"]["args"]).to_dict()
+    assert make_train_run()["reward"] == {"kind": "vader", "direction": "pos"}
+    assert make_train_run("--direction", "neg", "--base-lr", "3e-4")["args"]["base_lr"] == 3e-4
+
+
+def test_a_repeat_penalty_in_a_reward_spec_takes_the_repeats_off():
+    """The spec's penalty by hand: "bad bad bad bad bad" repeats 2 of its 3 3-grams."""
+    from minirlhf.cli.presets import make_reward_fn
+    from minirlhf.rewards import get_rewards
+    from minirlhf.sentiment import make_vader_reward
+
+    texts = ["It was bad bad bad bad bad", "It was a dull film"]
+    plain = get_rewards(make_vader_reward("neg"), texts)
+    shaped = get_rewards(make_reward_fn({"kind": "vader", "direction": "neg",
+                                         "repeat_penalty": 1.5}), texts)
+    # "it was bad bad bad bad bad": 5 3-grams, "bad bad bad" 3 times, 2 of them repeats.
+    assert shaped.tolist() == pytest.approx([plain[0].item() - 1.5 * 2 / 5, plain[1].item()])

@@ -116,9 +116,10 @@ def get_run(ns: argparse.Namespace) -> tuple[dict, Path]:
 
 
 def get_reward_spec(spec: dict, ns: argparse.Namespace) -> dict:
-    """The run's reward spec with --reward and --direction on top. Control-token rewards read
-    a control token that held-out prompts do not carry: refused."""
-    spec = dict(spec)
+    """The run's reward spec with --reward and --direction on top, without the repetition
+    penalty a run may have trained with (the judge alone: repetition has its own column).
+    Control-token rewards read a control token that held-out prompts do not carry: refused."""
+    spec = {key: value for key, value in spec.items() if key != "repeat_penalty"}
     if ns.reward is not None:
         spec = {"kind": ns.reward, "direction": spec.get("direction", "pos")}
         if ns.reward == "classifier":

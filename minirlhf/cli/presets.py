@@ -1,4 +1,5 @@
-"""Named starting points for `minirlhf train`: RLHFArgs overrides plus a reward to optimise.
+"""Named starting points for `minirlhf train`: RLHFArgs overrides plus a reward to optimise
+(and, under "by_direction", what a preset changes for `--direction neg` or `pos`).
 
 Any flag on the command line overrides the preset's value; a field a preset does not list keeps
 its `RLHFArgs` default. A preset's reward is a spec (plain data, saved in a run's run.json);
@@ -38,6 +39,9 @@ PRESETS: dict[str, dict] = {
         "args": {**MOVIE_ARGS, "total_phases": 25, "final_scale": 0.8, "precision": "auto",
                  "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0, "base_lr": 1e-3},
         "reward": {"kind": "vader", "direction": "pos"},
+        # --direction neg: VADER's negative words get repeated ("bad bad bad") unless repeats
+        # cost (benchmarks/neg_sweep.py, docs/frontier.md: held out -0.41 -> -0.57, fluent).
+        "by_direction": {"neg": {"reward": {"repeat_penalty": 1.0}}},
     },
     # Answers that end (docs/answers.md): SmolLM2-Instruct asked, through its own chat
     # template, to finish the shipped review openings; each answer ends at its <|im_end|>
@@ -111,7 +115,18 @@ SFT_TASK_DEMONSTRATIONS = 256
 
 
 def make_reward_fn(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
-    """The reward function a run's reward spec names."""
+    """The reward function a run's reward spec names; with `"repeat_penalty": w`, minus w times
+    each answer's share of repeated 3-grams (`shaping.penalize_repetition`)."""
+    reward_fn = make_judge(spec, device)
+    if spec.get("repeat_penalty"):
+        from minirlhf.shaping import penalize_repetition
+
+        return penalize_repetition(reward_fn, float(spec["repeat_penalty"]))
+    return reward_fn
+
+
+def make_judge(spec: dict, device: str | torch.device = "cpu") -> RewardFn:
+    """The reward function of the spec's kind, before any shaping."""
     from minirlhf import sentiment
     kind = spec["kind"]
     if kind == "vader":

@@ -80,13 +80,15 @@ def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """A new run's config (preset, args, reward) from the preset and the flags."""
     preset_name = ns.preset or (TASK_PRESET if ns.task else DEFAULT_PRESET)
     preset = PRESETS[preset_name]
+    # A preset may tune a direction its own way (by_direction: args and reward spec on top).
+    tuned = preset.get("by_direction", {}).get(ns.direction, {})
     field_names = {f.name for f in dataclasses.fields(RLHFArgs) if f.init}
     overrides = {k: v for k, v in vars(ns).items() if k in field_names}
     try:
-        args = RLHFArgs(**{**preset["args"], **overrides})
+        args = RLHFArgs(**{**preset["args"], **tuned.get("args", {}), **overrides})
     except ValueError as error:
         parser.error(str(error))
-    reward = dict(preset["reward"])
+    reward = {**preset["reward"], **tuned.get("reward", {})}
     for key in ["direction", "classifier"]:
         if getattr(ns, key) is not None:
             reward[key] = getattr(ns, key)
