@@ -9,9 +9,12 @@ point (benchmarks/frontier.py's `measure`: `evaluate_policy`, 4 answers to each 
 seed 0), and the base model once beside them.
 
 The settings sweep what exists: the KL coefficient, the learning rate, the entropy bonus, the
-sampling temperature, a critic-free estimator. minirlhf has no repetition option; `rep*` settings
-try one here, outside the library: the reward minus `repeat_penalty` times the answer's share of
-repeated 3-grams (`shape_reward`), which a preset could adopt if it earns its place.
+sampling temperature, a critic-free estimator, and `rep*`: the reward minus `repeat_penalty`
+times the answer's share of repeated 3-grams (`minirlhf.shaping.penalize_repetition`, a reward
+spec's "repeat_penalty"; the preset's `--direction neg` adopted `rep1`). The settings measured on
+2026-12-07 were run with this script's own version of it, which counted repeats in the prompt +
+answer instead of the answer alone (the review openings repeat no 3-gram, so the two agree
+except for a 3-gram that spans the seam).
 
     python benchmarks/neg_sweep.py                          # every setting, neg, 25 phases
     python benchmarks/neg_sweep.py --settings preset,kl0.2 --direction pos
@@ -27,7 +30,6 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,10 +40,10 @@ import frontier  # noqa: E402
 
 from minirlhf.args import RLHFArgs  # noqa: E402
 from minirlhf.cli.presets import PRESETS  # noqa: E402
-from minirlhf.fluency import calc_repeated_ngram_share  # noqa: E402
 from minirlhf.runtime.device import describe_cpu  # noqa: E402
 from minirlhf.runtime.loading import load_policy  # noqa: E402
 from minirlhf.sentiment import make_vader_reward  # noqa: E402
+from minirlhf.shaping import penalize_repetition  # noqa: E402
 from minirlhf.trainer import RLHFTrainer  # noqa: E402
 
 SETTINGS: dict[str, dict] = {
@@ -62,18 +64,6 @@ SETTINGS: dict[str, dict] = {
 """Fields changed from the preset (all but `repeat_penalty` are RLHFArgs fields)."""
 TARGETS = {"pos": 0.9, "neg": -0.8}
 REPEAT_SLACK = 0.10
-
-
-def shape_reward(reward_fn: Callable, penalty: float) -> Callable:
-    """`reward_fn` minus `penalty` times each text's share of repeated 3-grams (0 for a text of
-    fewer than 3 words): a reward that pays less for saying the same words again."""
-
-    def shaped(samples: list[str]) -> torch.Tensor:
-        shares = [calc_repeated_ngram_share(text, 3) for text in samples]
-        shares = torch.tensor([0.0 if math.isnan(s) else s for s in shares])
-        return reward_fn(samples) - penalty * shares
-
-    return shaped
 
 
 def judge_setting(vader: float, repeat: float, base_repeat: float, direction: str,
@@ -99,7 +89,7 @@ def run_setting(ns, name: str, console: Console) -> dict:
     args = get_args(ns, setting)
     reward_fn = make_vader_reward(ns.direction)
     if setting.get("repeat_penalty"):
-        reward_fn = shape_reward(reward_fn, setting["repeat_penalty"])
+        reward_fn = penalize_repetition(reward_fn, setting["repeat_penalty"])
     trainer = RLHFTrainer(args, reward_fn, base_model=load_policy(args.base_model),
                           console=console, table_every=0)
     start = time.perf_counter()

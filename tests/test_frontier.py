@@ -12,6 +12,7 @@ import torch
 
 from minirlhf.runtime.export import export_hf
 from minirlhf.runtime.loading import load_policy, load_tiny_model
+from minirlhf.shaping import penalize_repetition
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -197,16 +198,11 @@ def test_saved_policy_loads_in_minirlhf_with_the_same_logprobs(tmp_path, wrap):
 sweep = load_script("neg_sweep")
 
 
-def zero_reward(samples):
-    return torch.zeros(len(samples))
-
-
-def test_shaped_reward_pays_less_for_repeated_trigrams():
-    # "bad bad bad bad": 3-grams (bad bad bad) twice, the second a repeat: share 1/2.
-    # "a fine film": one 3-gram, no repeat: 0. "so bad": fewer than 3 words: 0, not NaN.
-    shaped = sweep.shape_reward(zero_reward, penalty=0.4)
-    got = shaped(["bad bad bad bad", "a fine film", "so bad"])
-    torch.testing.assert_close(got, torch.tensor([-0.2, 0.0, 0.0]))
+def test_the_sweep_shapes_its_rep_settings_with_the_library():
+    """`rep*` settings train on `shaping.penalize_repetition` (tested in tests/test_shaping.py)."""
+    assert sweep.penalize_repetition is penalize_repetition
+    assert all(sweep.SETTINGS[name]["repeat_penalty"] > 0 for name in sweep.SETTINGS
+               if "rep" in name)
 
 
 @pytest.mark.parametrize("vader, repeat, direction, expected", [
