@@ -45,13 +45,17 @@ def make_train_run(*flags):
 
 
 def test_the_negative_direction_takes_the_presets_tuned_reward():
-    """`train --direction neg` on the offline preset: its reward minus the answer's repeated
-    3-grams (benchmarks/neg_sweep.py's choice); other flags still win, and pos is unchanged."""
+    """`train --direction neg` on the offline preset: LR 2e-3, KL coefficient 0.01 and its
+    reward minus twice the answer's repeated 3-grams (benchmarks/neg_sweep.py's
+    lr2e-3-kl0.01-rep2); flags still win, and pos is the preset as it was."""
     neg = make_train_run("--direction", "neg")
-    assert neg["reward"] == {"kind": "vader", "direction": "neg", "repeat_penalty": 1.0}
-    assert neg["args"] == RLHFArgs(**PRESETS["smollm2-vader"]["args"]).to_dict()
-    assert make_train_run()["reward"] == {"kind": "vader", "direction": "pos"}
-    assert make_train_run("--direction", "neg", "--base-lr", "3e-4")["args"]["base_lr"] == 3e-4
+    assert neg["reward"] == {"kind": "vader", "direction": "neg", "repeat_penalty": 2.0}
+    preset = RLHFArgs(**PRESETS["smollm2-vader"]["args"]).to_dict()
+    assert neg["args"] == preset | {"base_lr": 2e-3, "kl_coef": 0.01}
+    pos = make_train_run()
+    assert pos["reward"] == {"kind": "vader", "direction": "pos"} and pos["args"] == preset
+    flagged = make_train_run("--direction", "neg", "--base-lr", "3e-4")
+    assert flagged["args"]["base_lr"] == 3e-4 and flagged["args"]["kl_coef"] == 0.01
 
 
 def test_a_repeat_penalty_in_a_reward_spec_takes_the_repeats_off():

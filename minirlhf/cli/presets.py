@@ -39,9 +39,11 @@ PRESETS: dict[str, dict] = {
         "args": {**MOVIE_ARGS, "total_phases": 25, "final_scale": 0.8, "precision": "auto",
                  "trainable_layers": 8, "lora_rank": 16, "lora_alpha": 32.0, "base_lr": 1e-3},
         "reward": {"kind": "vader", "direction": "pos"},
-        # --direction neg: VADER's negative words get repeated ("bad bad bad") unless repeats
-        # cost (benchmarks/neg_sweep.py, docs/frontier.md: held out -0.41 -> -0.57, fluent).
-        "by_direction": {"neg": {"reward": {"repeat_penalty": 1.0}}},
+        # --direction neg (benchmarks/neg_sweep.py, docs/frontier.md): the preset reaches only
+        # -0.41 on held-out review prompts in 25 phases; a faster LR and a looser KL reach
+        # -0.81, and repeats must cost or the policy says "bad bad bad" to get there.
+        "by_direction": {"neg": {"args": {"base_lr": 2e-3, "kl_coef": 0.01},
+                                 "reward": {"repeat_penalty": 2.0}}},
     },
     # Answers that end (docs/answers.md): SmolLM2-Instruct asked, through its own chat
     # template, to finish the shipped review openings; each answer ends at its <|im_end|>
