@@ -60,6 +60,7 @@ SETTINGS: dict[str, dict] = {
     "lr3e-3-rep1": {"base_lr": 3e-3, "repeat_penalty": 1.0},
     "lr2e-3-kl0.01-rep1": {"base_lr": 2e-3, "kl_coef": 0.01, "repeat_penalty": 1.0},
     "lr2e-3-rep2": {"base_lr": 2e-3, "repeat_penalty": 2.0},
+    "lr2e-3-kl0.01-rep2": {"base_lr": 2e-3, "kl_coef": 0.01, "repeat_penalty": 2.0},
 }
 """Fields changed from the preset (all but `repeat_penalty` are RLHFArgs fields)."""
 TARGETS = {"pos": 0.9, "neg": -0.8}
@@ -117,10 +118,11 @@ def get_markdown(results: list[dict], base: dict, direction: str) -> str:
     """The sweep's table: held-out VADER, KL and fluency of each setting, and the verdicts."""
     base_repeat = base["metrics"]["repeated_3gram"]
     lines = [f"Base model: held-out VADER {base['vader_mean']:+.3f}, repeated 3-grams "
-             f"{base_repeat:.3f}, distinct-2 {base['metrics']['distinct_2']:.2f}.", "",
+             f"{base_repeat:.3f}, distinct-2 {base['metrics']['distinct_2']:.2f}, reference "
+             f"log-likelihood per token {base['metrics']['ref_logprob_per_token']:.2f}.", "",
              f"| setting | changes | phases | held-out VADER | KL / answer | repeated 3-grams | "
-             f"distinct-2 | reaches {TARGETS[direction]:+.1f} | fluent | train |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"distinct-2 | ref log-lik / token | reaches {TARGETS[direction]:+.1f} | fluent | "
+             "train |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r["metrics"]
         repeat = math.nan if m["repeated_3gram"] is None else m["repeated_3gram"]
@@ -128,6 +130,7 @@ def get_markdown(results: list[dict], base: dict, direction: str) -> str:
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
         lines.append(f"| {r['setting']} | {changes} | {r['phases']} | {r['vader_mean']:+.3f} | "
                      f"{m['kl_per_answer']:.2f} | {repeat:.3f} | {m['distinct_2']:.2f} | "
+                     f"{m['ref_logprob_per_token']:.2f} | "
                      f"{'yes' if reached else 'no'} | {'yes' if fluent else 'no'} | "
                      f"{r['train_seconds'] / 60:.1f} min |")
     return "\n".join(lines)
