@@ -183,7 +183,7 @@ def prepare_hf_folder(ns, base_model: str, console: Console) -> Path:
     return folder
 
 
-def train_trl(ns, args: RLHFArgs, name: str, console: Console) -> tuple:
+def train_trl(ns, args: RLHFArgs, name: str, direction: str, console: Console) -> tuple:
     """TRL's GRPOTrainer on the same job (its beta = args.kl_coef), in its own venv; the trained
     model comes back as a folder (trl_peer_trl.py's `save_dir`) that minirlhf loads."""
     python = trl_peer.ensure_trl_venv(ns.bench_dir / "trl-venv", console)
@@ -193,7 +193,8 @@ def train_trl(ns, args: RLHFArgs, name: str, console: Console) -> tuple:
         trl_peer.check_same_weights(python, folder, work_dir, ns.threads)
         ns.weights_checked = True
     job = trl_peer.get_trl_job(args, trl_peer.draw_phase_prompts(args), folder, work_dir,
-                               ns.threads) | {"save_dir": str(work_dir / "model")}
+                               ns.threads) | {"save_dir": str(work_dir / "model"),
+                                              "direction": direction}
     result = trl_peer.run_trl_script(python, "train", job, work_dir, ns.threads)
     policy, reference = load_policy(job["save_dir"]), load_policy(args.base_model)
     assert policy.cfg.default_prepend_bos == reference.cfg.default_prepend_bos, \
@@ -211,7 +212,7 @@ def run_point(ns, method: str, direction: str, kind: str, strength: float,
     if method == "dpo":
         policy, reference, info = train_dpo_point(ns, args, direction, strength, console)
     elif method == "trl_grpo":
-        policy, reference, info = train_trl(ns, args, name, console)
+        policy, reference, info = train_trl(ns, args, name, direction, console)
     else:
         policy, reference, info = train_rl(ns, args, direction, console)
     train_seconds = time.perf_counter() - start

@@ -40,12 +40,16 @@ def vader_compound(texts: list[str]) -> list[float]:
     return [analyzer.polarity_scores(text)["compound"] for text in texts]
 
 
-def make_vader_reward(batch_means: list[float]):
+def make_vader_reward(batch_means: list[float], direction: str = "pos"):
     """A TRL reward function (prompts, completions, **kwargs) -> rewards: the VADER compound of
-    prompt + completion. Each call (one per generated batch) appends its mean to `batch_means`."""
+    prompt + completion, negated for direction "neg" (as minirlhf's `make_vader_reward`). Each
+    call (one per generated batch) appends its mean to `batch_means`."""
+    if direction not in ("pos", "neg"):
+        raise ValueError(f"direction must be 'pos' or 'neg', got {direction!r}")
+    sign = 1.0 if direction == "pos" else -1.0
 
     def vader_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        rewards = vader_compound(get_reward_texts(prompts, completions))
+        rewards = [sign * r for r in vader_compound(get_reward_texts(prompts, completions))]
         batch_means.append(sum(rewards) / len(rewards))
         return rewards
 
@@ -214,7 +218,7 @@ def train(job: dict) -> dict:
     trainer_class.job = job
     trainer = trainer_class(
         model=model, processing_class=tokenizer,
-        reward_funcs=make_vader_reward(phase_rewards),
+        reward_funcs=make_vader_reward(phase_rewards, job.get("direction", "pos")),
         args=get_config(job, Path(job["work_dir"])),
         train_dataset=Dataset.from_dict({"prompt": job["prompts"]}),
         callbacks=[make_phase_timer(job["steps_per_phase"], phase_times, phase_rewards)],

@@ -55,6 +55,17 @@ def test_reward_scores_the_text_minirlhf_scores(reward_fn, right):
     assert reward_scores_prompt_and_completion(reward_fn) is right
 
 
+def test_the_negative_direction_negates_the_reward():
+    """The frontier's TRL points in the negative direction once trained on +VADER (the job had
+    no direction): the reward must follow it."""
+    means = []
+    reward_fn = trl_side.make_vader_reward(means, "neg")
+    assert reward_fn(prompts=[PROMPT], completions=[COMPLETION]) == [-LOVED_COMPOUND]
+    assert means == [-LOVED_COMPOUND]
+    with pytest.raises(ValueError, match="direction"):
+        trl_side.make_vader_reward([], "negative")
+
+
 def test_reward_records_each_batch_mean():
     means = []
     reward_fn = trl_side.make_vader_reward(means)
