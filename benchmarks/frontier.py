@@ -193,8 +193,7 @@ def train_trl(ns, args: RLHFArgs, name: str, direction: str, console: Console) -
         trl_peer.check_same_weights(python, folder, work_dir, ns.threads)
         ns.weights_checked = True
     job = trl_peer.get_trl_job(args, trl_peer.draw_phase_prompts(args), folder, work_dir,
-                               ns.threads) | {"save_dir": str(work_dir / "model"),
-                                              "direction": direction}
+                               ns.threads, direction) | {"save_dir": str(work_dir / "model")}
     result = trl_peer.run_trl_script(python, "train", job, work_dir, ns.threads)
     policy, reference = load_policy(job["save_dir"]), load_policy(args.base_model)
     assert policy.cfg.default_prepend_bos == reference.cfg.default_prepend_bos, \

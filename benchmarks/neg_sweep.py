@@ -11,10 +11,12 @@ seed 0), and the base model once beside them.
 The settings sweep what exists: the KL coefficient, the learning rate, the entropy bonus, the
 sampling temperature, a critic-free estimator, and `rep*`: the reward minus `repeat_penalty`
 times the answer's share of repeated 3-grams (`minirlhf.shaping.penalize_repetition`, a reward
-spec's "repeat_penalty"; the preset's `--direction neg` adopted `rep1`). The settings measured on
-2026-12-07 were run with this script's own version of it, which counted repeats in the prompt +
-answer instead of the answer alone (the review openings repeat no 3-gram, so the two agree
-except for a 3-gram that spans the seam).
+spec's "repeat_penalty"; the preset's `--direction neg` adopted `lr2e-3-kl0.01-rep2`). Of the
+settings measured on 2026-12-07, the negative rep1, lr2e-3-rep1, lr3e-3-rep1 and
+lr2e-3-kl0.01-rep1 ran with this script's earlier version of it, which counted repeats in the
+prompt + answer instead of the answer alone (the review openings repeat no 3-gram, so the two
+agree except for a 3-gram that spans the seam); lr2e-3-kl0.01-rep2 and the positive rep1 ran
+with the library's.
 
     python benchmarks/neg_sweep.py                          # every setting, neg, 25 phases
     python benchmarks/neg_sweep.py --settings preset,kl0.2 --direction pos

@@ -175,9 +175,9 @@ def check_same_weights(python: Path, folder: Path, work_dir: Path, threads: int)
 
 
 def get_trl_job(args: RLHFArgs, phase_prompts: list[list[str]], folder: Path, work_dir: Path,
-                threads: int) -> dict:
+                threads: int, direction: str = "pos") -> dict:
     """Everything the TRL side needs, from minirlhf's args: the same numbers under TRL's names
-    (benchmarks/trl_peer_trl.py:get_config maps them)."""
+    (benchmarks/trl_peer_trl.py:get_config maps them), and the reward's direction."""
     lora = None
     if args.lora_rank:
         n_layers = 30  # SmolLM2-135M's blocks; LoRA on the top trainable_layers of them
@@ -194,6 +194,7 @@ def get_trl_job(args: RLHFArgs, phase_prompts: list[list[str]], folder: Path, wo
         "warmup_steps": args.warmup_steps, "final_scale": args.final_scale,
         "max_grad_norm": args.max_grad_norm, "kl_coef": args.kl_coef,
         "clip_coef": args.clip_coef, "ent_coef": args.ent_coef, "lora": lora,
+        "direction": direction,
     }
 
 

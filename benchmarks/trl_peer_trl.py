@@ -218,7 +218,7 @@ def train(job: dict) -> dict:
     trainer_class.job = job
     trainer = trainer_class(
         model=model, processing_class=tokenizer,
-        reward_funcs=make_vader_reward(phase_rewards, job.get("direction", "pos")),
+        reward_funcs=make_vader_reward(phase_rewards, job["direction"]),
         args=get_config(job, Path(job["work_dir"])),
         train_dataset=Dataset.from_dict({"prompt": job["prompts"]}),
         callbacks=[make_phase_timer(job["steps_per_phase"], phase_times, phase_rewards)],
