@@ -60,7 +60,6 @@ from minirlhf.pairs.preferences import (  # noqa: E402
 )
 from minirlhf.prompts import load_prompt_split, prompt_text  # noqa: E402
 from minirlhf.runtime.device import describe_cpu  # noqa: E402
-from minirlhf.runtime.export import export_hf  # noqa: E402
 from minirlhf.runtime.loading import load_policy  # noqa: E402
 from minirlhf.sentiment import make_vader_reward  # noqa: E402
 from minirlhf.trainer import RLHFTrainer  # noqa: E402
@@ -177,9 +176,7 @@ def prepare_hf_folder(ns, base_model: str, console: Console) -> Path:
     """The base model as a Hugging Face folder TRL starts from (.bench/smollm2-hf is the one
     benchmarks/trl_peer.py makes and checks)."""
     folder = ns.bench_dir / f"{base_model}-hf"
-    if not (folder / "model.safetensors").exists():
-        console.print(f"Exporting {base_model} to {folder}", soft_wrap=True)
-        export_hf(load_policy(base_model), folder, prepend_bos=True)
+    trl_peer.prepare_hf_folder(folder, console, base_model)
     return folder
 
 

@@ -144,15 +144,21 @@ def run_trl_script(python: Path, mode: str, job: dict, work_dir: Path, threads: 
     return json.loads(result_file.read_text())
 
 
-def prepare_hf_folder(folder: Path, console: Console):
-    """minirlhf's SmolLM2 exported as a Hugging Face folder (tokenizer adding BOS, as minirlhf
-    feeds the policy), made once: the weights both sides start from."""
-    if (folder / "model.safetensors").exists():
-        return
+def prepare_hf_folder(folder: Path, console: Console, base_model: str = "smollm2"):
+    """minirlhf's `base_model` exported as a Hugging Face folder (tokenizer adding BOS, as
+    minirlhf feeds the policy), made once: the weights both sides start from. A folder whose
+    embeddings are tied otherwise than minirlhf's model (exported before minirlhf tied them) is
+    made again: both sides train the same parameters."""
     from minirlhf.runtime.export import export_hf
+    from minirlhf.runtime.tied import is_tied
 
-    console.print(f"Exporting SmolLM2 to {folder}", soft_wrap=True)
-    export_hf(load_policy("smollm2"), folder, prepend_bos=True)
+    model = load_policy(base_model)
+    if (folder / "model.safetensors").exists():
+        config = json.loads((folder / "config.json").read_text())
+        if config.get("tie_word_embeddings", False) == is_tied(model):
+            return
+    console.print(f"Exporting {base_model} to {folder}", soft_wrap=True)
+    export_hf(model, folder, prepend_bos=True)
 
 
 @torch.no_grad()

@@ -30,6 +30,7 @@ from minirlhf.models import prepare_policy
 from minirlhf.pairs.preferences import read_preferences, split_preferences
 from minirlhf.runtime import loading
 from minirlhf.runtime.lora import merge_lora
+from minirlhf.runtime.tied import untie_if_saved_apart
 from minirlhf.runtime.trained_state import load_trained_state
 
 try:
@@ -202,6 +203,8 @@ def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False,
     checkpoint = load_checkpoint(run_dir, map_location=device)
     policy = loading.load_policy(args.base_model, device)
     base = copy.deepcopy(policy).eval() if keep_base else None
+    untie_if_saved_apart(policy, {name.removeprefix("base_model."): value
+                                  for name, value in checkpoint.trainer["model"].items()})
     # A LoRA run's checkpoint holds its adapters: the policy needs them before loading it.
     prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
                    args.lora_targets)

@@ -48,6 +48,7 @@ from minirlhf.runtime.export_checks import (
     get_architecture,
 )
 from minirlhf.runtime.lora import get_adapters
+from minirlhf.runtime.tied import is_tied
 
 StateDict = dict[str, Tensor]
 
@@ -293,16 +294,8 @@ def export_hf(model: HookedTransformer, out_dir: str | Path, drop_unembed_bias: 
                           "(minirlhf.runtime.lora.merge_lora(model)).")
     cfg = model.cfg
     architecture = get_architecture(cfg)
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    b_U, dropped = state["unembed.b_U"], 0.0
     token_ids, notes = describe_tokenizer(model.tokenizer, cfg.d_vocab)
-    if architecture == "gpt2":
-        carry = float(b_U.max() - b_U.min()) > UNEMBED_BIAS_TOLERANCE
-        config, weights = get_gpt2_config(cfg, token_ids), get_gpt2_weights(state, cfg, carry)
-    else:
-        dropped = check_unembed_bias(b_U, drop_unembed_bias)
-        weights, attention_bias, mlp_bias = drop_zero_biases(get_llama_weights(state, cfg))
-        config = get_llama_config(cfg, token_ids, attention_bias, mlp_bias)
+    config, weights, dropped = get_hf_weights(model, architecture, token_ids, drop_unembed_bias)
     hf_model = AutoModelForCausalLM.from_config(config, dtype=cfg.dtype)
     # strict: every weight transformers expects is given, each with the shape it expects.
     hf_model.load_state_dict(weights, strict=True)
@@ -311,6 +304,33 @@ def export_hf(model: HookedTransformer, out_dir: str | Path, drop_unembed_bias: 
         save_tokenizer(model.tokenizer, out_dir,
                        cfg.default_prepend_bos if prepend_bos is None else prepend_bos)
     return Exported(Path(out_dir), architecture, dropped, notes)
+
+
+def get_hf_weights(model: HookedTransformer, architecture: str, token_ids: dict,
+                   drop_unembed_bias: bool) -> tuple[GPT2Config | LlamaConfig, StateDict, float]:
+    """The Hugging Face config and state dict of `model`, and the spread of a dropped b_U."""
+    cfg = model.cfg
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
+    # A tied model (`runtime.tied`) keeps no W_U of its own (`keeps_tie`: nor does the folder).
+    state.setdefault("unembed.W_U", model.W_U.detach())
+    b_U, dropped = state["unembed.b_U"], 0.0
+    if architecture == "gpt2":
+        carry = float(b_U.max() - b_U.min()) > UNEMBED_BIAS_TOLERANCE
+        config, weights = get_gpt2_config(cfg, token_ids), get_gpt2_weights(state, cfg, carry)
+    else:
+        dropped = check_unembed_bias(b_U, drop_unembed_bias)
+        weights, attention_bias, mlp_bias = drop_zero_biases(get_llama_weights(state, cfg))
+        config = get_llama_config(cfg, token_ids, attention_bias, mlp_bias)
+    config.tie_word_embeddings = keeps_tie(model, weights)
+    return config, weights, dropped
+
+
+def keeps_tie(model: HookedTransformer, weights: StateDict) -> bool:
+    """Whether the folder ties lm_head to the input embedding, as a tied model (`runtime.tied`)
+    does: yes unless carrying GPT-2's unembedding bias (`carry_unembed_bias_in_norm`) made
+    lm_head a different matrix."""
+    embedding = weights.get("transformer.wte.weight", weights.get("model.embed_tokens.weight"))
+    return is_tied(model) and torch.equal(weights["lm_head.weight"], embedding)
 
 
 def save_tokenizer(tokenizer, out_dir: str | Path, prepend_bos: bool):

@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from minirlhf.runtime.tied import tie_unembedding
+
 
 def load_hf_folder(path: str | Path, device: str | torch.device = "cpu") -> HookedTransformer:
     """A Hugging Face GPT-2 or Llama-architecture checkpoint in a local folder, with its tokenizer.
@@ -53,7 +55,7 @@ def load_hf_folder(path: str | Path, device: str | torch.device = "cpu") -> Hook
     cfg = get_cfg(hf_config, device, tokenizer)
     with torch.no_grad():
         state_dict = convert_weights(hf_model, cfg)
-    return build_model(cfg, state_dict, tokenizer)
+    return build_model(cfg, state_dict, tokenizer, tied=hf_config.tie_word_embeddings)
 
 
 def get_gpt2_cfg(
@@ -150,8 +152,15 @@ def build_model(
     cfg: HookedTransformerConfig,
     state_dict: dict[str, torch.Tensor],
     tokenizer: PreTrainedTokenizerBase,
+    tied: bool = False,
 ) -> HookedTransformer:
-    """A HookedTransformer holding converted weights, unfolded, in eval mode."""
+    """A HookedTransformer holding converted weights, unfolded, in eval mode.
+
+    Args:
+        tied: the checkpoint's config ties its embeddings (`tie_word_embeddings`): when its W_U
+            equals W_E.T, the model keeps one matrix for both (`runtime.tied`), as the checkpoint
+            does; a checkpoint whose two differ despite its config keeps both.
+    """
     # TransformerLens re-loads the tokenizer from tokenizer.name_or_path, so that must be a folder.
     model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=True)
     # GPT-2 has no unembedding bias, so convert_gpt2_weights leaves it out; init_weights=False
@@ -163,5 +172,7 @@ def build_model(
     assert not missing and not result.unexpected_keys, (
         f"weights {missing=} {result.unexpected_keys=}"
     )
+    if tied and torch.equal(model.unembed.W_U.detach(), model.embed.W_E.detach().T):
+        tie_unembedding(model)
     model.eval()
     return model

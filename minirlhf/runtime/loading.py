@@ -194,12 +194,14 @@ def load_smollm2(device: Device = "cpu", dtype: torch.dtype = torch.float32) -> 
     each (most on the first few tokens); `<|im_start|>` helped no more than nothing at all.
     """
     folder = _get_smollm2_cache(_find_smollm2_gguf())
-    cfg = get_llama_cfg(AutoConfig.from_pretrained(folder), device, dtype, prepend_bos=True)
+    hf_config = AutoConfig.from_pretrained(folder)
+    cfg = get_llama_cfg(hf_config, device, dtype, prepend_bos=True)
     # mmap: the 540 MB file is paged in while load_state_dict copies it, not read up front.
     state_dict = torch.load(
         folder / "state_dict.pt", map_location="cpu", mmap=True, weights_only=True
     )
-    return build_model(cfg, state_dict, AutoTokenizer.from_pretrained(folder))
+    return build_model(cfg, state_dict, AutoTokenizer.from_pretrained(folder),
+                       tied=hf_config.tie_word_embeddings)
 
 
 def _find_smollm2_gguf() -> Path:

@@ -17,6 +17,7 @@ import torch
 from transformer_lens import HookedTransformer
 
 from minirlhf.runtime.hashing import sha256_of
+from minirlhf.runtime.tied import untie_if_saved_apart
 
 POLICY_NAME = "policy.pt"
 RECORD_NAME = "policy.json"
@@ -76,6 +77,7 @@ def load_policy_folder(
     record = read_policy_record(folder)
     model = load_base(record["base_model"], device)
     state = torch.load(folder / POLICY_NAME, map_location=device, weights_only=True)
+    untie_if_saved_apart(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{folder / POLICY_NAME} does not fit {record['base_model']} (missing "
