@@ -42,6 +42,7 @@ what lies between it and each row, and what each setting costs in time.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -91,6 +92,8 @@ def child(ns: argparse.Namespace):
     checkpointing = {"activation_checkpointing": True} if ns.activation_checkpointing else {}
     trainer = make_trainer(ns.threads, ns.batch, ns.gen_len, 2,
                            recompute_ref_logits=ns.recompute_ref_logits, **checkpointing)
+    if ns.trim:
+        trim_after_each_step(trainer.optimizer)
     rollout = trainer.rollout_phase()
     rollout_peak = read_status_mib("VmHWM")
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (Linux)
@@ -102,6 +105,20 @@ def child(ns: argparse.Namespace):
                       "process_peak_mib": max(rollout_peak, learning_peak),
                       "learning_time_s": time.perf_counter() - started,
                       "objective": stats["losses/objective"]}))
+
+
+def trim_after_each_step(optimizer):
+    """After every optimiser step, hand the heap's free pages back to the system (glibc's
+    `malloc_trim`), so that the holes torch's freed tensors leave are not resident."""
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
+    step = optimizer.step
+
+    def step_and_trim(*args, **kwargs):
+        result = step(*args, **kwargs)
+        trim(0)
+        return result
+
+    optimizer.step = step_and_trim
 
 
 def head_child(variant: str, ns: argparse.Namespace):
@@ -150,6 +167,9 @@ MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 """glibc's malloc: every block over 128 KiB its own mapping, returned to the system when freed
 (by default the threshold rises to the largest block freed, up to 32 MiB, and blocks below it
 come from a heap whose freed holes stay resident)."""
+MMAP_1M = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+"""The same at 1 MiB: a block's activations and weight gradients (1-4 MiB for SmolLM2) are
+mappings of their own, smaller pieces come from the heap."""
 VARIANTS = {  # name: (the baseline's package?, flags, environment)
     "before": (True, [], {}),
     "chunked": (False, [], {}),
@@ -158,6 +178,9 @@ VARIANTS = {  # name: (the baseline's package?, flags, environment)
     "lean": (False, LEAN, {}),
     "before+mmap": (True, [], MMAP),
     "lean+mmap": (False, LEAN, MMAP),
+    "lean+trim": (False, [*LEAN, "--trim"], {}),
+    "before+mmap1m": (True, [], MMAP_1M),
+    "lean+mmap1m": (False, LEAN, MMAP_1M),
 }
 
 
@@ -193,6 +216,7 @@ def main():
     parser.add_argument("--recompute-ref-logits", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head-child", help=argparse.SUPPRESS)
+    parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-tokens", type=int, help="head: token_stats.CHUNK_TOKENS")
     parser.add_argument("--part", choices=["phase", "head"], default="phase",
                         help="head: the log-prob / entropy / KL head alone, three ways")
