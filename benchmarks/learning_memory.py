@@ -18,25 +18,26 @@ it again after the learning phase. The variants:
   block rerun in the backward pass);
 - "lean": both;
 - "before+mmap", "lean+mmap": the same two under glibc's `MALLOC_MMAP_THRESHOLD_=131072` (every
-  block over 128 KiB its own mapping, returned when freed), to show the allocator's share.
+  block over 128 KiB its own mapping, returned when freed), to show the allocator's share;
+- "lean+trim": lean, with glibc's `malloc_trim(0)` after every optimiser step;
+- "before+mmap1m", "lean+mmap1m": `MALLOC_MMAP_THRESHOLD_=1048576` (1 MiB).
 
 All sample the same answers (same seed, same sampler). Target (issue 28): peak at least 40%
-lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC with AVX512-BF16, unused: float32; two
-runs, the second for the mmap rows; MiB):
+lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC with AVX512-BF16, unused: float32),
+after SmolLM2's embeddings were tied (`runtime.tied`), in one run; MiB, learning seconds:
 
-| variant | rollout peak | learning start | process peak | against before |
-|---|---|---|---|---|
-| before (5e2b560) | 3,349 | 2,821 | 6,539 | |
-| chunked (the default) | 3,087 | 3,087 | 6,140 | -6.1% |
-| chunked+ref_residual | 2,502 | 2,091 | 5,091 | -22.1% |
-| chunked+checkpointed | 2,836 | 2,452 | 5,510 | -15.7% |
-| lean | 2,601 | 2,505 | 4,460 | -31.8% |
-| before+mmap | 2,956 | 2,255 | 6,131 | |
-| lean+mmap | 2,275 | 1,877 | 3,755 | -38.8% (against before+mmap) |
+| variant | rollout peak | learning start | process peak | learning | against before |
+|---|---|---|---|---|---|
+| before (5e2b560) | 3,271 | 2,791 | 6,533 | 62 s | |
+| lean | 2,525 | 2,503 | 4,196 | 71 s | -35.8% |
+| lean+trim | 2,399 | 2,016 | 4,073 | 75 s | -37.7% |
+| before+mmap1m | 2,913 | 2,212 | 6,159 | 74 s | |
+| lean+mmap1m | 2,235 | 1,837 | 3,652 | 91 s | -44.1% (-40.7% against before+mmap1m) |
 
-Not met: the floor of full-weight fp32 AdamW training here is about 3,660 MiB (imports, the
-policy and the reference's copy, the gradients, AdamW's two moments); docs/performance.md says
-what lies between it and each row, and what each setting costs in time.
+Met only with the allocator setting: the floor of full-weight fp32 AdamW training here is about
+3,240 MiB (imports, the policy and the reference's copy, the gradients, AdamW's two moments);
+docs/performance.md says what lies between it and each row (and the rows of the untied model),
+and what each setting costs in time.
 
     OMP_NUM_THREADS=1 python benchmarks/learning_memory.py
 """
