@@ -14,9 +14,12 @@ import torch
 from rich.console import Console
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from minirlhf import cli
 from minirlhf.args import RLHFArgs
+from minirlhf.cli.run_folder import load_run_policy
 from minirlhf.models import frozen_copy
 from minirlhf.rewards import reward_fn_char_count
+from minirlhf.runtime import hf_checkpoints
 from minirlhf.runtime.export import export_hf
 from minirlhf.runtime.hf_checkpoints import load_hf_folder
 from minirlhf.runtime.loading import get_gpt2_tokenizer
@@ -166,3 +169,23 @@ def test_full_weight_training_keeps_the_tie_and_the_reference_apart(make_printab
     assert not torch.equal(policy.embed.W_E, start)
     assert torch.equal(policy.unembed.W_U, policy.embed.W_E.T)
     assert torch.equal(reference.unembed.W_U, start.T)
+
+
+def test_a_run_trained_before_the_tie_is_read_back_untied(tied_gpt2_folder, tmp_path,
+                                                          monkeypatch):
+    """A run folder whose checkpoint holds its own trained W_U (minirlhf trained tied models
+    untied before 2026-12-07) still loads, with that W_U, for sample / eval / export."""
+    _, folder = tied_gpt2_folder
+    out = tmp_path / "run"
+    with monkeypatch.context() as old_minirlhf:  # loads tied checkpoints untied, as it did
+        old_minirlhf.setattr(hf_checkpoints, "tie_unembedding", lambda model: model)
+        cli.main(["train", "--preset", "tiny-smoke", "--base-model", str(folder),
+                  "--table-every", "0", "--batch-size", "4", "--gen-len", "6",
+                  "--total-phases", "1", "--out", str(out)])
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["trainer"]["model"]
+    W_U, W_E = saved["base_model.unembed.W_U"], saved["base_model.embed.W_E"]
+    assert not torch.equal(W_U, W_E.T)  # the two were trained apart
+    policy = load_run_policy(out).policy
+    assert not is_tied(policy)
+    torch.testing.assert_close(policy.W_U, W_U, rtol=0, atol=0)
+    torch.testing.assert_close(policy.W_E, W_E, rtol=0, atol=0)
