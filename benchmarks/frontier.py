@@ -95,7 +95,8 @@ def point_name(method: str, direction: str, kind: str, strength: float, phases: 
 def get_job_args(ns: argparse.Namespace, method: str, kind: str, strength: float) -> RLHFArgs:
     """The run's RLHFArgs: the preset, the job, --smoke's, --set's, the method and strength."""
     base = {**PRESETS["smollm2-vader"]["args"], **JOB_ARGS, **(SMOKE_ARGS if ns.smoke else {}),
-            **ns.overrides, "total_phases": ns.phases, "seed": ns.seed, "eval_every": ns.phases}
+            **ns.overrides, "total_phases": ns.phases, "eval_every": ns.phases,
+            "seed": ns.seed if ns.train_seed is None else ns.train_seed}
     if method in RL_METHODS:
         base["advantage_estimator"] = RL_METHODS[method]
     elif method == "trl_grpo":
@@ -111,7 +112,7 @@ def get_eval_settings(ns: argparse.Namespace, args: RLHFArgs) -> EvalSettings:
 
 
 def get_held_out(ns: argparse.Namespace, args: RLHFArgs) -> list:
-    _, held_out = load_prompt_split(args.prompts, args.held_out_fraction, args.seed)
+    _, held_out = load_prompt_split(args.prompts, args.held_out_fraction, ns.seed)
     return held_out[: ns.max_prompts]
 
 
@@ -128,10 +129,12 @@ def measure(policy, reference, records: list, direction: str, settings: EvalSett
 
 
 def train_rl(ns, args: RLHFArgs, direction: str, console: Console) -> tuple:
-    """One of minirlhf's RL methods; (policy, reference, what to record)."""
+    """One of minirlhf's RL methods; (policy, reference, what to record). The prompts are split
+    by --seed even when --train-seed seeds the training."""
+    split = load_prompt_split(args.prompts, args.held_out_fraction, ns.seed)
     trainer = RLHFTrainer(args, make_vader_reward(direction),
                           base_model=load_policy(args.base_model), console=console,
-                          table_every=0)
+                          table_every=0, prompt_split=split)
     history = trainer.train()
     policy = trainer.model.base_model
     # LoRA: the reference is the policy with its adapters off (evaluate_policy turns them off).
@@ -216,7 +219,8 @@ def run_point(ns, method: str, direction: str, kind: str, strength: float,
                        get_eval_settings(ns, args))
     return {"name": name, "method": method, "direction": direction, "kind": kind,
             "strength": strength, "phases": None if method == "dpo" else ns.phases,
-            "seed": ns.seed, "train_seconds": train_seconds, **measured, **info,
+            "seed": ns.seed, "train_seed": args.seed, "train_seconds": train_seconds,
+            **measured, **info,
             "args": args.to_dict(), "machine": ns.machine, "smoke": ns.smoke}
 
 
@@ -287,6 +291,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dpo-beta", type=parse_floats, default=list(BETA_GRID))
     parser.add_argument("--phases", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1, help="training and the prompt split")
+    parser.add_argument("--train-seed", type=int, help="minirlhf's RL methods only: seed the "
+                        "training with this instead, the split kept (another draw of a point; "
+                        "give it its own --out)")
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt")
     parser.add_argument("--max-prompts", type=int, default=256, help="held-out prompts (35)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -311,6 +318,9 @@ def check_args(ns, parser: argparse.ArgumentParser):
     if unknown:
         parser.error(f"unknown method or direction {unknown}: methods are {METHODS}, "
                      "directions pos and neg")
+    if ns.train_seed is not None and set(ns.methods) - set(RL_METHODS):
+        parser.error(f"--train-seed is for minirlhf's RL methods ({', '.join(RL_METHODS)}): "
+                     "DPO and TRL draw their data from the run's seed")
     if ns.smoke:
         ns.phases, ns.max_prompts, ns.samples = 1, 4, 2
         ns.work = ns.out = ns.out or REPO / "runs/frontier-smoke"

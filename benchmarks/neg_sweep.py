@@ -63,6 +63,7 @@ SETTINGS: dict[str, dict] = {
     "lr2e-3-kl0.01-rep1": {"base_lr": 2e-3, "kl_coef": 0.01, "repeat_penalty": 1.0},
     "lr2e-3-rep2": {"base_lr": 2e-3, "repeat_penalty": 2.0},
     "lr2e-3-kl0.01-rep2": {"base_lr": 2e-3, "kl_coef": 0.01, "repeat_penalty": 2.0},
+    "kl0.01-rep2": {"kl_coef": 0.01, "repeat_penalty": 2.0},
 }
 """Fields changed from the preset (all but `repeat_penalty` are RLHFArgs fields)."""
 TARGETS = {"pos": 0.9, "neg": -0.8}
