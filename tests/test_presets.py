@@ -44,6 +44,16 @@ def make_train_run(*flags):
     return train_cli.make_run(parser.parse_args(["train", *flags]), parser)
 
 
+def test_a_presets_own_direction_is_tuned_without_the_flag(monkeypatch):
+    """A preset tuned for its own direction applies that tuning to `minirlhf train` as to
+    `minirlhf train --direction pos`: leaving out a flag that names the default changes
+    nothing."""
+    tuned = {**PRESETS["smollm2-vader"], "by_direction": {"pos": {"args": {"kl_coef": 0.01}}}}
+    monkeypatch.setitem(PRESETS, "smollm2-vader", tuned)
+    for run in [make_train_run(), make_train_run("--direction", "pos")]:
+        assert run["args"]["kl_coef"] == 0.01
+
+
 def test_the_negative_direction_takes_the_presets_tuned_reward():
     """`train --direction neg` on the offline preset: LR 2e-3, KL coefficient 0.01 and its
     reward minus twice the answer's repeated 3-grams (benchmarks/neg_sweep.py's

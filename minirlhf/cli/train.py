@@ -81,7 +81,8 @@ def make_run(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     preset_name = ns.preset or (TASK_PRESET if ns.task else DEFAULT_PRESET)
     preset = PRESETS[preset_name]
     # A preset may tune a direction its own way (by_direction: args and reward spec on top).
-    tuned = preset.get("by_direction", {}).get(ns.direction, {})
+    direction = ns.direction or preset["reward"].get("direction")
+    tuned = preset.get("by_direction", {}).get(direction, {})
     field_names = {f.name for f in dataclasses.fields(RLHFArgs) if f.init}
     overrides = {k: v for k, v in vars(ns).items() if k in field_names}
     try:
