@@ -18,6 +18,7 @@ from minirlhf import cli
 from minirlhf.args import RLHFArgs
 from minirlhf.cli.run_folder import load_run_policy
 from minirlhf.models import frozen_copy
+from minirlhf.pairs.reward_model import load_reward_model
 from minirlhf.rewards import reward_fn_char_count
 from minirlhf.runtime import hf_checkpoints
 from minirlhf.runtime.export import export_hf
@@ -189,3 +190,23 @@ def test_a_run_trained_before_the_tie_is_read_back_untied(tied_gpt2_folder, tmp_
     assert not is_tied(policy)
     torch.testing.assert_close(policy.W_U, W_U, rtol=0, atol=0)
     torch.testing.assert_close(policy.W_E, W_E, rtol=0, atol=0)
+
+
+def test_a_reward_model_trained_before_the_tie_is_read_back_untied(tied_gpt2_folder, tmp_path,
+                                                                   monkeypatch):
+    """The same for a reward model: every weight trained, its unembedding unused and so left
+    where it was while the embedding moved."""
+    _, folder = tied_gpt2_folder
+    prefs, out = tmp_path / "prefs.jsonl", tmp_path / "rm"
+    base = ["--base-model", str(folder)]
+    with monkeypatch.context() as old_minirlhf:
+        old_minirlhf.setattr(hf_checkpoints, "tie_unembedding", lambda model: model)
+        cli.main(["preferences", *base, "--prompt", "This is", "--num-pairs", "8", "--gen-len",
+                  "4", "--batch-size", "16", "--judge", "char_count", "--char", "e",
+                  "--out", str(prefs)])
+        cli.main(["reward-model", "--data", str(prefs), "--out", str(out), *base, "--epochs",
+                  "1", "--batch-size", "8", "--trainable-layers", "none",
+                  "--normalize-samples", "8", "--normalize-prompt", "This is",
+                  "--normalize-gen-len", "4"])
+    reward_model, _ = load_reward_model(out)
+    assert not is_tied(reward_model.base_model)

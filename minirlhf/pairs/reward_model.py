@@ -29,6 +29,7 @@ from transformer_lens.hook_points import HookPoint
 from minirlhf.models import prepare_policy
 from minirlhf.runtime import loading, lora
 from minirlhf.runtime.hashing import sha256_of
+from minirlhf.runtime.tied import untie_if_saved_apart
 from minirlhf.runtime.tokens import tokenize_texts
 
 REWARD_HOOK = "ln_final.hook_normalized"
@@ -344,6 +345,8 @@ def load_reward_model(
     info = saved["info"]
     base_model = loading.load_policy(info["base_model"], device)
     attach_saved_lora(base_model, info.get("lora"))  # before loading: the adapters' weights
+    untie_if_saved_apart(base_model, {name.removeprefix("base_model."): value
+                                      for name, value in saved["state_dict"].items()})
     reward_model = RewardModel(base_model, info["prepend_bos"], info["append_end_token"])
     result = reward_model.load_state_dict(saved["state_dict"], strict=False)
     missing = sorted(set(result.missing_keys) - set(record["frozen"]))
