@@ -203,17 +203,16 @@ def load_run_policy(run_dir: Path, device="cpu", accept_changed: bool = False,
     checkpoint = load_checkpoint(run_dir, map_location=device)
     policy = loading.load_policy(args.base_model, device)
     base = copy.deepcopy(policy).eval() if keep_base else None
-    untie_if_saved_apart(policy, {name.removeprefix("base_model."): value
-                                  for name, value in checkpoint.trainer["model"].items()})
+    # The checkpoint holds a TransformerWithValueHead: the policy's weights under "base_model.".
+    prefix = "base_model."
+    state = {name.removeprefix(prefix): value
+             for name, value in checkpoint.trainer["model"].items() if name.startswith(prefix)}
+    untie_if_saved_apart(policy, state)
     # A LoRA run's checkpoint holds its adapters: the policy needs them before loading it.
     prepare_policy(policy, args.trainable_layers, args.lora_rank, args.lora_alpha,
                    args.lora_targets)
-    # The checkpoint holds a TransformerWithValueHead: the policy's weights under "base_model.".
-    prefix = "base_model."
     # Frozen weights (a frozen trunk, LoRA's base) are not saved: the base model holds them.
-    load_trained_state(policy, {name.removeprefix(prefix): value
-                                for name, value in checkpoint.trainer["model"].items()
-                                if name.startswith(prefix)})
+    load_trained_state(policy, state)
     return RunPolicy(merge_lora(policy).eval(), run, checkpoint.trainer["phase"],
                      checkpoint.note, base)
 

@@ -345,8 +345,7 @@ def load_reward_model(
     info = saved["info"]
     base_model = loading.load_policy(info["base_model"], device)
     attach_saved_lora(base_model, info.get("lora"))  # before loading: the adapters' weights
-    untie_if_saved_apart(base_model, {name.removeprefix("base_model."): value
-                                      for name, value in saved["state_dict"].items()})
+    untie_if_saved_apart(base_model, saved["state_dict"], prefix="base_model.")
     reward_model = RewardModel(base_model, info["prepend_bos"], info["append_end_token"])
     result = reward_model.load_state_dict(saved["state_dict"], strict=False)
     missing = sorted(set(result.missing_keys) - set(record["frozen"]))

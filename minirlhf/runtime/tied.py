@@ -84,12 +84,14 @@ def is_tied(model: HookedTransformer) -> bool:
     return isinstance(model.unembed, TiedUnembed)
 
 
-def untie_if_saved_apart(model: HookedTransformer, state: dict[str, Tensor]) -> HookedTransformer:
-    """Untie `model` when `state` (its weights as saved, TransformerLens names) holds an
-    unembedding that differs from its embedding: a run trained before the tie, read back."""
-    W_U = state.get("unembed.W_U")
+def untie_if_saved_apart(model: HookedTransformer, state: dict[str, Tensor],
+                         prefix: str = "") -> HookedTransformer:
+    """Untie `model` when `state` (its weights as saved, TransformerLens names after `prefix`)
+    holds an unembedding that differs from its embedding: a run trained before the tie, read
+    back."""
+    W_U = state.get(f"{prefix}unembed.W_U")
     if W_U is not None and is_tied(model):
-        W_E = state.get("embed.W_E", model.embed.W_E.detach())
+        W_E = state.get(f"{prefix}embed.W_E", model.embed.W_E.detach())
         if not torch.equal(W_U.to(W_E), W_E.T):
             untie_unembedding(model)
     return model
