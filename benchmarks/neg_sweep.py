@@ -23,8 +23,9 @@ with the library's.
     python benchmarks/neg_sweep.py --report-only
     python benchmarks/neg_sweep.py --smoke                  # tiny model, 1 phase, 4 prompts
 
-One file per setting, `<out>/sweep-<direction>-<setting>-p<phases>.json`, skipped when it exists;
-the table goes to `<out>/sweep-<direction>.md`.
+One file per setting, `<out>/sweep-<direction>-<setting>-p<phases>.json` (`-s<N>` added with
+`--train-seed N`: the training seeded by N, the held-out split still --seed's), skipped when
+it exists; the table goes to `<out>/sweep-<direction>.md`.
 """
 
 import argparse
@@ -42,6 +43,7 @@ import frontier  # noqa: E402
 
 from minirlhf.args import RLHFArgs  # noqa: E402
 from minirlhf.cli.presets import PRESETS  # noqa: E402
+from minirlhf.prompts import load_prompt_split  # noqa: E402
 from minirlhf.runtime.device import describe_cpu  # noqa: E402
 from minirlhf.runtime.loading import load_policy  # noqa: E402
 from minirlhf.sentiment import make_vader_reward  # noqa: E402
@@ -84,7 +86,8 @@ def get_args(ns, setting: dict) -> RLHFArgs:
     fields = {k: v for k, v in setting.items() if k != "repeat_penalty"}
     return RLHFArgs(**{**PRESETS["smollm2-vader"]["args"], "prompts": "reviews",
                        **(frontier.SMOKE_ARGS if ns.smoke else {}), **ns.overrides, **fields,
-                       "total_phases": ns.phases, "seed": ns.seed, "eval_every": ns.phases})
+                       "total_phases": ns.phases, "eval_every": ns.phases,
+                       "seed": ns.seed if ns.train_seed is None else ns.train_seed})
 
 
 def run_setting(ns, name: str, console: Console) -> dict:
@@ -94,8 +97,9 @@ def run_setting(ns, name: str, console: Console) -> dict:
     reward_fn = make_vader_reward(ns.direction)
     if setting.get("repeat_penalty"):
         reward_fn = penalize_repetition(reward_fn, setting["repeat_penalty"])
+    split = load_prompt_split(args.prompts, args.held_out_fraction, ns.seed)  # --seed's split
     trainer = RLHFTrainer(args, reward_fn, base_model=load_policy(args.base_model),
-                          console=console, table_every=0)
+                          console=console, table_every=0, prompt_split=split)
     start = time.perf_counter()
     history = trainer.train()
     train_seconds = time.perf_counter() - start
@@ -104,6 +108,7 @@ def run_setting(ns, name: str, console: Console) -> dict:
     measured = frontier.measure(policy, reference, frontier.get_held_out(ns, args),
                                 ns.direction, frontier.get_eval_settings(ns, args))
     return {"setting": name, "changes": setting, "direction": ns.direction, "phases": ns.phases,
+            "seed": ns.seed, "train_seed": args.seed,
             "train_seconds": train_seconds, **measured, "args": args.to_dict(),
             "reward_per_phase": [m["charts/reward_mean"] for m in history],
             "machine": ns.machine}
@@ -131,7 +136,9 @@ def get_markdown(results: list[dict], base: dict, direction: str) -> str:
         repeat = math.nan if m["repeated_3gram"] is None else m["repeated_3gram"]
         reached, fluent = judge_setting(r["vader_mean"], repeat, base_repeat, direction)
         changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items()) or "-"
-        lines.append(f"| {r['setting']} | {changes} | {r['phases']} | {r['vader_mean']:+.3f} | "
+        seed = r.get("train_seed", 1)  # files from before --train-seed: seed 1
+        name = r["setting"] + (f" (seed {seed})" if seed != r.get("seed", 1) else "")
+        lines.append(f"| {name} | {changes} | {r['phases']} | {r['vader_mean']:+.3f} | "
                      f"{m['kl_per_answer']:.2f} | {repeat:.3f} | {m['distinct_2']:.2f} | "
                      f"{m['ref_logprob_per_token']:.2f} | "
                      f"{'yes' if reached else 'no'} | {'yes' if fluent else 'no'} | "
@@ -162,6 +169,8 @@ def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     parser.add_argument("--direction", default="neg", choices=["pos", "neg"])
     parser.add_argument("--phases", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--train-seed", type=int, help="seed the training with this instead "
+                        "of --seed, keeping --seed's held-out split (another draw of a setting)")
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt")
     parser.add_argument("--max-prompts", type=int, default=256, help="held-out prompts (35)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -195,7 +204,8 @@ def main():
     if not ns.report_only and not base_path.exists():
         frontier.save(run_base(ns), base_path)
     for name in [] if ns.report_only else ns.settings:
-        path = ns.out / f"sweep-{ns.direction}-{name}-p{ns.phases}.json"
+        seed = "" if ns.train_seed is None else f"-s{ns.train_seed}"
+        path = ns.out / f"sweep-{ns.direction}-{name}-p{ns.phases}{seed}.json"
         if path.exists():
             console.print(f"{name}: measured already ({path}), skipped", soft_wrap=True)
             continue
