@@ -20,7 +20,9 @@ it again after the learning phase. The variants:
 - "before+mmap", "lean+mmap": the same two under glibc's `MALLOC_MMAP_THRESHOLD_=131072` (every
   block over 128 KiB its own mapping, returned when freed), to show the allocator's share;
 - "lean+trim": lean, with glibc's `malloc_trim(0)` after every optimiser step;
-- "before+mmap1m", "lean+mmap1m": `MALLOC_MMAP_THRESHOLD_=1048576` (1 MiB).
+- "before+mmap1m", "lean+mmap1m": `MALLOC_MMAP_THRESHOLD_=1048576` (1 MiB);
+- "lean+freed": lean with `return_freed_memory=True` (`runtime.allocator`: the same 1 MiB
+  threshold, set by minirlhf itself through glibc's `mallopt`).
 
 All sample the same answers (same seed, same sampler). Target (issue 28): peak at least 40%
 lower. Measured 2026-12-07 (OMP_NUM_THREADS=1, AMD EPYC with AVX512-BF16, unused: float32),
@@ -90,9 +92,10 @@ def make_trainer(threads: int, batch: int, gen_len: int, passes: int, **settings
 
 def child(ns: argparse.Namespace):
     """One variant, in this fresh process (whose minirlhf is the variant's)."""
-    checkpointing = {"activation_checkpointing": True} if ns.activation_checkpointing else {}
+    newer = {name: True for name in ("activation_checkpointing", "return_freed_memory")
+             if getattr(ns, name)}  # fields the baseline's RLHFArgs lacks: passed only when set
     trainer = make_trainer(ns.threads, ns.batch, ns.gen_len, 2,
-                           recompute_ref_logits=ns.recompute_ref_logits, **checkpointing)
+                           recompute_ref_logits=ns.recompute_ref_logits, **newer)
     if ns.trim:
         trim_after_each_step(trainer.optimizer)
     rollout = trainer.rollout_phase()
@@ -182,6 +185,7 @@ VARIANTS = {  # name: (the baseline's package?, flags, environment)
     "lean+trim": (False, [*LEAN, "--trim"], {}),
     "before+mmap1m": (True, [], MMAP_1M),
     "lean+mmap1m": (False, LEAN, MMAP_1M),
+    "lean+freed": (False, [*LEAN, "--return-freed-memory"], {}),
 }
 
 
@@ -216,6 +220,7 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--recompute-ref-logits", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--return-freed-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--head-child", help=argparse.SUPPRESS)
     parser.add_argument("--trim", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chunk-tokens", type=int, help="head: token_stats.CHUNK_TOKENS")

@@ -49,7 +49,7 @@ from minirlhf.prompts import (
     render_prompts,
 )
 from minirlhf.rewards import RewardFn, get_rewards, normalize_reward
-from minirlhf.runtime import distributed, loading
+from minirlhf.runtime import allocator, distributed, loading
 from minirlhf.runtime.device import autocast, pick_device, pick_precision
 from minirlhf.runtime.random_streams import RandomStreams, set_seed
 from minirlhf.runtime.trained_state import get_trained_state, load_trained_state
@@ -98,6 +98,8 @@ class RLHFTrainer:
         self.local_batch_size = distributed.get_local_batch_size(
             args.batch_size, args.num_minibatches, args.group_size, distributed.get_world_size())
         self.precision = pick_precision(args.precision, self.device)
+        if args.return_freed_memory:  # before the model's memory is allocated
+            allocator.return_freed_memory()
         base_model = (loading.load_policy(args.base_model, self.device) if base_model is None
                       else base_model.to(self.device, print_details=False))
         set_seed(args.seed)  # what trains starts the same however the policy was loaded

@@ -22,7 +22,8 @@ from minirlhf.runtime import distributed
 # RLHFArgs fields a resumed run may change: how long it runs, where it logs, how it computes.
 # Every other field would make the phases before and after the resume different experiments.
 RESUMABLE = ("total_phases", "use_wandb", "wandb_project_name", "wandb_entity", "precision",
-             "fast_path", "recompute_ref_logits", "activation_checkpointing")
+             "fast_path", "recompute_ref_logits", "activation_checkpointing",
+             "return_freed_memory")
 
 
 def resume_changes(run: dict, given: dict[str, object]) -> tuple[dict, list[str]]:
