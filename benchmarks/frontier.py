@@ -192,8 +192,9 @@ def train_trl(ns, args: RLHFArgs, name: str, direction: str, console: Console) -
     if args.base_model == "smollm2" and not ns.weights_checked:
         trl_peer.check_same_weights(python, folder, work_dir, ns.threads)
         ns.weights_checked = True
-    job = trl_peer.get_trl_job(args, trl_peer.draw_phase_prompts(args), folder, work_dir,
-                               ns.threads, direction) | {"save_dir": str(work_dir / "model")}
+    prompts = trl_peer.draw_phase_prompts(args, split_seed=ns.seed)  # args.seed: --train-seed
+    job = trl_peer.get_trl_job(args, prompts, folder, work_dir, ns.threads, direction) | {
+        "save_dir": str(work_dir / "model")}
     result = trl_peer.run_trl_script(python, "train", job, work_dir, ns.threads)
     policy, reference = load_policy(job["save_dir"]), load_policy(args.base_model)
     assert policy.cfg.default_prepend_bos == reference.cfg.default_prepend_bos, \
@@ -291,7 +292,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dpo-beta", type=parse_floats, default=list(BETA_GRID))
     parser.add_argument("--phases", type=int, default=25)
     parser.add_argument("--seed", type=int, default=1, help="training and the prompt split")
-    parser.add_argument("--train-seed", type=int, help="minirlhf's RL methods only: seed the "
+    parser.add_argument("--train-seed", type=int, help="RL methods (not DPO): seed the "
                         "training with this instead, the split kept (another draw of a point; "
                         "give it its own --out)")
     parser.add_argument("--samples", type=int, default=4, help="answers per held-out prompt")
@@ -318,9 +319,9 @@ def check_args(ns, parser: argparse.ArgumentParser):
     if unknown:
         parser.error(f"unknown method or direction {unknown}: methods are {METHODS}, "
                      "directions pos and neg")
-    if ns.train_seed is not None and set(ns.methods) - set(RL_METHODS):
-        parser.error(f"--train-seed is for minirlhf's RL methods ({', '.join(RL_METHODS)}): "
-                     "DPO and TRL draw their data from the run's seed")
+    if ns.train_seed is not None and "dpo" in ns.methods:
+        parser.error("--train-seed is for the RL methods (minirlhf's and TRL's): DPO draws its "
+                     "pairs from the run's seed")
     if ns.smoke:
         ns.phases, ns.max_prompts, ns.samples = 1, 4, 2
         ns.work = ns.out = ns.out or REPO / "runs/frontier-smoke"

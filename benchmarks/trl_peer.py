@@ -75,11 +75,13 @@ def get_args(lora: bool, phases: int, seed: int) -> RLHFArgs:
     return RLHFArgs(**{**base, **JOB_ARGS, "total_phases": phases, "seed": seed})
 
 
-def draw_phase_prompts(args: RLHFArgs) -> list[list[str]]:
+def draw_phase_prompts(args: RLHFArgs, split_seed: int | None = None) -> list[list[str]]:
     """Each phase's distinct prompts, in the order RLHFTrainer draws them (the same split and
-    the same generator, seeded seed + 2), so TRL can be fed the same prompts in the same order."""
+    the same generator, seeded seed + 2), so TRL can be fed the same prompts in the same order.
+    `split_seed`: the trainer was handed the split made with this seed instead of args.seed's."""
+    split_seed = args.seed if split_seed is None else split_seed
     train_prompts, _ = split_prompts(load_prompts(resolve_prompt_file(args.prompts)),
-                                     args.held_out_fraction, args.seed)
+                                     args.held_out_fraction, split_seed)
     generator = torch.Generator().manual_seed(args.seed + 2)
     return [[prompt_text(record) for record in get_phase_prompts(
         train_prompts, args.prompts_per_phase, args.group_size, generator)[:: args.group_size]]

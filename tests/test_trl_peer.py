@@ -11,7 +11,13 @@ import torch
 from rich.console import Console
 
 from minirlhf.args import RLHFArgs
-from minirlhf.prompts import get_phase_prompts, load_prompts, prompt_text, split_prompts
+from minirlhf.prompts import (
+    get_phase_prompts,
+    load_prompt_split,
+    load_prompts,
+    prompt_text,
+    split_prompts,
+)
 from minirlhf.runtime.loading import load_tiny_model
 from minirlhf.trainer import RLHFTrainer
 
@@ -121,6 +127,30 @@ def test_trl_gets_the_prompts_the_trainer_draws(draw, right):
     drawn = [[prompt_text(record) for record in trainer.get_phase_prompts()]
              for _ in range(args.total_phases)]
     expected = [[p for p in phase for _ in range(args.group_size)] for phase in draw(args)]
+    assert (drawn == expected) is right
+
+
+def draw_ignoring_the_split_seed(args: RLHFArgs, split_seed: int) -> list[list[str]]:
+    """The mistake the check must catch: --train-seed's run split by the training seed."""
+    return peer.draw_phase_prompts(args)
+
+
+@pytest.mark.parametrize("draw, right", [
+    (peer.draw_phase_prompts, True),
+    (draw_ignoring_the_split_seed, False),
+])
+def test_trl_gets_the_prompts_of_a_split_made_with_another_seed(draw, right):
+    """frontier.py --train-seed: the trainer is handed --seed's split and seeded by the other."""
+    args = RLHFArgs(prompts="reviews", held_out_fraction=0.5, group_size=4, batch_size=8,
+                    num_minibatches=2, total_phases=3, warmup_steps=0, seed=7)
+    split = load_prompt_split(args.prompts, args.held_out_fraction, 5)
+    trainer = RLHFTrainer(args, lambda samples: [0.0] * len(samples),
+                          base_model=load_tiny_model(), console=Console(quiet=True),
+                          prompt_split=split)
+    drawn = [[prompt_text(record) for record in trainer.get_phase_prompts()]
+             for _ in range(args.total_phases)]
+    expected = [[p for p in phase for _ in range(args.group_size)]
+                for phase in draw(args, split_seed=5)]
     assert (drawn == expected) is right
 
 
