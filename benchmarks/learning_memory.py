@@ -36,6 +36,10 @@ after SmolLM2's embeddings were tied (`runtime.tied`), in one run; MiB, learning
 | before+mmap1m | 2,913 | 2,212 | 6,159 | 74 s | |
 | lean+mmap1m | 2,235 | 1,837 | 3,652 | 91 s | -44.1% (-40.7% against before+mmap1m) |
 
+Another run (`--variants before,lean,lean+freed,lean+mmap1m`, beside four training benchmarks,
+so its times are not comparable): before 6,535, lean 4,162 (-36.3%), lean+freed and lean+mmap1m
+3,697 each (-43.4%): minirlhf's own setting does what the environment variable does.
+
 Met only with the allocator setting: the floor of full-weight fp32 AdamW training here is about
 3,240 MiB (imports, the policy and the reference's copy, the gradients, AdamW's two moments);
 docs/performance.md says what lies between it and each row (and the rows of the untied model),
