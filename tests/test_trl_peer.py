@@ -121,13 +121,21 @@ def draw_with_the_wrong_seed(args: RLHFArgs) -> list[list[str]]:
 def test_trl_gets_the_prompts_the_trainer_draws(draw, right):
     args = RLHFArgs(prompts="reviews", held_out_fraction=0.0, group_size=4, batch_size=8,
                     num_minibatches=2, total_phases=3, warmup_steps=0, seed=5)
+    assert (trainer_draws(args) == repeated(draw(args), args.group_size)) is right
+
+
+def trainer_draws(args: RLHFArgs, split: tuple | None = None) -> list[list[str]]:
+    """The prompt texts of each phase as RLHFTrainer draws them (TRL is fed texts)."""
     trainer = RLHFTrainer(args, lambda samples: [0.0] * len(samples),
-                          base_model=load_tiny_model(), console=Console(quiet=True))
-    # The trainer draws prompt records; TRL is fed their text.
-    drawn = [[prompt_text(record) for record in trainer.get_phase_prompts()]
-             for _ in range(args.total_phases)]
-    expected = [[p for p in phase for _ in range(args.group_size)] for phase in draw(args)]
-    assert (drawn == expected) is right
+                          base_model=load_tiny_model(), console=Console(quiet=True),
+                          prompt_split=split)
+    return [[prompt_text(record) for record in trainer.get_phase_prompts()]
+            for _ in range(args.total_phases)]
+
+
+def repeated(phases: list[list[str]], group_size: int) -> list[list[str]]:
+    """Each phase's distinct prompts, each `group_size` times, as the trainer's rows are."""
+    return [[p for p in phase for _ in range(group_size)] for phase in phases]
 
 
 def draw_ignoring_the_split_seed(args: RLHFArgs, split_seed: int) -> list[list[str]]:
@@ -144,14 +152,8 @@ def test_trl_gets_the_prompts_of_a_split_made_with_another_seed(draw, right):
     args = RLHFArgs(prompts="reviews", held_out_fraction=0.5, group_size=4, batch_size=8,
                     num_minibatches=2, total_phases=3, warmup_steps=0, seed=7)
     split = load_prompt_split(args.prompts, args.held_out_fraction, 5)
-    trainer = RLHFTrainer(args, lambda samples: [0.0] * len(samples),
-                          base_model=load_tiny_model(), console=Console(quiet=True),
-                          prompt_split=split)
-    drawn = [[prompt_text(record) for record in trainer.get_phase_prompts()]
-             for _ in range(args.total_phases)]
-    expected = [[p for p in phase for _ in range(args.group_size)]
-                for phase in draw(args, split_seed=5)]
-    assert (drawn == expected) is right
+    expected = repeated(draw(args, split_seed=5), args.group_size)
+    assert (trainer_draws(args, split) == expected) is right
 
 
 # ---- the summary ----
