@@ -153,7 +153,7 @@ class RLHFArgs:
     return_freed_memory: bool = False
     """Have glibc's malloc give every block of 1 MiB or more its own mapping, returned to the
     system when freed, instead of keeping freed holes resident (`runtime.allocator`): less peak
-    memory, about a quarter more learning time; process-wide, Linux only."""
+    memory, a fifth to a quarter more learning time; process-wide, Linux only."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
     loss stay float32); "auto" picks bf16 where the hardware multiplies bfloat16 fast (a CUDA GPU

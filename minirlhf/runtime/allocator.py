@@ -8,8 +8,8 @@ gradients are 1-4 MiB pieces (SmolLM2), so after the first large tensor is freed
 from the heap, and the holes they leave when freed stay resident: a full-weight learning phase
 peaks about 500 MiB above what its live tensors need (docs/performance.md). Fixing the threshold
 at 1 MiB gives each of those pieces a mapping of its own, returned to the system when freed. The
-price is time: every fresh mapping's pages are zeroed by the kernel on first touch (a quarter
-more learning time, measured in docs/performance.md).
+price is time: every fresh mapping's pages are zeroed by the kernel on first touch (a fifth to
+a quarter more learning time, measured in docs/performance.md).
 
 The setting is the process's, not one model's, and stays until the process ends. It is what the
 environment variable `MALLOC_MMAP_THRESHOLD_=1048576` does, set from inside (`mallopt`).
