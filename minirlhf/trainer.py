@@ -98,7 +98,7 @@ class RLHFTrainer:
         self.local_batch_size = distributed.get_local_batch_size(
             args.batch_size, args.num_minibatches, args.group_size, distributed.get_world_size())
         self.precision = pick_precision(args.precision, self.device)
-        if args.return_freed_memory:  # before the model's memory is allocated
+        if args.return_freed_memory:  # before the trainer loads or copies any weights
             allocator.return_freed_memory()
         base_model = (loading.load_policy(args.base_model, self.device) if base_model is None
                       else base_model.to(self.device, print_details=False))
