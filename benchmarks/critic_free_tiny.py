@@ -27,6 +27,7 @@ RUNS = {
     "dr_grpo": dict(advantage_estimator="dr_grpo", group_size=4),
     "rloo": dict(advantage_estimator="rloo", group_size=4),
     "reinforce_pp": dict(advantage_estimator="reinforce_pp", kl_in="reward", kl_estimator="k3"),
+    "reinforce_pp_baseline": dict(advantage_estimator="reinforce_pp_baseline", group_size=4),
 }
 
 

@@ -8,8 +8,8 @@ fluency beside it. Each *point* here is one method at one KL strength in one dir
 1. train from SmolLM2-135M-Instruct on the training split of the shipped review prompts, with the
    offline preset's settings (`smollm2-vader`: LoRA r16 on the top 8 blocks) in float32, 8 prompts
    x 4 samples a phase, for `--phases` phases; VADER (pos) or minus VADER (neg) as the reward;
-   - PPO-GAE, GRPO, RLOO, REINFORCE++ (minirlhf): `kl_coef` (or, with `--kl-target`, the adaptive
-     controller's `kl_target`) is the strength;
+   - PPO-GAE, GRPO, RLOO, REINFORCE++, REINFORCE++-baseline (minirlhf): `kl_coef` (or, with
+     `--kl-target`, the adaptive controller's `kl_target`) is the strength;
    - DPO (minirlhf): `beta`, on pairs of the base model's answers to the training prompts judged
      by VADER in that direction (benchmarks/dpo.py's settings);
    - TRL's GRPOTrainer: its `beta`, the same job as benchmarks/trl_peer.py (its own venv,
@@ -65,7 +65,8 @@ from minirlhf.sentiment import make_vader_reward  # noqa: E402
 from minirlhf.trainer import RLHFTrainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RL_METHODS = {"ppo_gae": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp"}
+RL_METHODS = {"ppo_gae": "gae", "grpo": "grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp",
+              "reinforce_pp_baseline": "reinforce_pp_baseline"}
 """minirlhf's RL methods and their `advantage_estimator`."""
 METHODS = [*RL_METHODS, "dpo", "trl_grpo"]
 KL_GRID = (0.01, 0.05, 0.2)

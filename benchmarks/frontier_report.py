@@ -15,7 +15,8 @@ from rich.console import Console
 from minirlhf.cli.report import two_panel_figure
 
 LABELS = {"base": "SmolLM2 (base)", "ppo_gae": "PPO-GAE", "grpo": "GRPO", "rloo": "RLOO",
-          "reinforce_pp": "REINFORCE++", "dpo": "DPO", "trl_grpo": "TRL GRPOTrainer"}
+          "reinforce_pp": "REINFORCE++", "reinforce_pp_baseline": "REINFORCE++-baseline",
+          "dpo": "DPO", "trl_grpo": "TRL GRPOTrainer"}
 REPEAT_SLACK = 0.10
 """A point is fluent when its share of repeated 3-grams is at most the base model's + this
 (issue 25's bar)."""

@@ -12,7 +12,8 @@ The pipeline, one module per stage, in the order data flows:
                 ReferenceModel, and get_rollout_outputs: a rollout's log-probs, values, KL,
                 entropy and what the models keep for the learning steps
     advantages  ESTIMATORS and compute_advantages, the one place an estimator is chosen:
-                one_step, gae (with a value head); grpo, dr_grpo, rloo, reinforce_pp (without)
+                one_step, gae (with a value head); grpo, dr_grpo, rloo, reinforce_pp,
+                reinforce_pp_baseline (without)
     memory      ReplayMemory -> shuffled ReplayMinibatch-es
     token_stats the per-token log-prob, entropy and exact KL, a few positions at a time
                 (policy_outputs: the learning step's, without the whole logits)

@@ -168,6 +168,22 @@ def compute_reinforce_pp_advantages(
     return whiten(returns, response_mask=response_mask, eps=eps) * alive
 
 
+@torch.no_grad()
+def compute_reinforce_pp_baseline_advantages(
+    rewards: Float[Tensor, " batch"], kl: Float[Tensor, "batch gen_len"], kl_coef: float,
+    group_size: int, gamma: float = 1.0,
+    response_mask: Int[Tensor, "batch gen_len"] | None = None,
+) -> Float[Tensor, "batch gen_len"]:
+    """REINFORCE++-baseline (Hu 2025, its variant for several samples a prompt): REINFORCE++ on
+    each reward minus its prompt's group mean. The batch-wide whitening stays, so what a sample is
+    credited with is how much better it did than the other answers to its own prompt, not how
+    easy its prompt was."""
+    assert group_size >= 2, "a group of one sample has no baseline but itself: group_size >= 2"
+    centred = compute_group_advantages(rewards, group_size, scale_by_std=False)
+    return compute_reinforce_pp_advantages(centred, kl, kl_coef, gamma,
+                                           response_mask=response_mask)
+
+
 class Estimator(NamedTuple):
     """What the trainer needs to know of an advantage estimator."""
 
@@ -185,6 +201,7 @@ ESTIMATORS = {
     "dr_grpo": Estimator(needs_critic=False, whitened=False),
     "rloo": Estimator(needs_critic=False, whitened=False),
     "reinforce_pp": Estimator(needs_critic=False, whitened=False),
+    "reinforce_pp_baseline": Estimator(needs_critic=False, whitened=False),
 }
 """Every advantage estimator, by the name `RLHFArgs.advantage_estimator` gives it."""
 
@@ -206,13 +223,12 @@ def compute_advantages(
 
     Args:
         values: V(s_t) in the state that chose each token (estimators with a critic only).
-        kl: the KL of each token; REINFORCE++ takes `-kl_coef * kl` as a per-token reward (pass
-            kl_coef 0 to keep the KL out of the reward). The others ignore it.
+        kl: the KL of each token; the REINFORCE++ pair take `-kl_coef * kl` as a per-token
+            reward (kl_coef 0 keeps the KL out of the reward). The others ignore it.
     """
     gen_len = kl.shape[1]
     if ESTIMATORS[estimator].needs_critic:
-        # The estimators index values by position in the sequence: with the generated states at
-        # positions 0 .. gen_len - 1 that is a one-token prompt (NaN after: never read).
+        # Indexed by position as after a one-token prompt: 0 .. gen_len - 1, NaN (never read).
         values = F.pad(values, (0, 1), value=float("nan"))
     match estimator:
         case "one_step":
@@ -226,6 +242,9 @@ def compute_advantages(
         case "reinforce_pp":
             return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma,
                                                    response_mask=response_mask)
+        case "reinforce_pp_baseline":
+            return compute_reinforce_pp_baseline_advantages(rewards, kl, kl_coef, group_size,
+                                                            gamma, response_mask)
     per_token = repeat(advantages, "batch -> batch gen_len", gen_len=gen_len)
     return per_token if response_mask is None else per_token * response_mask
 

@@ -18,8 +18,10 @@ from minirlhf.validation import (
     check_weights,
 )
 
-CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
+CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 """Advantage estimators without a value head."""
+GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+"""The estimators that compare the samples of one prompt with each other."""
 
 
 @dataclass
@@ -78,7 +80,7 @@ class RLHFArgs:
     gradient is the KL's (docs/critic_free.md). The exact KL is logged as charts/kl whichever."""
     kl_in: Literal["loss", "reward"] = "loss"
     """Where the KL penalty goes: a term of the objective, or the per-token reward (REINFORCE++,
-    advantage_estimator="reinforce_pp", only)."""
+    advantage_estimator="reinforce_pp" or "reinforce_pp_baseline", only)."""
     kl_target: float | None = None
     """Target KL per sample (summed over its gen_len tokens) of the adaptive controller (Ziegler
     et al. 2019); None keeps kl_coef fixed."""
@@ -86,11 +88,11 @@ class RLHFArgs:
     """The adaptive controller's horizon, in samples: a smaller one adapts faster."""
 
     # --- advantages ---
-    advantage_estimator: Literal["one_step", "gae", "grpo", "dr_grpo", "rloo",
-                                 "reinforce_pp"] = "one_step"
+    advantage_estimator: Literal["one_step", "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                                 "reinforce_pp_baseline"] = "one_step"
     """With a value head: "one_step" (A_t = V(s_{t+1}) - V(s_t), as in the ARENA exercises) or
     "gae" (Schulman et al. 2016). Critic-free (no value head): "grpo", "dr_grpo", "rloo",
-    "reinforce_pp" (docs/critic_free.md)."""
+    "reinforce_pp", "reinforce_pp_baseline" (docs/critic_free.md)."""
     gamma: float = 1.0
     """Discount factor for GAE (1.0: an episode is one short completion)."""
     gae_lambda: float = 0.95
@@ -239,14 +241,15 @@ class RLHFArgs:
         if self.batch_size % self.group_size != 0:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of group_size "
                              f"({self.group_size}): prompts_per_phase x group_size samples.")
-        if self.advantage_estimator in ("grpo", "dr_grpo", "rloo") and self.group_size < 2:
+        if self.advantage_estimator in GROUPED and self.group_size < 2:
             raise ValueError(
                 f'advantage_estimator="{self.advantage_estimator}" compares the samples of one '
                 f"prompt with each other, so it needs group_size >= 2 (got {self.group_size}); "
                 "a group of one would be its own baseline and have advantage 0.")
-        if self.kl_in == "reward" and self.advantage_estimator != "reinforce_pp":
+        if self.kl_in == "reward" and not self.advantage_estimator.startswith("reinforce_pp"):
             raise ValueError('kl_in="reward" puts the KL into the per-token reward, which only '
-                             'advantage_estimator="reinforce_pp" reads; use kl_in="loss".')
+                             'advantage_estimator="reinforce_pp" or "reinforce_pp_baseline" '
+                             'reads; use kl_in="loss".')
 
     def check_answers(self):
         """The options of answers that end agree with each other."""

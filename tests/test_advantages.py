@@ -304,7 +304,8 @@ def test_only_the_critics_estimators_need_a_value_head_and_whitening():
     critic-free estimators come scaled as their papers say."""
     assert {name for name, e in ESTIMATORS.items() if e.needs_critic} == {"one_step", "gae"}
     assert {name for name, e in ESTIMATORS.items() if e.whitened} == {"one_step", "gae"}
-    assert set(ESTIMATORS) == {"one_step", "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"}
+    assert set(ESTIMATORS) == {"one_step", "gae", "grpo", "dr_grpo", "rloo", "reinforce_pp",
+                               "reinforce_pp_baseline"}
 
 
 # ---------------------------------------------------------------- whitening

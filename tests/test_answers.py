@@ -155,6 +155,20 @@ def test_reinforce_pp_with_a_mask():
     assert not close(unmasked, oracle_reinforce_pp(rewards, kl, 0.3, 0.95, LENGTHS))
 
 
+def test_reinforce_pp_baseline_with_a_mask_through_the_dispatcher():
+    """Pairs of answers (lengths 6, 2 and 4, 1): each reward less its pair's mean, then
+    REINFORCE++'s masked returns and whitening."""
+    rewards, kl = seeded(BATCH, seed=9), seeded(BATCH, GEN_LEN, seed=10).abs()
+    kl[MASK == 0] = 50.0
+    got = compute_advantages("reinforce_pp_baseline", rewards, None, kl, 0.3, group_size=2,
+                             gamma=0.95, response_mask=MASK)
+    r = rewards.tolist()
+    centred = torch.tensor([r[0] - (r[0] + r[1]) / 2, r[1] - (r[0] + r[1]) / 2,
+                            r[2] - (r[2] + r[3]) / 2, r[3] - (r[2] + r[3]) / 2])
+    assert close(got, oracle_reinforce_pp(centred, kl, 0.3, 0.95, LENGTHS))
+    assert not close(got, oracle_reinforce_pp(rewards, kl, 0.3, 0.95, LENGTHS))
+
+
 @pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
 def test_group_estimators_with_a_mask(estimator):
     rewards = torch.tensor([1.0, 0.0, 3.0, 2.0])

@@ -195,7 +195,7 @@ def test_a_negative_seed_is_refused_with_the_field_named():
 # ---------------------------------------------------------------- critic-free options (issue 14)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"])
 def test_a_group_estimator_refuses_groups_of_one(estimator):
     with pytest.raises(ValueError, match=f'"{estimator}" compares the samples of one prompt'):
         RLHFArgs(advantage_estimator=estimator, group_size=1)
@@ -213,6 +213,8 @@ def test_critic_free_options_are_checked():
         RLHFArgs(batch_size=32, group_size=5)
     with pytest.raises(ValueError, match='only advantage_estimator="reinforce_pp"'):
         RLHFArgs(advantage_estimator="gae", kl_in="reward")
+    assert RLHFArgs(advantage_estimator="reinforce_pp_baseline", kl_in="reward",
+                    group_size=4).kl_in == "reward"
     with pytest.raises(ValueError, match="kl_target must be > 0"):
         RLHFArgs(kl_target=0.0)
     args = RLHFArgs(kl_estimator="k3", kl_target=6.0, group_size=4, advantage_estimator="rloo")

@@ -1,9 +1,11 @@
-"""Tests for the critic-free estimators of minirlhf.advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++)
-against naive loops over python floats, one group (or one sample) at a time.
+"""Tests for the critic-free estimators of minirlhf.advantages (GRPO, Dr. GRPO, RLOO, REINFORCE++
+and REINFORCE++-baseline) against naive loops over python floats, one group (or one sample) at a
+time.
 
 Each oracle check also rejects the classic wrong version, written out in this file: the std
 taken over the whole batch instead of the group, the sample left in its own RLOO baseline,
-REINFORCE++ normalised per sample instead of over the batch, the KL added instead of subtracted.
+REINFORCE++ normalised per sample instead of over the batch, the KL added instead of subtracted,
+REINFORCE++-baseline without its baseline or with GRPO's per-group std.
 """
 
 import statistics
@@ -15,6 +17,7 @@ import torch
 from minirlhf.advantages import (
     compute_group_advantages,
     compute_reinforce_pp_advantages,
+    compute_reinforce_pp_baseline_advantages,
     compute_rloo_advantages,
     get_zero_std_fraction,
 )
@@ -70,6 +73,16 @@ def reinforce_pp_oracle(rewards, kl, kl_coef, gamma) -> torch.Tensor:
     return torch.tensor([(r - mean) / std for r in returns]).reshape(batch, gen_len)
 
 
+def reinforce_pp_baseline_oracle(rewards, kl, kl_coef, gamma, group_size) -> torch.Tensor:
+    """REINFORCE++'s oracle on each reward minus the mean reward of its prompt's group."""
+    values = rewards.tolist()
+    centred = []
+    for i, reward in enumerate(values):
+        start = i - i % group_size
+        centred.append(reward - statistics.mean(values[start : start + group_size]))
+    return reinforce_pp_oracle(torch.tensor(centred), kl, kl_coef, gamma)
+
+
 def mismatch(result: torch.Tensor, expected: torch.Tensor) -> str | None:
     if result.shape == expected.shape and torch.allclose(result, expected, atol=1e-4):
         return None
@@ -103,6 +116,20 @@ def reinforce_pp_mismatch(fn: Callable) -> str | None:
                            reinforce_pp_oracle(rewards, kl, kl_coef, gamma))
         if problem:
             return f"kl_coef={kl_coef}, gamma={gamma}: {problem}"
+    return None
+
+
+def reinforce_pp_baseline_mismatch(fn: Callable) -> str | None:
+    generator = torch.Generator().manual_seed(0)
+    for seed, group_size in enumerate(GROUP_SIZES):
+        rewards = make_rewards(seed, group_size)
+        kl = torch.rand(len(rewards), 5, generator=generator)
+        for kl_coef, gamma in [(0.1, 1.0), (0.5, 0.9)]:
+            problem = mismatch(fn(rewards, kl.clone(), kl_coef, group_size, gamma),
+                               reinforce_pp_baseline_oracle(rewards, kl, kl_coef, gamma,
+                                                            group_size))
+            if problem:
+                return f"group_size={group_size}, kl_coef={kl_coef}, gamma={gamma}: {problem}"
     return None
 
 
@@ -144,6 +171,18 @@ def reinforce_pp_normalised_per_sample(rewards, kl, kl_coef, gamma):
 def reinforce_pp_kl_added(rewards, kl, kl_coef, gamma):
     """The KL penalty with the wrong sign: a reward for drifting from the reference."""
     return compute_reinforce_pp_advantages(rewards, kl, -kl_coef, gamma)
+
+
+def reinforce_pp_baseline_without_it(rewards, kl, kl_coef, group_size, gamma):
+    """Plain REINFORCE++: the batch-wide whitening is the only baseline."""
+    return compute_reinforce_pp_advantages(rewards, kl, kl_coef, gamma)
+
+
+def reinforce_pp_baseline_scaled_per_group(rewards, kl, kl_coef, group_size, gamma):
+    """GRPO's advantage (over the group's std) fed to REINFORCE++: a low-spread prompt's
+    answers weigh as much as a high-spread one's."""
+    scaled = compute_group_advantages(rewards, group_size, scale_by_std=True)
+    return compute_reinforce_pp_advantages(scaled, kl, kl_coef, gamma)
 
 
 # ---------------------------------------------------------------- tests
@@ -225,3 +264,24 @@ def test_zero_std_fraction_by_hand():
     assert get_zero_std_fraction(rewards, 2) == 0.5
     assert get_zero_std_fraction(rewards.reshape(2, 4).T.reshape(-1), 2) == 0.0
     assert get_zero_std_fraction(torch.tensor([2.0, 2.0, 2.0]), 3) == 1.0
+
+
+def test_reinforce_pp_baseline_by_hand():
+    """Two prompts of two samples, one token each, no KL: rewards (1, 3) and (10, 14) centred to
+    (-1, 1) and (-2, 2); mean 0, population std sqrt(2.5). Plain REINFORCE++ would rank 10 above
+    3; here the worse answer of the easy prompt gets the lowest advantage."""
+    result = compute_reinforce_pp_baseline_advantages(
+        torch.tensor([1.0, 3.0, 10.0, 14.0]), torch.zeros(4, 1), 0.1, group_size=2)
+    expected = torch.tensor([[-1.0], [1.0], [-2.0], [2.0]]) / 2.5**0.5
+    assert mismatch(result, expected) is None
+
+
+def test_reinforce_pp_baseline_matches_oracle():
+    problem = reinforce_pp_baseline_mismatch(compute_reinforce_pp_baseline_advantages)
+    assert problem is None, problem
+
+
+@pytest.mark.parametrize(
+    "wrong", [reinforce_pp_baseline_without_it, reinforce_pp_baseline_scaled_per_group])
+def test_reinforce_pp_baseline_check_rejects_wrong_versions(wrong):
+    assert reinforce_pp_baseline_mismatch(wrong) is not None
