@@ -24,7 +24,8 @@ to each other: group g is rows g * group_size .. (g + 1) * group_size - 1.
 - RLOO (Ahmadian et al. 2024, "Back to Basics"): r minus the mean of the *other* samples of its
   prompt, so a sample's own reward never enters its baseline.
 - REINFORCE++ (Hu 2025): a per-token reward (the sequence reward at the last token, minus the
-  KL penalty at every token), returns-to-go, normalised over the whole batch.
+  KL penalty at every token), returns-to-go, normalised over the whole batch. Its "baseline"
+  variant does the same with each reward less its group's mean.
 """
 
 from typing import NamedTuple
