@@ -178,8 +178,7 @@ def compute_reinforce_pp_baseline_advantages(
     """REINFORCE++-baseline (Hu 2025, its variant for several samples a prompt): REINFORCE++ on
     each reward minus its prompt's group mean. The batch-wide whitening stays, so what a sample is
     credited with is how much better it did than the other answers to its own prompt, not how
-    easy its prompt was."""
-    assert group_size >= 2, "a group of one sample has no baseline but itself: group_size >= 2"
+    easy its prompt was. A group of one is refused by `compute_group_advantages`."""
     centred = compute_group_advantages(rewards, group_size, scale_by_std=False)
     return compute_reinforce_pp_advantages(centred, kl, kl_coef, gamma,
                                            response_mask=response_mask)

@@ -22,6 +22,8 @@ CRITIC_FREE = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline
 """Advantage estimators without a value head."""
 GROUPED = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
 """The estimators that compare the samples of one prompt with each other."""
+KL_IN_REWARD = ("reinforce_pp", "reinforce_pp_baseline")
+"""The estimators that read a per-token KL reward (`kl_in="reward"`)."""
 
 
 @dataclass
@@ -246,7 +248,7 @@ class RLHFArgs:
                 f'advantage_estimator="{self.advantage_estimator}" compares the samples of one '
                 f"prompt with each other, so it needs group_size >= 2 (got {self.group_size}); "
                 "a group of one would be its own baseline and have advantage 0.")
-        if self.kl_in == "reward" and not self.advantage_estimator.startswith("reinforce_pp"):
+        if self.kl_in == "reward" and self.advantage_estimator not in KL_IN_REWARD:
             raise ValueError('kl_in="reward" puts the KL into the per-token reward, which only '
                              'advantage_estimator="reinforce_pp" or "reinforce_pp_baseline" '
                              'reads; use kl_in="loss".')
