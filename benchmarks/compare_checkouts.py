@@ -7,6 +7,10 @@ Prints every phase's times and, per pair, the ratio new / old.
 
     git worktree add /tmp/old <commit>
     python benchmarks/compare_checkouts.py /tmp/old . --pairs 8 --threads 1
+    python benchmarks/compare_checkouts.py /tmp/old . --pairs 6 --threads 2 --job trl-peer-full
+
+`--job trl-peer-full`: benchmarks/trl_peer.py's job with every weight trained instead (GRPO,
+batch 32, 20 tokens, 8 optimiser steps a phase; each checkout's own trl_peer.py builds it).
 
 Each process imports minirlhf from its checkout (PYTHONPATH), so the checkouts may differ in API:
 the worker below uses only what both sides of the redesign have (presets, RLHFTrainer).
@@ -33,6 +37,10 @@ except ImportError:  # before the command line became a package (d3bf5bf and old
     from minirlhf.presets import PRESETS, make_reward_fn
 torch.set_num_threads(int(sys.argv[1]))
 args = RLHFArgs(**{**PRESETS["smollm2-vader"]["args"], "total_phases": 100, "precision": "fp32"})
+if sys.argv[2] == "trl-peer-full":
+    sys.path.insert(0, "benchmarks")
+    from trl_peer import get_args
+    args = get_args(lora=False, phases=100, seed=1)
 trainer = RLHFTrainer(args, make_reward_fn({"kind": "vader", "direction": "pos"}, "cpu"),
                       console=Console(quiet=True), table_every=0)
 trainer.train_one_phase()  # warm-up
@@ -44,9 +52,9 @@ for _ in sys.stdin:
 """.replace("KEYS", repr(KEYS))
 
 
-def start(checkout: Path, threads: int) -> subprocess.Popen:
+def start(checkout: Path, threads: int, job: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve())}
-    process = subprocess.Popen([sys.executable, "-c", WORKER, str(threads)], cwd=checkout,
+    process = subprocess.Popen([sys.executable, "-c", WORKER, str(threads), job], cwd=checkout,
                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     while process.stdout.readline().strip() != "ready":
         pass
@@ -59,11 +67,14 @@ def main():
     parser.add_argument("new", type=Path)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--job", default="preset", choices=["preset", "trl-peer-full"],
+                        help="the offline preset (LoRA), or trl_peer.py's full-weight job")
     ns = parser.parse_args()
     print(subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True,
                          text=True).stdout.strip(), "| AVX512-BF16:",
           "avx512_bf16" in Path("/proc/cpuinfo").read_text(), flush=True)
-    workers = {"old": start(ns.old, ns.threads), "new": start(ns.new, ns.threads)}
+    workers = {name: start(path, ns.threads, ns.job)
+               for name, path in (("old", ns.old), ("new", ns.new))}
     times: dict[str, list[dict]] = {"old": [], "new": []}
     for pair in range(ns.pairs):
         for name in ("old", "new") if pair % 2 == 0 else ("new", "old"):

@@ -156,8 +156,9 @@ class RLHFArgs:
     path only; measured in docs/performance.md)."""
     return_freed_memory: bool = False
     """Have glibc's malloc give every block of 1 MiB or more its own mapping, returned to the
-    system when freed, instead of keeping freed holes resident (`runtime.allocator`): less peak
-    memory, a fifth to a quarter more learning time; process-wide, Linux only."""
+    system when freed: less peak memory, a fifth to a quarter more learning time. Off (the
+    default), freed memory stays in malloc's heap for the next step, no page zeroed twice: the
+    fastest learning steps (`runtime.allocator`). Process-wide, Linux (glibc) only."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every
     loss stay float32); "auto" picks bf16 where the hardware multiplies bfloat16 fast (a CUDA GPU

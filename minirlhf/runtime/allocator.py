@@ -1,43 +1,82 @@
-"""How freed CPU memory goes back to the system: glibc's malloc, told to map large blocks apart.
+"""What glibc's malloc does with the memory a run frees: keep it for reuse, or return it.
 
-Below the pipeline (`RLHFArgs.return_freed_memory`). torch allocates CPU tensors with the C
-library's malloc. On Linux that is glibc's, which serves a block from its heap unless it is
-larger than the *mmap threshold*; the threshold starts at 128 KiB and rises to the size of the
-largest mapped block freed so far (up to 32 MiB). A learning step's activations and weight
-gradients are 1-4 MiB pieces (SmolLM2), so after the first large tensor is freed they all come
-from the heap, and the holes they leave when freed stay resident: a full-weight learning phase
-peaks about 500 MiB above what its live tensors need (docs/performance.md). Fixing the threshold
-at 1 MiB gives each of those pieces a mapping of its own, returned to the system when freed. The
-price is time: every fresh mapping's pages are zeroed by the kernel on first touch (a fifth to
-a quarter more learning time, measured in docs/performance.md).
+Below the pipeline (`RLHFArgs.return_freed_memory`, `set_freed_memory`). torch allocates CPU
+tensors with the C library's malloc. On Linux that is glibc's, and by default it does neither
+thing well for a learning step: a block larger than the *mmap threshold* (128 KiB at first,
+rising to the largest mapped block freed so far, at most 32 MiB) gets a mapping of its own,
+unmapped when freed, and the heap's free top is trimmed back to the system. Every such block's
+pages are zeroed by the kernel again when next touched: on SmolLM2 with every weight trained,
+about 800,000 page faults (3 GB zeroed) in each learning phase of 8 steps.
 
-The setting is the process's, not one model's, and stays until the process ends. It is what the
-environment variable `MALLOC_MMAP_THRESHOLD_=1048576` does, set from inside (`mallopt`).
+Two settings, each process-wide and kept until the process ends (`mallopt`, as the environment
+variables `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_` and `MALLOC_MMAP_THRESHOLD_` would):
+
+- `keep_freed_memory` (the trainer's default): no block gets its own mapping and the heap is
+  never trimmed, so what a step frees is reused by the next step without a page fault. A
+  learning phase runs about a tenth faster, for a peak a few percent higher (docs/performance.md).
+- `return_freed_memory`: every block of 1 MiB or more gets its own mapping, returned to the
+  system when freed, so the holes a step's activations leave between its gradients (1-4 MiB
+  pieces on SmolLM2) do not stay resident: the lowest peak, for a fifth to a quarter more
+  learning time.
 """
 
 import ctypes
 import platform
 import warnings
 
-M_MMAP_THRESHOLD = -3
-"""glibc's `mallopt` parameter number for the mmap threshold (malloc.h)."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+"""glibc's `mallopt` parameter numbers (malloc.h)."""
 THRESHOLD_BYTES = 1 << 20
 """Blocks of this size or more get their own mapping: SmolLM2's activations and weight gradients
 (1-4 MiB) do; the many small tensors (norm weights, per-token numbers) stay in the heap."""
+DEFAULT_MMAP_MAX, DEFAULT_TRIM_BYTES = 65536, 128 << 10
+"""glibc's own values of the two settings `keep_freed_memory` changes."""
+NEVER_TRIM_BYTES = 2**31 - 1
+"""The largest trim threshold `mallopt` takes (a C int): the heap's free top is never returned."""
+
+
+def is_glibc() -> bool:
+    """Whether this process's C library is glibc (whose malloc these settings change)."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def set_freed_memory(return_to_system: bool) -> bool:
+    """`return_freed_memory` or `keep_freed_memory`, as `RLHFArgs.return_freed_memory` says.
+    True when set; False where the C library is not glibc (left as it is: a warning only when
+    returning was asked for, since keeping is the default)."""
+    return return_freed_memory() if return_to_system else keep_freed_memory()
+
+
+def keep_freed_memory() -> bool:
+    """Serve every block from glibc's heap and never trim it, so freed memory stays resident and
+    is reused without the kernel zeroing its pages again. True when set; False (nothing done)
+    where the C library is not glibc."""
+    if not is_glibc():
+        return False
+    _mallopt(M_MMAP_MAX, 0)
+    _mallopt(M_TRIM_THRESHOLD, NEVER_TRIM_BYTES)
+    return True
 
 
 def return_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> bool:
     """Make glibc's malloc map every block of `threshold_bytes` or more on its own, so that
-    freeing it returns its memory to the system. True when set; False, with a warning, where
-    the C library is not glibc (macOS, musl), which keeps its own behaviour."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    freeing it returns its memory to the system (and trim the heap's free top as glibc does by
+    default, undoing `keep_freed_memory`). True when set; False, with a warning, where the C
+    library is not glibc (macOS, musl), which keeps its own behaviour."""
+    if not is_glibc():
         warnings.warn("return_freed_memory: the C library here is not glibc, so its allocator "
                       "is left as it is (the setting only changes glibc's mmap threshold).",
                       stacklevel=2)
         return False
     if not 0 < threshold_bytes <= 32 << 20:  # glibc refuses thresholds above 32 MiB (64-bit)
         raise ValueError(f"threshold_bytes must be in (0, 32 MiB], got {threshold_bytes}.")
-    libc = ctypes.CDLL("libc.so.6")
-    if libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes) != 1:
-        raise OSError(f"glibc's mallopt refused an mmap threshold of {threshold_bytes} bytes.")
+    _mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+    _mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
+    _mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_BYTES)
     return True
+
+
+def _mallopt(parameter: int, value: int):
+    """glibc's `mallopt(parameter, value)`, raising if glibc refuses it."""
+    if ctypes.CDLL("libc.so.6").mallopt(parameter, value) != 1:
+        raise OSError(f"glibc's mallopt refused the value {value} for parameter {parameter}.")
