@@ -98,8 +98,8 @@ class RLHFTrainer:
         self.local_batch_size = distributed.get_local_batch_size(
             args.batch_size, args.num_minibatches, args.group_size, distributed.get_world_size())
         self.precision = pick_precision(args.precision, self.device)
-        # Keep freed memory for reuse, or return it (lean): before any weights are loaded.
-        allocator.set_freed_memory(args.return_freed_memory)
+        # Before any weights are loaded: return freed memory (lean), keep it (fast), or neither.
+        allocator.set_freed_memory(args.return_freed_memory, args.keep_freed_memory)
         base_model = (loading.load_policy(args.base_model, self.device) if base_model is None
                       else base_model.to(self.device, print_details=False))
         set_seed(args.seed)  # what trains starts the same however the policy was loaded

@@ -9,6 +9,7 @@ runs both ways: without the setting the same frees hand nothing back, or the sam
 fault every page again, which is what a setting that did nothing would show.
 """
 
+import os
 import platform
 import subprocess
 import sys
@@ -71,6 +72,8 @@ REUSE_CHILD = textwrap.dedent("""
     libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
     if sys.argv[1] == "set":
         assert keep_freed_memory()
+    if sys.argv[1] == "unset_by_env":
+        assert not keep_freed_memory()
     faults = []
     for _ in range(8):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -83,12 +86,12 @@ REUSE_CHILD = textwrap.dedent("""
 BLOCK_PAGES = (64 << 20) // 4096
 
 
-def refault_pages(mode: str) -> int:
+def refault_pages(mode: str, env: dict | None = None) -> int:
     """Minor page faults of the 2nd-8th 64 MiB blocks, each allocated and written after the one
     before was freed (as each learning step follows the last): 7 x BLOCK_PAGES if every one is
     a fresh mapping or lands on pages trimmed from the heap."""
     out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env={**os.environ, **(env or {})})
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -98,6 +101,13 @@ def test_kept_blocks_are_reused_without_page_faults():
     # but the heap's free top trimmed at each free) 7 x 16,352: both settings are needed.
     assert refault_pages("set") < BLOCK_PAGES // 10
     assert refault_pages("unset") > 6 * BLOCK_PAGES
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
+def test_a_malloc_setting_in_the_environment_wins(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    assert allocator.keep_freed_memory() is False  # changes nothing in this process
+    assert refault_pages("unset_by_env", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}) > 6 * BLOCK_PAGES
 
 
 def test_other_c_libraries_are_left_alone_with_a_warning(monkeypatch):
@@ -112,13 +122,19 @@ def test_a_threshold_glibc_would_refuse_is_refused_first():
         allocator.return_freed_memory(64 << 20)
 
 
-def test_the_trainer_returns_when_asked_and_keeps_otherwise(monkeypatch, make_printable_model):
+def test_the_trainer_sets_what_is_asked(monkeypatch, make_printable_model):
     calls = []
     monkeypatch.setattr(allocator, "return_freed_memory", lambda: calls.append("return") or True)
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("keep") or True)
-    for asked in (False, True):
+    for returned, kept in ((False, False), (True, False), (False, True)):
         args = RLHFArgs(batch_size=4, num_minibatches=1, gen_len=2, prefix="A",
-                        prepend_bos=False, return_freed_memory=asked, device="cpu")
+                        prepend_bos=False, return_freed_memory=returned,
+                        keep_freed_memory=kept, device="cpu")
         RLHFTrainer(args, reward_fn_char_count, base_model=make_printable_model(),
                     console=Console(quiet=True), table_every=0)
-    assert calls == ["keep", "return"]
+    assert calls == ["return", "keep"]
+
+
+def test_asking_for_both_is_refused():
+    with pytest.raises(ValueError, match="opposite things: set one"):
+        RLHFArgs(return_freed_memory=True, keep_freed_memory=True)

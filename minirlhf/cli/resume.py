@@ -23,7 +23,7 @@ from minirlhf.runtime import distributed
 # Every other field would make the phases before and after the resume different experiments.
 RESUMABLE = ("total_phases", "use_wandb", "wandb_project_name", "wandb_entity", "precision",
              "fast_path", "recompute_ref_logits", "activation_checkpointing",
-             "return_freed_memory")
+             "return_freed_memory", "keep_freed_memory")
 
 
 def resume_changes(run: dict, given: dict[str, object]) -> tuple[dict, list[str]]:
