@@ -106,7 +106,8 @@ def test_kept_blocks_are_reused_without_page_faults():
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
 def test_a_malloc_setting_in_the_environment_wins(monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    assert allocator.keep_freed_memory() is False  # changes nothing in this process
+    with pytest.warns(UserWarning, match="environment sets MALLOC_MMAP_THRESHOLD_"):
+        assert allocator.keep_freed_memory() is False  # changes nothing in this process
     assert refault_pages("unset_by_env", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}) > 6 * BLOCK_PAGES
 
 
@@ -114,6 +115,8 @@ def test_other_c_libraries_are_left_alone_with_a_warning(monkeypatch):
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     with pytest.warns(UserWarning, match="not glibc"):
         assert allocator.return_freed_memory() is False
+    with pytest.warns(UserWarning, match="not glibc"):
+        assert allocator.keep_freed_memory() is False
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")

@@ -55,10 +55,17 @@ def set_freed_memory(return_freed: bool, keep_freed: bool) -> bool:
 
 def keep_freed_memory() -> bool:
     """Serve every block from glibc's heap and never trim it, so freed memory stays resident and
-    is reused without the kernel zeroing its pages again. True when set; False (nothing done)
-    where the C library is not glibc, or where the environment already tunes glibc's malloc
-    (`MALLOC_*_` variables, `GLIBC_TUNABLES`), which then rules."""
-    if not is_glibc() or any(name in os.environ for name in ENVIRONMENT_SETTINGS):
+    is reused without the kernel zeroing its pages again. True when set; False, with a warning
+    and nothing changed, where the C library is not glibc or where the environment already
+    tunes glibc's malloc (`MALLOC_*_` variables, `GLIBC_TUNABLES`), which then rules."""
+    if not is_glibc():
+        warnings.warn("keep_freed_memory: the C library here is not glibc, so its allocator is "
+                      "left as it is.", stacklevel=2)
+        return False
+    tuned = [name for name in ENVIRONMENT_SETTINGS if name in os.environ]
+    if tuned:
+        warnings.warn(f"keep_freed_memory: the environment sets {', '.join(tuned)}, which rules "
+                      "glibc's malloc here; unset it for keep_freed_memory to act.", stacklevel=2)
         return False
     _mallopt(M_MMAP_MAX, 0)
     _mallopt(M_TRIM_THRESHOLD, NEVER_TRIM_BYTES)
