@@ -161,7 +161,7 @@ class RLHFArgs:
     keep_freed_memory: bool = False
     """The opposite: glibc's malloc serves every block from its heap and never trims it, so a
     step reuses the last one's pages instead of the kernel zeroing fresh ones: learning steps
-    about a fourteenth faster, the peak about a tenth higher (measured in docs/performance.md).
+    up to a fourteenth faster, the peak about a tenth higher (measured in docs/performance.md).
     Process-wide, Linux (glibc) only; neither setting: glibc's own behaviour."""
     precision: Literal["fp32", "bf16", "auto"] = "fp32"
     """Forward passes in float32, or under bfloat16 autocast (log-softmaxes, the KL and every

@@ -12,7 +12,7 @@ Two settings, each process-wide and kept until the process ends (`mallopt`, as t
 variables `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_` and `MALLOC_MMAP_THRESHOLD_` would):
 
 - `keep_freed_memory`: no block gets its own mapping and the heap is never trimmed, so what a
-  step frees is reused by the next step without a page fault: learning steps about 7% faster,
+  step frees is reused by the next step without a page fault: learning steps up to 7% faster,
   for a peak about a tenth higher, since freed holes stay resident (docs/performance.md).
 - `return_freed_memory`: every block of 1 MiB or more gets its own mapping, returned to the
   system when freed, so the holes a step's activations leave between its gradients (1-4 MiB
