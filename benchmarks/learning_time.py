@@ -22,9 +22,7 @@ otherwise quiet), learning phase in seconds (three timed phases; two repeats):
 
 Checkpointing costs about a fifth more learning time (the extra forward pass of every block),
 the mmap threshold a fifth to two fifths more (each large tensor a fresh mapping, its pages
-zeroed by the kernel on first touch). Those rows predate the trainer's `keep_freed_memory`:
-"default" now runs with freed memory kept (faster still); the environment variable still rules
-where it is set.
+zeroed by the kernel on first touch).
 """
 
 import argparse
