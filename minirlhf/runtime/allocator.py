@@ -1,12 +1,13 @@
 """What glibc's malloc does with the memory a run frees: keep it for reuse, or return it.
 
 Below the pipeline (`RLHFArgs.return_freed_memory` and `keep_freed_memory`). torch allocates CPU
-tensors with the C library's malloc. On Linux that is glibc's, and by default it does neither
-thing well for a learning step: a block larger than the *mmap threshold* (128 KiB at first,
-rising to the largest mapped block freed so far, at most 32 MiB) gets a mapping of its own,
-unmapped when freed, and the heap's free top is trimmed back to the system. Every such block's
-pages are zeroed by the kernel again when next touched: on SmolLM2 with every weight trained,
-about 800,000 page faults (3 GB zeroed) in each learning phase of 8 steps.
+tensors with the C library's malloc. On Linux that is glibc's, which by default keeps some freed
+memory and returns some: a block larger than the *mmap threshold* (128 KiB at first, rising to
+the largest mapped block freed so far, at most 32 MiB) gets a mapping of its own, unmapped when
+freed, and the heap's free top is trimmed back to the system, while smaller blocks leave holes
+in the heap that stay resident. Every returned page is zeroed by the kernel again when next
+touched: on SmolLM2 with every weight trained, about 800,000 page faults (3 GB zeroed) in each
+learning phase of 8 steps. With neither setting below, glibc keeps that behaviour.
 
 Two settings, each process-wide and kept until the process ends (`mallopt`, as the environment
 variables `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_` and `MALLOC_MMAP_THRESHOLD_` would):
