@@ -47,12 +47,18 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def run_child(script: str, mode: str, env: dict | None = None) -> str:
+    """The last line `script` prints, run in a fresh python process with argument `mode` (and
+    `env` added to the environment)."""
+    out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                         check=True, env={**os.environ, **(env or {})})
+    return out.stdout.strip().splitlines()[-1]
+
+
 def freed_mib(mode: str) -> float:
     """MiB the process's resident memory fell by when it freed 128 MiB of 2 MiB tensors, each
     between two tensors still alive (as a step's activations lie between its gradients)."""
-    out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True,
-                         check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return float(run_child(CHILD, mode))
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")
@@ -90,9 +96,7 @@ def refault_pages(mode: str, env: dict | None = None) -> int:
     """Minor page faults of the 2nd-8th 64 MiB blocks, each allocated and written after the one
     before was freed (as each learning step follows the last): 7 x BLOCK_PAGES if every one is
     a fresh mapping or lands on pages trimmed from the heap."""
-    out = subprocess.run([sys.executable, "-c", REUSE_CHILD, mode], capture_output=True,
-                         text=True, check=True, env={**os.environ, **(env or {})})
-    return int(out.stdout.strip().splitlines()[-1])
+    return int(run_child(REUSE_CHILD, mode, env))
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's allocator only")

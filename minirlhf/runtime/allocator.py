@@ -59,9 +59,7 @@ def keep_freed_memory() -> bool:
     is reused without the kernel zeroing its pages again. True when set; False, with a warning
     and nothing changed, where the C library is not glibc or where the environment already
     tunes glibc's malloc (`MALLOC_*_` variables, `GLIBC_TUNABLES`), which then rules."""
-    if not is_glibc():
-        warnings.warn("keep_freed_memory: the C library here is not glibc, so its allocator is "
-                      "left as it is.", stacklevel=2)
+    if not _is_glibc_else_warn("keep_freed_memory"):
         return False
     tuned = [name for name in ENVIRONMENT_SETTINGS if name in os.environ]
     if tuned:
@@ -78,10 +76,7 @@ def return_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> bool:
     freeing it returns its memory to the system (and trim the heap's free top as glibc does by
     default, undoing `keep_freed_memory`). True when set; False, with a warning, where the C
     library is not glibc (macOS, musl), which keeps its own behaviour."""
-    if not is_glibc():
-        warnings.warn("return_freed_memory: the C library here is not glibc, so its allocator "
-                      "is left as it is (the setting only changes glibc's mmap threshold).",
-                      stacklevel=2)
+    if not _is_glibc_else_warn("return_freed_memory"):
         return False
     if not 0 < threshold_bytes <= 32 << 20:  # glibc refuses thresholds above 32 MiB (64-bit)
         raise ValueError(f"threshold_bytes must be in (0, 32 MiB], got {threshold_bytes}.")
@@ -89,6 +84,15 @@ def return_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> bool:
     _mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
     _mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_BYTES)
     return True
+
+
+def _is_glibc_else_warn(setting: str) -> bool:
+    """`is_glibc()`, with a warning that `setting` changes nothing when it is not."""
+    if is_glibc():
+        return True
+    warnings.warn(f"{setting}: the C library here is not glibc, whose malloc the setting "
+                  "tunes, so the allocator is left as it is.", stacklevel=3)
+    return False
 
 
 def _mallopt(parameter: int, value: int):
