@@ -1,14 +1,15 @@
 """Benchmark: one learning step of trl_peer.py's full-weight job, split into its parts.
 
-The job of `benchmarks/trl_peer.py` with every weight of SmolLM2 trained (GRPO, batch 32, 20
-tokens, 8 optimiser steps of 8 answers a phase, float32). Each setting runs in a fresh process
-(the allocator setting is process-wide): one rollout and learning phase to warm up (AdamW's
-state), then `--phases` rollouts, each followed by its 8 steps, every step timed in five parts
-with `time.perf_counter` (no profiler, whose own cost distorts the memory-bound parts):
-`zero_grad`, the objective (the forward pass, log-probs, KL, entropy and loss), the backward
-pass, the gradient clip and the AdamW step. Printed: the median of each part over the steps, and
-the process's minor page faults over the timed steps. Settings: glibc's default allocator and
-`keep_freed_memory` (`runtime.allocator`), alternated `--repeats` times.
+The job of `benchmarks/trl_peer.py` with every weight of SmolLM2 trained (GRPO, batch 32, 20 tokens,
+8 optimiser steps of 8 answers a phase, float32). Each setting runs in a fresh process (the
+allocator setting is process-wide): one rollout and learning phase to warm up (AdamW's state), then
+`--phases` rollouts, each followed by the trainer's learning phase of 8 steps, every step timed in
+five parts with `time.perf_counter` around what the trainer calls (no profiler, whose own cost
+distorts the memory-bound parts): `zero_grad`, the objective (the forward pass, log-probs, KL,
+entropy and loss), the backward pass, the gradient clip and the AdamW step. Printed: the median of
+each part over the steps, and the process's minor page faults per timed learning phase. Settings:
+glibc's default allocator and `keep_freed_memory` (`runtime.allocator`), alternated `--repeats`
+times.
 
     python benchmarks/learning_step_parts.py --threads 2 --repeats 2
 """
@@ -27,31 +28,30 @@ ROOT = Path(__file__).resolve().parent.parent
 PARTS = ["zero_grad", "objective", "backward", "clip", "adamw_step"]
 
 
-def time_steps(trainer, memory, times: dict[str, list[float]]):
-    """Run one learning phase's steps as `RLHFTrainer.learning_phase` does, timing each part."""
+def time_parts(trainer, times: dict[str, list[float]]):
+    """Wrap what `RLHFTrainer.learning_phase` calls in each step (zero_grad, the objective, the
+    clip, the AdamW step) so that every call appends its seconds to `times`; the backward pass
+    is the time between the objective's end and the clip's start (the calls in between are
+    the trainer's finiteness check and, with one process, a no-op). The trainer's own loop runs."""
     import torch
 
-    from minirlhf.advantages import whiten
-    from minirlhf.runtime import distributed
+    last_end = [0.0]  # when the last wrapped call returned
 
-    args = trainer.args
-    for mb in memory.get_minibatches(args.num_minibatches, args.batches_per_learning_phase,
-                                     trainer.streams.shuffle):
-        mb.advantages = whiten(mb.advantages, distributed.global_moments(
-            mb.advantages, mb.response_mask), response_mask=mb.response_mask)  # GRPO whitens
-        marks = [time.perf_counter()]
-        trainer.optimizer.zero_grad()
-        marks.append(time.perf_counter())
-        objective, _ = trainer.compute_rlhf_objective(mb)
-        marks.append(time.perf_counter())
-        objective.backward()
-        marks.append(time.perf_counter())
-        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), args.max_grad_norm)
-        marks.append(time.perf_counter())
-        trainer.optimizer.step()
-        marks.append(time.perf_counter())
-        for part, start, end in zip(PARTS, marks, marks[1:]):
-            times[part].append(end - start)
+    def timed(part: str, function):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            if part == "clip":
+                times["backward"].append(start - last_end[0])  # after the objective
+            result = function(*args, **kwargs)
+            times[part].append(time.perf_counter() - start)
+            last_end[0] = time.perf_counter()
+            return result
+        return wrapper
+
+    trainer.optimizer.zero_grad = timed("zero_grad", trainer.optimizer.zero_grad)
+    trainer.compute_rlhf_objective = timed("objective", trainer.compute_rlhf_objective)
+    torch.nn.utils.clip_grad_norm_ = timed("clip", torch.nn.utils.clip_grad_norm_)
+    trainer.optimizer.step = timed("adamw_step", trainer.optimizer.step)
 
 
 def child(keep: bool, threads: int, phases: int):
@@ -73,10 +73,11 @@ def child(keep: bool, threads: int, phases: int):
                           console=Console(quiet=True), table_every=0)
     trainer.learning_phase(trainer.rollout_phase().memory)  # warm-up: AdamW's state
     times, faults = {part: [] for part in PARTS}, 0
+    time_parts(trainer, times)
     for _ in range(phases):
         memory = trainer.rollout_phase().memory
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        time_steps(trainer, memory, times)
+        trainer.learning_phase(memory)
         faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     medians = {part: round(statistics.median(values) * 1e3, 1) for part, values in times.items()}
     print(json.dumps({"keep_freed_memory": keep, "median_ms": medians,
